@@ -1,0 +1,146 @@
+"""Command-line argument groups shared by the stages, and the legacy-flag translation they all need.
+
+Stage scripts parse ``(ModelArguments, DataArguments, LoraArguments, <stage dataclass>,
+TrainingArguments)`` with :func:`parse_args`, which first rewrites the flags that recipes written for
+older transformers still pass:
+
+- ``--evaluation_strategy X`` -> ``--eval_strategy X``;
+- ``--warmup_ratio R`` -> ``--warmup_steps R`` (transformers 5 reads a float below 1 as a ratio);
+- ``--fp16`` / ``--bf16`` without a GPU -> dropped, with one warning line (training runs in float32);
+- ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``.
+
+A YAML or JSON file given as the only argument stands in for the flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from rlhf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGET = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+FLAG_RENAMES = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+GPU_ONLY_FLAGS = ("--fp16", "--bf16")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Local HF model dir (or hub id when online)."})
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "llama, mistral, mixtral, qwen2, or a preset such as llama-2-7b; checked "
+                  "against config.json (inferred when absent)."},
+    )  # fmt: skip
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto, float32, float16 or bfloat16 (half precision needs a GPU).",
+                  "choices": ["auto", "float32", "float16", "bfloat16"]},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own code."})
+    peft_path: str | None = field(default=None, metadata={"help": "Adapter dir to continue training."})
+
+
+@dataclass
+class DataArguments:
+    dataset_dir: str = field(metadata={"help": "Folder (or file) of *.json / *.jsonl / *.jsonl.gz records."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "Where datasets keeps its cache."})
+    split_ratio: float = field(default=0.01, metadata={"help": "Share of rows held out for evaluation."})
+    block_size: int = field(default=512, metadata={"help": "Maximum tokens per training sequence."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+
+
+@dataclass
+class LoraArguments:
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank; -1 or 0 trains all weights."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Comma list of module names."})
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma list of extra fully-trained modules; 'None' for none."}
+    )
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def target_modules(self) -> list[str]:
+        return split_comma_list(self.lora_target)
+
+    @property
+    def extra_modules(self) -> list[str]:
+        return split_comma_list(self.modules_to_save)
+
+
+def split_comma_list(value: str | None) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``; ``None``, ``""`` and ``"None"`` -> ``[]``."""
+    if value is None or value.strip() in ("", "None", "none"):
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _flag_value_follows(argv: list[str], i: int) -> bool:
+    return i + 1 < len(argv) and not argv[i + 1].startswith("--")
+
+
+def normalize_argv(argv: list[str], has_gpu: bool | None = None) -> list[str]:
+    """Rewrite legacy flags and drop GPU-only precision flags on a machine without a GPU."""
+    has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in FLAG_RENAMES:
+            out.append(FLAG_RENAMES[name] + eq + value)
+        elif name in GPU_ONLY_FLAGS and not has_gpu:
+            enabled = True
+            if eq:
+                enabled = value.lower() in ("1", "true", "yes")
+            elif _flag_value_follows(argv, i) and argv[i + 1].lower() in ("true", "false", "1", "0"):
+                enabled = argv[i + 1].lower() in ("1", "true")
+                i += 1
+            if enabled:
+                logger.warning("%s needs a GPU; none found, so training runs in float32", name)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def configure_reporting(argv: list[str]) -> None:
+    """Make ``--report_to wandb`` work without an account or network: offline mode unless configured."""
+    if "wandb" not in " ".join(argv):
+        return
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        os.environ["WANDB_MODE"] = "offline"
+        logger.warning("no WANDB_API_KEY: wandb logs offline (sync later with `wandb sync`)")
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        return parser.parse_yaml_file(argv[0])
+    argv = normalize_argv(argv)
+    configure_reporting(argv)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    *values, remaining = parsed
+    if remaining:
+        raise ConfigError(f"unknown flags: {' '.join(remaining)}")
+    return tuple(values)

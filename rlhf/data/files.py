@@ -1,0 +1,135 @@
+"""Finding data files and reading their records with file:line positions for error messages.
+
+A ``--dataset_dir`` holds ``*.json`` (a JSON list of objects), ``*.jsonl`` and ``*.jsonl.gz`` files (one
+object per line). Hidden files and sub-directories (such as a ``cache/`` folder) are skipped; any other
+file is an error, so a typo such as ``train.jsonl.txt`` is not silently ignored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import DataError
+
+JSON_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json")
+TEXT_EXTENSIONS = (".txt",)
+
+
+def find_data_files(path: str | os.PathLike, extensions: tuple[str, ...] = JSON_EXTENSIONS) -> list[Path]:
+    """Return the data files at ``path`` (a file, or a directory scanned one level deep), sorted.
+
+    Raises DataError for a missing path, an empty directory, or a file with an unknown extension.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_file():
+        candidates = [path]
+    else:
+        candidates = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = []
+    for candidate in candidates:
+        if not candidate.name.endswith(extensions):
+            raise DataError(f"{candidate}: unknown extension (expected one of {', '.join(extensions)})")
+        files.append(candidate)
+    if not files:
+        raise DataError(f"{path}: no data files (expected {', '.join(extensions)})")
+    return files
+
+
+def read_text(path: Path) -> str:
+    """The whole file as UTF-8 text (transparently gunzipped); DataError when it is not text."""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as handle:
+                return handle.read()
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, record)`` for every object in a .json/.jsonl/.jsonl.gz file.
+
+    ``where`` is ``"file:line"``, the position to put in front of an error message about the record.
+    """
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    if path.name.endswith(".json"):
+        items = _json_array_items(path, text)
+    else:
+        items = _jsonl_items(path, text)
+    for line, value in items:
+        where = f"{path}:{line}"
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        yield where, value
+
+
+def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+
+
+def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Decode a top-level JSON list element by element, remembering each element's first line."""
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if pos >= len(text) or text[pos] != "[":
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: a .json data file must hold a JSON list")
+    pos = _skip_ws(text, pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        raise DataError(f"{path}: empty file (the JSON list has no records)")
+    while True:
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        yield line, value
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            return
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON (expected ',' or ']')")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def require_str(record: dict[str, Any], field: str, where: str, *, allow_empty: bool = True) -> str:
+    """``record[field]`` as a string, or DataError naming ``where`` and the field."""
+    if field not in record:
+        raise DataError(f'{where}: missing field "{field}"')
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f'{where}: field "{field}" must be a string, got {type(value).__name__}')
+    if not allow_empty and not value.strip():
+        raise DataError(f'{where}: field "{field}" is empty')
+    return value
+
+
+def optional_str(record: dict[str, Any], field: str, where: str) -> str:
+    """``record[field]`` when present (must be a string or null), else ``""``."""
+    value = record.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f'{where}: field "{field}" must be a string, got {type(value).__name__}')
+    return value

@@ -1,0 +1,95 @@
+"""Loading a ``--dataset_dir`` into a ``datasets.Dataset`` of normalized rows, cached in ``--data_cache_dir``.
+
+Rows are validated and normalized by the parsers in :mod:`rlhf.data.records` inside a
+``Dataset.from_generator`` whose fingerprint covers every file's path, size and modification time, so
+the Arrow cache in ``--data_cache_dir`` is reused until a file changes. Errors surface as one
+:class:`~rlhf.errors.DataError` line naming the file and line (``datasets`` wraps generator errors; we
+unwrap them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+
+from rlhf.data.files import TEXT_EXTENSIONS, find_data_files, iter_json_records, read_text
+from rlhf.data.records import FEATURES, PARSERS
+from rlhf.errors import ConfigError, DataError, find_user_error
+
+logger = logging.getLogger(__name__)
+
+
+def _file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _generate_rows(kind: str, stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
+    parse = PARSERS[kind]
+    for path, _, _ in stamps:
+        for where, record in iter_json_records(Path(path)):
+            yield parse(record, where)
+
+
+def _generate_text(stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
+    for path, _, _ in stamps:
+        text = read_text(Path(path))
+        if not text.strip():
+            raise DataError(f"{path}: empty file")
+        yield {"text": text}
+
+
+def _from_generator(generator, gen_kwargs: dict, features: datasets.Features, cache_dir: str | None):
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+    try:
+        return datasets.Dataset.from_generator(
+            generator, features=features, gen_kwargs=gen_kwargs, cache_dir=cache_dir
+        )
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def load_dataset_dir(
+    dataset_dir: str | os.PathLike, kind: str, cache_dir: str | None = None
+) -> datasets.Dataset:
+    """Every ``*.json``/``*.jsonl``/``*.jsonl.gz`` in ``dataset_dir`` (or that one file) as normalized rows.
+
+    ``kind`` is one of ``sft``, ``preference``, ``prompt``, ``gsm8k`` (see :mod:`rlhf.data.records`).
+    """
+    if kind not in PARSERS:
+        raise ConfigError(f"unknown data kind {kind!r} (expected one of {', '.join(PARSERS)})")
+    files = find_data_files(dataset_dir)
+    dataset = _from_generator(
+        _generate_rows, {"kind": kind, "stamps": _file_stamps(files)}, FEATURES[kind], cache_dir
+    )
+    if len(dataset) == 0:
+        raise DataError(f"{dataset_dir}: no records")
+    logger.info("loaded %d %s records from %d file(s) in %s", len(dataset), kind, len(files), dataset_dir)
+    return dataset
+
+
+def load_text_dir(dataset_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
+    """Every ``*.txt`` in ``dataset_dir`` as one ``{"text"}`` row per file (pretraining data)."""
+    files = find_data_files(dataset_dir, TEXT_EXTENSIONS)
+    features = datasets.Features({"text": datasets.Value("string")})
+    return _from_generator(_generate_text, {"stamps": _file_stamps(files)}, features, cache_dir)
+
+
+def split_dataset(
+    dataset: datasets.Dataset, split_ratio: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out ``split_ratio`` of the rows for evaluation (at least one row when the ratio is > 0)."""
+    if not 0 <= split_ratio < 1:
+        raise ConfigError(f"--split_ratio must be in [0, 1), got {split_ratio}")
+    if split_ratio == 0 or len(dataset) < 2:
+        return dataset, None
+    n_eval = max(1, round(len(dataset) * split_ratio))
+    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

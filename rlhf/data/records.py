@@ -1,0 +1,160 @@
+"""Record formats: each parser validates one raw JSON object and returns a normalized row.
+
+Normalized rows (what the stages see), one schema per kind:
+
+- ``sft``: ``{"prompt": str, "prompt_messages": [{role, content}], "response": str}``
+- ``preference``: ``{"prompt", "prompt_messages", "chosen": str, "rejected": str, "margin": float}``
+- ``prompt`` (PPO): ``{"prompt", "prompt_messages"}``
+- ``gsm8k``: ``{"question": str, "answer": str, "label": str}``
+
+``prompt_messages`` is non-empty only for chat records; the prompt is then rendered with the tokenizer's
+chat template by :func:`rlhf.data.templates.render_prompt`. Every error names ``file:line`` and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from datasets import Features, Value
+
+from rlhf.data.files import optional_str, require_str
+from rlhf.data.gsm8k import extract_gsm8k_label
+from rlhf.data.templates import alpaca_prompt
+from rlhf.errors import DataError
+
+Record = dict[str, Any]
+CHAT_ROLES = ("system", "user", "assistant")
+HH_ASSISTANT_TAG = "\n\nAssistant:"
+
+_MESSAGES = [{"role": Value("string"), "content": Value("string")}]
+FEATURES: dict[str, Features] = {
+    "sft": Features({"prompt": Value("string"), "prompt_messages": _MESSAGES, "response": Value("string")}),
+    "preference": Features(
+        {
+            "prompt": Value("string"),
+            "prompt_messages": _MESSAGES,
+            "chosen": Value("string"),
+            "rejected": Value("string"),
+            "margin": Value("float64"),
+        }
+    ),
+    "prompt": Features({"prompt": Value("string"), "prompt_messages": _MESSAGES}),
+    "gsm8k": Features({"question": Value("string"), "answer": Value("string"), "label": Value("string")}),
+}
+
+
+def _messages(record: Record, where: str) -> list[dict[str, str]]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: field "messages" must be a non-empty list of {{"role", "content"}}')
+    cleaned = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f'{where}: messages[{i}] must be an object with "role" and "content"')
+        role = require_str(message, "role", f"{where}: messages[{i}]")
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f'{where}: messages[{i}] has role "{role}" (expected one of {", ".join(CHAT_ROLES)})'
+            )
+        cleaned.append({"role": role, "content": require_str(message, "content", f"{where}: messages[{i}]")})
+    return cleaned
+
+
+def _prompt_of(record: Record, where: str) -> tuple[str, list[dict[str, str]]]:
+    """The prompt of an Alpaca (instruction/input) or prompt record."""
+    if "instruction" in record:
+        instruction = require_str(record, "instruction", where, allow_empty=False)
+        return alpaca_prompt(instruction, optional_str(record, "input", where)), []
+    if "prompt" in record:
+        return require_str(record, "prompt", where, allow_empty=False), []
+    raise DataError(f'{where}: missing field "instruction" or "prompt"')
+
+
+def parse_sft(record: Record, where: str) -> Record:
+    """Alpaca ``{instruction, input?, output}``, chat ``{messages}`` or ``{prompt, response}``."""
+    if "messages" in record:
+        messages = _messages(record, where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f'{where}: the last message must have role "assistant" (it is the response)')
+        return {"prompt": "", "prompt_messages": messages[:-1], "response": messages[-1]["content"]}
+    if "instruction" in record:
+        prompt, _ = _prompt_of(record, where)
+        return {"prompt": prompt, "prompt_messages": [], "response": require_str(record, "output", where)}
+    if "prompt" in record:
+        prompt, _ = _prompt_of(record, where)
+        return {"prompt": prompt, "prompt_messages": [], "response": require_str(record, "response", where)}
+    raise DataError(f'{where}: missing field "instruction", "messages" or "prompt"')
+
+
+def split_hh_transcripts(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    """Split Anthropic-HH transcripts into (prompt, chosen response, rejected response).
+
+    The prompt is the shared prefix up to and including its last ``"\\n\\nAssistant:"``.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(HH_ASSISTANT_TAG, 0, shared)
+    if cut < 0 or cut + len(HH_ASSISTANT_TAG) > shared:
+        raise DataError(f'{where}: "chosen" and "rejected" share no prefix ending in "\\n\\nAssistant:"')
+    end = cut + len(HH_ASSISTANT_TAG)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def parse_preference(record: Record, where: str) -> Record:
+    """``{instruction, input?, chosen, rejected}``, ``{prompt, chosen, rejected}`` or HH ``{chosen, rejected}``.
+
+    An optional numeric ``margin`` is kept (default 0).
+    """
+    chosen = require_str(record, "chosen", where)
+    rejected = require_str(record, "rejected", where)
+    margin = record.get("margin", 0.0)
+    if margin is None:
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise DataError(f'{where}: field "margin" must be a number, got {type(margin).__name__}')
+    if "instruction" in record or "prompt" in record:
+        prompt, _ = _prompt_of(record, where)
+    else:
+        prompt, chosen, rejected = split_hh_transcripts(chosen, rejected, where)
+    return {
+        "prompt": prompt,
+        "prompt_messages": [],
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": float(margin),
+    }
+
+
+def parse_prompt(record: Record, where: str) -> Record:
+    """A PPO prompt: the prompt part of any SFT record, or ``{prompt}``."""
+    if "messages" in record:
+        messages = _messages(record, where)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise DataError(f'{where}: "messages" holds no prompt before the assistant turn')
+        return {"prompt": "", "prompt_messages": messages}
+    prompt, messages = _prompt_of(record, where)
+    return {"prompt": prompt, "prompt_messages": messages}
+
+
+def parse_gsm8k(record: Record, where: str) -> Record:
+    """``{question, answer}`` where the answer ends with ``#### <number>``."""
+    question = require_str(record, "question", where, allow_empty=False)
+    answer = require_str(record, "answer", where)
+    label = extract_gsm8k_label(answer)
+    if label is None:
+        raise DataError(f'{where}: field "answer" has no final answer after "####"')
+    return {"question": question, "answer": answer, "label": label}
+
+
+PARSERS: dict[str, Callable[[Record, str], Record]] = {
+    "sft": parse_sft,
+    "preference": parse_preference,
+    "prompt": parse_prompt,
+    "gsm8k": parse_gsm8k,
+}

@@ -1,0 +1,57 @@
+"""Prompt templates: how an instruction record or a chat becomes the text the model is conditioned on.
+
+Alpaca-style records (``instruction`` + optional ``input``) use the Stanford Alpaca template below, the one
+Chinese-LLaMA-Alpaca and most SFT data of that family were trained with. Chat records (``messages``) use
+the tokenizer's own chat template; a tokenizer without one falls back to ``"<role>: <content>\\n"`` lines
+ending in ``"assistant: "``. ``{"prompt": ...}`` records are used verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt for an instruction (and its optional input)."""
+    if input_text.strip():
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def render_chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """Render the conversation so far, ending where the assistant's next turn begins."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role']}: {m['content']}\n" for m in messages]
+    return "".join(lines) + "assistant: "
+
+
+def render_prompt(row: dict[str, Any], tokenizer: Any) -> str:
+    """The prompt text of a normalized row: chat rows through the template, others as stored."""
+    messages = row.get("prompt_messages") or []
+    if messages:
+        return render_chat_prompt(messages, tokenizer)
+    return row["prompt"]
+
+
+def tokenize_prompt(row: dict[str, Any], tokenizer: Any) -> list[int]:
+    """Token ids of a row's prompt, with the tokenizer's BOS exactly once.
+
+    Chat templates of real checkpoints often write the BOS token into the text themselves; encoding such
+    text with special tokens would put a second BOS in front.
+    """
+    text = render_prompt(row, tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]

@@ -1,0 +1,133 @@
+"""Loading tokenizers, causal LMs and PEFT adapters from local directories (or the hub when online).
+
+Rules every stage relies on:
+
+- ``trust_remote_code`` is off unless the user passes ``--trust_remote_code``;
+- weights load from safetensors when present;
+- a tokenizer without a pad token gets one (its EOS or UNK token); code never derives masks from the
+  pad id, so padding can never hide a real EOS;
+- an adapter directory (``adapter_config.json``) is loaded onto the base model it names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.models.model_types import check_model_type
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    """``--torch_dtype`` to a torch dtype (or ``"auto"``); half precision without a GPU becomes float32.
+
+    The warning is a single line so a command copied from a GPU recipe still runs on a laptop.
+    """
+    if name in (None, "", "auto"):
+        return "auto"
+    if name not in DTYPES:
+        raise ConfigError(f"--torch_dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    dtype = DTYPES[name]
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        logger.warning("--torch_dtype %s needs a GPU; none found, so float32 is used", name)
+        return torch.float32
+    return dtype
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a PEFT adapter directory."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
+    """The ``base_model_name_or_path`` recorded in an adapter's config."""
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{config_path}: cannot read base_model_name_or_path ({exc})") from None
+    if not base:
+        raise CheckpointError(f"{config_path}: base_model_name_or_path is empty")
+    return base
+
+
+def _check_exists(path: str) -> None:
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip(os.sep)
+    if Path(path).exists():
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file() and not is_adapter_dir(path):
+            raise CheckpointError(f"{path}: not a model directory (no config.json or {ADAPTER_CONFIG})")
+    elif looks_local and path.count("/") != 1:
+        raise CheckpointError(f"{path}: no such model directory")
+
+
+def load_config(
+    path: str, model_type: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The checkpoint's config, validated against ``--model_type``."""
+    _check_exists(path)
+    if is_adapter_dir(path):
+        path = adapter_base_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load config ({str(exc).splitlines()[0]})") from None
+    check_model_type(model_type, config.model_type, f"{path}/config.json")
+    return config
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """The tokenizer saved with a model (or with an adapter, else its base), with a pad token set."""
+    _check_exists(path)
+    source = path
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        source = adapter_base_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise CheckpointError(f"{source}: the tokenizer has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+        logger.info("tokenizer has no pad token; padding with %r (masks never come from pad ids)", fallback)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    torch_dtype: str | None = "auto",
+    model_type: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+    adapter_trainable: bool = False,
+) -> torch.nn.Module:
+    """An ``AutoModelForCausalLM`` from a model dir, or from an adapter dir loaded onto its base.
+
+    With ``merge_adapter`` the adapter is merged and a plain transformers model returned; otherwise a
+    ``PeftModel`` (trainable when ``adapter_trainable``).
+    """
+    load_config(path, model_type, trust_remote_code)
+    dtype = resolve_dtype(torch_dtype)
+    base_path = adapter_base_path(path) if is_adapter_dir(path) else path
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not is_adapter_dir(path):
+        return model
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, path, is_trainable=adapter_trainable)
+    logger.info("loaded adapter %s onto %s", path, base_path)
+    return model.merge_and_unload() if merge_adapter else model

@@ -1,0 +1,62 @@
+"""Shared flags: legacy names, GPU-only precision flags on CPU, comma lists, wandb offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from transformers import TrainingArguments
+
+from rlhf.args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    configure_reporting,
+    normalize_argv,
+    parse_args,
+    split_comma_list,
+)
+from rlhf.errors import ConfigError
+
+
+def test_legacy_flags_are_renamed():
+    argv = normalize_argv(["--evaluation_strategy", "steps", "--warmup_ratio=0.03"], has_gpu=True)
+    assert argv == ["--eval_strategy", "steps", "--warmup_steps=0.03"]
+
+
+def test_fp16_dropped_without_gpu_and_kept_with_one():
+    assert normalize_argv(["--fp16", "--seed", "1"], has_gpu=False) == ["--seed", "1"]
+    assert normalize_argv(["--bf16", "True", "--x"], has_gpu=False) == ["--x"]
+    assert normalize_argv(["--fp16"], has_gpu=True) == ["--fp16"]
+
+
+def test_comma_lists_and_none():
+    assert split_comma_list("q_proj, v_proj,") == ["q_proj", "v_proj"]
+    assert split_comma_list("None") == [] and split_comma_list(None) == []
+    lora = LoraArguments(lora_rank=-1, modules_to_save="None")
+    assert not lora.use_lora and lora.extra_modules == []
+
+
+def test_parse_reference_style_flags(tmp_path):
+    argv = ["--model_name_or_path", "m", "--dataset_dir", "d", "--output_dir", str(tmp_path),
+            "--evaluation_strategy", "steps", "--eval_steps", "5", "--warmup_ratio", "0.03", "--fp16",
+            "--lora_target", "q_proj,v_proj", "--modules_to_save", "None", "--torch_dtype", "float16",
+            "--report_to", "none", "--logging_first_step", "True", "--ddp_timeout", "30000"]  # fmt: skip
+    model, data, lora, training = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, TrainingArguments), argv
+    )
+    assert training.eval_strategy == "steps" and training.warmup_steps == pytest.approx(0.03)
+    assert lora.target_modules == ["q_proj", "v_proj"] and lora.extra_modules == []
+    assert model.torch_dtype == "float16" and data.dataset_dir == "d"
+
+
+def test_unknown_flag_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown flags: --bogus"):
+        parse_args((DataArguments,), ["--dataset_dir", "d", "--bogus", "1"])
+
+
+def test_wandb_goes_offline_without_a_key(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    configure_reporting(["--report_to", "wandb"])
+    assert os.environ["WANDB_MODE"] == "offline"

@@ -1,0 +1,269 @@
+"""Data parsing: every record format, and every malformed case with a file:line message."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.data import load_dataset_dir, load_pretrain_blocks, split_dataset
+from rlhf.data.files import find_data_files, iter_json_records
+from rlhf.data.records import parse_preference, parse_prompt, parse_sft, split_hh_transcripts
+from rlhf.data.templates import ALPACA_PROMPT, alpaca_prompt, render_prompt, tokenize_prompt
+from rlhf.errors import DataError
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# --- SFT formats ---------------------------------------------------------------------------------
+
+
+def test_sft_alpaca_uses_documented_template():
+    row = parse_sft({"instruction": "Say hi.", "output": "hi"}, "f:1")
+    assert row["prompt"] == ALPACA_PROMPT.format(instruction="Say hi.")
+    assert row["response"] == "hi" and row["prompt_messages"] == []
+
+
+def test_sft_alpaca_with_input_mentions_the_input():
+    row = parse_sft({"instruction": "Add.", "input": "1 and 2", "output": "3"}, "f:1")
+    assert "### Input:\n1 and 2" in row["prompt"] and row["prompt"].endswith("### Response:\n")
+
+
+def test_sft_alpaca_empty_input_is_the_plain_template():
+    assert alpaca_prompt("X", "  ") == ALPACA_PROMPT.format(instruction="X")
+
+
+def test_sft_chat_splits_last_assistant_turn():
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}]  # fmt: skip
+    row = parse_sft({"messages": messages}, "f:1")
+    assert row["response"] == "hello" and row["prompt_messages"] == messages[:2]
+
+
+def test_sft_prompt_response():
+    assert parse_sft({"prompt": "Q:", "response": "A"}, "f:1") == {
+        "prompt": "Q:", "prompt_messages": [], "response": "A"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"instruction": "x"}, 'f:3: missing field "output"'),
+        ({"prompt": "x"}, 'f:3: missing field "response"'),
+        ({"instruction": 5, "output": "y"}, 'f:3: field "instruction" must be a string, got int'),
+        ({"instruction": "x", "output": None}, 'f:3: field "output" must be a string, got NoneType'),
+        ({"output": "y"}, 'f:3: missing field "instruction", "messages" or "prompt"'),
+        ({"messages": []}, 'f:3: field "messages" must be a non-empty list'),
+        (
+            {"messages": [{"role": "user", "content": "x"}]},
+            'f:3: the last message must have role "assistant"',
+        ),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 'f:3: messages[0] has role "robot"'),
+        ({"messages": [{"role": "user"}]}, 'f:3: messages[0]: missing field "content"'),
+        ({"instruction": "x", "input": 3, "output": "y"}, 'f:3: field "input" must be a string'),
+    ],
+)
+def test_sft_malformed_records(record, message):
+    with pytest.raises(DataError) as info:
+        parse_sft(record, "f:3")
+    assert str(info.value).startswith(message)
+
+
+# --- preference formats --------------------------------------------------------------------------
+
+
+def test_preference_instruction_format():
+    row = parse_preference({"instruction": "Q", "chosen": "good", "rejected": "bad"}, "f:1")
+    assert row["prompt"] == alpaca_prompt("Q") and (row["chosen"], row["rejected"]) == ("good", "bad")
+    assert row["margin"] == 0.0
+
+
+def test_preference_prompt_format_with_margin():
+    row = parse_preference({"prompt": "P", "chosen": "a", "rejected": "b", "margin": 2}, "f:1")
+    assert row["prompt"] == "P" and row["margin"] == 2.0
+
+
+def test_preference_hh_transcripts_split_at_last_shared_assistant_tag():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: Fine, thanks."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: Go away."
+    row = parse_preference({"chosen": chosen, "rejected": rejected}, "f:1")
+    assert row["prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
+    assert row["chosen"] == " Fine, thanks." and row["rejected"] == " Go away."
+    assert row["prompt"] + row["chosen"] == chosen
+
+
+def test_hh_split_when_responses_share_a_prefix():
+    prompt, chosen, rejected = split_hh_transcripts(
+        "\n\nHuman: q\n\nAssistant: I think yes", "\n\nHuman: q\n\nAssistant: I think no", "f:1"
+    )
+    assert prompt == "\n\nHuman: q\n\nAssistant:" and chosen == " I think yes" and rejected == " I think no"
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "P", "chosen": "a"}, 'f:2: missing field "rejected"'),
+        ({"prompt": "P", "rejected": "a"}, 'f:2: missing field "chosen"'),
+        ({"prompt": "P", "chosen": ["a"], "rejected": "b"}, 'f:2: field "chosen" must be a string, got list'),
+        (
+            {"prompt": "P", "chosen": "a", "rejected": "b", "margin": "x"},
+            'f:2: field "margin" must be a number',
+        ),
+        ({"chosen": "Human: a", "rejected": "Robot: b"}, 'f:2: "chosen" and "rejected" share no prefix'),
+    ],
+)
+def test_preference_malformed_records(record, message):
+    with pytest.raises(DataError) as info:
+        parse_preference(record, "f:2")
+    assert str(info.value).startswith(message)
+
+
+# --- PPO prompts ---------------------------------------------------------------------------------
+
+
+def test_prompt_from_sft_records():
+    assert parse_prompt({"instruction": "Q", "output": "A"}, "f:1")["prompt"] == alpaca_prompt("Q")
+    assert parse_prompt({"prompt": "P"}, "f:1") == {"prompt": "P", "prompt_messages": []}
+    chat = parse_prompt(
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}, "f:1"
+    )
+    assert chat["prompt_messages"] == [{"role": "user", "content": "u"}]
+
+
+def test_prompt_record_without_prompt_is_an_error():
+    with pytest.raises(DataError, match=r'^f:1: missing field "instruction" or "prompt"'):
+        parse_prompt({"question": "x"}, "f:1")
+
+
+# --- files and directories -----------------------------------------------------------------------
+
+
+def test_directory_reads_json_jsonl_and_gz(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"prompt": "p1", "response": "r1"}]))
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p2", "response": "r2"}])
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"prompt": "p3", "response": "r3"}) + "\n")
+    (tmp_path / "cache").mkdir()  # sub-directories (the data cache) are skipped
+    dataset = load_dataset_dir(tmp_path, "sft", cache_dir=str(tmp_path / "cache"))
+    assert sorted(dataset["prompt"]) == ["p1", "p2", "p3"]
+
+
+def test_json_list_errors_name_the_line_of_the_item(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "c"}\n]\n')
+    with pytest.raises(DataError, match=r'list\.json:3: missing field "response"'):
+        load_dataset_dir(path, "sft")
+
+
+def test_json_file_must_hold_a_list(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{"prompt": "a"}')
+    with pytest.raises(DataError, match=r"obj\.json:1: a \.json data file must hold a JSON list"):
+        list(iter_json_records(path))
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "{not json"])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_dataset_dir(tmp_path, "sft")
+
+
+def test_missing_field_through_the_loader_names_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                           {"prompt": "p", "chosen": "a"}])  # fmt: skip
+    with pytest.raises(DataError) as info:
+        load_dataset_dir(tmp_path, "preference")
+    assert str(info.value) == f'{tmp_path / "pairs.jsonl"}:2: missing field "rejected"'
+
+
+def test_non_object_line(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", ["[1, 2]"])
+    with pytest.raises(DataError, match=r"x\.jsonl:1: expected a JSON object, got list"):
+        list(iter_json_records(path))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty file"):
+        load_dataset_dir(tmp_path, "sft")
+
+
+def test_empty_json_list(tmp_path):
+    (tmp_path / "e.json").write_text("[]")
+    with pytest.raises(DataError, match=r"e\.json: empty file"):
+        load_dataset_dir(tmp_path, "sft")
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(DataError, match="no data files"):
+        find_data_files(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        find_data_files(tmp_path / "nope")
+
+
+def test_unknown_extension(tmp_path):
+    write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "response": "b"}])
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"notes\.csv: unknown extension"):
+        load_dataset_dir(tmp_path, "sft")
+
+
+def test_shipped_sample_data_parses(repo_root):
+    assert len(load_dataset_dir(repo_root / "sft_data", "sft")) >= 200
+    assert len(load_dataset_dir(repo_root / "rm_data", "preference")) >= 200
+    assert len(load_dataset_dir(repo_root / "sft_data", "prompt")) >= 200
+
+
+def test_split_ratio_holds_out_at_least_one_row(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(20)])
+    train, held_out = split_dataset(load_dataset_dir(tmp_path, "sft"), 0.01, seed=1)
+    assert len(held_out) == 1 and len(train) == 19
+    assert not set(train["prompt"]) & set(held_out["prompt"])
+
+
+def test_cache_dir_is_used_and_refreshed_when_a_file_changes(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    write_jsonl(data / "d.jsonl", [{"prompt": "a", "response": "b"}])
+    assert len(load_dataset_dir(data, "sft", cache_dir=str(cache))) == 1
+    assert any(cache.rglob("*.arrow"))
+    write_jsonl(data / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    assert len(load_dataset_dir(data, "sft", cache_dir=str(cache))) == 2
+
+
+# --- templates with a real tokenizer ---------------------------------------------------------------
+
+
+def test_chat_prompt_rendered_with_the_tokenizer_template(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    row = {"prompt": "", "prompt_messages": [{"role": "user", "content": "hi"}]}
+    assert render_prompt(row, tokenizer) == "<|user|>\nhi\n<|assistant|>\n"
+    ids = tokenize_prompt(row, tokenizer)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_pretraining_text_grouped_into_blocks(repo_root, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    blocks = load_pretrain_blocks(str(repo_root / "pt_data"), tokenizer, block_size=64)
+    assert len(blocks) > 50 and all(len(ids) == 64 for ids in blocks["input_ids"][:10])
+    assert tokenizer.eos_token_id in blocks["input_ids"][0] + blocks["input_ids"][1]
+
+
+def test_pretraining_dir_without_txt_is_an_error(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match="unknown extension"):
+        load_pretrain_blocks(str(tmp_path), AutoTokenizer.from_pretrained(tiny_llama), 8)

@@ -1,0 +1,90 @@
+"""Model loading: --model_type validation, dtype fallback, tokenizer pad token, adapter dirs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.models import family_of, load_causal_lm, load_config, load_tokenizer, resolve_dtype
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("llama", "llama"), ("llama-2-7b", "llama"), ("LLaMA-1-13b", "llama"), ("mistral-7b-instruct-v0.2", "mistral"),
+     ("mixtral-8x7b-instruct-v0.1", "mixtral"), ("qwen2", "qwen2"), ("qwen-72b", "qwen")],
+)  # fmt: skip
+def test_model_type_names(name, family):
+    assert family_of(name) == family
+
+
+def test_unknown_model_type_lists_accepted_names():
+    with pytest.raises(ConfigError, match=r"--model_type 'gpt-9' is not supported \(accepted: llama, "):
+        family_of("gpt-9")
+
+
+def test_model_type_mismatch_is_a_clear_error(tiny_model_factory):
+    path = tiny_model_factory("mistral")
+    with pytest.raises(
+        ConfigError, match=r'--model_type llama-2-7b expects a llama checkpoint, but .* "mistral"'
+    ):
+        load_config(str(path), "llama-2-7b")
+
+
+def test_model_type_inferred_when_absent(tiny_llama):
+    assert load_config(str(tiny_llama)).model_type == "llama"
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        load_config(str(tmp_path / "missing"))
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        load_config(str(tmp_path))
+
+
+def test_half_precision_without_gpu_falls_back_to_float32(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_dtype("float16") == torch.float32
+    assert "needs a GPU" in caplog.text
+    assert resolve_dtype("auto") == "auto" and resolve_dtype("float32") == torch.float32
+
+
+def test_bad_dtype():
+    with pytest.raises(ConfigError, match="--torch_dtype must be one of"):
+        resolve_dtype("float8")
+
+
+def test_tokenizer_without_pad_token_gets_one(tiny_llama, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.pad_token == reloaded.eos_token
+
+
+def test_adapter_dir_loads_onto_its_base(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    loaded = load_causal_lm(str(tmp_path / "adapter"), torch_dtype="float32")
+    merged = load_causal_lm(str(tmp_path / "adapter"), torch_dtype="float32", merge_adapter=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+    assert not hasattr(merged, "peft_config")
