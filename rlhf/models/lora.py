@@ -1,0 +1,62 @@
+"""LoRA set-up shared by every stage: one place that turns rank/alpha/dropout/targets into an adapter."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, TaskType
+
+from rlhf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the ``nn.Linear`` modules of ``model`` (what ``--lora_target`` may name)."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def check_target_modules(
+    model: torch.nn.Module, targets: list[str], flag: str = "--lora_target"
+) -> list[str]:
+    """Keep the targets that exist in ``model``; warn about the others, error when none is left."""
+    available = set(linear_module_names(model))
+    present = [t for t in targets if t in available]
+    missing = [t for t in targets if t not in available]
+    if not present:
+        raise ConfigError(
+            f"{flag} {','.join(targets)} matches no linear layer of this model "
+            f"(available: {', '.join(sorted(available))})"
+        )
+    if missing:
+        logger.warning(
+            "%s: %s not found in this model; LoRA goes on %s", flag, ",".join(missing), ",".join(present)
+        )
+    return present
+
+
+def build_lora_config(
+    model: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    modules_to_save: list[str] | None = None,
+    task_type: TaskType = TaskType.CAUSAL_LM,
+    flag: str = "--lora_target",
+) -> LoraConfig:
+    """A validated ``LoraConfig`` for ``model`` (``rank`` must be > 0)."""
+    if rank <= 0:
+        raise ConfigError(f"LoRA rank must be > 0 (use -1 or 0 for full training), got {rank}")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=check_target_modules(model, targets, flag),
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
+    )
