@@ -1,0 +1,34 @@
+"""``rlhf.plot`` draws SFT/RM trainer_state.json and PPO metrics.jsonl curves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf.errors import UserError
+from rlhf.plot import plot_run, read_metrics_jsonl, read_trainer_state
+
+
+def test_trainer_state_curves(tmp_path):
+    state = {"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "grad_norm": 0.5},
+                             {"step": 2, "eval_loss": 1.5, "eval_accuracy": 0.75}]}  # fmt: skip
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    series = read_trainer_state(tmp_path / "trainer_state.json")
+    assert series["loss"] == [(1, 2.0), (2, 1.0)] and series["eval_accuracy"] == [(2, 0.75)]
+    written = plot_run(tmp_path)
+    assert {p.name for p in written} == {"loss.png", "grad_norm.png", "eval_loss.png", "eval_accuracy.png"}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_ppo_metrics_curves(tmp_path):
+    rows = [{"step": s, "reward/score": 0.1 * s, "objective/kl": 0.01 * s} for s in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_metrics_jsonl(tmp_path / "metrics.jsonl")["reward/score"][-1] == (3, pytest.approx(0.3))
+    names = {p.name for p in plot_run(tmp_path, tmp_path / "plots", prefix="ppo")}
+    assert names == {"ppo_reward_score.png", "ppo_objective_kl.png"}
+
+
+def test_empty_run_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no trainer_state.json or metrics.jsonl"):
+        plot_run(tmp_path)
