@@ -1,0 +1,82 @@
+"""PPO losses (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") and the pretraining mix.
+
+Shapes: ``B`` sequences, ``R`` response positions; every mean is a masked mean over response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.ppo.stats import masked_mean
+
+
+@dataclass
+class PolicyLoss:
+    loss: torch.Tensor  # scalar
+    clipfrac: torch.Tensor  # share of tokens where the clipped term was the larger loss
+    approxkl: torch.Tensor  # ½·mean((log π - log π_old)²)
+
+
+@dataclass
+class ValueLoss:
+    loss: torch.Tensor  # scalar
+    clipfrac: torch.Tensor  # share of tokens where the clipped value gave the larger loss
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> PolicyLoss:
+    """Clipped surrogate, PPO paper eq. 7, as a loss to minimise:
+
+    L = mean_t max(-Â_t·ρ_t, -Â_t·clip(ρ_t, 1-ε, 1+ε)),  ρ_t = exp(log π(a_t) - log π_old(a_t)).
+
+    logprobs, old_logprobs, advantages, mask: [B, R].
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
+    return PolicyLoss(loss, clipfrac, approxkl)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> ValueLoss:
+    """Clipped value loss: ½·mean_t max((V_t - R_t)², (V_clip,t - R_t)²),
+
+    V_clip = V_old + clip(V - V_old, -ε, ε) (the PPO2 baselines / InstructGPT critic loss).
+    values, old_values, returns, mask: [B, R].
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_error = (values - returns).square()
+    clipped_error = (clipped_values - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return ValueLoss(loss, clipfrac)
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean token entropy H(π(·|s_t)) over the mask; the total loss subtracts coef·H. [B, R] -> scalar."""
+    return masked_mean(entropy, mask)
+
+
+def pretrain_weight(step: int, weight: float, warmup_steps: int) -> float:
+    """w_pt(t) = weight · min(1, t / warmup_steps): the pretraining-loss weight, warmed up from 0.
+
+    InstructGPT's PPO-ptx objective (Ouyang et al. 2022, eq. 2) adds γ·E[log π(x_pretrain)]; the warm-up
+    keeps the LM term from dominating while the value estimates are still poor.
+    """
+    if warmup_steps <= 0:
+        return weight
+    return weight * min(1.0, step / warmup_steps)

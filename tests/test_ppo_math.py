@@ -1,0 +1,194 @@
+"""PPO math against loop-based or hand-computed references on random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo.advantages import gae_advantages
+from rlhf.ppo.kl import AdaptiveKLController, kl_estimate, kl_shaped_rewards
+from rlhf.ppo.losses import entropy_bonus, policy_loss, pretrain_weight, value_loss
+from rlhf.ppo.stats import (
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+
+
+def random_mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Right-padded masks with lengths in [1, length]."""
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    return (torch.arange(length)[None, :] < lengths[:, None]).float()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def masked_entries(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    return [x[i, j].item() for i in range(x.shape[0]) for j in range(x.shape[1]) if mask[i, j] > 0]
+
+
+def test_masked_mean_var_whiten_match_python(gen):
+    x, mask = torch.randn(5, 7, generator=gen), random_mask(5, 7, gen)
+    vals = masked_entries(x, mask)
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    assert masked_mean(x, mask).item() == pytest.approx(mean, rel=1e-5)
+    assert masked_var(x, mask).item() == pytest.approx(var, rel=1e-5)
+    row_means = masked_mean(x, mask, dim=1)
+    for i in range(5):
+        row = [x[i, j].item() for j in range(7) if mask[i, j] > 0]
+        assert row_means[i].item() == pytest.approx(sum(row) / len(row), rel=1e-5)
+    white = masked_whiten(x, mask)
+    white_vals = masked_entries(white, mask)
+    for v, w in zip(vals, white_vals):
+        assert w == pytest.approx((v - mean) / math.sqrt(var + 1e-8), rel=1e-4, abs=1e-5)
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert masked_mean(kept, mask).item() == pytest.approx(mean, abs=1e-4)
+
+
+def test_logprobs_and_entropy_use_temperature(gen):
+    logits, tokens = torch.randn(3, 4, 11, generator=gen), torch.randint(0, 11, (3, 4), generator=gen)
+    temperature = 0.7
+    out, ent = logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature)
+    for b in range(3):
+        for t in range(4):
+            z = [v / temperature for v in logits[b, t].tolist()]
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            assert out[b, t].item() == pytest.approx(z[tokens[b, t]] - log_norm, abs=1e-5)
+            probs = [math.exp(v - log_norm) for v in z]
+            assert ent[b, t].item() == pytest.approx(-sum(p * math.log(p) for p in probs), abs=1e-5)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    r = [0.5, -1.0]  # log π - log π_ref
+    assert kl_estimate(logp, ref, "k1").tolist() == [[pytest.approx(v) for v in r]]
+    assert kl_estimate(logp, ref, "abs").tolist() == [[pytest.approx(abs(v)) for v in r]]
+    assert kl_estimate(logp, ref, "mse").tolist() == [[pytest.approx(0.5 * v * v) for v in r]]
+    k3 = [math.exp(-v) - 1 + v for v in r]
+    assert kl_estimate(logp, ref, "k3").tolist() == [[pytest.approx(v, rel=1e-6) for v in k3]]
+    with pytest.raises(ValueError):
+        kl_estimate(logp, ref, "k2")
+
+
+def test_k1_and_k3_are_unbiased_kl_estimates(gen):
+    p, q = torch.softmax(torch.randn(6, generator=gen), 0), torch.softmax(torch.randn(6, generator=gen), 0)
+    exact = (p * (p.log() - q.log())).sum().item()
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    logp, logq = p.log()[samples][None], q.log()[samples][None]
+    assert kl_estimate(logp, logq, "k1").mean().item() == pytest.approx(exact, abs=0.01)
+    assert kl_estimate(logp, logq, "k3").mean().item() == pytest.approx(exact, abs=0.01)
+
+
+def test_kl_shaped_rewards_loop_reference(gen):
+    kl, mask = torch.randn(4, 6, generator=gen), random_mask(4, 6, gen)
+    scores, beta = torch.randn(4, generator=gen), 0.05
+    rewards, non_score = kl_shaped_rewards(scores, kl, mask, beta)
+    for b in range(4):
+        last = int(mask[b].sum().item()) - 1
+        for t in range(6):
+            expected = -beta * kl[b, t].item() if mask[b, t] > 0 else 0.0
+            assert non_score[b, t].item() == pytest.approx(expected, abs=1e-6)
+            if t == last:
+                expected += scores[b].item()
+            assert rewards[b, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_gae_matches_loop_reference(gen):
+    rewards, values, mask = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), None
+    mask = random_mask(3, 8, gen)
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae_advantages(rewards, values, mask, gamma, lam)
+    for b in range(3):
+        n = int(mask[b].sum().item())
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist()
+        for t in range(n):
+            expected = 0.0
+            for k in range(t, n):
+                next_v = v[k + 1] if k + 1 < n else 0.0
+                expected += (gamma * lam) ** (k - t) * (r[k] + gamma * next_v - v[k])
+            assert adv[b, t].item() == pytest.approx(expected, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(expected + v[t], abs=1e-5)
+        assert adv[b, n:].abs().sum().item() == 0.0 and ret[b, n:].abs().sum().item() == 0.0
+
+
+def test_gae_gamma1_lam1_is_reward_to_go():
+    rewards, values, mask = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.3, 0.2, 0.1]]), torch.ones(1, 3)
+    _, ret = gae_advantages(rewards, values, mask, 1.0, 1.0)
+    assert ret.tolist() == [[pytest.approx(1.0)] * 3]
+
+
+def test_policy_loss_loop_reference(gen):
+    logp, old = torch.randn(4, 5, generator=gen) * 0.3, torch.randn(4, 5, generator=gen) * 0.3
+    adv, mask, clip = torch.randn(4, 5, generator=gen), random_mask(4, 5, gen), 0.2
+    out = policy_loss(logp, old, adv, mask, clip)
+    losses, clipped, kls = [], [], []
+    for b in range(4):
+        for t in range(5):
+            if mask[b, t] == 0:
+                continue
+            ratio = math.exp(logp[b, t].item() - old[b, t].item())
+            a = adv[b, t].item()
+            l1, l2 = -a * ratio, -a * min(max(ratio, 1 - clip), 1 + clip)
+            losses.append(max(l1, l2))
+            clipped.append(float(l2 > l1))
+            kls.append(0.5 * (logp[b, t].item() - old[b, t].item()) ** 2)
+    assert out.loss.item() == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert out.clipfrac.item() == pytest.approx(sum(clipped) / len(clipped), abs=1e-6)
+    assert out.approxkl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
+
+
+def test_policy_loss_gradient_is_zero_when_clipped():
+    logp = torch.tensor([[math.log(1.5)]], requires_grad=True)
+    out = policy_loss(logp, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    out.loss.backward()
+    assert logp.grad.item() == 0.0 and out.clipfrac.item() == 1.0
+
+
+def test_value_loss_loop_reference(gen):
+    v, old, ret = (
+        torch.randn(4, 5, generator=gen),
+        torch.randn(4, 5, generator=gen),
+        torch.randn(4, 5, generator=gen),
+    )
+    mask, clip = random_mask(4, 5, gen), 0.2
+    out = value_loss(v, old, ret, mask, clip)
+    terms, clipped = [], []
+    for b in range(4):
+        for t in range(5):
+            if mask[b, t] == 0:
+                continue
+            vc = old[b, t].item() + min(max(v[b, t].item() - old[b, t].item(), -clip), clip)
+            e1, e2 = (v[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2
+            terms.append(0.5 * max(e1, e2))
+            clipped.append(float(e2 > e1))
+    assert out.loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert out.clipfrac.item() == pytest.approx(sum(clipped) / len(clipped), abs=1e-6)
+
+
+def test_entropy_explained_variance_and_pretrain_weight(gen):
+    ent, mask = torch.rand(3, 4, generator=gen), random_mask(3, 4, gen)
+    assert entropy_bonus(ent, mask).item() == pytest.approx(masked_mean(ent, mask).item())
+    targets = torch.randn(3, 4, generator=gen)
+    assert explained_variance(targets, targets, mask).item() == pytest.approx(1.0)
+    mean_pred = torch.full_like(targets, masked_mean(targets, mask).item())
+    assert explained_variance(mean_pred, targets, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert [pretrain_weight(s, 0.1, 500) for s in (0, 250, 500, 900)] == pytest.approx([0, 0.05, 0.1, 0.1])
+    assert pretrain_weight(0, 0.1, 0) == 0.1
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10_000))
+    ctl2 = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl2.update(5.4, 100)  # error -0.1
+    assert ctl2.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
