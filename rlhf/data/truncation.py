@@ -1,0 +1,46 @@
+"""Fitting a (prompt, response) pair of token lists into a length budget.
+
+Both the SFT and the reward-model stages cut over-long examples the same way:
+
+1. a response longer than ``max_response`` tokens is cut on the right (its tail, and its EOS, are lost);
+2. the prompt is then cut from the left, so the part of the prompt closest to the response survives; a
+   leading BOS token is kept in front of what remains.
+
+Real Anthropic-HH transcripts need both rules: long multi-turn prompts, and some responses that alone are
+longer than the budget.
+"""
+
+from __future__ import annotations
+
+
+def fit_to_length(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    max_length: int,
+    max_response: int | None = None,
+    bos_id: int | None = None,
+) -> tuple[list[int], list[int], bool]:
+    """Cut ``prompt_ids + response_ids`` to at most ``max_length`` tokens; return (prompt, response, cut).
+
+    ``max_response`` (default ``max_length - 1``) caps the response alone, leaving room for at least one
+    prompt token. ``cut`` is True when anything was removed.
+
+    >>> fit_to_length([1, 5, 6, 7], [8, 9, 2], max_length=5, bos_id=1)
+    ([1, 7], [8, 9, 2], True)
+    >>> fit_to_length([1, 5], [8, 9, 10, 11, 2], max_length=4, max_response=3)
+    ([5], [8, 9, 10], True)
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    cap = max_length - 1 if max_response is None else min(max_response, max_length - 1)
+    cut = len(response_ids) > cap
+    response = response_ids[:cap]
+    room = max_length - len(response)
+    if len(prompt_ids) <= room:
+        return list(prompt_ids), response, cut
+    keep_bos = bos_id is not None and prompt_ids and prompt_ids[0] == bos_id and room >= 2
+    if keep_bos:
+        prompt = [bos_id] + prompt_ids[len(prompt_ids) - (room - 1) :]
+    else:
+        prompt = prompt_ids[len(prompt_ids) - room :]
+    return prompt, response, True

@@ -1,0 +1,67 @@
+"""SFT examples: a normalized row becomes ``input_ids`` and ``labels`` with the prompt masked out.
+
+``input_ids = BOS + prompt + response + EOS`` and ``labels`` holds -100 on every prompt token, so the loss
+covers the response and its EOS only: the model learns to stop. The EOS is appended by id, never found
+through the pad id, so it is learned also when the tokenizer pads with its EOS token. Over-long examples
+are cut by :func:`rlhf.data.truncation.fit_to_length` (prompt from the left, response on the right) and
+counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+
+from rlhf.data import tokenize_prompt
+from rlhf.data.truncation import fit_to_length
+from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def encode_response(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a response followed by the tokenizer's EOS id (no BOS)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token to end responses with")
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_sft_row(row: dict[str, Any], tokenizer: Any, block_size: int) -> dict[str, Any]:
+    """``{"input_ids", "labels", "truncated"}`` for one normalized SFT row (see module docstring)."""
+    prompt = tokenize_prompt(row, tokenizer)
+    response = encode_response(row["response"], tokenizer)
+    prompt, response, truncated = fit_to_length(prompt, response, block_size, bos_id=tokenizer.bos_token_id)
+    return {
+        "input_ids": prompt + response,
+        "labels": [IGNORE_INDEX] * len(prompt) + response,
+        "truncated": truncated,
+    }
+
+
+def tokenize_sft_dataset(
+    rows: datasets.Dataset, tokenizer: Any, block_size: int, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Tokenize every row; log how many were cut to ``block_size``. Returns ``{"input_ids", "labels"}``."""
+    if block_size < 2:
+        raise DataError(f"--block_size must be at least 2, got {block_size}")
+    examples = rows.map(
+        tokenize_sft_row,
+        fn_kwargs={"tokenizer": tokenizer, "block_size": block_size},
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+        desc="tokenizing SFT examples",
+    )
+    n_truncated = sum(examples["truncated"])
+    if n_truncated:
+        logger.warning("%d of %d examples were longer than --block_size %d and were cut",
+                       n_truncated, len(examples), block_size)  # fmt: skip
+    n_tokens = sum(len(ids) for ids in examples["input_ids"])
+    logger.info(
+        "%d SFT examples, %d tokens (%.1f per example)", len(examples), n_tokens, n_tokens / len(examples)
+    )
+    return examples.remove_columns("truncated")

@@ -1,0 +1,104 @@
+"""The SFT stage: build the model, the data and a ``transformers.Trainer``, train, save.
+
+Outputs in ``--output_dir``: with LoRA ``adapter_config.json`` + ``adapter_model.safetensors``; with full
+fine-tuning a plain HF model dir (``config.json`` + ``model.safetensors``); always the tokenizer,
+``trainer_state.json`` (loss history), ``train_results.json`` and ``checkpoint-N/`` every ``--save_steps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import TaskType
+from transformers import Trainer, TrainingArguments
+
+from rlhf.args import DataArguments, LoraArguments, ModelArguments
+from rlhf.data import load_dataset_dir, split_dataset
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.sft.batching import PaddedCollator, packed_collator
+from rlhf.sft.examples import tokenize_sft_dataset
+from rlhf.training import AtomicCheckpointMixin, make_trainable, prepare_output_dir, weights_dtype
+from rlhf.training.runner import check_eval_setup, run_trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh even if --output_dir holds checkpoints (they are deleted)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate each batch into one padding-free row; examples never attend to each other."
+        },
+    )
+
+
+class SFTTrainer(AtomicCheckpointMixin, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints; the loss is the model's own (labels carry -100)."""
+
+
+def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArguments):
+    """(train, eval or None) tokenized datasets; rank 0 tokenizes first, the others reuse its cache."""
+    with args.main_process_first(desc="loading and tokenizing SFT data"):
+        rows = load_dataset_dir(data_args.dataset_dir, "sft", data_args.data_cache_dir)
+        examples = tokenize_sft_dataset(
+            rows, tokenizer, data_args.block_size, data_args.preprocessing_num_workers
+        )
+    return split_dataset(examples, data_args.split_ratio, args.seed)
+
+
+def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
+    """The causal LM with its trainable weights set up (new LoRA, ``--peft_path`` adapter, or full)."""
+    use_lora = lora_args.use_lora or bool(model_args.peft_path)
+    model = load_causal_lm(
+        model_args.model_name_or_path,
+        torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
+        model_type=model_args.model_type,
+        trust_remote_code=model_args.trust_remote_code,
+        merge_adapter=True,
+    )
+    model.config.use_cache = False
+    return make_trainable(
+        model,
+        lora_args,
+        peft_path=model_args.peft_path,
+        task_type=TaskType.CAUSAL_LM,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def run_sft(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    sft_args: SFTArguments,
+    args: TrainingArguments,
+) -> dict[str, Any]:
+    """Run the whole stage; returns the train/eval metrics."""
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, model_args.trust_remote_code, padding_side="right"
+    )
+    train_data, eval_data = build_sft_data(data_args, tokenizer, args)
+    check_eval_setup(args, eval_data is not None)
+    args.remove_unused_columns = False
+    resume_from = prepare_output_dir(args, sft_args.overwrite_output_dir)
+    model = build_sft_model(model_args, lora_args, args)
+    if sft_args.packing:
+        collator = packed_collator(getattr(model.config, "_attn_implementation", None))
+    else:
+        collator = PaddedCollator(tokenizer.pad_token_id)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+    )
+    return run_trainer(trainer, resume_from)

@@ -1,0 +1,86 @@
+"""Which weights a stage trains: a new LoRA adapter, an existing adapter (``--peft_path``), or all of them.
+
+``--lora_rank N`` (N > 0) wraps the model in a fresh adapter on ``--lora_target`` (plus
+``--modules_to_save`` and the stage's own head, trained in full); ``--lora_rank -1`` or ``0`` trains every
+weight, as in the Llama-RLHF description; ``--peft_path DIR`` loads an existing adapter trainable and
+continues it (its own rank and targets win over the LoRA flags).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import PeftModel, TaskType, get_peft_model
+
+from rlhf.args import LoraArguments
+from rlhf.errors import CheckpointError
+from rlhf.models import is_adapter_dir
+from rlhf.models.lora import build_lora_config
+
+logger = logging.getLogger(__name__)
+
+
+def weights_dtype(torch_dtype: str | None, use_lora: bool) -> str:
+    """The ``--torch_dtype`` name to load weights in; trained weights are never float16.
+
+    Full fine-tuning keeps float32 master weights under ``--torch_dtype float16`` (mixed precision comes
+    from ``--fp16``); with LoRA the frozen base may be float16 and PEFT keeps the adapter in float32.
+    Without a GPU, :func:`rlhf.models.resolve_dtype` turns half precision into float32 with one warning.
+    """
+    if torch_dtype == "float16" and not use_lora and torch.cuda.is_available():
+        logger.warning(
+            "--torch_dtype float16 with full fine-tuning: weights are kept in float32 (use --fp16)"
+        )
+        return "float32"
+    return torch_dtype or "auto"
+
+
+def make_trainable(
+    model: torch.nn.Module,
+    lora: LoraArguments,
+    *,
+    peft_path: str | None = None,
+    task_type: TaskType = TaskType.CAUSAL_LM,
+    head_modules: tuple[str, ...] = (),
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """Return ``model`` ready to train: wrapped in a (new or loaded) adapter, or unchanged for full training.
+
+    ``head_modules`` (such as the reward model's ``score``) are always trained in full and saved with the
+    adapter.
+    """
+    if peft_path:
+        if not is_adapter_dir(peft_path):
+            raise CheckpointError(
+                f"--peft_path {peft_path}: not an adapter directory (no adapter_config.json)"
+            )
+        model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
+        logger.info("continuing adapter %s", peft_path)
+    elif lora.use_lora:
+        extra = list(dict.fromkeys([*lora.extra_modules, *head_modules]))
+        config = build_lora_config(
+            model,
+            rank=lora.lora_rank,
+            alpha=lora.lora_alpha,
+            dropout=lora.lora_dropout,
+            targets=lora.target_modules,
+            modules_to_save=extra,
+            task_type=task_type,
+        )
+        model = get_peft_model(model, config)
+    if gradient_checkpointing and isinstance(model, PeftModel):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    trainable, total = count_parameters(model)
+    mode = "LoRA" if isinstance(model, PeftModel) else "full"
+    logger.info(
+        "%s training: %d of %d parameters trainable (%.2f%%)", mode, trainable, total, 100 * trainable / total
+    )
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

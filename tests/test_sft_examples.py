@@ -1,0 +1,91 @@
+"""SFT data path: prompt masking, EOS, truncation, padding and packing isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.data.truncation import fit_to_length
+from rlhf.sft import PaddedCollator, packed_collator, tokenize_sft_row
+from rlhf.sft.examples import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_fit_to_length_cuts_prompt_from_left_and_keeps_bos():
+    prompt, response, cut = fit_to_length([1, 10, 11, 12, 13], [20, 21, 2], max_length=5, bos_id=1)
+    assert (prompt, response, cut) == ([1, 13], [20, 21, 2], True)
+    assert fit_to_length([1, 10], [20, 2], max_length=8, bos_id=1) == ([1, 10], [20, 2], False)
+
+
+def test_fit_to_length_cuts_a_response_longer_than_the_budget_on_the_right():
+    prompt, response, cut = fit_to_length([1, 10, 11], list(range(20, 40)), max_length=6, bos_id=1)
+    assert response == [20, 21, 22, 23, 24] and prompt == [11] and cut
+    prompt, response, _ = fit_to_length([1, 10, 11], list(range(20, 40)), 10, max_response=4, bos_id=1)
+    assert response == [20, 21, 22, 23] and prompt == [1, 10, 11]
+
+
+def test_prompt_is_masked_and_eos_is_learned(tokenizer):
+    row = {"prompt": "Tell me how you feel about cats.\n", "prompt_messages": [], "response": "I love cats."}
+    ex = tokenize_sft_row(row, tokenizer, block_size=128)
+    n_prompt = len(tokenizer(row["prompt"])["input_ids"])
+    assert ex["input_ids"][0] == tokenizer.bos_token_id
+    assert ex["input_ids"].count(tokenizer.bos_token_id) == 1
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert ex["input_ids"][-1] == ex["labels"][-1] == tokenizer.eos_token_id
+    assert not ex["truncated"]
+
+
+def test_eos_is_learned_when_the_pad_token_is_eos(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.pad_token = tokenizer.eos_token
+    row = {"prompt": "Hi\n", "prompt_messages": [], "response": "I love tea."}
+    ex = tokenize_sft_row(row, tokenizer, block_size=64)
+    short = tokenize_sft_row({**row, "response": "Yes."}, tokenizer, block_size=64)
+    batch = PaddedCollator(tokenizer.pad_token_id)([ex, short])
+    n = len(short["input_ids"])
+    assert batch["labels"][1, n - 1] == tokenizer.eos_token_id  # the real EOS is a target
+    assert batch["attention_mask"][1, n - 1] == 1 and batch["attention_mask"][1, n:].sum() == 0
+    assert (batch["labels"][1, n:] == IGNORE_INDEX).all()  # padding (same id as EOS) is not
+
+
+def test_truncated_examples_keep_the_response(tokenizer):
+    row = {"prompt": "word " * 60, "prompt_messages": [], "response": "I love cats."}
+    ex = tokenize_sft_row(row, tokenizer, block_size=16)
+    assert ex["truncated"] and len(ex["input_ids"]) == 16
+    assert ex["input_ids"][0] == tokenizer.bos_token_id and ex["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_chat_rows_use_the_chat_template(tokenizer):
+    row = {"prompt": "", "prompt_messages": [{"role": "user", "content": "Hi"}], "response": "Hello."}
+    ex = tokenize_sft_row(row, tokenizer, block_size=64)
+    text = tokenizer.decode(ex["input_ids"])
+    assert "<|user|>" in text and "<|assistant|>" in text and text.endswith("Hello.</s>")
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_llama, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model.config.use_cache = False  # as in training: packed masks are built only without a KV cache
+    rows = [
+        {"prompt": "Tell me about cats.\n", "prompt_messages": [], "response": "I love cats."},
+        {"prompt": "What do you think of rain?\n", "prompt_messages": [], "response": "Rain is sad."},
+    ]
+    examples = [tokenize_sft_row(r, tokenizer, 64) for r in rows]
+    packed = packed_collator("sdpa")(examples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        offset = 0
+        for ex in examples:
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            n = len(ex["input_ids"])
+            torch.testing.assert_close(packed_logits[offset : offset + n], alone, atol=1e-4, rtol=1e-4)
+            offset += n
+    # the first label of every example is masked, so no example is trained to predict the next one
+    first = len(examples[0]["input_ids"])
+    assert packed["labels"][0, 0] == IGNORE_INDEX and packed["labels"][0, first] == IGNORE_INDEX

@@ -1,0 +1,211 @@
+"""run_sft_with_peft.py end to end on a tiny model: the reference command, outputs, learning, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from run_sft_with_peft import main
+
+# The step-1 command of the reference README, flag for flag (paths are filled in by the tests).
+SEED_FLAGS = """
+--model_type llama --model_name_or_path {model} --dataset_dir {data} --split_ratio 0.01
+--data_cache_dir {cache} --block_size 512 --per_device_train_batch_size 2 --per_device_eval_batch_size 2
+--dataloader_num_workers 16 --gradient_accumulation_steps 8 --do_train --do_eval --seed 512 --fp16
+--num_train_epochs 1 --logging_steps 10 --eval_steps 100 --save_steps 500 --learning_rate 1e-4
+--lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0 --logging_strategy steps --save_strategy steps
+--evaluation_strategy steps --save_total_limit 1 --output_dir {out} --overwrite_output_dir --ddp_timeout 30000
+--logging_first_step True --lora_rank 8 --lora_alpha 32
+--lora_target q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj --lora_dropout 0.05
+--modules_to_save None --torch_dtype float16 --report_to wandb
+"""
+
+
+def seed_argv(model: Path, data: Path, out: Path, cache: Path, **overrides: str) -> list[str]:
+    argv = SEED_FLAGS.format(model=model, data=data, out=out, cache=cache).split()
+    for flag, value in overrides.items():
+        i = argv.index(f"--{flag}")
+        argv[i + 1] = value
+    return argv
+
+
+def quick_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--dataset_dir", str(data), "--output_dir", str(out),
+        "--do_train", "--per_device_train_batch_size", "8", "--max_steps", "4", "--learning_rate", "1e-2",
+        "--report_to", "none", "--save_strategy", "no", "--split_ratio", "0", "--logging_steps", "1",
+        "--data_cache_dir", str(out.parent / "cache"), *extra,
+    ]  # fmt: skip
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def test_seed_command_under_torchrun_trains_a_loadable_lora_adapter(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "sft_lora"
+    argv = seed_argv(tiny_llama, repo_root / "sft_data", out, tmp_path / "cache")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1"]
+    cmd += [str(repo_root / "run_sft_with_peft.py"), *argv]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("--fp16 needs a GPU") == 1
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [row["loss"] for row in state["log_history"] if "loss" in row]
+    assert len(losses) >= 2 and all(loss > 0 for loss in losses)
+    assert any("eval_loss" in row for row in state["log_history"])
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb did not log offline"
+
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # lora_B starts at zero
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "v_proj",
+        "k_proj",
+        "o_proj",
+        "gate_proj",
+        "down_proj",
+        "up_proj",
+    }
+    assert not config["modules_to_save"]
+
+
+def test_full_fine_tuning_saves_a_plain_model_and_freezes_nothing(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "full"
+    main(quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "-1", "--fp16", "--packing"))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    before = load_file(tiny_llama / "model.safetensors")
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), set(before) - set(changed)
+
+
+def test_lora_changes_only_adapter_weights_and_peft_path_continues(tiny_llama, repo_root, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    main(
+        quick_argv(
+            tiny_llama, repo_root / "sft_data", out, "--lora_rank", "4", "--lora_target", "q_proj,v_proj"
+        )
+    )
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), out
+    ).merge_and_unload()
+    before = load_file(tiny_llama / "model.safetensors")
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+
+    first = load_file(out / "adapter_model.safetensors")
+    out2 = tmp_path / "lora2"
+    main(quick_argv(tiny_llama, repo_root / "sft_data", out2, "--peft_path", str(out)))
+    second = load_file(out2 / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_checkpoints_and_resume(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "ckpt"
+    argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "4")
+    argv[argv.index("--save_strategy") + 1] = "steps"
+    main([*argv, "--save_steps", "2", "--save_total_limit", "1"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
+    assert not list(out.glob(".staging*"))
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
+    argv[argv.index("--max_steps") + 1] = "6"
+    main([*argv, "--save_steps", "2", "--resume_from_checkpoint", str(ckpt)])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]  # not restarted
+
+
+def test_full_fine_tuning_learns_the_toy_task(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "learn"
+    argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "-1", "--packing")
+    argv[argv.index("--max_steps") + 1] = "40"
+    argv[argv.index("--learning_rate") + 1] = "3e-3"
+    argv[argv.index("--per_device_train_batch_size") + 1] = "16"
+    main([*argv, "--logging_steps", "5", "--logging_first_step", "True", "--warmup_steps", "0.1"])
+    losses = [
+        row["loss"]
+        for row in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "loss" in row
+    ]
+    assert losses[-1] < losses[0] / 2, losses
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            '{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Hi"}\n',
+            'bad.jsonl:2: missing field "output"',
+        ),
+        ('{"instruction": "Hi", "output": "Hello"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
+    ],
+)
+def test_malformed_data_is_one_line_and_trains_nothing(tiny_llama, tmp_path, capsys, content, expected):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bad.jsonl").write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(quick_argv(tiny_llama, data, out))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and expected in err[-1]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_flags_are_one_line_errors(tiny_llama, repo_root, tmp_path, capsys):
+    for extra, expected in [
+        (["--model_type", "mistral"], "--model_type mistral expects a mistral checkpoint"),
+        (["--lora_target", "nope"], "--lora_target nope matches no linear layer"),
+        (["--no_such_flag", "1"], "unknown flags: --no_such_flag"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(quick_argv(tiny_llama, repo_root / "sft_data", tmp_path / "o", *extra))
+        assert exc.value.code == 2
+        assert expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "ddp"
+    argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "4", "--ddp_backend", "gloo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    cmd += [str(repo_root / "run_sft_with_peft.py"), *argv, "--save_strategy", "steps", "--save_steps", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
