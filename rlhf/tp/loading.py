@@ -1,0 +1,111 @@
+"""A model for this rank from a shard dir (``params.json`` + ``consolidated.NN.pth``) or a plain HF dir.
+
+An HF dir (what the ``run_*`` scripts save, optionally with ``--peft_path`` or as an adapter dir) is split in
+memory through the same key maps as ``checkpoint_split.py``; each rank keeps only its own shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import CheckpointError
+from rlhf.models.loading import is_adapter_dir
+from rlhf.tp.checkpoint import PARAMS, DictSource, TensorSource, load_shard, read_hf_config, split_state
+from rlhf.tp.key_maps import check_divisible, check_preset, model_args_from_hf
+from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_tp_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on GPU, float32 on CPU; half precision on CPU falls back to float32."""
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    if device.type == "cpu" and name != "float32":
+        logger.warning("--dtype %s needs a GPU; float32 is used on CPU", name)
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_rank_state(
+    ckpt_dir: str, rank: int, world_size: int, peft_path: str | None = None
+) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+    """(architecture, this rank's shard state dict, where it came from) for any supported checkpoint dir."""
+    path = Path(ckpt_dir)
+    if (path / PARAMS).is_file():
+        if peft_path:
+            raise CheckpointError("--peft_path applies to an HF model dir, not to a shard dir")
+        args, state = load_shard(path, rank, world_size)
+        return args, state, f"{path}/{PARAMS}"
+    if is_adapter_dir(path) or peft_path:
+        from rlhf.models.loading import adapter_base_path, load_causal_lm
+
+        adapter = str(path) if is_adapter_dir(path) else peft_path
+        base = adapter_base_path(adapter) if is_adapter_dir(path) else str(path)
+        if not is_adapter_dir(adapter):
+            raise CheckpointError(f"{adapter}: not an adapter dir (no adapter_config.json)")
+        _, full_config = read_hf_config(base)
+        model = load_causal_lm(adapter, torch_dtype="float32", merge_adapter=True)
+        source: TensorSource = DictSource(model.state_dict())
+        where = f"{base}/config.json"
+    else:
+        _, full_config = read_hf_config(path)
+        source = TensorSource.open(path)
+        where = f"{path}/config.json"
+    args = model_args_from_hf(full_config)
+    check_divisible(args, world_size)
+    state = split_state(source, args, world_size, [rank])[rank]
+    return args, state, where
+
+
+def build_model(
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    scalar_head: bool = False,
+) -> Transformer:
+    """Instantiate the TP model and fill it with ``state`` (assigned, not copied: no second copy in memory).
+
+    With ``scalar_head`` the LM head is dropped and a ``v_head`` is kept from ``state`` or zero-initialised.
+    """
+    model = ScalarHeadTransformer(args) if scalar_head else Transformer(args)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if scalar_head:
+        state.pop("output.weight", None)
+        if "v_head.weight" not in state:
+            state["v_head.weight"] = torch.zeros(1, args.dim, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.to(device=device)  # parameters already hold ``dtype``; the RoPE table stays float32
+
+
+def load_tp_model(
+    ckpt_dir: str,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    model_type: str | None = None,
+    peft_path: str | None = None,
+    scalar_head: bool = False,
+) -> Transformer:
+    """This rank's model from ``ckpt_dir``, checked against ``--model_type``."""
+    args, state, where = load_rank_state(ckpt_dir, rank, world_size, peft_path)
+    check_preset(model_type, args, where)
+    model = build_model(args, state, dtype, device, scalar_head=scalar_head)
+    if rank == 0:
+        n_local = sum(p.numel() for p in model.parameters())
+        logger.info("loaded %s (%s, %d parameters on rank 0)", ckpt_dir, args.family, n_local)
+    return model

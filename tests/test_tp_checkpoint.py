@@ -1,0 +1,254 @@
+"""checkpoint_split.py: split -> merge round trips, the key maps, and the errors users can hit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.tp.checkpoint import (
+    DictSource,
+    TensorSource,
+    load_shard,
+    merge_tensors,
+    merge_to_dir,
+    split_state,
+    split_tensor,
+    split_to_dir,
+    write_metadata,
+    write_shard,
+)
+from rlhf.tp.key_maps import check_divisible, check_preset, concrete_key_map, model_args_from_hf, shard_dim
+from rlhf.tp.model import ModelArgs
+
+ARCHS = ["llama", "mistral", "mixtral", "qwen2"]
+
+
+def split_main():
+    import checkpoint_split
+
+    return checkpoint_split.main
+
+
+def llama3_rope_model(factory, out: Path) -> Path:
+    """A copy of the tiny llama whose config.json carries llama-3 RoPE scaling (the 4.x way of writing it)."""
+    shutil.copytree(factory("llama"), out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("rope_parameters")
+    config["rope_theta"] = 500000.0
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def assert_same_weights(original: Path, merged: Path) -> None:
+    a, b = load_file(original / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_merge_round_trip_is_exact(arch, tiny_model_factory, tmp_path):
+    source = tiny_model_factory(arch)
+    main = split_main()
+    main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "shards"), "--n", "2"])
+    shards = tmp_path / "shards"
+    assert sorted(p.name for p in shards.glob("consolidated.*")) == [
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+    ]
+    params = json.loads((shards / "params.json").read_text())
+    assert params["n_shards"] == 2 and params["family"] == arch
+    assert (shards / "tokenizer.json").is_file()
+    shard0 = torch.load(shards / "consolidated.00.pth", weights_only=True)
+    assert shard0["layers.0.attention.wq.weight"].shape == (32, 64)  # 4 heads x 16 / 2 ranks
+    assert shard0["layers.0.attention.wo.weight"].shape == (64, 32)
+    assert shard0["tok_embeddings.weight"].shape == (512, 32)  # split on the model dim
+    main(["--merge", "--ckpt_dir", str(shards), "--save_path", str(tmp_path / "merged")])
+    merged = tmp_path / "merged"
+    assert_same_weights(source, merged)
+    assert json.loads((merged / "config.json").read_text()) == json.loads(
+        (source / "config.json").read_text()
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.config.model_type == arch
+
+
+def test_tied_padded_vocab_and_rope_scaling_round_trip(tiny_model_factory, tmp_path):
+    tied = tiny_model_factory("llama", tie_word_embeddings=True, vocab_size=511)
+    # the tokenizer trainer may stop short of 511 tokens; the point is a vocabulary 2 does not divide
+    vocab = json.loads((tied / "config.json").read_text())["vocab_size"]
+    assert vocab % 2 == 1
+    main = split_main()
+    main(["--ckpt_file", str(tied / "model.safetensors"), "--save_path", str(tmp_path / "s"), "--n", "2"])
+    shard = torch.load(tmp_path / "s" / "consolidated.01.pth", weights_only=True)
+    assert "output.weight" not in shard
+    assert shard["tok_embeddings.weight"].shape == ((vocab + 1) // 2, 64)  # vocabulary split, padded
+    assert torch.all(shard["tok_embeddings.weight"][-1] == 0)
+    main(["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")])
+    assert_same_weights(tied, tmp_path / "m")
+
+    rope = llama3_rope_model(tiny_model_factory, tmp_path / "rope")
+    main(["--ckpt_file", str(rope), "--save_path", str(tmp_path / "rs"), "--n", "2"])
+    params = json.loads((tmp_path / "rs" / "params.json").read_text())
+    assert params["rope_scaling"]["rope_type"] == "llama3" and params["rope_theta"] == 500000.0
+    # merged into several safetensors files + index, which split reads back
+    main(["--merge", "--ckpt_dir", str(tmp_path / "rs"), "--save_path", str(tmp_path / "rm"),
+          "--max_shard_size_gb", "0.0001"])  # fmt: skip
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["rope_scaling"]["factor"] == 8.0
+    assert len(list((tmp_path / "rm").glob("model-*-of-*.safetensors"))) > 1
+    main(["--ckpt_file", str(tmp_path / "rm"), "--save_path", str(tmp_path / "rs2"), "--n", "2"])
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        a = torch.load(tmp_path / "rs" / name, weights_only=True)
+        b = torch.load(tmp_path / "rs2" / name, weights_only=True)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_pickle_file_with_config_dir(tiny_model_factory, tmp_path):
+    source = tiny_model_factory("qwen2")
+    state = load_file(source / "model.safetensors")
+    torch.save(state, tmp_path / "checkpoint.bin")
+    split_main()(
+        ["--ckpt_file", str(tmp_path / "checkpoint.bin"), "--config_dir", str(source), "--save_path",
+         str(tmp_path / "s"), "--n", "1"]
+    )  # fmt: skip
+    shard = torch.load(tmp_path / "s" / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(shard["layers.1.attention.wq.bias"], state["model.layers.1.self_attn.q_proj.bias"])
+
+
+def test_pure_split_and_merge_functions():
+    weight = torch.arange(5 * 4, dtype=torch.float32).view(5, 4)
+    pieces = split_tensor(weight, 0, 2, padded_rows=6)
+    assert [p.shape for p in pieces] == [(3, 4), (3, 4)] and torch.all(pieces[1][-1] == 0)
+    assert torch.equal(merge_tensors(pieces, 0, rows=5), weight)
+    cols = split_tensor(weight, 1, 4)
+    assert torch.equal(cols[2], weight[:, 2:3]) and torch.equal(merge_tensors(cols, 1), weight)
+    assert all(p is weight for p in split_tensor(weight, None, 3))
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=10, hidden_dim=16)
+    assert shard_dim("layers.0.attention.wk.bias", args) == 0
+    assert shard_dim("layers.0.feed_forward.w2.weight", args) == 1
+    assert shard_dim("layers.0.attention.wo.bias", args) is None
+    assert shard_dim("layers.0.feed_forward.experts.3.w3.weight", args) == 0
+    assert shard_dim("layers.0.feed_forward.gate.weight", args) is None
+
+
+def qwen_config() -> dict:
+    return {
+        "model_type": "qwen",
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "kv_channels": 4,
+        "intermediate_size": 24,
+        "vocab_size": 10,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "seq_length": 32,
+    }
+
+
+def test_qwen_key_map_on_synthetic_state_dict():
+    args = model_args_from_hf(qwen_config())
+    assert (args.family, args.hidden_dim, args.qkv_bias, args.n_kv_heads) == ("qwen", 12, True, 2)
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "transformer.wte.weight": torch.randn(10, 8, generator=g),
+        "transformer.ln_f.weight": torch.randn(8, generator=g),
+        "lm_head.weight": torch.randn(10, 8, generator=g),
+        "transformer.h.0.ln_1.weight": torch.randn(8, generator=g),
+        "transformer.h.0.ln_2.weight": torch.randn(8, generator=g),
+        "transformer.h.0.attn.c_attn.weight": torch.randn(24, 8, generator=g),
+        "transformer.h.0.attn.c_attn.bias": torch.randn(24, generator=g),
+        "transformer.h.0.attn.c_proj.weight": torch.randn(8, 8, generator=g),
+        "transformer.h.0.mlp.w1.weight": torch.randn(12, 8, generator=g),
+        "transformer.h.0.mlp.w2.weight": torch.randn(12, 8, generator=g),
+        "transformer.h.0.mlp.c_proj.weight": torch.randn(8, 12, generator=g),
+    }
+    assert set(concrete_key_map(args)) == set(state)
+    shards = split_state(DictSource(state), args, 2, [0, 1])
+    c_attn, bias = state["transformer.h.0.attn.c_attn.weight"], state["transformer.h.0.attn.c_attn.bias"]
+    # q, k, v are the thirds of c_attn; rank 1 holds the second head of each
+    assert torch.equal(shards[1]["layers.0.attention.wq.weight"], c_attn[4:8])
+    assert torch.equal(shards[0]["layers.0.attention.wk.weight"], c_attn[8:12])
+    assert torch.equal(shards[1]["layers.0.attention.wv.bias"], bias[20:24])
+    # Qwen's mlp.w2 goes through silu (our w1), mlp.w1 is the up projection (our w3)
+    assert torch.equal(
+        shards[0]["layers.0.feed_forward.w1.weight"], state["transformer.h.0.mlp.w2.weight"][:6]
+    )
+    assert torch.equal(
+        shards[1]["layers.0.feed_forward.w3.weight"], state["transformer.h.0.mlp.w1.weight"][6:]
+    )
+    assert torch.equal(
+        shards[1]["layers.0.feed_forward.w2.weight"], state["transformer.h.0.mlp.c_proj.weight"][:, 6:]
+    )
+    assert torch.equal(shards[0]["output.weight"], state["lm_head.weight"][:5])
+
+
+def test_qwen_shards_merge_back_to_fused_keys(tmp_path):
+    args = model_args_from_hf(qwen_config())
+    g = torch.Generator().manual_seed(1)
+    shapes = {
+        "transformer.wte.weight": (10, 8), "transformer.ln_f.weight": (8,), "lm_head.weight": (10, 8),
+        "transformer.h.0.ln_1.weight": (8,), "transformer.h.0.ln_2.weight": (8,),
+        "transformer.h.0.attn.c_attn.weight": (24, 8), "transformer.h.0.attn.c_attn.bias": (24,),
+        "transformer.h.0.attn.c_proj.weight": (8, 8), "transformer.h.0.mlp.w1.weight": (12, 8),
+        "transformer.h.0.mlp.w2.weight": (12, 8), "transformer.h.0.mlp.c_proj.weight": (8, 12),
+    }  # fmt: skip
+    state = {key: torch.randn(*shape, generator=g) for key, shape in shapes.items()}
+    (tmp_path / "s").mkdir()
+    for rank, shard in split_state(DictSource(state), args, 2, [0, 1]).items():
+        write_shard(shard, tmp_path / "s", rank)
+    write_metadata(tmp_path / "s", args, 2, qwen_config(), None)
+    merge_to_dir(tmp_path / "s", tmp_path / "m")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert sorted(merged) == sorted(state)
+    assert all(torch.equal(merged[k], state[k]) for k in state)
+
+
+def test_errors_are_clear(tiny_model_factory, tmp_path):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176)
+    with pytest.raises(ConfigError, match="key-value heads \\(2\\) is not divisible by the shard count 4"):
+        check_divisible(args, 4)
+    with pytest.raises(ConfigError, match="expects a qwen checkpoint"):
+        check_preset("qwen-7b", args, "x/params.json")
+    with pytest.raises(ConfigError, match="llama-2-7b has dim 4096"):
+        check_preset("llama-2-7b", args, "x/params.json")
+    check_preset("llama", args, "x/params.json")
+
+    source = tiny_model_factory("llama")
+    main = split_main()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "4"])
+    assert exit_info.value.code == 2
+    state = load_file(source / "model.safetensors")
+    state["model.layers.0.self_attn.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="not in the llama key map"):
+        split_state(
+            DictSource(state), model_args_from_hf(json.loads((source / "config.json").read_text())), 2, [0]
+        )
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "lonely.safetensors"))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        split_to_dir(tmp_path / "lonely.safetensors", tmp_path / "out", 2)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        TensorSource.open(tmp_path / "missing.bin")
+    main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
+    with pytest.raises(CheckpointError, match="holds 2 shards but the model-parallel world size is 1"):
+        load_shard(tmp_path / "s2", 0, 1)
+    with pytest.raises(SystemExit):  # an existing, non-empty --save_path needs --overwrite
+        main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
+    main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "1", "--overwrite"])
+    assert json.loads((tmp_path / "s2" / "params.json").read_text())["n_shards"] == 1
