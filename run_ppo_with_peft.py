@@ -1,7 +1,47 @@
-"""run_ppo_with_peft: not implemented yet (see the open issues)."""
+"""Stage 3: PPO on one frozen base with ``actor``/``critic``/``reward`` adapters (see docs/ppo.md).
 
-import sys
+Single device:
+    python run_ppo_with_peft.py --sft_model_path SFT --reward_lora_path RM --dataset_dir sft_data \\
+        --output_dir out/actor --critic_output_dir out/critic --max_steps 100
+
+Accelerate (the reference command; default_config.yaml = one process, GPU if present):
+    accelerate launch --config_file default_config.yaml run_ppo_with_peft.py --model_type llama \\
+        --sft_model_path SFT --reward_lora_path RM --dataset_dir sft_data --pretrain_dataset_dir pt_data \\
+        --per_device_train_batch_size 2 --per_device_mini_train_batch_size 2 --gradient_accumulation_steps 2 \\
+        --output_dir out/actor --critic_output_dir out/critic ...
+
+Several processes (CPU gloo or GPU NCCL):
+    torchrun --nproc_per_node 2 run_ppo_with_peft.py ...same flags...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf.args import DataArguments, parse_args
+from rlhf.errors import exit_on_user_error
+from rlhf.logging_setup import setup_logging
+from rlhf.ppo.build import build_session
+from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, validate
+from rlhf.ppo.loop import save_outputs, train
+
+ARGUMENT_GROUPS = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    """Parse flags, build the session, train, save. Returns the final training state as a dict."""
+    setup_logging()
+    model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
+    validate(model_args, ppo_args, train_args)
+    critic_dir = Path(model_args.critic_output_dir or Path(train_args.output_dir) / "critic")
+
+    session = build_session(data_args, model_args, ppo_args, train_args)
+    state = train(session, resume_from=train_args.resume_from_checkpoint)
+    save_outputs(session, critic_dir)
+    session.backend.end()
+    return dict(state.__dict__)
+
 
 if __name__ == "__main__":
-    print("run_ppo_with_peft.py: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    main()

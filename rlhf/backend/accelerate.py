@@ -1,0 +1,137 @@
+"""The Accelerate backend: one process, ``torchrun`` or ``accelerate launch`` (CPU gloo or GPU NCCL).
+
+Gradients are averaged with one flat all-reduce per optimizer step instead of wrapping models in DDP:
+the PPO loop runs several forward passes (actor, critic, reference, reward) through the same frozen base
+between optimizer steps, which DDP's one-forward-one-backward bookkeeping does not allow. The result is
+the same as DDP's: every process steps with the mean gradient and the replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+logger = logging.getLogger(__name__)
+
+KNOWN_TRACKERS = ("wandb", "tensorboard", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
+
+
+class AccelerateBackend:
+    def __init__(
+        self,
+        mixed_precision: str = "no",
+        timeout_s: int = 1800,
+        report_to: list[str] | None = None,
+        project_dir: str | None = None,
+    ) -> None:
+        kwargs = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            kwargs_handlers=kwargs,
+            log_with=_trackers(report_to or []) or None,
+            project_dir=project_dir,
+        )
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self._trackers = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.device)
+
+    def autocast(self):
+        if self.accelerator.mixed_precision == "no":
+            return nullcontext()
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
+        if self.world_size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def step(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+        parameter_groups: dict[str, list[torch.nn.Parameter]],
+        max_grad_norm: float,
+    ) -> dict[str, float]:
+        params = [p for group in parameter_groups.values() for p in group]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._all_reduce_mean([p.grad for p in params])
+        norms = {}
+        for name, group in parameter_groups.items():
+            limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+            norms[name] = float(torch.nn.utils.clip_grad_norm_(group, limit))
+        for name, optimizer in optimizers.items():
+            optimizer.step()
+            schedulers[name].step()
+            optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
+        if not self.accelerator.log_with:
+            return
+        try:
+            init_kwargs = (
+                {"wandb": {"dir": self.accelerator.project_dir}} if self.accelerator.project_dir else {}
+            )
+            self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+            self._trackers = True
+        except Exception as exc:  # noqa: BLE001 - a tracker failing must not stop training
+            logger.warning("trackers not started (%s); metrics.jsonl is still written", exc)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._trackers:
+            self.accelerator.log(metrics, step=step)
+
+    def end(self) -> None:
+        if self._trackers:
+            self.accelerator.end_training()
+
+
+def _trackers(report_to: list[str]) -> list[str]:
+    """``--report_to`` values -> Accelerate tracker names (``none`` dropped, ``all`` = wandb+tensorboard)."""
+    wanted = [t for t in report_to if t not in ("none", "")]
+    if "all" in wanted:
+        wanted = ["wandb", "tensorboard"]
+    unknown = [t for t in wanted if t not in KNOWN_TRACKERS]
+    if unknown:
+        logger.warning("--report_to: unknown tracker(s) %s ignored", ",".join(unknown))
+    return [t for t in wanted if t in KNOWN_TRACKERS]

@@ -1,0 +1,48 @@
+"""Hugging Face ``generate`` behind the :class:`rlhf.generation.Generator` interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from rlhf.generation.base import Generation, SamplingConfig, response_mask_after_eos
+
+
+class HFGenerator:
+    """Samples with ``model.generate`` (KV cache, multinomial sampling with temperature/top-k/top-p).
+
+    ``model_context`` yields the model to generate with (for the PEFT bundle: the base with the actor
+    adapter active); sampling draws from the global torch RNG, so a seeded run is reproducible.
+    """
+
+    def __init__(
+        self, model_context: Callable[[], AbstractContextManager[Any]], sampling: SamplingConfig
+    ) -> None:
+        self.model_context = model_context
+        self.sampling = sampling
+        self.config = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 else None,
+            top_p=sampling.top_p,
+            eos_token_id=sampling.eos_token_id,
+            pad_token_id=sampling.pad_token_id,
+            use_cache=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
+        with self.model_context() as model:
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.config
+            )
+        response = out[:, prompt_ids.shape[1] :]
+        mask = response_mask_after_eos(response, self.sampling.eos_token_id)
+        response = response.masked_fill(mask == 0, self.sampling.pad_token_id)
+        return Generation(response, mask)

@@ -1,0 +1,163 @@
+"""Flags of the PPO stage: models, algorithm, and the Trainer-style loop settings.
+
+Defaults follow the step-3 reference command (``../shared/spec/peft-rlhf-readme.md``); flags that
+recipes pass for the Hugging Face Trainer (``--do_train``, ``--dataloader_num_workers``,
+``--overwrite_output_dir``, ...) are accepted so the command runs as written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf.args import DEFAULT_LORA_TARGET, split_comma_list
+from rlhf.errors import ConfigError
+from rlhf.ppo.kl import KL_ESTIMATORS
+
+
+@dataclass
+class PPOModelArguments:
+    sft_model_path: str = field(metadata={"help": "SFT model dir, or an adapter dir (merged into its base)."})
+    model_type: str | None = field(default=None, metadata={"help": "llama, mistral, qwen2, ... (checked)."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Base weights dtype; half precision falls back to float32 without a GPU.",
+                  "choices": ["auto", "float32", "float16", "bfloat16"]},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own code."})
+    reward_lora_path: str | None = field(
+        default=None,
+        metadata={"help": "Reward-model adapter dir from run_rm_with_peft.py (LoRA + score head)."},
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A full sequence-classification reward model dir (num_labels=1)."}
+    )
+    reward_fn: str | None = field(
+        default=None,
+        metadata={"help": "Rule reward 'path/to/file.py:fn' or 'module:fn', called as "
+                  "fn(prompts: list[str], responses: list[str]) -> list[float]; summed with a model score."},
+    )  # fmt: skip
+    critic_init: str = field(
+        default="reward",
+        metadata={"help": "Start the critic from the reward model (adapter + score head) or the SFT model.",
+                  "choices": ["reward", "sft"]},
+    )  # fmt: skip
+    actor_lora_rank: int = field(default=8, metadata={"help": "Actor LoRA rank; -1 or 0 = full-parameter."})
+    actor_lora_alpha: float = field(default=32.0, metadata={"help": "Actor LoRA alpha."})
+    actor_lora_dropout: float = field(default=0.05, metadata={"help": "Actor LoRA dropout."})
+    actor_lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Actor LoRA modules."})
+    critic_lora_rank: int = field(default=8, metadata={"help": "Critic LoRA rank; -1 or 0 = full-parameter."})
+    critic_lora_alpha: float = field(default=32.0, metadata={"help": "Critic LoRA alpha."})
+    critic_lora_dropout: float = field(default=0.05, metadata={"help": "Critic LoRA dropout."})
+    critic_lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Critic LoRA modules."})
+    critic_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the critic goes (default: <output_dir>/critic)."}
+    )
+    pretrain_dataset_dir: str | None = field(
+        default=None, metadata={"help": "*.txt pretraining text for the PPO-ptx loss (off when unset)."}
+    )
+
+
+@dataclass
+class PPOArguments:
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts keep their last N tokens."})
+    max_response_length: int = field(default=256, metadata={"help": "Most new tokens per response."})
+    min_response_length: int = field(default=1, metadata={"help": "Fewest new tokens (EOS suppressed)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 = off."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
+    per_device_mini_train_batch_size: int = field(
+        default=0, metadata={"help": "Samples per PPO mini-batch (0 = --per_device_train_batch_size)."}
+    )
+    rollout_batches: int = field(default=1, metadata={"help": "Generation batches per rollout."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout."})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ."})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
+    kl_penalty_beta: float = field(default=0.02, metadata={"help": "β of the per-token KL penalty."})
+    kl_penalty: str = field(default="k1", metadata={"help": "KL estimator.", "choices": list(KL_ESTIMATORS)})
+    target_kl: float | None = field(
+        default=None, metadata={"help": "Adaptive β (Ziegler et al. 2019) towards this KL per sequence."}
+    )
+    kl_horizon: float = field(default=10000.0, metadata={"help": "Horizon of the adaptive KL controller."})
+    reward_score_clip: float = field(default=10.0, metadata={"help": "Scores are clipped to ±this."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of responses that end without EOS."}
+    )
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten token rewards before GAE."})
+    ratio_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
+    value_clip: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
+    actor_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the policy loss."})
+    critic_loss_weight: float = field(default=2.0, metadata={"help": "Weight of the value loss."})
+    pretrain_loss_weight: float = field(default=0.1, metadata={"help": "Weight of the pretraining loss."})
+    pretrain_warmup_steps: int = field(
+        default=500, metadata={"help": "Optimizer steps over which the pretraining weight rises from 0."}
+    )
+    pretrain_batch_size: int = field(
+        default=0, metadata={"help": "Pretraining blocks per mini-batch (0 = the mini-batch size)."}
+    )
+    actor_lr: float = field(default=1e-4, metadata={"help": "Actor learning rate."})
+    critic_lr: float = field(default=1e-4, metadata={"help": "Critic learning rate."})
+
+
+@dataclass
+class PPOTrainingArguments:
+    output_dir: str = field(metadata={"help": "Actor adapter, tokenizer, checkpoints and metrics.jsonl."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Accepted; outputs are overwritten."})
+    do_train: bool = field(default=True, metadata={"help": "Accepted for Trainer compatibility."})
+    seed: int = field(default=42, metadata={"help": "Seed for models, data order and sampling."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Prompts per generation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Mini-batches per optimizer step."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides --num_train_epochs."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
+    warmup_steps: float = field(default=0.0, metadata={"help": "Warm-up steps (a value < 1 is a ratio)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping per model; 0 = off."})
+    logging_steps: int = field(default=10, metadata={"help": "Write metrics every N optimizer steps."})
+    logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the last N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N dir to resume."})
+    report_to: str = field(default="none", metadata={"help": "wandb, tensorboard, all or none (comma list)."})
+    run_name: str | None = field(default=None, metadata={"help": "Tracker run name."})
+    fp16: bool = field(default=False, metadata={"help": "float16 autocast (GPU only; dropped on CPU)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU only; dropped on CPU)."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Accepted; prompts are tokenized once and held in memory."}
+    )
+    ddp_timeout: int = field(default=1800, metadata={"help": "Process-group timeout in seconds."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+
+    @property
+    def report_to_list(self) -> list[str]:
+        return split_comma_list(self.report_to)
+
+
+def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
+    """Check flag combinations once, up front; messages name the flags."""
+    if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
+        raise ConfigError("give a reward: --reward_lora_path, --reward_model_path or --reward_fn")
+    if models.reward_lora_path and models.reward_model_path:
+        raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
+    if ppo.per_device_mini_train_batch_size <= 0:
+        ppo.per_device_mini_train_batch_size = train.per_device_train_batch_size
+    rollout = train.per_device_train_batch_size * ppo.rollout_batches
+    if rollout % ppo.per_device_mini_train_batch_size:
+        raise ConfigError(
+            f"--per_device_mini_train_batch_size {ppo.per_device_mini_train_batch_size} must divide the "
+            f"rollout size --per_device_train_batch_size x --rollout_batches = {rollout}"
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(train, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0")
+    for name in ("max_response_length", "max_prompt_length", "ppo_epochs", "rollout_batches"):
+        if getattr(ppo, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0")
+    if ppo.min_response_length > ppo.max_response_length:
+        raise ConfigError("--min_response_length must be <= --max_response_length")
+    if ppo.temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    if ppo.target_kl is not None and ppo.target_kl <= 0:
+        raise ConfigError("--target_kl must be > 0")
+    if ppo.pretrain_batch_size <= 0:
+        ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size

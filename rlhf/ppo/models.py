@@ -1,0 +1,59 @@
+"""The models interface the PPO loop talks to: actor, critic, reference and reward behind one object.
+
+The loop never touches PEFT, adapters or tensor-parallel layers; it calls these methods on token
+batches (:class:`rlhf.ppo.batch.SequenceBatch`). :class:`rlhf.ppo.peft_models.PeftPolicyModels` implements
+it with one frozen base and LoRA adapters; a tensor-parallel implementation provides the same methods.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlhf.ppo.batch import SequenceBatch
+
+
+class PolicyModels(Protocol):
+    """Actor, critic, reference policy and (optionally) a reward model behind one object."""
+
+    def train(self, mode: bool = True) -> Any:
+        """Dropout on (``True``, for PPO updates) or off (rollouts, old and reference log-probs)."""
+
+    def policy_logprobs(
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Actor log π(r_t | prefix) of each response token under logits / temperature: [B, R]; with
+        ``with_entropy`` also the entropy of each token distribution [B, R]. Differentiable."""
+
+    def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+        """Frozen reference policy's log-probs of the response tokens [B, R] (no grad)."""
+
+    def values(self, batch: SequenceBatch) -> torch.Tensor:
+        """Critic value V(s_t) of the state before each response token: [B, R]. Differentiable."""
+
+    def reward_scores(self, batch: SequenceBatch) -> torch.Tensor | None:
+        """Reward-model score read at the last real token: [B]; ``None`` without a reward model."""
+
+    def pretrain_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Actor next-token cross-entropy on pretraining blocks [B, L] -> scalar. Differentiable."""
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters: ``{"actor": [...], "critic": [...]}`` (disjoint)."""
+
+    def generation_model(self) -> AbstractContextManager[Any]:
+        """Context in which the yielded object generates with the actor (for a Generator)."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by a stable name (what a checkpoint must restore)."""
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a :meth:`trainable_state` back in place."""
+
+    def save_actor(self, directory: Path) -> None:
+        """Write the actor in a format plain ``peft``/``transformers`` load."""
+
+    def save_critic(self, directory: Path) -> None:
+        """Write the critic (adapter or model, plus the value head)."""

@@ -1,0 +1,352 @@
+"""The PEFT implementation of :class:`rlhf.ppo.models.PolicyModels`: one frozen base, several adapters.
+
+One causal LM is loaded once and frozen. On it live LoRA adapters ``actor``, ``critic`` and (when the
+reward model was trained on the same base) ``reward``; the reference policy is the base with adapters
+disabled. Switching the active adapter replaces a second copy of the weights. The critic's scalar value
+head and the reward model's score head are plain ``Linear(hidden, 1)`` layers on the last hidden state.
+A rank of -1 (or 0) makes the actor or critic a separate, fully trainable copy of the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from rlhf.errors import CheckpointError
+from rlhf.models import load_causal_lm
+from rlhf.models.lora import build_lora_config
+from rlhf.ppo.batch import SequenceBatch
+from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VALUE_HEAD = "value_head.safetensors"
+SCORE_KEY = "base_model.model.score.weight"
+
+
+@dataclass
+class LoraSpec:
+    """An adapter's shape from flags: rank <= 0 means a full trainable copy instead of LoRA."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+
+    @property
+    def use_lora(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
+class RewardAdapter:
+    """A reward-model adapter read from disk: its LoRA config, LoRA weights and score head."""
+
+    config: LoraConfig
+    lora_state: dict[str, torch.Tensor]
+    score_weight: torch.Tensor  # [1, hidden]
+
+
+def read_reward_adapter(path: str) -> RewardAdapter:
+    """Read ``run_rm_with_peft.py`` output: a SEQ_CLS LoRA adapter with ``score`` in modules_to_save."""
+    directory = Path(path)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS} (is this a reward adapter dir?)")
+    raw = json.loads((directory / "adapter_config.json").read_text())
+    state = load_file(str(weights))
+    score = [k for k in state if k.endswith("score.weight") or k.endswith("score.modules_to_save.weight")]
+    if not score:
+        raise CheckpointError(f"{path}: adapter has no score head (train it with modules_to_save=score)")
+    extra = [k for k in state if "lora_" not in k and k not in score]
+    if extra:
+        raise CheckpointError(f"{path}: adapter also trains {extra[0]}...; only LoRA + score can be shared")
+    config = LoraConfig(
+        r=raw["r"],
+        lora_alpha=raw["lora_alpha"],
+        lora_dropout=raw.get("lora_dropout", 0.0),
+        target_modules=raw["target_modules"],
+        use_rslora=raw.get("use_rslora", False),
+        bias=raw.get("bias", "none"),
+        task_type=TaskType.CAUSAL_LM,
+        inference_mode=True,
+    )
+    lora_state = {k: v for k, v in state.items() if "lora_" in k}
+    return RewardAdapter(config, lora_state, state[score[0]].float())
+
+
+class PeftPolicyModels(torch.nn.Module):
+    """Actor, critic, reference and reward on one frozen base (see the module docstring)."""
+
+    def __init__(
+        self,
+        lm: torch.nn.Module,
+        adapters: list[str],
+        value_head: torch.nn.Linear,
+        reward_head: torch.nn.Linear | None,
+        actor_full: torch.nn.Module | None,
+        critic_full: torch.nn.Module | None,
+        base_model_path: str,
+    ) -> None:
+        super().__init__()
+        self.lm = lm  # PeftModel when any adapter lives on the base, else the plain frozen base
+        self.adapters = adapters
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.actor_full = actor_full
+        self.critic_full = critic_full
+        self.base_model_path = base_model_path
+        self._trainable = self._collect_trainable()
+        self._restore_requires_grad()
+
+    # -- adapter switching ---------------------------------------------------------------------------
+    def _collect_trainable(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"actor": [], "critic": []}
+        for name, param in self.named_parameters():
+            if name.startswith("actor_full."):
+                groups["actor"].append((name, param))
+            elif name.startswith(("critic_full.", "value_head.")):
+                groups["critic"].append((name, param))
+            elif ".lora_" in name and (".actor." in name or name.endswith(".actor")):
+                groups["actor"].append((name, param))
+            elif ".lora_" in name and (".critic." in name or name.endswith(".critic")):
+                groups["critic"].append((name, param))
+        return groups
+
+    def _restore_requires_grad(self) -> None:
+        """PEFT's set_adapter/disable_adapter flip requires_grad; trainability is ours to decide."""
+        trainable = {id(p) for group in self._trainable.values() for _, p in group}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    @contextmanager
+    def _adapter(self, name: str | None) -> Iterator[None]:
+        """Run the shared base with adapter ``name`` active, or with all adapters off (``None``)."""
+        if not isinstance(self.lm, PeftModel):
+            yield
+            return
+        try:
+            if name is None:
+                with self.lm.disable_adapter():
+                    yield
+            else:
+                self.lm.set_adapter(name)
+                yield
+        finally:
+            self._restore_requires_grad()
+
+    def _actor(self) -> tuple[torch.nn.Module, Any]:
+        if self.actor_full is not None:
+            return self.actor_full, nullcontext()
+        return self.lm, self._adapter("actor")
+
+    # -- forward passes --------------------------------------------------------------------------------
+    @staticmethod
+    def _response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+        """Logits that predict each response token: positions P-1 .. T-2. -> [B, R, V]"""
+        response_len = batch.input_ids.shape[1] - batch.prompt_len
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=response_len + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1]
+
+    @staticmethod
+    def _hidden(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+        """Last hidden states of the decoder (no LM head). -> [B, T, H]"""
+        backbone = model.get_base_model() if isinstance(model, PeftModel) else model
+        out = backbone.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def policy_logprobs(
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model, active = self._actor()
+        with active:
+            logits = self._response_logits(model, batch)
+        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+        with self._adapter(None):
+            logits = self._response_logits(self.lm, batch)
+        return logprobs_from_logits(logits, batch.response_ids, temperature)
+
+    def critic_token_values(self, batch: SequenceBatch) -> torch.Tensor:
+        """Value head on every position's hidden state. -> [B, T]"""
+        if self.critic_full is not None:
+            hidden = self._hidden(self.critic_full, batch)
+        else:
+            with self._adapter("critic"):
+                hidden = self._hidden(self.lm, batch)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def values(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.critic_token_values(batch)[:, batch.prompt_len - 1 : -1]
+
+    @torch.no_grad()
+    def reward_scores(self, batch: SequenceBatch) -> torch.Tensor | None:
+        if self.reward_head is None:
+            return None
+        with self._adapter("reward"):
+            hidden = self._hidden(self.lm, batch)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, batch.last_token_positions]
+        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1)
+
+    def pretrain_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model, active = self._actor()
+        with active:
+            return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    @contextmanager
+    def generation_model(self) -> Iterator[Any]:
+        model, active = self._actor()
+        with active:
+            yield model
+
+    # -- parameters and saving --------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {name: [p for _, p in group] for name, group in self._trainable.items()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for group in self._trainable.values() for n, p in group}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        for group in self._trainable.values():
+            for name, param in group:
+                if name not in state:
+                    raise CheckpointError(f"checkpoint lacks {name}")
+                param.copy_(state[name])
+
+    def _save_adapter(self, name: str, directory: Path) -> None:
+        config = copy.deepcopy(self.lm.peft_config[name])
+        config.base_model_name_or_path = self.base_model_path
+        config.inference_mode = True
+        config.save_pretrained(str(directory))
+        state = get_peft_model_state_dict(self.lm, adapter_name=name)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS))
+
+    def save_actor(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.actor_full is not None:
+            self.actor_full.save_pretrained(str(directory), safe_serialization=True)
+        else:
+            self._save_adapter("actor", directory)
+
+    def save_critic(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.critic_full is not None:
+            self.critic_full.save_pretrained(str(directory), safe_serialization=True)
+        else:
+            self._save_adapter("critic", directory)
+        save_file({"weight": self.value_head.weight.detach().contiguous()}, str(directory / VALUE_HEAD))
+
+
+def _merge_lora_copy(base: torch.nn.Module, adapter: RewardAdapter) -> torch.nn.Module:
+    """A full copy of ``base`` with the reward LoRA merged in (a full-parameter critic from the RM)."""
+    peft = get_peft_model(copy.deepcopy(base), copy.deepcopy(adapter.config), adapter_name="merge")
+    set_peft_model_state_dict(peft, adapter.lora_state, adapter_name="merge")
+    return peft.merge_and_unload()
+
+
+def build_peft_policy_models(
+    sft_model_path: str,
+    *,
+    actor: LoraSpec,
+    critic: LoraSpec,
+    reward_adapter: RewardAdapter | None,
+    critic_init: str,
+    torch_dtype: str = "auto",
+    model_type: str | None = None,
+    trust_remote_code: bool = False,
+) -> PeftPolicyModels:
+    """Load the base once, freeze it, and attach the actor, critic and (shared) reward adapters.
+
+    ``reward_adapter`` is given only when it was trained on this same base. With ``critic_init="reward"``
+    and a reward adapter the critic starts as a copy of it (LoRA weights and score head).
+    """
+    base = load_causal_lm(
+        sft_model_path,
+        torch_dtype=torch_dtype,
+        model_type=model_type,
+        trust_remote_code=trust_remote_code,
+        merge_adapter=True,
+    )
+    base.requires_grad_(False)
+    hidden = base.config.hidden_size
+    from_reward = critic_init == "reward" and reward_adapter is not None
+    actor_full = copy.deepcopy(base).requires_grad_(True) if not actor.use_lora else None
+    critic_full = None
+    if not critic.use_lora:
+        critic_full = _merge_lora_copy(base, reward_adapter) if from_reward else copy.deepcopy(base)
+        critic_full.requires_grad_(True)
+
+    configs: dict[str, LoraConfig] = {}
+    if actor.use_lora:
+        configs["actor"] = build_lora_config(
+            base, rank=actor.rank, alpha=actor.alpha, dropout=actor.dropout, targets=actor.targets,
+            flag="--actor_lora_target",
+        )  # fmt: skip
+    if critic.use_lora:
+        configs["critic"] = build_lora_config(
+            base, rank=critic.rank, alpha=critic.alpha, dropout=critic.dropout, targets=critic.targets,
+            flag="--critic_lora_target",
+        )  # fmt: skip
+        if from_reward:
+            wanted = reward_adapter.config
+            logger.info(
+                "critic adapter starts from the reward adapter (r=%d, alpha=%s)", wanted.r, wanted.lora_alpha
+            )
+            configs["critic"] = copy.deepcopy(wanted)
+            configs["critic"].lora_dropout = critic.dropout
+            configs["critic"].inference_mode = False
+            if (critic.rank, critic.alpha) != (wanted.r, wanted.lora_alpha):
+                logger.warning("--critic_lora_rank/alpha replaced by the reward adapter's to copy it exactly")
+    if reward_adapter is not None:
+        configs["reward"] = reward_adapter.config
+
+    lm: torch.nn.Module = base
+    names = list(configs)
+    if names:
+        lm = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            lm.add_adapter(name, configs[name])
+    if reward_adapter is not None:
+        set_peft_model_state_dict(lm, reward_adapter.lora_state, adapter_name="reward")
+        if from_reward and critic.use_lora:
+            set_peft_model_state_dict(lm, reward_adapter.lora_state, adapter_name="critic")
+
+    value_head = torch.nn.Linear(hidden, 1, bias=False)
+    reward_head = None
+    if reward_adapter is not None:
+        reward_head = torch.nn.Linear(hidden, 1, bias=False).requires_grad_(False)
+        reward_head.weight.data.copy_(reward_adapter.score_weight)
+    if from_reward:
+        value_head.weight.data.copy_(reward_adapter.score_weight)
+    else:
+        torch.nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+    return PeftPolicyModels(lm, names, value_head, reward_head, actor_full, critic_full, sft_model_path)

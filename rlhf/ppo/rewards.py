@@ -1,0 +1,112 @@
+"""Reward sources: the reward adapter on the shared base, a separate reward model, or a rule function.
+
+Each scorer maps a batch of finished rollouts to one score per sequence; several are summed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlhf.errors import ConfigError
+from rlhf.ppo.batch import SequenceBatch, left_pad
+from rlhf.ppo.models import PolicyModels
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+class Scorer(Protocol):
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """One score per sequence: [B] float32 on the batch's device."""
+
+
+class AdapterScorer:
+    """The reward adapter and score head living on the shared base (``PolicyModels.reward_scores``)."""
+
+    def __init__(self, models: PolicyModels) -> None:
+        self.models = models
+
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.models.reward_scores(batch).float()
+
+
+class SequenceClassifierScorer:
+    """A separate frozen ``AutoModelForSequenceClassification`` (``--reward_model_path``, or a reward
+    adapter trained on another base), scored as the plain model scores (``logits[:, 0]``). With its own
+    tokenizer (``tokenizer`` given) the prompt and response text is re-tokenized, the EOS appended by id."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, tokenizer: Any = None) -> None:
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @torch.no_grad()
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+        else:
+            eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+            rows = [
+                self.tokenizer(p)["input_ids"]
+                + self.tokenizer(r, add_special_tokens=False)["input_ids"]
+                + eos
+                for p, r in zip(prompts, responses)
+            ]
+            seqs = SequenceBatch(*left_pad(rows, self.tokenizer.pad_token_id or 0), prompt_len=0)
+            ids, mask, positions = seqs.input_ids, seqs.attention_mask, seqs.position_ids
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device))  # fmt: skip
+        return out.logits[:, 0].float()
+
+
+class RuleScorer:
+    """A Python function ``fn(prompts, responses) -> list[float]`` on the decoded text."""
+
+    def __init__(self, fn: RewardFn, spec: str) -> None:
+        self.fn = fn
+        self.spec = spec
+
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        values = self.fn(prompts, responses)
+        if len(values) != len(responses):
+            raise ConfigError(f"--reward_fn {self.spec} returned {len(values)} scores for {len(responses)}")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=batch.input_ids.device)
+
+
+class SumScorer:
+    def __init__(self, scorers: list[Scorer]) -> None:
+        self.scorers = scorers
+
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return sum(s.score(batch, prompts, responses) for s in self.scorers)
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``path/to/file.py:fn`` or ``package.module:fn`` -> the function."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(f"--reward_fn {spec!r}: expected 'path/to/file.py:function' or 'module:function'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"--reward_fn {spec!r}: no such file {target}")
+            module_spec = importlib.util.spec_from_file_location(f"reward_fn_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise ConfigError(f"--reward_fn {spec!r}: cannot import {target} ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward_fn {spec!r}: {target} has no function {name!r}")
+    return fn
