@@ -134,17 +134,11 @@ def cases(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def world_of_one():
     """Model parallelism of size 1 in this process, torn down afterwards."""
-    import fairscale.nn.model_parallel.initialize as fs_init
-    import torch.distributed as dist
+    from rlhf.tp.distributed import init_model_parallel, shutdown
 
-    from rlhf.tp.distributed import init_model_parallel
-
-    created = not dist.is_initialized()
     init_model_parallel("gloo")
     yield
-    if created:
-        fs_init.destroy_model_parallel()
-        dist.destroy_process_group()
+    shutdown()
 
 
 CASE_NAMES = ["llama", "mistral", "mixtral", "qwen2", "tied_odd_vocab", "llama3_rope", "sliding_window"]

@@ -1,8 +1,8 @@
 """Splitting Hugging Face checkpoints into tensor-parallel shards and merging them back.
 
 A shard directory holds ``consolidated.00.pth`` ... ``consolidated.{N-1}.pth`` (one state dict per rank,
-shard key names), ``params.json`` (:func:`rlhf.tp.key_maps.params_dict`) and the tokenizer and other
-non-weight files of the source model, so it is self-contained.
+shard key names), ``params.json`` (:func:`rlhf.tp.key_maps.params_dict`), the source's ``config.json`` and
+its tokenizer and other non-weight files, so it is self-contained. ``params.json`` marks it as a shard dir.
 
 Memory: tensors stream one at a time from safetensors (or a memory-mapped pickle); a process only keeps
 the shards it writes, so the whole model is never held twice. Pickles load with ``weights_only=True``.
@@ -253,8 +253,9 @@ def write_shard(state: dict[str, torch.Tensor], directory: Path, rank: int) -> N
 
 
 def write_metadata(directory: Path, args: ModelArgs, n: int, hf_config: dict, aux_dir: Path | None) -> None:
-    """``params.json`` plus copies of the source's tokenizer files."""
+    """``params.json``, the source's config.json (tokenizer loaders read it) and its tokenizer files."""
     (directory / PARAMS).write_text(json.dumps(params_dict(args, n, hf_config), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for path in aux_files(aux_dir) if aux_dir is not None else []:
         shutil.copy2(path, directory / path.name)
 

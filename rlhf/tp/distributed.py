@@ -74,3 +74,11 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=0, group=fs_init.get_model_parallel_group())
     return tensor
+
+
+def shutdown() -> None:
+    """Tear down the model-parallel groups and the process group (e.g. between in-process tests)."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

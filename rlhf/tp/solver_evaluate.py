@@ -1,0 +1,210 @@
+"""GSM8K evaluation of a tensor-parallel solver.
+
+::
+
+    torchrun --nproc_per_node 8 -m rlhf.tp.solver_evaluate --task GSM8K --ckpt_dir /path/to/ckpt/ \\
+        --log_dir /path/to/log/ --label_file dataset/GSM8K/test.json --model_type llama-1-7b --max_batch_size 384
+    python -m rlhf.tp.solver_evaluate ...        # one process (TP=1), CPU or one GPU
+
+``--ckpt_dir`` is a shard dir (``checkpoint_split.py``, world size = shard count) or a plain HF model dir
+(optionally with ``--peft_path``, or an adapter dir), as the ``run_*`` scripts save. Greedy by default;
+``--temperature T --num_samples K`` samples K solutions per question. Writes ``log_dir/predictions.jsonl``
+(one row per question and sample) and ``log_dir/metrics.json``. See ``docs/tp.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlhf.args import parse_args, split_comma_list
+from rlhf.data import load_dataset_dir
+from rlhf.data.gsm8k import answers_match, extract_prediction
+from rlhf.errors import ConfigError, exit_on_user_error
+from rlhf.logging_setup import setup_logging
+from rlhf.models.loading import load_tokenizer
+from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main
+from rlhf.tp.generation import generate
+from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
+from rlhf.tp.prompt import gsm8k_prompt
+
+logger = logging.getLogger(__name__)
+TASKS = ("GSM8K",)
+
+
+@dataclass
+class SolverEvaluateArguments:
+    ckpt_dir: str = field(
+        metadata={"help": "shard dir (params.json + consolidated.NN.pth) or an HF model dir"}
+    )
+    log_dir: str = field(metadata={"help": "where predictions.jsonl and metrics.json are written"})
+    label_file: str = field(metadata={"help": "GSM8K questions with answers (.json/.jsonl file or dir)"})
+    task: str = field(default="GSM8K", metadata={"help": "benchmark (GSM8K)"})
+    model_type: str | None = field(
+        default=None, metadata={"help": "family or preset (llama, qwen2, llama-2-7b, qwen-72b, ...); checked"}
+    )
+    max_batch_size: int = field(default=32, metadata={"help": "prompts generated together"})
+    max_gen_len: int = field(default=256, metadata={"help": "new tokens per solution at most"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling threshold (with --temperature > 0)"}
+    )
+    num_samples: int = field(default=1, metadata={"help": "solutions per question (needs --temperature > 0)"})
+    stop: str | None = field(
+        default=None, metadata={"help": "comma-separated stop strings (default: EOS only)"}
+    )
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    peft_path: str | None = field(
+        default=None, metadata={"help": "LoRA adapter merged into an HF --ckpt_dir"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N questions"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the tokenizer's own code (Qwen)"})
+
+    def validate(self) -> None:
+        if self.task.upper() not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.max_batch_size < 1 or self.max_gen_len < 1:
+            raise ConfigError("--max_batch_size and --max_gen_len must be >= 1")
+        if self.num_samples < 1:
+            raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.num_samples > 1 and self.temperature <= 0:
+            raise ConfigError("--num_samples > 1 needs --temperature > 0 (greedy solutions are all the same)")
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to (not including) the first stop string."""
+    ends = [text.find(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def solve(
+    model, tokenizer, prompts: list[str], args: SolverEvaluateArguments, dev: torch.device
+) -> list[str]:
+    """Generated continuations (decoded, special tokens skipped) in the order of ``prompts``."""
+    stops = split_comma_list(args.stop) if args.stop else []
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
+    generator = torch.Generator(dev).manual_seed(args.seed)
+    outputs: list[str] = [""] * len(ids)
+    n_batches = math.ceil(len(ids) / args.max_batch_size)
+    for b in tqdm(range(n_batches), desc="solver_evaluate", disable=not is_main()):
+        chunk = order[b * args.max_batch_size : (b + 1) * args.max_batch_size]
+
+        def stop_fn(row: int, tokens: list[int]) -> bool:
+            return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
+
+        generation = generate(
+            model,
+            [ids[i] for i in chunk],
+            max_gen_len=args.max_gen_len,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            generator=generator,
+            stop_fn=stop_fn if stops else None,
+        )
+        for i, tokens in zip(chunk, generation.tokens):
+            outputs[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+    return outputs
+
+
+def score(
+    rows: list[dict], outputs: list[str], prompts: list[str], num_samples: int
+) -> tuple[list[dict], dict]:
+    """Prediction rows (question-major, then sample) and metrics; ``accuracy`` is the mean of ``correct``."""
+    predictions, majority_correct = [], []
+    for q, row in enumerate(rows):
+        votes = Counter()
+        for s in range(num_samples):
+            output = outputs[q * num_samples + s]
+            prediction = extract_prediction(output)
+            record = {
+                "question": row["question"],
+                "prompt": prompts[q],
+                "output": output,
+                "prediction": prediction or "",
+                "label": row["label"],
+                "correct": answers_match(prediction, row["label"]),
+            }
+            if num_samples > 1:
+                record["sample"] = s
+            predictions.append(record)
+            if prediction is not None:
+                votes[prediction] += 1
+        majority = votes.most_common(1)[0][0] if votes else None
+        majority_correct.append(answers_match(majority, row["label"]))
+    n = len(predictions)
+    metrics = {"accuracy": sum(r["correct"] for r in predictions) / n, "n": n, "n_questions": len(rows)}
+    if num_samples > 1:
+        metrics["majority_vote_accuracy"] = sum(majority_correct) / len(rows)
+    return predictions, metrics
+
+
+def write_outputs(log_dir: Path, predictions: list[dict], metrics: dict) -> None:
+    """predictions.jsonl and metrics.json, each written to a temp file and renamed."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
+    for name, text in (("predictions.jsonl", lines), ("metrics.json", json.dumps(metrics, indent=2) + "\n")):
+        tmp = log_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, log_dir / name)
+
+
+def evaluate(args: SolverEvaluateArguments) -> dict:
+    args.validate()
+    rows = list(load_dataset_dir(args.label_file, "gsm8k"))[: args.limit]
+    rank, world_size = init_model_parallel()
+    dev = device()
+    tokenizer = load_tokenizer(
+        args.peft_path or args.ckpt_dir, trust_remote_code=args.trust_remote_code, padding_side="left"
+    )
+    model = load_tp_model(
+        args.ckpt_dir,
+        rank=rank,
+        world_size=world_size,
+        device=dev,
+        dtype=resolve_tp_dtype(args.dtype, dev),
+        model_type=args.model_type,
+        peft_path=args.peft_path,
+    ).eval()
+    prompts = [gsm8k_prompt(row["question"]) for row in rows]
+    started = time.perf_counter()
+    outputs = solve(model, tokenizer, [p for p in prompts for _ in range(args.num_samples)], args, dev)
+    seconds = time.perf_counter() - started
+    predictions, metrics = score(rows, outputs, prompts, args.num_samples)
+    metrics.update(
+        questions_per_second=len(rows) / seconds,
+        tensor_parallel=world_size,
+        settings={k: v for k, v in asdict(args).items() if k not in ("log_dir",)},
+    )
+    if is_main():
+        write_outputs(Path(args.log_dir), predictions, metrics)
+        logger.info(
+            "GSM8K accuracy %.4f over %d solutions -> %s", metrics["accuracy"], metrics["n"], args.log_dir
+        )
+    barrier()
+    return metrics
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_args((SolverEvaluateArguments,), argv)
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

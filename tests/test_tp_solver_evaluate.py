@@ -1,0 +1,192 @@
+"""solver_evaluate: scoring, stop strings, HF dirs with adapters, sampling, errors, and TP=2 under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.tp.prompt import gsm8k_prompt
+from rlhf.tp.solver_evaluate import cut_at_stop, score
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+    {"question": "A shop sells 1,000 pens a day. How many in 2 days?", "answer": "2*1000=2000\n#### 2,000"},
+    {"question": "I love cats. How many legs do 2 cats have?", "answer": "2*4=8\n#### 8"},
+]
+
+
+def write_rows(path: Path, rows=ROWS) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_outputs(log_dir: Path) -> tuple[list[dict], dict]:
+    lines = (log_dir / "predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], json.loads((log_dir / "metrics.json").read_text())
+
+
+def hf_greedy(model_dir: Path, rows, max_new_tokens: int, adapter: Path | None = None) -> list[str]:
+    """What transformers' generate continues each prompt with (decoded, special tokens skipped)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    outputs = []
+    for row in rows:
+        ids = tokenizer(gsm8k_prompt(row["question"]), return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return outputs
+
+
+def test_score_extracts_answers_from_tricky_strings():
+    rows = [{"question": f"q{i}", "label": label} for i, label in enumerate(["1234", "5", "4.5", "7", "-3"])]
+    outputs = [
+        "so 1,000 + 234 = 1,234.\n#### 1,234",  # commas in the final answer
+        "It costs $2 each, so the answer is $5.",  # "the answer is" wins over the last number? both 5
+        "3 apples and 4.50 dollars",  # last number, trailing zero
+        "#### seven, I think 7",  # no number after ####: falls back to the last number
+        "The temperature is -3 degrees.",
+    ]
+    predictions, metrics = score(rows, outputs, [f"p{i}" for i in range(5)], num_samples=1)
+    assert [p["prediction"] for p in predictions] == ["1234", "5", "4.5", "7", "-3"]
+    assert all(p["correct"] for p in predictions)
+    wrong, _ = score([{"question": "q", "label": "12"}], ["no digits here"], ["p"], 1)
+    assert wrong[0]["prediction"] == "" and wrong[0]["correct"] is False
+    assert metrics == {"accuracy": 1.0, "n": 5, "n_questions": 5}
+
+
+def test_score_with_samples_reports_majority_vote():
+    rows = [{"question": "q0", "label": "4"}, {"question": "q1", "label": "9"}]
+    outputs = ["#### 4", "#### 5", "#### 4", "#### 1", "#### 2", "#### 9"]  # 3 samples per question
+    predictions, metrics = score(rows, outputs, ["p0", "p1"], num_samples=3)
+    assert [p["sample"] for p in predictions] == [0, 1, 2, 0, 1, 2]
+    assert metrics["accuracy"] == pytest.approx(3 / 6) and metrics["n"] == 6
+    assert metrics["majority_vote_accuracy"] == 0.5  # q0: 4 wins; q1: no majority for 9 (first seen, 1, wins)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("7\n#### 7\nQuestion: next", ["Question:", "\n\n"]) == "7\n#### 7\n"
+    assert cut_at_stop("no stop", ["Question:"]) == "no stop"
+
+
+@pytest.fixture
+def world_of_one():
+    from rlhf.tp.distributed import shutdown
+
+    yield
+    shutdown()
+
+
+def test_hf_dir_with_adapter_and_sampling(tiny_model_factory, tmp_path, world_of_one):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tp.solver_evaluate import main
+
+    base = tiny_model_factory("llama")
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    )
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a visible change of the greedy outputs
+    model.save_pretrained(tmp_path / "adapter")
+    data = write_rows(tmp_path / "test.jsonl")
+    log = tmp_path / "log"
+    common = ["--task", "GSM8K", "--label_file", str(data), "--max_gen_len", "12", "--max_batch_size", "2"]
+    main(common + ["--ckpt_dir", str(base), "--peft_path", str(tmp_path / "adapter"), "--log_dir", str(log)])
+    predictions, metrics = read_outputs(log)
+    expected = hf_greedy(base, ROWS, 12, adapter=tmp_path / "adapter")
+    assert [p["output"] for p in predictions] == expected
+    assert expected != hf_greedy(base, ROWS, 12)  # the adapter matters
+    assert [p["label"] for p in predictions] == ["7", "2000", "8"]
+    assert metrics["n"] == 3 and metrics["accuracy"] == sum(p["correct"] for p in predictions) / 3
+
+    sampled = tmp_path / "sampled"
+    main(
+        common
+        + ["--ckpt_dir", str(base), "--log_dir", str(sampled), "--temperature", "1.0", "--num_samples", "2"]
+    )
+    predictions, metrics = read_outputs(sampled)
+    assert len(predictions) == 6 and [p["sample"] for p in predictions[:2]] == [0, 1]
+    assert "majority_vote_accuracy" in metrics
+    assert len({p["output"] for p in predictions}) > 1
+
+
+def test_user_errors_exit_2(tiny_model_factory, tmp_path, world_of_one, capsys):
+    from rlhf.tp.solver_evaluate import main
+
+    data = write_rows(tmp_path / "test.jsonl")
+    base = [
+        "--label_file",
+        str(data),
+        "--log_dir",
+        str(tmp_path / "log"),
+        "--ckpt_dir",
+        str(tiny_model_factory()),
+    ]
+    cases = {
+        "--num_samples > 1 needs --temperature": ["--num_samples", "3"],
+        "--model_type qwen-7b expects a qwen checkpoint": ["--model_type", "qwen-7b"],
+        "--model_type llama-2-7b has dim 4096": ["--model_type", "llama-2-7b"],
+        "--task must be one of GSM8K": ["--task", "MATH"],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2, extra
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_on_shards_matches_transformers(tiny_model_factory, tmp_path):
+    import checkpoint_split
+
+    model_dir = tiny_model_factory("qwen2")
+    checkpoint_split.main(
+        ["--ckpt_file", str(model_dir), "--save_path", str(tmp_path / "shards"), "--n", "2"]
+    )
+    data = write_rows(tmp_path / "test.jsonl")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "rlhf.tp.solver_evaluate", "--task", "GSM8K", "--ckpt_dir", str(tmp_path / "shards")]
+    command += ["--log_dir", str(tmp_path / "log"), "--label_file", str(data), "--model_type", "qwen2"]
+    command += ["--max_batch_size", "2", "--max_gen_len", "10", "--stop", "Question:"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions, metrics = read_outputs(tmp_path / "log")
+    assert [p["question"] for p in predictions] == [r["question"] for r in ROWS]
+    assert [p["prompt"] for p in predictions] == [gsm8k_prompt(r["question"]) for r in ROWS]
+    assert [p["output"] for p in predictions] == [
+        cut_at_stop(o, ["Question:"]) for o in hf_greedy(model_dir, ROWS, 10)
+    ]
+    assert metrics["tensor_parallel"] == 2 and metrics["n"] == 3
+    assert metrics["accuracy"] == sum(p["correct"] for p in predictions) / 3
+
+
+@pytest.mark.real_data
+def test_real_gsm8k_rows(tiny_model_factory, tmp_path, world_of_one):
+    if not SHARED_GSM8K.is_file():
+        pytest.skip(f"{SHARED_GSM8K} is absent")
+    from rlhf.tp.solver_evaluate import main
+
+    metrics = main(
+        ["--ckpt_dir", str(tiny_model_factory()), "--label_file", str(SHARED_GSM8K), "--limit", "3",
+         "--log_dir", str(tmp_path / "log"), "--max_gen_len", "4"]
+    )  # fmt: skip
+    predictions, _ = read_outputs(tmp_path / "log")
+    assert predictions[0]["label"] == "18" and metrics["n"] == 3
