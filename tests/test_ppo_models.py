@@ -1,0 +1,168 @@
+"""The PEFT models bundle against plain transformers/peft, and the generation seam."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.generation import HFGenerator, SamplingConfig, response_mask_after_eos
+from rlhf.models import load_tokenizer
+from rlhf.ppo.batch import SequenceBatch, left_pad
+from rlhf.ppo.peft_models import LoraSpec, build_peft_policy_models, read_reward_adapter
+from rlhf.ppo.stats import logprobs_from_logits
+
+TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+
+
+def build_rm_adapter(base: Path, out: Path, seed: int = 0) -> Path:
+    """An RM adapter as run_rm_with_peft.py writes it: SEQ_CLS LoRA with the score head in modules_to_save
+    (random non-zero LoRA weights so the adapter matters)."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=8, lora_alpha=32, target_modules=TARGETS, modules_to_save=["score"],
+        init_lora_weights=False,
+    )  # fmt: skip
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm_adapter(tiny_llama, tmp_path_factory) -> Path:
+    return build_rm_adapter(tiny_llama, tmp_path_factory.mktemp("rm") / "rm")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama, rm_adapter):
+    m = build_peft_policy_models(
+        str(tiny_llama),
+        actor=LoraSpec(8, 32, 0.0, TARGETS),
+        critic=LoraSpec(8, 32, 0.0, TARGETS),
+        reward_adapter=read_reward_adapter(str(rm_adapter)),
+        critic_init="reward",
+    )
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llama) -> SequenceBatch:
+    """Two prompts of different lengths (left-padded) with responses of different lengths (right-padded)."""
+    tok = load_tokenizer(str(tiny_llama))
+    prompts = [tok("Tell me how you feel about cats.")["input_ids"], tok("Hi")["input_ids"]]
+    responses = [tok("I love cats.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [5, 6]]
+    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+    width = max(len(r) for r in responses)
+    resp = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
+    resp_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses])
+    return SequenceBatch(
+        torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), prompt_ids.shape[1]
+    )
+
+
+def unpadded_rows(batch: SequenceBatch) -> list[tuple[torch.Tensor, int]]:
+    """Each sequence without padding, with its prompt length."""
+    rows = []
+    for ids, mask in zip(batch.input_ids, batch.attention_mask):
+        real = ids[mask.bool()]
+        prompt_real = int(mask[: batch.prompt_len].sum())
+        rows.append((real, prompt_real))
+    return rows
+
+
+def test_reference_logprobs_equal_plain_base_model(models, batch, tiny_llama):
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ref = models.reference_logprobs(batch, temperature=0.7)
+    for i, (ids, prompt_len) in enumerate(unpadded_rows(batch)):
+        with torch.no_grad():
+            logits = plain(ids[None]).logits[0, prompt_len - 1 : -1]
+        expected = logprobs_from_logits(logits[None], ids[None, prompt_len:], 0.7)[0]
+        n = expected.shape[0]
+        torch.testing.assert_close(ref[i, :n], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_actor_equals_reference(models, batch):
+    actor, _ = models.policy_logprobs(batch, 1.0)
+    torch.testing.assert_close(actor, models.reference_logprobs(batch, 1.0))
+
+
+def test_reward_adapter_equals_plain_peft_rm(models, batch, tiny_llama, rm_adapter):
+    plain = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    plain = PeftModel.from_pretrained(plain, rm_adapter).eval()
+    scores = models.reward_scores(batch)
+    assert scores.abs().max() > 1e-3  # the adapter is not a no-op
+    for i, (ids, _) in enumerate(unpadded_rows(batch)):
+        with torch.no_grad():
+            expected = plain(ids[None]).logits[0, 0]
+        torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_critic_from_reward_predicts_rm_score(models, batch):
+    values = models.critic_token_values(batch)
+    rows = torch.arange(values.shape[0])
+    torch.testing.assert_close(values[rows, batch.last_token_positions], models.reward_scores(batch))
+    assert models.values(batch).shape == batch.response_ids.shape
+
+
+def test_only_actor_and_critic_train(models):
+    groups = models.parameter_groups()
+    assert groups["actor"] and groups["critic"]
+    trainable = {id(p) for g in groups.values() for p in g}
+    for name, p in models.named_parameters():
+        assert p.requires_grad == (id(p) in trainable), name
+        if id(p) in trainable:
+            assert ".actor." in name or ".critic." in name or name.startswith("value_head"), name
+    with models._adapter(None):  # PEFT flips requires_grad; the bundle restores it
+        pass
+    assert all(p.requires_grad for g in groups.values() for p in g)
+
+
+def test_saved_actor_loads_with_plain_peft(models, batch, tiny_llama, tmp_path):
+    with torch.no_grad():
+        for p in models.parameter_groups()["actor"]:
+            p.add_(0.01 * torch.randn_like(p))
+    models.save_actor(tmp_path / "actor")
+    models.save_critic(tmp_path / "critic")
+    assert (tmp_path / "critic" / "value_head.safetensors").is_file()
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "actor"
+    ).eval()
+    ours, _ = models.policy_logprobs(batch, 1.0)
+    for i, (ids, prompt_len) in enumerate(unpadded_rows(batch)):
+        with torch.no_grad():
+            logits = plain(input_ids=ids[None]).logits[0, prompt_len - 1 : -1]
+        expected = logprobs_from_logits(logits[None], ids[None, prompt_len:])[0]
+        torch.testing.assert_close(ours[i, : expected.shape[0]].detach(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, models.reference_logprobs(batch, 1.0))
+
+
+def test_full_parameter_actor_and_sft_critic(tiny_llama, batch):
+    m = build_peft_policy_models(
+        str(tiny_llama), actor=LoraSpec(-1, 0, 0, []), critic=LoraSpec(4, 8, 0.0, ["q_proj"]),
+        reward_adapter=None, critic_init="sft",
+    ).eval()  # fmt: skip
+    n_base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+    assert sum(p.numel() for p in m.parameter_groups()["actor"]) == n_base
+    assert m.reward_scores(batch) is None
+    torch.testing.assert_close(m.policy_logprobs(batch, 1.0)[0], m.reference_logprobs(batch, 1.0))
+
+
+def test_response_mask_after_eos_ignores_pad_equal_to_eos():
+    ids = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 9, 9]])
+    assert response_mask_after_eos(ids, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_hf_generator_honours_lengths_and_masks(models, tiny_llama):
+    tok = load_tokenizer(str(tiny_llama))
+    prompt_ids, prompt_mask = left_pad([tok("Hi")["input_ids"], tok("Tell me about cats.")["input_ids"]], 0)
+    sampling = SamplingConfig(
+        max_new_tokens=7, min_new_tokens=3, eos_token_id=tok.eos_token_id, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    out = HFGenerator(models.generation_model, sampling).generate(prompt_ids, prompt_mask)
+    assert out.response_ids.shape[0] == 2 and 3 <= out.response_ids.shape[1] <= 7
+    assert (out.response_mask.sum(1) >= 3).all()
+    assert (out.response_ids[out.response_mask == 0] == 0).all()
