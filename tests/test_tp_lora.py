@@ -1,0 +1,190 @@
+"""LoRA on TP layers: equals peft's LoRA at world size 1, is world-size invariant (torchrun, 2 ranks), trains,
+and merges into the shards without changing the outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKED = {  # LoRA weight -> split dim of its gradient across ranks (None: replicated)
+    "layers.0.attention.wq.lora_A.weight": None,  # column layer: A replicated
+    "layers.0.attention.wq.lora_B.weight": 0,  # column layer: B split on the output
+    "layers.1.feed_forward.w2.lora_A.weight": 1,  # row layer: A split on the input
+    "layers.1.feed_forward.w2.lora_B.weight": None,  # row layer: B replicated
+}
+
+
+def fill_b(model, seed: int = 1) -> None:
+    """Give every B non-zero values drawn at full size (the same adapter at any world size)."""
+    import fairscale.nn.model_parallel.initialize as fs_init
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+
+    from rlhf.tp.lora import lora_layers
+
+    rank, world_size = fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+    for index, layer in enumerate(lora_layers(model).values()):
+        g = torch.Generator().manual_seed(seed * 1000 + index)
+        full = torch.randn(layer.out_features, layer.lora_B.weight.shape[1], generator=g) * 0.1
+        local = full.chunk(world_size, dim=0)[rank] if isinstance(layer, ColumnParallelLinear) else full
+        with torch.no_grad():
+            layer.lora_B.weight.copy_(local)
+
+
+def batch(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    enc = tokenizer(["I love cats and dogs.", "The weather is nice"], return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def loss_of(logits, ids, mask) -> torch.Tensor:
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100
+    )
+
+
+def run_lora(model_dir: Path, rank: int, world_size: int) -> dict:
+    """Logits and LoRA gradients with a fixed adapter, then the logits after merging it."""
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, merge_lora
+
+    ids, mask = batch(model_dir)
+    model = load_tp_model(str(model_dir), rank=rank, world_size=world_size, device=torch.device("cpu"))
+    apply_lora(model, r=4, alpha=8, targets=["all"])
+    fill_b(model)
+    logits = model(ids, mask)
+    loss_of(logits, ids, mask).backward()
+    params = dict(model.named_parameters())
+    grads = {key: params[key].grad.clone() for key in CHECKED}
+    assert merge_lora(model) == 14
+    with torch.no_grad():
+        merged = model(ids, mask)
+    return {"logits": logits.detach(), "merged": merged, "grads": grads, "keys": sorted(model.state_dict())}
+
+
+@pytest.fixture
+def world_of_one():
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+
+    init_model_parallel("gloo")
+    yield
+    shutdown()
+
+
+def test_matches_peft_lora_and_merges(tiny_model_factory, world_of_one):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import HF_TARGETS, apply_lora, lora_layers, merge_lora
+
+    model_dir = tiny_model_factory("llama")
+    ids, mask = batch(model_dir)
+    ours = load_tp_model(str(model_dir), rank=0, world_size=1, device=torch.device("cpu"))
+    plain_keys = sorted(ours.state_dict())
+    names = apply_lora(ours, r=4, alpha=8, targets=list(HF_TARGETS))  # Hugging Face names are accepted
+    assert len(names) == 14
+    fill_b(ours)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(HF_TARGETS), lora_dropout=0.0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    hf_names = {v: k for k, v in HF_TARGETS.items()}
+    peft_params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            _, i, block, proj = name.split(".")
+            sub = "self_attn" if block == "attention" else "mlp"
+            prefix = f"base_model.model.model.layers.{i}.{sub}.{hf_names[proj]}"
+            peft_params[f"{prefix}.lora_A.default.weight"].copy_(layer.lora_A.weight)
+            peft_params[f"{prefix}.lora_B.default.weight"].copy_(layer.lora_B.weight)
+    expected = peft_model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask)[real], expected[real], atol=2e-5, rtol=1e-4)
+        merge_lora(ours)
+        torch.testing.assert_close(ours(ids, mask)[real], expected[real], atol=2e-5, rtol=1e-4)
+    assert sorted(ours.state_dict()) == plain_keys
+
+
+def test_lora_trains_only_the_adapter(tiny_model_factory, world_of_one):
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_state_dict
+
+    model_dir = tiny_model_factory("qwen2")
+    ids, mask = batch(model_dir)
+    model = load_tp_model(str(model_dir), rank=0, world_size=1, device=torch.device("cpu"))
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, r=8, alpha=16, targets=["q_proj", "v_proj", "w2"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = loss_of(model(ids, mask), ids, mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert len(lora_state_dict(model)) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
+
+
+def test_bad_targets_are_user_errors(tiny_model_factory, world_of_one):
+    from rlhf.errors import ConfigError
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora
+
+    model = load_tp_model(str(tiny_model_factory("llama")), rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not a TP projection"):
+        apply_lora(model, r=4, alpha=8, targets=["c_attn"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        apply_lora(model, r=0, alpha=8)
+
+
+@pytest.mark.slow
+def test_world_size_2_lora_equals_world_size_1(tiny_model_factory, tmp_path, world_of_one):
+    model_dir = tiny_model_factory("llama")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [__file__, str(model_dir), str(tmp_path / "tp2.pt")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
+    tp1 = run_lora(model_dir, 0, 1)
+    real = batch(model_dir)[1].bool()
+    torch.testing.assert_close(tp2["logits"][real], tp1["logits"][real], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tp2["merged"][real], tp1["logits"][real], atol=2e-5, rtol=1e-4)
+    for key in CHECKED:
+        torch.testing.assert_close(tp2["grads"][key], tp1["grads"][key], atol=1e-5, rtol=1e-4, msg=key)
+    assert tp2["keys"] == tp1["keys"]
+
+
+def worker(model_dir: Path, out: Path) -> None:
+    """torchrun entry: the LoRA run at world size 2; rank 0 saves it with gradients gathered to full size."""
+    import torch.distributed as dist
+
+    from rlhf.tp.distributed import init_model_parallel
+
+    rank, world_size = init_model_parallel("gloo")
+    result = run_lora(model_dir, rank, world_size)
+    for key, dim in CHECKED.items():
+        pieces = [torch.empty_like(result["grads"][key]) for _ in range(world_size)]
+        dist.all_gather(pieces, result["grads"][key].contiguous())
+        assert dim is not None or torch.equal(pieces[0], pieces[1]), f"{key}: replicated grads differ"
+        result["grads"][key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))
