@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.errors import CheckpointError, ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKED = {  # LoRA weight -> split dim of its gradient across ranks (None: replicated)
     "layers.0.attention.wq.lora_A.weight": None,  # column layer: A replicated
@@ -138,8 +140,37 @@ def test_lora_trains_only_the_adapter(tiny_model_factory, world_of_one):
     assert len(lora_state_dict(model)) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
 
 
+def test_merged_model_saves_as_shards_that_merge_to_hf(tiny_model_factory, tmp_path, world_of_one):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tp.checkpoint import merge_to_dir, read_params, save_model_shards
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, merge_lora
+
+    model_dir = tiny_model_factory("mixtral")
+    ids, mask = batch(model_dir)
+    model = load_tp_model(str(model_dir), rank=0, world_size=1, device=torch.device("cpu"))
+    apply_lora(model, r=4, alpha=8)
+    fill_b(model)
+    with torch.no_grad():
+        expected = model(ids, mask)
+    with pytest.raises(CheckpointError, match="merge the LoRA weights"):
+        save_model_shards(model, tmp_path / "shards", model_dir)
+    merge_lora(model)
+    save_model_shards(model, tmp_path / "shards", model_dir)
+    assert read_params(tmp_path / "shards")["head"] == "lm"
+    reloaded = load_tp_model(str(tmp_path / "shards"), rank=0, world_size=1, device=torch.device("cpu"))
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, mask)[real], expected[real], atol=2e-5, rtol=1e-4)
+    merge_to_dir(tmp_path / "shards", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
 def test_bad_targets_are_user_errors(tiny_model_factory, world_of_one):
-    from rlhf.errors import ConfigError
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.lora import apply_lora
 

@@ -419,3 +419,44 @@ def merge_to_dir(
     publish(tmp, save_path)
     logger.info("merged %s into %s", shard_dir, save_path)
     return args
+
+
+def source_hf_config(ckpt_dir: str | os.PathLike) -> dict:
+    """The original config.json of a shard dir (from params.json) or of an HF model dir."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / PARAMS).is_file():
+        return read_params(ckpt_dir)["hf_config"]
+    return read_hf_config(ckpt_dir)[0]
+
+
+def save_model_shards(
+    model: torch.nn.Module, save_path: str | os.PathLike, source_dir: str | os.PathLike, head: str = "lm"
+) -> None:
+    """Save a running TP model as a shard dir: each rank writes its shard, rank 0 ``params.json`` + tokenizer.
+
+    Call on every rank, after :func:`rlhf.tp.lora.merge_lora` when the model carries LoRA weights.
+    ``source_dir`` (the dir the model was loaded from) supplies config.json and the tokenizer files;
+    ``head`` ("lm" or "scalar") is recorded in ``params.json``. Written to a staging dir, then renamed.
+    """
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    from rlhf.tp.distributed import barrier
+
+    save_path = Path(save_path)
+    rank, world_size = fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    if any(".lora_" in k for k in state):
+        raise CheckpointError("merge the LoRA weights (rlhf.tp.lora.merge_lora) before saving shards")
+    tmp = staging_dir(save_path)
+    if rank == 0:
+        prepare_output(save_path, overwrite=True)
+    barrier()
+    write_shard(state, tmp, rank)
+    barrier()
+    if rank == 0:
+        write_metadata(tmp, model.args, world_size, source_hf_config(source_dir), Path(source_dir))
+        params = json.loads((tmp / PARAMS).read_text())
+        (tmp / PARAMS).write_text(json.dumps({**params, "head": head}, indent=2) + "\n")
+        publish(tmp, save_path)
+        logger.info("saved %d shards to %s", world_size, save_path)
+    barrier()
