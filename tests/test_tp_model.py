@@ -18,11 +18,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["I love cats.", "How do you feel about the weather today? I think", "x"]
 GEN_LEN = 12
-GRAD_KEYS = {  # shard key -> HF key, split dim: the gradients compared at world size 2
-    "layers.0.attention.wq.weight": ("model.layers.0.self_attn.q_proj.weight", 0),
-    "layers.1.attention.wo.weight": ("model.layers.1.self_attn.o_proj.weight", 1),
-    "layers.0.attention_norm.weight": ("model.layers.0.input_layernorm.weight", None),
+GRAD_KEYS = {  # shard key -> (HF parameter, its part for this key, split dim across ranks)
+    "layers.0.attention.wq.weight": ("model.layers.0.self_attn.q_proj.weight", None, 0),
+    "layers.1.attention.wo.weight": ("model.layers.1.self_attn.o_proj.weight", None, 1),
+    "layers.0.attention_norm.weight": ("model.layers.0.input_layernorm.weight", None, None),
+    # mixtral: the replicated router and one expert (transformers 5 fuses experts in memory)
+    "layers.0.feed_forward.gate.weight": ("model.layers.0.mlp.gate.weight", None, None),
+    "layers.0.feed_forward.experts.1.w1.weight": ("model.layers.0.mlp.experts.gate_up_proj", "gate_1", 0),
+    "layers.0.feed_forward.experts.1.w2.weight": ("model.layers.0.mlp.experts.down_proj", "expert_1", 1),
 }
+PARTS = {"gate_1": lambda g: g[1].chunk(2)[0], "expert_1": lambda g: g[1]}
 
 
 def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
@@ -50,7 +55,10 @@ def hf_reference(model_dir: Path, prompts: list[str] = PROMPTS) -> dict:
     logits = model(input_ids=ids, attention_mask=mask).logits
     lm_loss(logits, ids, mask).backward()
     params = dict(model.named_parameters())
-    grads = {ours: params[hf].grad for ours, (hf, _) in GRAD_KEYS.items()}
+    grads = {}
+    for ours, (hf, part, _) in GRAD_KEYS.items():
+        if hf in params:
+            grads[ours] = PARTS[part](params[hf].grad) if part else params[hf].grad
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GEN_LEN, do_sample=False)
     eos = tokenizer.eos_token_id
@@ -72,7 +80,10 @@ def run_tp(ckpt_dir: Path, rank: int, world_size: int, prompts: list[str] = PROM
     logits = model(ids, mask)
     lm_loss(logits, ids, mask).backward()
     params = dict(model.named_parameters())
-    grads = {key: params[key].grad for key in GRAD_KEYS}
+    grads = {}
+    for key in GRAD_KEYS:
+        if key in params:  # an expert no token was routed to has no gradient: zero, as in transformers
+            grads[key] = params[key].grad if params[key].grad is not None else torch.zeros_like(params[key])
     generation = generate(
         model, prompt_ids, max_gen_len=GEN_LEN, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id
     )
@@ -84,6 +95,7 @@ def assert_matches(ours: dict, ref: dict, grads: bool = True) -> None:
     torch.testing.assert_close(ours["logits"][real], ref["logits"][real], atol=2e-5, rtol=1e-4)
     assert ours["tokens"] == ref["tokens"]
     if grads:
+        assert sorted(ours["grads"]) == sorted(ref["grads"])
         for key, grad in ours["grads"].items():
             torch.testing.assert_close(grad, ref["grads"][key], atol=1e-5, rtol=1e-4, msg=key)
 
@@ -193,7 +205,8 @@ def worker(root: Path) -> None:
     for case in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
         result = run_tp(case, rank, world_size)
         grads = {}
-        for key, (_, dim) in GRAD_KEYS.items():
+        for key in result["grads"]:
+            dim = GRAD_KEYS[key][2]
             pieces = [torch.empty_like(result["grads"][key]) for _ in range(world_size)]
             dist.all_gather(pieces, result["grads"][key].contiguous())
             grads[key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
