@@ -9,6 +9,7 @@ the same as DDP's: every process steps with the mean gradient and the replicas s
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
@@ -33,6 +34,7 @@ class AccelerateBackend:
     ) -> None:
         kwargs = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # CPU processes under torchrun need this to join a gloo group
             mixed_precision=mixed_precision,
             kwargs_handlers=kwargs,
             log_with=_trackers(report_to or []) or None,
@@ -42,6 +44,9 @@ class AccelerateBackend:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self._trackers = False
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world_size:
+            raise RuntimeError(f"WORLD_SIZE={launched} but Accelerate joined {self.world_size} process(es)")
 
     @property
     def is_main(self) -> bool:

@@ -197,13 +197,13 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     backend.backward(ppo.critic_loss_weight * value.loss / accumulation)
     buffer.cursor += 1
     return {
-        "loss/policy": float(policy.loss),
-        "loss/value": float(value.loss),
-        "loss/pretrain": float(pretrain),
+        "loss/policy": policy.loss.item(),
+        "loss/value": value.loss.item(),
+        "loss/pretrain": pretrain.item(),
         "loss/pretrain_weight": w_pt,
         "policy/clipfrac": float(policy.clipfrac),
         "policy/approxkl": float(policy.approxkl),
-        "policy/entropy": float(entropy_mean),
+        "policy/entropy": entropy_mean.item(),
         "value/clipfrac": float(value.clipfrac),
     }
 

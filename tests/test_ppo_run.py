@@ -1,0 +1,224 @@
+"""run_ppo_with_peft.py end to end: the reference command, learning, bit-exact resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_ppo_models import build_rm_adapter
+from transformers import AutoModelForCausalLM
+
+import run_ppo_with_peft
+from rlhf.data import load_dataset_dir, tokenize_prompt
+from rlhf.models import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+METRIC_KEYS = [
+    "step", "reward/score", "reward/score_std", "objective/kl", "objective/rlhf_reward", "loss/policy",
+    "loss/value", "loss/pretrain", "policy/clipfrac", "policy/approxkl", "policy/entropy", "value/clipfrac",
+    "value/explained_variance", "response/length_mean", "response/eos_frac", "lr/actor", "lr/critic",
+    "time/rollout_s", "time/train_s", "samples_per_s",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and other tests share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rm_adapter(tiny_llama, tmp_path_factory) -> Path:
+    return build_rm_adapter(tiny_llama, tmp_path_factory.mktemp("ppo-rm") / "rm")
+
+
+def reference_command(sft: Path, rm: Path, out: Path) -> list[str]:
+    """Step 3 of the peft-rlhf README, verbatim but for the paths."""
+    return [
+        "--model_type", "llama", "--sft_model_path", str(sft), "--reward_lora_path", str(rm),
+        "--dataset_dir", str(REPO / "sft_data"), "--pretrain_dataset_dir", str(REPO / "pt_data"),
+        "--per_device_train_batch_size", "2", "--per_device_mini_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--do_train", "--num_train_epochs", "1", "--seed", "512",
+        "--lr_scheduler_type", "cosine", "--actor_lr", "1e-4", "--critic_lr", "1e-4", "--logging_steps", "10",
+        "--save_steps", "10", "--dataloader_num_workers", "16", "--output_dir", str(out / "actor"),
+        "--critic_output_dir", str(out / "critic"), "--actor_lora_rank", "8", "--actor_lora_alpha", "32",
+        "--actor_lora_target", TARGETS, "--actor_lora_dropout", "0.05", "--critic_lora_rank", "8",
+        "--critic_lora_alpha", "32", "--critic_lora_target", TARGETS, "--critic_lora_dropout", "0.05",
+        "--max_prompt_length", "256", "--max_response_length", "256", "--ppo_epochs", "1", "--gamma", "1",
+        "--lam", "0.95", "--kl_penalty_beta", "0.02", "--reward_score_clip", "10", "--value_clip", "0.2",
+        "--ratio_clip", "0.2", "--actor_loss_weight", "1", "--critic_loss_weight", "2",
+        "--pretrain_loss_weight", "0.1", "--pretrain_warmup_steps", "500", "--report_to", "wandb",
+        "--torch_dtype", "float16", "--fp16",
+    ]  # fmt: skip
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+@pytest.mark.slow
+def test_reference_command_under_accelerate_launch(tiny_llama, rm_adapter, tmp_path):
+    argv = reference_command(tiny_llama, rm_adapter, tmp_path)
+    argv += ["--max_steps", "2", "--logging_steps", "1", "--save_steps", "2", "--max_response_length", "48"]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "default_config.yaml"]
+    proc = subprocess.run(
+        cmd + ["run_ppo_with_peft.py", *argv], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    actor, critic = tmp_path / "actor", tmp_path / "critic"
+    assert (actor / "adapter_model.safetensors").is_file() and (actor / "tokenizer.json").is_file()
+    assert (critic / "adapter_model.safetensors").is_file() and (critic / "value_head.safetensors").is_file()
+    assert (actor / "checkpoint-2" / "optimizer.pt").is_file()
+    assert not list(actor.glob("*.tmp"))
+    lines = read_metrics(actor / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(key in lines[0] for key in METRIC_KEYS)
+    assert "optimizer steps" in proc.stderr and "--fp16 needs a GPU" in proc.stderr
+    assert list((actor / "wandb").glob("offline-run-*")), "wandb logs offline into the output dir"
+    # the actor moved away from the SFT model, the frozen base did not change
+    weights = load_file(actor / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def sft_tiny_model(base: Path, out: Path, steps: int = 150) -> Path:
+    """A short full-parameter SFT pass (plain torch loop) so the random tiny model writes sentences."""
+    tokenizer = load_tokenizer(str(base))
+    examples = []
+    for row in load_dataset_dir(str(REPO / "sft_data"), "sft"):
+        prompt = tokenize_prompt(row, tokenizer)
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        examples.append((prompt + response, [-100] * len(prompt) + response))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        rows = [examples[i] for i in torch.randint(len(examples), (32,)).tolist()]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_policy_learns_rule_reward(tiny_llama, tmp_path):
+    sft = sft_tiny_model(tiny_llama, tmp_path / "sft")
+    out = tmp_path / "ppo"
+    run_ppo_with_peft.main([
+        "--sft_model_path", str(sft), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out),
+        "--per_device_train_batch_size", "16", "--per_device_mini_train_batch_size", "8", "--ppo_epochs", "2",
+        "--max_response_length", "16", "--max_steps", "48", "--logging_steps", "4", "--save_steps", "1000",
+        "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--kl_penalty_beta", "0.02", "--seed", "1",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    scores = [m["reward/score"] for m in read_metrics(out / "metrics.jsonl")]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    # positivity_reward is in [-2, 2]; the SFT model answers half positively, half negatively
+    assert last > first + 0.7 and last > 1.0, scores
+
+
+def resume_argv(sft: Path, rm: Path, out: Path) -> list[str]:
+    return [
+        "--sft_model_path", str(sft), "--reward_lora_path", str(rm), "--dataset_dir", str(REPO / "sft_data"),
+        "--pretrain_dataset_dir", str(REPO / "pt_data"), "--block_size", "32", "--pretrain_warmup_steps", "2",
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--per_device_mini_train_batch_size", "2",
+        "--ppo_epochs", "3", "--gradient_accumulation_steps", "4", "--max_response_length", "12",
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "3", "--lr_scheduler_type", "cosine",
+        "--actor_lora_target", "q_proj,v_proj", "--critic_lora_target", "q_proj,v_proj", "--seed", "3",
+        "--target_kl", "0.01", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(tiny_llama, rm_adapter, tmp_path):
+    """A checkpoint taken inside a rollout (6 mini-batches per rollout, 4 per step), with dropout,
+    pretraining batches, an adaptive KL coefficient and metrics pending between logs."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_ppo_with_peft.main(resume_argv(tiny_llama, rm_adapter, full))
+    assert (full / "checkpoint-2" / "rank_0" / "buffer.safetensors").is_file()  # mid-rollout
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")  # holds step 3 too: must be dropped
+    run_ppo_with_peft.main(
+        resume_argv(tiny_llama, rm_adapter, resumed)
+        + ["--resume_from_checkpoint", str(resumed / "checkpoint-2")]
+    )
+    for name in (
+        "adapter_model.safetensors",
+        "critic/adapter_model.safetensors",
+        "critic/value_head.safetensors",
+    ):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [3]
+    for key in METRIC_KEYS:
+        if not key.startswith(("time/", "samples_per_s")):
+            assert a[0][key] == b[0][key], key
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(tiny_llama, rm_adapter, tmp_path):
+    out = tmp_path / "ddp"
+    argv = resume_argv(tiny_llama, rm_adapter, out)
+    argv[argv.index("--max_steps") + 1] = "2"
+    argv[argv.index("--logging_steps") + 1] = "1"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "run_ppo_with_peft.py",
+        *argv,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stderr
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "rank_0" / "rng.pt").is_file() and (checkpoint / "rank_1" / "rng.pt").is_file()
+    lines = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert lines[-1]["rollouts"] >= 1 and (out / "critic" / "value_head.safetensors").is_file()
+
+
+def test_bad_reward_fn_and_non_finite_reward_exit_with_one_line(tiny_llama, tmp_path, capsys):
+    base = ["--sft_model_path", str(tiny_llama), "--dataset_dir", str(REPO / "sft_data"),
+            "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--max_response_length", "4",
+            "--disable_tqdm", "true"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(base + ["--reward_fn", "rlhf.toy:no_such_function"])
+    assert exc.value.code == 2 and "no function 'no_such_function'" in capsys.readouterr().err
+    nan_fn = tmp_path / "nan_reward.py"
+    nan_fn.write_text("def score(prompts, responses):\n    return [float('nan')] * len(responses)\n")
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(base + ["--reward_fn", f"{nan_fn}:score"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "non-finite" in err and "at step 1" in err
