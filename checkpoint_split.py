@@ -3,8 +3,11 @@
 Split (one file of any dict of tensors, with config.json and the tokenizer next to it, or an HF model dir)::
 
     python checkpoint_split.py --ckpt_file /path/to/checkpoint.bin --save_path /path/to/save/ --n 8
-    torchrun checkpoint_split.py --ckpt_file /path/to/model_dir --save_path /path/to/save/ --n 8
-    torchrun --nproc_per_node 4 checkpoint_split.py ...   # 4 processes share the 8 shards
+    torchrun checkpoint_split.py --ckpt_file /path/to/model_dir --save_path /path/to/save/ -n 8
+    torchrun --nproc_per_node 4 checkpoint_split.py ... -n 8   # 4 processes share the 8 shards
+
+(torchrun's own parser on Python 3.11 rejects ``--n`` as an ambiguous abbreviation of its flags: under
+torchrun, spell it ``-n``.)
 
 writes ``consolidated.00.pth`` ... ``consolidated.07.pth``, ``params.json`` and the tokenizer files.
 
@@ -35,7 +38,13 @@ class SplitArguments:
             "help": "checkpoint to split: a .bin/.pth/.safetensors file (any dict of tensors) or an HF dir"
         },
     )
-    n: int = field(default=1, metadata={"help": "number of shards (the tensor-parallel world size)"})
+    n: int = field(
+        default=1,
+        metadata={
+            "help": "number of shards (the tensor-parallel world size); -n under torchrun",
+            "aliases": ["-n"],
+        },
+    )
     config_dir: str | None = field(
         default=None,
         metadata={"help": "dir with config.json and the tokenizer (default: the checkpoint's own dir)"},

@@ -252,3 +252,31 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
         main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
     main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "1", "--overwrite"])
     assert json.loads((tmp_path / "s2" / "params.json").read_text())["n_shards"] == 1
+
+
+@pytest.mark.slow
+def test_split_under_torchrun_with_two_processes(tiny_model_factory, tmp_path):
+    """Two torchrun processes share the shards (``-n``: torchrun's own parser takes ``--n`` on Python 3.11)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tiny_model_factory("mixtral")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [
+        str(repo / "checkpoint_split.py"),
+        "--ckpt_file",
+        str(source),
+        "--save_path",
+        str(tmp_path / "s"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command + ["-n", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split_main()(["--ckpt_file", str(source), "--save_path", str(tmp_path / "ref"), "--n", "2"])
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        a = torch.load(tmp_path / "s" / name, weights_only=True)
+        b = torch.load(tmp_path / "ref" / name, weights_only=True)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".*"))  # no staging dir left behind
