@@ -54,7 +54,8 @@ def loss_of(logits, ids, mask) -> torch.Tensor:
 
 
 def run_lora(model_dir: Path, rank: int, world_size: int) -> dict:
-    """Logits and LoRA gradients with a fixed adapter, then the logits after merging it."""
+    """Logits, LoRA gradients and their norm with a fixed adapter, then the logits after merging it."""
+    from rlhf.tp.distributed import clip_grad_norm
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.lora import apply_lora, merge_lora
 
@@ -66,10 +67,17 @@ def run_lora(model_dir: Path, rank: int, world_size: int) -> dict:
     loss_of(logits, ids, mask).backward()
     params = dict(model.named_parameters())
     grads = {key: params[key].grad.clone() for key in CHECKED}
+    norm = clip_grad_norm(model)  # over the LoRA gradients, split ones summed over ranks
     assert merge_lora(model) == 14
     with torch.no_grad():
         merged = model(ids, mask)
-    return {"logits": logits.detach(), "merged": merged, "grads": grads, "keys": sorted(model.state_dict())}
+    return {
+        "logits": logits.detach(),
+        "merged": merged,
+        "grads": grads,
+        "keys": sorted(model.state_dict()),
+        "norm": norm,
+    }
 
 
 @pytest.fixture
@@ -170,6 +178,23 @@ def test_merged_model_saves_as_shards_that_merge_to_hf(tiny_model_factory, tmp_p
     torch.testing.assert_close(logits[real], expected[real], atol=2e-5, rtol=1e-4)
 
 
+def test_clip_grad_norm_matches_torch_at_world_size_1(tiny_model_factory, world_of_one):
+    from rlhf.tp.distributed import clip_grad_norm
+    from rlhf.tp.loading import load_tp_model
+
+    model_dir = tiny_model_factory("mixtral")
+    ids, mask = batch(model_dir)
+    model = load_tp_model(str(model_dir), rank=0, world_size=1, device=torch.device("cpu"))
+    loss_of(model(ids, mask), ids, mask).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert clip_grad_norm(model, max_norm=0.1) == pytest.approx(float(expected), rel=1e-5)
+    clipped = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    )
+    assert float(clipped) == pytest.approx(0.1, rel=1e-3)
+
+
 def test_bad_targets_are_user_errors(tiny_model_factory, world_of_one):
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.lora import apply_lora
@@ -197,6 +222,7 @@ def test_world_size_2_lora_equals_world_size_1(tiny_model_factory, tmp_path, wor
     for key in CHECKED:
         torch.testing.assert_close(tp2["grads"][key], tp1["grads"][key], atol=1e-5, rtol=1e-4, msg=key)
     assert tp2["keys"] == tp1["keys"]
+    assert tp2["norm"] == pytest.approx(tp1["norm"], rel=1e-5)
 
 
 def worker(model_dir: Path, out: Path) -> None:

@@ -253,3 +253,15 @@ def params_dict(args: ModelArgs, n_shards: int, hf_config: dict) -> dict:
 def model_args_from_params(params: dict) -> ModelArgs:
     fields = ModelArgs.__dataclass_fields__
     return ModelArgs(**{k: v for k, v in params.items() if k in fields})
+
+
+def is_split_parameter(name: str, args: ModelArgs) -> bool:
+    """True when the model parameter ``name`` holds a different slice on each rank (LoRA weights included).
+
+    LoRA: A is split on a row-parallel layer (``wo``, ``w2``), B on a column-parallel one (see ``rlhf.tp.lora``).
+    """
+    for marker, split_on_row_layer in ((".lora_A.", True), (".lora_B.", False)):
+        if marker in name:
+            row_layer = ROW_PARALLEL.match(name.split(marker)[0] + ".weight") is not None
+            return row_layer == split_on_row_layer
+    return shard_dim(name, args) is not None
