@@ -203,7 +203,10 @@ def test_two_processes_with_torchrun(tiny_llama, rm_adapter, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stderr
     checkpoint = out / "checkpoint-2"
-    assert (checkpoint / "rank_0" / "rng.pt").is_file() and (checkpoint / "rank_1" / "rng.pt").is_file()
+    states = [json.loads((checkpoint / f"rank_{r}" / "state.json").read_text()) for r in (0, 1)]
+    assert states[0]["weights_checksum"] == states[1]["weights_checksum"]  # replicas stayed identical
+    rngs = [torch.load(checkpoint / f"rank_{r}" / "rng.pt", weights_only=True)["cpu"] for r in (0, 1)]
+    assert not torch.equal(rngs[0], rngs[1])  # but sampled different responses
     lines = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in lines] == [1, 2]
     assert lines[-1]["rollouts"] >= 1 and (out / "critic" / "value_head.safetensors").is_file()

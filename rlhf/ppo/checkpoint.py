@@ -7,7 +7,8 @@ Layout of ``checkpoint-N/``::
     trainable.safetensors        every trainable tensor by name (what resuming loads)
     optimizer.pt                 optimizer and scheduler states (torch.load with weights_only=True)
     trainer_state.json           step, data positions, KL coefficient (shared by all processes)
-    rank_K/rng.pt, rank_K/state.json, rank_K/buffer.safetensors   per process: RNG, pending metrics, rollout
+    rank_K/rng.pt, rank_K/state.json, rank_K/buffer.safetensors   per process: RNG, pending metrics,
+                                 rollout in progress, a checksum of the weights (replicas must agree)
 
 A checkpoint is written into ``checkpoint-N.tmp`` and renamed when complete, so a kill never leaves a
 half-written ``checkpoint-N``.
@@ -83,7 +84,10 @@ def save_checkpoint(
     rank_dir.mkdir()
     plain_rng, tensor_rng = capture_rng()
     torch.save(tensor_rng, rank_dir / "rng.pt")
-    (rank_dir / "state.json").write_text(json.dumps({"rng": plain_rng, **rank_state}))
+    checksum = sum(float(t.double().square().sum()) for t in models.trainable_state().values())
+    (rank_dir / "state.json").write_text(
+        json.dumps({"rng": plain_rng, "weights_checksum": checksum, **rank_state})
+    )
     if buffer is not None:
         save_file(
             {k: v.contiguous().cpu() for k, v in buffer.tensors().items()},
@@ -141,6 +145,7 @@ def load_checkpoint(
     shared = json.loads((directory / TRAINER_STATE).read_text())
     rank_state = json.loads((rank_dir / "state.json").read_text())
     restore_rng(rank_state.pop("rng"), torch.load(rank_dir / "rng.pt", weights_only=True))
+    rank_state.pop("weights_checksum", None)
     buffer = None
     if (rank_dir / "buffer.safetensors").is_file():
         tensors = load_file(str(rank_dir / "buffer.safetensors"), device=str(backend.device))
