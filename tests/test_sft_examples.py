@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.data.truncation import fit_to_length
+from rlhf.data.sequences import fit_to_length
 from rlhf.sft import PaddedCollator, packed_collator, tokenize_sft_row
 from rlhf.sft.examples import IGNORE_INDEX
 

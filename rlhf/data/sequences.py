@@ -1,4 +1,4 @@
-"""Fitting a (prompt, response) pair of token lists into a length budget.
+"""Token sequences of the training stages: a response ends with EOS, and a pair fits a length budget.
 
 Both the SFT and the reward-model stages cut over-long examples the same way:
 
@@ -11,6 +11,22 @@ longer than the budget.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from rlhf.errors import DataError
+
+
+def encode_response(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a response followed by the tokenizer's EOS id (no BOS).
+
+    The EOS is appended by id, never found through the pad id, so it is there (and learned, and scored)
+    also when the tokenizer pads with its EOS token.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token to end responses with")
+    return ids + [tokenizer.eos_token_id]
 
 
 def fit_to_length(

@@ -1,13 +1,12 @@
 """Stage 1, supervised fine-tuning: response-only loss on prompt/response examples, full or LoRA."""
 
 from rlhf.sft.batching import PaddedCollator, packed_collator
-from rlhf.sft.examples import encode_response, tokenize_sft_dataset, tokenize_sft_row
+from rlhf.sft.examples import tokenize_sft_dataset, tokenize_sft_row
 from rlhf.sft.stage import SFTArguments, run_sft
 
 __all__ = [
     "PaddedCollator",
     "SFTArguments",
-    "encode_response",
     "packed_collator",
     "run_sft",
     "tokenize_sft_dataset",

@@ -3,7 +3,7 @@
 ``input_ids = BOS + prompt + response + EOS`` and ``labels`` holds -100 on every prompt token, so the loss
 covers the response and its EOS only: the model learns to stop. The EOS is appended by id, never found
 through the pad id, so it is learned also when the tokenizer pads with its EOS token. Over-long examples
-are cut by :func:`rlhf.data.truncation.fit_to_length` (prompt from the left, response on the right) and
+are cut by :func:`rlhf.data.sequences.fit_to_length` (prompt from the left, response on the right) and
 counted.
 """
 
@@ -15,20 +15,12 @@ from typing import Any
 import datasets
 
 from rlhf.data import tokenize_prompt
-from rlhf.data.truncation import fit_to_length
+from rlhf.data.sequences import encode_response, fit_to_length
 from rlhf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-def encode_response(text: str, tokenizer: Any) -> list[int]:
-    """Token ids of a response followed by the tokenizer's EOS id (no BOS)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token to end responses with")
-    return ids + [tokenizer.eos_token_id]
 
 
 def tokenize_sft_row(row: dict[str, Any], tokenizer: Any, block_size: int) -> dict[str, Any]:

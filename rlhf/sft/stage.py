@@ -19,8 +19,8 @@ from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
-from rlhf.training import AtomicCheckpointMixin, make_trainable, prepare_output_dir, weights_dtype
-from rlhf.training.runner import check_eval_setup, run_trainer
+from rlhf.training import AtomicCheckpointMixin, make_trainable, weights_dtype
+from rlhf.training.runner import prepare_run, run_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ def run_sft(
         model_args.model_name_or_path, model_args.trust_remote_code, padding_side="right"
     )
     train_data, eval_data = build_sft_data(data_args, tokenizer, args)
-    check_eval_setup(args, eval_data is not None)
-    args.remove_unused_columns = False
-    resume_from = prepare_output_dir(args, sft_args.overwrite_output_dir)
+    resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir)
     model = build_sft_model(model_args, lora_args, args)
     if sft_args.packing:
         collator = packed_collator(getattr(model.config, "_attn_implementation", None))

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from rlhf.training.outputs import save_final_model
+from rlhf.training.outputs import prepare_output_dir, save_final_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,16 @@ def check_eval_setup(args: TrainingArguments, has_eval_data: bool) -> None:
         logger.warning("no evaluation rows (--split_ratio 0 or too little data): evaluation is skipped")
     args.do_eval = False
     args.eval_strategy = IntervalStrategy.NO
+
+
+def prepare_run(args: TrainingArguments, has_eval_data: bool, overwrite_output_dir: bool) -> str | None:
+    """Settle the arguments every stage needs alike; return the checkpoint to resume from (or None).
+
+    Stage batches carry their own keys (``labels``, ``margin``), so Trainer must not drop "unused" columns.
+    """
+    check_eval_setup(args, has_eval_data)
+    args.remove_unused_columns = False
+    return prepare_output_dir(args, overwrite_output_dir)
 
 
 def run_trainer(trainer: Trainer, resume_from: str | None) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""The reward model: a sequence-classification head with one output, read at the last real token.
+
+``AutoModelForSequenceClassification`` with ``num_labels=1`` puts a linear ``score`` head on every
+position. HF pools it at the last token that is not the pad id, which is wrong when the pad token is the
+EOS token that ends every sequence. :func:`sequence_rewards` instead reads the head at the last position
+of the attention mask (right- or left-padded alike), capturing the per-token scores with a forward hook
+so the call still goes through the outer (DDP/DeepSpeed/PEFT) wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhf.errors import CheckpointError
+from rlhf.models import adapter_base_path, is_adapter_dir, load_config, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAMES = ("score", "classifier")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last position whose mask is 1, for right and left padding. ``attention_mask``: (B, T)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The outermost ``score`` module (a PEFT ``ModulesToSaveWrapper`` when the model has an adapter)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            return module
+    raise CheckpointError("the reward model has no score head")
+
+
+def sequence_rewards(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) scalar reward of each sequence: the score head at its last real token. Inputs: (B, T)."""
+    captured: list[torch.Tensor] = []
+    handle = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    scores = captured[-1].squeeze(-1)  # (B, T)
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
+
+
+def load_reward_backbone(
+    path: str,
+    *,
+    pad_token_id: int,
+    torch_dtype: str | None = "auto",
+    model_type: str | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """A fresh-headed reward model on the weights at ``path`` (an SFT adapter dir is merged first)."""
+    load_config(path, model_type, trust_remote_code)
+    dtype = resolve_dtype(torch_dtype)
+    base = adapter_base_path(path) if is_adapter_dir(path) else path
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        logger.info("merged adapter %s into the reward model's backbone", path)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+def load_reward_model(path: str, *, torch_dtype: str | None = "auto", trust_remote_code: bool = False) -> Any:
+    """A trained reward model for scoring: a full model dir, or an RM adapter (with its head) on its base."""
+    base_path = adapter_base_path(path) if is_adapter_dir(path) else path
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_path, num_labels=1, dtype=resolve_dtype(torch_dtype), trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:  # only read by HF's own pooling, which sequence_rewards bypasses
+        model.config.pad_token_id = model.config.eos_token_id
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path)
+    return model.eval()

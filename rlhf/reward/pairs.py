@@ -1,0 +1,98 @@
+"""Preference pairs for the reward model: cleaning, tokenization with truncation, and batching.
+
+- Rows whose chosen and rejected responses are equal, or where either is empty, carry no preference
+  signal; they are dropped and counted.
+- Each side is ``BOS + prompt + response + EOS``. An over-long side is cut by
+  :func:`rlhf.data.sequences.fit_to_length`: a response longer than ``max_response`` (``--block_size``)
+  is cut on the right, then the prompt is cut from the left so the side fits ``--max_length``.
+- A batch of B pairs becomes 2B rows (the B chosen first, then the B rejected), padded on the tokenizer's
+  padding side, with the attention mask built from the lengths (never from pad ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from rlhf.data import tokenize_prompt
+from rlhf.data.sequences import encode_response, fit_to_length
+from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def clean_pairs(rows: datasets.Dataset) -> datasets.Dataset:
+    """Drop pairs with chosen == rejected or an empty response; log the counts."""
+    n = len(rows)
+    same = sum(1 for c, r in zip(rows["chosen"], rows["rejected"]) if c.strip() == r.strip())
+    kept = rows.filter(
+        lambda row: (
+            row["chosen"].strip() != row["rejected"].strip()
+            and bool(row["chosen"].strip())
+            and bool(row["rejected"].strip())
+        ),
+        desc="dropping pairs without a preference",
+    )
+    empty = n - len(kept) - same
+    if len(kept) < n:
+        logger.warning("dropped %d of %d pairs: %d with chosen == rejected, %d with an empty response",
+                       n - len(kept), n, same, empty)  # fmt: skip
+    if len(kept) == 0:
+        raise DataError("no usable preference pairs (every pair has chosen == rejected or an empty response)")
+    return kept
+
+
+def tokenize_pair_row(
+    row: dict[str, Any], tokenizer: Any, max_length: int, max_response: int
+) -> dict[str, Any]:
+    """``{"chosen_ids", "rejected_ids", "margin", "truncated"}`` for one normalized preference row."""
+    prompt = tokenize_prompt(row, tokenizer)
+    out: dict[str, Any] = {"margin": row["margin"], "truncated": False}
+    for side in ("chosen", "rejected"):
+        response = encode_response(row[side], tokenizer)
+        p, r, cut = fit_to_length(prompt, response, max_length, max_response, tokenizer.bos_token_id)
+        out[f"{side}_ids"] = p + r
+        out["truncated"] = out["truncated"] or cut
+    return out
+
+
+def tokenize_pairs(
+    rows: datasets.Dataset, tokenizer: Any, max_length: int, max_response: int, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Tokenize every pair; log how many were cut. Returns ``{"chosen_ids", "rejected_ids", "margin"}``."""
+    pairs = rows.map(
+        tokenize_pair_row,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_response": max_response},
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+        desc="tokenizing preference pairs",
+    )
+    n_cut = sum(pairs["truncated"])
+    if n_cut:
+        logger.warning("%d of %d pairs were cut to --max_length %d / --block_size %d (prompt from the left, "
+                       "response on the right)", n_cut, len(pairs), max_length, max_response)  # fmt: skip
+    return pairs.remove_columns("truncated")
+
+
+@dataclass
+class PairCollator:
+    """B pairs -> ``input_ids``/``attention_mask`` (2B, T) with chosen rows first, and ``margin`` (B,)."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            span = slice(0, len(seq)) if self.padding_side == "right" else slice(width - len(seq), width)
+            input_ids[i, span] = torch.as_tensor(seq)
+            attention_mask[i, span] = 1
+        margin = torch.tensor([float(f["margin"]) for f in features])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}

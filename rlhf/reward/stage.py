@@ -1,0 +1,113 @@
+"""The reward-model stage: a one-output sequence classifier trained on preference pairs.
+
+Outputs in ``--output_dir``: with LoRA ``adapter_config.json`` + ``adapter_model.safetensors`` holding the
+adapter and the trained ``score`` head (always in ``modules_to_save``); with ``--lora_rank -1`` a plain HF
+``*ForSequenceClassification`` model dir. Always the tokenizer and ``trainer_state.json`` (loss,
+``eval_accuracy``, ``eval_margin``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import TaskType
+from transformers import TrainingArguments
+
+from rlhf.args import DataArguments, LoraArguments, ModelArguments
+from rlhf.data import load_dataset_dir, split_dataset
+from rlhf.errors import ConfigError
+from rlhf.models import is_adapter_dir, load_tokenizer
+from rlhf.reward.model import HEAD_NAMES, load_reward_backbone
+from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
+from rlhf.reward.trainer import RewardTrainer
+from rlhf.training import make_trainable, weights_dtype
+from rlhf.training.runner import prepare_run, run_trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardArguments:
+    max_length: int = field(
+        default=1024, metadata={"help": "Maximum tokens of prompt + response (one side)."}
+    )
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of the mean squared (r_chosen + r_rejected) term; 0 disables."}
+    )
+    padding_side: str = field(
+        default="right", metadata={"help": "Where batches are padded.", "choices": ["right", "left"]}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh even if --output_dir holds checkpoints (they are deleted)."},
+    )
+
+
+def build_reward_data(
+    data_args: DataArguments, rm_args: RewardArguments, tokenizer: Any, args: TrainingArguments
+):
+    """(train, eval or None) tokenized pairs; rank 0 prepares them first, the others reuse its cache."""
+    if rm_args.max_length < 2 or data_args.block_size < 1:
+        raise ConfigError("--max_length must be >= 2 and --block_size >= 1")
+    with args.main_process_first(desc="loading and tokenizing preference pairs"):
+        rows = clean_pairs(load_dataset_dir(data_args.dataset_dir, "preference", data_args.data_cache_dir))
+        pairs = tokenize_pairs(
+            rows, tokenizer, rm_args.max_length, data_args.block_size, data_args.preprocessing_num_workers
+        )
+    return split_dataset(pairs, data_args.split_ratio, args.seed)
+
+
+def build_reward_model(
+    model_args: ModelArguments, lora_args: LoraArguments, tokenizer: Any, args: TrainingArguments
+):
+    """The reward model with a new score head and its trainable weights set up."""
+    use_lora = lora_args.use_lora or bool(model_args.peft_path)
+    if use_lora and is_adapter_dir(model_args.model_name_or_path):
+        raise ConfigError(
+            f"--model_name_or_path {model_args.model_name_or_path} is an adapter: merge it into its base "
+            "first (a LoRA reward model must name a base that holds all other weights)"
+        )
+    model = load_reward_backbone(
+        model_args.model_name_or_path,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
+        model_type=model_args.model_type,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    heads = tuple(name for name in HEAD_NAMES if hasattr(model, name))
+    return make_trainable(
+        model,
+        lora_args,
+        peft_path=model_args.peft_path,
+        task_type=TaskType.SEQ_CLS,
+        head_modules=heads,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def run_reward(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    rm_args: RewardArguments,
+    args: TrainingArguments,
+) -> dict[str, Any]:
+    """Run the whole stage; returns the train/eval metrics."""
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, model_args.trust_remote_code, rm_args.padding_side
+    )
+    train_data, eval_data = build_reward_data(data_args, rm_args, tokenizer, args)
+    resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir)
+    model = build_reward_model(model_args, lora_args, tokenizer, args)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        data_collator=PairCollator(tokenizer.pad_token_id, rm_args.padding_side),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        center_rewards_coefficient=rm_args.center_rewards_coefficient,
+    )
+    return run_trainer(trainer, resume_from)

@@ -1,0 +1,64 @@
+"""``RewardTrainer``: ``transformers.Trainer`` with the pairwise loss (only the loss changes).
+
+Evaluation reports ``eval_accuracy`` (share of pairs ranked right), ``eval_margin`` (mean r_c - r_r) and
+the mean chosen/rejected rewards; they go to the logs and ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer
+
+from rlhf.reward.losses import pairwise_loss
+from rlhf.reward.model import sequence_rewards
+from rlhf.training import AtomicCheckpointMixin
+
+
+class RewardTrainer(AtomicCheckpointMixin, Trainer):
+    """Trains a scalar reward model on batches from :class:`rlhf.reward.pairs.PairCollator`."""
+
+    loss_is_scaled_for_ga = False  # the loss is a per-batch mean; Trainer divides by the accumulation steps
+
+    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
+        kwargs.setdefault("compute_metrics", reward_metrics)
+        super().__init__(*args, **kwargs)
+        self.center_rewards_coefficient = center_rewards_coefficient
+
+    def pair_rewards(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rewards, each (B,)."""
+        rewards = sequence_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+        return rewards.chunk(2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self.pair_rewards(model, inputs)
+        loss = pairwise_loss(chosen, rejected, inputs.get("margin"), self.center_rewards_coefficient)
+        if return_outputs:
+            return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            chosen, rejected = self.pair_rewards(model, inputs)
+            loss = pairwise_loss(chosen, rejected, inputs.get("margin"), self.center_rewards_coefficient)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = torch.stack([chosen, rejected], dim=1).detach()
+        return loss.detach(), logits, torch.zeros(len(chosen), device=logits.device)
+
+
+def reward_metrics(prediction: EvalPrediction) -> dict[str, Any]:
+    """Accuracy and mean margin from the (N, 2) [chosen, rejected] rewards of an evaluation."""
+    rewards = np.asarray(prediction.predictions)
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    return {
+        "accuracy": float((chosen > rejected).mean()),
+        "margin": float((chosen - rejected).mean()),
+        "reward_chosen": float(chosen.mean()),
+        "reward_rejected": float(rejected.mean()),
+    }

@@ -1,0 +1,101 @@
+"""Reward-model pieces: the pairwise loss, last-token reading, padding sides, pair preparation."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf.reward import (
+    PairCollator,
+    clean_pairs,
+    last_token_index,
+    pairwise_accuracy,
+    pairwise_loss,
+    sequence_rewards,
+    tokenize_pair_row,
+)
+
+
+def test_pairwise_loss_matches_a_loop_reference():
+    torch.manual_seed(0)
+    chosen, rejected, margin = torch.randn(7), torch.randn(7), torch.rand(7)
+    expected = (
+        sum(-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in zip(chosen, rejected, margin)) / 7
+    )
+    expected += 0.01 * sum((c + r) ** 2 for c, r in zip(chosen, rejected)) / 7
+    got = pairwise_loss(chosen, rejected, margin, center_coefficient=0.01)
+    assert got.item() == pytest.approx(float(expected), rel=1e-5)
+    assert pairwise_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    assert pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 1.0])) == pytest.approx(
+        2 / 3
+    )
+
+
+def test_last_token_index_for_right_and_left_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_llama):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).eval()
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def eos_pad_tokenizer(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.eos_token  # the common real-checkpoint case
+    return tokenizer
+
+
+def test_rewards_are_read_at_the_last_real_token_for_both_padding_sides(reward_model, eos_pad_tokenizer):
+    tok = eos_pad_tokenizer
+    rows = [
+        {"prompt": "Tell me about cats.\n", "prompt_messages": [], "chosen": "I love cats.", "rejected": "No.",
+         "margin": 0.0},
+        {"prompt": "Rain?\n", "prompt_messages": [], "chosen": "Rain is wonderful and I enjoy it a lot.",
+         "rejected": "I hate rain.", "margin": 1.0},
+    ]  # fmt: skip
+    pairs = [tokenize_pair_row(r, tok, max_length=64, max_response=64) for r in rows]
+    with torch.no_grad():
+        alone = [
+            reward_model(torch.tensor([ids])).logits[0, 0].item()
+            for ids in [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+        ]
+        for side in ("right", "left"):
+            batch = PairCollator(tok.pad_token_id, side)(pairs)
+            assert batch["input_ids"].shape[0] == 4 and batch["margin"].tolist() == [0.0, 1.0]
+            got = sequence_rewards(reward_model, batch["input_ids"], batch["attention_mask"])
+            torch.testing.assert_close(got, torch.tensor(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_pair_truncation_cuts_prompt_left_and_response_right(eos_pad_tokenizer):
+    tok = eos_pad_tokenizer
+    row = {"prompt": "word " * 50, "prompt_messages": [], "chosen": "I love cats a lot " * 10, "rejected": "No.",
+           "margin": 0.0}  # fmt: skip
+    pair = tokenize_pair_row(row, tok, max_length=32, max_response=20)
+    assert pair["truncated"] and len(pair["chosen_ids"]) == 32 and len(pair["rejected_ids"]) == 32
+    assert pair["rejected_ids"][0] == tok.bos_token_id and pair["rejected_ids"][-1] == tok.eos_token_id
+    chosen_response = tok(row["chosen"], add_special_tokens=False)["input_ids"]
+    assert pair["chosen_ids"][-20:] == chosen_response[:20]  # response cut on the right, EOS lost
+
+
+def test_pairs_without_a_preference_are_dropped(caplog):
+    rows = datasets.Dataset.from_list(
+        [
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same "},
+            {"prompt": "p", "chosen": " ", "rejected": "b"},
+            {"prompt": "p", "chosen": "a", "rejected": ""},
+        ]
+    )
+    with caplog.at_level("WARNING"):
+        kept = clean_pairs(rows)
+    assert kept["chosen"] == ["a"]
+    assert "dropped 3 of 4 pairs: 1 with chosen == rejected, 2 with an empty response" in caplog.text
