@@ -166,3 +166,25 @@ def test_hf_generator_honours_lengths_and_masks(models, tiny_llama):
     assert out.response_ids.shape[0] == 2 and 3 <= out.response_ids.shape[1] <= 7
     assert (out.response_mask.sum(1) >= 3).all()
     assert (out.response_ids[out.response_mask == 0] == 0).all()
+
+
+def test_concat_repads_both_sides_and_keeps_positions():
+    a = SequenceBatch(torch.tensor([[7, 8, 5, 2]]), torch.tensor([[1, 1, 1, 1]]), prompt_len=2)
+    b = SequenceBatch(torch.tensor([[9, 5, 6, 7]]), torch.tensor([[1, 1, 1, 1]]), prompt_len=1)
+    c = SequenceBatch.concat([a, b], pad_id=3)
+    assert c.prompt_len == 2
+    assert c.input_ids.tolist() == [[7, 8, 5, 2, 3], [3, 9, 5, 6, 7]]
+    assert c.attention_mask.tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert c.position_ids[1, 1:].tolist() == [0, 1, 2, 3]
+    assert c.last_token_positions.tolist() == [3, 4]
+
+
+def test_epoch_sampler_shards_and_resumes():
+    from rlhf.ppo.data import EpochSampler
+
+    ranks = [EpochSampler(10, 2, world=2, rank=r, seed=5) for r in (0, 1)]
+    seen = [i for _ in range(2) for s in ranks for i in s.next()]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 8  # disjoint shards within an epoch
+    fresh = EpochSampler(10, 2, world=2, rank=0, seed=5)
+    fresh.load_state(ranks[0].state())
+    assert [fresh.next() for _ in range(3)] == [ranks[0].next() for _ in range(3)]  # crosses into epoch 1

@@ -71,13 +71,13 @@ class SequenceBatch:
         return SequenceBatch(self.input_ids[rows], self.attention_mask[rows], self.prompt_len)
 
     @staticmethod
-    def concat(batches: list[SequenceBatch]) -> SequenceBatch:
-        """Stack batches with different prompt and response widths (re-padding both sides)."""
+    def concat(batches: list[SequenceBatch], pad_id: int) -> SequenceBatch:
+        """Stack batches with different prompt and response widths (re-padding both sides with ``pad_id``)."""
         prompt_len = max(b.prompt_len for b in batches)
         response_len = max(b.input_ids.shape[1] - b.prompt_len for b in batches)
         ids, masks = [], []
         for b in batches:
-            for tensor, out, value in ((b.input_ids, ids, 0), (b.attention_mask, masks, 0)):
+            for tensor, out, value in ((b.input_ids, ids, pad_id), (b.attention_mask, masks, 0)):
                 prompt = pad_columns(tensor[:, : b.prompt_len], prompt_len, value, left=True)
                 response = pad_columns(tensor[:, b.prompt_len :], response_len, value, left=False)
                 out.append(torch.cat([prompt, response], dim=1))

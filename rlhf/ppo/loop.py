@@ -106,7 +106,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         ids = torch.cat([prompt_ids, out.response_ids], dim=1)
         parts.append(SequenceBatch(ids, torch.cat([prompt_mask, out.response_mask], 1), prompt_ids.shape[1]))
         prompt_texts += [s.prompts.texts[i] for i in rows]
-    batch = SequenceBatch.concat(parts)
+    batch = SequenceBatch.concat(parts, s.pad_token_id)
     mask = batch.response_mask  # [N, R]
     lengths = mask.sum(1).long()
     responses = s.decode(
