@@ -209,3 +209,19 @@ def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_full_fine_tuning_saves_a_plain_model(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "zero3"
+    argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "-1")
+    argv += ["--deepspeed", str(repo_root / "configs" / "ds_zero3.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29535"]
+    proc = subprocess.run([*cmd, str(repo_root / "run_sft_with_peft.py"), *argv], cwd=tmp_path, env=script_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = load_file(tiny_llama / "model.safetensors")
+    after = AutoModelForCausalLM.from_pretrained(
+        out
+    ).state_dict()  # ZeRO-3 gathered the 16-bit weights on save
+    assert all(after[k].shape == v.shape and not torch.equal(after[k], v) for k, v in before.items())

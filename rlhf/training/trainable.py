@@ -74,13 +74,16 @@ def make_trainable(
     trainable, total = count_parameters(model)
     mode = "LoRA" if isinstance(model, PeftModel) else "full"
     logger.info(
-        "%s training: %d of %d parameters trainable (%.2f%%)", mode, trainable, total, 100 * trainable / total
+        "%s training: %d of %d parameters trainable (%.2f%%)",
+        mode,
+        trainable,
+        total,
+        100 * trainable / max(total, 1),
     )
     return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total) parameter counts (full sizes also under ZeRO-3, where local tensors are empty)."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
