@@ -8,8 +8,10 @@
 
 ``--ckpt_dir`` is a shard dir (``checkpoint_split.py``, world size = shard count) or a plain HF model dir
 (optionally with ``--peft_path``, or an adapter dir), as the ``run_*`` scripts save. Greedy by default;
-``--temperature T --num_samples K`` samples K solutions per question. Writes ``log_dir/predictions.jsonl``
-(one row per question and sample) and ``log_dir/metrics.json``. See ``docs/tp.md``.
+``--temperature T --num_samples K`` samples K solutions per question; ``--verifier_ckpt_dir DIR`` then
+also ranks them with a verifier (``verifier_train``) and reports best-of-N next to greedy and majority-vote
+accuracy. Writes ``log_dir/predictions.jsonl`` (one row per question and sample) and
+``log_dir/metrics.json``. See ``docs/tp.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +73,12 @@ class SolverEvaluateArguments:
     )
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N questions"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the tokenizer's own code (Qwen)"})
+    verifier_ckpt_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "verifier shard dir (verifier_train): best-of-N over the samples, plus a greedy pass"
+        },
+    )
 
     def validate(self) -> None:
         if self.task.upper() not in TASKS:
@@ -153,11 +161,42 @@ def score(
     return predictions, metrics
 
 
-def write_outputs(log_dir: Path, predictions: list[dict], metrics: dict) -> None:
-    """predictions.jsonl and metrics.json, each written to a temp file and renamed."""
+def best_of_n(predictions: list[dict], scores: list[float], num_samples: int) -> float:
+    """Store each sample's ``verifier_score``; the share of questions whose best-scored sample is correct."""
+    best_correct = []
+    for q in range(0, len(predictions), num_samples):
+        group = predictions[q : q + num_samples]
+        for row, value in zip(group, scores[q : q + num_samples]):
+            row["verifier_score"] = value
+        best_correct.append(max(group, key=lambda r: r["verifier_score"])["correct"])
+    return sum(best_correct) / len(best_correct)
+
+
+def rank_with_verifier(
+    args: SolverEvaluateArguments, predictions: list[dict], rank: int, world_size: int, dev: torch.device
+) -> float:
+    """Best-of-N accuracy of ``predictions`` under the verifier in ``--verifier_ckpt_dir``."""
+    from rlhf.tp.verifier import score_solutions
+
+    tokenizer = load_tokenizer(args.verifier_ckpt_dir, trust_remote_code=args.trust_remote_code)
+    verifier = load_tp_model(
+        args.verifier_ckpt_dir, rank=rank, world_size=world_size, device=dev,
+        dtype=resolve_tp_dtype(args.dtype, dev), scalar_head=True,
+    ).eval()  # fmt: skip
+    pairs = [(p["question"], p["output"]) for p in predictions]
+    return best_of_n(
+        predictions, score_solutions(verifier, tokenizer, pairs, args.max_batch_size), args.num_samples
+    )
+
+
+def write_outputs(
+    log_dir: Path, predictions: list[dict], metrics: dict, greedy: list[dict] | None = None
+) -> None:
+    """predictions.jsonl, metrics.json (and greedy_predictions.jsonl), each written to a temp file and renamed."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
-    for name, text in (("predictions.jsonl", lines), ("metrics.json", json.dumps(metrics, indent=2) + "\n")):
+    files = [("predictions.jsonl", predictions)] + ([("greedy_predictions.jsonl", greedy)] if greedy else [])
+    texts = [(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)) for name, rows in files]
+    for name, text in texts + [("metrics.json", json.dumps(metrics, indent=2) + "\n")]:
         tmp = log_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, log_dir / name)
@@ -185,13 +224,20 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     outputs = solve(model, tokenizer, [p for p in prompts for _ in range(args.num_samples)], args, dev)
     seconds = time.perf_counter() - started
     predictions, metrics = score(rows, outputs, prompts, args.num_samples)
+    greedy = None
+    if args.verifier_ckpt_dir:
+        greedy_args = replace(args, temperature=0.0, num_samples=1)
+        greedy, greedy_metrics = score(rows, solve(model, tokenizer, prompts, greedy_args, dev), prompts, 1)
+        metrics["greedy_accuracy"] = greedy_metrics["accuracy"]
+        del model  # the verifier takes its place in memory
+        metrics["best_of_n_accuracy"] = rank_with_verifier(args, predictions, rank, world_size, dev)
     metrics.update(
         questions_per_second=len(rows) / seconds,
         tensor_parallel=world_size,
         settings={k: v for k, v in asdict(args).items() if k not in ("log_dir",)},
     )
     if is_main():
-        write_outputs(Path(args.log_dir), predictions, metrics)
+        write_outputs(Path(args.log_dir), predictions, metrics, greedy)
         logger.info(
             "GSM8K accuracy %.4f over %d solutions -> %s", metrics["accuracy"], metrics["n"], args.log_dir
         )

@@ -1,0 +1,125 @@
+"""The GSM8K verifier: what it reads, how its examples are made, and how it scores a solution.
+
+A verifier is the TP model with a scalar head (:class:`rlhf.tp.model.ScalarHeadTransformer`). It reads
+exactly what the solver sees and writes::
+
+    gsm8k_prompt(question) + gsm8k_target(solution) + EOS
+
+and its score is the head's output at the last real token: a logit, > 0 meaning "correct". The same score
+ranks samples in best-of-N (``solver_evaluate --verifier_ckpt_dir``) and is the PPO reward.
+
+Training rows (``--train_file``), one of two kinds per row:
+
+- ``{"question", "answer"}`` (plain GSM8K): the reference solution is a positive; a negative is the same
+  solution with its final answer (after ``####``) replaced by a wrong number (``perturb_final_answer``:
+  the label plus a seeded non-zero offset in [-10, 10], or doubled for non-integers);
+- ``{"question", "output", "correct"}`` (what ``solver_evaluate --num_samples K --temperature T`` writes
+  to ``predictions.jsonl``): real solver samples with their correctness.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.data.files import find_data_files, iter_json_records
+from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
+from rlhf.errors import DataError
+from rlhf.tp.model import Transformer
+from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
+from rlhf.tp.training import Example, collate, micro_batches
+
+
+def perturb_final_answer(answer: str, rng: random.Random) -> str:
+    """``answer`` with the number after its last ``####`` replaced by a different one."""
+    head, _, tail = answer.rpartition("####")
+    label = normalize_number(tail)
+    if label is None:
+        raise DataError(f'answer has no final number after "####": {answer[-60:]!r}')
+    if "." in label:
+        wrong = normalize_number(str(float(label) * 2)) if float(label) != 0 else "1"
+    else:
+        wrong = str(int(label) + rng.choice([d for d in range(-10, 11) if d != 0]))
+    return f"{head}#### {wrong}"
+
+
+def read_verifier_rows(path: str) -> list[dict[str, Any]]:
+    """``{"question", "solution", "correct"}`` rows from GSM8K rows (reference + perturbed) or solver samples.
+
+    Each GSM8K row yields two rows with the same ``group`` (kept together when splitting off held-out rows).
+    """
+    rows, rng = [], random.Random(0)
+    for file in find_data_files(path):
+        for where, record in iter_json_records(file):
+            question = record.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f'{where}: needs a non-empty "question"')
+            if "output" in record and "correct" in record:
+                if not isinstance(record["correct"], bool) or not isinstance(record["output"], str):
+                    raise DataError(f'{where}: "output" must be a string and "correct" true or false')
+                rows.append({"question": question, "solution": record["output"], "correct": record["correct"],
+                             "group": where})  # fmt: skip
+            elif isinstance(record.get("answer"), str):
+                if extract_gsm8k_label(record["answer"]) is None:
+                    raise DataError(f'{where}: field "answer" has no final answer after "####"')
+                wrong = perturb_final_answer(record["answer"], rng)
+                rows.append(
+                    {"question": question, "solution": record["answer"], "correct": True, "group": where}
+                )
+                rows.append({"question": question, "solution": wrong, "correct": False, "group": where})
+            else:
+                raise DataError(
+                    f'{where}: expected {{"question", "answer"}} or {{"question", "output", "correct"}}'
+                )
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def verifier_ids(tokenizer: Any, question: str, solution: str) -> list[int]:
+    """Token ids of prompt + solution + EOS, as the solver would have produced them."""
+    ids = tokenizer(gsm8k_prompt(question))["input_ids"]
+    ids = ids + tokenizer(gsm8k_target(solution), add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def verifier_example(tokenizer: Any, row: dict[str, Any], max_seq_len: int) -> Example:
+    """Cut from the left so the final answer and EOS (where the score is read) are always kept."""
+    ids = verifier_ids(tokenizer, row["question"], row["solution"])[-max_seq_len:]
+    return Example(ids, target=1.0 if row["correct"] else 0.0)
+
+
+def last_token_scores(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores (B,) at each sequence's last real token of a right-padded collated batch."""
+    scores = model(batch["input_ids"], batch["attention_mask"])  # (B, T)
+    return scores.gather(1, batch["last"][:, None]).squeeze(1).float()
+
+
+@torch.no_grad()
+def score_examples(model: Transformer, examples: list[Example], batch_size: int, pad_id: int) -> torch.Tensor:
+    """Verifier scores (N,) of ``examples``, in order, on CPU."""
+    dev = next(model.parameters()).device
+    parts = [
+        last_token_scores(model, collate(c, pad_id, dev)).cpu() for c in micro_batches(examples, batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def score_solutions(
+    model: Transformer, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, max_seq_len: int = 4096
+) -> list[float]:
+    """Verifier scores of (question, solution) pairs."""
+    examples = [Example(verifier_ids(tokenizer, q, s)[-max_seq_len:]) for q, s in pairs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score_examples(model, examples, batch_size, pad_id).tolist()
+
+
+def is_verifier_dir(path: str) -> bool:
+    """True for a shard dir saved with a scalar head (``params.json`` ``head: scalar``)."""
+    import json
+
+    params = Path(path) / "params.json"
+    return params.is_file() and json.loads(params.read_text()).get("head") == "scalar"

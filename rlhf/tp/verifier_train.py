@@ -1,0 +1,75 @@
+"""Train a GSM8K verifier (reward model) on the tensor-parallel model (the description's ``verifier_train.py``).
+
+::
+
+    torchrun --nproc_per_node 8 -m rlhf.tp.verifier_train --ckpt_dir /path/to/your/ckpt/ \\
+        --save_dir /path/to/save/ --train_file dataset/GSM8K/train.json --model_type llama-1-7b \\
+        --max_batch_size 6 --lora_rank -1
+    python -m rlhf.tp.verifier_train ...      # one process (TP=1)
+
+The model gets a scalar head (``v_head``, zero-initialised unless ``--ckpt_dir`` is a verifier already)
+read at the last token of question + solution + EOS, trained with binary cross-entropy on correct (1) /
+incorrect (0). Plain GSM8K rows give the reference solution as a positive and the same solution with a
+perturbed final answer as a negative; ``{"question", "output", "correct"}`` rows (``solver_evaluate``
+samples) are used as they are (:mod:`rlhf.tp.verifier`). Held-out accuracy (score > 0 = correct) goes
+to ``training/results.json``. Saved like the solver, with ``"head": "scalar"`` in ``params.json``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.args import parse_args
+from rlhf.errors import exit_on_user_error
+from rlhf.logging_setup import setup_logging
+from rlhf.tp.model import Transformer
+from rlhf.tp.training import Example, TPTrainArguments, TrainTask, split_rows, train_tp
+from rlhf.tp.verifier import last_token_scores, read_verifier_rows, score_examples, verifier_example
+
+
+def verifier_loss(
+    model: Transformer, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Binary cross-entropy of the last-token score against correct/incorrect; also the batch accuracy."""
+    scores = last_token_scores(model, batch)
+    loss = F.binary_cross_entropy_with_logits(scores, batch["targets"])
+    accuracy = ((scores > 0).float() == batch["targets"]).float().mean()
+    return loss, {"accuracy": accuracy.item()}
+
+
+def held_out_accuracy(
+    model: Transformer, examples: list[Example], batch_size: int, pad_id: int
+) -> dict[str, float]:
+    scores = score_examples(model, examples, batch_size, pad_id)
+    targets = torch.tensor([e.target for e in examples])
+    return {
+        "eval_accuracy": ((scores > 0).float() == targets).float().mean().item(),
+        "eval_loss": F.binary_cross_entropy_with_logits(scores, targets).item(),
+        "eval_positive_share": targets.mean().item(),  # the accuracy of always answering "correct"
+    }
+
+
+def run(args: TPTrainArguments) -> dict:
+    def make_examples(tokenizer) -> tuple[list[Example], list[Example]]:
+        rows = read_verifier_rows(args.train_file)
+        groups = sorted({r["group"] for r in rows})  # a question's positive and negative stay together
+        train_groups, _ = split_rows(groups, args.eval_ratio, args.seed)
+        keep = set(train_groups)
+        parts = ([r for r in rows if r["group"] in keep], [r for r in rows if r["group"] not in keep])
+        return tuple([verifier_example(tokenizer, r, args.max_seq_len) for r in part] for part in parts)
+
+    return train_tp(
+        args, TrainTask(scalar_head=True, loss=verifier_loss, evaluate=held_out_accuracy), make_examples
+    )
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_args((TPTrainArguments,), argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

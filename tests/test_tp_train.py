@@ -1,0 +1,261 @@
+"""solver_train / verifier_train on the TP model: examples, a solver learning test at TP=1 (full and LoRA,
+saved dirs evaluate and merge back), and the whole workflow at TP=2 under ``torchrun`` (solver -> verifier
+-> best-of-N -> PPO -> evaluation of the PPO actor), launched once (see :func:`worker`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.tp.training import Example, collate, split_rows
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def addition_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append(
+            {
+                "question": f"What is {a} plus {b}?",
+                "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}",
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_predictions(log_dir: Path, name: str = "predictions.jsonl") -> tuple[list[dict], dict]:
+    rows = [json.loads(line) for line in (log_dir / name).read_text().splitlines()]
+    return rows, json.loads((log_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def world_of_one():
+    from rlhf.tp.distributed import shutdown
+
+    yield
+    shutdown()
+
+
+def test_solver_example_masks_the_prompt(tiny_llama):
+    from rlhf.models import load_tokenizer
+    from rlhf.tp.prompt import gsm8k_prompt
+    from rlhf.tp.solver_train import solver_example
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    example = solver_example("What is 1 plus 2?", "1+2=3\n#### 3", tokenizer, max_seq_len=512)
+    n_prompt = len(tokenizer(gsm8k_prompt("What is 1 plus 2?"))["input_ids"])
+    assert example.labels[:n_prompt] == [-100] * n_prompt
+    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+    assert example.input_ids[-1] == tokenizer.eos_token_id and example.input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(example.input_ids[n_prompt:], skip_special_tokens=True) == " 1+2=3\n#### 3"
+    assert solver_example("What is 1 plus 2?", "3", tokenizer, max_seq_len=n_prompt) is None  # no answer left
+
+
+def test_collate_and_split():
+    batch = collate([Example([5, 6, 7], labels=[-100, 6, 7]), Example([8], labels=[8])], pad_id=0, dev="cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["last"].tolist() == [2, 0]
+    train, held = split_rows(list(range(20)), 0.25, seed=3)
+    assert len(held) == 5 and sorted(train + held) == list(range(20))
+    assert split_rows(list(range(20)), 0.25, seed=3) == (train, held)  # seeded
+    assert split_rows([1, 2, 3], 0.0, seed=0) == ([1, 2, 3], [])
+
+
+def test_solver_learns_saves_evaluates_and_merges(tiny_llama, tmp_path, world_of_one):
+    """Full fine-tuning lowers the answer loss; the shard dir evaluates and merges into an HF dir whose
+    transformers logits equal the TP model's; LoRA saves its adapter and merges it into the shards."""
+    from transformers import AutoModelForCausalLM
+
+    import checkpoint_split
+    from rlhf.tp import solver_evaluate, solver_train
+    from rlhf.tp.loading import load_tp_model
+
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(24))
+    common = ["--ckpt_dir", str(tiny_llama), "--train_file", str(data), "--model_type", "llama"]
+    common += ["--max_batch_size", "8", "--max_seq_len", "64", "--log_steps", "2"]
+    results = solver_train.main(
+        common + ["--save_dir", str(tmp_path / "full"), "--lora_rank", "-1", "--lr", "3e-3", "--epochs", "6"]
+    )
+    assert results["final_loss"] < 0.6 * results["first_loss"], results
+    log = [json.loads(x) for x in (tmp_path / "full/training/metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == results["steps"] and {"loss", "lr", "grad_norm", "tokens_per_second"} <= set(
+        log[0]
+    )
+    params = json.loads((tmp_path / "full/params.json").read_text())
+    assert params["head"] == "lm" and params["n_shards"] == 1
+
+    metrics = solver_evaluate.main(
+        ["--ckpt_dir", str(tmp_path / "full"), "--label_file", str(data), "--log_dir", str(tmp_path / "eval"),
+         "--limit", "4", "--max_gen_len", "12"]
+    )  # fmt: skip
+    predictions, _ = read_predictions(tmp_path / "eval")
+    assert metrics["accuracy"] == sum(p["correct"] for p in predictions) / len(predictions)
+    assert all("=" in p["output"] for p in predictions)  # the answers' format is being learned
+
+    checkpoint_split.main(
+        ["--merge", "--ckpt_dir", str(tmp_path / "full"), "--save_path", str(tmp_path / "hf")]
+    )
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tp = load_tp_model(str(tmp_path / "full"), rank=0, world_size=1, device=torch.device("cpu"))
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    torch.testing.assert_close(hf(ids).logits, tp(ids), atol=1e-4, rtol=1e-4)
+
+    results = solver_train.main(
+        common
+        + ["--save_dir", str(tmp_path / "lora"), "--lora_rank", "4", "--lr", "1e-2", "--max_steps", "3"]
+    )
+    adapter = tmp_path / "lora/adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    from safetensors.torch import load_file
+
+    lora = load_file(str(adapter / "adapter.00.safetensors"))
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in lora.items())  # B moved off zero
+    base = torch.load(tmp_path / "full/consolidated.00.pth", weights_only=True)  # another model: sanity only
+    merged = torch.load(tmp_path / "lora/consolidated.00.pth", weights_only=True)
+    assert set(merged) == set(base) and not any(".lora_" in k for k in merged)
+    original = load_tp_model(str(tiny_llama), rank=0, world_size=1, device=torch.device("cpu")).state_dict()
+    assert not torch.equal(merged["layers.0.attention.wq.weight"], original["layers.0.attention.wq.weight"])
+    assert torch.equal(
+        merged["tok_embeddings.weight"], original["tok_embeddings.weight"]
+    )  # frozen, no adapter
+
+
+def test_verifier_rows_from_gsm8k_and_from_samples(tmp_path):
+    from rlhf.errors import DataError
+    from rlhf.tp.verifier import perturb_final_answer, read_verifier_rows
+
+    rng = random.Random(0)
+    for answer in ("3+4=7\n#### 7", "half is 2.5\n#### 2.5", "#### 1,000"):
+        wrong = perturb_final_answer(answer, rng)
+        assert wrong.rsplit("####", 1)[0] == answer.rsplit("####", 1)[0]
+        assert wrong.rsplit("####", 1)[1].strip().replace(",", "") != answer.rsplit("####", 1)[1].strip()
+    write_jsonl(tmp_path / "a.jsonl", addition_rows(2))
+    write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "output": " #### 4", "correct": True}])
+    rows = read_verifier_rows(str(tmp_path))
+    assert [r["correct"] for r in rows] == [True, False, True, False, True]
+    assert rows[0]["group"] == rows[1]["group"] != rows[2]["group"]
+    write_jsonl(tmp_path / "c.jsonl", [{"question": "q", "output": "x", "correct": "yes"}])
+    with pytest.raises(DataError, match='c.jsonl:1: "output" must be a string'):
+        read_verifier_rows(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_workflow_at_tp2_under_torchrun(tiny_llama, tmp_path):
+    """One torchrun launch (2 processes, gloo) trains a LoRA solver, a verifier from it, evaluates best-of-N,
+    runs PPO with verifier + gsm8k reward, and evaluates the PPO actor; then the dirs merge back and the
+    merged solver reproduces the TP=2 greedy outputs at TP=1."""
+    from transformers import AutoModelForCausalLM
+
+    import checkpoint_split
+    from rlhf.tp import solver_evaluate
+
+    write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [__file__, str(tiny_llama), str(tmp_path)]
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    for name in ("solver", "verifier", "actor", "critic"):
+        params = json.loads((tmp_path / name / "params.json").read_text())
+        assert params["n_shards"] == 2 and params["head"] == (
+            "scalar" if name in ("verifier", "critic") else "lm"
+        )
+    assert sorted(p.name for p in (tmp_path / "solver/adapter").iterdir()) == [
+        "adapter.00.safetensors", "adapter.01.safetensors", "adapter_config.json",
+    ]  # fmt: skip
+    verifier = json.loads((tmp_path / "verifier/training/results.json").read_text())
+    assert 0 <= verifier["eval_accuracy"] <= 1 and verifier["tensor_parallel"] == 2
+
+    samples, metrics = read_predictions(tmp_path / "bon")
+    assert metrics["accuracy"] == sum(p["correct"] for p in samples) / len(samples)
+    assert {"greedy_accuracy", "majority_vote_accuracy", "best_of_n_accuracy"} <= set(metrics)
+    assert all(isinstance(p["verifier_score"], float) for p in samples)
+    greedy, _ = read_predictions(tmp_path / "bon", "greedy_predictions.jsonl")
+    assert metrics["greedy_accuracy"] == sum(p["correct"] for p in greedy) / len(greedy)
+
+    lines = (tmp_path / "actor/metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert record["step"] == 2 and {"reward/score", "objective/kl", "loss/policy", "loss/value"} <= set(
+        record
+    )
+    actor_eval, actor_metrics = read_predictions(tmp_path / "actor_eval")
+    assert actor_metrics["accuracy"] == sum(p["correct"] for p in actor_eval) / len(actor_eval)
+
+    for name in ("solver", "actor"):
+        checkpoint_split.main(
+            ["--merge", "--ckpt_dir", str(tmp_path / name), "--save_path", str(tmp_path / f"{name}_hf")]
+        )
+        AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_hf")
+    try:
+        solver_evaluate.main(
+            ["--ckpt_dir", str(tmp_path / "solver_hf"), "--label_file", str(tmp_path / "train.jsonl"),
+             "--log_dir", str(tmp_path / "tp1"), "--max_gen_len", "8", "--max_batch_size", "4"]
+        )  # fmt: skip
+    finally:
+        from rlhf.tp.distributed import shutdown
+
+        shutdown()
+    tp1, _ = read_predictions(tmp_path / "tp1")
+    assert [p["output"] for p in tp1] == [p["output"] for p in greedy]
+
+
+def worker(base: Path, root: Path) -> None:
+    """torchrun entry: every command of the workflow in one process group (TP=2)."""
+    from rlhf.tp import ppo_train, solver_evaluate, solver_train, verifier_train
+
+    data = str(root / "train.jsonl")
+    train = ["--train_file", data, "--model_type", "llama", "--max_batch_size", "4", "--max_seq_len", "64"]
+    solver_train.main(
+        train
+        + [
+            "--ckpt_dir",
+            str(base),
+            "--save_dir",
+            str(root / "solver"),
+            "--lora_rank",
+            "4",
+            "--max_steps",
+            "2",
+        ]
+    )
+    verifier_train.main(
+        train + ["--ckpt_dir", str(root / "solver"), "--save_dir", str(root / "verifier"), "--lora_rank", "-1",
+                 "--max_steps", "2", "--eval_ratio", "0.25", "--lr", "1e-3"]
+    )  # fmt: skip
+    evaluate = ["--label_file", data, "--max_gen_len", "8", "--max_batch_size", "4"]
+    solver_evaluate.main(
+        evaluate + ["--ckpt_dir", str(root / "solver"), "--log_dir", str(root / "bon"), "--temperature", "1.0",
+                    "--num_samples", "2", "--verifier_ckpt_dir", str(root / "verifier")]
+    )  # fmt: skip
+    ppo_train.main(
+        ["--actor_ckpt_dir", str(root / "solver"), "--actor_save_dir", str(root / "actor"),
+         "--critic_ckpt_dir", str(root / "verifier"), "--critic_save_dir", str(root / "critic"),
+         "--reward_model_ckpt_dir", str(root / "verifier"), "--reward_fn", "gsm8k", "--train_file", data,
+         "--model_type", "llama", "--max_batch_size", "2", "--max_buffer_size", "4", "--max_gen_len", "6",
+         "--max_steps", "2", "--lora_rank", "4", "--logging_steps", "1"]
+    )  # fmt: skip
+    solver_evaluate.main(
+        evaluate + ["--ckpt_dir", str(root / "actor"), "--log_dir", str(root / "actor_eval")]
+    )
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))
