@@ -12,6 +12,10 @@ Layout of ``checkpoint-N/``::
 
 A checkpoint is written into ``checkpoint-N.tmp`` and renamed when complete, so a kill never leaves a
 half-written ``checkpoint-N``.
+
+A backend whose processes each hold a different slice of the weights (tensor parallelism: its
+``per_process_weights`` is true) gets ``trainable.safetensors`` and ``optimizer.pt`` in each ``rank_K/``
+instead, and every process takes part in the actor and critic exports (they are collective there).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def save_checkpoint(
     extra_files: dict[str, Any] | None = None,
 ) -> None:
     """Write ``directory`` atomically (all processes call this)."""
+    per_process = getattr(backend, "per_process_weights", False)
     tmp = directory.with_name(directory.name + ".tmp")
     if backend.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,21 +98,24 @@ def save_checkpoint(
             {k: v.contiguous().cpu() for k, v in buffer.tensors().items()},
             str(rank_dir / "buffer.safetensors"),
         )
-    if backend.is_main:
+    if backend.is_main or per_process:
         models.save_actor(tmp / "actor")
         models.save_critic(tmp / "critic")
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
+        weights_dir = rank_dir if per_process else tmp
         save_file(
-            {k: v.cpu() for k, v in models.trainable_state().items()}, str(tmp / "trainable.safetensors")
+            {k: v.cpu() for k, v in models.trainable_state().items()},
+            str(weights_dir / "trainable.safetensors"),
         )
         torch.save(
             {
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
             },
-            tmp / "optimizer.pt",
+            weights_dir / "optimizer.pt",
         )
+    if backend.is_main:
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
         (tmp / TRAINER_STATE).write_text(json.dumps(shared_state, indent=1))
     backend.barrier()
     if backend.is_main:
@@ -135,9 +143,10 @@ def load_checkpoint(
             f"{directory}: not a complete PPO checkpoint for process {backend.rank} "
             f"(needs {TRAINER_STATE} and rank_{backend.rank}/; was it written with this many processes?)"
         )
-    weights = load_file(str(directory / "trainable.safetensors"))
+    weights_dir = rank_dir if getattr(backend, "per_process_weights", False) else directory
+    weights = load_file(str(weights_dir / "trainable.safetensors"))
     models.load_trainable_state(weights)
-    states = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    states = torch.load(weights_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(states["optimizers"][name])
     for name, scheduler in schedulers.items():
