@@ -1,0 +1,151 @@
+"""ppo_train's TP pieces at TP=1 in this process: the generation seam, the gsm8k rule reward, the critic
+starting as the verifier (shared LoRA base or separate models), and a bit-exact resume through the
+per-rank checkpoint layout. The TP=2 run is part of tests/test_tp_train.py's torchrun workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.ppo.batch import SequenceBatch, left_pad
+
+ROWS = [
+    {"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"},
+    {"question": "What is 3 plus 5?", "answer": "3+5=8\n#### 8"},
+    {"question": "What is 1 plus 6?", "answer": "1+6=7\n#### 7"},
+    {"question": "What is 4 plus 4?", "answer": "4+4=8\n#### 8"},
+]
+
+
+@pytest.fixture
+def world_of_one():
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+
+    init_model_parallel()
+    yield
+    shutdown()
+
+
+@pytest.fixture
+def verifier_dir(tiny_llama, tmp_path_factory):
+    """A verifier shard dir (TP=1) with a non-zero head, trained for one step."""
+    from rlhf.tp import verifier_train
+    from rlhf.tp.distributed import shutdown
+
+    root = tmp_path_factory.mktemp("verifier")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    verifier_train.main(
+        ["--ckpt_dir", str(tiny_llama), "--save_dir", str(root / "v"), "--train_file", str(root / "train.jsonl"),
+         "--max_steps", "1", "--lr", "1e-2", "--eval_ratio", "0"]
+    )  # fmt: skip
+    shutdown()
+    return root
+
+
+def test_gsm8k_reward_matches_final_answers():
+    from rlhf.tp.ppo_train import gsm8k_reward
+
+    reward = gsm8k_reward({"p1": "4", "p2": "1000"})
+    assert reward(["p1", "p2", "p1"], [" 2+2=4\n#### 4", "so #### 1,000", "#### 5"]) == [1.0, 1.0, 0.0]
+
+
+def test_generator_appends_eos_and_masks_after_it(tiny_llama, world_of_one):
+    from rlhf.generation import SamplingConfig
+    from rlhf.models import load_tokenizer
+    from rlhf.tp.generation import generate
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.ppo_backend import TPGenerator
+
+    tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
+    model = load_tp_model(str(tiny_llama), rank=0, world_size=1, device=torch.device("cpu")).eval()
+    prompts = [tokenizer("Question: hi")["input_ids"], tokenizer("Question: a longer one")["input_ids"]]
+    expected = generate(model, prompts, max_gen_len=5, eos_id=2, pad_id=0)
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_token_id=2, pad_token_id=0)
+
+    class Holder:
+        def __init__(self, m):
+            self.m = m
+
+        def __call__(self):
+            from contextlib import nullcontext
+
+            return nullcontext(self.m)
+
+    ids, mask = left_pad(prompts, 0)
+    out = TPGenerator(Holder(model), sampling).generate(ids, mask)
+    for row, tokens in enumerate(expected.tokens):
+        n = int(out.response_mask[row].sum())
+        ended = len(tokens) < 5
+        assert out.response_ids[row, :n].tolist() == tokens + ([2] if ended else [])
+        assert out.response_mask[row, n:].sum() == 0
+    with pytest.raises(Exception, match="--top_k"):
+        TPGenerator(Holder(model), SamplingConfig(max_new_tokens=5, top_k=5))
+
+
+@pytest.mark.parametrize("lora_rank", [4, -1])
+def test_critic_starts_as_the_verifier(tiny_llama, verifier_dir, world_of_one, lora_rank):
+    """At step 0 the critic's score at the last token equals the reward; after a critic update the reward
+    (frozen: a separate model, or the shared base with adapters off + the initial head) does not move."""
+    from rlhf.models import load_tokenizer
+    from rlhf.tp.ppo_train import TPPPOArguments, load_models
+
+    v = str(verifier_dir / "v")
+    tp = TPPPOArguments(actor_ckpt_dir=str(tiny_llama), actor_save_dir="-", critic_ckpt_dir=v, critic_save_dir="-",
+                        train_file="-", reward_model_ckpt_dir=v, lora_rank=lora_rank)  # fmt: skip
+    models = load_models(tp, 0, 1, torch.device("cpu"))
+    assert (models.reward is None) == (lora_rank > 0) and (models.reference is None) == (lora_rank > 0)
+    tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
+    prompts = [tokenizer("Question: " + r["question"] + "\nAnswer:")["input_ids"] for r in ROWS[:2]]
+    ids, mask = left_pad(prompts, 0)
+    response = torch.tensor([[40, 41, 2, 0], [42, 43, 44, 2]])
+    batch = SequenceBatch(
+        torch.cat([ids, response], 1),
+        torch.cat([mask, torch.tensor([[1, 1, 1, 0], [1] * 4])], 1),
+        ids.shape[1],
+    )
+    rows = torch.arange(2)
+    reward = models.reward_scores(batch)
+    critic = models.critic(batch.input_ids, batch.attention_mask)[rows, batch.last_token_positions]
+    torch.testing.assert_close(critic, reward)
+    assert reward.abs().sum() > 0  # the verifier's head is not the zero init
+    optimizer = torch.optim.SGD(models.parameter_groups()["critic"], lr=1.0)
+    models.values(batch).sum().backward()
+    optimizer.step()
+    assert not torch.allclose(
+        models.critic(batch.input_ids, batch.attention_mask)[rows, batch.last_token_positions], reward
+    )
+    torch.testing.assert_close(models.reward_scores(batch), reward)
+    ref = models.reference_logprobs(batch, 1.0)
+    actor, _ = models.policy_logprobs(batch, 1.0)
+    torch.testing.assert_close(actor.detach(), ref)  # the actor starts as the reference
+
+
+def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, world_of_one):
+    from rlhf.tp import ppo_train
+
+    common = ["--actor_ckpt_dir", str(tiny_llama), "--critic_ckpt_dir", str(verifier_dir / "v"),
+              "--reward_model_ckpt_dir", str(verifier_dir / "v"), "--reward_fn", "gsm8k",
+              "--train_file", str(verifier_dir / "train.jsonl"), "--max_batch_size", "2", "--max_buffer_size", "4",
+              "--max_gen_len", "5", "--max_steps", "3", "--lora_rank", "4", "--logging_steps", "1",
+              "--save_steps", "1", "--actor_lr", "1e-2", "--critic_lr", "1e-2"]  # fmt: skip
+    full = ppo_train.main(
+        common + ["--actor_save_dir", str(tmp_path / "a"), "--critic_save_dir", str(tmp_path / "c")]
+    )
+    checkpoint = tmp_path / "a_run" / "checkpoint-1"
+    assert (checkpoint / "rank_0" / "trainable.safetensors").is_file()  # per-rank weights under TP
+    assert (checkpoint / "rank_0" / "buffer.safetensors").is_file()  # step 1 ends inside a rollout
+    resumed = ppo_train.main(
+        common + ["--actor_save_dir", str(tmp_path / "a2"), "--critic_save_dir", str(tmp_path / "c2"),
+                  "--resume_from_checkpoint", str(checkpoint)]
+    )  # fmt: skip
+    before = full.models.trainable_state()
+    after = resumed.models.trainable_state()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(x) for x in (tmp_path / "a_run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert json.loads((tmp_path / "a/params.json").read_text())["n_shards"] == 1
+    assert Path(tmp_path / "a/training/metrics.jsonl").is_file()
