@@ -257,3 +257,17 @@ def worker(base: Path, root: Path) -> None:
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+@pytest.mark.real_data
+def test_real_gsm8k_rows_make_verifier_pairs():
+    from rlhf.data.gsm8k import extract_gsm8k_label
+    from rlhf.tp.verifier import read_verifier_rows
+
+    path = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    rows = read_verifier_rows(str(path))
+    assert len(rows) % 2 == 0 and sum(r["correct"] for r in rows) == len(rows) // 2
+    for good, bad in zip(rows[::2], rows[1::2]):
+        assert extract_gsm8k_label(good["solution"]) != extract_gsm8k_label(bad["solution"])
