@@ -39,7 +39,7 @@ SAMPLE_TOPICS = ["cats", "the sea", "winter", "music", "trains", "bread", "the m
 # (full, quick) settings per stage
 SETTINGS = {
     "hidden_size": ("96", "64"),
-    "sft_epochs": ("6", "1"),
+    "sft_epochs": ("14", "1"),
     "sft_max_steps": ("-1", "6"),
     "rm_epochs": ("2", "1"),
     "rm_max_steps": ("-1", "4"),
@@ -125,9 +125,9 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
                  "--dataset_dir", "sft_data", "--split_ratio", "0.05", "--block_size", "128",
                  "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
                  "--do_train", "--do_eval", "--num_train_epochs", pick["sft_epochs"],
-                 "--max_steps", pick["sft_max_steps"], "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine",
-                 "--warmup_ratio", "0.03", "--weight_decay", "0", "--logging_steps", "5",
-                 "--logging_first_step", "True", "--eval_strategy", "steps", "--eval_steps", "20",
+                 "--max_steps", pick["sft_max_steps"], "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine",
+                 "--warmup_ratio", "0.03", "--weight_decay", "0", "--logging_steps", "10",
+                 "--logging_first_step", "True", "--eval_strategy", "steps", "--eval_steps", "50",
                  "--save_strategy", "no", "--lora_rank", "-1", "--output_dir", str(sft), *common]),
         ("rm", [py, "run_rm_with_peft.py", "--model_type", "llama", "--model_name_or_path", str(sft),
                 "--dataset_dir", "rm_data", "--split_ratio", "0.1", "--max_length", "128", "--block_size", "128",
@@ -141,9 +141,9 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
                  "--reward_lora_path", str(rm), "--dataset_dir", "sft_data", "--pretrain_dataset_dir", "pt_data",
                  "--per_device_train_batch_size", "16", "--per_device_mini_train_batch_size", "8",
                  "--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--max_steps", pick["ppo_max_steps"],
-                 "--actor_lr", "2e-3", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
+                 "--actor_lr", "1e-3", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
                  "--logging_steps", "4", "--save_steps", "24", "--max_prompt_length", "96",
-                 "--max_response_length", "24", "--kl_penalty_beta", "0.02", "--pretrain_loss_weight", "0.1",
+                 "--max_response_length", "24", "--kl_penalty_beta", "0.05", "--pretrain_loss_weight", "0.1",
                  "--pretrain_warmup_steps", "10", "--output_dir", str(actor), "--critic_output_dir", str(critic),
                  *common]),
     ]  # fmt: skip
