@@ -150,6 +150,22 @@ def build_optimizers(
     return optimizers, schedulers
 
 
+def build_kl_controller(ppo: PPOArguments) -> FixedKLController | AdaptiveKLController:
+    """β fixed at ``--kl_penalty_beta``, or adaptive towards ``--target_kl`` when it is set."""
+    if ppo.target_kl is not None:
+        return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
+    return FixedKLController(ppo.kl_penalty_beta)
+
+
+def sampling_config(ppo: PPOArguments, tokenizer: Any) -> SamplingConfig:
+    """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids."""
+    return SamplingConfig(
+        max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
+        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
 def build_session(
     data: DataArguments, margs: PPOModelArguments, ppo: PPOArguments, args: PPOTrainingArguments
 ) -> PPOSession:
@@ -166,14 +182,8 @@ def build_session(
         pretrain_sampler = EpochSampler(len(pretrain), ppo.pretrain_batch_size, world, rank, args.seed)
     total_steps = count_total_steps(len(prompts), ppo, args, world)
     optimizers, schedulers = build_optimizers(models, ppo, args, total_steps)
-    kl_controller: FixedKLController | AdaptiveKLController = FixedKLController(ppo.kl_penalty_beta)
-    if ppo.target_kl is not None:
-        kl_controller = AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
-    sampling = SamplingConfig(
-        max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
-        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    kl_controller = build_kl_controller(ppo)
+    sampling = sampling_config(ppo, tokenizer)
     backend.init_trackers(
         "rlhf-ppo", {**vars(margs), **vars(ppo), **vars(args)} | {"run_name": args.run_name}
     )

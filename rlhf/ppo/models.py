@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhf.errors import CheckpointError
 from rlhf.ppo.batch import SequenceBatch
 
 
@@ -57,3 +58,25 @@ class PolicyModels(Protocol):
 
     def save_critic(self, directory: Path) -> None:
         """Write the critic (adapter or model, plus the value head)."""
+
+
+class TrainableGroups:
+    """``parameter_groups``, ``trainable_state`` and ``load_trainable_state`` for an implementation that
+    keeps its trainable parameters as ``self._trainable = {"actor": [(name, param), ...], "critic": [...]}``
+    (names stable across runs; on a tensor-parallel backend each rank holds its own slices)."""
+
+    _trainable: dict[str, list[tuple[str, torch.nn.Parameter]]]
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {name: [p for _, p in group] for name, group in self._trainable.items()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for group in self._trainable.values() for n, p in group}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        for group in self._trainable.values():
+            for name, param in group:
+                if name not in state:
+                    raise CheckpointError(f"checkpoint lacks {name}")
+                param.copy_(state[name])

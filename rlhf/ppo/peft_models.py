@@ -27,6 +27,7 @@ from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
 from rlhf.models.lora import build_lora_config
 from rlhf.ppo.batch import SequenceBatch
+from rlhf.ppo.models import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def read_reward_adapter(path: str) -> RewardAdapter:
     return RewardAdapter(config, lora_state, state[score[0]].float())
 
 
-class PeftPolicyModels(torch.nn.Module):
+class PeftPolicyModels(TrainableGroups, torch.nn.Module):
     """Actor, critic, reference and reward on one frozen base (see the module docstring)."""
 
     def __init__(
@@ -227,21 +228,7 @@ class PeftPolicyModels(torch.nn.Module):
         with active:
             yield model
 
-    # -- parameters and saving --------------------------------------------------------------------------
-    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        return {name: [p for _, p in group] for name, group in self._trainable.items()}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for group in self._trainable.values() for n, p in group}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        for group in self._trainable.values():
-            for name, param in group:
-                if name not in state:
-                    raise CheckpointError(f"checkpoint lacks {name}")
-                param.copy_(state[name])
-
+    # -- saving (parameter groups and trainable state: TrainableGroups) ---------------------------------
     def _save_adapter(self, name: str, directory: Path) -> None:
         config = copy.deepcopy(self.lm.peft_config[name])
         config.base_model_name_or_path = self.base_model_path

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.errors import CheckpointError
 from rlhf.ppo.batch import SequenceBatch
+from rlhf.ppo.models import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
 from rlhf.tp.checkpoint import save_model_shards
 from rlhf.tp.lora import lora_layers
@@ -67,7 +67,7 @@ class _Export:
         return self._state
 
 
-class TPPolicyModels:
+class TPPolicyModels(TrainableGroups):
     """Actor, reference, critic and reward on TP models (see the module docstring)."""
 
     def __init__(
@@ -148,22 +148,7 @@ class TPPolicyModels:
     def generation_model(self) -> Iterator[Transformer]:
         yield self.actor
 
-    # -- parameters and saving -----------------------------------------------------------------------
-    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        return {name: [p for _, p in group] for name, group in self._trainable.items()}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """This rank's trainable tensors (each rank checkpoints its own slice)."""
-        return {n: p.detach().contiguous() for group in self._trainable.values() for n, p in group}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        for group in self._trainable.values():
-            for name, param in group:
-                if name not in state:
-                    raise CheckpointError(f"checkpoint lacks {name}")
-                param.copy_(state[name])
-
+    # -- saving (parameter groups and trainable state per rank: TrainableGroups) --------------------
     def save_actor(self, directory: Path) -> None:
         """Collective: a shard dir (LoRA merged) that solver_evaluate and checkpoint_split --merge take."""
         save_model_shards(

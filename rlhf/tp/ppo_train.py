@@ -33,13 +33,11 @@ from rlhf.args import parse_args, split_comma_list
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
-from rlhf.generation import SamplingConfig
 from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
-from rlhf.ppo.build import build_optimizers, count_total_steps
+from rlhf.ppo.build import build_kl_controller, build_optimizers, count_total_steps, sampling_config
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
 from rlhf.ppo.data import EpochSampler, PromptSet
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
 from rlhf.tp.distributed import barrier, device, init_model_parallel
@@ -175,20 +173,13 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     backend = TPBackend(rank, {"actor": models.actor, "critic": models.critic})
     total_steps = count_total_steps(len(prompts), ppo, args, 1)
     optimizers, schedulers = build_optimizers(models, ppo, args, total_steps)
-    kl = FixedKLController(ppo.kl_penalty_beta)
-    if ppo.target_kl is not None:
-        kl = AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
-    sampling = SamplingConfig(
-        max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
-        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    sampler = EpochSampler(len(prompts), args.per_device_train_batch_size, 1, 0, args.seed)
     return PPOSession(
-        models=models, generator=TPGenerator(models.generation_model, sampling),
+        models=models, generator=TPGenerator(models.generation_model, sampling_config(ppo, tokenizer)),
         scorer=build_scorer(tp, models, labels), backend=backend, decode=tokenizer.batch_decode,
-        prompts=prompts, prompt_sampler=EpochSampler(len(prompts), args.per_device_train_batch_size, 1, 0, args.seed),
-        pretrain=None, pretrain_sampler=None, optimizers=optimizers, schedulers=schedulers, kl_controller=kl,
-        ppo=ppo, args=args, total_steps=total_steps, pad_token_id=tokenizer.pad_token_id,
+        prompts=prompts, prompt_sampler=sampler, pretrain=None, pretrain_sampler=None,
+        optimizers=optimizers, schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo,
+        args=args, total_steps=total_steps, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
 
