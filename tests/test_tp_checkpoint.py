@@ -118,6 +118,52 @@ def test_tied_padded_vocab_and_rope_scaling_round_trip(tiny_model_factory, tmp_p
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    "arch,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mixtral", {})]
+)
+def test_verifier_shards_merge_to_sequence_classification(arch, overrides, tiny_model_factory, tmp_path):
+    """A scalar-head shard dir (verifier / critic) merges into an HF ForSequenceClassification dir whose
+    score at the last real token equals the TP verifier's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.tp.checkpoint import save_model_shards
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+    from rlhf.tp.loading import load_tp_model
+
+    source = tiny_model_factory(arch, **overrides)
+    tokens = torch.tensor([[1, 17, 42, 99, 7, 2], [1, 5, 6, 2, 0, 0]])  # the second row right-padded
+    mask = (torch.arange(6) < torch.tensor([[6], [4]])).long()
+    init_model_parallel()
+    try:
+        verifier = load_tp_model(
+            str(source), rank=0, world_size=1, device=torch.device("cpu"), scalar_head=True
+        )
+        torch.manual_seed(0)
+        verifier.v_head.weight.data.normal_()
+        with torch.no_grad():
+            expected = verifier(tokens, mask)[torch.arange(2), torch.tensor([5, 3])]
+        save_model_shards(verifier, tmp_path / "v", source, head="scalar")
+    finally:
+        shutdown()
+    split_main()(["--merge", "--ckpt_dir", str(tmp_path / "v"), "--save_path", str(tmp_path / "hf")])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [f"{arch.capitalize()}ForSequenceClassification"]
+    assert "score.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id == 0
+    with torch.no_grad():
+        scores = model(input_ids=tokens, attention_mask=mask).logits.squeeze(-1)
+    assert expected.abs().min() > 1e-3  # a real head, not zeros
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_head_of_a_family_without_sequence_classification_is_refused():
+    from rlhf.tp.key_maps import sequence_classification_config
+
+    with pytest.raises(CheckpointError, match="no transformers ForSequenceClassification"):
+        sequence_classification_config({"model_type": "qwen"})
+
+
 def test_single_pickle_file_with_config_dir(tiny_model_factory, tmp_path):
     source = tiny_model_factory("qwen2")
     state = load_file(source / "model.safetensors")

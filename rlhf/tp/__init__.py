@@ -1,11 +1,27 @@
 """FairScale tensor-parallel backend: a llama-style model split over ``torchrun`` ranks.
 
-- :mod:`rlhf.tp.model`: ``ModelArgs`` and the ``Transformer`` (llama, mistral, mixtral, qwen2, qwen).
-- :mod:`rlhf.tp.key_maps`: Hugging Face <-> shard key names per family, and config -> ``ModelArgs``.
+Model and checkpoints:
+
+- :mod:`rlhf.tp.model`: ``ModelArgs``, the ``Transformer`` (llama, mistral, mixtral, qwen2, qwen) and
+  ``ScalarHeadTransformer`` (verifier / critic).
+- :mod:`rlhf.tp.key_maps`: Hugging Face <-> shard key names per family (scalar head: ``score`` <->
+  ``v_head``), config -> ``ModelArgs``, ``--model_type`` checks.
 - :mod:`rlhf.tp.checkpoint`: pure split/merge functions, streaming readers, sharded dirs on disk.
-- :mod:`rlhf.tp.loading`: a model for this rank from a shard dir or a plain HF dir.
+- :mod:`rlhf.tp.loading`: a model for this rank from a shard dir or a plain HF dir (+ ``--peft_path``).
 - :mod:`rlhf.tp.distributed`: process group + FairScale model-parallel groups (gloo on CPU, NCCL on GPU).
 - :mod:`rlhf.tp.generation`: batched generation with a KV cache and left padding.
 - :mod:`rlhf.tp.lora`: LoRA on column- and row-parallel layers.
-- :mod:`rlhf.tp.solver_evaluate`: ``torchrun --nproc_per_node N -m rlhf.tp.solver_evaluate ...``.
+
+The Llama-RLHF workflow (``torchrun --nproc_per_node N -m rlhf.tp.<command> ...``):
+
+- :mod:`rlhf.tp.prompt`: the GSM8K prompt template.
+- :mod:`rlhf.tp.training`: the supervised loop shared by solver_train and verifier_train.
+- :mod:`rlhf.tp.solver_train`: supervised fine-tuning of the solver (LoRA or full).
+- :mod:`rlhf.tp.verifier`: verifier inputs, training rows and scoring.
+- :mod:`rlhf.tp.verifier_train`: the verifier (scalar head, binary cross-entropy).
+- :mod:`rlhf.tp.solver_evaluate`: GSM8K evaluation, majority vote and verifier best-of-N.
+- :mod:`rlhf.tp.ppo_backend`: ``TPBackend`` and ``TPGenerator`` (the PPO backend and generation seams).
+- :mod:`rlhf.tp.ppo_models`: ``TPPolicyModels`` (the PPO models bundle: TP actor, reference, critic,
+  reward).
+- :mod:`rlhf.tp.ppo_train`: PPO with a verifier and/or GSM8K rule reward.
 """

@@ -30,6 +30,7 @@ from rlhf.tp.key_maps import (
     model_args_from_hf,
     model_args_from_params,
     params_dict,
+    sequence_classification_config,
     shard_dim,
 )
 from rlhf.tp.model import ModelArgs
@@ -309,14 +310,14 @@ def load_shard(shard_dir: str | os.PathLike, rank: int, world_size: int) -> tupl
 
 
 def merged_hf_tensors(shard_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, full tensor) for every weight of a shard dir, one at a time."""
+    """(HF key, full tensor) for every weight of a shard dir, one at a time (a scalar-head dir: ``score``)."""
     params = read_params(shard_dir)
     args = model_args_from_params(params)
     n = params["n_shards"]
     shards = [
         torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in shard_files(shard_dir, n)
     ]
-    for hf_key, parts in concrete_key_map(args).items():
+    for hf_key, parts in concrete_key_map(args, params.get("head", "lm")).items():
         pieces = []
         for key in parts:
             if key not in shards[0]:
@@ -360,11 +361,15 @@ def _flush(state: dict[str, torch.Tensor], out_dir: Path, number: int) -> str:
 
 
 def merge_checkpoint(shard_dir: str | os.PathLike, out_dir: Path, max_shard_gb: float = 5.0) -> ModelArgs:
-    """Write an HF model dir (config.json, safetensors, tokenizer) from a shard dir into ``out_dir``."""
+    """Write an HF model dir (config.json, safetensors, tokenizer) from a shard dir into ``out_dir``: the
+    original causal LM, or for a scalar-head (verifier / critic) dir its ``...ForSequenceClassification``."""
     shard_dir = Path(shard_dir)
     params = read_params(shard_dir)
+    config = params["hf_config"]
+    if params.get("head", "lm") == "scalar":
+        config = sequence_classification_config(config)
     write_safetensors(merged_hf_tensors(shard_dir), out_dir, int(max_shard_gb * 2**30))
-    (out_dir / "config.json").write_text(json.dumps(params["hf_config"], indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in aux_files(shard_dir):
         shutil.copy2(path, out_dir / path.name)
     return model_args_from_params(params)

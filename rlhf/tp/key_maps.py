@@ -10,7 +10,10 @@ Which way each shard key is split (:func:`shard_dim`):
 - row-parallel (dim 1, input features): ``wo``, ``w2``;
 - ``tok_embeddings``: dim 1 as the llama model splits it; with tied embeddings dim 0 (the vocabulary), so
   the output layer shares the shard;
-- everything else (norms, the mixtral router, row-parallel biases) is replicated.
+- everything else (norms, the mixtral router, row-parallel biases, a verifier's ``v_head``) is replicated.
+
+A scalar-head shard dir (verifier, critic: ``"head": "scalar"`` in ``params.json``) has ``v_head`` instead
+of ``output``; it maps to ``score`` of the family's ``...ForSequenceClassification`` (:data:`SCORE_KEYS`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ KEY_MAPS: dict[str, KeyMap] = {
     "mixtral": MIXTRAL_KEYS,
     "qwen": QWEN_KEYS,
 }
+# A verifier's / critic's replicated scalar head (``ScalarHeadTransformer.v_head``) is the ``score`` layer of
+# the family's Hugging Face ``...ForSequenceClassification`` with one label; it takes the place of ``lm_head``.
+SCORE_KEYS: KeyMap = {"score.weight": ("v_head.weight",)}
+HEADS = ("lm", "scalar")
 # HF keys that carry no weights of ours (old llama checkpoints store the rotary table).
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -127,15 +134,38 @@ def _wanted(hf_template: str, args: ModelArgs) -> bool:
     return True
 
 
-def concrete_key_map(args: ModelArgs) -> dict[str, tuple[str, ...]]:
-    """Every HF key this architecture has, mapped to its shard key(s), in checkpoint order."""
+def concrete_key_map(args: ModelArgs, head: str = "lm") -> dict[str, tuple[str, ...]]:
+    """Every HF key this architecture has, mapped to its shard key(s), in checkpoint order.
+
+    ``head="scalar"`` (a verifier or critic shard dir): no ``lm_head``; ``score.weight`` <- ``v_head.weight``.
+    """
+    if head not in HEADS:
+        raise CheckpointError(f"unknown model head {head!r} (expected one of {', '.join(HEADS)})")
     table = {}
     for hf_template, ours in KEY_MAPS[args.family].items():
-        if not _wanted(hf_template, args):
+        if not _wanted(hf_template, args) or (head == "scalar" and hf_template == "lm_head.weight"):
             continue
         for names in _expand(hf_template, args):
             table[hf_template.format(**names)] = tuple(o.format(**names) for o in ours)
+    if head == "scalar":
+        table.update(SCORE_KEYS)
     return table
+
+
+def sequence_classification_config(hf_config: dict) -> dict:
+    """``config.json`` for a merged scalar-head dir: the family's ``...ForSequenceClassification`` with one
+    label, which ``AutoModelForSequenceClassification`` loads (its ``score`` is the verifier's head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    model_type = hf_config.get("model_type")
+    architecture = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    if architecture is None:
+        raise CheckpointError(
+            f"model_type {model_type!r} has no transformers ForSequenceClassification class, so a verifier "
+            "or critic shard dir of it cannot be merged into an HF dir"
+        )
+    labels = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    return {**hf_config, "architectures": [architecture], "num_labels": 1, **labels}
 
 
 def _rope(config: dict) -> tuple[float, dict | None]:
