@@ -24,12 +24,14 @@ import torch
 from transformers import HfArgumentParser
 
 from rlhf.errors import ConfigError
+from rlhf.models.loading import warn_precision_fallback
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGET = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
 FLAG_RENAMES = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 GPU_ONLY_FLAGS = ("--fp16", "--bf16")
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -93,9 +95,13 @@ def _flag_value_follows(argv: list[str], i: int) -> bool:
 
 
 def normalize_argv(argv: list[str], has_gpu: bool | None = None) -> list[str]:
-    """Rewrite legacy flags and drop GPU-only precision flags on a machine without a GPU."""
+    """Rewrite legacy flags and drop GPU-only precision flags on a machine without a GPU.
+
+    Dropped flags and a half-precision ``--torch_dtype`` are reported together in one warning line.
+    """
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     out: list[str] = []
+    ignored: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -110,10 +116,15 @@ def normalize_argv(argv: list[str], has_gpu: bool | None = None) -> list[str]:
                 enabled = argv[i + 1].lower() in ("1", "true")
                 i += 1
             if enabled:
-                logger.warning("%s needs a GPU; none found, so training runs in float32", name)
+                ignored.append(name)
         else:
+            if not has_gpu and name == "--torch_dtype":
+                dtype = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+                if dtype in HALF_DTYPES:
+                    ignored.append(f"--torch_dtype {dtype}")
             out.append(arg)
         i += 1
+    warn_precision_fallback(sorted(ignored, key=lambda flag: flag.startswith("--torch_dtype")))
     return out
 
 

@@ -139,7 +139,7 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
                 "--lora_dropout", "0.05", "--output_dir", str(rm), *common]),
         ("ppo", [py, "run_ppo_with_peft.py", "--model_type", "llama", "--sft_model_path", str(sft),
                  "--reward_lora_path", str(rm), "--dataset_dir", "sft_data", "--pretrain_dataset_dir", "pt_data",
-                 "--per_device_train_batch_size", "16", "--per_device_mini_train_batch_size", "8",
+                 "--per_device_train_batch_size", "32", "--per_device_mini_train_batch_size", "16",
                  "--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--max_steps", pick["ppo_max_steps"],
                  "--actor_lr", "1e-3", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
                  "--logging_steps", "4", "--save_steps", "24", "--max_prompt_length", "96",

@@ -60,3 +60,17 @@ def test_wandb_goes_offline_without_a_key(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     configure_reporting(["--report_to", "wandb"])
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_cpu_precision_fallback_is_one_warning_line(monkeypatch, caplog):
+    import logging
+
+    import rlhf.models.loading as loading
+
+    monkeypatch.setattr(loading, "_precision_fallback_warned", False)
+    with caplog.at_level(logging.WARNING):
+        normalize_argv(["--fp16", "--torch_dtype", "float16"], has_gpu=False)
+        if not __import__("torch").cuda.is_available():
+            loading.resolve_dtype("float16")
+    lines = [r.getMessage() for r in caplog.records if "GPU" in r.getMessage()]
+    assert lines == ["--fp16 and --torch_dtype float16 need a GPU; none found, so float32 is used"]

@@ -49,12 +49,15 @@ def test_dir_without_config(tmp_path):
         load_config(str(tmp_path))
 
 
-def test_half_precision_without_gpu_falls_back_to_float32(caplog):
+def test_half_precision_without_gpu_falls_back_to_float32(caplog, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
+    import rlhf.models.loading as loading
+
+    monkeypatch.setattr(loading, "_precision_fallback_warned", False)
     with caplog.at_level(logging.WARNING):
         assert resolve_dtype("float16") == torch.float32
-    assert "needs a GPU" in caplog.text
+    assert "--torch_dtype float16 needs a GPU" in caplog.text
     assert resolve_dtype("auto") == "auto" and resolve_dtype("float32") == torch.float32
 
 

@@ -91,7 +91,7 @@ def test_reference_command_under_accelerate_launch(tiny_llama, rm_adapter, tmp_p
     lines = read_metrics(actor / "metrics.jsonl")
     assert [m["step"] for m in lines] == [1, 2]
     assert all(key in lines[0] for key in METRIC_KEYS)
-    assert "optimizer steps" in proc.stderr and "--fp16 needs a GPU" in proc.stderr
+    assert "optimizer steps" in proc.stderr and "--fp16 and --torch_dtype float16 need a GPU" in proc.stderr
     assert list((actor / "wandb").glob("offline-run-*")), "wandb logs offline into the output dir"
     # the actor moved away from the SFT model, the frozen base did not change
     weights = load_file(actor / "adapter_model.safetensors")

@@ -29,6 +29,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+_precision_fallback_warned = False
+
+
+def warn_precision_fallback(flags: list[str]) -> None:
+    """One warning line per process that GPU-only precision flags are ignored and float32 is used."""
+    global _precision_fallback_warned
+    if flags and not _precision_fallback_warned:
+        _precision_fallback_warned = True
+        logger.warning(
+            "%s need%s a GPU; none found, so float32 is used", " and ".join(flags), "s" * (len(flags) == 1)
+        )
+
+
 def resolve_dtype(name: str | None) -> torch.dtype | str:
     """``--torch_dtype`` to a torch dtype (or ``"auto"``); half precision without a GPU becomes float32.
 
@@ -40,7 +53,7 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
         raise ConfigError(f"--torch_dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     dtype = DTYPES[name]
     if dtype != torch.float32 and not torch.cuda.is_available():
-        logger.warning("--torch_dtype %s needs a GPU; none found, so float32 is used", name)
+        warn_precision_fallback([f"--torch_dtype {name}"])
         return torch.float32
     return dtype
 
