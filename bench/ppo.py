@@ -274,7 +274,8 @@ def main() -> None:
         "work per sample. TRL 0.25.1 PPOTrainer (trl 0.25.1 on this venv's transformers/peft/accelerate) "
         "uses four models (LoRA policy, reference = adapter off, separate reward and fully trained value "
         "models) and scores with that reward model, not the rule; its rollout column is generation only (ours also holds scoring, the old and reference log-probs and the "
-        "values; we recompute the old log-probs with an eval-mode forward where TRL reuses the generation logits). "
+        "values; like TRL we take the old log-probs from the generation logits). Ours keeps LoRA dropout 0.05 on "
+        "during updates; TRL's PPOTrainer disables dropout. "
         "Peak memory is the worker's max RSS on CPU. Timings on a shared 2-core machine are noisy. "
         "No GPU figures: this session had no GPU.",
         "",

@@ -188,3 +188,21 @@ def test_epoch_sampler_shards_and_resumes():
     fresh = EpochSampler(10, 2, world=2, rank=0, seed=5)
     fresh.load_state(ranks[0].state())
     assert [fresh.next() for _ in range(3)] == [ranks[0].next() for _ in range(3)]  # crosses into epoch 1
+
+
+def test_generator_logprobs_equal_the_eval_forward(models, tiny_llama):
+    """The sampling log-probs HFGenerator returns (the PPO loop's old log-probs) equal the actor's eval-mode
+    log-probs of the sampled tokens at the sampling temperature, before top-k (0 after the mask)."""
+    tok = load_tokenizer(str(tiny_llama), padding_side="left")
+    prompts = [tok("Tell me how you feel about cats.")["input_ids"], tok("Hi")["input_ids"]]
+    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=5, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    out = HFGenerator(models.generation_model, sampling).generate(prompt_ids, prompt_mask)
+    ids, mask = torch.cat([prompt_ids, out.response_ids], 1), torch.cat([prompt_mask, out.response_mask], 1)
+    batch = SequenceBatch(ids, mask, prompt_ids.shape[1])
+    with torch.no_grad():
+        expected, _ = models.policy_logprobs(batch, 0.7)
+    assert out.logprobs.shape == out.response_ids.shape
+    torch.testing.assert_close(out.logprobs, expected * out.response_mask, atol=1e-4, rtol=1e-4)
+    assert (out.logprobs[out.response_mask.bool()] < 0).all()

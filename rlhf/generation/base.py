@@ -27,8 +27,9 @@ class Generation:
 
     response_ids: [B, R] right-padded with the pad id after the first EOS (R <= max_new_tokens);
     response_mask: [B, R] long, 1 up to and including the first EOS;
-    logprobs: [B, R] sampling log-probs when the engine computes them (HF generate does not: its scores
-    are after top-k/top-p warping), else ``None``. The PPO loop recomputes the old log-probs in eval mode.
+    logprobs: [B, R] log softmax(logits / temperature) of each sampled token under the model that sampled
+    (before top-k/top-p), 0 after the mask, when the engine computes them, else ``None``. The PPO loop
+    takes them as the old log-probs; without them it recomputes those with an eval-mode forward.
     """
 
     response_ids: torch.Tensor

@@ -17,6 +17,9 @@ class HFGenerator:
 
     ``model_context`` yields the model to generate with (for the PEFT bundle: the base with the actor
     adapter active); sampling draws from the global torch RNG, so a seeded run is reproducible.
+    The log-probs of the sampled tokens come from generate's raw logits (``output_logits``: before any
+    processor or warper) as log softmax(logits / temperature), the policy that sampled; the PPO loop uses
+    them as the old log-probs instead of running the actor over the rollout again.
     """
 
     def __init__(
@@ -34,6 +37,8 @@ class HFGenerator:
             eos_token_id=sampling.eos_token_id,
             pad_token_id=sampling.pad_token_id,
             use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
 
     @torch.no_grad()
@@ -42,7 +47,10 @@ class HFGenerator:
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.config
             )
-        response = out[:, prompt_ids.shape[1] :]
+        response = out.sequences[:, prompt_ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1)  # [B, R, V], the unprocessed logits of each step
+        logprobs = torch.log_softmax(logits.float() / self.sampling.temperature, dim=-1)
+        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
         mask = response_mask_after_eos(response, self.sampling.eos_token_id)
         response = response.masked_fill(mask == 0, self.sampling.pad_token_id)
-        return Generation(response, mask)
+        return Generation(response, mask, logprobs * mask)

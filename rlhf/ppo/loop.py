@@ -24,7 +24,7 @@ from rlhf.backend import Backend
 from rlhf.errors import UserError
 from rlhf.generation import Generator
 from rlhf.ppo.advantages import gae_advantages
-from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad
+from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
 from rlhf.ppo.data import EpochSampler, PromptSet
@@ -96,7 +96,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     start = time.perf_counter()
 
     # 1. Generate: left-padded prompts -> sampled responses (right-padded after the first EOS).
-    parts, prompt_texts = [], []
+    parts, prompt_texts, sampled_logprobs = [], [], []
     for _ in range(ppo.rollout_batches):
         rows = s.prompt_sampler.next()
         prompt_ids, prompt_mask = left_pad([s.prompts.ids[i] for i in rows], s.pad_token_id)
@@ -106,6 +106,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         ids = torch.cat([prompt_ids, out.response_ids], dim=1)
         parts.append(SequenceBatch(ids, torch.cat([prompt_mask, out.response_mask], 1), prompt_ids.shape[1]))
         prompt_texts += [s.prompts.texts[i] for i in rows]
+        sampled_logprobs.append(out.logprobs)
     batch = SequenceBatch.concat(parts, s.pad_token_id)
     mask = batch.response_mask  # [N, R]
     lengths = mask.sum(1).long()
@@ -125,12 +126,17 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         scores[~ended] -= ppo.missing_eos_penalty
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
-    # 3. Old log-probs (the policy that sampled), reference log-probs and values, in mini-batch chunks.
+    # 3. Old log-probs (the policy that sampled: the generator's own when it returns them, else an
+    #    eval-mode forward), reference log-probs and values, in mini-batch chunks.
+    from_generator = all(lp is not None for lp in sampled_logprobs)
     old_logprobs, ref_logprobs, values = [], [], []
+    if from_generator:
+        old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
     for rows in _chunks(mask.shape[0], ppo.per_device_mini_train_batch_size):
         chunk = batch.select(rows.to(device))
         with s.backend.autocast():
-            old_logprobs.append(models.policy_logprobs(chunk, ppo.temperature)[0].float())
+            if not from_generator:
+                old_logprobs.append(models.policy_logprobs(chunk, ppo.temperature)[0].float())
             ref_logprobs.append(models.reference_logprobs(chunk, ppo.temperature).float())
             values.append(models.values(chunk).float())
     old_logprobs, ref_logprobs = torch.cat(old_logprobs) * mask, torch.cat(ref_logprobs) * mask
