@@ -43,7 +43,7 @@ SETTINGS = {
     "sft_max_steps": ("-1", "6"),
     "rm_epochs": ("2", "1"),
     "rm_max_steps": ("-1", "4"),
-    "ppo_max_steps": ("48", "4"),
+    "ppo_max_steps": ("96", "4"),
 }
 
 
@@ -141,9 +141,9 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
                  "--reward_lora_path", str(rm), "--dataset_dir", "sft_data", "--pretrain_dataset_dir", "pt_data",
                  "--per_device_train_batch_size", "32", "--per_device_mini_train_batch_size", "16",
                  "--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--max_steps", pick["ppo_max_steps"],
-                 "--actor_lr", "1e-3", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
-                 "--logging_steps", "4", "--save_steps", "24", "--max_prompt_length", "96",
-                 "--max_response_length", "24", "--kl_penalty_beta", "0.05", "--pretrain_loss_weight", "0.1",
+                 "--actor_lr", "5e-4", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
+                 "--logging_steps", "4", "--save_steps", "48", "--max_prompt_length", "96",
+                 "--max_response_length", "24", "--kl_penalty_beta", "0.1", "--pretrain_loss_weight", "0.1",
                  "--pretrain_warmup_steps", "10", "--output_dir", str(actor), "--critic_output_dir", str(critic),
                  *common]),
     ]  # fmt: skip
