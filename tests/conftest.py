@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,3 +44,26 @@ def tiny_model_factory(tmp_path_factory) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def llama3_rope_copy(tiny_model_factory) -> Callable[..., Path]:
+    """``copy(out, original_max_position_embeddings) -> dir``: the tiny llama with llama-3 RoPE scaling in
+    its config.json, written the transformers 4.x way (``rope_scaling`` + ``rope_theta``)."""
+
+    def copy(out: Path, original_max_position_embeddings: int) -> Path:
+        shutil.copytree(tiny_model_factory("llama"), out)
+        config = json.loads((out / "config.json").read_text())
+        config.pop("rope_parameters")
+        config["rope_theta"] = 500000.0
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        return out
+
+    return copy

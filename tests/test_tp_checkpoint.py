@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -33,23 +32,6 @@ def split_main():
     import checkpoint_split
 
     return checkpoint_split.main
-
-
-def llama3_rope_model(factory, out: Path) -> Path:
-    """A copy of the tiny llama whose config.json carries llama-3 RoPE scaling (the 4.x way of writing it)."""
-    shutil.copytree(factory("llama"), out)
-    config = json.loads((out / "config.json").read_text())
-    config.pop("rope_parameters")
-    config["rope_theta"] = 500000.0
-    config["rope_scaling"] = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 def assert_same_weights(original: Path, merged: Path) -> None:
@@ -88,7 +70,7 @@ def test_split_merge_round_trip_is_exact(arch, tiny_model_factory, tmp_path):
     assert model.config.model_type == arch
 
 
-def test_tied_padded_vocab_and_rope_scaling_round_trip(tiny_model_factory, tmp_path):
+def test_tied_padded_vocab_and_rope_scaling_round_trip(tiny_model_factory, llama3_rope_copy, tmp_path):
     tied = tiny_model_factory("llama", tie_word_embeddings=True, vocab_size=511)
     # the tokenizer trainer may stop short of 511 tokens; the point is a vocabulary 2 does not divide
     vocab = json.loads((tied / "config.json").read_text())["vocab_size"]
@@ -102,7 +84,7 @@ def test_tied_padded_vocab_and_rope_scaling_round_trip(tiny_model_factory, tmp_p
     main(["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")])
     assert_same_weights(tied, tmp_path / "m")
 
-    rope = llama3_rope_model(tiny_model_factory, tmp_path / "rope")
+    rope = llama3_rope_copy(tmp_path / "rope", original_max_position_embeddings=64)
     main(["--ckpt_file", str(rope), "--save_path", str(tmp_path / "rs"), "--n", "2"])
     params = json.loads((tmp_path / "rs" / "params.json").read_text())
     assert params["rope_scaling"]["rope_type"] == "llama3" and params["rope_theta"] == 500000.0

@@ -100,24 +100,6 @@ def assert_matches(ours: dict, ref: dict, grads: bool = True) -> None:
             torch.testing.assert_close(grad, ref["grads"][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def llama3_rope_dir(factory, out: Path) -> Path:
-    import shutil
-
-    shutil.copytree(factory("llama"), out)
-    config = json.loads((out / "config.json").read_text())
-    config.pop("rope_parameters")
-    config["rope_theta"] = 500000.0
-    config["rope_scaling"] = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    }
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def mistral_window_dir(factory, out: Path) -> Path:
     """The tiny mistral with a 4-token sliding window, so the window shapes the logits."""
     import shutil
@@ -130,7 +112,7 @@ def mistral_window_dir(factory, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cases(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
+def cases(tiny_model_factory, llama3_rope_copy, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp_cases")
     return {
         "llama": tiny_model_factory("llama"),
@@ -138,7 +120,7 @@ def cases(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
         "mixtral": tiny_model_factory("mixtral"),
         "qwen2": tiny_model_factory("qwen2"),
         "tied_odd_vocab": tiny_model_factory("llama", tie_word_embeddings=True, vocab_size=511),
-        "llama3_rope": llama3_rope_dir(tiny_model_factory, root / "llama3_rope"),
+        "llama3_rope": llama3_rope_copy(root / "llama3_rope", original_max_position_embeddings=16),
         "sliding_window": mistral_window_dir(tiny_model_factory, root / "window"),
     }
 
