@@ -25,10 +25,10 @@ from transformers import HfArgumentParser
 
 from rlhf.errors import ConfigError
 from rlhf.models.loading import warn_precision_fallback
+from rlhf.models.lora import DEFAULT_LORA_TARGET
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LORA_TARGET = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
 FLAG_RENAMES = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 GPU_ONLY_FLAGS = ("--fp16", "--bf16")
 HALF_DTYPES = ("float16", "bfloat16")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 from safetensors.torch import load_file
 from test_ppo_models import build_rm_adapter
 from transformers import AutoModelForCausalLM
@@ -67,19 +67,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="offline")
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
 @pytest.mark.slow
 def test_reference_command_under_accelerate_launch(tiny_llama, rm_adapter, tmp_path):
     argv = reference_command(tiny_llama, rm_adapter, tmp_path)
     argv += ["--max_steps", "2", "--logging_steps", "1", "--save_steps", "2", "--max_response_length", "48"]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "default_config.yaml"]
     proc = subprocess.run(
-        cmd + ["run_ppo_with_peft.py", *argv], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+        cmd + ["run_ppo_with_peft.py", *argv], cwd=REPO, env=script_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,16 +184,8 @@ def test_two_processes_with_torchrun(tiny_llama, rm_adapter, tmp_path):
     argv = resume_argv(tiny_llama, rm_adapter, out)
     argv[argv.index("--max_steps") + 1] = "2"
     argv[argv.index("--logging_steps") + 1] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "run_ppo_with_peft.py",
-        *argv,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    cmd = [*torchrun(2), "run_ppo_with_peft.py", *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stderr
     checkpoint = out / "checkpoint-2"

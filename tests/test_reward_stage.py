@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
@@ -34,10 +33,6 @@ SEED_FLAGS = """
 SHARED_HH = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 )
-
-
-def script_env() -> dict[str, str]:
-    return dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def quick_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -68,7 +63,7 @@ def test_seed_command_under_torchrun(tiny_llama, repo_root, tmp_path):
     argv = SEED_FLAGS.format(
         model=tiny_llama, data=repo_root / "rm_data", out=out, cache=tmp_path / "c"
     ).split()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1"]
+    cmd = torchrun(1)
     cmd += [str(repo_root / "run_rm_with_peft.py"), *argv]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,7 +144,7 @@ def test_missing_field_is_a_one_line_error(tiny_llama, tmp_path, capsys):
 def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
     out = tmp_path / "ddp"
     argv = quick_argv(tiny_llama, repo_root / "rm_data", out, "--lora_rank", "4", "--ddp_backend", "gloo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = torchrun(2)
     proc = subprocess.run([*cmd, str(repo_root / "run_rm_with_peft.py"), *argv], cwd=tmp_path, env=script_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

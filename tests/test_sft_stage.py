@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -46,16 +45,10 @@ def quick_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def script_env() -> dict[str, str]:
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
 def test_seed_command_under_torchrun_trains_a_loadable_lora_adapter(tiny_llama, repo_root, tmp_path):
     out = tmp_path / "sft_lora"
     argv = seed_argv(tiny_llama, repo_root / "sft_data", out, tmp_path / "cache")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1"]
+    cmd = torchrun(1)
     cmd += [str(repo_root / "run_sft_with_peft.py"), *argv]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -202,7 +195,7 @@ def test_bad_flags_are_one_line_errors(tiny_llama, repo_root, tmp_path, capsys):
 def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
     out = tmp_path / "ddp"
     argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "4", "--ddp_backend", "gloo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    cmd = torchrun(2)
     cmd += [str(repo_root / "run_sft_with_peft.py"), *argv, "--save_strategy", "steps", "--save_steps", "2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,7 +209,7 @@ def test_deepspeed_zero3_full_fine_tuning_saves_a_plain_model(tiny_llama, repo_r
     out = tmp_path / "zero3"
     argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "-1")
     argv += ["--deepspeed", str(repo_root / "configs" / "ds_zero3.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29535"]
+    cmd = torchrun(1)
     proc = subprocess.run([*cmd, str(repo_root / "run_sft_with_peft.py"), *argv], cwd=tmp_path, env=script_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError, ConfigError
@@ -285,13 +286,11 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
 @pytest.mark.slow
 def test_split_under_torchrun_with_two_processes(tiny_model_factory, tmp_path):
     """Two torchrun processes share the shards (``-n``: torchrun's own parser takes ``--n`` on Python 3.11)."""
-    import os
     import subprocess
-    import sys
 
     repo = Path(__file__).resolve().parents[1]
     source = tiny_model_factory("mixtral")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = torchrun(2)
     command += [
         str(repo / "checkpoint_split.py"),
         "--ckpt_file",
@@ -299,7 +298,7 @@ def test_split_under_torchrun_with_two_processes(tiny_model_factory, tmp_path):
         "--save_path",
         str(tmp_path / "s"),
     ]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env = script_env()
     result = subprocess.run(command + ["-n", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     split_main()(["--ckpt_file", str(source), "--save_path", str(tmp_path / "ref"), "--n", "2"])

@@ -3,13 +3,13 @@ and merges into the shards without changing the outputs."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -209,8 +209,8 @@ def test_bad_targets_are_user_errors(tiny_model_factory, world_of_one):
 @pytest.mark.slow
 def test_world_size_2_lora_equals_world_size_1(tiny_model_factory, tmp_path, world_of_one):
     model_dir = tiny_model_factory("llama")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = script_env()
+    command = torchrun(2)
     command += [__file__, str(model_dir), str(tmp_path / "tp2.pt")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

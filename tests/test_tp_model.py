@@ -7,13 +7,13 @@ World size 1 runs in this process. World size 2 runs this file as a ``torchrun -
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["I love cats.", "How do you feel about the weather today? I think", "x"]
@@ -167,8 +167,8 @@ def test_world_size_2_matches_world_size_1_and_transformers(cases, tmp_path):
         checkpoint_split.main(
             ["--ckpt_file", str(cases[name]), "--save_path", str(tmp_path / name), "--n", "2"]
         )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = script_env()
+    command = torchrun(2)
     command += [__file__, str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

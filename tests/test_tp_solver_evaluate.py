@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 
 from rlhf.tp.prompt import gsm8k_prompt
 from rlhf.tp.solver_evaluate import cut_at_stop, score
@@ -161,11 +160,11 @@ def test_torchrun_tp2_on_shards_matches_transformers(tiny_model_factory, tmp_pat
         ["--ckpt_file", str(model_dir), "--save_path", str(tmp_path / "shards"), "--n", "2"]
     )
     data = write_rows(tmp_path / "test.jsonl")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = torchrun(2)
     command += ["-m", "rlhf.tp.solver_evaluate", "--task", "GSM8K", "--ckpt_dir", str(tmp_path / "shards")]
     command += ["--log_dir", str(tmp_path / "log"), "--label_file", str(data), "--model_type", "qwen2"]
     command += ["--max_batch_size", "2", "--max_gen_len", "10", "--stop", "Question:"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = script_env()
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions, metrics = read_outputs(tmp_path / "log")

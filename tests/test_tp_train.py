@@ -5,7 +5,6 @@ saved dirs evaluate and merge back), and the whole workflow at TP=2 under ``torc
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 
 from rlhf.tp.training import Example, collate, split_rows
 
@@ -167,8 +167,8 @@ def test_workflow_at_tp2_under_torchrun(tiny_llama, tmp_path):
     from rlhf.tp import solver_evaluate
 
     write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = script_env()
+    command = torchrun(2)
     command += [__file__, str(tiny_llama), str(tmp_path)]
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]

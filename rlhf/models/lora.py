@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, TaskType
@@ -10,6 +11,31 @@ from peft import LoraConfig, TaskType
 from rlhf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGET = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+
+
+@dataclass
+class LoraSpec:
+    """An adapter's shape from flags, the one definition every stage uses (SFT/RM ``--lora_*``, PPO
+    ``--actor_lora_*``/``--critic_lora_*``, the TP stages' ``--lora_*``).
+
+    ``rank <= 0`` means no adapter: the model trains all its weights (decided here, by :attr:`use_lora`).
+    """
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: DEFAULT_LORA_TARGET.split(","))
+
+    @property
+    def use_lora(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """The LoRA output scale alpha / r."""
+        return self.alpha / self.rank
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -1,0 +1,55 @@
+"""How tests start the entry scripts: a child environment that owns what the test relies on, and torchrun
+on a free port.
+
+A test never inherits ``WANDB_DIR``, ``WANDB_MODE``, ``WANDB_API_KEY``, ``MASTER_PORT`` or the like from the
+shell that runs pytest: :func:`script_env` sets or removes them, so a wandb user's environment cannot change
+where a child logs. :func:`torchrun` binds each launch to a port that was free a moment ago instead of a
+fixed port or ``--standalone`` (whose rendezvous raced under load).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Variables of the caller's shell that would change what a child process does.
+_INHERITED_OUT = (
+    "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME",
+    "WANDB_SILENT", "WANDB_CONSOLE", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE", "ACCELERATE_CONFIG_FILE", "CUDA_VISIBLE_DEVICES_OVERRIDE",
+)  # fmt: skip
+
+
+def script_env(wandb_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a child process: offline, single-threaded, the repo importable.
+
+    wandb logs offline; into ``wandb_dir`` when given, else where the script itself puts it (its output
+    dir), never where the caller's ``WANDB_DIR`` points."""
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_OUT}
+    env.update(
+        WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+    )  # fmt: skip
+    if wandb_dir is not None:
+        env["WANDB_DIR"] = str(wandb_dir)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local processes on a free port."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    ]  # fmt: skip
