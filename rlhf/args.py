@@ -9,7 +9,11 @@ older transformers still pass:
 - ``--fp16`` / ``--bf16`` without a GPU -> dropped, with one warning line (training runs in float32);
 - ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``.
 
-A YAML or JSON file given as the only argument stands in for the flags.
+A YAML or JSON file given as the only argument stands in for the flags. After parsing, a
+``TrainingArguments`` is checked up front (:func:`check_training_arguments`): batch sizes and
+accumulation steps must be positive and ``--output_dir`` must not be a file. The two checks
+(:func:`check_positive_flags`, :func:`check_output_dir`) are shared with the stages that have their own
+config (PPO, the tensor-parallel tools).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from rlhf.errors import ConfigError
 from rlhf.models.loading import warn_precision_fallback
@@ -137,14 +143,60 @@ def configure_reporting(argv: list[str]) -> None:
         logger.warning("no WANDB_API_KEY: wandb logs offline (sync later with `wandb sync`)")
 
 
+def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir") -> None:
+    """Raise a ConfigError when ``path`` (a directory to write into) or one of its parents is a file.
+
+    A missing directory is fine (the stage creates it); ``None`` or ``""`` is not checked.
+    """
+    if not path:
+        return
+    target = Path(path)
+    for candidate in (target, *target.parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return
+            if candidate == target:
+                raise ConfigError(f"{flag} {path} is a file, not a directory")
+            raise ConfigError(f"{flag} {path}: {candidate} is a file, not a directory")
+
+
+def check_positive_flags(values: Mapping[str, int | float]) -> None:
+    """Raise a ConfigError naming the first flag whose value is not > 0 (``{"--flag": value}``)."""
+    for flag, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{flag} must be a positive number, got {value}")
+
+
+def check_training_arguments(args: TrainingArguments) -> None:
+    """Up-front checks of the Trainer flags the stages rely on, before any model or data is loaded."""
+    check_positive_flags(
+        {
+            "--per_device_train_batch_size": args.per_device_train_batch_size,
+            "--per_device_eval_batch_size": args.per_device_eval_batch_size,
+            "--gradient_accumulation_steps": args.gradient_accumulation_steps,
+        }
+    )
+    check_output_dir(args.output_dir, "--output_dir")
+
+
+def _check_parsed(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    for value in values:
+        if isinstance(value, TrainingArguments):
+            check_training_arguments(value)
+    return values
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation."""
+    """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation.
+
+    A parsed ``TrainingArguments`` is validated with :func:`check_training_arguments`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        return parser.parse_yaml_file(argv[0])
+            return _check_parsed(parser.parse_json_file(argv[0]))
+        return _check_parsed(parser.parse_yaml_file(argv[0]))
     argv = normalize_argv(argv)
     configure_reporting(argv)
     try:
@@ -154,4 +206,4 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     *values, remaining = parsed
     if remaining:
         raise ConfigError(f"unknown flags: {' '.join(remaining)}")
-    return tuple(values)
+    return _check_parsed(tuple(values))

@@ -11,6 +11,8 @@ from rlhf.args import (
     DataArguments,
     LoraArguments,
     ModelArguments,
+    check_output_dir,
+    check_positive_flags,
     configure_reporting,
     normalize_argv,
     parse_args,
@@ -74,3 +76,35 @@ def test_cpu_precision_fallback_is_one_warning_line(monkeypatch, caplog):
             loading.resolve_dtype("float16")
     lines = [r.getMessage() for r in caplog.records if "GPU" in r.getMessage()]
     assert lines == ["--fp16 and --torch_dtype float16 need a GPU; none found, so float32 is used"]
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--per_device_train_batch_size", "0"),
+        ("--per_device_train_batch_size", "-2"),
+        ("--per_device_eval_batch_size", "0"),
+        ("--gradient_accumulation_steps", "0"),
+    ],
+)
+def test_non_positive_batch_flags_are_config_errors(tmp_path, flag, value):
+    argv = ["--output_dir", str(tmp_path), flag, value]
+    with pytest.raises(ConfigError, match=f"^{flag} must be a positive number, got {value}$"):
+        parse_args((TrainingArguments,), argv)
+
+
+def test_check_positive_flags_names_the_first_bad_flag():
+    check_positive_flags({"--a": 1, "--b": 0.5})
+    with pytest.raises(ConfigError, match="--b must be a positive number, got 0"):
+        check_positive_flags({"--a": 1, "--b": 0, "--c": -1})
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
+    file = tmp_path / "out.txt"
+    file.write_text("not a dir")
+    with pytest.raises(ConfigError, match=f"^--output_dir {file} is a file, not a directory$"):
+        parse_args((TrainingArguments,), ["--output_dir", str(file)])
+    with pytest.raises(ConfigError, match=f"--save_path {file / 'sub'}: {file} is a file"):
+        check_output_dir(file / "sub", "--save_path")
+    check_output_dir(tmp_path / "new" / "dir", "--log_dir")  # missing dirs are created later: fine
+    check_output_dir(None)
