@@ -181,6 +181,32 @@ def test_missing_field_through_the_loader_names_file_and_line(tmp_path):
     assert str(info.value) == f'{tmp_path / "pairs.jsonl"}:2: missing field "rejected"'
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_margin_names_file_line_and_field(tmp_path, literal):
+    rows = ['{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.5}',
+            '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + literal + "}"]  # fmt: skip
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_dataset_dir(tmp_path, "preference")
+    number = {"NaN": "nan", "-Infinity": "-inf"}.get(literal, "inf")
+    assert str(info.value) == (
+        f'{tmp_path / "pairs.jsonl"}:2: field "margin" is {number} (numbers in data must be finite)'
+    )
+
+
+def test_non_finite_number_anywhere_in_any_format_is_rejected(tmp_path):
+    messages = [{"role": "user", "content": "hi", "score": 1.0},
+                {"role": "assistant", "content": "yo", "score": float("nan")}]  # fmt: skip
+    path = tmp_path / "chat.json"
+    path.write_text("[\n" + json.dumps({"prompt": "p", "response": "r"}) + ",\n"
+                    + json.dumps({"messages": messages}) + "\n]\n")  # fmt: skip
+    for kind in ("sft", "prompt"):
+        with pytest.raises(DataError, match=r'chat\.json:3: field "messages\[1\]\.score" is nan'):
+            load_dataset_dir(path, kind)
+    with pytest.raises(DataError, match=r'f:1: field "margin" is inf'):
+        parse_preference({"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("inf")}, "f:1")
+
+
 def test_non_object_line(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", ["[1, 2]"])
     with pytest.raises(DataError, match=r"x\.jsonl:1: expected a JSON object, got list"):

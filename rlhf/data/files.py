@@ -3,12 +3,17 @@
 A ``--dataset_dir`` holds ``*.json`` (a JSON list of objects), ``*.jsonl`` and ``*.jsonl.gz`` files (one
 object per line). Hidden files and sub-directories (such as a ``cache/`` folder) are skipped; any other
 file is an error, so a typo such as ``train.jsonl.txt`` is not silently ignored.
+
+Python's ``json`` accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity`` (and turns
+``1e999`` into infinity); a record holding such a number anywhere is rejected at its ``file:line``, so a
+``"margin": NaN`` cannot turn a whole training run into NaN weights.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +74,31 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         where = f"{path}:{line}"
         if not isinstance(value, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        bad = find_non_finite(value)
+        if bad is not None:
+            field, number = bad
+            raise DataError(f'{where}: field "{field}" is {number} (numbers in data must be finite)')
         yield where, value
+
+
+def find_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """The first ``(field path, number)`` in a decoded JSON value that is NaN or infinite, else None.
+
+    Field paths read like ``margin`` or ``messages[1].score``.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    for item_path, item in items:
+        found = find_non_finite(item, item_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:

@@ -13,6 +13,7 @@ chat template by :func:`rlhf.data.templates.render_prompt`. Every error names ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,8 @@ def parse_preference(record: Record, where: str) -> Record:
         margin = 0.0
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise DataError(f'{where}: field "margin" must be a number, got {type(margin).__name__}')
+    if not math.isfinite(margin):
+        raise DataError(f'{where}: field "margin" is {margin} (numbers in data must be finite)')
     if "instruction" in record or "prompt" in record:
         prompt, _ = _prompt_of(record, where)
     else:
