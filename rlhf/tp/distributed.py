@@ -90,24 +90,9 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None = None) -> flo
     Split parameters contribute their squared norms summed over ranks; replicated ones (the same on every
     rank) count once. Every rank gets the same norm and applies the same clipping factor.
     """
+    from rlhf.tp.backend import group_grad_norm
     from rlhf.tp.key_maps import is_split_parameter
 
-    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    split_sq = torch.zeros((), device=grads[0][1].device, dtype=torch.float32)
-    replicated_sq = torch.zeros_like(split_sq)
-    for name, grad in grads:
-        squared = grad.detach().float().pow(2).sum()
-        if is_split_parameter(name, model.args):
-            split_sq += squared
-        else:
-            replicated_sq += squared
-    if dist.is_initialized() and fs_init.get_model_parallel_world_size() > 1:
-        dist.all_reduce(split_sq, group=fs_init.get_model_parallel_group())
-    total = (split_sq + replicated_sq).sqrt()
-    if max_norm is not None and max_norm > 0:
-        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for _, grad in grads:
-            grad.mul_(factor.to(grad.dtype))
-    return float(total)
+    params = [p for _, p in model.named_parameters()]
+    split = {id(p) for name, p in model.named_parameters() if is_split_parameter(name, model.args)}
+    return group_grad_norm(params, split, max_norm)

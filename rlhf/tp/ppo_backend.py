@@ -1,16 +1,4 @@
-"""The PPO loop's backend and generation seams on the tensor-parallel model.
-
-:class:`TPBackend` implements :class:`rlhf.backend.Backend` for a job whose ``torchrun`` processes are
-the model-parallel ranks of **one** model replica: every process runs the same loop on the same data
-(same seed, same prompts, same shuffles) and holds its slice of each weight. Hence
-
-- ``world_size`` is 1 (one data-parallel replica: sample counts are not multiplied by the TP degree),
-  ``rank`` is the model-parallel rank (it names the per-process checkpoint dir ``rank_K/``), and
-  ``is_main`` is rank 0;
-- ``per_process_weights`` is true: each process checkpoints its own trainable slice and optimizer state,
-  and the exports are collective (:mod:`rlhf.ppo.checkpoint`);
-- ``mean``/``gather`` are identities (every rank already holds the same values); ``step`` clips each
-  model's gradients by their norm over the whole model (:func:`rlhf.tp.distributed.clip_grad_norm`).
+"""The PPO loop's generation seam on the tensor-parallel model (the backend is :mod:`rlhf.tp.backend`).
 
 :class:`TPGenerator` implements :class:`rlhf.generation.Generator` with :func:`rlhf.tp.generation.generate`
 (KV cache; sampled tokens broadcast from rank 0, so the ranks never diverge).
@@ -19,76 +7,15 @@ the model-parallel ranks of **one** model replica: every process runs the same l
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
-from typing import Any
 
 import torch
 
 from rlhf.errors import ConfigError
 from rlhf.generation import Generation, SamplingConfig
-from rlhf.tp.distributed import barrier, clip_grad_norm, device
 from rlhf.tp.generation import generate
 from rlhf.tp.model import Transformer
 
 logger = logging.getLogger(__name__)
-
-
-class TPBackend:
-    """See the module docstring. ``modules`` maps each optimizer's name to the model it trains."""
-
-    per_process_weights = True
-    world_size = 1
-
-    def __init__(self, rank: int, modules: dict[str, torch.nn.Module] | None = None) -> None:
-        self.rank = rank
-        self.device = device()
-        self.modules = dict(modules or {})
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module.to(self.device)
-
-    def autocast(self):
-        return nullcontext()  # the TP models hold their dtype (--dtype) themselves
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(
-        self,
-        optimizers: dict[str, torch.optim.Optimizer],
-        schedulers: dict[str, Any],
-        parameter_groups: dict[str, list[torch.nn.Parameter]],
-        max_grad_norm: float,
-    ) -> dict[str, float]:
-        norms = {}
-        for name, optimizer in optimizers.items():
-            norms[name] = clip_grad_norm(self.modules[name], max_grad_norm if max_grad_norm > 0 else None)
-            optimizer.step()
-            schedulers[name].step()
-            optimizer.zero_grad(set_to_none=True)
-        return norms
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        return dict(values)
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def barrier(self) -> None:
-        barrier()
-
-    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
-        pass  # metrics go to metrics.jsonl (written by the loop) and the log
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def end(self) -> None:
-        barrier()
 
 
 class _NoEarlyEOS(torch.nn.Module):

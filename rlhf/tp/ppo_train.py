@@ -9,7 +9,7 @@
     python -m rlhf.tp.ppo_train ...           # one process (TP=1)
 
 The same loop and math as ``run_ppo_with_peft.py`` (:func:`rlhf.ppo.loop.train`), behind the seams:
-:class:`rlhf.tp.ppo_backend.TPBackend`, :class:`rlhf.tp.ppo_backend.TPGenerator` and
+:class:`rlhf.tp.backend.TPBackend`, :class:`rlhf.tp.ppo_backend.TPGenerator` and
 :class:`rlhf.tp.ppo_models.TPPolicyModels`. Prompts are ``gsm8k_prompt(question)`` of the ``--train_file``
 rows. Reward: the verifier's score (``--reward_model_ckpt_dir``), ``--reward_fn gsm8k`` (1 when the final
 answer matches the label, else 0; or any ``file.py:fn`` / ``module:fn`` rule), or both summed. The critic
@@ -40,10 +40,11 @@ from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
+from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import barrier, device, init_model_parallel
 from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
-from rlhf.tp.ppo_backend import TPBackend, TPGenerator
+from rlhf.tp.ppo_backend import TPGenerator
 from rlhf.tp.ppo_models import TPPolicyModels
 from rlhf.tp.prompt import gsm8k_prompt
 
@@ -170,7 +171,9 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     prompts = PromptSet([tokenizer(t)["input_ids"][-ppo.max_prompt_length :] for t in texts], texts)
     labels = {t: r["label"] for t, r in zip(texts, rows)}
     models = load_models(tp, rank, world_size, dev)
-    backend = TPBackend(rank, {"actor": models.actor, "critic": models.critic})
+    backend = TPBackend(rank)
+    for model in (models.actor, models.critic):
+        backend.prepare(model)
     total_steps = count_total_steps(len(prompts), ppo, args, 1)
     optimizers, schedulers = build_optimizers(models, ppo, args, total_steps)
     sampler = EpochSampler(len(prompts), args.per_device_train_batch_size, 1, 0, args.seed)

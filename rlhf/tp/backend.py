@@ -1,0 +1,123 @@
+"""The tensor-parallel backend: :class:`rlhf.backend.Backend` for ``torchrun`` processes that are the
+model-parallel ranks of **one** model replica.
+
+Every process runs the same loop on the same data (same seed, same batches, same shuffles) and holds its
+slice of each weight. Hence
+
+- ``world_size`` is 1 (one data-parallel replica: sample counts are not multiplied by the TP degree),
+  ``rank`` is the model-parallel rank and ``is_main`` is rank 0;
+- ``prepare(model)`` places a TP model on this rank's device and records which of its parameters are
+  split over the ranks (the rest are replicated);
+- ``step`` clips each parameter group by its norm over the whole model (split parameters' squared norms
+  summed over ranks, replicated ones counted once), then steps every optimizer and scheduler;
+- ``mean``/``gather`` are identities (every rank already holds the same values).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+from rlhf.tp.distributed import barrier, device
+from rlhf.tp.key_maps import is_split_parameter
+
+logger = logging.getLogger(__name__)
+
+
+def group_grad_norm(params: list[torch.nn.Parameter], split: set[int], max_norm: float | None) -> float:
+    """L2 norm of the gradients of ``params`` as if the TP model were one model; clip to ``max_norm``.
+
+    ``split`` holds the ``id`` of every parameter sharded over the ranks: their squared norms are summed
+    over the model-parallel group; replicated ones (the same on every rank) count once. Every rank gets
+    the same norm and applies the same factor. Parameters without a gradient are skipped.
+    """
+    grads = [(id(p), p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    split_sq = torch.zeros((), device=grads[0][1].device, dtype=torch.float32)
+    replicated_sq = torch.zeros_like(split_sq)
+    for key, grad in grads:
+        squared = grad.detach().float().pow(2).sum()
+        if key in split:
+            split_sq += squared
+        else:
+            replicated_sq += squared
+    if dist.is_initialized() and fs_init.get_model_parallel_world_size() > 1:
+        dist.all_reduce(split_sq, group=fs_init.get_model_parallel_group())
+    total = (split_sq + replicated_sq).sqrt()
+    if max_norm is not None and max_norm > 0:
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for _, grad in grads:
+            grad.mul_(factor.to(grad.dtype))
+    return float(total)
+
+
+class TPBackend:
+    """See the module docstring."""
+
+    world_size = 1
+    per_process_weights = True  # read by rlhf.ppo.checkpoint until the save/load seam replaces it
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.device = device()
+        self._split: set[int] = set()  # ids of parameters sharded over the ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a TP model (anything with ``.args: ModelArgs``) to this rank's device and remember which
+        of its parameters are split."""
+        module = module.to(self.device)
+        args = getattr(module, "args", None)
+        if args is not None:
+            self._split |= {id(p) for n, p in module.named_parameters() if is_split_parameter(n, args)}
+        return module
+
+    def autocast(self):
+        return nullcontext()  # the TP models hold their dtype (--dtype) themselves
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+        parameter_groups: dict[str, list[torch.nn.Parameter]],
+        max_grad_norm: float,
+    ) -> dict[str, float]:
+        norms = {
+            name: group_grad_norm(group, self._split, max_grad_norm if max_grad_norm > 0 else None)
+            for name, group in parameter_groups.items()
+        }
+        for name, optimizer in optimizers.items():
+            optimizer.step()
+            schedulers[name].step()
+            optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        return dict(values)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        barrier()
+
+    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
+        pass  # metrics go to metrics.jsonl (written by the loop) and the log
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def end(self) -> None:
+        barrier()
