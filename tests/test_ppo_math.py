@@ -166,12 +166,63 @@ def test_value_loss_loop_reference(gen):
         for t in range(5):
             if mask[b, t] == 0:
                 continue
-            vc = old[b, t].item() + min(max(v[b, t].item() - old[b, t].item(), -clip), clip)
+            vc = min(max(v[b, t].item(), old[b, t].item() - clip), old[b, t].item() + clip)
             e1, e2 = (v[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2
             terms.append(0.5 * max(e1, e2))
             clipped.append(float(e2 > e1))
     assert out.loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
     assert out.clipfrac.item() == pytest.approx(sum(clipped) / len(clipped), abs=1e-6)
+
+
+def clip_is_active_and_larger(x, lo, hi, loss_of) -> float:
+    """1.0 when ``x`` lies outside [lo, hi] and the loss at the clipped point exceeds the loss at ``x``."""
+    if lo <= x <= hi:
+        return 0.0
+    clipped = lo if x < lo else hi
+    return float(loss_of(clipped) > loss_of(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clipfracs_count_only_tokens_where_the_clip_is_active_and_larger(dtype):
+    """On many random tokens, most inside the clip band: a clip fraction equals the share of tokens where
+    the clip is active and makes the loss larger. Tokens inside the band count 0 (the clipped value must be
+    the unclipped one bit for bit, which V_old + clamp(V - V_old, -ε, ε) is not)."""
+    gen = torch.Generator().manual_seed(1)
+    shape, clip = (64, 96), 0.2
+    mask = random_mask(*shape, gen).to(dtype)
+    old = torch.randn(shape, generator=gen, dtype=dtype)
+    v = old + 0.2 * torch.randn(shape, generator=gen, dtype=dtype)
+    ret = torch.randn(shape, generator=gen, dtype=dtype)
+    logp_old = torch.randn(shape, generator=gen, dtype=dtype)
+    logp = logp_old + 0.2 * torch.randn(shape, generator=gen, dtype=dtype)
+    adv = torch.randn(shape, generator=gen, dtype=dtype)
+    ratio = torch.exp(logp - logp_old)  # the band edges below are rounded to the inputs' dtype too
+    value_lo, value_hi = (old - clip).tolist(), (old + clip).tolist()
+    ratio_lo, ratio_hi = (
+        torch.tensor(1 - clip, dtype=dtype).item(),
+        torch.tensor(1 + clip, dtype=dtype).item(),
+    )
+    value_hits, policy_hits, inside = [], [], 0
+    for b in range(shape[0]):
+        for t in range(shape[1]):
+            if mask[b, t] == 0:
+                continue
+            x, r = v[b, t].item(), ret[b, t].item()
+            value_hits.append(
+                clip_is_active_and_larger(x, value_lo[b][t], value_hi[b][t], lambda y, r=r: abs(y - r))
+            )
+            inside += value_lo[b][t] <= x <= value_hi[b][t]
+            a = adv[b, t].item()
+            policy_hits.append(
+                clip_is_active_and_larger(ratio[b, t].item(), ratio_lo, ratio_hi, lambda y, a=a: -a * y)
+            )
+    assert inside > len(value_hits) / 2  # the case that rounding noise used to miscount
+    assert sum(value_hits) > 0 and sum(policy_hits) > 0
+    value = value_loss(v, old, ret, mask, clip)
+    policy = policy_loss(logp, logp_old, adv, mask, clip)
+    one_token = 1 / len(value_hits)  # a fraction off by less than a tenth of one token is the same count
+    assert value.clipfrac.item() == pytest.approx(sum(value_hits) / len(value_hits), abs=0.1 * one_token)
+    assert policy.clipfrac.item() == pytest.approx(sum(policy_hits) / len(policy_hits), abs=0.1 * one_token)
 
 
 def test_entropy_explained_variance_and_pretrain_weight(gen):

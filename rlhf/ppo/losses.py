@@ -15,14 +15,14 @@ from rlhf.ppo.stats import masked_mean
 @dataclass
 class PolicyLoss:
     loss: torch.Tensor  # scalar
-    clipfrac: torch.Tensor  # share of tokens where the clipped term was the larger loss
+    clipfrac: torch.Tensor  # share of tokens where the ratio clip is active and gives the larger loss
     approxkl: torch.Tensor  # ½·mean((log π - log π_old)²)
 
 
 @dataclass
 class ValueLoss:
     loss: torch.Tensor  # scalar
-    clipfrac: torch.Tensor  # share of tokens where the clipped value gave the larger loss
+    clipfrac: torch.Tensor  # share of tokens where the value clip is active and gives the larger loss
 
 
 def policy_loss(
@@ -54,10 +54,14 @@ def value_loss(
 ) -> ValueLoss:
     """Clipped value loss: ½·mean_t max((V_t - R_t)², (V_clip,t - R_t)²),
 
-    V_clip = V_old + clip(V - V_old, -ε, ε) (the PPO2 baselines / InstructGPT critic loss).
+    V_clip = clip(V, V_old - ε, V_old + ε) (the PPO2 baselines / InstructGPT critic loss).
     values, old_values, returns, mask: [B, R].
+
+    The clip is written as a clamp of V itself (TRL's form), not V_old + clamp(V - V_old, -ε, ε): inside
+    the band the clamped value is then V bit for bit, so ``clipfrac`` counts only tokens where the clip
+    is active and makes the error larger, never floating-point rounding of V_old + (V - V_old).
     """
-    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
     unclipped_error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
