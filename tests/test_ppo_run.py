@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM
 
 import run_ppo_with_peft
 from rlhf.data import load_dataset_dir, tokenize_prompt
+from rlhf.errors import ConfigError
 from rlhf.models import load_tokenizer
+from rlhf.ppo.rewards import reward_values
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
@@ -211,3 +213,37 @@ def test_bad_reward_fn_and_non_finite_reward_exit_with_one_line(tiny_llama, tmp_
         run_ppo_with_peft.main(base + ["--reward_fn", f"{nan_fn}:score"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "non-finite" in err and "at step 1" in err
+    none_fn = tmp_path / "none_reward.py"
+    none_fn.write_text("def score(prompts, responses):\n    return None\n")
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(base + ["--reward_fn", f"{none_fn}:score"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: --reward_fn {none_fn}:score returned None" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("returned", "named"),
+    [(None, "None (NoneType)"), (0.5, "0.5 (float)"), ("good", "'good' (str)"), (["good", "bad"], "'good' (str) at index 0"),
+     ([1.0], "1 scores for 2 responses"), ({"a": 1.0, "b": 2.0}, "(dict)"), (torch.zeros(2, 1), "shape [2, 1]"),
+     ([1.0, None], "None (NoneType) at index 1")],
+)  # fmt: skip
+def test_reward_fn_returning_the_wrong_thing_is_named(returned, named):
+    with pytest.raises(ConfigError) as exc:
+        reward_values(returned, 2, "f.py:score")
+    message = str(exc.value)
+    assert message.startswith("--reward_fn f.py:score returned ") and named in message, message
+    assert "\n" not in message and message.endswith("expected a list of 2 floats, one per response")
+
+
+def test_reward_fn_sequences_of_numbers_are_accepted():
+    import numpy as np
+
+    for returned in (
+        [1, 2.5],
+        (1, 2.5),
+        np.array([1.0, 2.5]),
+        torch.tensor([1.0, 2.5]),
+        [np.float32(1), 2.5],
+    ):
+        assert reward_values(returned, 2, "f.py:score") == [1.0, 2.5]

@@ -75,10 +75,43 @@ class RuleScorer:
         self.spec = spec
 
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        values = self.fn(prompts, responses)
-        if len(values) != len(responses):
-            raise ConfigError(f"--reward_fn {self.spec} returned {len(values)} scores for {len(responses)}")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=batch.input_ids.device)
+        values = reward_values(self.fn(prompts, responses), len(responses), self.spec)
+        return torch.tensor(values, dtype=torch.float32, device=batch.input_ids.device)
+
+
+def reward_values(returned: Any, count: int, spec: str) -> list[float]:
+    """What a ``--reward_fn`` returned -> ``count`` floats, or a ConfigError naming the flag and the value.
+
+    Accepted: a list, tuple, array or 1-d tensor of ``count`` numbers (ints, floats, bools, numpy or 0-d
+    torch scalars). Rejected: ``None``, a single number, a string, a mapping, a wrong count, an entry
+    that is not a number.
+    """
+    expected = f"expected a list of {count} floats, one per response"
+    if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__"):
+        raise ConfigError(f"--reward_fn {spec} returned {_describe(returned)}; {expected}")
+    if isinstance(returned, torch.Tensor) and returned.dim() != 1:
+        raise ConfigError(f"--reward_fn {spec} returned a tensor of shape {list(returned.shape)}; {expected}")
+    if len(returned) != count:
+        raise ConfigError(
+            f"--reward_fn {spec} returned {len(returned)} scores for {count} responses; {expected}"
+        )
+    values = []
+    for i, value in enumerate(returned):
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"--reward_fn {spec} returned {_describe(value)} at index {i}; {expected}"
+            ) from None
+    return values
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
 
 
 class SumScorer:
