@@ -16,13 +16,11 @@ Several processes (CPU gloo or GPU NCCL):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rlhf.args import DataArguments, parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.ppo.build import build_session
-from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, validate
+from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, critic_output_dir, validate
 from rlhf.ppo.loop import save_outputs, train
 
 ARGUMENT_GROUPS = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
     validate(model_args, ppo_args, train_args)
-    critic_dir = Path(model_args.critic_output_dir or Path(train_args.output_dir) / "critic")
+    critic_dir = critic_output_dir(model_args, train_args)
 
     session = build_session(data_args, model_args, ppo_args, train_args)
     state = train(session, resume_from=train_args.resume_from_checkpoint)

@@ -247,3 +247,27 @@ def test_reward_fn_sequences_of_numbers_are_accepted():
         [np.float32(1), 2.5],
     ):
         assert reward_values(returned, 2, "f.py:score") == [1.0, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive number, got 0"),
+     (["--per_device_mini_train_batch_size", "0"], "--per_device_mini_train_batch_size must be a positive number"),
+     (["--rollout_batches", "0"], "--rollout_batches must be a positive number, got 0"),
+     (["--ppo_epochs", "0"], "--ppo_epochs must be a positive number, got 0"),
+     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive number, got 0"),
+     (["--output_dir", "FILE"], "--output_dir FILE is a file, not a directory"),
+     (["--critic_output_dir", "FILE"], "--critic_output_dir FILE is a file, not a directory")],
+)  # fmt: skip
+def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsys):
+    """One line, exit code 2, before any model loads (the --sft_model_path does not even exist)."""
+    file = tmp_path / "a_file"
+    file.write_text("not a directory")
+    flags = [str(file) if f == "FILE" else f for f in flags]
+    argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: " + message.replace("FILE", str(file)) in err, err
+    assert err.count("error: ") == 1 and "Traceback" not in err and "missing" not in err

@@ -8,8 +8,9 @@ recipes pass for the Hugging Face Trainer (``--do_train``, ``--dataloader_num_wo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from rlhf.args import DEFAULT_LORA_TARGET, split_comma_list
+from rlhf.args import DEFAULT_LORA_TARGET, check_output_dir, check_positive_flags, split_comma_list
 from rlhf.errors import ConfigError
 from rlhf.ppo.kl import KL_ESTIMATORS
 
@@ -66,7 +67,7 @@ class PPOArguments:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
     per_device_mini_train_batch_size: int = field(
-        default=0, metadata={"help": "Samples per PPO mini-batch (0 = --per_device_train_batch_size)."}
+        default=-1, metadata={"help": "Samples per PPO mini-batch (-1 = --per_device_train_batch_size)."}
     )
     rollout_batches: int = field(default=1, metadata={"help": "Generation batches per rollout."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout."})
@@ -102,7 +103,11 @@ class PPOArguments:
 @dataclass
 class PPOTrainingArguments:
     output_dir: str = field(metadata={"help": "Actor adapter, tokenizer, checkpoints and metrics.jsonl."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Accepted; outputs are overwritten."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an --output_dir that holds checkpoints (they and metrics.jsonl are "
+                  "removed) instead of resuming from the newest one."},
+    )  # fmt: skip
     do_train: bool = field(default=True, metadata={"help": "Accepted for Trainer compatibility."})
     seed: int = field(default=42, metadata={"help": "Seed for models, data order and sampling."})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Prompts per generation batch."})
@@ -117,7 +122,10 @@ class PPOTrainingArguments:
     logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the last N checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N dir to resume."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "checkpoint-N dir to resume (default: the newest one in --output_dir, if any)."},
+    )
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard, all or none (comma list)."})
     run_name: str | None = field(default=None, metadata={"help": "Tracker run name."})
     fp16: bool = field(default=False, metadata={"help": "float16 autocast (GPU only; dropped on CPU)."})
@@ -133,26 +141,32 @@ class PPOTrainingArguments:
         return split_comma_list(self.report_to)
 
 
+def critic_output_dir(models: PPOModelArguments, train: PPOTrainingArguments) -> Path:
+    """``--critic_output_dir``, by default ``<output_dir>/critic``."""
+    return Path(models.critic_output_dir or Path(train.output_dir) / "critic")
+
+
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
-    """Check flag combinations once, up front; messages name the flags."""
+    """Check flag combinations once, up front (before any model loads); messages name the flags."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
         raise ConfigError("give a reward: --reward_lora_path, --reward_model_path or --reward_fn")
     if models.reward_lora_path and models.reward_model_path:
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
-    if ppo.per_device_mini_train_batch_size <= 0:
+    check_output_dir(train.output_dir, "--output_dir")
+    check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
+    if ppo.per_device_mini_train_batch_size == -1:
         ppo.per_device_mini_train_batch_size = train.per_device_train_batch_size
+    loop_flags = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+    ppo_flags = ("per_device_mini_train_batch_size", "rollout_batches", "ppo_epochs", "max_response_length",
+                 "max_prompt_length")  # fmt: skip
+    positive = {f"--{name}": getattr(train, name) for name in loop_flags}
+    check_positive_flags(positive | {f"--{name}": getattr(ppo, name) for name in ppo_flags})
     rollout = train.per_device_train_batch_size * ppo.rollout_batches
     if rollout % ppo.per_device_mini_train_batch_size:
         raise ConfigError(
             f"--per_device_mini_train_batch_size {ppo.per_device_mini_train_batch_size} must divide the "
             f"rollout size --per_device_train_batch_size x --rollout_batches = {rollout}"
         )
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
-        if getattr(train, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0")
-    for name in ("max_response_length", "max_prompt_length", "ppo_epochs", "rollout_batches"):
-        if getattr(ppo, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0")
     if ppo.min_response_length > ppo.max_response_length:
         raise ConfigError("--min_response_length must be <= --max_response_length")
     if ppo.temperature <= 0:
