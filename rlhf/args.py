@@ -31,7 +31,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from rlhf.errors import ConfigError
 from rlhf.models.loading import warn_precision_fallback
-from rlhf.models.lora import DEFAULT_LORA_TARGET
+from rlhf.models.lora import DEFAULT_LORA_TARGET, LoraSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,14 @@ class LoraArguments:
         default=None, metadata={"help": "Comma list of extra fully-trained modules; 'None' for none."}
     )
 
-    @property
-    def use_lora(self) -> bool:
-        return self.lora_rank > 0
-
-    @property
-    def target_modules(self) -> list[str]:
-        return split_comma_list(self.lora_target)
+    def lora_spec(self) -> LoraSpec:
+        """The adapter these flags describe (``rank <= 0`` = full training, see ``LoraSpec.use_lora``)."""
+        return LoraSpec(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=split_comma_list(self.lora_target),
+        )
 
     @property
     def extra_modules(self) -> list[str]:

@@ -19,6 +19,7 @@ from rlhf.args import (
     split_comma_list,
 )
 from rlhf.errors import ConfigError
+from rlhf.models.lora import LoraSpec
 
 
 def test_legacy_flags_are_renamed():
@@ -36,7 +37,16 @@ def test_comma_lists_and_none():
     assert split_comma_list("q_proj, v_proj,") == ["q_proj", "v_proj"]
     assert split_comma_list("None") == [] and split_comma_list(None) == []
     lora = LoraArguments(lora_rank=-1, modules_to_save="None")
-    assert not lora.use_lora and lora.extra_modules == []
+    assert not lora.lora_spec().use_lora and lora.extra_modules == []
+
+
+def test_lora_flags_make_one_lora_spec():
+    spec = LoraArguments(
+        lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_target="q_proj, v_proj"
+    ).lora_spec()
+    assert spec == LoraSpec(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj"])
+    assert spec.use_lora and not LoraArguments(lora_rank=0).lora_spec().use_lora
+    assert LoraArguments().lora_spec() == LoraSpec()  # flag defaults are the spec's defaults
 
 
 def test_parse_reference_style_flags(tmp_path):
@@ -48,7 +58,7 @@ def test_parse_reference_style_flags(tmp_path):
         (ModelArguments, DataArguments, LoraArguments, TrainingArguments), argv
     )
     assert training.eval_strategy == "steps" and training.warmup_steps == pytest.approx(0.03)
-    assert lora.target_modules == ["q_proj", "v_proj"] and lora.extra_modules == []
+    assert lora.lora_spec().targets == ["q_proj", "v_proj"] and lora.extra_modules == []
     assert model.torch_dtype == "float16" and data.dataset_dir == "d"
 
 

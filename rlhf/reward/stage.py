@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft import TaskType
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
@@ -63,7 +63,9 @@ def build_reward_model(
     model_args: ModelArguments, lora_args: LoraArguments, tokenizer: Any, args: TrainingArguments
 ):
     """The reward model with a new score head and its trainable weights set up."""
-    use_lora = lora_args.use_lora or bool(model_args.peft_path)
+    lora = lora_args.lora_spec()
+    use_lora = lora.use_lora or bool(model_args.peft_path)
+    set_seed(args.seed)  # a new adapter and score head start from the same weights for the same --seed
     if use_lora and is_adapter_dir(model_args.model_name_or_path):
         raise ConfigError(
             f"--model_name_or_path {model_args.model_name_or_path} is an adapter: merge it into its base "
@@ -79,7 +81,8 @@ def build_reward_model(
     heads = tuple(name for name in HEAD_NAMES if hasattr(model, name))
     return make_trainable(
         model,
-        lora_args,
+        lora,
+        modules_to_save=lora_args.extra_modules,
         peft_path=model_args.peft_path,
         task_type=TaskType.SEQ_CLS,
         head_modules=heads,

@@ -14,10 +14,10 @@ from transformers import EvalPrediction, Trainer
 
 from rlhf.reward.losses import pairwise_loss
 from rlhf.reward.model import sequence_rewards
-from rlhf.training import AtomicCheckpointMixin
+from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin
 
 
-class RewardTrainer(AtomicCheckpointMixin, Trainer):
+class RewardTrainer(FiniteLossMixin, AtomicCheckpointMixin, Trainer):
     """Trains a scalar reward model on batches from :class:`rlhf.reward.pairs.PairCollator`."""
 
     loss_is_scaled_for_ga = False  # the loss is a per-batch mean; Trainer divides by the accumulation steps

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft import TaskType
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
-from rlhf.training import AtomicCheckpointMixin, make_trainable, weights_dtype
+from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
 from rlhf.training.runner import prepare_run, run_trainer
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ class SFTArguments:
     )
 
 
-class SFTTrainer(AtomicCheckpointMixin, Trainer):
-    """``transformers.Trainer`` with atomic checkpoints; the loss is the model's own (labels carry -100)."""
+class SFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and the non-finite loss guard; the loss is the
+    model's own (labels carry -100)."""
 
 
 def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArguments):
@@ -55,7 +56,9 @@ def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArgum
 
 def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
     """The causal LM with its trainable weights set up (new LoRA, ``--peft_path`` adapter, or full)."""
-    use_lora = lora_args.use_lora or bool(model_args.peft_path)
+    lora = lora_args.lora_spec()
+    use_lora = lora.use_lora or bool(model_args.peft_path)
+    set_seed(args.seed)  # a new adapter starts from the same weights for the same --seed
     model = load_causal_lm(
         model_args.model_name_or_path,
         torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
@@ -66,7 +69,8 @@ def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: 
     model.config.use_cache = False
     return make_trainable(
         model,
-        lora_args,
+        lora,
+        modules_to_save=lora_args.extra_modules,
         peft_path=model_args.peft_path,
         task_type=TaskType.CAUSAL_LM,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -13,10 +13,9 @@ import logging
 import torch
 from peft import PeftModel, TaskType, get_peft_model
 
-from rlhf.args import LoraArguments
 from rlhf.errors import CheckpointError
 from rlhf.models import is_adapter_dir
-from rlhf.models.lora import build_lora_config
+from rlhf.models.lora import LoraSpec, build_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +37,9 @@ def weights_dtype(torch_dtype: str | None, use_lora: bool) -> str:
 
 def make_trainable(
     model: torch.nn.Module,
-    lora: LoraArguments,
+    lora: LoraSpec,
     *,
+    modules_to_save: list[str] | None = None,
     peft_path: str | None = None,
     task_type: TaskType = TaskType.CAUSAL_LM,
     head_modules: tuple[str, ...] = (),
@@ -47,8 +47,9 @@ def make_trainable(
 ) -> torch.nn.Module:
     """Return ``model`` ready to train: wrapped in a (new or loaded) adapter, or unchanged for full training.
 
-    ``head_modules`` (such as the reward model's ``score``) are always trained in full and saved with the
-    adapter.
+    Whether a new adapter is made is decided by ``lora.use_lora`` alone (``rank <= 0`` = full training).
+    ``modules_to_save`` (``--modules_to_save``) and ``head_modules`` (such as the reward model's ``score``)
+    are trained in full and saved with the adapter.
     """
     if peft_path:
         if not is_adapter_dir(peft_path):
@@ -58,13 +59,13 @@ def make_trainable(
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
-        extra = list(dict.fromkeys([*lora.extra_modules, *head_modules]))
+        extra = list(dict.fromkeys([*(modules_to_save or []), *head_modules]))
         config = build_lora_config(
             model,
-            rank=lora.lora_rank,
-            alpha=lora.lora_alpha,
-            dropout=lora.lora_dropout,
-            targets=lora.target_modules,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            targets=lora.targets,
             modules_to_save=extra,
             task_type=task_type,
         )
