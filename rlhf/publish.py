@@ -17,10 +17,15 @@ import shutil
 from pathlib import Path
 
 
+def staging_path(final: Path) -> Path:
+    """Where :func:`staging_dir` stages ``final`` (for processes that write into it without creating it)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.tmp"
+
+
 def staging_dir(final: Path) -> Path:
     """An empty ``.NAME.tmp`` next to ``final`` (created, leftovers of an earlier kill removed)."""
-    final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp"
+    tmp = staging_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

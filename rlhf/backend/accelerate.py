@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +21,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-logger = logging.getLogger(__name__)
+from rlhf.backend.state_files import read_trainable, write_trainable
+from rlhf.backend.trackers import Trackers
 
-KNOWN_TRACKERS = ("wandb", "tensorboard", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
+logger = logging.getLogger(__name__)
 
 
 class AccelerateBackend:
@@ -37,13 +40,12 @@ class AccelerateBackend:
             cpu=not torch.cuda.is_available(),  # CPU processes under torchrun need this to join a gloo group
             mixed_precision=mixed_precision,
             kwargs_handlers=kwargs,
-            log_with=_trackers(report_to or []) or None,
             project_dir=project_dir,
         )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
-        self._trackers = False
+        self.trackers = Trackers(report_to or [], project_dir, self.is_main)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.world_size:
             raise RuntimeError(f"WORLD_SIZE={launched} but Accelerate joined {self.world_size} process(es)")
@@ -110,33 +112,26 @@ class AccelerateBackend:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def save_trainable(
+        self, directory: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+    ) -> None:
+        """Replicated weights: one copy, written by the main process into ``directory``."""
+        if self.is_main:
+            write_trainable(directory, tensors, optimizer_state)
+
+    def load_trainable(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return read_trainable(directory)
+
+    def run_export(self, write: Callable[[], None]) -> None:
+        """Replicated weights: the main process exports them."""
+        if self.is_main:
+            write()
+
     def init_trackers(self, project: str, config: dict[str, Any]) -> None:
-        if not self.accelerator.log_with:
-            return
-        try:
-            init_kwargs = (
-                {"wandb": {"dir": self.accelerator.project_dir}} if self.accelerator.project_dir else {}
-            )
-            self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
-            self._trackers = True
-        except Exception as exc:  # noqa: BLE001 - a tracker failing must not stop training
-            logger.warning("trackers not started (%s); metrics.jsonl is still written", exc)
+        self.trackers.start(project, config)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self._trackers:
-            self.accelerator.log(metrics, step=step)
+        self.trackers.log(metrics, step)
 
     def end(self) -> None:
-        if self._trackers:
-            self.accelerator.end_training()
-
-
-def _trackers(report_to: list[str]) -> list[str]:
-    """``--report_to`` values -> Accelerate tracker names (``none`` dropped, ``all`` = wandb+tensorboard)."""
-    wanted = [t for t in report_to if t not in ("none", "")]
-    if "all" in wanted:
-        wanted = ["wandb", "tensorboard"]
-    unknown = [t for t in wanted if t not in KNOWN_TRACKERS]
-    if unknown:
-        logger.warning("--report_to: unknown tracker(s) %s ignored", ",".join(unknown))
-    return [t for t in wanted if t in KNOWN_TRACKERS]
+        self.trackers.end()

@@ -1,10 +1,26 @@
 """The backend interface: device placement, backward, optimizer step with gradient sync, collectives,
-trackers. :class:`rlhf.backend.accelerate.AccelerateBackend` implements it on Accelerate (one process,
-``torchrun`` or ``accelerate launch``); a tensor-parallel backend implements the same methods."""
+checkpoint state and exports, trackers.
+
+The backend is the whole distribution strategy: a training loop or checkpoint writer calls these methods
+and never asks which backend it has. Two implement it:
+
+- :class:`rlhf.backend.accelerate.AccelerateBackend`: data parallel (one process, ``torchrun`` or
+  ``accelerate launch``); every process holds the same **replicated** weights;
+- :class:`rlhf.tp.backend.TPBackend`: the ``torchrun`` processes are the tensor-parallel ranks of one
+  replica; each holds a **shard** of the weights.
+
+Where the difference shows, it is declared here: :meth:`Backend.save_trainable` / :meth:`load_trainable`
+put the trainable state in one place (replicated: ``trainable.safetensors`` and ``optimizer.pt`` in the
+checkpoint dir, written by the main process) or one per process (sharded: in ``rank_K/``), and
+:meth:`Backend.run_export` runs a model export on the main process only (replicated) or on every process
+(sharded: the export is collective, each rank writing its shard).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +62,21 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Wait for every process."""
+
+    def save_trainable(
+        self, directory: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+    ) -> None:
+        """Write this process's trainable tensors (by stable name) and optimizer/scheduler state into the
+        checkpoint dir being written. Every process calls it; which of them write, and where, is the
+        backend's (see the module docstring). Format: :mod:`rlhf.backend.state_files`."""
+
+    def load_trainable(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Read back what :meth:`save_trainable` wrote for this process: (tensors on CPU, optimizer
+        state). A missing or unreadable file raises :class:`rlhf.errors.CheckpointError` naming it."""
+
+    def run_export(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (e.g. ``models.save_actor(dir)``) where the weights live: on the main process for
+        replicated weights, on every process for sharded ones. No barrier: the caller adds one."""
 
     def init_trackers(self, project: str, config: dict[str, Any]) -> None:
         """Start the experiment trackers chosen at construction (wandb, tensorboard, ...)."""

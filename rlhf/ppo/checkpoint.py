@@ -10,19 +10,21 @@ Layout of ``checkpoint-N/``::
     rank_K/rng.pt, rank_K/state.json, rank_K/buffer.safetensors   per process: RNG, pending metrics,
                                  rollout in progress, a checksum of the weights (replicas must agree)
 
-A checkpoint is written into ``checkpoint-N.tmp`` and renamed when complete, so a kill never leaves a
-half-written ``checkpoint-N``.
+Where the trainable state and the exports are written is the backend's business
+(:meth:`rlhf.backend.Backend.save_trainable`, :meth:`~rlhf.backend.Backend.run_export`): with replicated
+weights (Accelerate) one copy as above; with sharded weights (tensor parallel) ``trainable.safetensors``
+and ``optimizer.pt`` sit in each ``rank_K/`` and every process takes part in the exports.
 
-A backend whose processes each hold a different slice of the weights (tensor parallelism: its
-``per_process_weights`` is true) gets ``trainable.safetensors`` and ``optimizer.pt`` in each ``rank_K/``
-instead, and every process takes part in the actor and critic exports (they are collective there).
+A checkpoint is written into a hidden staging dir and published under its name when complete
+(:mod:`rlhf.publish`), so a kill never leaves a half-written ``checkpoint-N``. A file damaged later (a full
+disk, a copy cut short) is reported by name; :func:`newest_loadable_checkpoint` finds the newest
+checkpoint whose files are whole, for an implicit resume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -33,13 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.backend import Backend
+from rlhf.backend.state_files import OPTIMIZER, TRAINABLE, check_file, rank_dir, read_file
 from rlhf.errors import CheckpointError
 from rlhf.ppo.batch import RolloutBuffer
-from rlhf.ppo.models import PolicyModels
+from rlhf.ppo.policy_interface import PolicyModels
+from rlhf.publish import publish_dir, staging_dir, staging_path
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+RANK_FILES = ("state.json", "rng.pt")  # every rank_K/ has these; buffer.safetensors only mid-rollout
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -79,49 +84,36 @@ def save_checkpoint(
     extra_files: dict[str, Any] | None = None,
 ) -> None:
     """Write ``directory`` atomically (all processes call this)."""
-    per_process = getattr(backend, "per_process_weights", False)
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = staging_path(directory)
     if backend.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staging_dir(directory)
     backend.barrier()
-    rank_dir = tmp / f"rank_{backend.rank}"
-    rank_dir.mkdir()
+    own = rank_dir(tmp, backend.rank)
+    own.mkdir()
     plain_rng, tensor_rng = capture_rng()
-    torch.save(tensor_rng, rank_dir / "rng.pt")
-    checksum = sum(float(t.double().square().sum()) for t in models.trainable_state().values())
-    (rank_dir / "state.json").write_text(
+    torch.save(tensor_rng, own / "rng.pt")
+    trainable = models.trainable_state()
+    checksum = sum(float(t.double().square().sum()) for t in trainable.values())
+    (own / "state.json").write_text(
         json.dumps({"rng": plain_rng, "weights_checksum": checksum, **rank_state})
     )
     if buffer is not None:
         save_file(
-            {k: v.contiguous().cpu() for k, v in buffer.tensors().items()},
-            str(rank_dir / "buffer.safetensors"),
+            {k: v.contiguous().cpu() for k, v in buffer.tensors().items()}, str(own / "buffer.safetensors")
         )
-    if backend.is_main or per_process:
-        models.save_actor(tmp / "actor")
-        models.save_critic(tmp / "critic")
-        weights_dir = rank_dir if per_process else tmp
-        save_file(
-            {k: v.cpu() for k, v in models.trainable_state().items()},
-            str(weights_dir / "trainable.safetensors"),
-        )
-        torch.save(
-            {
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            },
-            weights_dir / "optimizer.pt",
-        )
+    optimizer_state = {
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+    }
+    backend.save_trainable(tmp, trainable, optimizer_state)
+    backend.run_export(lambda: (models.save_actor(tmp / "actor"), models.save_critic(tmp / "critic")))
     if backend.is_main:
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
         (tmp / TRAINER_STATE).write_text(json.dumps(shared_state, indent=1))
     backend.barrier()
     if backend.is_main:
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        publish_dir(tmp, directory)
         logger.info("saved %s", directory)
     backend.barrier()
 
@@ -136,40 +128,80 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any], RolloutBuffer | None]:
     """Restore weights, optimizer/scheduler states and this process's RNG.
 
-    Returns (shared_state, rank_state, buffer or None)."""
-    rank_dir = directory / f"rank_{backend.rank}"
-    if not (directory / TRAINER_STATE).is_file() or not rank_dir.is_dir():
+    Returns (shared_state, rank_state, buffer or None). A missing or damaged file raises a
+    :class:`CheckpointError` naming it."""
+    own = rank_dir(directory, backend.rank)
+    if not (directory / TRAINER_STATE).is_file() or not own.is_dir():
         raise CheckpointError(
             f"{directory}: not a complete PPO checkpoint for process {backend.rank} "
-            f"(needs {TRAINER_STATE} and rank_{backend.rank}/; was it written with this many processes?)"
+            f"(needs {TRAINER_STATE} and {own.name}/; was it written with this many processes?)"
         )
-    weights_dir = rank_dir if getattr(backend, "per_process_weights", False) else directory
-    weights = load_file(str(weights_dir / "trainable.safetensors"))
+    weights, states = backend.load_trainable(directory)
     models.load_trainable_state(weights)
-    states = torch.load(weights_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(states["optimizers"][name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(states["schedulers"][name])
-    shared = json.loads((directory / TRAINER_STATE).read_text())
-    rank_state = json.loads((rank_dir / "state.json").read_text())
-    restore_rng(rank_state.pop("rng"), torch.load(rank_dir / "rng.pt", weights_only=True))
+    shared = read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text()))
+    rank_state = read_file(own / "state.json", lambda p: json.loads(p.read_text()))
+    tensor_rng = read_file(own / "rng.pt", lambda p: torch.load(p, weights_only=True))
+    restore_rng(rank_state.pop("rng"), tensor_rng)
     rank_state.pop("weights_checksum", None)
     buffer = None
-    if (rank_dir / "buffer.safetensors").is_file():
-        tensors = load_file(str(rank_dir / "buffer.safetensors"), device=str(backend.device))
+    if (own / "buffer.safetensors").is_file():
+        tensors = read_file(
+            own / "buffer.safetensors", lambda p: load_file(str(p), device=str(backend.device))
+        )
         buffer = RolloutBuffer.from_tensors(tensors)
     logger.info("resumed from %s at step %d", directory, shared["step"])
     return shared, rank_state, buffer
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The published ``checkpoint-N`` dirs of ``output_dir``, oldest (smallest N) first."""
+    found = [
+        p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why resuming from ``directory`` would fail on its files (one line naming the file), or ``None``.
+
+    Checks that the files resuming reads exist and are whole (:func:`rlhf.backend.state_files.check_file`):
+    ``trainer_state.json``, every ``rank_K/`` with its RNG and state, and ``trainable.safetensors`` plus
+    ``optimizer.pt`` either once (replicated weights) or in every ``rank_K/`` (sharded weights)."""
+    if not (directory / TRAINER_STATE).is_file():
+        return f"{directory / TRAINER_STATE}: missing"
+    ranks = sorted(p for p in directory.glob("rank_*") if p.is_dir())
+    if not ranks:
+        return f"{directory}: no rank_K/ dirs"
+    weight_dirs = [directory] if (directory / TRAINABLE).exists() else ranks
+    needed = [directory / TRAINER_STATE]
+    needed += [r / name for r in ranks for name in RANK_FILES]
+    needed += [r / "buffer.safetensors" for r in ranks if (r / "buffer.safetensors").exists()]
+    needed += [d / name for d in weight_dirs for name in (TRAINABLE, OPTIMIZER)]
+    for path in needed:
+        reason = "missing" if not path.is_file() else check_file(path)
+        if reason:
+            return f"{path}: {reason}"
+    return None
+
+
+def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` whose files are whole, or ``None``; each newer one that
+    is damaged is skipped with a warning naming the bad file."""
+    for directory in reversed(checkpoint_dirs(output_dir)):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        logger.warning("skipping %s: %s", directory.name, problem)
+    return None
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
     """Delete all but the newest ``keep`` ``checkpoint-N`` dirs."""
     if not keep or keep <= 0:
         return
-    found = sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for old in found[:-keep]:
+    for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

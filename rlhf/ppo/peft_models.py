@@ -1,4 +1,4 @@
-"""The PEFT implementation of :class:`rlhf.ppo.models.PolicyModels`: one frozen base, several adapters.
+"""The PEFT implementation of :class:`rlhf.ppo.policy_interface.PolicyModels`: one frozen base, several adapters.
 
 One causal LM is loaded once and frozen. On it live LoRA adapters ``actor``, ``critic`` and (when the
 reward model was trained on the same base) ``reward``; the reference policy is the base with adapters
@@ -27,7 +27,7 @@ from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
 from rlhf.models.lora import build_lora_config
 from rlhf.ppo.batch import SequenceBatch
-from rlhf.ppo.models import TrainableGroups
+from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
 
 logger = logging.getLogger(__name__)

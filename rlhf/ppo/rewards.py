@@ -16,7 +16,7 @@ import torch
 
 from rlhf.errors import ConfigError
 from rlhf.ppo.batch import SequenceBatch, left_pad
-from rlhf.ppo.models import PolicyModels
+from rlhf.ppo.policy_interface import PolicyModels
 
 logger = logging.getLogger(__name__)
 

@@ -10,19 +10,27 @@ slice of each weight. Hence
   split over the ranks (the rest are replicated);
 - ``step`` clips each parameter group by its norm over the whole model (split parameters' squared norms
   summed over ranks, replicated ones counted once), then steps every optimizer and scheduler;
-- ``mean``/``gather`` are identities (every rank already holds the same values).
+- ``mean``/``gather`` are identities (every rank already holds the same values);
+- the trainable state is sharded: each rank saves and loads its own ``trainable.safetensors`` and
+  ``optimizer.pt`` in the checkpoint's ``rank_K/``, and exports run on every rank (they are collective:
+  each rank writes its shard);
+- trackers (``report_to``) run on rank 0, as under Accelerate (:class:`rlhf.backend.trackers.Trackers`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from rlhf.backend.state_files import rank_dir, read_trainable, write_trainable
+from rlhf.backend.trackers import Trackers
 from rlhf.tp.distributed import barrier, device
 from rlhf.tp.key_maps import is_split_parameter
 
@@ -61,12 +69,12 @@ class TPBackend:
     """See the module docstring."""
 
     world_size = 1
-    per_process_weights = True  # read by rlhf.ppo.checkpoint until the save/load seam replaces it
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, report_to: list[str] | None = None, project_dir: str | None = None) -> None:
         self.rank = rank
         self.device = device()
         self._split: set[int] = set()  # ids of parameters sharded over the ranks
+        self.trackers = Trackers(report_to or [], project_dir, self.is_main)
 
     @property
     def is_main(self) -> bool:
@@ -113,11 +121,25 @@ class TPBackend:
     def barrier(self) -> None:
         barrier()
 
+    def save_trainable(
+        self, directory: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+    ) -> None:
+        """Sharded weights: every rank writes its own slice into ``directory/rank_K/``."""
+        write_trainable(rank_dir(directory, self.rank), tensors, optimizer_state)
+
+    def load_trainable(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return read_trainable(rank_dir(directory, self.rank))
+
+    def run_export(self, write: Callable[[], None]) -> None:
+        """Sharded weights: the export is collective, every rank writes its shard."""
+        write()
+
     def init_trackers(self, project: str, config: dict[str, Any]) -> None:
-        pass  # metrics go to metrics.jsonl (written by the loop) and the log
+        self.trackers.start(project, config)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
+        self.trackers.log(metrics, step)
 
     def end(self) -> None:
+        self.trackers.end()
         barrier()

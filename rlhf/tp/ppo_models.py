@@ -1,4 +1,4 @@
-"""The PPO models bundle (:class:`rlhf.ppo.models.PolicyModels`) on tensor-parallel models.
+"""The PPO models bundle (:class:`rlhf.ppo.policy_interface.PolicyModels`) on tensor-parallel models.
 
 | role | what it is |
 |---|---|
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.ppo.batch import SequenceBatch
-from rlhf.ppo.models import TrainableGroups
+from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
 from rlhf.tp.checkpoint import save_model_shards
 from rlhf.tp.lora import lora_layers

@@ -1,4 +1,4 @@
-"""The models interface the PPO loop talks to: actor, critic, reference and reward behind one object.
+"""The policy interface the PPO loop talks to: actor, critic, reference and reward behind one object.
 
 The loop never touches PEFT, adapters or tensor-parallel layers; it calls these methods on token
 batches (:class:`rlhf.ppo.batch.SequenceBatch`). :class:`rlhf.ppo.peft_models.PeftPolicyModels` implements

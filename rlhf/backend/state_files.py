@@ -1,0 +1,87 @@
+"""The files of a checkpoint's trainable state, written and read with errors that name the file.
+
+- ``trainable.safetensors``: every trainable tensor by name (:meth:`PolicyModels.trainable_state`);
+- ``optimizer.pt``: optimizer and scheduler states (``torch.load(weights_only=True)``).
+
+Each backend decides *where* they go (one copy for replicated weights, one per rank for sharded ones);
+this module is *how*. :func:`check_file` is the cheap integrity test used to pick a checkpoint that
+loads: a truncated ``.safetensors`` is shorter than its header says, a truncated ``.pt``/``.pth`` (a zip
+archive) has no readable central directory or a bad CRC, a truncated ``.json`` does not parse.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.errors import CheckpointError
+
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+
+
+def rank_dir(directory: Path, rank: int) -> Path:
+    """The per-process sub-directory ``rank_K/`` of a checkpoint."""
+    return directory / f"rank_{rank}"
+
+
+def write_trainable(
+    directory: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+) -> None:
+    """Write ``TRAINABLE`` (tensors moved to CPU, made contiguous) and ``OPTIMIZER`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / TRAINABLE))
+    torch.save(optimizer_state, directory / OPTIMIZER)
+
+
+def read_trainable(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors on CPU, optimizer state) from ``directory``; a missing or unreadable file raises a
+    :class:`CheckpointError` naming it."""
+    tensors = read_file(directory / TRAINABLE, lambda p: load_file(str(p)))
+    state = read_file(directory / OPTIMIZER, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    return tensors, state
+
+
+def read_file(path: Path, reader) -> Any:
+    """``reader(path)``, with a missing or unreadable file reported as one line naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (an incomplete checkpoint?)")
+    try:
+        return reader(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({detail})") from None
+
+
+def check_file(path: Path) -> str | None:
+    """Why ``path`` would not load (a one-line reason), or ``None`` when it looks whole.
+
+    ``.safetensors``: the header parses and the file is as long as the header says; ``.pt``/``.pth``
+    (torch's zip format): every member's CRC matches; ``.json``: it parses. Other files pass.
+    """
+    suffix = path.suffix
+    try:
+        if suffix == ".safetensors":
+            with path.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = path.stat().st_size
+            if size < 8 + header_len + end:
+                return f"truncated ({size} of {8 + header_len + end} bytes)"
+        elif suffix in (".pt", ".pth"):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"corrupt member {bad}"
+        elif suffix == ".json":
+            json.loads(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault
+        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
