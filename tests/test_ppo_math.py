@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.kl import AdaptiveKLController, kl_estimate, kl_shaped_rewards
 from rlhf.ppo.losses import entropy_bonus, policy_loss, pretrain_weight, value_loss
+from rlhf.ppo.metrics import MetricsAccumulator
 from rlhf.ppo.stats import (
     entropy_from_logits,
     explained_variance,
@@ -243,3 +245,27 @@ def test_adaptive_kl_controller_by_hand():
     ctl2 = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
     ctl2.update(5.4, 100)  # error -0.1
     assert ctl2.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
+
+
+def test_metrics_rows_weight_rollout_statistics_by_the_mini_batches_trained_on_them():
+    acc = MetricsAccumulator()
+    acc.start_rollout({"reward/score": 0.1, "objective/kl": 3.0}, seconds=6.0, mini_batches=3)
+    for loss in (1.0, 2.0):
+        acc.add_mini_batch({"loss/policy": loss})
+    means = acc.means()
+    assert means["reward/score"] == 0.1 and means["objective/kl"] == 3.0  # one rollout: bit for bit
+    assert means["loss/policy"] == 1.5 and acc.values["time/rollout_s"] == [2.0, 2.0]
+    acc.reset()  # a new window in the middle of the rollout: its statistics stay
+    acc.add_mini_batch({"loss/policy": 3.0})
+    acc.start_rollout({"reward/score": 0.7, "objective/kl": 1.0}, seconds=1.0, mini_batches=4)
+    saved = json.loads(json.dumps(acc.state()))  # what a checkpoint holds
+    resumed = MetricsAccumulator()
+    resumed.load_state(saved)
+    for a in (acc, resumed):
+        for _ in range(3):
+            a.add_mini_batch({"loss/policy": 0.0})
+    assert acc.means() == resumed.means()
+    assert acc.means()["reward/score"] == pytest.approx(0.25 * 0.1 + 0.75 * 0.7)  # 1 + 3 mini-batches
+    assert sum(acc.values["time/rollout_s"]) == pytest.approx(2.0 + 3 * 0.25)
+    acc.reset()
+    assert acc.means() == {} and acc.rollouts[0]["stats"]["reward/score"] == 0.7

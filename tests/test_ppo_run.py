@@ -271,3 +271,29 @@ def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error: " + message.replace("FILE", str(file)) in err, err
     assert err.count("error: ") == 1 and "Traceback" not in err and "missing" not in err
+
+
+ROLLOUT_KEYS = [
+    "reward/score", "reward/score_std", "objective/kl", "objective/rlhf_reward", "objective/kl_coef",
+    "value/explained_variance", "response/length_mean", "response/eos_frac",
+]  # fmt: skip
+
+
+def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tiny_llama, tmp_path):
+    """Two optimizer steps per rollout, a row per step: the second row of each rollout collected none,
+    yet has the same keys, and both rows of one rollout report its statistics exactly."""
+    out = tmp_path / "rows"
+    run_ppo_with_peft.main([
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--max_steps", "4",
+        "--logging_steps", "1", "--save_steps", "100", "--target_kl", "0.01", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["rollouts"] for r in rows] == [1, 1, 2, 2]
+    assert all(r.keys() == rows[0].keys() for r in rows) and set(ROLLOUT_KEYS) <= rows[0].keys()
+    for first, second in (rows[0:2], rows[2:4]):
+        assert {k: first[k] for k in ROLLOUT_KEYS} == {k: second[k] for k in ROLLOUT_KEYS}
+    assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # adaptive β: a new rollout
+    assert all(r["time/rollout_s"] > 0 for r in rows)  # each step carries its share of the rollout time
+    assert rows[0]["time/rollout_s"] == rows[1]["time/rollout_s"]

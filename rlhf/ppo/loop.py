@@ -158,7 +158,11 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     s.kl_controller.update(mean_kl, n * s.backend.world_size)
     state.rollouts += 1
     state.samples += n * s.backend.world_size
-    metrics.add(
+    buffer = RolloutBuffer(
+        batch, old_logprobs, values, advantages, returns, order, ppo.per_device_mini_train_batch_size
+    )
+    # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py).
+    metrics.start_rollout(
         {
             "reward/score": float(raw_scores.mean()),
             "reward/score_std": float(raw_scores.std(unbiased=False)),
@@ -168,12 +172,11 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
             "value/explained_variance": float(explained_variance(values, returns, mask)),
             "response/length_mean": float(lengths.float().mean()),
             "response/eos_frac": float(ended.float().mean()),
-            "time/rollout_s": time.perf_counter() - start,
-        }
+        },
+        seconds=time.perf_counter() - start,
+        mini_batches=buffer.num_mini_batches,
     )
-    return RolloutBuffer(
-        batch, old_logprobs, values, advantages, returns, order, ppo.per_device_mini_train_batch_size
-    )
+    return buffer
 
 
 def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState) -> dict[str, float]:
@@ -256,7 +259,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         # 6. PPO epochs over mini-batches; an optimizer step every `gradient_accumulation_steps` of them.
         s.models.train(True)
         start = time.perf_counter()
-        metrics.add(ppo_mini_batch_step(s, buffer, state))
+        metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
         state.micro_steps += 1
         if state.micro_steps < args.gradient_accumulation_steps:
             metrics.add({"time/train_s": time.perf_counter() - start})
