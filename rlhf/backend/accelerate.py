@@ -9,6 +9,7 @@ the same as DDP's: every process steps with the mean gradient and the replicas s
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,6 +35,7 @@ class AccelerateBackend:
         timeout_s: int = 1800,
         report_to: list[str] | None = None,
         project_dir: str | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         kwargs = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
         self.accelerator = Accelerator(
@@ -45,6 +47,12 @@ class AccelerateBackend:
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
+        self.replica_rank = self.rank  # every process is a data-parallel replica
+        # fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler is off (a no-op).
+        fp16 = mixed_precision == "fp16"
+        self.scaler = (
+            grad_scaler if grad_scaler is not None else torch.amp.GradScaler(self.device.type, enabled=fp16)
+        )
         self.trackers = Trackers(report_to or [], project_dir, self.is_main)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.world_size:
@@ -63,7 +71,7 @@ class AccelerateBackend:
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.scaler.scale(loss).backward()  # the loss times the fp16 loss scale (unchanged without fp16)
 
     def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
         if self.world_size == 1 or not grads:
@@ -88,15 +96,35 @@ class AccelerateBackend:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._all_reduce_mean([p.grad for p in params])
+        for optimizer in optimizers.values():  # after the all-reduce, so every process sees the same inf
+            self.scaler.unscale_(optimizer)  # true-scale gradients before clipping (no-op without fp16)
         norms = {}
         for name, group in parameter_groups.items():
             limit = max_grad_norm if max_grad_norm > 0 else float("inf")
             norms[name] = float(torch.nn.utils.clip_grad_norm_(group, limit))
         for name, optimizer in optimizers.items():
-            optimizer.step()
-            schedulers[name].step()
+            if self.scaler.is_enabled() and not math.isfinite(norms.get(name, 0.0)):
+                # fp16 overflow: skip this optimizer's step and its scheduler's, as Accelerate does
+                if self.is_main:
+                    logger.info(
+                        "fp16: inf/nan %s gradients, step skipped (loss scale %g)",
+                        name,
+                        self.scaler.get_scale(),
+                    )
+            else:
+                optimizer.step()
+                schedulers[name].step()
             optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # halve the scale after an overflow, grow it after a run of clean steps
         return norms
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs from the backend itself: the fp16 loss scaler ({} without fp16)."""
+        return {"grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("grad_scaler"):  # empty when saved without fp16: keep the fresh scaler
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not values:
@@ -115,12 +143,15 @@ class AccelerateBackend:
     def save_trainable(
         self, directory: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
     ) -> None:
-        """Replicated weights: one copy, written by the main process into ``directory``."""
+        """Replicated weights: one copy, written by the main process into ``directory``; the backend's own
+        state (:meth:`state_dict`: the fp16 loss scaler) rides along in ``optimizer.pt``."""
         if self.is_main:
-            write_trainable(directory, tensors, optimizer_state)
+            write_trainable(directory, tensors, optimizer_state | {"backend": self.state_dict()})
 
     def load_trainable(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return read_trainable(directory)
+        tensors, optimizer_state = read_trainable(directory)
+        self.load_state_dict(optimizer_state.pop("backend", {}))
+        return tensors, optimizer_state
 
     def run_export(self, write: Callable[[], None]) -> None:
         """Replicated weights: the main process exports them."""
