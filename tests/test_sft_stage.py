@@ -124,7 +124,7 @@ def test_checkpoints_and_resume(tiny_llama, repo_root, tmp_path):
     argv[argv.index("--save_strategy") + 1] = "steps"
     main([*argv, "--save_steps", "2", "--save_total_limit", "1"])
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
-    assert not list(out.glob(".staging*"))
+    assert not list(out.glob(".*.tmp"))  # no staging folder left behind
     ckpt = out / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
     argv[argv.index("--max_steps") + 1] = "6"

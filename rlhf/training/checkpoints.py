@@ -35,6 +35,11 @@ TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
+def _damaged(path: Path, exc: BaseException) -> str:
+    first_line = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+    return f"{path.name} is truncated or corrupt ({first_line})"
+
+
 def _safetensors_problem(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -42,7 +47,7 @@ def _safetensors_problem(path: Path) -> str | None:
                 if not torch.isfinite(handle.get_tensor(key)).all():
                     return f"{path.name} holds non-finite weights ({key})"
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is damaged
-        return f"{path.name} is truncated or corrupt ({exc})"
+        return _damaged(path, exc)
     return None
 
 
@@ -50,7 +55,7 @@ def _torch_file_problem(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001
-        return f"{path.name} is truncated or corrupt ({exc})"
+        return _damaged(path, exc)
     return None
 
 
@@ -59,7 +64,7 @@ def _zip_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
-        return f"{path.name} is truncated or corrupt ({exc})"
+        return _damaged(path, exc)
     return None
 
 
@@ -67,7 +72,7 @@ def _json_problem(path: Path) -> str | None:
     try:
         json.loads(path.read_text())
     except (ValueError, OSError) as exc:
-        return f"{path.name} is truncated or corrupt ({exc})"
+        return _damaged(path, exc)
     return None
 
 

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 
 from rlhf.errors import UserError
 from rlhf.training.checkpoints import newest_loadable_checkpoint
@@ -44,5 +45,13 @@ class FiniteLossMixin:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
             step = self.state.global_step + 1
+            self._close_progress_bar()
             raise NonFiniteLossError(non_finite_loss_message(float(loss), step, self.args.output_dir))
         return loss
+
+    def _close_progress_bar(self) -> None:
+        """End the tqdm bar's line, so the error starts on a line of its own."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
