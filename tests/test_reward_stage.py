@@ -13,9 +13,10 @@ from launch import script_env, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
-from rlhf.args import DataArguments
+from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.reward import PairCollator, RewardArguments, load_reward_model, sequence_rewards
-from rlhf.reward.stage import build_reward_data
+from rlhf.reward.stage import build_reward_data, build_reward_model
+from rlhf.reward.trainer import RewardTrainer
 from run_rm_with_peft import main
 
 # The step-2 command of the reference README, flag for flag (paths are filled in by the tests).
@@ -138,6 +139,71 @@ def test_missing_field_is_a_one_line_error(tiny_llama, tmp_path, capsys):
         == f'error: {data / "pairs.jsonl"}:2: missing field "rejected"'
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity"])
+def test_non_finite_margin_is_a_one_line_error_before_training(tiny_llama, tmp_path, capsys, literal):
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 1}\n' * 3
+    rows += '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": ' + literal + "}\n"
+    (data / "pairs.jsonl").write_text(rows)
+    with pytest.raises(SystemExit) as exc:
+        main(quick_argv(tiny_llama, data, tmp_path / "out"))
+    assert exc.value.code == 2
+    number = "nan" if literal == "NaN" else "inf"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f'error: {data / "pairs.jsonl"}:4: field "margin" is {number} (numbers in data must be finite)'
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_reward_flags_checked_up_front_and_non_finite_loss_stops(
+    tiny_llama, repo_root, tmp_path, capsys, monkeypatch
+):
+    file_out = tmp_path / "out.txt"
+    file_out.write_text("x")
+    for argv, expected in [
+        (quick_argv(tiny_llama, repo_root / "rm_data", file_out), f"--output_dir {file_out} is a file"),
+        (quick_argv(tiny_llama, repo_root / "rm_data", tmp_path / "o", "--per_device_train_batch_size", "0"),
+         "--per_device_train_batch_size must be a positive number, got 0"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+    monkeypatch.setattr(
+        RewardTrainer, "compute_loss", lambda self, *a, **k: torch.tensor(float("inf"), requires_grad=True)
+    )
+    out = tmp_path / "inf"
+    with pytest.raises(SystemExit) as exc:
+        main(quick_argv(tiny_llama, repo_root / "rm_data", out, "--lora_rank", "4"))
+    assert exc.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("error: non-finite training loss (inf) at step 1; stopped before its update")
+    )
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_same_seed_builds_the_same_adapter_and_score_head(tiny_llama, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def trainable(seed: int) -> dict[str, torch.Tensor]:
+        args = TrainingArguments(output_dir=str(tmp_path), seed=seed, report_to="none")
+        model = build_reward_model(
+            ModelArguments(model_name_or_path=str(tiny_llama)), LoraArguments(lora_rank=4), tokenizer, args
+        )
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    first, again, other = trainable(5), trainable(5), trainable(6)
+    assert any("score" in k for k in first) and any("lora_A" in k for k in first)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if "score" in k)
 
 
 @pytest.mark.slow
