@@ -16,12 +16,15 @@ Several processes (CPU gloo or GPU NCCL):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlhf.args import DataArguments, parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.ppo.build import build_session
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, critic_output_dir, validate
 from rlhf.ppo.loop import save_outputs, train
+from rlhf.ppo.resume import resume_checkpoint, start_afresh
 
 ARGUMENT_GROUPS = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
 
@@ -33,9 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
     validate(model_args, ppo_args, train_args)
     critic_dir = critic_output_dir(model_args, train_args)
+    # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
+    resume = resume_checkpoint(train_args)
 
     session = build_session(data_args, model_args, ppo_args, train_args)
-    state = train(session, resume_from=train_args.resume_from_checkpoint)
+    if resume is None:
+        start_afresh(Path(train_args.output_dir), session.backend)
+    state = train(session, resume_from=resume)
     save_outputs(session, critic_dir)
     session.backend.end()
     return dict(state.__dict__)

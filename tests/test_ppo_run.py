@@ -257,7 +257,9 @@ def test_reward_fn_sequences_of_numbers_are_accepted():
      (["--ppo_epochs", "0"], "--ppo_epochs must be a positive number, got 0"),
      (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive number, got 0"),
      (["--output_dir", "FILE"], "--output_dir FILE is a file, not a directory"),
-     (["--critic_output_dir", "FILE"], "--critic_output_dir FILE is a file, not a directory")],
+     (["--critic_output_dir", "FILE"], "--critic_output_dir FILE is a file, not a directory"),
+     (["--resume_from_checkpoint", "FILE"], "--resume_from_checkpoint FILE: no such checkpoint directory"),
+     (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no loadable checkpoint-N in")],
 )  # fmt: skip
 def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsys):
     """One line, exit code 2, before any model loads (the --sft_model_path does not even exist)."""
@@ -297,3 +299,27 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
     assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # adaptive β: a new rollout
     assert all(r["time/rollout_s"] > 0 for r in rows)  # each step carries its share of the rollout time
     assert rows[0]["time/rollout_s"] == rows[1]["time/rollout_s"]
+
+
+def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "rerun"
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--logging_steps", "1",
+        "--save_steps", "2", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    first = run_ppo_with_peft.main([*argv, "--max_steps", "2"])
+    assert first["step"] == 2 and (out / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    again = run_ppo_with_peft.main([*argv, "--max_steps", "4"])  # the same command, longer
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoint-2'} (pass --overwrite_output_dir to start afresh)" in err
+    assert again["step"] == 4 and again["rollouts"] == 2  # one rollout before the checkpoint, one after
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    fresh = run_ppo_with_peft.main([*argv, "--max_steps", "2", "--overwrite_output_dir"])
+    err = capsys.readouterr().err
+    assert "--overwrite_output_dir: starting afresh" in err and "removed 2 old checkpoint(s)" in err
+    assert fresh["step"] == 2 and fresh["rollouts"] == 1 and "resuming" not in err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
