@@ -1,4 +1,4 @@
-"""run_ppo_with_peft.py end to end: the reference command, learning, bit-exact resume, two processes."""
+"""run_ppo_with_peft.py end to end: the reference command, learning, bit-exact resume, re-runs, metrics rows, errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Where a PPO run starts: from a checkpoint, or afresh in ``--output_dir`` (as the SFT and reward-model
-stages do, :mod:`rlhf.training.outputs`).
+"""Where a PPO run starts: the newest checkpoint in ``--output_dir``, a named one, or afresh with
+``--overwrite_output_dir``, as in the SFT and reward-model stages (:mod:`rlhf.training.outputs`).
 
 - ``--resume_from_checkpoint DIR`` resumes from DIR (``True``: from the newest loadable ``checkpoint-N``);
 - otherwise an ``--output_dir`` holding ``checkpoint-N`` dirs is resumed from its newest loadable one
