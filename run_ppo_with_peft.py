@@ -21,9 +21,9 @@ from pathlib import Path
 from rlhf.args import DataArguments, parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
-from rlhf.ppo.build import build_session
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, critic_output_dir, validate
 from rlhf.ppo.loop import save_outputs, train
+from rlhf.ppo.peft_factory import build_peft_session
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
 
 ARGUMENT_GROUPS = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
     resume = resume_checkpoint(train_args)
 
-    session = build_session(data_args, model_args, ppo_args, train_args)
+    session = build_peft_session(data_args, model_args, ppo_args, train_args)
     if resume is None:
         start_afresh(Path(train_args.output_dir), session.backend)
     state = train(session, resume_from=resume)

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.generation import HFGenerator, SamplingConfig, response_mask_after_eos
 from rlhf.models import load_tokenizer
+from rlhf.models.lora import LoraSpec
 from rlhf.ppo.batch import SequenceBatch, left_pad
-from rlhf.ppo.peft_models import LoraSpec, build_peft_policy_models, read_reward_adapter
+from rlhf.ppo.peft_models import build_peft_policy_models, read_reward_adapter
 from rlhf.ppo.stats import logprobs_from_logits
 
 TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]

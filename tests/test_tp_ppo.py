@@ -1,6 +1,7 @@
-"""ppo_train's TP pieces at TP=1 in this process: the generation seam, the gsm8k rule reward, the critic
-starting as the verifier (shared LoRA base or separate models), and a bit-exact resume through the
-per-rank checkpoint layout. The TP=2 run is part of tests/test_tp_train.py's torchrun workflow."""
+"""ppo_train's TP pieces at TP=1 in this process: the generation seam (top-k included), the gsm8k rule
+reward, the critic starting as the verifier (shared LoRA base or separate models), and a bit-exact resume
+through the per-rank checkpoint layout with the pretraining mix and wandb on. The TP=2 run is part of
+tests/test_tp_train.py's torchrun workflow."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from rlhf.ppo.batch import SequenceBatch, left_pad
 
@@ -45,8 +47,23 @@ def verifier_dir(tiny_llama, tmp_path_factory):
     return root
 
 
+def test_tp_ppo_imports_no_peft_accelerate_or_hf_generation_code():
+    """The TP PPO is assembled from the backend-neutral session and its own factory only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rlhf.tp.ppo_train; print(sorted(m for m in sys.modules if m.startswith(("
+        "'rlhf.ppo.peft', 'rlhf.backend.accelerate', 'rlhf.generation.hf'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
 def test_gsm8k_reward_matches_final_answers():
-    from rlhf.tp.ppo_train import gsm8k_reward
+    from rlhf.tp.ppo_factory import gsm8k_reward
 
     reward = gsm8k_reward({"p1": "4", "p2": "1000"})
     assert reward(["p1", "p2", "p1"], [" 2+2=4\n#### 4", "so #### 1,000", "#### 5"]) == [1.0, 1.0, 0.0]
@@ -57,7 +74,7 @@ def test_generator_appends_eos_and_masks_after_it(tiny_llama, world_of_one):
     from rlhf.models import load_tokenizer
     from rlhf.tp.generation import generate
     from rlhf.tp.loading import load_tp_model
-    from rlhf.tp.ppo_backend import TPGenerator
+    from rlhf.tp.ppo_generator import TPGenerator
 
     tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
     model = load_tp_model(str(tiny_llama), rank=0, world_size=1, device=torch.device("cpu")).eval()
@@ -81,8 +98,19 @@ def test_generator_appends_eos_and_masks_after_it(tiny_llama, world_of_one):
         ended = len(tokens) < 5
         assert out.response_ids[row, :n].tolist() == tokens + ([2] if ended else [])
         assert out.response_mask[row, n:].sum() == 0
-    with pytest.raises(Exception, match="--top_k"):
-        TPGenerator(Holder(model), SamplingConfig(max_new_tokens=5, top_k=5))
+    top1 = SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=1, eos_token_id=2, pad_token_id=0)
+    sampled = TPGenerator(Holder(model), top1).generate(ids, mask)  # top-1 sampling is greedy
+    assert torch.equal(sampled.response_ids, out.response_ids)
+    assert torch.equal(sampled.response_mask, out.response_mask)
+
+
+def test_top_k_keeps_the_k_most_likely_tokens():
+    from rlhf.tp.generation import sample_next
+
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, 2.5]]).repeat(400, 1)
+    drawn = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=3)
+    assert set(drawn.tolist()) == {1, 2, 4}  # the three largest logits, each drawn
+    assert set(sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("lora_rank", [4, -1])
@@ -90,12 +118,13 @@ def test_critic_starts_as_the_verifier(tiny_llama, verifier_dir, world_of_one, l
     """At step 0 the critic's score at the last token equals the reward; after a critic update the reward
     (frozen: a separate model, or the shared base with adapters off + the initial head) does not move."""
     from rlhf.models import load_tokenizer
-    from rlhf.tp.ppo_train import TPPPOArguments, load_models
+    from rlhf.tp.ppo_factory import load_models
+    from rlhf.tp.ppo_train import TPPPOArguments
 
     v = str(verifier_dir / "v")
     tp = TPPPOArguments(actor_ckpt_dir=str(tiny_llama), actor_save_dir="-", critic_ckpt_dir=v, critic_save_dir="-",
                         train_file="-", reward_model_ckpt_dir=v, lora_rank=lora_rank)  # fmt: skip
-    models = load_models(tp, 0, 1, torch.device("cpu"))
+    models = load_models(tp, tp.lora_spec(), 0, 1, torch.device("cpu"))
     assert (models.reward is None) == (lora_rank > 0) and (models.reference is None) == (lora_rank > 0)
     tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
     prompts = [tokenizer("Question: " + r["question"] + "\nAnswer:")["input_ids"] for r in ROWS[:2]]
@@ -123,17 +152,25 @@ def test_critic_starts_as_the_verifier(tiny_llama, verifier_dir, world_of_one, l
     torch.testing.assert_close(actor.detach(), ref)  # the actor starts as the reference
 
 
-def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, world_of_one):
+def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, world_of_one, monkeypatch):
     from rlhf.tp import ppo_train
+
+    for key in ("WANDB_DIR", "WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_PROJECT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
 
     common = ["--actor_ckpt_dir", str(tiny_llama), "--critic_ckpt_dir", str(verifier_dir / "v"),
               "--reward_model_ckpt_dir", str(verifier_dir / "v"), "--reward_fn", "gsm8k",
               "--train_file", str(verifier_dir / "train.jsonl"), "--max_batch_size", "2", "--max_buffer_size", "4",
               "--max_gen_len", "5", "--max_steps", "3", "--lora_rank", "4", "--logging_steps", "1",
-              "--save_steps", "1", "--actor_lr", "1e-2", "--critic_lr", "1e-2"]  # fmt: skip
+              "--save_steps", "1", "--actor_lr", "1e-2", "--critic_lr", "1e-2", "--top_k", "8",
+              "--pretrain_dataset_dir", str(REPO_ROOT / "pt_data"), "--block_size", "16",
+              "--pretrain_warmup_steps", "2", "--lora_dropout", "0.1"]  # fmt: skip
     full = ppo_train.main(
-        common + ["--actor_save_dir", str(tmp_path / "a"), "--critic_save_dir", str(tmp_path / "c")]
-    )
+        common + ["--actor_save_dir", str(tmp_path / "a"), "--critic_save_dir", str(tmp_path / "c"),
+                  "--report_to", "wandb"]
+    )  # fmt: skip
     checkpoint = tmp_path / "a_run" / "checkpoint-1"
     assert (checkpoint / "rank_0" / "trainable.safetensors").is_file()  # per-rank weights under TP
     assert (checkpoint / "rank_0" / "buffer.safetensors").is_file()  # step 1 ends inside a rollout
@@ -147,5 +184,10 @@ def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, wor
     assert all(torch.equal(before[k], after[k]) for k in before)
     lines = [json.loads(x) for x in (tmp_path / "a_run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(r["loss/pretrain"] > 0 for r in lines)  # the PPO-ptx loss on pt_data blocks
+    assert [r["loss/pretrain_weight"] for r in lines] == pytest.approx(
+        [0.0, 0.05, 0.1]
+    )  # warmed up over 2 steps
+    assert list((tmp_path / "a_run" / "wandb").glob("offline-run-*")), "--report_to wandb on rank 0"
     assert json.loads((tmp_path / "a/params.json").read_text())["n_shards"] == 1
     assert Path(tmp_path / "a/training/metrics.jsonl").is_file()

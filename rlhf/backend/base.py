@@ -28,8 +28,9 @@ import torch
 
 class Backend(Protocol):
     device: torch.device
-    rank: int
-    world_size: int
+    rank: int  # this process among all processes (names its per-process files, ``rank_K/``)
+    world_size: int  # data-parallel replicas: how many different batches one step sees
+    replica_rank: int  # this process's replica, 0 .. world_size - 1 (its data shard and sampling seed)
 
     @property
     def is_main(self) -> bool:

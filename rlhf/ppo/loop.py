@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from rlhf.backend import Backend
 from rlhf.errors import UserError
-from rlhf.generation import Generator
+from rlhf.generation.base import Generator
 from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
@@ -44,7 +44,7 @@ class NonFiniteError(UserError):
 
 @dataclass
 class PPOSession:
-    """Everything the loop needs, built by :func:`rlhf.ppo.build.build_session`."""
+    """Everything the loop needs, assembled by :func:`rlhf.ppo.session.assemble_session`."""
 
     models: PolicyModels
     generator: Generator
@@ -326,10 +326,9 @@ def write_log(
 
 def save_outputs(s: PPOSession, critic_dir: Path) -> None:
     """Final outputs: the actor (+ tokenizer) in ``--output_dir``, the critic in ``critic_dir``."""
+    output_dir = Path(s.args.output_dir)
+    s.backend.run_export(lambda: (s.models.save_actor(output_dir), s.models.save_critic(critic_dir)))
     if s.backend.is_main:
-        output_dir = Path(s.args.output_dir)
-        s.models.save_actor(output_dir)
-        s.models.save_critic(critic_dir)
         for writer in s.save_extra.values():
             writer(output_dir)
             writer(critic_dir)

@@ -4,7 +4,8 @@ One causal LM is loaded once and frozen. On it live LoRA adapters ``actor``, ``c
 reward model was trained on the same base) ``reward``; the reference policy is the base with adapters
 disabled. Switching the active adapter replaces a second copy of the weights. The critic's scalar value
 head and the reward model's score head are plain ``Linear(hidden, 1)`` layers on the last hidden state.
-A rank of -1 (or 0) makes the actor or critic a separate, fully trainable copy of the base.
+A rank of -1 (or 0) makes the actor or critic a separate, fully trainable copy of the base
+(:attr:`rlhf.models.lora.LoraSpec.use_lora` decides).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
-from rlhf.models.lora import build_lora_config
+from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
@@ -35,20 +36,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
 SCORE_KEY = "base_model.model.score.weight"
-
-
-@dataclass
-class LoraSpec:
-    """An adapter's shape from flags: rank <= 0 means a full trainable copy instead of LoRA."""
-
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]
-
-    @property
-    def use_lora(self) -> bool:
-        return self.rank > 0
 
 
 @dataclass

@@ -21,7 +21,8 @@ The Llama-RLHF workflow (``torchrun --nproc_per_node N -m rlhf.tp.<command> ...`
 - :mod:`rlhf.tp.verifier_train`: the verifier (scalar head, binary cross-entropy).
 - :mod:`rlhf.tp.solver_evaluate`: GSM8K evaluation, majority vote and verifier best-of-N.
 - :mod:`rlhf.tp.backend`: ``TPBackend`` (the :class:`rlhf.backend.Backend` of one TP replica).
-- :mod:`rlhf.tp.ppo_backend`: ``TPGenerator`` (the PPO generation seam).
+- :mod:`rlhf.tp.ppo_generator`: ``TPGenerator`` (the PPO generation seam).
+- :mod:`rlhf.tp.ppo_factory`: ``build_tp_session`` (the TP parts of a PPO session).
 - :mod:`rlhf.tp.ppo_models`: ``TPPolicyModels`` (the PPO models bundle: TP actor, reference, critic,
   reward).
 - :mod:`rlhf.tp.ppo_train`: PPO with a verifier and/or GSM8K rule reward.

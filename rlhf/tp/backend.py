@@ -4,8 +4,9 @@ model-parallel ranks of **one** model replica.
 Every process runs the same loop on the same data (same seed, same batches, same shuffles) and holds its
 slice of each weight. Hence
 
-- ``world_size`` is 1 (one data-parallel replica: sample counts are not multiplied by the TP degree),
-  ``rank`` is the model-parallel rank and ``is_main`` is rank 0;
+- ``world_size`` is 1 and ``replica_rank`` 0 (one data-parallel replica: sample counts are not
+  multiplied by the TP degree, every rank reads the same data), ``rank`` is the model-parallel rank and
+  ``is_main`` is rank 0;
 - ``prepare(model)`` places a TP model on this rank's device and records which of its parameters are
   split over the ranks (the rest are replicated);
 - ``step`` clips each parameter group by its norm over the whole model (split parameters' squared norms
@@ -72,6 +73,7 @@ class TPBackend:
 
     def __init__(self, rank: int, report_to: list[str] | None = None, project_dir: str | None = None) -> None:
         self.rank = rank
+        self.replica_rank = 0  # all ranks are one replica: same data, same sampling seed
         self.device = device()
         self._split: set[int] = set()  # ids of parameters sharded over the ranks
         self.trackers = Trackers(report_to or [], project_dir, self.is_main)

@@ -40,12 +40,21 @@ def left_pad(
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    top_k: int = 0,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,): argmax when ``temperature`` is 0, else nucleus sampling."""
+    """logits (B, V) -> next token ids (B,): argmax when ``temperature`` is 0, else sampling from the
+    ``top_k`` most likely tokens (0 = all; ties with the k-th stay), then the nucleus ``top_p``."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = F.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
@@ -64,6 +73,7 @@ def generate(
     pad_id: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     generator: torch.Generator | None = None,
     stop_fn: Callable[[int, list[int]], bool] | None = None,
 ) -> Generation:
@@ -82,7 +92,7 @@ def generate(
     step_input, start = tokens, 0
     for _ in range(max_gen_len):
         logits = model(step_input, mask, cache=cache, start_pos=start)[:, -1].float()  # (B, V)
-        next_tokens = broadcast_from_main(sample_next(logits, temperature, top_p, generator))
+        next_tokens = broadcast_from_main(sample_next(logits, temperature, top_p, generator, top_k))
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
         start += step_input.shape[1]
         for row, (token, logprob) in enumerate(zip(next_tokens.tolist(), logprobs.tolist())):

@@ -1,29 +1,30 @@
-"""Construction for the PPO stage: backend, tokenizer, models, reward, generator, data, optimizers.
+"""The Accelerate + PEFT factory of a PPO session (``run_ppo_with_peft.py``).
 
-Each ``build_*`` function turns flags into one component, so :func:`rlhf.ppo.loop.train` sees only
-finished objects.
+It builds what is specific to this backend — :class:`rlhf.backend.accelerate.AccelerateBackend`, the PEFT
+models bundle (:class:`rlhf.ppo.peft_models.PeftPolicyModels`: one frozen base with ``actor``/``critic``/
+``reward`` adapters), the reward (shared adapter, separate model, rule, or a sum) and the Hugging Face
+generator — loads the prompts and pretraining blocks, and hands them to the backend-neutral
+:func:`rlhf.ppo.session.assemble_session`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, get_scheduler, set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
-from rlhf.errors import ConfigError, DataError
-from rlhf.generation import HFGenerator, SamplingConfig
+from rlhf.generation import HFGenerator
 from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer, resolve_dtype
+from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
-from rlhf.ppo.data import EpochSampler, load_pretrain, load_prompts
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.data import load_pretrain, load_prompts
 from rlhf.ppo.loop import PPOSession
-from rlhf.ppo.peft_models import LoraSpec, PeftPolicyModels, build_peft_policy_models, read_reward_adapter
+from rlhf.ppo.peft_models import PeftPolicyModels, build_peft_policy_models, read_reward_adapter
 from rlhf.ppo.rewards import (
     AdapterScorer,
     RuleScorer,
@@ -32,6 +33,7 @@ from rlhf.ppo.rewards import (
     SumScorer,
     load_reward_fn,
 )
+from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
 
 logger = logging.getLogger(__name__)
 
@@ -112,87 +114,21 @@ def build_models_and_scorer(
     return models, scorers[0] if len(scorers) == 1 else SumScorer(scorers)
 
 
-def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArguments, world: int) -> int:
-    """Optimizer steps of the run: ``--max_steps``, else ``--num_train_epochs`` over the prompts."""
-    if args.max_steps > 0:
-        return args.max_steps
-    generation_batches = num_prompts // (args.per_device_train_batch_size * world)
-    rollouts = math.floor(args.num_train_epochs * generation_batches / ppo.rollout_batches)
-    if rollouts < 1:
-        raise DataError(
-            f"{num_prompts} prompts make no full rollout of {ppo.rollout_batches} x "
-            f"{args.per_device_train_batch_size} prompts on {world} processes"
-        )
-    per_rollout = ppo.ppo_epochs * args.per_device_train_batch_size * ppo.rollout_batches
-    mini_batches = rollouts * per_rollout // ppo.per_device_mini_train_batch_size
-    return max(1, mini_batches // args.gradient_accumulation_steps)
-
-
-def build_optimizers(
-    models: PeftPolicyModels, ppo: PPOArguments, args: PPOTrainingArguments, total_steps: int
-) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
-    """AdamW per model with its own learning rate and schedule (``--actor_lr``, ``--critic_lr``)."""
-    warmup = args.warmup_steps
-    warmup_steps = math.ceil(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
-    optimizers, schedulers = {}, {}
-    for name, lr in (("actor", ppo.actor_lr), ("critic", ppo.critic_lr)):
-        params = models.parameter_groups()[name]
-        if not params:
-            raise ConfigError(f"the {name} has no trainable parameters")
-        optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-        try:
-            schedulers[name] = get_scheduler(
-                args.lr_scheduler_type, optimizers[name], num_warmup_steps=warmup_steps,
-                num_training_steps=total_steps,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise ConfigError(f"--lr_scheduler_type {args.lr_scheduler_type}: {exc}") from None
-    return optimizers, schedulers
-
-
-def build_kl_controller(ppo: PPOArguments) -> FixedKLController | AdaptiveKLController:
-    """β fixed at ``--kl_penalty_beta``, or adaptive towards ``--target_kl`` when it is set."""
-    if ppo.target_kl is not None:
-        return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
-    return FixedKLController(ppo.kl_penalty_beta)
-
-
-def sampling_config(ppo: PPOArguments, tokenizer: Any) -> SamplingConfig:
-    """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids."""
-    return SamplingConfig(
-        max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
-        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-
-
-def build_session(
+def build_peft_session(
     data: DataArguments, margs: PPOModelArguments, ppo: PPOArguments, args: PPOTrainingArguments
 ) -> PPOSession:
+    """Flags -> the session of ``run_ppo_with_peft.py``."""
     backend = build_backend(args)
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     models, scorer = build_models_and_scorer(margs, tokenizer, backend)
     prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
-    world, rank = backend.world_size, backend.rank
-    prompt_sampler = EpochSampler(len(prompts), args.per_device_train_batch_size, world, rank, args.seed)
-    pretrain, pretrain_sampler = None, None
+    pretrain = None
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
-        pretrain_sampler = EpochSampler(len(pretrain), ppo.pretrain_batch_size, world, rank, args.seed)
-    total_steps = count_total_steps(len(prompts), ppo, args, world)
-    optimizers, schedulers = build_optimizers(models, ppo, args, total_steps)
-    kl_controller = build_kl_controller(ppo)
-    sampling = sampling_config(ppo, tokenizer)
-    backend.init_trackers(
-        "rlhf-ppo", {**vars(margs), **vars(ppo), **vars(args)} | {"run_name": args.run_name}
-    )
-    torch.manual_seed(args.seed + rank)  # different samples on each process
-    return PPOSession(
-        models=models, generator=HFGenerator(models.generation_model, sampling), scorer=scorer,
-        backend=backend, decode=tokenizer.batch_decode, prompts=prompts, prompt_sampler=prompt_sampler,
-        pretrain=pretrain, pretrain_sampler=pretrain_sampler, optimizers=optimizers, schedulers=schedulers,
-        kl_controller=kl_controller, ppo=ppo, args=args, total_steps=total_steps,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    parts = SessionParts(
+        backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
+        generator=HFGenerator(models.generation_model, sampling_config(ppo, tokenizer)),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
     )  # fmt: skip
+    return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

@@ -10,8 +10,7 @@ import logging
 
 import torch
 
-from rlhf.errors import ConfigError
-from rlhf.generation import Generation, SamplingConfig
+from rlhf.generation.base import Generation, SamplingConfig
 from rlhf.tp.generation import generate
 from rlhf.tp.model import Transformer
 
@@ -38,8 +37,6 @@ class TPGenerator:
     """``generate(prompt_ids, prompt_mask)`` on the TP actor; responses right-padded after the EOS."""
 
     def __init__(self, generation_model, sampling: SamplingConfig) -> None:
-        if sampling.top_k > 0:
-            raise ConfigError("--top_k is not supported by the TP generation engine (use --top_p)")
         self.generation_model = generation_model  # context manager yielding the actor
         self.sampling = sampling
 
@@ -50,7 +47,7 @@ class TPGenerator:
             out = generate(
                 _NoEarlyEOS(actor, cfg.eos_token_id, cfg.min_new_tokens, prompt_ids.shape[1]),
                 prompts, max_gen_len=cfg.max_new_tokens, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             )  # fmt: skip
         rows = []
         for tokens in out.tokens:  # EOS is not in ``tokens``: a row shorter than the limit stopped at EOS

@@ -1,0 +1,140 @@
+"""Backend-neutral assembly of a PPO session: what every backend shares once its factory built the rest.
+
+A backend factory builds what depends on the backend — the backend itself, the models bundle
+(:class:`rlhf.ppo.policy_interface.PolicyModels`), the reward scorer, the generator — and loads the data;
+it hands them over as :class:`SessionParts` to :func:`assemble_session`, which adds what does not depend
+on the backend: data samplers sharded over the data-parallel replicas, the optimizer-step count, AdamW
+optimizers and schedules per model, the KL controller, the trackers, and the per-replica sampling seed.
+
+Factories: :func:`rlhf.ppo.peft_factory.build_peft_session` (Accelerate + PEFT, ``run_ppo_with_peft.py``)
+and :func:`rlhf.tp.ppo_factory.build_tp_session` (tensor parallel, ``-m rlhf.tp.ppo_train``). A new
+backend (or a critic-free estimator, or another generation engine) plugs in by building its own parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from rlhf.backend import Backend
+from rlhf.errors import ConfigError, DataError
+from rlhf.generation.base import Generator, SamplingConfig
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+from rlhf.ppo.data import EpochSampler, PromptSet
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.loop import PPOSession
+from rlhf.ppo.policy_interface import PolicyModels
+from rlhf.ppo.rewards import Scorer
+
+TRACKER_PROJECT = "rlhf-ppo"
+
+
+@dataclass
+class SessionParts:
+    """What a backend factory builds for :func:`assemble_session`.
+
+    ``tokenizer`` decodes responses (``batch_decode``) and gives the pad / EOS ids; ``pretrain`` holds the
+    pretraining blocks [N, block_size] of the PPO-ptx loss, or ``None``; ``save_extra`` maps a name to a
+    writer(path) the checkpoints and final outputs also run (e.g. the tokenizer's ``save_pretrained``).
+    """
+
+    backend: Backend
+    models: PolicyModels
+    scorer: Scorer
+    generator: Generator
+    tokenizer: Any
+    prompts: PromptSet
+    pretrain: torch.Tensor | None = None
+    save_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArguments, world: int) -> int:
+    """Optimizer steps of the run: ``--max_steps``, else ``--num_train_epochs`` over the prompts."""
+    if args.max_steps > 0:
+        return args.max_steps
+    generation_batches = num_prompts // (args.per_device_train_batch_size * world)
+    rollouts = math.floor(args.num_train_epochs * generation_batches / ppo.rollout_batches)
+    if rollouts < 1:
+        raise DataError(
+            f"{num_prompts} prompts make no full rollout of {ppo.rollout_batches} x "
+            f"{args.per_device_train_batch_size} prompts on {world} processes"
+        )
+    per_rollout = ppo.ppo_epochs * args.per_device_train_batch_size * ppo.rollout_batches
+    mini_batches = rollouts * per_rollout // ppo.per_device_mini_train_batch_size
+    return max(1, mini_batches // args.gradient_accumulation_steps)
+
+
+def build_optimizers(
+    models: PolicyModels, ppo: PPOArguments, args: PPOTrainingArguments, total_steps: int
+) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
+    """AdamW per model with its own learning rate and schedule (``--actor_lr``, ``--critic_lr``)."""
+    warmup = args.warmup_steps
+    warmup_steps = math.ceil(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+    optimizers, schedulers = {}, {}
+    for name, lr in (("actor", ppo.actor_lr), ("critic", ppo.critic_lr)):
+        params = models.parameter_groups()[name]
+        if not params:
+            raise ConfigError(f"the {name} has no trainable parameters")
+        optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+        try:
+            schedulers[name] = get_scheduler(
+                args.lr_scheduler_type, optimizers[name], num_warmup_steps=warmup_steps,
+                num_training_steps=total_steps,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(f"--lr_scheduler_type {args.lr_scheduler_type}: {exc}") from None
+    return optimizers, schedulers
+
+
+def build_kl_controller(ppo: PPOArguments) -> FixedKLController | AdaptiveKLController:
+    """β fixed at ``--kl_penalty_beta``, or adaptive towards ``--target_kl`` when it is set."""
+    if ppo.target_kl is not None:
+        return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
+    return FixedKLController(ppo.kl_penalty_beta)
+
+
+def sampling_config(ppo: PPOArguments, tokenizer: Any) -> SamplingConfig:
+    """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids."""
+    return SamplingConfig(
+        max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
+        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def assemble_session(
+    parts: SessionParts, ppo: PPOArguments, args: PPOTrainingArguments, flags: dict[str, Any]
+) -> PPOSession:
+    """The session the loop runs: ``parts`` plus samplers, step count, optimizers, KL controller.
+
+    Starts the trackers with ``flags`` (every flag of the run) as their configuration, then seeds torch
+    with ``--seed`` + the replica index, so data-parallel replicas sample different responses while the
+    tensor-parallel ranks of one replica stay in lockstep. Call it after the models are built (their
+    initialisation uses the plain ``--seed`` on every process).
+    """
+    backend = parts.backend
+    world, replica = backend.world_size, backend.replica_rank
+    batch = args.per_device_train_batch_size
+    prompt_sampler = EpochSampler(len(parts.prompts), batch, world, replica, args.seed)
+    pretrain_sampler = None
+    if parts.pretrain is not None:
+        pretrain_sampler = EpochSampler(
+            len(parts.pretrain), ppo.pretrain_batch_size, world, replica, args.seed
+        )
+    total_steps = count_total_steps(len(parts.prompts), ppo, args, world)
+    optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
+    backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
+    torch.manual_seed(args.seed + replica)
+    tokenizer = parts.tokenizer
+    return PPOSession(
+        models=parts.models, generator=parts.generator, scorer=parts.scorer, backend=backend,
+        decode=tokenizer.batch_decode, prompts=parts.prompts, prompt_sampler=prompt_sampler,
+        pretrain=parts.pretrain, pretrain_sampler=pretrain_sampler, optimizers=optimizers,
+        schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
+        total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        save_extra=parts.save_extra,
+    )  # fmt: skip

@@ -1,0 +1,111 @@
+"""The tensor-parallel factory of a PPO session (``-m rlhf.tp.ppo_train``).
+
+It builds what is specific to this backend — :class:`rlhf.tp.backend.TPBackend`, the TP models bundle
+(:class:`rlhf.tp.ppo_models.TPPolicyModels`), the reward (the verifier and/or a rule such as ``gsm8k``) and
+the TP generator — loads the GSM8K prompts and the optional pretraining blocks, and hands them to the
+backend-neutral :func:`rlhf.ppo.session.assemble_session`. Nothing here touches PEFT, Accelerate or
+Hugging Face ``generate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rlhf.data import load_dataset_dir
+from rlhf.data.gsm8k import answers_match, extract_prediction
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.lora import LoraSpec
+from rlhf.ppo.config import PPOArguments
+from rlhf.ppo.data import PromptSet, load_pretrain
+from rlhf.ppo.loop import PPOSession
+from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
+from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
+from rlhf.tp.backend import TPBackend
+from rlhf.tp.distributed import device, init_model_parallel
+from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
+from rlhf.tp.lora import apply_lora
+from rlhf.tp.ppo_generator import TPGenerator
+from rlhf.tp.ppo_models import TPPolicyModels
+from rlhf.tp.prompt import gsm8k_prompt
+
+if TYPE_CHECKING:
+    from rlhf.tp.ppo_train import TPPPOArguments, TPPPOTrainingArguments
+
+
+def gsm8k_reward(labels: dict[str, str]):
+    """A rule reward: 1.0 when a response's final answer matches the label of its prompt, else 0.0."""
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(answers_match(extract_prediction(r), labels[p])) for p, r in zip(prompts, responses)]
+
+    return reward
+
+
+def load_models(
+    tp: TPPPOArguments, lora: LoraSpec, rank: int, world_size: int, dev: torch.device
+) -> TPPolicyModels:
+    """Actor (``--actor_ckpt_dir``), critic (``--critic_ckpt_dir``, scalar head) and reward on this rank.
+
+    With LoRA (``lora.use_lora``) actor and critic get adapters (the critic's head trains too), the
+    reference is the actor with adapters off, and a reward dir equal to the critic's is the critic with
+    adapters off plus its initial head; full-parameter: a frozen reference copy and a separate reward model.
+    """
+    dtype = resolve_tp_dtype(tp.dtype, dev)
+
+    def load(path: str, scalar_head: bool, model_type: str | None = None):
+        return load_tp_model(path, rank=rank, world_size=world_size, device=dev, dtype=dtype,
+                             model_type=model_type, scalar_head=scalar_head)  # fmt: skip
+
+    actor, critic = load(tp.actor_ckpt_dir, False, tp.model_type), load(tp.critic_ckpt_dir, True)
+    reference = None if lora.use_lora else load(tp.actor_ckpt_dir, False).requires_grad_(False).eval()
+    share = lora.use_lora and tp.reward_model_ckpt_dir is not None
+    share = share and Path(tp.reward_model_ckpt_dir).resolve() == Path(tp.critic_ckpt_dir).resolve()
+    reward = None
+    if tp.reward_model_ckpt_dir and not share:
+        reward = load(tp.reward_model_ckpt_dir, True).requires_grad_(False).eval()
+    if lora.use_lora:
+        for model in (actor, critic):
+            apply_lora(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+        critic.v_head.weight.requires_grad_(True)
+    kwargs = dict(actor_source=tp.actor_ckpt_dir, critic_source=tp.critic_ckpt_dir, reference=reference)
+    if share:
+        return TPPolicyModels.sharing_critic_base(actor, critic, **kwargs)
+    return TPPolicyModels(actor, critic, reward=reward, **kwargs)
+
+
+def build_scorer(tp: TPPPOArguments, models: TPPolicyModels, labels: dict[str, str]) -> Scorer:
+    """The verifier's score at the last token, a rule (``gsm8k`` or ``file.py:fn``), or their sum."""
+    scorers: list[Scorer] = []
+    if tp.reward_model_ckpt_dir:
+        scorers.append(AdapterScorer(models))  # models.reward_scores: the verifier at the last token
+    if tp.reward_fn:
+        fn = gsm8k_reward(labels) if tp.reward_fn == "gsm8k" else load_reward_fn(tp.reward_fn)
+        scorers.append(RuleScorer(fn, tp.reward_fn))
+    return scorers[0] if len(scorers) == 1 else SumScorer(scorers)
+
+
+def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
+    """Flags (after :func:`rlhf.tp.ppo_train.apply_description_flags`) -> the session of ``ppo_train``."""
+    rank, world_size = init_model_parallel()
+    backend = TPBackend(rank, args.report_to_list, args.output_dir)
+    torch.manual_seed(args.seed)  # the same on every rank: the ranks run one replica in lockstep
+    tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")
+    rows = list(load_dataset_dir(tp.train_file, "gsm8k"))
+    texts = [gsm8k_prompt(r["question"]) for r in rows]
+    prompts = PromptSet([tokenizer(t)["input_ids"][-ppo.max_prompt_length :] for t in texts], texts)
+    labels = {t: r["label"] for t, r in zip(texts, rows)}
+    models = load_models(tp, tp.lora_spec(), rank, world_size, device())
+    for model in (models.actor, models.critic):
+        backend.prepare(model)  # records which parameters are split, for the gradient norm
+    pretrain = None
+    if tp.pretrain_dataset_dir:
+        pretrain = load_pretrain(tp.pretrain_dataset_dir, tokenizer, tp.block_size, None)
+    parts = SessionParts(
+        backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
+        prompts=prompts, pretrain=pretrain,
+        generator=TPGenerator(models.generation_model, sampling_config(ppo, tokenizer)),
+    )  # fmt: skip
+    return assemble_session(parts, ppo, args, {**vars(tp), **vars(ppo), **vars(args)})
