@@ -6,7 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint format bench clean
+# `make test-gpu` runs on a CUDA machine's own python (no .venv, no network): wheels that
+# `bash ../shared/gpu/wheels.sh` gathered into .whl/ are installed into .whl/site for the packages that
+# python cannot import yet (datasets, fairscale, ...).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SITE := $(CURDIR)/.whl/site
+
+.PHONY: install test test-gpu demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +25,21 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-gpu:
+	@export PYTHONPATH="$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}"; \
+	missing=""; \
+	for wheel in $$(ls .whl/*.whl 2>/dev/null); do \
+	  name=$$(basename "$$wheel" | cut -d- -f1); \
+	  $(GPU_PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$$name') is None)" \
+	    || missing="$$missing $$wheel"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing into .whl/site:$$missing"; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target "$(GPU_SITE)" $$missing || exit 1; \
+	fi; \
+	$(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py
 
 demo: $(STAMP)
 	$(BIN)/python -m rlhf.demo --out runs/demo
