@@ -10,7 +10,10 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How responses are sampled (``--max_response_length``, ``--temperature``, ...)."""
+    """How responses are sampled (``--max_response_length``, ``--temperature``, ...).
+
+    ``temperature <= 0`` means greedy decoding; ``num_beams > 1`` (beam search) only HF generate does.
+    """
 
     max_new_tokens: int
     min_new_tokens: int = 1
@@ -19,6 +22,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
     eos_token_id: int | None = None
     pad_token_id: int = 0
+    num_beams: int = 1
 
 
 @dataclass
@@ -38,6 +42,10 @@ class Generation:
 
 
 class Generator(Protocol):
+    """What the PPO loop asks for rollouts: :class:`rlhf.generation.hf.HFGenerator` (HF ``generate``) or
+    :class:`rlhf.generation.engine.EngineGenerator` (the static-cache engine); see
+    :func:`rlhf.generation.build.build_generator`."""
+
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
         """Sample one response per prompt. prompt_ids, prompt_mask: [B, P], left-padded."""
 

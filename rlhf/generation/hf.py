@@ -19,7 +19,9 @@ class HFGenerator:
     adapter active); sampling draws from the global torch RNG, so a seeded run is reproducible.
     The log-probs of the sampled tokens come from generate's raw logits (``output_logits``: before any
     processor or warper) as log softmax(logits / temperature), the policy that sampled; the PPO loop uses
-    them as the old log-probs instead of running the actor over the rollout again.
+    them as the old log-probs instead of running the actor over the rollout again. With beam search
+    (``num_beams > 1``) the raw logits follow the beams, not the returned rows, so no log-probs come back.
+    Greedy when ``temperature <= 0``.
     """
 
     def __init__(
@@ -27,13 +29,15 @@ class HFGenerator:
     ) -> None:
         self.model_context = model_context
         self.sampling = sampling
+        sample = sampling.temperature > 0
         self.config = GenerationConfig(
-            do_sample=True,
+            do_sample=sample,
+            num_beams=sampling.num_beams,
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 else None,
-            top_p=sampling.top_p,
+            temperature=sampling.temperature if sample else None,
+            top_k=sampling.top_k if sample and sampling.top_k > 0 else None,
+            top_p=sampling.top_p if sample else None,
             eos_token_id=sampling.eos_token_id,
             pad_token_id=sampling.pad_token_id,
             use_cache=True,
@@ -48,9 +52,12 @@ class HFGenerator:
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.config
             )
         response = out.sequences[:, prompt_ids.shape[1] :]
-        logits = torch.stack(out.logits, dim=1)  # [B, R, V], the unprocessed logits of each step
-        logprobs = torch.log_softmax(logits.float() / self.sampling.temperature, dim=-1)
-        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
         mask = response_mask_after_eos(response, self.sampling.eos_token_id)
         response = response.masked_fill(mask == 0, self.sampling.pad_token_id)
+        if self.sampling.num_beams > 1:
+            return Generation(response, mask)
+        logits = torch.stack(out.logits, dim=1)  # [B, R, V], the unprocessed logits of each step
+        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
         return Generation(response, mask, logprobs * mask)
