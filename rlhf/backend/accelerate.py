@@ -23,12 +23,12 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from rlhf.backend.state_files import read_trainable, write_trainable
-from rlhf.backend.trackers import Trackers
+from rlhf.backend.trackers import TrackerMethods, Trackers
 
 logger = logging.getLogger(__name__)
 
 
-class AccelerateBackend:
+class AccelerateBackend(TrackerMethods):
     def __init__(
         self,
         mixed_precision: str = "no",
@@ -157,12 +157,6 @@ class AccelerateBackend:
         """Replicated weights: the main process exports them."""
         if self.is_main:
             write()
-
-    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
-        self.trackers.start(project, config)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.trackers.log(metrics, step)
 
     def end(self) -> None:
         self.trackers.end()

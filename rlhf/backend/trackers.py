@@ -68,3 +68,16 @@ class Trackers:
         for tracker in self._running:
             tracker.finish()
         self._running = []
+
+
+class TrackerMethods:
+    """``init_trackers`` and ``log`` of :class:`rlhf.backend.Backend` for a backend that holds its
+    :class:`Trackers` as ``self.trackers`` (both backends do; each ends them in its own ``end``)."""
+
+    trackers: Trackers
+
+    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
+        self.trackers.start(project, config)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.trackers.log(metrics, step)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.backend.state_files import rank_dir, read_trainable, write_trainable
-from rlhf.backend.trackers import Trackers
+from rlhf.backend.trackers import TrackerMethods, Trackers
 from rlhf.tp.distributed import barrier, device
 from rlhf.tp.key_maps import is_split_parameter
 
@@ -66,7 +66,7 @@ def group_grad_norm(params: list[torch.nn.Parameter], split: set[int], max_norm:
     return float(total)
 
 
-class TPBackend:
+class TPBackend(TrackerMethods):
     """See the module docstring."""
 
     world_size = 1
@@ -135,12 +135,6 @@ class TPBackend:
     def run_export(self, write: Callable[[], None]) -> None:
         """Sharded weights: the export is collective, every rank writes its shard."""
         write()
-
-    def init_trackers(self, project: str, config: dict[str, Any]) -> None:
-        self.trackers.start(project, config)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.trackers.log(metrics, step)
 
     def end(self) -> None:
         self.trackers.end()
