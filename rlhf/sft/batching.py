@@ -16,6 +16,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from rlhf.sft.examples import IGNORE_INDEX
+from rlhf.training.packed_attention import is_packed_attention
 
 
 @dataclass
@@ -43,7 +44,10 @@ class PaddedCollator:
 def packed_collator(attn_implementation: str | None) -> DataCollatorWithFlattening:
     """The padding-free collator: one row per batch, ``position_ids`` restarting per example.
 
-    FlashAttention also gets the cumulative sequence lengths it needs for variable-length attention.
+    FlashAttention and :mod:`rlhf.training.packed_attention` also get the cumulative sequence lengths
+    (``cu_seq_lens_q``, ``max_length_q``) they need for variable-length attention.
     """
-    flash = bool(attn_implementation) and "flash" in attn_implementation
+    flash = bool(attn_implementation) and (
+        "flash" in attn_implementation or is_packed_attention(attn_implementation)
+    )
     return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=flash)

@@ -20,6 +20,10 @@ from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
+from rlhf.training.fused_loss import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
+from rlhf.training.fused_loss import HiddenStatesLossMixin, build_lm_head_loss
+from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
+from rlhf.training.packed_attention import use_packed_attention
 from rlhf.training.runner import prepare_run, run_trainer
 
 logger = logging.getLogger(__name__)
@@ -37,11 +41,27 @@ class SFTArguments:
             "help": "Concatenate each batch into one padding-free row; examples never attend to each other."
         },
     )
+    packed_attention: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention over packed examples (--packing): auto (GPU: varlen, flash_attn or flex; CPU: "
+            "sdpa), varlen (torch varlen_attn), flash_attn, flex (FlexAttention), sdpa (one call per example).",
+            "choices": list(PACKED_BACKENDS),
+        },
+    )
+    fused_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "LM loss from the hidden states without [tokens, vocab] logits: auto (liger-kernel on a GPU "
+            "when installed, else torch), torch (chunked), liger, off (the model's own loss).",
+            "choices": list(LOSS_IMPLEMENTATIONS),
+        },
+    )
 
 
-class SFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, Trainer):
-    """``transformers.Trainer`` with atomic checkpoints and the non-finite loss guard; the loss is the
-    model's own (labels carry -100)."""
+class SFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, HiddenStatesLossMixin, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and the non-finite loss guard; the loss (labels carry
+    -100) is the fused one of ``compute_loss_func`` (:mod:`rlhf.training.fused_loss`) or the model's own."""
 
 
 def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArguments):
@@ -92,7 +112,7 @@ def run_sft(
     resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir)
     model = build_sft_model(model_args, lora_args, args)
     if sft_args.packing:
-        collator = packed_collator(getattr(model.config, "_attn_implementation", None))
+        collator = packed_collator(use_packed_attention(model, sft_args.packed_attention))
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
     trainer = SFTTrainer(
@@ -102,5 +122,6 @@ def run_sft(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
+        compute_loss_func=build_lm_head_loss(model, sft_args.fused_loss),
     )
     return run_trainer(trainer, resume_from)

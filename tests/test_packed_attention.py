@@ -1,0 +1,184 @@
+"""Packed attention: boundaries from positions, each backend against a dense reference, packed loss and
+gradients equal padded ones, isolation, and the dense fallback for batches that are not packed."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+from rlhf.errors import ConfigError
+from rlhf.sft.batching import PaddedCollator, packed_collator
+from rlhf.training.packed_attention import (
+    KERNELS,
+    PREFIX,
+    backend_available,
+    causal_mask,
+    choose_backend,
+    cu_seqlens_from_position_ids,
+    document_ids,
+    packed_attention_forward,
+    use_packed_attention,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# backends whose forward and backward run on this machine
+TRAINABLE = [name for name in KERNELS if backend_available(name, DEVICE)]
+# FlexAttention also runs forward-only on CPU (PyTorch has no CPU backward for it)
+FORWARD_ONLY = ["flex"] if DEVICE == "cpu" else []
+
+
+def test_boundaries_and_document_ids_from_restarting_positions():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu = cu_seqlens_from_position_ids(position_ids)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 9]
+    assert document_ids(cu, 9).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert cu_seqlens_from_position_ids(torch.arange(4)).tolist() == [0, 4]
+
+
+def test_causal_mask_with_window_and_left_padding():
+    mask = causal_mask(4, torch.device("cpu"), window=2)[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    padded = causal_mask(3, torch.device("cpu"), key_mask=torch.tensor([[0, 1, 1]]))[0, 0].int()
+    # the pad query sees every key (no NaN); real queries see real keys up to themselves
+    assert padded.tolist() == [[1, 1, 1], [0, 1, 0], [0, 1, 1]]
+
+
+def test_backend_choice():
+    assert choose_backend("auto", "cpu") == "sdpa"
+    with pytest.raises(ConfigError, match="--packed_attention must be one of"):
+        choose_backend("xformers", "cpu")
+    with pytest.raises(ConfigError, match="not available on cpu"):
+        choose_backend("varlen", "cpu")
+
+
+def _dense_document_reference(q, k, v, cu, window):
+    """Masked SDPA over the whole row with an explicit document-causal mask. q (T, Hq, D), k/v (T, Hkv, D)."""
+    total, n_rep = q.shape[0], q.shape[1] // k.shape[1]
+    doc = document_ids(cu, total)
+    mask = causal_mask(total, q.device, window)[0, 0] & (doc[:, None] == doc[None, :])
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask)
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", TRAINABLE + FORWARD_ONLY)
+@pytest.mark.parametrize("window", [None, 3])
+def test_kernel_matches_a_dense_document_mask(backend, window):
+    if backend == "varlen" and window is not None:
+        pytest.importorskip("torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if backend in ("varlen", "flash_attn") else torch.float32
+    q = torch.randn(11, 4, 16, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(11, 2, 16, device=DEVICE, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0, 5, 6, 11], dtype=torch.int32, device=DEVICE)
+    out = KERNELS[backend](q, k, v, cu, 5, None, window)
+    expected = _dense_document_reference(q.float(), k.float(), v.float(), cu, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def _examples(lengths, prompt=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(4, 500, (n,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def _model(path, **config):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return model.to(DEVICE)
+
+
+def _on_device(batch):
+    return {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**_on_device(batch)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", TRAINABLE)
+@pytest.mark.parametrize(("arch", "config"), [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_packed_loss_and_gradients_equal_padded(tiny_model_factory, backend, arch, config):
+    """fp32: one packed row of three documents gives the padded batch's loss and gradients.
+
+    Mistral's sliding window (6) is shorter than two of the documents, so the window is exercised too."""
+    examples = _examples([9, 4, 12])
+    model = _model(tiny_model_factory(arch), **config)
+    padded_loss, padded_grads = _loss_and_grads(model, PaddedCollator(pad_token_id=0)(examples))
+    name = use_packed_attention(model, backend)
+    packed_loss, packed_grads = _loss_and_grads(model, packed_collator(name)(examples))
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for param, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[param], grad, atol=1e-5, rtol=1e-4, msg=param)
+
+
+@pytest.mark.parametrize("backend", FORWARD_ONLY)
+def test_packed_loss_equals_padded_forward_only(tiny_llama, backend):
+    examples = _examples([9, 4, 12])
+    model = _model(tiny_llama)
+    name = PREFIX + backend  # registered by hand: use_packed_attention refuses what cannot train here
+    AttentionInterface.register(name, functools.partial(packed_attention_forward, backend=backend))
+    with torch.no_grad():
+        padded = model(**_on_device(PaddedCollator(pad_token_id=0)(examples))).loss
+        model.set_attn_implementation(name)
+        packed = model(**_on_device(packed_collator(name)(examples))).loss
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_boundaries_from_position_ids_alone_isolate_documents(tiny_llama):
+    """Without the collator's cu_seq_lens the documents are found from the restarting positions."""
+    examples = _examples([7, 5, 8], seed=1)
+    model = _model(tiny_llama)
+    use_packed_attention(model, "sdpa")
+    packed = packed_collator("sdpa")(examples)
+    assert "cu_seq_lens_q" not in packed
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        offset = 0
+        for ex in examples:
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[offset : offset + len(alone)], alone, atol=1e-5, rtol=1e-5)
+            offset += len(alone)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_batches_fall_back_to_masked_sdpa(tiny_llama, padding_side):
+    """A model set to packed attention still handles padded batches (its logits on real tokens equal SDPA's)."""
+    examples = _examples([6, 9])
+    width = 9
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, span], mask[i, span] = torch.tensor(ex["input_ids"]), 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    model = _model(tiny_llama)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        use_packed_attention(model, "sdpa")
+        got = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_saved_model_keeps_its_default_attention(tiny_llama, tmp_path):
+    model = _model(tiny_llama)
+    use_packed_attention(model, "sdpa")
+    model.save_pretrained(tmp_path)
+    assert "rlhf_packed" not in (tmp_path / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not reloaded.config._attn_implementation.startswith("rlhf_packed")
