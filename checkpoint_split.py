@@ -27,6 +27,7 @@ from rlhf.args import parse_args
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.checkpoint import merge_to_dir, split_to_dir
+from rlhf.tp.distributed import process_group_scope
 
 
 @dataclass
@@ -70,13 +71,13 @@ def main(argv: list[str] | None = None) -> str:
         return args.save_path
     if not args.ckpt_file:
         raise ConfigError("--ckpt_file is required (or pass --merge --ckpt_dir DIR)")
-    rank, world_size = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several torchrun processes share the shards
-        import torch.distributed as dist
+    with process_group_scope():  # under torchrun: leave only when every process is done
+        rank, world_size = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several torchrun processes share the shards
+            import torch.distributed as dist
 
-        dist.init_process_group("gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    try:
+            dist.init_process_group("gloo")
+            rank, world_size = dist.get_rank(), dist.get_world_size()
         split_to_dir(
             args.ckpt_file,
             args.save_path,
@@ -86,9 +87,6 @@ def main(argv: list[str] | None = None) -> str:
             rank=rank,
             world_size=world_size,
         )
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
     return args.save_path
 
 

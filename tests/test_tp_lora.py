@@ -229,7 +229,7 @@ def worker(model_dir: Path, out: Path) -> None:
     """torchrun entry: the LoRA run at world size 2; rank 0 saves it with gradients gathered to full size."""
     import torch.distributed as dist
 
-    from rlhf.tp.distributed import init_model_parallel
+    from rlhf.tp.distributed import init_model_parallel, shutdown
 
     rank, world_size = init_model_parallel("gloo")
     result = run_lora(model_dir, rank, world_size)
@@ -240,7 +240,7 @@ def worker(model_dir: Path, out: Path) -> None:
         result["grads"][key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
+    shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,34 @@ def test_sliding_window_changes_logits(cases, world_of_one):
     assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
 
 
+GLOO_THREADS = """
+import os, torch, torch.distributed as dist
+from rlhf.tp.distributed import init_model_parallel, process_group_scope
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sum(n.startswith(("pt_gloo", "gloo_")) for n in names)
+
+with process_group_scope():
+    init_model_parallel("gloo")
+    pieces = [torch.empty(3)]
+    dist.all_gather(pieces, torch.ones(3))  # a collective whose tensors the worker thread holds
+    assert gloo_threads() > 0
+print("left", gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_process_group_scope_leaves_no_gloo_thread_for_interpreter_exit():
+    """A gloo worker thread alive at interpreter exit can abort the process (SIGABRT, "terminate called
+    without an active exception") when it drops a collective's tensors: the scope must free them all."""
+    result = subprocess.run(
+        [sys.executable, "-c", GLOO_THREADS], env=script_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("left 0")
+
+
 @pytest.mark.slow
 def test_world_size_2_matches_world_size_1_and_transformers(cases, tmp_path):
     import checkpoint_split
@@ -181,7 +209,7 @@ def worker(root: Path) -> None:
     """torchrun entry: every split case at world size 2; rank 0 saves logits, tokens and full gradients."""
     import torch.distributed as dist
 
-    from rlhf.tp.distributed import init_model_parallel
+    from rlhf.tp.distributed import init_model_parallel, shutdown
 
     rank, world_size = init_model_parallel("gloo")
     for case in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
@@ -194,7 +222,7 @@ def worker(root: Path) -> None:
             grads[key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
         if rank == 0:
             torch.save({**result, "grads": grads}, root / f"{case.name}.pt")
-    dist.destroy_process_group()
+    shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)
 
 
 if __name__ == "__main__":

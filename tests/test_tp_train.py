@@ -45,8 +45,10 @@ def read_predictions(log_dir: Path, name: str = "predictions.jsonl") -> tuple[li
 
 @pytest.fixture
 def world_of_one():
-    from rlhf.tp.distributed import shutdown
+    """A TP=1 group for the test (the commands it runs leave a group they did not create in place)."""
+    from rlhf.tp.distributed import init_model_parallel, shutdown
 
+    init_model_parallel()
     yield
     shutdown()
 
@@ -218,6 +220,9 @@ def test_workflow_at_tp2_under_torchrun(tiny_llama, tmp_path):
 def worker(base: Path, root: Path) -> None:
     """torchrun entry: every command of the workflow in one process group (TP=2)."""
     from rlhf.tp import ppo_train, solver_evaluate, solver_train, verifier_train
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+
+    init_model_parallel()  # one group for all commands (each leaves a group it did not create alone)
 
     data = str(root / "train.jsonl")
     train = ["--train_file", data, "--model_type", "llama", "--max_batch_size", "4", "--max_seq_len", "64"]
@@ -253,6 +258,7 @@ def worker(base: Path, root: Path) -> None:
     solver_evaluate.main(
         evaluate + ["--ckpt_dir", str(root / "actor"), "--log_dir", str(root / "actor_eval")]
     )
+    shutdown()
 
 
 if __name__ == "__main__":

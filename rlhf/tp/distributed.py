@@ -4,13 +4,25 @@ Every process of the job is one model-parallel rank (world size = tensor-paralle
 backend is NCCL and each rank takes ``cuda:LOCAL_RANK``; on CPU it is gloo. A plain ``python`` process
 becomes a world of one through a local TCP store, without touching ``os.environ`` (other libraries read
 ``RANK``/``WORLD_SIZE`` to decide whether they run distributed).
+
+Leaving: every command ends inside :func:`process_group_scope`, which tears the groups down through
+:func:`shutdown` while the interpreter is still fully alive. Gloo runs each collective on a worker thread
+of its process group, and that thread drops its last reference to the collective's tensors afterwards,
+which takes the GIL; if the interpreter is already finalizing by then, the thread is killed inside a C++
+destructor and the process dies with SIGABRT ("terminate called without an active exception"). Under
+load that happened to the last all-gather before exit. Destroying every process group object first
+(torch releases the GIL while a process group's destructor joins its worker threads) leaves no such
+thread behind.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -76,12 +88,38 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def shutdown() -> None:
-    """Tear down the model-parallel groups and the process group (e.g. between in-process tests)."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Tear down FairScale's groups and the process group, and free them now (not at interpreter exit).
+
+    ``wait_for_peers`` first waits at a barrier until every rank got here, so no rank leaves while a peer
+    still talks to it; pass False on an error path, where a peer may never arrive. Safe to call when
+    nothing is initialised (e.g. between in-process tests).
+    """
+    if wait_for_peers:
+        barrier()
     if fs_init.model_parallel_is_initialized():
-        fs_init.destroy_model_parallel()
+        fs_init.destroy_model_parallel()  # FairScale's module globals hold the group objects
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # group objects caught in reference cycles: their destructors join gloo's threads now
+
+
+@contextmanager
+def process_group_scope() -> Iterator[None]:
+    """Run a command; at its end tear down the process group if the command created it.
+
+    A group that existed before (a caller running several commands in one job, a test) is left alone.
+    On success every rank waits for the others first; on an error it leaves at once.
+    """
+    owned = not dist.is_initialized()
+    try:
+        yield
+    except BaseException:
+        if owned:
+            shutdown(wait_for_peers=False)
+        raise
+    if owned:
+        shutdown()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None = None) -> float:

@@ -34,7 +34,7 @@ from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
-from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main
+from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
 from rlhf.tp.generation import generate
 from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
 from rlhf.tp.prompt import gsm8k_prompt
@@ -249,7 +249,8 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     (args,) = parse_args((SolverEvaluateArguments,), argv)
-    return evaluate(args)
+    with process_group_scope():
+        return evaluate(args)
 
 
 if __name__ == "__main__":

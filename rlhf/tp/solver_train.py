@@ -24,6 +24,7 @@ from rlhf.args import parse_args
 from rlhf.data import load_dataset_dir
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
+from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
 from rlhf.tp.training import (
@@ -95,7 +96,8 @@ def run(args: TPTrainArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     (args,) = parse_args((TPTrainArguments,), argv)
-    return run(args)
+    with process_group_scope():
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rlhf.args import parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
+from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.model import Transformer
 from rlhf.tp.training import Example, TPTrainArguments, TrainTask, split_rows, train_tp
 from rlhf.tp.verifier import last_token_scores, read_verifier_rows, score_examples, verifier_example
@@ -68,7 +69,8 @@ def run(args: TPTrainArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     (args,) = parse_args((TPTrainArguments,), argv)
-    return run(args)
+    with process_group_scope():
+        return run(args)
 
 
 if __name__ == "__main__":
