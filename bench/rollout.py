@@ -1,0 +1,176 @@
+"""Rollout generation: Hugging Face ``generate`` (dynamic cache, static cache) against our engine.
+
+Same model, prompts and sampling for all three, each in its own process (``--worker NAME``) so that its peak
+memory is its own: an actor LoRA adapter (r=8 on all linear layers, non-zero B) active on the base, every
+row sampling exactly ``new_tokens`` tokens (min = max new tokens) at temperature 1.
+
+- GPU: TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab
+  32000), bf16, 64 prompts of 128 tokens, 256 new tokens; section ``rollout-gpu`` of bench/RESULTS.md.
+- CPU (or ``--cpu-small``): the small llama of :func:`bench.harness.build_bench_model` on CPU (hidden 256,
+  4 layers), fp32, 16 prompts of 32 tokens, 64 new tokens, one thread; section ``rollout-cpu``.
+
+Per implementation: ms per decode step ((time for N tokens - time for 1 token) / (N - 1)), tokens/s
+(B x N / time for N tokens), the first and a steady call's time (the first includes allocation, compilation
+and graph capture), the engine's graph-capture time, and peak memory (CUDA max allocated; max RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import harness  # noqa: E402
+from results_file import markdown_table, update_section  # noqa: E402
+
+SHAPES = {
+    "gpu": {"batch": 64, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 3},
+    "cpu-small": {"batch": 16, "prompt": 32, "new_tokens": 64, "dtype": "float32", "repeats": 1},
+}
+IMPLS = ["hf-generate", "hf-generate-static-cache", "ours"]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def worker(name: str, workdir: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.generation import SamplingConfig
+    from rlhf.generation.build import decoder_for
+    from rlhf.generation.engine import RolloutEngine
+
+    shape = json.loads((workdir / "shape.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, shape["dtype"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype).to(device)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
+    )
+    model = get_peft_model(model, lora, adapter_name="actor").eval()
+    batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
+    ids = torch.randint(4, model.config.vocab_size, (batch, prompt), device=device)
+    mask = torch.ones_like(ids)
+    eos = model.config.eos_token_id
+    engine = None
+    if name == "ours":
+        engine = RolloutEngine(decoder_for(model), max_batch_size=batch, max_length=prompt + new)
+
+    def generate(n: int) -> None:
+        if engine is not None:
+            sampling = SamplingConfig(max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0)
+            engine.generate(ids, mask, sampling)
+            return
+        cache = {"cache_implementation": "static"} if name == "hf-generate-static-cache" else {}
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None, top_p=1.0,
+                max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0, **cache,
+            )  # fmt: skip
+
+    first = _timed(lambda: generate(new))
+    full = min(_timed(lambda: generate(new)) for _ in range(shape["repeats"]))
+    one = min(_timed(lambda: generate(1)) for _ in range(shape["repeats"]))
+    return {
+        "name": name,
+        "ms_per_step": (full - one) / (new - 1) * 1000,
+        "tokens_per_s": batch * new / full,
+        "first_call_s": first,
+        "steady_call_s": full,
+        "capture_s": engine.graphs.capture_seconds if engine is not None and engine.graphs else None,
+        "cuda_graphs": bool(engine is not None and engine.graphs),
+        "peak_mb": harness.peak_memory_mb(),
+    }
+
+
+def device_line(gpu: bool) -> str:
+    if gpu:
+        return f"GPU {torch.cuda.get_device_name()}"
+    return f"CPU ({platform.machine()}, 1 thread)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cpu-small", action="store_true", help="the small CPU shape even on a GPU")
+    parser.add_argument("--worker", help="internal: run one implementation")
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    if args.worker:
+        harness.report(worker(args.worker, Path(args.workdir)))
+        return
+    gpu = harness.on_gpu() and not args.cpu_small
+    shape = SHAPES["gpu" if gpu else "cpu-small"]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        harness.build_bench_model(workdir / "model")
+        (workdir / "shape.json").write_text(json.dumps(shape))
+        results = [harness.run_worker(__file__, name, workdir) for name in IMPLS]
+    base = next((r for r in results if r["name"] == "hf-generate" and "error" not in r), None)
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["name"], "error: " + r["error"][:100], "", "", "", "", ""])
+            continue
+        speedup = f"{base['ms_per_step'] / r['ms_per_step']:.2f}" if base else "n/a"
+        capture = f"{r['capture_s']:.2f}" if r["capture_s"] is not None else "-"
+        calls = f"{r['first_call_s']:.2f} / {r['steady_call_s']:.2f}"
+        name = r["name"] + (
+            " (CUDA graphs)" if r["cuda_graphs"] else " (eager)" if r["name"] == "ours" else ""
+        )
+        rows.append([
+            name, f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", calls, capture,
+            f"{r['peak_mb']:,.0f}", speedup,
+        ])  # fmt: skip
+    table = markdown_table(
+        ["implementation", "ms / decode step", "tokens/s", "first / steady call s", "graph capture s", "peak MB",
+         "HF generate ms/step ÷ this"], rows,
+    )  # fmt: skip
+    model = (
+        "TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab 32000)"
+        if gpu
+        else "small llama (hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 512)"
+    )
+    text = (
+        f"## Rollout generation, {'GPU' if gpu else 'CPU'} (`bench/rollout.py{'' if gpu else ' --cpu-small'}`)\n\n"
+        f"Device: {device_line(gpu)}. Model: {model}, random init, {shape['dtype']}, actor LoRA r=8 on all "
+        f"linear layers active (unmerged). {shape['batch']} prompts of {shape['prompt']} tokens, "
+        f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all three in the same run, each "
+        "in its own process. ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
+        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU."
+        + (
+            ""
+            if gpu
+            else " On CPU our engine runs eagerly (no CUDA graphs); timings on a shared machine are noisy."
+        )
+        + f"\n\n{table}\n"
+    )
+    print(text)
+    update_section("rollout-gpu" if gpu else "rollout-cpu", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The engine's CUDA-graph path on a GPU (marker ``gpu``; skipped without CUDA, deselected by ``make test``).
+
+Run with ``pytest -m gpu tests/test_generation_gpu.py`` on a CUDA machine. Written in a session without a
+GPU: these checks have not run yet. The CPU tests cover the same logic eagerly (and the graph bookkeeping
+with a capture that re-runs the step); these check what only real graphs can break: replays that read the
+live weights, a new graph per adapter state, the stale-weight guard, and identical tokens to eager steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generation_engine import PROMPTS, greedy, hf_greedy, left_padded, teacher_forced_logits, with_lora
+
+from rlhf.generation import SamplingConfig
+from rlhf.generation.build import decoder_for
+from rlhf.generation.engine import RolloutEngine
+from rlhf.generation.graphs import StaleGraphError
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m gpu)"),
+]
+
+
+def cuda_model(tiny_model_factory, family: str = "llama", dtype: torch.dtype = torch.float32):
+    model_dir = tiny_model_factory(family)
+    model = with_lora(model_dir).to(device="cuda", dtype=dtype)
+    ids, mask = left_padded(model_dir, PROMPTS * 3)
+    return model, ids.cuda(), mask.cuda()
+
+
+def engine(model, graphs: bool | None = None) -> RolloutEngine:
+    return RolloutEngine(decoder_for(model), max_batch_size=16, max_length=64, cuda_graphs=graphs)
+
+
+def test_graphs_are_on_by_default_and_match_hf_generate_and_eager_steps(tiny_model_factory):
+    model, ids, mask = cuda_model(tiny_model_factory)
+    graphed = engine(model)
+    assert graphed.graphs is not None
+    out = graphed.generate(ids, mask, greedy())  # 12 rows: the bucket of 16
+    assert torch.equal(out.response_ids, hf_greedy(model, ids, mask, greedy())[0])
+    assert torch.equal(
+        out.response_ids, engine(model, graphs=False).generate(ids, mask, greedy()).response_ids
+    )
+    bf16, ids, mask = cuda_model(tiny_model_factory, dtype=torch.bfloat16)
+    eager = engine(bf16, graphs=False).generate(ids, mask, greedy())
+    assert torch.equal(engine(bf16).generate(ids, mask, greedy()).response_ids, eager.response_ids)
+
+
+def test_replays_read_live_weights_and_adapter_state(tiny_model_factory):
+    model, ids, mask = cuda_model(tiny_model_factory)
+    graphed = engine(model)
+    graphed.generate(ids, mask, greedy())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.5)  # an optimizer step: in place
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=0.9)
+    out = graphed.generate(ids, mask, sampling, generator=torch.Generator("cuda").manual_seed(0))
+    logits = teacher_forced_logits(model, ids, mask, out.response_ids, out.response_mask)
+    expected = torch.log_softmax(logits / 0.8, -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, expected * out.response_mask, atol=1e-4, rtol=0)
+    with model.disable_adapter():
+        reference = graphed.generate(ids, mask, greedy())
+        assert torch.equal(reference.response_ids, hf_greedy(model, ids, mask, greedy())[0])
+    assert len(graphed.graphs.graphs) == 2
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    lora_b.data = lora_b.data.clone()
+    with pytest.raises(StaleGraphError):
+        graphed.generate(ids, mask, greedy())
+
+
+def test_mixture_of_experts_decodes_eagerly(tiny_model_factory):
+    model, ids, mask = cuda_model(tiny_model_factory, "mixtral")
+    moe = engine(model)
+    assert moe.graphs is None
+    assert torch.equal(
+        moe.generate(ids, mask, greedy()).response_ids, hf_greedy(model, ids, mask, greedy())[0]
+    )
