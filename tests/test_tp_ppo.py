@@ -62,6 +62,33 @@ def test_tp_ppo_imports_no_peft_accelerate_or_hf_generation_code():
     assert out.stdout.strip() == "[]"
 
 
+def test_tp_backend_step_clips_the_groups_it_is_given(tiny_llama, world_of_one):
+    """Each group's norm (and clipping) is its own, as torch computes it at TP=1; a model the backend was
+    not given in prepare() is refused (its split parameters would be counted wrongly at TP > 1)."""
+    from rlhf.tp.backend import TPBackend
+    from rlhf.tp.loading import load_tp_model
+
+    backend = TPBackend(0)
+    model = backend.prepare(load_tp_model(str(tiny_llama), rank=0, world_size=1, device=torch.device("cpu")))
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    model(ids).float().logsumexp(-1).sum().backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    groups = {"first": params[:3], "rest": params[3:]}
+    expected = {k: float(torch.nn.utils.get_total_norm([p.grad for p in g])) for k, g in groups.items()}
+    before = {k: [p.detach().clone() for p in g] for k, g in groups.items()}
+    optimizers = {k: torch.optim.SGD(g, lr=1.0) for k, g in groups.items()}
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0) for k, o in optimizers.items()}
+    norms = backend.step(optimizers, schedulers, groups, max_grad_norm=0.5)
+    assert norms == pytest.approx(expected, rel=1e-5) and expected["first"] != pytest.approx(expected["rest"])
+    for name, group in groups.items():  # SGD at lr 1 moved each group by its clipped gradient
+        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(group, before[name])])
+        assert float(moved) == pytest.approx(min(expected[name], 0.5), rel=1e-4)
+    assert all(p.grad is None for p in params)  # zeroed after the step
+    stranger = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="prepare"):
+        backend.step({}, {}, {"x": list(stranger.parameters())}, 1.0)
+
+
 def test_gsm8k_reward_matches_final_answers():
     from rlhf.tp.ppo_factory import gsm8k_reward
 

@@ -76,6 +76,7 @@ class TPBackend(TrackerMethods):
         self.replica_rank = 0  # all ranks are one replica: same data, same sampling seed
         self.device = device()
         self._split: set[int] = set()  # ids of parameters sharded over the ranks
+        self._prepared: set[int] = set()  # ids of every parameter of a prepared model
         self.trackers = Trackers(report_to or [], project_dir, self.is_main)
 
     @property
@@ -89,6 +90,7 @@ class TPBackend(TrackerMethods):
         args = getattr(module, "args", None)
         if args is not None:
             self._split |= {id(p) for n, p in module.named_parameters() if is_split_parameter(n, args)}
+        self._prepared |= {id(p) for p in module.parameters()}
         return module
 
     def autocast(self):
@@ -104,6 +106,10 @@ class TPBackend(TrackerMethods):
         parameter_groups: dict[str, list[torch.nn.Parameter]],
         max_grad_norm: float,
     ) -> dict[str, float]:
+        """Clip each group by its whole-model norm (see :func:`group_grad_norm`), step, zero. Every
+        parameter must belong to a model given to :meth:`prepare` (else its split is unknown)."""
+        if any(id(p) not in self._prepared for group in parameter_groups.values() for p in group):
+            raise RuntimeError("TPBackend.step: a parameter of a model not given to prepare()")
         norms = {
             name: group_grad_norm(group, self._split, max_grad_norm if max_grad_norm > 0 else None)
             for name, group in parameter_groups.items()
