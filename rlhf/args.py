@@ -7,7 +7,10 @@ older transformers still pass:
 - ``--evaluation_strategy X`` -> ``--eval_strategy X``;
 - ``--warmup_ratio R`` -> ``--warmup_steps R`` (transformers 5 reads a float below 1 as a ratio);
 - ``--fp16`` / ``--bf16`` without a GPU -> dropped, with one warning line (training runs in float32);
-- ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``.
+- ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``;
+- ``torchrun``/``accelerate launch`` of several processes without a GPU -> ``--use_cpu True`` for the
+  ``TrainingArguments`` stages (without it transformers runs each process as an independent,
+  non-distributed copy on CPU: no DDP, no barriers).
 
 A YAML or JSON file given as the only argument stands in for the flags. After parsing, a
 ``TrainingArguments`` is checked up front (:func:`check_training_arguments`): batch sizes and
@@ -187,6 +190,23 @@ def _check_parsed(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return values
 
 
+def cpu_processes_flag(
+    argv: list[str], dataclass_types: tuple[type, ...], has_gpu: bool | None = None
+) -> list[str]:
+    """``["--use_cpu", "True"]`` when a Trainer stage runs as several processes on a machine without a GPU.
+
+    transformers only sets up CPU DDP (gloo) with ``use_cpu``; otherwise every process trains alone.
+    """
+    has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if has_gpu or world_size <= 1 or any(arg.partition("=")[0] == "--use_cpu" for arg in argv):
+        return []
+    if not any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        return []
+    logger.info("%d processes without a GPU: distributed on CPU (gloo), as with --use_cpu", world_size)
+    return ["--use_cpu", "True"]
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation.
 
@@ -199,6 +219,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
             return _check_parsed(parser.parse_json_file(argv[0]))
         return _check_parsed(parser.parse_yaml_file(argv[0]))
     argv = normalize_argv(argv)
+    argv += cpu_processes_flag(argv, dataclass_types)
     configure_reporting(argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

@@ -14,6 +14,7 @@ from rlhf.args import (
     check_output_dir,
     check_positive_flags,
     configure_reporting,
+    cpu_processes_flag,
     normalize_argv,
     parse_args,
     split_comma_list,
@@ -118,3 +119,14 @@ def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
         check_output_dir(file / "sub", "--save_path")
     check_output_dir(tmp_path / "new" / "dir", "--log_dir")  # missing dirs are created later: fine
     check_output_dir(None)
+
+
+def test_several_cpu_processes_get_use_cpu_for_trainer_stages(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stage = (DataArguments, TrainingArguments)
+    assert cpu_processes_flag([], stage, has_gpu=False) == ["--use_cpu", "True"]
+    assert cpu_processes_flag([], stage, has_gpu=True) == []
+    assert cpu_processes_flag(["--use_cpu=False"], stage, has_gpu=False) == []
+    assert cpu_processes_flag([], (DataArguments,), has_gpu=False) == []  # not a Trainer stage
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cpu_processes_flag([], stage, has_gpu=False) == []

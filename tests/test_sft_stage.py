@@ -202,6 +202,9 @@ def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # both ranks wrote into the staging folder before it was published; nothing is left behind
+    assert all((out / "checkpoint-4" / f"rng_state_{rank}.pth").is_file() for rank in (0, 1))
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow
