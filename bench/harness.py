@@ -28,7 +28,7 @@ def on_gpu() -> bool:
 def build_bench_model(out: Path) -> Path:
     """CPU: a small llama (hidden 256, 4 layers); GPU: TinyLlama-1.1B-shaped, random init."""
     sys.path.insert(0, str(ROOT))
-    from rlhf.tiny import build_tiny_model
+    from rlhf.tiny_models import build_tiny_model
 
     if not on_gpu():
         return build_tiny_model("llama", out, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)

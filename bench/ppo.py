@@ -43,7 +43,7 @@ def peak_memory_mb() -> float:
 
 def build_model(out: Path) -> Path:
     """CPU: a small llama (hidden 256, 4 layers, ~3 M parameters) with the repository tokenizer."""
-    from rlhf.tiny import build_tiny_model
+    from rlhf.tiny_models import build_tiny_model
 
     return build_tiny_model("llama", out, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)
 
@@ -54,7 +54,7 @@ def worker_ours(workdir: Path) -> dict:
     out = workdir / "ours"
     # fmt: off
     run_ppo_with_peft.main([
-        "--sft_model_path", str(workdir / "model"), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--sft_model_path", str(workdir / "model"), "--reward_fn", "rlhf.toy_task:positivity_reward",
         "--dataset_dir", str(ROOT / "sft_data"), "--output_dir", str(out), "--critic_init", "sft",
         "--per_device_train_batch_size", str(SAMPLES), "--per_device_mini_train_batch_size", str(SAMPLES // 2),
         "--gradient_accumulation_steps", "2", "--ppo_epochs", "1",
@@ -78,7 +78,7 @@ def worker_trl_grpo(workdir: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlhf.data import load_dataset_dir, render_prompt
-    from rlhf.toy import positivity_reward
+    from rlhf.toy_task import positivity_reward
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model", padding_side="left")
     rows = load_dataset_dir(str(ROOT / "sft_data"), "prompt")

@@ -2,7 +2,7 @@
 
 Stages (each is the user-facing entry point, run as a subprocess exactly as a user would):
 
-0. ``python -m rlhf.tiny``: a random-init tiny llama with a locally trained tokenizer;
+0. ``python -m rlhf.tiny_models``: a random-init tiny llama with a locally trained tokenizer;
 1. ``run_sft_with_peft.py``: full fine-tuning on ``sft_data/`` (LoRA barely moves a random-init model, so
    this pass doubles as the pretraining the tiny model never had);
 2. ``run_rm_with_peft.py``: a LoRA reward model (with its score head) on ``rm_data/``, on the SFT model;
@@ -30,7 +30,7 @@ import torch
 from rlhf.data.templates import alpaca_prompt
 from rlhf.logging_setup import setup_logging
 from rlhf.plot import plot_run, read_metrics_jsonl, read_trainer_state
-from rlhf.toy import positivity_reward
+from rlhf.toy_task import positivity_reward
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
         str(out / "cache"),
     ]
     return [
-        ("tiny", [py, "-m", "rlhf.tiny", "--arch", "llama", "--out", str(base),
+        ("tiny", [py, "-m", "rlhf.tiny_models", "--arch", "llama", "--out", str(base),
                   "--hidden_size", pick["hidden_size"]]),
         ("sft", [py, "run_sft_with_peft.py", "--model_type", "llama", "--model_name_or_path", str(base),
                  "--dataset_dir", "sft_data", "--split_ratio", "0.05", "--block_size", "128",

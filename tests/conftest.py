@@ -27,7 +27,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory) -> Callable[..., Path]:
     """``factory(arch="llama", **overrides) -> model dir``, each variant built once per session."""
-    from rlhf.tiny import build_tiny_model
+    from rlhf.tiny_models import build_tiny_model
 
     cache: dict[tuple, Path] = {}
 

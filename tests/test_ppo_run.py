@@ -126,7 +126,7 @@ def test_policy_learns_rule_reward(tiny_llama, tmp_path):
     sft = sft_tiny_model(tiny_llama, tmp_path / "sft")
     out = tmp_path / "ppo"
     run_ppo_with_peft.main([
-        "--sft_model_path", str(sft), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--sft_model_path", str(sft), "--reward_fn", "rlhf.toy_task:positivity_reward",
         "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out),
         "--per_device_train_batch_size", "16", "--per_device_mini_train_batch_size", "8", "--ppo_epochs", "2",
         "--max_response_length", "16", "--max_steps", "48", "--logging_steps", "4", "--save_steps", "1000",
@@ -205,7 +205,7 @@ def test_bad_reward_fn_and_non_finite_reward_exit_with_one_line(tiny_llama, tmp_
             "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--max_response_length", "4",
             "--disable_tqdm", "true"]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
-        run_ppo_with_peft.main(base + ["--reward_fn", "rlhf.toy:no_such_function"])
+        run_ppo_with_peft.main(base + ["--reward_fn", "rlhf.toy_task:no_such_function"])
     assert exc.value.code == 2 and "no function 'no_such_function'" in capsys.readouterr().err
     nan_fn = tmp_path / "nan_reward.py"
     nan_fn.write_text("def score(prompts, responses):\n    return [float('nan')] * len(responses)\n")
@@ -266,7 +266,7 @@ def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsy
     file = tmp_path / "a_file"
     file.write_text("not a directory")
     flags = [str(file) if f == "FILE" else f for f in flags]
-    argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy:positivity_reward",
+    argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy_task:positivity_reward",
             "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         run_ppo_with_peft.main(argv)
@@ -286,7 +286,7 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
     yet has the same keys, and both rows of one rollout report its statistics exactly."""
     out = tmp_path / "rows"
     run_ppo_with_peft.main([
-        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
         "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
         "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--max_steps", "4",
         "--logging_steps", "1", "--save_steps", "100", "--target_kl", "0.01", "--disable_tqdm", "true",
@@ -304,7 +304,7 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
 def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_llama, tmp_path, capsys):
     out = tmp_path / "rerun"
     argv = [
-        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy:positivity_reward",
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
         "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
         "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--logging_steps", "1",
         "--save_steps", "2", "--disable_tqdm", "true",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.tiny import ARCHS, BOS_ID, EOS_ID, PAD_ID
+from rlhf.tiny_models import ARCHS, BOS_ID, EOS_ID, PAD_ID
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -63,7 +63,7 @@ def test_tied_embeddings_variant(tiny_model_factory):
 
 def test_cli_writes_a_model_dir(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf.tiny", "--arch", "qwen2", "--out", str(tmp_path / "m")],
+        [sys.executable, "-m", "rlhf.tiny_models", "--arch", "qwen2", "--out", str(tmp_path / "m")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

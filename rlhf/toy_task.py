@@ -10,7 +10,7 @@ stage visibly learns on it:
   towards positive answers;
 - pretraining text (``pt_data/``): short sentences in the same vocabulary.
 
-``python -m rlhf.toy --out .`` writes the three folders deterministically (the shipped copies were
+``python -m rlhf.toy_task --out .`` writes the three folders deterministically (the shipped copies were
 written this way).
 """
 

@@ -1,6 +1,6 @@
 """Tiny random-init models with a locally trained tokenizer, for tests and the demo.
 
-``python -m rlhf.tiny --arch llama --out DIR`` writes a Hugging Face model directory (``config.json`` +
+``python -m rlhf.tiny_models --arch llama --out DIR`` writes a Hugging Face model directory (``config.json`` +
 ``model.safetensors`` + tokenizer files) that ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load with no network. The tokenizer is a byte-level BPE trained on
 the repository's sample data (``sft_data/``, ``rm_data/``, ``pt_data/``) plus the prompt templates, with
@@ -28,7 +28,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from rlhf import toy
+from rlhf import toy_task
 from rlhf.data.files import JSON_EXTENSIONS, TEXT_EXTENSIONS, iter_json_records, read_text
 from rlhf.data.templates import ALPACA_PROMPT_WITH_INPUT
 from rlhf.errors import ConfigError
@@ -65,7 +65,7 @@ def _corpus(data_root: Path) -> Iterator[str]:
                 for _, record in iter_json_records(path):
                     yield json.dumps(record, ensure_ascii=False)
     if not found:
-        yield from toy.POSITIVE + toy.NEGATIVE + toy.QUESTIONS + toy.TOPICS
+        yield from toy_task.POSITIVE + toy_task.NEGATIVE + toy_task.QUESTIONS + toy_task.TOPICS
 
 
 def build_tokenizer(vocab_size: int = 512, data_root: Path = REPO_ROOT) -> PreTrainedTokenizerFast:
