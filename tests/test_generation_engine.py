@@ -332,3 +332,12 @@ def test_engine_generator_is_a_drop_in_generator(tiny_model_factory):
     assert generator.generate(ids, mask).response_ids.shape == out.response_ids.shape
     assert len(entered) == 3 and generator.engine.cache.max_len >= ids.shape[1] + NEW
     assert generator.engine is generator.engine_for(model)  # built once, reused
+
+
+def test_steps_with_host_decisions_are_never_captured(tiny_model_factory):
+    """Mixtral's expert routing chooses rows on the host: its steps run eagerly, and forcing graphs fails."""
+    model = with_lora(tiny_model_factory("mixtral"))
+    assert not decoder_for(model).capturable
+    assert engine_for(model).graphs is None
+    with pytest.raises(ConfigError, match="cannot be captured as CUDA graphs"):
+        engine_for(model, cuda_graphs=True, capture=rerun_capture)

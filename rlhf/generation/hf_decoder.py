@@ -20,6 +20,7 @@ from rlhf.generation.decoder import Decoder, LayerParts
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2")
 DATA_DEPENDENT = ("mixtral",)  # expert routing picks rows on the host: no CUDA graph
+HOST_ROPE = ("dynamic", "longrope")  # RoPE types that read the positions on the host: no CUDA graph
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,7 +64,10 @@ class HFDecoder(Decoder):
         config = lm.config
         self.body = lm.model
         self.lm_head = lm.get_output_embeddings()
-        self.capturable = config.model_type not in DATA_DEPENDENT
+        rope_type = str(getattr(self.body.rotary_emb, "rope_type", "default"))
+        self.capturable = config.model_type not in DATA_DEPENDENT and not any(
+            k in rope_type for k in HOST_ROPE
+        )
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         windows = layer_windows(config)
