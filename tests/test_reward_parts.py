@@ -99,3 +99,28 @@ def test_pairs_without_a_preference_are_dropped(caplog):
         kept = clean_pairs(rows)
     assert kept["chosen"] == ["a"]
     assert "dropped 3 of 4 pairs: 1 with chosen == rejected, 2 with an empty response" in caplog.text
+
+
+def test_fp16_keeps_the_trainable_score_head_and_adapter_in_float32(tiny_llama):
+    """``--fp16``'s GradScaler refuses float16 gradients; PEFT copies the score head in the base's dtype."""
+    from peft import TaskType
+
+    from rlhf.models.lora import LoraSpec
+    from rlhf.training import make_trainable
+
+    def trainable_dtypes(fp16: bool) -> tuple[dict[str, torch.dtype], set[torch.dtype]]:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            tiny_llama, num_labels=1, dtype=torch.float16
+        )
+        model = make_trainable(base, LoraSpec(rank=4, targets=["q_proj"]), task_type=TaskType.SEQ_CLS,
+                               head_modules=("score",), fp16=fp16)  # fmt: skip
+        params = list(model.named_parameters())
+        return {n: p.dtype for n, p in params if p.requires_grad}, {
+            p.dtype for _, p in params if not p.requires_grad
+        }
+
+    trained, frozen = trainable_dtypes(fp16=True)
+    assert any("score" in n for n in trained) and set(trained.values()) == {torch.float32}
+    assert frozen == {torch.float16}  # the frozen base stays as loaded
+    trained, _ = trainable_dtypes(fp16=False)
+    assert {d for n, d in trained.items() if "score" in n} == {torch.float16}

@@ -87,6 +87,7 @@ def build_reward_model(
         task_type=TaskType.SEQ_CLS,
         head_modules=heads,
         gradient_checkpointing=args.gradient_checkpointing,
+        fp16=args.fp16,
     )
 
 

@@ -94,6 +94,7 @@ def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: 
         peft_path=model_args.peft_path,
         task_type=TaskType.CAUSAL_LM,
         gradient_checkpointing=args.gradient_checkpointing,
+        fp16=args.fp16,
     )
 
 

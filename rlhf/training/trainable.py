@@ -44,12 +44,14 @@ def make_trainable(
     task_type: TaskType = TaskType.CAUSAL_LM,
     head_modules: tuple[str, ...] = (),
     gradient_checkpointing: bool = False,
+    fp16: bool = False,
 ) -> torch.nn.Module:
     """Return ``model`` ready to train: wrapped in a (new or loaded) adapter, or unchanged for full training.
 
     Whether a new adapter is made is decided by ``lora.use_lora`` alone (``rank <= 0`` = full training).
     ``modules_to_save`` (``--modules_to_save``) and ``head_modules`` (such as the reward model's ``score``)
-    are trained in full and saved with the adapter.
+    are trained in full and saved with the adapter. With ``fp16`` (``--fp16`` mixed precision) trainable
+    float16 weights are upcast to float32 (:func:`upcast_float16_trainable`).
     """
     if peft_path:
         if not is_adapter_dir(peft_path):
@@ -70,6 +72,8 @@ def make_trainable(
             task_type=task_type,
         )
         model = get_peft_model(model, config)
+    if fp16:
+        upcast_float16_trainable(model)
     if gradient_checkpointing and isinstance(model, PeftModel):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     trainable, total = count_parameters(model)
@@ -82,6 +86,24 @@ def make_trainable(
         100 * trainable / max(total, 1),
     )
     return model
+
+
+def upcast_float16_trainable(model: torch.nn.Module) -> int:
+    """Cast trainable float16 parameters to float32 in place; return how many were cast.
+
+    ``--fp16`` scales the loss with a GradScaler, which refuses float16 gradients ("Attempting to unscale
+    FP16 gradients"). PEFT keeps LoRA weights in float32 but copies ``modules_to_save`` (the reward
+    model's ``score`` head) in the base's float16; under fp16 autocast a float32 master copy computes in
+    float16 anyway. Frozen weights stay as loaded.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+            cast += 1
+    if cast:
+        logger.info("--fp16: %d trainable float16 tensors kept in float32 (master weights)", cast)
+    return cast
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
