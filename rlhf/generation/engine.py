@@ -101,7 +101,10 @@ class StopTracker:
 class RolloutEngine:
     """Generates for one model side; see the module docstring.
 
-    cuda_graphs: None = on when the model is on a GPU and its steps can be captured.
+    cuda_graphs: None = on when the model is on a GPU and its steps can be captured; ``capture`` replaces
+    CUDA graph capture (tests). ``max_length`` (prompt + response tokens) and ``max_batch_size`` size the
+    cache; ``check_every`` is how many steps pass between the host's checks; ``prefill_chunk`` bounds the
+    prompt columns per prefill step (None: all at once).
     """
 
     def __init__(
@@ -124,6 +127,8 @@ class RolloutEngine:
             raise ConfigError(
                 f"{type(decoder).__name__}: this model's steps cannot be captured as CUDA graphs"
             )
+        elif cuda_graphs and capture is None and device.type != "cuda":
+            raise ConfigError(f"CUDA graphs need the model on a GPU; it is on {device}")
         self.check_every, self.prefill_chunk = max(1, check_every), prefill_chunk
         self.buckets = batch_buckets(max_batch_size) if cuda_graphs else None
         self.cache: StaticKVCache | None = None
