@@ -15,7 +15,9 @@ from test_sft_stage import quick_argv
 from transformers import TrainingArguments
 
 from rlhf.args import LoraArguments, ModelArguments
+from rlhf.errors import CheckpointError
 from rlhf.sft.stage import SFTTrainer, build_sft_model
+from rlhf.training import prepare_output_dir
 from rlhf.training.checkpoints import checkpoint_problem, list_checkpoints, newest_loadable_checkpoint
 from run_sft_with_peft import main
 
@@ -133,6 +135,17 @@ def test_checkpoints_are_listed_newest_first_by_step_number(tmp_path):
     (tmp_path / ".checkpoint-11.tmp").mkdir()  # a staging folder is not a checkpoint
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-9", "checkpoint-2"]
     assert list_checkpoints(tmp_path / "missing") == []
+
+
+def test_resume_true_takes_the_newest_checkpoint_that_loads(tmp_path):
+    good = fake_checkpoint(tmp_path, 2)
+    truncate(fake_checkpoint(tmp_path, 4) / "scheduler.pt")
+    args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="True", report_to="none")
+    assert prepare_output_dir(args, overwrite=False) == str(good)
+    truncate(good / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"--resume_from_checkpoint True: no loadable checkpoint-N in .*"
+                       r"checkpoint-4: scheduler\.pt is truncated.*checkpoint-2: adapter_model"):  # fmt: skip
+        prepare_output_dir(args, overwrite=False)
 
 
 def test_implicit_resume_skips_a_truncated_checkpoint_and_explicit_resume_names_the_file(
