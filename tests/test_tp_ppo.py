@@ -215,6 +215,8 @@ def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, wor
     assert [r["loss/pretrain_weight"] for r in lines] == pytest.approx(
         [0.0, 0.05, 0.1]
     )  # warmed up over 2 steps
-    assert list((tmp_path / "a_run" / "wandb").glob("offline-run-*")), "--report_to wandb on rank 0"
+    assert list((tmp_path / "a_run" / "wandb").glob("offline-run-*/run-*.wandb")), (
+        "--report_to wandb on rank 0"
+    )
     assert json.loads((tmp_path / "a/params.json").read_text())["n_shards"] == 1
     assert Path(tmp_path / "a/training/metrics.jsonl").is_file()

@@ -7,7 +7,6 @@ one decode-step interface for HF and tensor-parallel models); :func:`build_gener
 from rlhf.generation.base import Generation, Generator, SamplingConfig, response_mask_after_eos
 from rlhf.generation.build import build_generator
 from rlhf.generation.engine import EngineGenerator, RolloutEngine
-from rlhf.generation.hf import HFGenerator
 
 __all__ = [
     "EngineGenerator",
@@ -19,3 +18,13 @@ __all__ = [
     "build_generator",
     "response_mask_after_eos",
 ]
+
+
+def __getattr__(name: str):
+    """``HFGenerator`` is imported on first use, so code that never uses it (the tensor-parallel PPO)
+    does not load the Hugging Face generation path."""
+    if name == "HFGenerator":
+        from rlhf.generation.hf import HFGenerator
+
+        return HFGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
