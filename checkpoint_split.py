@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from rlhf.args import parse_args
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
-from rlhf.tp.checkpoint import merge_to_dir, split_to_dir
 from rlhf.tp.distributed import process_group_scope
+from rlhf.tp.split_merge import merge_to_dir, split_to_dir
 
 
 @dataclass

@@ -11,20 +11,12 @@ from launch import script_env, torchrun
 from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.tp.checkpoint import (
-    DictSource,
-    TensorSource,
-    load_shard,
-    merge_tensors,
-    merge_to_dir,
-    split_state,
-    split_tensor,
-    split_to_dir,
-    write_metadata,
-    write_shard,
-)
+from rlhf.tp.convert_weights import StateDictLookup, merge_tensors, split_state, split_tensor
+from rlhf.tp.hf_checkpoint import TensorSource
 from rlhf.tp.key_maps import check_divisible, check_preset, concrete_key_map, model_args_from_hf, shard_dim
 from rlhf.tp.model import ModelArgs
+from rlhf.tp.shard_dir import load_shard, write_metadata, write_shard
+from rlhf.tp.split_merge import merge_to_dir, split_to_dir
 
 ARCHS = ["llama", "mistral", "mixtral", "qwen2"]
 
@@ -109,9 +101,9 @@ def test_verifier_shards_merge_to_sequence_classification(arch, overrides, tiny_
     score at the last real token equals the TP verifier's."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.tp.checkpoint import save_model_shards
     from rlhf.tp.distributed import init_model_parallel, shutdown
     from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.shard_dir import save_model_shards
 
     source = tiny_model_factory(arch, **overrides)
     tokens = torch.tensor([[1, 17, 42, 99, 7, 2], [1, 5, 6, 2, 0, 0]])  # the second row right-padded
@@ -208,7 +200,7 @@ def test_qwen_key_map_on_synthetic_state_dict():
         "transformer.h.0.mlp.c_proj.weight": torch.randn(8, 12, generator=g),
     }
     assert set(concrete_key_map(args)) == set(state)
-    shards = split_state(DictSource(state), args, 2, [0, 1])
+    shards = split_state(StateDictLookup(state), args, 2, [0, 1])
     c_attn, bias = state["transformer.h.0.attn.c_attn.weight"], state["transformer.h.0.attn.c_attn.bias"]
     # q, k, v are the thirds of c_attn; rank 1 holds the second head of each
     assert torch.equal(shards[1]["layers.0.attention.wq.weight"], c_attn[4:8])
@@ -239,7 +231,7 @@ def test_qwen_shards_merge_back_to_fused_keys(tmp_path):
     }  # fmt: skip
     state = {key: torch.randn(*shape, generator=g) for key, shape in shapes.items()}
     (tmp_path / "s").mkdir()
-    for rank, shard in split_state(DictSource(state), args, 2, [0, 1]).items():
+    for rank, shard in split_state(StateDictLookup(state), args, 2, [0, 1]).items():
         write_shard(shard, tmp_path / "s", rank)
     write_metadata(tmp_path / "s", args, 2, qwen_config(), None)
     merge_to_dir(tmp_path / "s", tmp_path / "m")
@@ -267,7 +259,10 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="not in the llama key map"):
         split_state(
-            DictSource(state), model_args_from_hf(json.loads((source / "config.json").read_text())), 2, [0]
+            StateDictLookup(state),
+            model_args_from_hf(json.loads((source / "config.json").read_text())),
+            2,
+            [0],
         )
     save_file({"x": torch.zeros(1)}, str(tmp_path / "lonely.safetensors"))
     with pytest.raises(CheckpointError, match="no config.json"):
@@ -281,6 +276,92 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
         main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
     main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "1", "--overwrite"])
     assert json.loads((tmp_path / "s2" / "params.json").read_text())["n_shards"] == 1
+
+
+def exits_with(main, argv: list[str], capsys) -> str:
+    """The ``error: ...`` line a CLI ends with when it exits with code 2 (no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "Traceback" not in err and line.startswith("error: "), err
+    return line
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_damaged_shard_dirs_are_one_line_errors_naming_the_file(tiny_model_factory, tmp_path, capsys):
+    from rlhf.tp.shard_dir import check_shard_dir, read_params
+
+    main = split_main()
+    source = tiny_model_factory("llama")
+    main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "2"])
+    good = json.loads((tmp_path / "s" / "params.json").read_text())
+    assert check_shard_dir(tmp_path / "s", world_size=2)["n_shards"] == 2
+
+    truncate(tmp_path / "s" / "consolidated.01.pth")
+    shard = str(tmp_path / "s" / "consolidated.01.pth")
+    for check in (lambda: check_shard_dir(tmp_path / "s"), lambda: load_shard(tmp_path / "s", 1, 2)):
+        with pytest.raises(CheckpointError, match=f"{shard}: unreadable, truncated or corrupt"):
+            check()
+    line = exits_with(
+        main, ["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")], capsys
+    )
+    assert shard in line and not (tmp_path / "m").exists()
+    load_shard(tmp_path / "s", 0, 2)  # the other shard still loads
+
+    params = tmp_path / "s" / "params.json"
+    params.write_text(json.dumps(good)[:-20])  # cut mid-file: not JSON
+    with pytest.raises(CheckpointError, match=f"{params}: unreadable, truncated or corrupt"):
+        read_params(tmp_path / "s")
+    params.write_text(json.dumps({k: v for k, v in good.items() if k not in ("n_shards", "dim")}))
+    with pytest.raises(CheckpointError, match=f"{params}: missing dim, n_shards"):
+        read_params(tmp_path / "s")
+    params.write_text(json.dumps({**good, "n_shards": 0}))
+    with pytest.raises(CheckpointError, match="n_shards must be a positive integer, got 0"):
+        load_shard(tmp_path / "s", 0, 1)
+    params.write_text(json.dumps({**good, "head": "value"}))
+    with pytest.raises(CheckpointError, match="head must be one of lm, scalar"):
+        read_params(tmp_path / "s")
+
+
+def test_damaged_hf_checkpoints_and_file_save_paths_are_one_line_errors(tiny_model_factory, tmp_path, capsys):
+    import shutil
+
+    main = split_main()
+    source = shutil.copytree(tiny_model_factory("qwen2"), tmp_path / "hf")
+    (tmp_path / "file").write_text("not a dir")
+    line = exits_with(
+        main, ["--ckpt_file", str(source), "--save_path", str(tmp_path / "file"), "--n", "1"], capsys
+    )
+    assert line == f"error: --save_path {tmp_path / 'file'} is a file, not a directory"
+    line = exits_with(
+        main, ["--merge", "--ckpt_dir", str(source), "--save_path", str(tmp_path / "file")], capsys
+    )
+    assert "is a file, not a directory" in line
+    assert (tmp_path / "file").read_text() == "not a dir"
+
+    truncate(source / "model.safetensors")
+    line = exits_with(
+        main, ["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "1"], capsys
+    )
+    assert f"{source / 'model.safetensors'}: unreadable, truncated or corrupt" in line
+    state = load_file(tiny_model_factory("qwen2") / "model.safetensors")
+    torch.save(state, tmp_path / "checkpoint.bin")
+    truncate(tmp_path / "checkpoint.bin")
+    argv = ["--ckpt_file", str(tmp_path / "checkpoint.bin"), "--config_dir", str(tiny_model_factory("qwen2"))]
+    line = exits_with(main, argv + ["--save_path", str(tmp_path / "s"), "--n", "1"], capsys)
+    assert f"{tmp_path / 'checkpoint.bin'}: unreadable, truncated or corrupt" in line
+    (source / "config.json").write_text("{")
+    line = exits_with(
+        main, ["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "1"], capsys
+    )
+    assert f"{source / 'config.json'}: unreadable, truncated or corrupt" in line
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
 
 
 @pytest.mark.slow

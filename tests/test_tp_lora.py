@@ -151,9 +151,10 @@ def test_lora_trains_only_the_adapter(tiny_model_factory, world_of_one):
 def test_merged_model_saves_as_shards_that_merge_to_hf(tiny_model_factory, tmp_path, world_of_one):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.tp.checkpoint import merge_to_dir, read_params, save_model_shards
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.lora import apply_lora, merge_lora
+    from rlhf.tp.shard_dir import read_params, save_model_shards
+    from rlhf.tp.split_merge import merge_to_dir
 
     model_dir = tiny_model_factory("mixtral")
     ids, mask = batch(model_dir)

@@ -151,6 +151,42 @@ def test_user_errors_exit_2(tiny_model_factory, tmp_path, world_of_one, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_bad_outputs_and_damaged_checkpoints_fail_before_generating(
+    tiny_model_factory, tmp_path, world_of_one, capsys, monkeypatch
+):
+    """A --log_dir that is a file, and a truncated or wrong verifier dir, are one line before any solving."""
+    import shutil
+
+    import checkpoint_split
+    from rlhf.tp import solver_evaluate
+
+    monkeypatch.setattr(solver_evaluate, "solve", lambda *a, **k: pytest.fail("generated before checking"))
+    model = tiny_model_factory()
+    checkpoint_split.main(["--ckpt_file", str(model), "--save_path", str(tmp_path / "lm"), "--n", "1"])
+    (tmp_path / "file").write_text("")
+    base = ["--label_file", str(write_rows(tmp_path / "test.jsonl")), "--ckpt_dir", str(model)]
+    sample = ["--temperature", "1.0", "--num_samples", "2", "--log_dir", str(tmp_path / "log")]
+    cases = {
+        f"error: --log_dir {tmp_path / 'file'} is a file, not a directory": [
+            "--log_dir",
+            str(tmp_path / "file"),
+        ],
+        "(params.json head is not scalar)": sample + ["--verifier_ckpt_dir", str(tmp_path / "lm")],
+        "no params.json (pass the --save_dir of verifier_train)": sample
+        + ["--verifier_ckpt_dir", str(model)],
+    }
+    damaged = Path(shutil.copytree(tmp_path / "lm", tmp_path / "damaged"))
+    shard = damaged / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cases[f"error: {shard}: unreadable, truncated or corrupt"] = ["--ckpt_dir", str(damaged)] + sample
+    for message, extra in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            solver_evaluate.main(base + extra)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "log").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_tp2_on_shards_matches_transformers(tiny_model_factory, tmp_path):
     import checkpoint_split

@@ -6,7 +6,10 @@ Model and checkpoints:
   ``ScalarHeadTransformer`` (verifier / critic).
 - :mod:`rlhf.tp.key_maps`: Hugging Face <-> shard key names per family (scalar head: ``score`` <->
   ``v_head``), config -> ``ModelArgs``, ``--model_type`` checks.
-- :mod:`rlhf.tp.checkpoint`: pure split/merge functions, streaming readers, sharded dirs on disk.
+- :mod:`rlhf.tp.convert_weights`: pure split/merge tensor functions over the key maps.
+- :mod:`rlhf.tp.hf_checkpoint`: HF weight files read one tensor at a time, config.json, safetensors out.
+- :mod:`rlhf.tp.shard_dir`: the shard dir (``params.json`` + ``consolidated.NN.pth``), checked and written.
+- :mod:`rlhf.tp.split_merge`: whole dirs, what ``checkpoint_split.py`` runs.
 - :mod:`rlhf.tp.loading`: a model for this rank from a shard dir or a plain HF dir (+ ``--peft_path``).
 - :mod:`rlhf.tp.distributed`: process group + FairScale model-parallel groups (gloo on CPU, NCCL on GPU).
 - :mod:`rlhf.tp.generation`: batched generation with a KV cache and left padding.

@@ -13,9 +13,11 @@ import torch
 
 from rlhf.errors import CheckpointError
 from rlhf.models.loading import is_adapter_dir
-from rlhf.tp.checkpoint import PARAMS, DictSource, TensorSource, load_shard, read_hf_config, split_state
+from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, split_state
+from rlhf.tp.hf_checkpoint import TensorSource, read_hf_config
 from rlhf.tp.key_maps import check_divisible, check_preset, model_args_from_hf
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
+from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def load_rank_state(
 ) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
     """(architecture, this rank's shard state dict, where it came from) for any supported checkpoint dir."""
     path = Path(ckpt_dir)
-    if (path / PARAMS).is_file():
+    if is_shard_dir(path):
         if peft_path:
             raise CheckpointError("--peft_path applies to an HF model dir, not to a shard dir")
         args, state = load_shard(path, rank, world_size)
@@ -53,7 +55,7 @@ def load_rank_state(
             raise CheckpointError(f"{adapter}: not an adapter dir (no adapter_config.json)")
         _, full_config = read_hf_config(base)
         model = load_causal_lm(adapter, torch_dtype="float32", merge_adapter=True)
-        source: TensorSource = DictSource(model.state_dict())
+        source: TensorLookup = StateDictLookup(model.state_dict())
         where = f"{base}/config.json"
     else:
         _, full_config = read_hf_config(path)
@@ -63,6 +65,18 @@ def load_rank_state(
     check_divisible(args, world_size)
     state = split_state(source, args, world_size, [rank])[rank]
     return args, state, where
+
+
+def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
+    """Up-front check of a checkpoint a command loads later, without reading tensors: a shard dir's
+    ``params.json``, shard count and shard files (:func:`rlhf.tp.shard_dir.check_shard_dir`), an HF or
+    adapter dir's config.json. Raises a CheckpointError naming the file."""
+    from rlhf.models.loading import adapter_base_path
+
+    if is_shard_dir(ckpt_dir):
+        check_shard_dir(ckpt_dir, world_size)
+    else:
+        read_hf_config(adapter_base_path(ckpt_dir) if is_adapter_dir(ckpt_dir) else ckpt_dir)
 
 
 def build_model(

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
-from rlhf.tp.checkpoint import save_model_shards
 from rlhf.tp.lora import lora_layers
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
+from rlhf.tp.shard_dir import save_model_shards
 
 
 @contextmanager

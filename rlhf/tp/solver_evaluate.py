@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlhf.args import parse_args, split_comma_list
+from rlhf.args import check_output_dir, parse_args, split_comma_list
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
@@ -36,8 +36,9 @@ from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
 from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
 from rlhf.tp.generation import generate
-from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
+from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
 from rlhf.tp.prompt import gsm8k_prompt
+from rlhf.tp.verifier import check_verifier_dir
 
 logger = logging.getLogger(__name__)
 TASKS = ("GSM8K",)
@@ -81,6 +82,7 @@ class SolverEvaluateArguments:
     )
 
     def validate(self) -> None:
+        check_output_dir(self.log_dir, "--log_dir")
         if self.task.upper() not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.max_batch_size < 1 or self.max_gen_len < 1:
@@ -206,6 +208,9 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     args.validate()
     rows = list(load_dataset_dir(args.label_file, "gsm8k"))[: args.limit]
     rank, world_size = init_model_parallel()
+    check_checkpoint(args.ckpt_dir, world_size)  # damaged files fail now, not after the generation
+    if args.verifier_ckpt_dir:
+        check_verifier_dir(args.verifier_ckpt_dir, world_size)
     dev = device()
     tokenizer = load_tokenizer(
         args.peft_path or args.ckpt_dir, trust_remote_code=args.trust_remote_code, padding_side="left"

@@ -10,7 +10,7 @@ A task (solver or verifier) supplies the examples, a loss on a collated micro-ba
 evaluation; :func:`train_tp` does the rest: load, LoRA, optimise, log, save. Outputs in ``--save_dir``:
 
 - ``consolidated.NN.pth`` + ``params.json`` + tokenizer (LoRA merged into the shards), via
-  :func:`rlhf.tp.checkpoint.save_model_shards`;
+  :func:`rlhf.tp.shard_dir.save_model_shards`;
 - ``adapter/`` with ``--lora_rank`` > 0: the LoRA weights on their own (``adapter_config.json`` and
   ``adapter.NN.safetensors`` per rank, in the layout of :mod:`rlhf.tp.lora`);
 - ``training/metrics.jsonl`` (one line per ``--log_steps`` steps) and ``training/results.json``.
@@ -36,11 +36,11 @@ from transformers import get_scheduler
 from rlhf.args import split_comma_list
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.loading import load_tokenizer
-from rlhf.tp.checkpoint import save_model_shards
 from rlhf.tp.distributed import barrier, clip_grad_norm, device, init_model_parallel, is_main
 from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora, lora_state_dict, merge_lora
 from rlhf.tp.model import Transformer
+from rlhf.tp.shard_dir import save_model_shards
 
 logger = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ Training rows (``--train_file``), one of two kinds per row:
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
-from rlhf.errors import DataError
+from rlhf.errors import CheckpointError, DataError
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
+from rlhf.tp.shard_dir import check_shard_dir, is_shard_dir
 from rlhf.tp.training import Example, collate, micro_batches
 
 
@@ -117,9 +117,13 @@ def score_solutions(
     return score_examples(model, examples, batch_size, pad_id).tolist()
 
 
-def is_verifier_dir(path: str) -> bool:
-    """True for a shard dir saved with a scalar head (``params.json`` ``head: scalar``)."""
-    import json
-
-    params = Path(path) / "params.json"
-    return params.is_file() and json.loads(params.read_text()).get("head") == "scalar"
+def check_verifier_dir(path: str, world_size: int) -> None:
+    """Up-front check of ``--verifier_ckpt_dir``: a whole scalar-head shard dir for this world size."""
+    if not is_shard_dir(path):
+        raise CheckpointError(
+            f"--verifier_ckpt_dir {path}: no params.json (pass the --save_dir of verifier_train)"
+        )
+    if check_shard_dir(path, world_size).get("head") != "scalar":
+        raise CheckpointError(
+            f"--verifier_ckpt_dir {path}: a solver (params.json head is not scalar), not a verifier_train output"
+        )
