@@ -1,17 +1,19 @@
-"""Metrics: per-step accumulation, averaging over processes, and the ``metrics.jsonl`` file."""
+"""PPO metrics: the step window of :mod:`rlhf.metrics` plus per-rollout statistics (``metrics.jsonl`` is
+:class:`rlhf.metrics.MetricsFile`, importable from here too)."""
 
 from __future__ import annotations
 
-import json
-import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
+
+from rlhf.metrics import MetricsFile, MetricsWindow
+
+__all__ = ["MetricsAccumulator", "MetricsFile"]
 
 ROLLOUT_TIME = "time/rollout_s"
 
 
-class MetricsAccumulator:
+class MetricsAccumulator(MetricsWindow):
     """Collects values under namespaced keys between two logging steps; ``means()`` averages each key.
 
     Two kinds of values:
@@ -31,14 +33,10 @@ class MetricsAccumulator:
     """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = defaultdict(list)
+        super().__init__()
         # The rollouts trained on since the last log, the current one last: each is
         # {"stats": {key: value}, "seconds_per_mini_batch": s, "mini_batches": count in this window}.
         self.rollouts: list[dict[str, Any]] = []
-
-    def add(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.values[key].append(float(value))
 
     def start_rollout(self, stats: dict[str, float], seconds: float, mini_batches: int) -> None:
         """A new rollout: its statistics, the seconds collecting it took, and the mini-batches it holds."""
@@ -60,7 +58,7 @@ class MetricsAccumulator:
 
     def means(self) -> dict[str, float]:
         """Mean of every step value, and the mini-batch-weighted mean of the rollout statistics."""
-        means = {k: sum(v) / len(v) for k, v in self.values.items() if v}
+        means = super().means()
         trained = [r for r in self.rollouts if r["mini_batches"] > 0]
         total = sum(r["mini_batches"] for r in trained)
         for key in trained[0]["stats"] if trained else ():
@@ -83,25 +81,3 @@ class MetricsAccumulator:
             state = {"values": state, "rollouts": []}
         self.values = defaultdict(list, {k: list(v) for k, v in state["values"].items()})
         self.rollouts = [dict(r, stats=dict(r["stats"])) for r in state["rollouts"]]
-
-
-class MetricsFile:
-    """``metrics.jsonl``: one JSON object per logging step. On resume, lines after the checkpoint's step
-    are dropped so the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def append(self, metrics: dict[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        clean = {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
