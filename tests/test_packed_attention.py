@@ -8,9 +8,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.errors import ConfigError
+from rlhf.reward import PairCollator, pairwise_loss, sequence_rewards
+from rlhf.reward.packing import PackedPairCollator, packed_sequence_rewards
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.training.packed_attention import (
     KERNELS,
@@ -182,3 +184,39 @@ def test_saved_model_keeps_its_default_attention(tiny_llama, tmp_path):
     assert "rlhf_packed" not in (tmp_path / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not reloaded.config._attn_implementation.startswith("rlhf_packed")
+
+
+@pytest.mark.parametrize("backend", TRAINABLE)
+def test_packed_reward_pairs_equal_padded_pairs(tiny_llama, backend):
+    """The 2B sides of B pairs in one packed row: same rewards, pairwise loss and gradients as padded."""
+    gen = torch.Generator().manual_seed(2)
+
+    def side(n):
+        return torch.randint(4, 500, (n,), generator=gen).tolist()
+
+    pairs = [
+        {"chosen_ids": side(8), "rejected_ids": side(5), "margin": 0.5},
+        {"chosen_ids": side(3), "rejected_ids": side(11), "margin": 0.0},
+    ]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).to(DEVICE)
+    model.config.pad_token_id = 0
+
+    def loss_and_grads(rewards, margin):
+        model.zero_grad()
+        chosen, rejected = rewards.chunk(2)
+        loss = pairwise_loss(chosen, rejected, margin.to(DEVICE))
+        loss.backward()
+        return rewards.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = _on_device(PairCollator(pad_token_id=0)(pairs))
+    expected = loss_and_grads(
+        sequence_rewards(model, padded["input_ids"], padded["attention_mask"]), padded["margin"]
+    )
+    use_packed_attention(model, backend)
+    packed = _on_device(PackedPairCollator()(pairs))
+    assert packed["input_ids"].shape == (1, 27) and packed["cu_seq_lens_q"].tolist() == [0, 8, 11, 16, 27]
+    got = loss_and_grads(packed_sequence_rewards(model, packed), packed["margin"])
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)

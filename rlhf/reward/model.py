@@ -37,17 +37,22 @@ def score_head(model: torch.nn.Module) -> torch.nn.Module:
     raise CheckpointError("the reward model has no score head")
 
 
+def token_scores(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
+    """(B, T) score head output at every position of one forward of ``model(**inputs)``."""
+    captured: list[torch.Tensor] = []
+    handle = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1].squeeze(-1)
+
+
 def sequence_rewards(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """(B,) scalar reward of each sequence: the score head at its last real token. Inputs: (B, T)."""
-    captured: list[torch.Tensor] = []
-    handle = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        handle.remove()
-    scores = captured[-1].squeeze(-1)  # (B, T)
+    scores = token_scores(model, input_ids=input_ids, attention_mask=attention_mask)  # (B, T)
     return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
 
 

@@ -20,9 +20,13 @@ from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import is_adapter_dir, load_tokenizer
 from rlhf.reward.model import HEAD_NAMES, load_reward_backbone
+from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
 from rlhf.reward.trainer import RewardTrainer
 from rlhf.training import make_trainable, weights_dtype
+from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
+from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
+from rlhf.training.packed_attention import use_packed_attention
 from rlhf.training.runner import prepare_run, run_trainer
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,15 @@ class RewardArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start afresh even if --output_dir holds checkpoints (they are deleted)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Put the chosen and rejected sides of a batch in one padding-free row (no padding)."
+        },
+    )
+    packed_attention: str = field(
+        default="auto", metadata={"help": PACKED_ATTENTION_HELP, "choices": list(PACKED_BACKENDS)}
     )
 
 
@@ -105,10 +118,15 @@ def run_reward(
     train_data, eval_data = build_reward_data(data_args, rm_args, tokenizer, args)
     resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir)
     model = build_reward_model(model_args, lora_args, tokenizer, args)
+    if rm_args.packing:
+        use_packed_attention(model, rm_args.packed_attention)
+        collator = PackedPairCollator()
+    else:
+        collator = PairCollator(tokenizer.pad_token_id, rm_args.padding_side)
     trainer = RewardTrainer(
         model=model,
         args=args,
-        data_collator=PairCollator(tokenizer.pad_token_id, rm_args.padding_side),
+        data_collator=collator,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,

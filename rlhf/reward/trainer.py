@@ -14,11 +14,13 @@ from transformers import EvalPrediction, Trainer
 
 from rlhf.reward.losses import pairwise_loss
 from rlhf.reward.model import sequence_rewards
+from rlhf.reward.packing import packed_sequence_rewards
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin
 
 
 class RewardTrainer(FiniteLossMixin, AtomicCheckpointMixin, Trainer):
-    """Trains a scalar reward model on batches from :class:`rlhf.reward.pairs.PairCollator`."""
+    """Trains a scalar reward model on batches from :class:`rlhf.reward.pairs.PairCollator` (or
+    :class:`rlhf.reward.packing.PackedPairCollator`)."""
 
     loss_is_scaled_for_ga = False  # the loss is a per-batch mean; Trainer divides by the accumulation steps
 
@@ -30,7 +32,9 @@ class RewardTrainer(FiniteLossMixin, AtomicCheckpointMixin, Trainer):
     def pair_rewards(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) rewards, each (B,)."""
+        """(chosen, rejected) rewards, each (B,), from a padded or a packed (``--packing``) batch."""
+        if "cu_seq_lens_q" in inputs:
+            return packed_sequence_rewards(model, inputs).chunk(2)
         rewards = sequence_rewards(model, inputs["input_ids"], inputs["attention_mask"])
         return rewards.chunk(2)
 

@@ -23,6 +23,7 @@ from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable
 from rlhf.training.fused_loss import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
 from rlhf.training.fused_loss import HiddenStatesLossMixin, build_lm_head_loss
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
+from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
 from rlhf.training.packed_attention import use_packed_attention
 from rlhf.training.runner import prepare_run, run_trainer
 
@@ -44,8 +45,7 @@ class SFTArguments:
     packed_attention: str = field(
         default="auto",
         metadata={
-            "help": "Attention over packed examples (--packing): auto (GPU: varlen, flash_attn or flex; CPU: "
-            "sdpa), varlen (torch varlen_attn), flash_attn, flex (FlexAttention), sdpa (one call per example).",
+            "help": PACKED_ATTENTION_HELP,
             "choices": list(PACKED_BACKENDS),
         },
     )

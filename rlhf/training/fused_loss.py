@@ -171,6 +171,21 @@ def resolve_implementation(requested: str, device_type: str) -> str:
     return requested
 
 
+def install_hidden_state_hooks(model: torch.nn.Module) -> None:
+    """Install transformers' hidden-state recording hooks now, eagerly.
+
+    transformers installs them on the first ``output_hidden_states`` forward, under a lock that
+    ``torch.compile`` cannot trace: the compiled forward would fall back to eager for good.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks
+    except ImportError:  # other transformers versions record hidden states without hooks
+        return
+    for module in model.modules():
+        if "hidden_states" in _CAN_RECORD_REGISTRY.get(module):
+            maybe_install_capturing_hooks(module)
+
+
 class CausalLMHeadLoss:
     """``compute_loss_func`` for ``transformers.Trainer``: the LM loss from the model's last hidden states.
 
@@ -182,6 +197,7 @@ class CausalLMHeadLoss:
     def __init__(self, model: torch.nn.Module, implementation: str):
         self.model = model
         self.implementation = implementation
+        install_hidden_state_hooks(model)
 
     def model_kwargs(self, device: torch.device) -> dict[str, Any]:
         return {

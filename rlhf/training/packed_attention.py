@@ -37,6 +37,10 @@ from rlhf.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "varlen", "flash_attn", "flex", "sdpa")
+FLAG_HELP = (
+    "Attention over packed sequences (--packing): auto (GPU: varlen, flash_attn or flex; CPU: sdpa), "
+    "varlen (torch varlen_attn), flash_attn, flex (FlexAttention), sdpa (one call per sequence)."
+)
 PREFIX = "rlhf_packed_"
 HALF = (torch.float16, torch.bfloat16)
 
