@@ -5,7 +5,14 @@ reward model was trained on the same base) ``reward``; the reference policy is t
 disabled. Switching the active adapter replaces a second copy of the weights. The critic's scalar value
 head and the reward model's score head are plain ``Linear(hidden, 1)`` layers on the last hidden state.
 A rank of -1 (or 0) makes the actor or critic a separate, fully trainable copy of the base
-(:attr:`rlhf.models.lora.LoraSpec.use_lora` decides).
+(:attr:`rlhf.models.lora.LoraSpec.use_lora` decides). The critic-free estimators (``grpo``, ``rloo``, ...)
+build no critic: no ``critic`` adapter or copy and no value head.
+
+Memory: log-probs and entropies come from the decoder body's hidden states and the LM head applied to a
+few response positions at a time (:mod:`rlhf.ppo.token_logprobs`), the pretraining loss from the chunked
+linear cross-entropy, so no ``[B, R, V]`` float32 logits exist; ``--gradient_checkpointing``
+(:meth:`PeftPolicyModels.enable_gradient_checkpointing`) keeps one hidden state per decoder layer in the
+updates.
 """
 
 from __future__ import annotations
@@ -30,12 +37,17 @@ from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.token_logprobs import CHUNK_BYTES, chunked_token_logprobs, positions_per_chunk
+from rlhf.training.fused_loss import linear_cross_entropy, output_projection, resolve_implementation
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
 SCORE_KEY = "base_model.model.score.weight"
+# config attributes of families whose logits are more than lm_head(hidden) (gemma-2 soft-capping, cohere,
+# granite scaling): their log-probs come from the model's own forward
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -82,7 +94,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         self,
         lm: torch.nn.Module,
         adapters: list[str],
-        value_head: torch.nn.Linear,
+        value_head: torch.nn.Linear | None,
         reward_head: torch.nn.Linear | None,
         actor_full: torch.nn.Module | None,
         critic_full: torch.nn.Module | None,
@@ -96,12 +108,15 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         self.actor_full = actor_full
         self.critic_full = critic_full
         self.base_model_path = base_model_path
+        self.logits_chunk_bytes = CHUNK_BYTES  # float32 logits of one chunk of response positions
         self._trainable = self._collect_trainable()
         self._restore_requires_grad()
 
     # -- adapter switching ---------------------------------------------------------------------------
     def _collect_trainable(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"actor": [], "critic": []}
+        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"actor": []}
+        if self.value_head is not None:  # a critic: adapter or full copy, plus the value head
+            groups["critic"] = []
         for name, param in self.named_parameters():
             if name.startswith("actor_full."):
                 groups["actor"].append((name, param))
@@ -141,9 +156,21 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         return self.lm, self._adapter("actor")
 
     # -- forward passes --------------------------------------------------------------------------------
+    # Log-probs come from the decoder body's hidden states and the LM head applied to a few response
+    # positions at a time (rlhf/ppo/token_logprobs.py): no [B, R, V] float32 logits. The pretraining loss
+    # likewise goes through the chunked linear cross-entropy of rlhf/training/fused_loss.py.
+    @staticmethod
+    def _plain_head(model: torch.nn.Module) -> torch.nn.Module | None:
+        """The output layer when the logits are exactly ``lm_head(hidden)``; ``None`` when the family
+        transforms them further (logit soft-capping or scaling): then the model's own forward runs."""
+        config = model.config
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+            return None
+        return model.get_output_embeddings()
+
     @staticmethod
     def _response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
-        """Logits that predict each response token: positions P-1 .. T-2. -> [B, R, V]"""
+        """Full-vocabulary logits that predict each response token: positions P-1 .. T-2. -> [B, R, V]"""
         response_len = batch.input_ids.shape[1] - batch.prompt_len
         out = model(
             input_ids=batch.input_ids,
@@ -155,40 +182,56 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         return out.logits[:, :-1]
 
     @staticmethod
-    def _hidden(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
-        """Last hidden states of the decoder (no LM head). -> [B, T, H]"""
+    def _hidden(
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the decoder body, adapters as they are set (no LM head). [B, T] -> [B, T, H]"""
         backbone = model.get_base_model() if isinstance(model, PeftModel) else model
         out = backbone.base_model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         return out.last_hidden_state
+
+    def _batch_hidden(self, model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+        return self._hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+
+    def _response_logprobs(
+        self, model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π of each response token [B, R] (and its entropy [B, R]) under ``model`` as it is set."""
+        head = self._plain_head(model)
+        if head is None:
+            logits = self._response_logits(model, batch)
+            entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+            return logprobs_from_logits(logits, batch.response_ids, temperature), entropy
+        hidden = self._batch_hidden(model, batch)[:, batch.prompt_len - 1 : -1]  # [B, R, H]
+        chunk = positions_per_chunk(hidden.shape[0], model.config.vocab_size, self.logits_chunk_bytes)
+        return chunked_token_logprobs(head, hidden, batch.response_ids, temperature, chunk, with_entropy)
 
     def policy_logprobs(
         self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         model, active = self._actor()
         with active:
-            logits = self._response_logits(model, batch)
-        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
-        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-        return logprobs, entropy
+            return self._response_logprobs(model, batch, temperature, with_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
         with self._adapter(None):
-            logits = self._response_logits(self.lm, batch)
-        return logprobs_from_logits(logits, batch.response_ids, temperature)
+            return self._response_logprobs(self.lm, batch, temperature, with_entropy=False)[0]
 
     def critic_token_values(self, batch: SequenceBatch) -> torch.Tensor:
         """Value head on every position's hidden state. -> [B, T]"""
+        if self.value_head is None:
+            raise ValueError("this models bundle has no critic (a critic-free --advantage_estimator)")
         if self.critic_full is not None:
-            hidden = self._hidden(self.critic_full, batch)
+            hidden = self._batch_hidden(self.critic_full, batch)
         else:
             with self._adapter("critic"):
-                hidden = self._hidden(self.lm, batch)
+                hidden = self._batch_hidden(self.lm, batch)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
@@ -199,15 +242,63 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         if self.reward_head is None:
             return None
         with self._adapter("reward"):
-            hidden = self._hidden(self.lm, batch)
+            hidden = self._batch_hidden(self.lm, batch)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, batch.last_token_positions]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1)
 
     def pretrain_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the actor on [B, L] blocks, by the chunked linear cross-entropy
+        (liger's fused kernel on CUDA when installed) when the LM head is a plain Linear."""
         model, active = self._actor()
         with active:
-            return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            projection = output_projection(model) if self._plain_head(model) is not None else None
+            if projection is None:
+                return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            implementation = resolve_implementation("auto", input_ids.device.type)
+            hidden = self._hidden(model, input_ids)
+            return linear_cross_entropy(hidden, *projection, input_ids, implementation=implementation)
+
+    # -- activation checkpointing ---------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every decoder layer (non-reentrant) of the shared base and of full copies, so the
+        actor and critic updates keep one hidden state per layer instead of all activations.
+
+        Only forwards with gradients in training mode checkpoint (the updates); rollout forwards run as they
+        are. A layer is recomputed in the backward under the adapter that was active in its forward, even
+        when another adapter has been set in between (e.g. actor and critic losses in one backward).
+        """
+        for model in (self.lm, self.actor_full, self.critic_full):
+            if model is None:
+                continue
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            kwargs = {"use_reentrant": False, "context_fn": self._recompute_context}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            base.config.use_cache = False
+        logger.info("gradient checkpointing: every decoder layer of the actor and critic (non-reentrant)")
+
+    def _recompute_context(self) -> tuple[Any, Any]:
+        """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: (forward context, recompute context)."""
+        if not isinstance(self.lm, PeftModel):
+            return nullcontext(), nullcontext()
+        return nullcontext(), self._adapter_as(self.lm.active_adapter)
+
+    @contextmanager
+    def _adapter_as(self, name: str) -> Iterator[None]:
+        """Set adapter ``name`` for a layer's recompute when another one is active now; put it back after."""
+        current = self.lm.active_adapter
+        if current == name:
+            yield
+            return
+        self.lm.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.lm.set_adapter(current)
+            self._restore_requires_grad()
 
     @contextmanager
     def generation_model(self) -> Iterator[Any]:
@@ -232,6 +323,8 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
             self._save_adapter("actor", directory)
 
     def save_critic(self, directory: Path) -> None:
+        if self.value_head is None:
+            raise ValueError("this models bundle has no critic to save")
         directory.mkdir(parents=True, exist_ok=True)
         if self.critic_full is not None:
             self.critic_full.save_pretrained(str(directory), safe_serialization=True)
@@ -251,7 +344,7 @@ def build_peft_policy_models(
     sft_model_path: str,
     *,
     actor: LoraSpec,
-    critic: LoraSpec,
+    critic: LoraSpec | None,
     reward_adapter: RewardAdapter | None,
     critic_init: str,
     torch_dtype: str = "auto",
@@ -261,7 +354,8 @@ def build_peft_policy_models(
     """Load the base once, freeze it, and attach the actor, critic and (shared) reward adapters.
 
     ``reward_adapter`` is given only when it was trained on this same base. With ``critic_init="reward"``
-    and a reward adapter the critic starts as a copy of it (LoRA weights and score head).
+    and a reward adapter the critic starts as a copy of it (LoRA weights and score head). ``critic=None``
+    builds no critic at all (no adapter, no copy, no value head): the critic-free estimators.
     """
     base = load_causal_lm(
         sft_model_path,
@@ -275,7 +369,7 @@ def build_peft_policy_models(
     from_reward = critic_init == "reward" and reward_adapter is not None
     actor_full = copy.deepcopy(base).requires_grad_(True) if not actor.use_lora else None
     critic_full = None
-    if not critic.use_lora:
+    if critic is not None and not critic.use_lora:
         critic_full = _merge_lora_copy(base, reward_adapter) if from_reward else copy.deepcopy(base)
         critic_full.requires_grad_(True)
 
@@ -285,7 +379,7 @@ def build_peft_policy_models(
             base, rank=actor.rank, alpha=actor.alpha, dropout=actor.dropout, targets=actor.targets,
             flag="--actor_lora_target",
         )  # fmt: skip
-    if critic.use_lora:
+    if critic is not None and critic.use_lora:
         configs["critic"] = build_lora_config(
             base, rank=critic.rank, alpha=critic.alpha, dropout=critic.dropout, targets=critic.targets,
             flag="--critic_lora_target",
@@ -311,16 +405,16 @@ def build_peft_policy_models(
             lm.add_adapter(name, configs[name])
     if reward_adapter is not None:
         set_peft_model_state_dict(lm, reward_adapter.lora_state, adapter_name="reward")
-        if from_reward and critic.use_lora:
+        if from_reward and critic is not None and critic.use_lora:
             set_peft_model_state_dict(lm, reward_adapter.lora_state, adapter_name="critic")
 
-    value_head = torch.nn.Linear(hidden, 1, bias=False)
+    value_head = torch.nn.Linear(hidden, 1, bias=False) if critic is not None else None
     reward_head = None
     if reward_adapter is not None:
         reward_head = torch.nn.Linear(hidden, 1, bias=False).requires_grad_(False)
         reward_head.weight.data.copy_(reward_adapter.score_weight)
-    if from_reward:
+    if value_head is not None and from_reward:
         value_head.weight.data.copy_(reward_adapter.score_weight)
-    else:
+    elif value_head is not None:
         torch.nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
     return PeftPolicyModels(lm, names, value_head, reward_head, actor_full, critic_full, sft_model_path)

@@ -16,6 +16,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [B, C, H] -> logits [B, C, V]
+CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk (its log-softmax and softmax are as large again)
+
+
+def positions_per_chunk(batch_size: int, vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Positions per chunk so that one chunk's float32 logits ``[batch_size, C, vocab_size]`` take about
+    ``budget_bytes`` (at least one position): 64 for 32 rows of a 32000-word vocabulary."""
+    return max(1, budget_bytes // (4 * vocab_size * max(batch_size, 1)))
 
 
 def _chunk(

@@ -1,0 +1,188 @@
+"""PPO memory features give the same numbers as the plain path: chunked log-probs, entropies and pretraining
+loss through the models bundles, and gradient checkpointing of the actor and critic updates (PEFT LoRA,
+PEFT full fine-tuning, the tensor-parallel model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.models.lora import LoraSpec
+from rlhf.ppo.batch import SequenceBatch
+from rlhf.ppo.peft_models import build_peft_policy_models
+from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
+
+TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+
+
+def random_batch(
+    vocab: int, seed: int = 0, rows: int = 3, prompt: int = 5, response: int = 7
+) -> SequenceBatch:
+    """Left-padded prompts and right-padded responses of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, prompt + response), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a shorter prompt
+    mask[2, prompt + 4 :] = 0  # a shorter response
+    return SequenceBatch(ids * mask, mask, prompt)
+
+
+def lora_bundle(model_dir, rank: int = 4, dropout: float = 0.0):
+    """Actor and critic LoRA on one base, with non-zero LoRA B so the adapters matter."""
+    models = build_peft_policy_models(
+        str(model_dir), actor=LoraSpec(rank, 8.0, dropout, TARGETS), critic=LoraSpec(rank, 8.0, dropout, TARGETS),
+        reward_adapter=None, critic_init="sft",
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in models.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return models
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_llama):
+    return lora_bundle(tiny_llama).eval()
+
+
+def plain_logprobs(models, batch: SequenceBatch, temperature: float):
+    """The unchunked reference: the actor's full-vocabulary logits from its own forward."""
+    model, active = models._actor()
+    with active:
+        logits = models._response_logits(model, batch)
+    return logprobs_from_logits(logits, batch.response_ids, temperature), entropy_from_logits(
+        logits, temperature
+    )
+
+
+@pytest.mark.parametrize("positions", [1, 3, 7, 64])  # 3 does not divide the 7 response positions
+def test_bundle_logprobs_and_entropy_equal_full_logits(bundle, positions):
+    vocab = bundle.lm.config.vocab_size
+    batch = random_batch(vocab)
+    default = bundle.logits_chunk_bytes
+    bundle.logits_chunk_bytes = positions * 4 * vocab * batch.input_ids.shape[0]  # `positions` per chunk
+    try:
+        lp, ent = bundle.policy_logprobs(batch, 0.7, with_entropy=True)
+        ref_lp, ref_ent = plain_logprobs(bundle, batch, 0.7)
+        torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=1e-6)  # entropies ~6: float32 ulp 5e-7
+
+        # gradients of the actor's LoRA weights agree too
+        params = bundle.parameter_groups()["actor"]
+        grads = torch.autograd.grad((lp * batch.response_mask).sum() + ent.sum(), params)
+        ref = torch.autograd.grad((ref_lp * batch.response_mask).sum() + ref_ent.sum(), params)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+        with torch.no_grad(), bundle._adapter(None):
+            logits = bundle._response_logits(bundle.lm, batch)
+        expected = logprobs_from_logits(logits, batch.response_ids, 0.7)
+        torch.testing.assert_close(bundle.reference_logprobs(batch, 0.7), expected, atol=1e-6, rtol=0)
+    finally:
+        bundle.logits_chunk_bytes = default
+
+
+def test_pretrain_loss_equals_the_models_own_loss(bundle):
+    ids = random_batch(bundle.lm.config.vocab_size, seed=3).input_ids.clamp(min=3)
+    params = bundle.parameter_groups()["actor"]
+    loss = bundle.pretrain_loss(ids)
+    model, active = bundle._actor()
+    with active:
+        expected = model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+def update_gradients(models, batch: SequenceBatch, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of an actor loss (policy log-probs, entropy, pretraining loss) and a critic loss, summed and
+    taken in ONE backward (so a checkpointed layer is recomputed after another adapter was set)."""
+    models.train(True)
+    torch.manual_seed(seed)
+    for p in models.parameters():
+        p.grad = None
+    lp, ent = models.policy_logprobs(batch, 1.0, with_entropy=True)
+    actor_loss = -(lp * batch.response_mask).mean() - 0.1 * ent.mean()
+    actor_loss = actor_loss + 0.1 * models.pretrain_loss(batch.input_ids)
+    critic_loss = ((models.values(batch) - 1.0) ** 2 * batch.response_mask).mean()
+    (actor_loss + critic_loss).backward()
+    models.train(False)
+    return {
+        f"{group}.{i}": p.grad.clone()
+        for group, params in models.parameter_groups().items()
+        for i, p in enumerate(params)
+        if p.grad is not None
+    }
+
+
+def assert_same_gradients(plain: dict, checkpointed: dict, atol: float = 1e-6) -> None:
+    assert plain.keys() == checkpointed.keys()
+    assert any(g.abs().sum() > 0 for k, g in plain.items() if k.startswith("actor"))
+    assert any(g.abs().sum() > 0 for k, g in plain.items() if k.startswith("critic"))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=atol, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # LoRA dropout: the recompute replays the same masks
+def test_gradient_checkpointing_same_gradients_lora(tiny_llama, dropout):
+    batch = random_batch(512, seed=4)
+    models = lora_bundle(tiny_llama, dropout=dropout)
+    plain = update_gradients(models, batch)
+    models.enable_gradient_checkpointing()
+    layers = models.lm.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    checkpointed = update_gradients(models, batch)
+    assert_same_gradients(plain, checkpointed)
+
+
+def test_gradient_checkpointing_recomputes_under_the_forward_adapter(tiny_llama):
+    """A backward taken after another adapter was set still recomputes the layers under the adapter of the
+    forward (without the recompute context the critic's LoRA would be used for the actor's layers)."""
+    batch = random_batch(512, seed=5)
+    models = lora_bundle(tiny_llama)
+    models.train(True)
+    params = models.parameter_groups()["actor"]
+    lp, _ = models.policy_logprobs(batch, 1.0)
+    expected = torch.autograd.grad(lp.sum(), params)
+    models.enable_gradient_checkpointing()
+    lp, _ = models.policy_logprobs(batch, 1.0)
+    with models._adapter("critic"):
+        assert models.lm.active_adapter == "critic"
+        lp.sum().backward()
+    grads = [p.grad for p in params]
+    for g, r in zip(grads, expected):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients_full_fine_tuning(tiny_llama):
+    batch = random_batch(512, seed=6)
+    models = build_peft_policy_models(
+        str(tiny_llama), actor=LoraSpec(-1, 0, 0, []), critic=LoraSpec(-1, 0, 0, []), reward_adapter=None,
+        critic_init="sft",
+    )  # fmt: skip
+    plain = update_gradients(models, batch)
+    models.enable_gradient_checkpointing()
+    assert all(layer.gradient_checkpointing for layer in models.actor_full.model.layers)
+    assert all(layer.gradient_checkpointing for layer in models.critic_full.model.layers)
+    assert_same_gradients(plain, update_gradients(models, batch), atol=1e-5)
+
+
+def test_only_training_forwards_with_gradients_checkpoint(tiny_llama):
+    """The rollout's forwards (eval mode, no grad) run without checkpointing; the update's do."""
+    batch = random_batch(512, seed=7)
+    models = lora_bundle(tiny_llama)
+    models.enable_gradient_checkpointing()
+    calls = []
+    for layer in models.lm.get_base_model().model.layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, inner=inner, **k: calls.append(1) or inner(*a, **k)
+    models.train(False)
+    with torch.no_grad():
+        models.reference_logprobs(batch, 1.0)
+        models.policy_logprobs(batch, 1.0)
+        models.values(batch)
+    assert not calls
+    models.train(True)
+    models.values(batch).sum().backward()
+    assert len(calls) == len(models.lm.get_base_model().model.layers)
