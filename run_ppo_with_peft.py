@@ -12,6 +12,9 @@ Accelerate (the reference command; default_config.yaml = one process, GPU if pre
 
 Several processes (CPU gloo or GPU NCCL):
     torchrun --nproc_per_node 2 run_ppo_with_peft.py ...same flags...
+
+Critic-free (GRPO, 4 responses per prompt; no critic is built or saved):
+    python run_ppo_with_peft.py ... --advantage_estimator grpo --num_samples_per_prompt 4
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
     validate(model_args, ppo_args, train_args)
-    critic_dir = critic_output_dir(model_args, train_args)
+    critic_dir = critic_output_dir(model_args, train_args) if ppo_args.needs_critic else None
     # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
     resume = resume_checkpoint(train_args)
 

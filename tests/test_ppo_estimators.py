@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 
 import pytest
 import torch
@@ -84,22 +85,66 @@ def test_discounted_returns_match_a_loop():
             assert abs(float(got[b, t]) - expected) < 1e-12
 
 
-def test_global_whitening_equals_whitening_the_gathered_tokens():
-    """Two 'processes' whiten their halves with a summing all-reduce; the result equals one process
+class ThreadAllReduce:
+    """A summing all-reduce between ``n`` threads: each call blocks until every thread has handed in its
+    tensor, then all get the sum (what the backend's reduce_sum does between processes)."""
+
+    def __init__(self, n: int) -> None:
+        self.barrier = threading.Barrier(n)
+        self.slots: list[torch.Tensor | None] = [None] * n
+
+    def for_rank(self, rank: int):
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()  # everyone has read the slots before the next call writes them
+            return total
+
+        return reduce_sum
+
+
+def whiten_in_threads(parts, **kw) -> list[torch.Tensor]:
+    """Each (values, mask) part whitened by its own thread, the threads joined by a summing all-reduce."""
+    reduce = ThreadAllReduce(len(parts))
+    out: list[torch.Tensor | None] = [None] * len(parts)
+
+    def run(rank: int) -> None:
+        v, m = parts[rank]
+        out[rank] = global_masked_whiten(v, m, reduce.for_rank(rank), **kw)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_global_whitening_equals_whitening_the_gathered_tokens(shift_mean):
+    """Three 'processes' (threads) whiten their rows with a summing all-reduce; the result equals one process
     whitening everything (masked_whiten, the single-process reference)."""
     gen = torch.Generator().manual_seed(4)
-    values = torch.randn(6, 5, generator=gen, dtype=torch.float64) * 3 + 1
-    mask = (torch.rand(6, 5, generator=gen) > 0.3).double()
-    halves = [(values[:3], mask[:3]), (values[3:], mask[3:])]
-    local_stats = []  # what each process hands to the all-reduce
-    for v, m in halves:
-        global_masked_whiten(v, m, lambda t: local_stats.append(t.clone()) or t)
-    summed = local_stats[0] + local_stats[1]  # what the all-reduce returns on every process
-    got = torch.cat([global_masked_whiten(v, m, lambda t: summed) for v, m in halves])
-    expected = masked_whiten(values, mask) * mask
+    values = torch.randn(7, 5, generator=gen, dtype=torch.float64) * 3 + 1
+    mask = (torch.rand(7, 5, generator=gen) > 0.3).double()
+    parts = [(values[:3], mask[:3]), (values[3:4], mask[3:4]), (values[4:], mask[4:])]
+    got = torch.cat(whiten_in_threads(parts, shift_mean=shift_mean))
+    expected = masked_whiten(values, mask, shift_mean=shift_mean) * mask
     assert torch.allclose(got, expected, atol=1e-10)
-    single = global_masked_whiten(values, mask, lambda t: t)
-    assert torch.allclose(single, expected, atol=1e-10)
+    assert not torch.allclose(
+        global_masked_whiten(values[:3], mask[:3], lambda t: t), expected[:3], atol=1e-3
+    )  # whitening one part alone is not the same
+
+
+def test_global_whitening_on_one_process_is_masked_whiten_bit_for_bit():
+    """float32, as the loop runs it: with an identity all-reduce the GAE advantages are today's exactly."""
+    gen = torch.Generator().manual_seed(6)
+    values = torch.randn(6, 9, generator=gen) * 2 - 0.5
+    mask = (torch.rand(6, 9, generator=gen) > 0.4).float()
+    for shift_mean in (True, False):
+        expected = masked_whiten(values, mask, shift_mean=shift_mean) * mask
+        assert torch.equal(global_masked_whiten(values, mask, lambda t: t, shift_mean=shift_mean), expected)
 
 
 def test_reinforce_pp_whitens_discounted_returns():

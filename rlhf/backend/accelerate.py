@@ -137,6 +137,13 @@ class AccelerateBackend(TrackerMethods):
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor)
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

@@ -61,6 +61,10 @@ class Backend(Protocol):
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor's first dimension over processes."""
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over data-parallel replicas (every process gets the sum; the input is left as
+        it is). Statistics over the tokens of all processes, e.g. global advantage whitening, use it."""
+
     def barrier(self) -> None:
         """Wait for every process."""
 

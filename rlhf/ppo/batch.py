@@ -90,16 +90,23 @@ class RolloutBuffer:
 
     ``order`` [ppo_epochs, N] holds each epoch's shuffled sample order; ``cursor`` counts the mini-batches
     already trained on, so a checkpoint taken in the middle of a rollout resumes at the same mini-batch.
+    ``group_ids`` [N] labels the responses sampled for one prompt (``--num_samples_per_prompt``): a group
+    lives on one process, and its label is unique over processes and rollouts. ``old_values`` and
+    ``returns`` exist with a critic (``gae``), ``ref_logprobs`` with ``--use_kl_loss``.
     """
 
     sequences: SequenceBatch  # [N, T]
     old_logprobs: torch.Tensor  # [N, R]
-    old_values: torch.Tensor  # [N, R]
-    advantages: torch.Tensor  # [N, R], whitened
-    returns: torch.Tensor  # [N, R]
+    advantages: torch.Tensor  # [N, R]
     order: torch.Tensor  # [ppo_epochs, N]
     mini_batch_size: int
+    group_ids: torch.Tensor  # [N] long
+    old_values: torch.Tensor | None = None  # [N, R]
+    returns: torch.Tensor | None = None  # [N, R]
+    ref_logprobs: torch.Tensor | None = None  # [N, R]
     cursor: int = 0
+
+    PER_TOKEN = ("old_logprobs", "old_values", "advantages", "returns", "ref_logprobs")
 
     @property
     def num_mini_batches(self) -> int:
@@ -110,27 +117,22 @@ class RolloutBuffer:
         return self.cursor >= self.num_mini_batches
 
     def mini_batch(self, index: int) -> tuple[SequenceBatch, dict[str, torch.Tensor]]:
-        """The ``index``-th mini-batch over all epochs: (sequences, {old_logprobs, old_values, ...})."""
+        """The ``index``-th mini-batch over all epochs: (sequences, {old_logprobs, advantages, ...}) with
+        the per-token tensors this buffer holds."""
         flat = self.order.reshape(-1)
         rows = flat[index * self.mini_batch_size : (index + 1) * self.mini_batch_size]
-        tensors = {
-            "old_logprobs": self.old_logprobs[rows],
-            "old_values": self.old_values[rows],
-            "advantages": self.advantages[rows],
-            "returns": self.returns[rows],
-        }
+        tensors = {k: getattr(self, k)[rows] for k in self.PER_TOKEN if getattr(self, k) is not None}
         return self.sequences.select(rows), tensors
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything as named tensors (for a checkpoint)."""
+        """Everything as named tensors (for a checkpoint); absent optional tensors are left out."""
+        optional = {k: getattr(self, k) for k in self.PER_TOKEN if getattr(self, k) is not None}
         return {
             "input_ids": self.sequences.input_ids,
             "attention_mask": self.sequences.attention_mask,
             "prompt_len": torch.tensor(self.sequences.prompt_len),
-            "old_logprobs": self.old_logprobs,
-            "old_values": self.old_values,
-            "advantages": self.advantages,
-            "returns": self.returns,
+            **optional,
+            "group_ids": self.group_ids,
             "order": self.order,
             "mini_batch_size": torch.tensor(self.mini_batch_size),
             "cursor": torch.tensor(self.cursor),
@@ -139,13 +141,18 @@ class RolloutBuffer:
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> RolloutBuffer:
         seqs = SequenceBatch(t["input_ids"], t["attention_mask"], int(t["prompt_len"]))
+        n = seqs.input_ids.shape[0]
+        # checkpoints written before groups existed: every response its own group
+        group_ids = t.get("group_ids", torch.arange(n, device=seqs.input_ids.device))
         return cls(
             seqs,
             t["old_logprobs"],
-            t["old_values"],
             t["advantages"],
-            t["returns"],
             t["order"],
             int(t["mini_batch_size"]),
-            int(t["cursor"]),
+            group_ids,
+            old_values=t.get("old_values"),
+            returns=t.get("returns"),
+            ref_logprobs=t.get("ref_logprobs"),
+            cursor=int(t["cursor"]),
         )

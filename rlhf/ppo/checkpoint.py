@@ -3,7 +3,8 @@ state, data positions, the step, and the rollout in progress.
 
 Layout of ``checkpoint-N/``::
 
-    actor/  critic/              the actor and critic as loadable exports (adapters + value head)
+    actor/  critic/              the actor and critic as loadable exports (adapters + value head);
+                                 no critic/ for a critic-free --advantage_estimator
     trainable.safetensors        every trainable tensor by name (what resuming loads)
     optimizer.pt                 optimizer and scheduler states (torch.load with weights_only=True)
     trainer_state.json           step, data positions, KL coefficient (shared by all processes)
@@ -106,7 +107,13 @@ def save_checkpoint(
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
     }
     backend.save_trainable(tmp, trainable, optimizer_state)
-    backend.run_export(lambda: (models.save_actor(tmp / "actor"), models.save_critic(tmp / "critic")))
+
+    def export() -> None:
+        models.save_actor(tmp / "actor")
+        if models.has_critic:
+            models.save_critic(tmp / "critic")
+
+    backend.run_export(export)
     if backend.is_main:
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)

@@ -7,12 +7,16 @@ recipes pass for the Hugging Face Trainer (``--do_train``, ``--dataloader_num_wo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.args import DEFAULT_LORA_TARGET, check_output_dir, check_positive_flags, split_comma_list
 from rlhf.errors import ConfigError
+from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, EstimatorSettings
 from rlhf.ppo.kl import KL_ESTIMATORS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +55,8 @@ class PPOModelArguments:
     critic_lora_dropout: float = field(default=0.05, metadata={"help": "Critic LoRA dropout."})
     critic_lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Critic LoRA modules."})
     critic_output_dir: str | None = field(
-        default=None, metadata={"help": "Where the critic goes (default: <output_dir>/critic)."}
+        default=None,
+        metadata={"help": "Where the critic goes (default: <output_dir>/critic); unused without a critic."},
     )
     pretrain_dataset_dir: str | None = field(
         default=None, metadata={"help": "*.txt pretraining text for the PPO-ptx loss (off when unset)."}
@@ -66,14 +71,33 @@ class PPOArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={"help": "gae (PPO with a learned critic) or a critic-free estimator (no critic is built): "
+                  "grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline.", "choices": list(ESTIMATORS)},
+    )  # fmt: skip
+    num_samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Responses sampled per prompt (a group, kept on one process); grpo, dr_grpo, rloo "
+                  "and reinforce_pp_baseline need 2 or more."},
+    )  # fmt: skip
+    use_kl_loss: bool = field(
+        default=False,
+        metadata={"help": "Put the KL in the policy loss (β·k3 per token, the GRPO paper) instead of the reward."},
+    )  # fmt: skip
     per_device_mini_train_batch_size: int = field(
-        default=-1, metadata={"help": "Samples per PPO mini-batch (-1 = --per_device_train_batch_size)."}
-    )
+        default=-1,
+        metadata={"help": "Samples per PPO mini-batch (-1 = one generation batch: "
+                  "--per_device_train_batch_size x --num_samples_per_prompt)."},
+    )  # fmt: skip
     rollout_batches: int = field(default=1, metadata={"help": "Generation batches per rollout."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout."})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount γ (GAE and REINFORCE++)."})
     lam: float = field(default=0.95, metadata={"help": "GAE λ."})
-    kl_penalty_beta: float = field(default=0.02, metadata={"help": "β of the per-token KL penalty."})
+    kl_penalty_beta: float = field(
+        default=0.02,
+        metadata={"help": "β of the KL penalty (in the reward, or with --use_kl_loss in the loss)."},
+    )
     kl_penalty: str = field(default="k1", metadata={"help": "KL estimator.", "choices": list(KL_ESTIMATORS)})
     target_kl: float | None = field(
         default=None, metadata={"help": "Adaptive β (Ziegler et al. 2019) towards this KL per sequence."}
@@ -83,7 +107,9 @@ class PPOArguments:
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of responses that end without EOS."}
     )
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten token rewards before GAE."})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Whiten token rewards before GAE (--advantage_estimator gae only)."}
+    )
     ratio_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
     value_clip: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
@@ -98,6 +124,17 @@ class PPOArguments:
     )
     actor_lr: float = field(default=1e-4, metadata={"help": "Actor learning rate."})
     critic_lr: float = field(default=1e-4, metadata={"help": "Critic learning rate."})
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether ``--advantage_estimator`` trains a critic (only ``gae`` does)."""
+        return self.advantage_estimator in NEEDS_CRITIC
+
+    def estimator_settings(self) -> EstimatorSettings:
+        """The flags steps 4–5 read (:func:`rlhf.ppo.estimators.estimate_advantages`)."""
+        return EstimatorSettings(
+            self.advantage_estimator, self.gamma, self.lam, self.whiten_rewards, not self.use_kl_loss
+        )
 
 
 @dataclass
@@ -146,26 +183,55 @@ def critic_output_dir(models: PPOModelArguments, train: PPOTrainingArguments) ->
     return Path(models.critic_output_dir or Path(train.output_dir) / "critic")
 
 
+def rollout_size(ppo: PPOArguments, train: PPOTrainingArguments) -> int:
+    """Samples per process in one rollout: ``--rollout_batches`` x ``--per_device_train_batch_size`` prompts
+    x ``--num_samples_per_prompt``."""
+    return ppo.rollout_batches * train.per_device_train_batch_size * ppo.num_samples_per_prompt
+
+
+def validate_estimator(ppo: PPOArguments) -> None:
+    """The estimator flags (both backends): groups for the group estimators, GAE-only flags."""
+    name, k = ppo.advantage_estimator, ppo.num_samples_per_prompt
+    if name not in ESTIMATORS:
+        raise ConfigError(f"--advantage_estimator {name}: expected one of {', '.join(ESTIMATORS)}")
+    check_positive_flags({"--num_samples_per_prompt": k})
+    if name in NEEDS_GROUPS and k < 2:
+        raise ConfigError(
+            f"--advantage_estimator {name} compares the responses to one prompt: "
+            f"pass --num_samples_per_prompt 2 or more (got {k})"
+        )
+    if ppo.whiten_rewards and name != "gae":
+        raise ConfigError(f"--whiten_rewards applies to --advantage_estimator gae only (got {name})")
+
+
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
     """Check flag combinations once, up front (before any model loads); messages name the flags."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
         raise ConfigError("give a reward: --reward_lora_path, --reward_model_path or --reward_fn")
     if models.reward_lora_path and models.reward_model_path:
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
+    validate_estimator(ppo)
     check_output_dir(train.output_dir, "--output_dir")
-    check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
+    if ppo.needs_critic:
+        check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
+    elif models.critic_output_dir:
+        logger.warning(
+            "--advantage_estimator %s trains no critic: nothing is written to --critic_output_dir",
+            ppo.advantage_estimator,
+        )
     if ppo.per_device_mini_train_batch_size == -1:
-        ppo.per_device_mini_train_batch_size = train.per_device_train_batch_size
+        ppo.per_device_mini_train_batch_size = train.per_device_train_batch_size * ppo.num_samples_per_prompt
     loop_flags = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
     ppo_flags = ("per_device_mini_train_batch_size", "rollout_batches", "ppo_epochs", "max_response_length",
                  "max_prompt_length")  # fmt: skip
     positive = {f"--{name}": getattr(train, name) for name in loop_flags}
     check_positive_flags(positive | {f"--{name}": getattr(ppo, name) for name in ppo_flags})
-    rollout = train.per_device_train_batch_size * ppo.rollout_batches
+    rollout = rollout_size(ppo, train)
     if rollout % ppo.per_device_mini_train_batch_size:
         raise ConfigError(
             f"--per_device_mini_train_batch_size {ppo.per_device_mini_train_batch_size} must divide the "
-            f"rollout size --per_device_train_batch_size x --rollout_batches = {rollout}"
+            f"rollout size --per_device_train_batch_size x --rollout_batches x --num_samples_per_prompt = "
+            f"{rollout}"
         )
     if ppo.min_response_length > ppo.max_response_length:
         raise ConfigError("--min_response_length must be <= --max_response_length")

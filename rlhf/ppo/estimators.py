@@ -22,8 +22,12 @@ one prompt (``--num_samples_per_prompt K``) form one group g.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from rlhf.ppo.advantages import gae_advantages
+from rlhf.ppo.kl import kl_shaped_rewards
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 NEEDS_CRITIC = frozenset({"gae"})
@@ -104,21 +108,23 @@ def global_masked_whiten(
     """(v − mean) / sqrt(var + eps) with mean and (Bessel-corrected) variance over the masked entries of
     **all processes**: equal to whitening the gathered tokens in one process.
 
-    values, mask: [N, R] -> [N, R] (zero outside the mask). ``reduce_sum`` sums a [3] float64 tensor over
-    processes (the backend's all-reduce; identity on one process).
+    values, mask: [N, R] -> [N, R] (zero outside the mask). ``reduce_sum`` sums a small tensor over
+    processes (the backend's all-reduce; identity on one process). Two passes, as
+    :func:`rlhf.ppo.stats.masked_whiten`: Σm and Σv·m give the mean, then Σ(v − mean)²·m the variance; with
+    an identity ``reduce_sum`` every operation is the one ``masked_whiten`` runs, so one process gets its
+    result bit for bit.
     """
-    m = mask.to(torch.float64)
-    v = values.to(torch.float64) * m
-    total = reduce_sum(torch.stack([m.sum(), v.sum(), (v * v).sum()]))
-    count, first, second = total[0].clamp(min=1.0), total[1], total[2]
-    mean = first / count
-    var = (second / count - mean * mean).clamp(min=0.0)
+    mask = mask.to(values.dtype)
+    first = reduce_sum(torch.stack([(values * mask).sum(), mask.sum()]))
+    total, count = first[0], first[1]
+    mean = total / count.clamp(min=1.0)
+    var = reduce_sum(((values - mean) ** 2 * mask).sum()) / count.clamp(min=1.0)
     if count > 1:
         var = var * count / (count - 1)
-    whitened = (v - mean) * torch.rsqrt(var + eps)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return (whitened * m).to(values.dtype)
+    return whitened * mask
 
 
 def reinforce_pp_advantages(
@@ -156,3 +162,79 @@ def mean_group_std(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
     group's responses scored alike, and GRPO learns nothing from them. [N], [N] -> scalar."""
     _, std, count = group_stats(scores, group_ids)
     return (std / count).sum() / (1.0 / count).sum()
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """What steps 4–5 need from the flags: ``--advantage_estimator``, ``--gamma``, ``--lam`` (GAE only),
+    ``--whiten_rewards`` (GAE only) and whether the KL enters the reward (``False`` with ``--use_kl_loss``:
+    the policy loss carries it instead)."""
+
+    name: str = "gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    kl_in_reward: bool = True
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.name in NEEDS_CRITIC
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.name in NEEDS_GROUPS
+
+
+@dataclass
+class Advantages:
+    """Result of steps 4–5: advantages [N, R] (zero outside the mask) and, for GAE, the critic's value
+    targets ``returns`` [N, R] (``None`` for the critic-free estimators)."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+
+
+def estimate_advantages(
+    settings: EstimatorSettings,
+    *,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    group_ids: torch.Tensor,
+    values: torch.Tensor | None,
+    reduce_sum: ReduceSum,
+) -> Advantages:
+    """Steps 4–5 of the loop for the estimator ``settings.name`` (see the module docstring).
+
+    scores: [N] clipped scores r_i; kl: [N, R] per-token KL_t (zero outside the mask); mask: [N, R];
+    beta: the KL coefficient β; group_ids: [N]; values: [N, R] critic values (``gae`` only, else ``None``);
+    reduce_sum: the backend's sum over processes (whitening is over all processes' tokens).
+
+    - ``gae``: token rewards r_t = −β·KL_t + r_i·[t = last] (optionally whitened, mean kept), GAE with
+      ``gamma``/``lam``, advantages whitened; returns = advantages + values before whitening.
+    - ``grpo``/``dr_grpo``/``rloo``: the sequence score r_i − β·Σ_t KL_t (or r_i alone with the KL in the
+      loss) goes through :func:`sequence_advantages`.
+    - ``reinforce_pp``/``reinforce_pp_baseline``: token rewards as for GAE from r_i (or r_i − mean_g r),
+      returns G_t = Σ_{s≥t} γ^{s−t} r_s, whitened over all processes.
+    """
+    reward_beta = beta if settings.kl_in_reward else 0.0
+    name = settings.name
+    if name == "gae":
+        if values is None:
+            raise ValueError("gae needs the critic's values")
+        rewards, _ = kl_shaped_rewards(scores, kl, mask, reward_beta)
+        if settings.whiten_rewards:
+            rewards = global_masked_whiten(rewards, mask, reduce_sum, shift_mean=False) * mask
+        advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
+        return Advantages(global_masked_whiten(advantages, mask, reduce_sum) * mask, returns)
+    if name in SEQUENCE_LEVEL:
+        sequence_scores = scores - reward_beta * (kl * mask).sum(1)
+        return Advantages(sequence_advantages(name, sequence_scores, group_ids, mask))
+    if name in ("reinforce_pp", "reinforce_pp_baseline"):
+        if name == "reinforce_pp_baseline":
+            scores = group_centred_scores(scores, group_ids)
+        rewards, _ = kl_shaped_rewards(scores, kl, mask, reward_beta)
+        advantages, _ = reinforce_pp_advantages(rewards, mask, settings.gamma, reduce_sum)
+        return Advantages(advantages)
+    raise ValueError(f"unknown advantage estimator {name!r} (expected one of {', '.join(ESTIMATORS)})")

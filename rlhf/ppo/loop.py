@@ -1,11 +1,17 @@
-"""The PPO loop, top to bottom: 1 generate, 2 score, 3 old and reference log-probs, 4 KL-shaped rewards,
-5 advantages (:func:`collect_rollout`), then 6 PPO epochs over mini-batches and 7 log and save
+"""The PPO loop, top to bottom: 1 generate, 2 score, 3 old and reference log-probs (and values), 4 KL-shaped
+rewards, 5 advantages (:func:`collect_rollout`), then 6 PPO epochs over mini-batches and 7 log and save
 (:func:`train`).
 
-Batch sizes, per process: a generation batch is ``--per_device_train_batch_size`` prompts; a rollout is
-``--rollout_batches`` generation batches; each of ``--ppo_epochs`` epochs shuffles the rollout into
-mini-batches of ``--per_device_mini_train_batch_size``; one optimizer step per
-``--gradient_accumulation_steps`` mini-batches, counted across rollouts.
+Steps 4–5 are one call to the estimator chosen by ``--advantage_estimator``
+(:func:`rlhf.ppo.estimators.estimate_advantages`): ``gae`` with the learned critic, or a critic-free one
+(``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``, ``reinforce_pp_baseline``). The loop does not branch on
+which; it only asks whether the models bundle has a critic (values, value loss, critic export).
+
+Batch sizes, per process: a generation batch is ``--per_device_train_batch_size`` prompts, each sampled
+``--num_samples_per_prompt`` times (a group, on this process); a rollout is ``--rollout_batches``
+generation batches; each of ``--ppo_epochs`` epochs shuffles the rollout into mini-batches of
+``--per_device_mini_train_batch_size`` samples; one optimizer step per ``--gradient_accumulation_steps``
+mini-batches, counted across rollouts.
 """
 
 from __future__ import annotations
@@ -23,17 +29,17 @@ from tqdm.auto import tqdm
 from rlhf.backend import Backend
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator
-from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_shaped_rewards
-from rlhf.ppo.losses import entropy_bonus, policy_loss, pretrain_weight, value_loss
+from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.rewards import Scorer
-from rlhf.ppo.stats import explained_variance, masked_whiten
+from rlhf.ppo.stats import explained_variance
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ class PPOSession:
     total_steps: int
     pad_token_id: int
     eos_token_id: int | None
+    estimator: EstimatorSettings = field(default_factory=EstimatorSettings)  # steps 4-5
     save_extra: dict[str, Any] = field(default_factory=dict)  # name -> writer(path), e.g. the tokenizer
 
 
@@ -90,15 +97,17 @@ def _chunks(n: int, size: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulator) -> RolloutBuffer:
     """Steps 1–5: one rollout of ``rollout_batches`` generation batches, scored and turned into
-    advantages and returns."""
+    advantages (and, with a critic, value targets)."""
     ppo, models, device = s.ppo, s.models, s.backend.device
+    k = ppo.num_samples_per_prompt
     models.train(False)  # no dropout for sampling and for old/reference log-probs
     start = time.perf_counter()
 
-    # 1. Generate: left-padded prompts -> sampled responses (right-padded after the first EOS).
+    # 1. Generate: each prompt K times in a row (one group), left-padded -> sampled responses
+    #    (right-padded after the first EOS).
     parts, prompt_texts, sampled_logprobs = [], [], []
     for _ in range(ppo.rollout_batches):
-        rows = s.prompt_sampler.next()
+        rows = [i for i in s.prompt_sampler.next() for _ in range(k)]
         prompt_ids, prompt_mask = left_pad([s.prompts.ids[i] for i in rows], s.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         with s.backend.autocast():
@@ -109,9 +118,13 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         sampled_logprobs.append(out.logprobs)
     batch = SequenceBatch.concat(parts, s.pad_token_id)
     mask = batch.response_mask  # [N, R]
+    n = mask.shape[0]
+    # group labels, unique over processes and rollouts: the (rollout, replica, prompt) each response answers
+    first_group = (state.rollouts * s.backend.world_size + s.backend.replica_rank) * (n // k)
+    group_ids = first_group + torch.arange(n // k, device=device).repeat_interleave(k)  # [N]
     lengths = mask.sum(1).long()
     responses = s.decode(
-        [r[:n].tolist() for r, n in zip(batch.response_ids, lengths)], skip_special_tokens=True
+        [r[:length].tolist() for r, length in zip(batch.response_ids, lengths)], skip_special_tokens=True
     )
     ended = torch.zeros_like(lengths, dtype=torch.bool)
     if s.eos_token_id is not None:
@@ -127,31 +140,30 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them, else an
-    #    eval-mode forward), reference log-probs and values, in mini-batch chunks.
+    #    eval-mode forward), reference log-probs and, with a critic, values, in mini-batch chunks.
     from_generator = all(lp is not None for lp in sampled_logprobs)
     old_logprobs, ref_logprobs, values = [], [], []
     if from_generator:
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
-    for rows in _chunks(mask.shape[0], ppo.per_device_mini_train_batch_size):
+    for rows in _chunks(n, ppo.per_device_mini_train_batch_size):
         chunk = batch.select(rows.to(device))
         with s.backend.autocast():
             if not from_generator:
                 old_logprobs.append(models.policy_logprobs(chunk, ppo.temperature)[0].float())
             ref_logprobs.append(models.reference_logprobs(chunk, ppo.temperature).float())
-            values.append(models.values(chunk).float())
+            if models.has_critic:
+                values.append(models.values(chunk).float())
     old_logprobs, ref_logprobs = torch.cat(old_logprobs) * mask, torch.cat(ref_logprobs) * mask
-    values = torch.cat(values) * mask
+    values = torch.cat(values) * mask if values else None
 
-    # 4. KL-shaped rewards: r_t = -β·KL_t, plus the score at the last response token.
+    # 4–5. Per-token KL, then rewards and advantages by --advantage_estimator (rlhf/ppo/estimators.py);
+    #      whitening there is over the tokens of all processes.
     kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_penalty) * mask
-    rewards, non_score = kl_shaped_rewards(scores, kl, mask, s.kl_controller.value)
-    if ppo.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-
-    # 5. Advantages (GAE) and returns; advantages whitened over the rollout.
-    advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
-    advantages = masked_whiten(advantages, mask) * mask
-    n = mask.shape[0]
+    beta = s.kl_controller.value
+    estimate = estimate_advantages(
+        s.estimator, scores=scores, kl=kl, mask=mask, beta=beta, group_ids=group_ids, values=values,
+        reduce_sum=s.backend.reduce_sum,
+    )  # fmt: skip
     order = torch.stack([torch.randperm(n) for _ in range(ppo.ppo_epochs)]).to(device)
 
     mean_kl = s.backend.mean({"kl": float(kl.sum(1).mean())})["kl"]
@@ -159,23 +171,25 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     state.rollouts += 1
     state.samples += n * s.backend.world_size
     buffer = RolloutBuffer(
-        batch, old_logprobs, values, advantages, returns, order, ppo.per_device_mini_train_batch_size
-    )
+        batch, old_logprobs, estimate.advantages, order, ppo.per_device_mini_train_batch_size, group_ids,
+        old_values=values, returns=estimate.returns, ref_logprobs=ref_logprobs if ppo.use_kl_loss else None,
+    )  # fmt: skip
     # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py).
-    metrics.start_rollout(
-        {
-            "reward/score": float(raw_scores.mean()),
-            "reward/score_std": float(raw_scores.std(unbiased=False)),
-            "objective/kl": float(kl.sum(1).mean()),
-            "objective/rlhf_reward": float((scores + non_score.sum(1)).mean()),
-            "objective/kl_coef": s.kl_controller.value,
-            "value/explained_variance": float(explained_variance(values, returns, mask)),
-            "response/length_mean": float(lengths.float().mean()),
-            "response/eos_frac": float(ended.float().mean()),
-        },
-        seconds=time.perf_counter() - start,
-        mini_batches=buffer.num_mini_batches,
-    )
+    kl_penalty = -beta * kl * mask
+    stats = {
+        "reward/score": float(raw_scores.mean()),
+        "reward/score_std": float(raw_scores.std(unbiased=False)),
+        "objective/kl": float(kl.sum(1).mean()),
+        "objective/rlhf_reward": float((scores + kl_penalty.sum(1)).mean()),
+        "objective/kl_coef": s.kl_controller.value,
+        "response/length_mean": float(lengths.float().mean()),
+        "response/eos_frac": float(ended.float().mean()),
+    }
+    if values is not None:
+        stats["value/explained_variance"] = float(explained_variance(values, estimate.returns, mask))
+    if k > 1:
+        stats["reward/score_group_std"] = float(mean_group_std(scores, group_ids))
+    metrics.start_rollout(stats, seconds=time.perf_counter() - start, mini_batches=buffer.num_mini_batches)
     return buffer
 
 
@@ -194,27 +208,33 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
             pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device))
         w_pt = pretrain_weight(state.step, ppo.pretrain_loss_weight, ppo.pretrain_warmup_steps)
         actor_loss = ppo.actor_loss_weight * policy.loss - ppo.entropy_coef * entropy_mean + w_pt * pretrain
+        if ppo.use_kl_loss:  # the KL in the loss instead of the reward (--use_kl_loss)
+            kl = kl_loss(logprobs, old["ref_logprobs"], mask)
+            actor_loss = actor_loss + s.kl_controller.value * kl
     check_finite(
         {"loss/policy": policy.loss, "loss/pretrain": pretrain}, state.step + 1, state.last_checkpoint
     )
     backend.backward(actor_loss / accumulation)
-    with backend.autocast():
-        value = value_loss(
-            models.values(batch).float(), old["old_values"], old["returns"], mask, ppo.value_clip
-        )
-    check_finite({"loss/value": value.loss}, state.step + 1, state.last_checkpoint)
-    backend.backward(ppo.critic_loss_weight * value.loss / accumulation)
-    buffer.cursor += 1
-    return {
+    out = {
         "loss/policy": policy.loss.item(),
-        "loss/value": value.loss.item(),
         "loss/pretrain": pretrain.item(),
         "loss/pretrain_weight": w_pt,
         "policy/clipfrac": float(policy.clipfrac),
         "policy/approxkl": float(policy.approxkl),
         "policy/entropy": entropy_mean.item(),
-        "value/clipfrac": float(value.clipfrac),
     }
+    if ppo.use_kl_loss:
+        out["loss/kl"] = kl.item()
+    if models.has_critic:
+        with backend.autocast():
+            value = value_loss(
+                models.values(batch).float(), old["old_values"], old["returns"], mask, ppo.value_clip
+            )
+        check_finite({"loss/value": value.loss}, state.step + 1, state.last_checkpoint)
+        backend.backward(ppo.critic_loss_weight * value.loss / accumulation)
+        out |= {"loss/value": value.loss.item(), "value/clipfrac": float(value.clipfrac)}
+    buffer.cursor += 1
+    return out
 
 
 def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
@@ -239,12 +259,11 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         metrics.load_state(rank_state["metrics"])
     if backend.is_main:
         metrics_file.truncate_after(state.step if resume_from else -1)
-    per_rollout = s.ppo.ppo_epochs * s.args.per_device_train_batch_size * s.ppo.rollout_batches
-    per_rollout //= s.ppo.per_device_mini_train_batch_size
+    per_rollout = s.ppo.ppo_epochs * rollout_size(s.ppo, args) // s.ppo.per_device_mini_train_batch_size
     logger.info(
         "each rollout: %d samples per process x %d processes -> %d mini-batches (%d epochs) -> %.2f "
         "optimizer steps (accumulation %d); training for %d optimizer steps",
-        args.per_device_train_batch_size * s.ppo.rollout_batches, backend.world_size, per_rollout,
+        rollout_size(s.ppo, args), backend.world_size, per_rollout,
         s.ppo.ppo_epochs, per_rollout / args.gradient_accumulation_steps, args.gradient_accumulation_steps,
         s.total_steps,
     )  # fmt: skip
@@ -309,8 +328,8 @@ def write_log(
     elapsed = time.perf_counter() - timer["since"]
     record: dict[str, Any] = {"step": state.step}
     record |= dict(sorted(means.items()))
-    record["lr/actor"] = s.schedulers["actor"].get_last_lr()[0]
-    record["lr/critic"] = s.schedulers["critic"].get_last_lr()[0]
+    for name, scheduler in s.schedulers.items():  # actor, and critic when there is one
+        record[f"lr/{name}"] = scheduler.get_last_lr()[0]
     record["samples_per_s"] = (state.samples - timer["samples"]) / max(elapsed, 1e-9)
     record["rollouts"] = state.rollouts
     timer.update(since=time.perf_counter(), samples=state.samples, steps=state.step)
@@ -318,19 +337,34 @@ def write_log(
     if s.backend.is_main:
         metrics_file.append(record)
         s.backend.log({k: v for k, v in record.items() if k != "step"}, state.step)
+        shown = {
+            "score": "reward/score",
+            "kl": "objective/kl",
+            "policy": "loss/policy",
+            "value": "loss/value",
+        }
         logger.info(
-            "step %d: score %.3f kl %.4f policy %.4f value %.4f", state.step, record.get("reward/score", math.nan),
-            record.get("objective/kl", math.nan), record.get("loss/policy", math.nan), record.get("loss/value", math.nan),
+            "step %d: %s", state.step,
+            " ".join(f"{name} {record[key]:.4g}" for name, key in shown.items() if record.get(key) is not None),
         )  # fmt: skip
 
 
-def save_outputs(s: PPOSession, critic_dir: Path) -> None:
-    """Final outputs: the actor (+ tokenizer) in ``--output_dir``, the critic in ``critic_dir``."""
+def save_outputs(s: PPOSession, critic_dir: Path | None) -> None:
+    """Final outputs: the actor (+ tokenizer) in ``--output_dir``, the critic in ``critic_dir`` when the
+    models bundle has one (``critic_dir`` is then required)."""
     output_dir = Path(s.args.output_dir)
-    s.backend.run_export(lambda: (s.models.save_actor(output_dir), s.models.save_critic(critic_dir)))
+    dirs = [output_dir] + ([critic_dir] if s.models.has_critic else [])
+
+    def export() -> None:
+        s.models.save_actor(output_dir)
+        if s.models.has_critic:
+            s.models.save_critic(critic_dir)
+
+    s.backend.run_export(export)
     if s.backend.is_main:
         for writer in s.save_extra.values():
-            writer(output_dir)
-            writer(critic_dir)
-        logger.info("actor saved to %s, critic to %s", output_dir, critic_dir)
+            for directory in dirs:
+                writer(directory)
+        where = f", critic to {critic_dir}" if s.models.has_critic else " (no critic)"
+        logger.info("actor saved to %s%s", output_dir, where)
     s.backend.barrier()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.ppo.kl import kl_estimate
 from rlhf.ppo.stats import masked_mean
 
 
@@ -68,6 +69,15 @@ def value_loss(
     with torch.no_grad():
         clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
     return ValueLoss(loss, clipfrac)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(π_θ || π_ref) as a loss term (``--use_kl_loss``; GRPO, Shao et al. 2024, eq. 4):
+
+    mean_t [π_ref/π_θ − log(π_ref/π_θ) − 1] (the k3 estimator, unbiased and ≥ 0), differentiable in π_θ.
+    The loop adds β times it to the actor loss. logprobs, ref_logprobs, mask: [B, R] -> scalar.
+    """
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
 
 
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

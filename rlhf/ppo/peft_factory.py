@@ -72,9 +72,10 @@ def _separate_reward_model(path: str, margs: PPOModelArguments) -> torch.nn.Modu
 
 
 def build_models_and_scorer(
-    margs: PPOModelArguments, tokenizer: Any, backend: AccelerateBackend
+    margs: PPOModelArguments, tokenizer: Any, backend: AccelerateBackend, with_critic: bool = True
 ) -> tuple[PeftPolicyModels, Scorer]:
-    """The PEFT models bundle and the reward: shared reward adapter, separate reward model, rule, or a sum."""
+    """The PEFT models bundle and the reward: shared reward adapter, separate reward model, rule, or a sum.
+    ``with_critic=False`` (a critic-free ``--advantage_estimator``) builds no critic."""
     shared_adapter, separate_path = None, None
     if margs.reward_lora_path:
         if reward_adapter_shares_base(margs.reward_lora_path, margs.sft_model_path):
@@ -86,14 +87,14 @@ def build_models_and_scorer(
                 margs.reward_lora_path, adapter_base_path(margs.reward_lora_path),
             )  # fmt: skip
     separate_path = separate_path or margs.reward_model_path
-    if margs.critic_init == "reward" and shared_adapter is None:
+    if with_critic and margs.critic_init == "reward" and shared_adapter is None:
         logger.info("critic starts from the SFT model (no reward adapter on the same base to copy)")
     models = build_peft_policy_models(
         margs.sft_model_path,
         actor=LoraSpec(margs.actor_lora_rank, margs.actor_lora_alpha, margs.actor_lora_dropout,
                        split_comma_list(margs.actor_lora_target)),
         critic=LoraSpec(margs.critic_lora_rank, margs.critic_lora_alpha, margs.critic_lora_dropout,
-                        split_comma_list(margs.critic_lora_target)),
+                        split_comma_list(margs.critic_lora_target)) if with_critic else None,
         reward_adapter=shared_adapter,
         critic_init=margs.critic_init,
         torch_dtype=margs.torch_dtype,
@@ -121,7 +122,7 @@ def build_peft_session(
     backend = build_backend(args)
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
-    models, scorer = build_models_and_scorer(margs, tokenizer, backend)
+    models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
     prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
     pretrain = None
     if margs.pretrain_dataset_dir:

@@ -18,7 +18,15 @@ from rlhf.ppo.batch import SequenceBatch
 
 
 class PolicyModels(Protocol):
-    """Actor, critic, reference policy and (optionally) a reward model behind one object."""
+    """Actor, reference policy, (optionally) a critic and (optionally) a reward model behind one object.
+
+    The critic exists only when the advantage estimator needs one (``gae``): without it ``has_critic`` is
+    False, ``parameter_groups`` has no ``"critic"`` group, and ``values``/``save_critic`` are not called.
+    """
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether the bundle holds a critic (an adapter or model plus a value head)."""
 
     def train(self, mode: bool = True) -> Any:
         """Dropout on (``True``, for PPO updates) or off (rollouts, old and reference log-probs)."""
@@ -42,7 +50,8 @@ class PolicyModels(Protocol):
         """Actor next-token cross-entropy on pretraining blocks [B, L] -> scalar. Differentiable."""
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters: ``{"actor": [...], "critic": [...]}`` (disjoint)."""
+        """Trainable parameters: ``{"actor": [...], "critic": [...]}`` (disjoint; no ``"critic"`` key
+        without a critic)."""
 
     def generation_model(self) -> AbstractContextManager[Any]:
         """Context in which the yielded object generates with the actor (for a Generator)."""
@@ -63,9 +72,14 @@ class PolicyModels(Protocol):
 class TrainableGroups:
     """``parameter_groups``, ``trainable_state`` and ``load_trainable_state`` for an implementation that
     keeps its trainable parameters as ``self._trainable = {"actor": [(name, param), ...], "critic": [...]}``
-    (names stable across runs; on a tensor-parallel backend each rank holds its own slices)."""
+    (names stable across runs; on a tensor-parallel backend each rank holds its own slices). A bundle
+    without a critic has no ``"critic"`` key."""
 
     _trainable: dict[str, list[tuple[str, torch.nn.Parameter]]]
+
+    @property
+    def has_critic(self) -> bool:
+        return "critic" in self._trainable
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         return {name: [p for _, p in group] for name, group in self._trainable.items()}

@@ -8,7 +8,8 @@ optimizers and schedules per model, the KL controller, the trackers, and the per
 
 Factories: :func:`rlhf.ppo.peft_factory.build_peft_session` (Accelerate + PEFT, ``run_ppo_with_peft.py``)
 and :func:`rlhf.tp.ppo_factory.build_tp_session` (tensor parallel, ``-m rlhf.tp.ppo_train``). A new
-backend (or a critic-free estimator, or another generation engine) plugs in by building its own parts.
+backend (or another generation engine) plugs in by building its own parts; a critic-free
+``--advantage_estimator`` is a models bundle without a critic (``has_critic`` False: no critic optimizer).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import get_scheduler
 from rlhf.backend import Backend
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation.base import Generator, SamplingConfig
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession
@@ -63,7 +64,7 @@ def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArgu
             f"{num_prompts} prompts make no full rollout of {ppo.rollout_batches} x "
             f"{args.per_device_train_batch_size} prompts on {world} processes"
         )
-    per_rollout = ppo.ppo_epochs * args.per_device_train_batch_size * ppo.rollout_batches
+    per_rollout = ppo.ppo_epochs * rollout_size(ppo, args)
     mini_batches = rollouts * per_rollout // ppo.per_device_mini_train_batch_size
     return max(1, mini_batches // args.gradient_accumulation_steps)
 
@@ -71,12 +72,14 @@ def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArgu
 def build_optimizers(
     models: PolicyModels, ppo: PPOArguments, args: PPOTrainingArguments, total_steps: int
 ) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
-    """AdamW per model with its own learning rate and schedule (``--actor_lr``, ``--critic_lr``)."""
+    """AdamW per model with its own learning rate and schedule (``--actor_lr``, ``--critic_lr``): one for
+    the actor, one for the critic when the bundle has one."""
     warmup = args.warmup_steps
     warmup_steps = math.ceil(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
     optimizers, schedulers = {}, {}
-    for name, lr in (("actor", ppo.actor_lr), ("critic", ppo.critic_lr)):
-        params = models.parameter_groups()[name]
+    rates = {"actor": ppo.actor_lr, "critic": ppo.critic_lr}
+    for name, params in models.parameter_groups().items():
+        lr = rates[name]
         if not params:
             raise ConfigError(f"the {name} has no trainable parameters")
         optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -117,6 +120,11 @@ def assemble_session(
     initialisation uses the plain ``--seed`` on every process).
     """
     backend = parts.backend
+    if parts.models.has_critic != ppo.needs_critic:
+        raise ValueError(
+            f"--advantage_estimator {ppo.advantage_estimator} needs a models bundle "
+            f"{'with' if ppo.needs_critic else 'without'} a critic"
+        )
     world, replica = backend.world_size, backend.replica_rank
     batch = args.per_device_train_batch_size
     prompt_sampler = EpochSampler(len(parts.prompts), batch, world, replica, args.seed)
@@ -136,5 +144,5 @@ def assemble_session(
         pretrain=parts.pretrain, pretrain_sampler=pretrain_sampler, optimizers=optimizers,
         schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        save_extra=parts.save_extra,
+        estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
     )  # fmt: skip

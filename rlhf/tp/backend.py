@@ -11,7 +11,7 @@ slice of each weight. Hence
   split over the ranks (the rest are replicated);
 - ``step`` clips each parameter group by its norm over the whole model (split parameters' squared norms
   summed over ranks, replicated ones counted once), then steps every optimizer and scheduler;
-- ``mean``/``gather`` are identities (every rank already holds the same values);
+- ``mean``/``gather``/``reduce_sum`` are identities (every rank already holds the same values);
 - the trainable state is sharded: each rank saves and loads its own ``trainable.safetensors`` and
   ``optimizer.pt`` in the checkpoint's ``rank_K/``, and exports run on every rank (they are collective:
   each rank writes its shard);
@@ -125,6 +125,9 @@ class TPBackend(TrackerMethods):
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # one replica: every rank already holds the same values
 
     def barrier(self) -> None:
         barrier()
