@@ -148,6 +148,27 @@ def test_lora_trains_only_the_adapter(tiny_model_factory, world_of_one):
     assert len(lora_state_dict(model)) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
 
 
+def test_apply_lora_takes_the_shared_lora_spec(tiny_model_factory, world_of_one):
+    """``apply_lora(model, LoraSpec)`` builds the same adapter as the keyword form (kept for old callers)."""
+    from rlhf.models.lora import LoraSpec
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_layers, lora_state_dict
+
+    model_dir = tiny_model_factory("llama")
+    models = [
+        load_tp_model(str(model_dir), rank=0, world_size=1, device=torch.device("cpu")) for _ in range(2)
+    ]
+    spec = LoraSpec(rank=4, alpha=16.0, dropout=0.0, targets=["q_proj", "down_proj"])
+    names = apply_lora(models[0], spec, seed=3)
+    assert names == apply_lora(models[1], r=4, alpha=16.0, targets=["q_proj", "down_proj"], seed=3)
+    assert sorted(n.rsplit(".", 1)[-1] for n in names) == ["w2", "w2", "wq", "wq"]
+    a, b = lora_state_dict(models[0]), lora_state_dict(models[1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {layer.lora_scale for layer in lora_layers(models[0]).values()} == {spec.scale}
+    with pytest.raises(ConfigError, match="--lora_rank must be > 0"):
+        apply_lora(models[0], LoraSpec(rank=-1))
+
+
 def test_merged_model_saves_as_shards_that_merge_to_hf(tiny_model_factory, tmp_path, world_of_one):
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from launch import script_env, torchrun
 
-from rlhf.tp.training import Example, collate, split_rows
+from rlhf.tp.examples import Example, collate, split_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,56 @@ def test_collate_and_split():
     assert len(held) == 5 and sorted(train + held) == list(range(20))
     assert split_rows(list(range(20)), 0.25, seed=3) == (train, held)  # seeded
     assert split_rows([1, 2, 3], 0.0, seed=0) == ([1, 2, 3], [])
+
+
+def test_flags_build_one_lora_spec_count_steps_and_schedule_warmup():
+    from rlhf.args import parse_args
+    from rlhf.errors import ConfigError
+    from rlhf.models.lora import LoraSpec
+    from rlhf.optimizer import build_adamw, warmup_step_count
+    from rlhf.tp.train_args import TPTrainArguments
+
+    base = ["--ckpt_dir", "c", "--save_dir", "s", "--train_file", "t"]
+    (args,) = parse_args((TPTrainArguments,), base)
+    spec = args.lora_spec()
+    assert not spec.use_lora and spec.rank == -1  # full training by default, as the description's commands
+    assert (spec.alpha, spec.dropout) == (LoraSpec().alpha, LoraSpec().dropout) and spec.targets == ["all"]
+    (args,) = parse_args((TPTrainArguments,), base + ["--lora_rank", "8", "--lora_target", "q_proj,w2"])
+    assert args.lora_spec() == LoraSpec(rank=8, alpha=32.0, dropout=0.05, targets=["q_proj", "w2"])
+    (args,) = parse_args((TPTrainArguments,), base + ["--max_batch_size", "4", "--accumulation_steps", "2"])
+    assert args.total_steps(9) == 1 and args.total_steps(17) == 2  # ceil(17 / 4) = 5 micro-batches -> 2 steps
+    args.epochs = 3.0
+    assert args.total_steps(17) == 7 and args.total_steps(1) == 1
+    args.max_steps = 11
+    assert args.total_steps(17) == 11
+
+    assert (
+        warmup_step_count(0.1, 95) == 10 and warmup_step_count(3, 95) == 3 and warmup_step_count(0, 95) == 0
+    )
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer, schedule = build_adamw(
+        [weight], lr=1.0, weight_decay=0.0, scheduler="linear", warmup=0.5, total_steps=4
+    )
+    lrs = []
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert lrs == pytest.approx([0.5, 1.0, 0.5, 0.0])  # lr(s) = s / 2 for s < 2, then (4 - s) / 2
+    with pytest.raises(ConfigError, match="--lr_scheduler_type nope"):
+        build_adamw([weight], lr=1.0, weight_decay=0.0, scheduler="nope", warmup=0, total_steps=4)
+
+
+def test_save_dir_that_is_a_file_fails_before_loading(tmp_path, capsys):
+    from rlhf.tp import solver_train
+
+    (tmp_path / "file").write_text("keep me")
+    argv = ["--ckpt_dir", str(tmp_path / "missing"), "--train_file", str(tmp_path / "missing.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        solver_train.main(argv + ["--save_dir", str(tmp_path / "file")])
+    assert exit_info.value.code == 2
+    assert f"error: --save_dir {tmp_path / 'file'} is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
 
 
 def test_solver_learns_saves_evaluates_and_merges(tiny_llama, tmp_path, world_of_one):

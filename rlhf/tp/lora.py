@@ -34,6 +34,7 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 from rlhf.errors import ConfigError
+from rlhf.models.lora import LoraSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,12 @@ HF_TARGETS = {
     "up_proj": "w3",
 }
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ALL_TARGETS = "all"  # --lora_target: every projection above
 
 
 def resolve_targets(targets: list[str] | tuple[str, ...]) -> set[str]:
     """Layer names from ours (``wq``) or Hugging Face's (``q_proj``); ``all`` means every projection."""
-    if list(targets) in (["all"], ["all-linear"]):
+    if list(targets) in ([ALL_TARGETS], ["all-linear"]):
         return set(DEFAULT_TARGETS)
     names = {HF_TARGETS.get(t, t) for t in targets}
     unknown = sorted(names - set(DEFAULT_TARGETS))
@@ -108,17 +110,25 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def apply_lora(
     model: nn.Module,
+    spec: LoraSpec | None = None,
     *,
-    r: int,
-    alpha: float,
+    seed: int = 0,
+    r: int | None = None,
+    alpha: float | None = None,
     dropout: float = 0.0,
     targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
-    seed: int = 0,
 ) -> list[str]:
-    """Freeze the model and add trainable LoRA weights to the target layers; returns their names."""
-    if r <= 0:
-        raise ConfigError(f"--lora_rank must be > 0 for LoRA, got {r}")
-    wanted = resolve_targets(targets)
+    """Freeze the model and add trainable LoRA weights to the layers ``spec.targets`` names; returns their
+    names. ``spec`` (rank, alpha, dropout, targets) is the adapter every stage describes with
+    :class:`rlhf.models.lora.LoraSpec`; the keywords ``r``/``alpha``/``dropout``/``targets`` build one for
+    callers that have no spec."""
+    if spec is None:
+        if r is None or alpha is None:
+            raise TypeError("apply_lora needs a LoraSpec, or r= and alpha=")
+        spec = LoraSpec(rank=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    if not spec.use_lora:
+        raise ConfigError(f"--lora_rank must be > 0 for LoRA, got {spec.rank}")
+    wanted = resolve_targets(spec.targets)
     for param in model.parameters():
         param.requires_grad_(False)
     names = []
@@ -126,15 +136,15 @@ def apply_lora(
         if name.rsplit(".", 1)[-1] in wanted and isinstance(
             module, (ColumnParallelLinear, RowParallelLinear)
         ):
-            _add_lora(module, r, alpha, dropout, seed * 100003 + index)
+            _add_lora(module, spec.rank, spec.alpha, spec.dropout, seed * 100003 + index)
             names.append(name)
     if not names:
-        raise ConfigError(f"--lora_target {', '.join(targets)} matched no layer of the model")
+        raise ConfigError(f"--lora_target {', '.join(spec.targets)} matched no layer of the model")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "LoRA r=%d alpha=%g on %d layers: %d trainable parameters on this rank",
-        r,
-        alpha,
+        spec.rank,
+        spec.alpha,
         len(names),
         trainable,
     )

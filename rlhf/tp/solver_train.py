@@ -25,17 +25,11 @@ from rlhf.data import load_dataset_dir
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.distributed import process_group_scope
+from rlhf.tp.examples import Example, collate, micro_batches, split_rows
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
-from rlhf.tp.training import (
-    Example,
-    TPTrainArguments,
-    TrainTask,
-    collate,
-    micro_batches,
-    split_rows,
-    train_tp,
-)
+from rlhf.tp.train_args import TPTrainArguments
+from rlhf.tp.training import TrainTask, train_tp
 
 logger = logging.getLogger(__name__)
 

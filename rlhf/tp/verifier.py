@@ -27,10 +27,10 @@ import torch
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
 from rlhf.errors import CheckpointError, DataError
+from rlhf.tp.examples import Example, collate, micro_batches
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
 from rlhf.tp.shard_dir import check_shard_dir, is_shard_dir
-from rlhf.tp.training import Example, collate, micro_batches
 
 
 def perturb_final_answer(answer: str, rng: random.Random) -> str:

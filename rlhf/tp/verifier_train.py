@@ -24,8 +24,10 @@ from rlhf.args import parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.distributed import process_group_scope
+from rlhf.tp.examples import Example, split_rows
 from rlhf.tp.model import Transformer
-from rlhf.tp.training import Example, TPTrainArguments, TrainTask, split_rows, train_tp
+from rlhf.tp.train_args import TPTrainArguments
+from rlhf.tp.training import TrainTask, train_tp
 from rlhf.tp.verifier import last_token_scores, read_verifier_rows, score_examples, verifier_example
 
 
