@@ -1,11 +1,17 @@
 """PPO memory features give the same numbers as the plain path: chunked log-probs, entropies and pretraining
 loss through the models bundles, and gradient checkpointing of the actor and critic updates (PEFT LoRA,
-PEFT full fine-tuning, the tensor-parallel model)."""
+PEFT full fine-tuning, the tensor-parallel model at world size 1 here and 2 under torchrun: this file is
+also the ``torchrun --nproc_per_node 2`` worker)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from launch import script_env, torchrun
 
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.batch import SequenceBatch
@@ -100,8 +106,9 @@ def update_gradients(models, batch: SequenceBatch, seed: int = 0) -> dict[str, t
     taken in ONE backward (so a checkpointed layer is recomputed after another adapter was set)."""
     models.train(True)
     torch.manual_seed(seed)
-    for p in models.parameters():
-        p.grad = None
+    for params in models.parameter_groups().values():
+        for p in params:
+            p.grad = None
     lp, ent = models.policy_logprobs(batch, 1.0, with_entropy=True)
     actor_loss = -(lp * batch.response_mask).mean() - 0.1 * ent.mean()
     actor_loss = actor_loss + 0.1 * models.pretrain_loss(batch.input_ids)
@@ -109,9 +116,9 @@ def update_gradients(models, batch: SequenceBatch, seed: int = 0) -> dict[str, t
     (actor_loss + critic_loss).backward()
     models.train(False)
     return {
-        f"{group}.{i}": p.grad.clone()
-        for group, params in models.parameter_groups().items()
-        for i, p in enumerate(params)
+        f"{group}:{name}": p.grad.clone()
+        for group, params in models._trainable.items()
+        for name, p in params
         if p.grad is not None
     }
 
@@ -186,3 +193,133 @@ def test_only_training_forwards_with_gradients_checkpoint(tiny_llama):
     models.train(True)
     models.values(batch).sum().backward()
     assert len(calls) == len(models.lm.get_base_model().model.layers)
+
+
+@pytest.fixture
+def world_of_one():
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+
+    init_model_parallel("gloo")
+    yield
+    shutdown()
+
+
+def tp_bundle(model_dir, lora_rank: int, dropout: float = 0.0):
+    """The TP bundle at world size 1: LoRA actor and critic (non-zero B), or fully trainable ones."""
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_layers
+    from rlhf.tp.ppo_models import TPPolicyModels
+
+    cpu = torch.device("cpu")
+    actor = load_tp_model(str(model_dir), rank=0, world_size=1, device=cpu, dtype=torch.float32)
+    critic = load_tp_model(
+        str(model_dir), rank=0, world_size=1, device=cpu, dtype=torch.float32, scalar_head=True
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        critic.v_head.weight.copy_(torch.randn(critic.v_head.weight.shape, generator=gen) * 0.1)
+    if lora_rank > 0:
+        for model in (actor, critic):
+            apply_lora(model, r=lora_rank, alpha=8.0, dropout=dropout, targets=TARGETS)
+            with torch.no_grad():
+                for layer in lora_layers(model).values():
+                    layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
+        critic.v_head.weight.requires_grad_(True)
+    return TPPolicyModels(actor, critic, actor_source=str(model_dir), critic_source=str(model_dir))
+
+
+@pytest.mark.parametrize("positions", [2, 64])  # 2 does not divide the 7 response positions
+def test_tp_logprobs_entropy_and_pretrain_loss_equal_full_logits(tiny_llama, world_of_one, positions):
+    models = tp_bundle(tiny_llama, lora_rank=4)
+    batch = random_batch(512, seed=8)
+    models.logits_chunk_bytes = positions * 4 * 512 * batch.input_ids.shape[0]
+    lp, ent = models.policy_logprobs(batch, 0.7, with_entropy=True)
+    hidden = models.actor.hidden_states(batch.input_ids, batch.attention_mask)
+    logits = models.actor.logits(hidden[:, batch.prompt_len - 1 : -1])
+    torch.testing.assert_close(lp, logprobs_from_logits(logits, batch.response_ids, 0.7), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, entropy_from_logits(logits, 0.7), atol=1e-6, rtol=1e-6)
+
+    ids = batch.input_ids.clamp(min=3)
+    full = models.actor(ids)
+    expected = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    params = models.parameter_groups()["actor"]
+    loss = models.pretrain_loss(ids)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora_rank, dropout", [(4, 0.0), (4, 0.1), (-1, 0.0)])
+def test_tp_gradient_checkpointing_same_gradients(tiny_llama, world_of_one, monkeypatch, lora_rank, dropout):
+    import rlhf.tp.model as tp_model
+
+    batch = random_batch(512, seed=9)
+    models = tp_bundle(tiny_llama, lora_rank, dropout)
+    plain = update_gradients(models, batch)
+    models.enable_gradient_checkpointing()
+    calls = []
+    inner = tp_model.checkpoint
+    monkeypatch.setattr(tp_model, "checkpoint", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    assert_same_gradients(plain, update_gradients(models, batch), atol=1e-5)
+    # every block of the actor (policy log-probs, pretraining loss) and the critic, nothing in eval mode
+    assert len(calls) == 3 * models.actor.args.n_layers
+    models.train(False)
+    models.policy_logprobs(batch, 1.0)
+    assert len(calls) == 3 * models.actor.args.n_layers
+
+
+def tp_outputs(models, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+    """Log-probs, entropies and pretraining loss (chunked, 2 positions per chunk) and the update's gradient
+    of every replicated parameter (norms and value head: whole on every rank), plain and checkpointed."""
+    models.logits_chunk_bytes = 2 * 4 * 512 * batch.input_ids.shape[0]
+    with torch.no_grad():
+        lp, ent = models.policy_logprobs(batch, 0.7, with_entropy=True)
+        out = {"logprobs": lp, "entropy": ent, "pretrain": models.pretrain_loss(batch.input_ids.clamp(min=3))}
+    for name, switch in (("plain", lambda: None), ("checkpointed", models.enable_gradient_checkpointing)):
+        switch()
+        grads = update_gradients(models, batch)
+        out |= {f"{name}:{key}": g for key, g in grads.items() if "norm" in key or "v_head" in key}
+    return out
+
+
+@pytest.mark.slow
+def test_tp_world_size_2_equals_world_size_1(tiny_llama, world_of_one, tmp_path):
+    """At TP=2 (vocabulary-split output layer gathered inside each checkpointed chunk, blocks recomputed with
+    their all-reduces) the chunked log-probs, entropies, pretraining loss and the checkpointed gradients equal
+    TP=1's."""
+    command = torchrun(2) + [__file__, str(tiny_llama), str(tmp_path)]
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = tp_outputs(tp_bundle(tiny_llama, lora_rank=-1), random_batch(512, seed=10))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def worker(model_dir: Path, out: Path) -> None:
+    """torchrun entry: the TP=2 outputs of :func:`tp_outputs`, one file per rank."""
+    import torch.distributed as dist
+
+    from rlhf.tp.distributed import init_model_parallel
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.ppo_models import TPPolicyModels
+
+    rank, world_size = init_model_parallel("gloo")
+    cpu = torch.device("cpu")
+    actor = load_tp_model(str(model_dir), rank=rank, world_size=world_size, device=cpu)
+    critic = load_tp_model(str(model_dir), rank=rank, world_size=world_size, device=cpu, scalar_head=True)
+    with torch.no_grad():
+        critic.v_head.weight.copy_(
+            torch.randn(critic.v_head.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.1
+        )
+    models = TPPolicyModels(actor, critic, actor_source=str(model_dir), critic_source=str(model_dir))
+    torch.save(tp_outputs(models, random_batch(512, seed=10)), out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))

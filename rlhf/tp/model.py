@@ -37,6 +37,7 @@ from fairscale.nn.model_parallel.mappings import (
     reduce_from_model_parallel_region,
 )
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -321,6 +322,7 @@ class Transformer(nn.Module):
         self.has_lm_head = lm_head
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.windows = {layer.window for layer in self.layers}
+        self.gradient_checkpointing = False  # recompute each block in the backward (training forwards only)
 
     def hidden_states(
         self,
@@ -343,8 +345,12 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         masks = attention_masks(attention_mask, seqlen, self.windows)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, masks, cache, start_pos)
+            if recompute and cache is None:  # keep each block's input only; the backward recomputes the rest
+                h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks, cache, start_pos)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

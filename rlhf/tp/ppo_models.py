@@ -4,7 +4,8 @@
 |---|---|
 | actor | ``--actor_ckpt_dir`` (the solver): LoRA adapters (``--lora_rank`` > 0) or fully trainable |
 | reference | with LoRA the actor with its adapters switched off; full-parameter: a frozen copy |
-| critic | ``--critic_ckpt_dir`` (the verifier) with its scalar head: LoRA + head, or fully trainable |
+| critic | ``--critic_ckpt_dir`` (the verifier) with its scalar head: LoRA + head, or fully trainable; none
+  (``critic=None``) for a critic-free ``--advantage_estimator`` |
 | reward | ``--reward_model_ckpt_dir`` (the verifier), frozen, score at the last real token; when it is the
   critic's own dir and the critic uses LoRA, it is the critic with adapters off + a frozen copy of the
   initial head (no second model in memory) |
@@ -21,11 +22,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
-from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.token_logprobs import CHUNK_BYTES, chunked_token_logprobs, positions_per_chunk
 from rlhf.tp.lora import lora_layers
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
 from rlhf.tp.shard_dir import save_model_shards
@@ -73,10 +73,10 @@ class TPPolicyModels(TrainableGroups):
     def __init__(
         self,
         actor: Transformer,
-        critic: ScalarHeadTransformer,
+        critic: ScalarHeadTransformer | None,
         *,
         actor_source: str,
-        critic_source: str,
+        critic_source: str | None,
         reference: Transformer | None = None,
         reward: ScalarHeadTransformer | None = None,
         reward_head: torch.nn.Linear | None = None,
@@ -84,9 +84,11 @@ class TPPolicyModels(TrainableGroups):
         self.actor, self.critic, self.reference, self.reward = actor, critic, reference, reward
         self.actor_source, self.critic_source = actor_source, critic_source
         self.reward_head = reward_head  # with the critic's base: a frozen copy of its initial head
+        self.logits_chunk_bytes = CHUNK_BYTES  # float32 logits of one chunk of positions
         self._trainable = {
             name: [(f"{name}.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
             for name, model in (("actor", actor), ("critic", critic))
+            if model is not None
         }
 
     @classmethod
@@ -97,31 +99,36 @@ class TPPolicyModels(TrainableGroups):
 
     def train(self, mode: bool = True) -> TPPolicyModels:
         self.actor.train(mode)
-        self.critic.train(mode)
+        if self.critic is not None:
+            self.critic.train(mode)
         return self
 
     # -- forward passes ------------------------------------------------------------------------------
-    @staticmethod
-    def _response_logits(model: Transformer, batch: SequenceBatch) -> torch.Tensor:
-        """Logits that predict each response token (positions P-1 .. T-2): [B, R, V]."""
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, D)
-        return model.logits(hidden[:, batch.prompt_len - 1 : -1])
+    def _response_logprobs(
+        self, model: Transformer, batch: SequenceBatch, temperature: float, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π of each response token [B, R] (and its entropy): the output layer (``model.logits``) runs
+        on a few response positions at a time (:mod:`rlhf.ppo.token_logprobs`), no [B, R, V] float32 logits."""
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
+        chunk = positions_per_chunk(hidden.shape[0], model.vocab_size, self.logits_chunk_bytes)
+        return chunked_token_logprobs(
+            model.logits, hidden, batch.response_ids, temperature, chunk, with_entropy
+        )
 
     def policy_logprobs(
         self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self._response_logits(self.actor, batch)
-        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
-        return logprobs, entropy_from_logits(logits, temperature) if with_entropy else None
+        return self._response_logprobs(self.actor, batch, temperature, with_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
         model = self.reference if self.reference is not None else self.actor
         with lora_disabled(self.actor) if self.reference is None else nullcontext():
-            logits = self._response_logits(model, batch)
-        return logprobs_from_logits(logits, batch.response_ids, temperature)
+            return self._response_logprobs(model, batch, temperature, with_entropy=False)[0]
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
+        if self.critic is None:
+            raise ValueError("this models bundle has no critic (a critic-free --advantage_estimator)")
         scores = self.critic(batch.input_ids, batch.attention_mask)  # (B, T)
         return scores[:, batch.prompt_len - 1 : -1].float()
 
@@ -139,10 +146,17 @@ class TPPolicyModels(TrainableGroups):
         return scores[rows, batch.last_token_positions].float()
 
     def pretrain_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.actor(input_ids)
-        return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
-        )
+        """Mean next-token cross-entropy of the actor on [B, L] blocks, its output layer run in chunks."""
+        hidden = self.actor.hidden_states(input_ids)[:, :-1]  # (B, L-1, D)
+        chunk = positions_per_chunk(hidden.shape[0], self.actor.vocab_size, self.logits_chunk_bytes)
+        logprobs, _ = chunked_token_logprobs(self.actor.logits, hidden, input_ids[:, 1:], 1.0, chunk)
+        return -logprobs.mean()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block of the actor and the critic in their updates' backward (non-reentrant)."""
+        for model in (self.actor, self.critic):
+            if model is not None:
+                model.gradient_checkpointing = True
 
     @contextmanager
     def generation_model(self) -> Iterator[Transformer]:
@@ -157,5 +171,7 @@ class TPPolicyModels(TrainableGroups):
 
     def save_critic(self, directory: Path) -> None:
         """Collective: a verifier-style shard dir (``head: scalar``)."""
+        if self.critic is None:
+            raise ValueError("this models bundle has no critic to save")
         export = _Export(self.critic.args, merged_state_dict(self.critic))
         save_model_shards(export, directory, self.critic_source, head="scalar")
