@@ -18,7 +18,8 @@ Model and checkpoints:
 The Llama-RLHF workflow (``torchrun --nproc_per_node N -m rlhf.tp.<command> ...``):
 
 - :mod:`rlhf.tp.prompt`: the GSM8K prompt template.
-- :mod:`rlhf.tp.training`: the supervised loop shared by solver_train and verifier_train.
+- :mod:`rlhf.tp.train_args`, :mod:`rlhf.tp.examples`, :mod:`rlhf.tp.training`, :mod:`rlhf.tp.trained_dir`:
+  the flags, the sequences, the loop (on ``TPBackend``) and the output dir of solver_train / verifier_train.
 - :mod:`rlhf.tp.solver_train`: supervised fine-tuning of the solver (LoRA or full).
 - :mod:`rlhf.tp.verifier`: verifier inputs, training rows and scoring.
 - :mod:`rlhf.tp.verifier_train`: the verifier (scalar head, binary cross-entropy).

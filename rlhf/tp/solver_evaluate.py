@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +33,7 @@ from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
+from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
 from rlhf.tp.generation import generate
 from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
@@ -199,9 +199,7 @@ def write_outputs(
     files = [("predictions.jsonl", predictions)] + ([("greedy_predictions.jsonl", greedy)] if greedy else [])
     texts = [(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)) for name, rows in files]
     for name, text in texts + [("metrics.json", json.dumps(metrics, indent=2) + "\n")]:
-        tmp = log_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, log_dir / name)
+        write_text_atomic(log_dir / name, text)
 
 
 def evaluate(args: SolverEvaluateArguments) -> dict:
