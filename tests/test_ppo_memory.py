@@ -5,6 +5,7 @@ also the ``torchrun --nproc_per_node 2`` worker)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from launch import script_env, torchrun
+from test_ppo_models import build_rm_adapter
 
+import run_ppo_with_peft
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.peft_models import build_peft_policy_models
@@ -323,3 +326,80 @@ def worker(model_dir: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+# -- the rollout's forwards in row chunks, and the flags end to end ----------------------------------------
+
+
+class CountingScorer:
+    """A model-like scorer: one score per sequence from its tokens; remembers each call's row count."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        assert len(prompts) == len(responses) == batch.input_ids.shape[0]
+        self.calls.append(batch.input_ids.shape[0])
+        return (batch.input_ids * batch.attention_mask).float().sum(1)
+
+
+def test_score_in_chunks_chunks_model_scorers_only():
+    from rlhf.ppo.memory import score_in_chunks
+    from rlhf.ppo.rewards import RuleScorer, SumScorer
+
+    batch = random_batch(512, seed=11, rows=3)
+    texts = ["a", "bb", "ccc"]
+    rule_calls = []
+    rule = RuleScorer(lambda p, r: rule_calls.append(len(r)) or [float(len(x)) for x in r], "len")
+    model = CountingScorer()
+    scores = score_in_chunks(SumScorer([model, rule]), batch, texts, texts, rows=2)
+    assert model.calls == [2, 1] and rule_calls == [3]  # a rule sees the whole rollout in one call
+    expected = (batch.input_ids * batch.attention_mask).float().sum(1) + torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_forward_batch_size_defaults_to_the_mini_batch_and_rejects_zero():
+    from rlhf.errors import ConfigError
+    from rlhf.ppo.memory import forward_batch_size
+
+    assert forward_batch_size(-1, 8) == 8 and forward_batch_size(3, 8) == 3
+    with pytest.raises(ConfigError, match="--per_device_forward_batch_size"):
+        forward_batch_size(0, 8)
+
+
+def ppo_argv(model_dir: Path, rm: Path, out: Path, *extra: str) -> list[str]:
+    repo = Path(__file__).resolve().parents[1]
+    return [
+        "--sft_model_path", str(model_dir), "--reward_lora_path", str(rm), "--dataset_dir", str(repo / "sft_data"),
+        "--pretrain_dataset_dir", str(repo / "pt_data"), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--per_device_mini_train_batch_size", "2", "--max_response_length", "8",
+        "--max_steps", "2", "--logging_steps", "1", "--save_steps", "100", "--seed", "3", "--actor_lr", "1e-2",
+        "--critic_lr", "1e-2", "--disable_tqdm", "true", "--pretrain_warmup_steps", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_flags_leave_the_run_unchanged_and_the_peak_is_logged(tiny_llama, tmp_path, capsys):
+    """--gradient_checkpointing (LoRA dropout on: the recompute replays its masks) and
+    --per_device_forward_batch_size 1 (reward adapter, reference and critic forwards one row at a time) give the
+    metrics of the plain run; the end of the first optimizer step logs the peak memory, once."""
+    rm = build_rm_adapter(tiny_llama, tmp_path / "rm")
+    torch.set_num_threads(1)  # one summation order for both runs
+    run_ppo_with_peft.main(ppo_argv(tiny_llama, rm, tmp_path / "plain"))
+    capsys.readouterr()
+    lean = ["--gradient_checkpointing", "--per_device_forward_batch_size", "1"]
+    run_ppo_with_peft.main(ppo_argv(tiny_llama, rm, tmp_path / "lean", *lean))
+    log = capsys.readouterr().err
+    assert "gradient checkpointing: every decoder layer" in log
+    peak = [line for line in log.splitlines() if "peak memory" in line]
+    assert len(peak) == 1 and "peak memory after optimizer step 1: " in peak[0] and "RSS" in peak[0]
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("plain", "lean")
+    }
+    assert len(rows["plain"]) == len(rows["lean"]) == 2
+    for plain, lean in zip(rows["plain"], rows["lean"]):
+        assert plain.keys() == lean.keys() and "memory/peak_gb" not in plain  # GPU only
+        assert plain["loss/pretrain"] > 0 and plain["reward/score"] != 0
+        for key, value in plain.items():
+            if not key.startswith(("time/", "samples_per_s")):
+                assert lean[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -15,6 +15,7 @@ from rlhf.args import DEFAULT_LORA_TARGET, check_output_dir, check_positive_flag
 from rlhf.errors import ConfigError
 from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, EstimatorSettings
 from rlhf.ppo.kl import KL_ESTIMATORS
+from rlhf.ppo.memory import forward_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ class PPOArguments:
         default=-1,
         metadata={"help": "Samples per PPO mini-batch (-1 = one generation batch: "
                   "--per_device_train_batch_size x --num_samples_per_prompt)."},
+    )  # fmt: skip
+    per_device_forward_batch_size: int = field(
+        default=-1,
+        metadata={"help": "Rows per forward of the rollout's reward, reference, old log-prob and value passes "
+                  "(-1 = --per_device_mini_train_batch_size); bounds their memory whatever the generation batch."},
     )  # fmt: skip
     rollout_batches: int = field(default=1, metadata={"help": "Generation batches per rollout."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout."})
@@ -172,6 +178,11 @@ class PPOTrainingArguments:
     )
     ddp_timeout: int = field(default=1800, metadata={"help": "Process-group timeout in seconds."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each decoder layer in the actor and critic updates' backward (non-reentrant; "
+                  "LoRA or full): activations of one layer instead of all, for about a third more update time."},
+    )  # fmt: skip
 
     @property
     def report_to_list(self) -> list[str]:
@@ -241,3 +252,4 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         raise ConfigError("--target_kl must be > 0")
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
+    forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)  # checks it

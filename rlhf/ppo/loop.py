@@ -36,6 +36,7 @@ from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
+from rlhf.ppo.memory import forward_batch_size, log_peak_memory, peak_memory_metrics, score_in_chunks
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.rewards import Scorer
@@ -130,9 +131,11 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     if s.eos_token_id is not None:
         ended = (batch.response_ids == s.eos_token_id).any(1)
 
-    # 2. Score each response at its last token; clip; optionally penalise a missing EOS.
+    # 2. Score each response at its last token (a reward model in chunks of --per_device_forward_batch_size
+    #    rows); clip; optionally penalise a missing EOS.
+    forward_rows = forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)
     with s.backend.autocast():
-        raw_scores = s.scorer.score(batch, prompt_texts, responses).to(device)
+        raw_scores = score_in_chunks(s.scorer, batch, prompt_texts, responses, forward_rows).to(device)
     check_finite({"reward/score": raw_scores.sum()}, state.step + 1, state.last_checkpoint)
     scores = raw_scores.clone()
     if ppo.missing_eos_penalty is not None:
@@ -140,12 +143,13 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them, else an
-    #    eval-mode forward), reference log-probs and, with a critic, values, in mini-batch chunks.
+    #    eval-mode forward), reference log-probs and, with a critic, values, in chunks of
+    #    --per_device_forward_batch_size rows.
     from_generator = all(lp is not None for lp in sampled_logprobs)
     old_logprobs, ref_logprobs, values = [], [], []
     if from_generator:
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
-    for rows in _chunks(n, ppo.per_device_mini_train_batch_size):
+    for rows in _chunks(n, forward_rows):
         chunk = batch.select(rows.to(device))
         with s.backend.autocast():
             if not from_generator:
@@ -271,6 +275,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         total=s.total_steps, initial=state.step, desc="ppo", disable=not backend.is_main or args.disable_tqdm
     )
     timer = {"since": time.perf_counter(), "samples": state.samples, "steps": state.step}
+    first_step = state.step + 1  # its end logs the peak memory (rlhf/ppo/memory.py)
     while state.step < s.total_steps:
         if buffer is None or buffer.exhausted:
             buffer = collect_rollout(s, state, metrics)  # steps 1-5
@@ -289,6 +294,8 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             {"time/train_s": time.perf_counter() - start} | {f"grad_norm/{k}": v for k, v in norms.items()}
         )
         progress.update(1)
+        if state.step == first_step:
+            log_peak_memory(backend.device, state.step)
 
         # 7. Log every `logging_steps`, save every `save_steps` (and at the end).
         if state.step % args.logging_steps == 0 or (args.logging_first_step and state.step == 1):
@@ -332,6 +339,7 @@ def write_log(
         record[f"lr/{name}"] = scheduler.get_last_lr()[0]
     record["samples_per_s"] = (state.samples - timer["samples"]) / max(elapsed, 1e-9)
     record["rollouts"] = state.rollouts
+    record |= peak_memory_metrics(s.backend.device)  # memory/peak_gb on GPU (this process)
     timer.update(since=time.perf_counter(), samples=state.samples, steps=state.step)
     metrics.reset()
     if s.backend.is_main:

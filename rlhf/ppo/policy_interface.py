@@ -56,6 +56,10 @@ class PolicyModels(Protocol):
     def generation_model(self) -> AbstractContextManager[Any]:
         """Context in which the yielded object generates with the actor (for a Generator)."""
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the actor's and critic's layers in their updates' backward (``--gradient_checkpointing``;
+        non-reentrant, training forwards with gradients only, so the rollout's forwards are unchanged)."""
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by a stable name (what a checkpoint must restore)."""
 

@@ -134,6 +134,8 @@ def assemble_session(
             len(parts.pretrain), ppo.pretrain_batch_size, world, replica, args.seed
         )
     total_steps = count_total_steps(len(parts.prompts), ppo, args, world)
+    if args.gradient_checkpointing:
+        parts.models.enable_gradient_checkpointing()
     optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
