@@ -1,40 +1,93 @@
-"""What the Trainer-stage benchmarks share: the benchmark model, isolated runs and their measurements.
+"""What the Trainer-stage benchmarks share: the benchmark model, workloads, isolated runs and their measurements.
 
 Each implementation runs in its own Python process (``script --worker NAME``) so that its peak memory
 (CUDA max allocated on GPU, max RSS on CPU) is its own; the worker prints one JSON line.
+
+Variable-length workloads read ``../shared/data`` (GSM8K for SFT, Anthropic-HH for the reward model). The
+benchmark tokenizer is a byte-level BPE trained on those texts (32,000 tokens on GPU, the model's vocabulary
+size), so token counts are realistic for a 32k-vocabulary model; without the data the variable workloads
+are skipped.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# H100 SXM dense bf16 peak, for MFU
-PEAK_FLOPS = {"cuda": 989e12}
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+HH_PAIRS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+# dense bf16 peak FLOP/s by device name (H100 SXM and H200 share the same tensor cores), for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def build_bench_model(out: Path) -> Path:
-    """CPU: a small llama (hidden 256, 4 layers); GPU: TinyLlama-1.1B-shaped, random init."""
-    sys.path.insert(0, str(ROOT))
-    from rlhf.tiny_models import build_tiny_model
-
+def peak_flops() -> float | None:
+    """The dense bf16 peak of this GPU (None when unknown or on CPU)."""
     if not on_gpu():
-        return build_tiny_model("llama", out, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def device_label() -> str:
+    if on_gpu():
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU (small llama, hidden 256, 4 layers; torch {torch.__version__}, one thread)"
+
+
+def has_shared_data() -> bool:
+    return GSM8K_TRAIN.is_file() and HH_PAIRS.is_file()
+
+
+def workload_texts() -> list[str]:
+    """The GSM8K questions and answers and the HH transcripts, for the benchmark tokenizer."""
+    texts = []
+    for line in GSM8K_TRAIN.read_text().splitlines():
+        row = json.loads(line)
+        texts += [row["question"], row["answer"]]
+    with gzip.open(HH_PAIRS, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    return texts
+
+
+def build_bench_model(out: Path) -> Path:
+    """CPU: a small llama (hidden 256, 4 layers); GPU: TinyLlama-1.1B-shaped, random init, bf16.
+
+    The tokenizer is trained on the workload texts when ``../shared/data`` is present (32,000 tokens on
+    GPU, 2,048 on CPU), else on the repository's sample data.
+    """
+    sys.path.insert(0, str(ROOT))
+    from rlhf.tiny_models import REPO_ROOT, build_tiny_model
+
+    vocab, data_root = 512, REPO_ROOT
+    corpus = tempfile.TemporaryDirectory()
+    if has_shared_data():
+        vocab, data_root = (32000 if on_gpu() else 2048), Path(corpus.name)
+        (data_root / "pt_data").mkdir()
+        (data_root / "pt_data" / "corpus.txt").write_text("\n".join(workload_texts()))
+    with corpus:
+        if not on_gpu():
+            small = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)
+            return build_tiny_model("llama", out, vocab_size=vocab, data_root=data_root, **small)
+        build_tiny_model("llama", out, vocab_size=vocab, data_root=data_root)  # for the tokenizer files
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    build_tiny_model("llama", out)  # for the tokenizer files
     tokenizer = AutoTokenizer.from_pretrained(out)
     config = LlamaConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -53,17 +106,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(script: str, name: str, workdir: Path, timeout: int = 3000) -> dict:
-    """Run ``script --worker name --workdir DIR`` in a fresh process; its last stdout line is JSON.
+def run_worker(
+    script: str, name: str, workdir: Path, timeout: int = 3000, extra: tuple[str, ...] = ()
+) -> dict:
+    """Run ``script --worker name --workdir DIR [extra]`` in a fresh process; its last stdout line is JSON.
 
     On CPU the worker uses one thread: on a shared machine two OpenMP threads fighting other processes
-    for the cores make timings swing tenfold.
+    for the cores make timings swing tenfold. A failure (or timeout) is a result with an ``error``.
     """
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if not on_gpu():
         env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, script, "--worker", name, "--workdir", str(workdir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    cmd = [sys.executable, script, "--worker", name, "--workdir", str(workdir), *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
         return {
             "name": name,
@@ -73,16 +131,55 @@ def run_worker(script: str, name: str, workdir: Path, timeout: int = 3000) -> di
 
 
 def run_alternating(
-    script: str, names: list[str], workdir: Path, rounds: int = 2, key: str = "tokens_per_s"
+    script: str,
+    names: list[str],
+    workdir: Path,
+    rounds: int = 2,
+    key: str = "tokens_per_s",
+    extra: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run the implementations in turn ``rounds`` times (A B A B) and keep each one's best run."""
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for name in names:
-            result = run_worker(script, name, workdir)
+            result = run_worker(script, name, workdir, extra=extra)
             if name not in best or ("error" not in result and result.get(key, 0) > best[name].get(key, 0)):
                 best[name] = result
     return [best[name] for name in names]
+
+
+def run_workloads(script: str, names: list[str], workloads: list[str], key: str = "tokens_per_s") -> dict:
+    """``{workload: [result per implementation]}`` on one benchmark model built in a temp workdir.
+
+    CPU: best of 2 alternating runs; GPU: one run each (timings there are steady)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        build_bench_model(workdir / "model")
+        for workload in workloads:
+            rounds = 1 if on_gpu() else 2
+            results[workload] = run_alternating(script, names, workdir, rounds, key, ("--workload", workload))
+    return results
+
+
+class Deadline:
+    """A wall-clock budget for a suite of runs: skip a run that would likely not finish in time."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.longest = 0.0
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def run(self, script: str, name: str, workdir: Path, extra: tuple[str, ...] = ()) -> dict:
+        """``run_worker`` unless the time left is less than the longest run so far (then a skipped result)."""
+        if self.left() < max(self.longest, 20.0):
+            return {"name": name, "error": "skipped: the suite's time budget ran out"}
+        start = time.monotonic()
+        result = run_worker(script, name, workdir, timeout=max(int(self.left()), 1), extra=extra)
+        self.longest = max(self.longest, time.monotonic() - start)
+        return result
 
 
 def report(result: dict) -> None:
@@ -90,21 +187,32 @@ def report(result: dict) -> None:
 
 
 def model_flops_per_token(model: torch.nn.Module) -> float:
-    """6 N (forward + backward) per token, N = non-embedding parameters."""
+    """6 N (forward + backward) per token, N = non-embedding parameters (attention scores not counted)."""
     n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
     return 6.0 * n
 
 
+def measurements(model: torch.nn.Module, tokens: int, seconds: float, steps: int) -> dict:
+    """Real tokens/s, peak memory and (on a known GPU) MFU of ``steps`` timed steps."""
+    result = {"tokens_per_s": tokens / seconds, "peak_mb": peak_memory_mb(), "steps": steps}
+    peak = peak_flops()
+    if peak:
+        result["mfu"] = result["tokens_per_s"] * model_flops_per_token(model) / peak
+    return result
+
+
 class CountingCollator:
-    """Wrap a collator; remember the real tokens (and rows) of every batch it builds, in step order."""
+    """Wrap a collator; remember the real tokens, the token slots (real + pad) and the rows of every batch
+    it builds, in step order."""
 
     def __init__(self, inner):
-        self.inner, self.tokens, self.rows = inner, [], []
+        self.inner, self.tokens, self.slots, self.rows = inner, [], [], []
 
     def __call__(self, features):
         batch = self.inner(features)
         mask = batch.get("attention_mask")
         self.tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        self.slots.append(batch["input_ids"].numel())
         self.rows.append(len(features))
         return batch
 
@@ -130,3 +238,19 @@ def timed_totals(timer, collator: CountingCollator, warmup: int) -> tuple[int, f
     timed = len(timer.ends) - warmup
     seconds = timer.ends[-1] - timer.ends[warmup - 1]
     return sum(collator.tokens[warmup : warmup + timed]), seconds, timed
+
+
+def section_text(title: str, script: str, batch: str, table: str, note: str = "") -> str:
+    """A RESULTS.md section: what ran, on which device, how memory and MFU are measured, then the table."""
+    gpu = on_gpu()
+    peak = "CUDA max allocated" if gpu else "max RSS of the process (one thread; best of 2 alternating runs)"
+    mfu = (
+        "MFU = real tokens/s x 6 N / peak (N = non-embedding parameters; 989 TFLOP/s dense bf16 on H100/H200)"
+        if gpu
+        else "No MFU on CPU."
+    )
+    return (
+        f"## {title} ({device_label()})\n\n"
+        f"`{script}`: batch per step {batch}; AdamW, {'bf16' if gpu else 'fp32'}, no gradient checkpointing. "
+        f"Peak MB: {peak}. {mfu} padding = share of pad slots in the batches.\n{note}\n\n{table}\n"
+    )

@@ -4,6 +4,7 @@ gradients equal padded ones, isolation, and the dense fallback for batches that 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -220,3 +221,61 @@ def test_packed_reward_pairs_equal_padded_pairs(tiny_llama, backend):
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
     for name, grad in expected[2].items():
         torch.testing.assert_close(got[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _fake_varlen(api: str):
+    """A stand-in for torch's varlen_attn (CUDA-only) with the keyword set of torch 2.10 or 2.11+,
+    computed densely, so the wrapper's argument handling runs on CPU."""
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, left):
+        assert q.dtype in (torch.float16, torch.bfloat16) and cu_q.dtype == torch.int32
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        window = None if left < 0 else left + 1
+        return _dense_document_reference(q.float(), k.float(), v.float(), cu_q, window).to(q.dtype)
+
+    if api == "2.10":
+
+        def varlen_attn(
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None
+        ):
+            assert is_causal and key.shape[1] == query.shape[1]  # no GQA in this API: heads were repeated
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, -1)
+    else:
+
+        def varlen_attn(
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False,
+        ):  # fmt: skip
+            assert window_size[1] == 0 and enable_gqa == (key.shape[1] != query.shape[1])
+            assert scale == pytest.approx(query.shape[-1] ** -0.5)
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size[0])
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize(("api", "window"), [("2.10", None), ("2.11", None), ("2.11", 3)])
+def test_varlen_wrapper_handles_each_torch_api(monkeypatch, api, window):
+    import rlhf.training.packed_attention as packed
+
+    fake = _fake_varlen(api)
+    signature_params = frozenset(inspect.signature(fake).parameters)
+    causal = {"is_causal": True} if api == "2.10" else {"window_size": (-1, 0)}
+    monkeypatch.setattr(packed, "_varlen_api", lambda: (fake, causal, signature_params))
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 11, 16)  # (B, Hq, T, D) float32, as a model without autocast would give
+    key, value = torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    cu = torch.tensor([0, 5, 6, 11], dtype=torch.int32)
+    kwargs = dict(cu_seq_lens_q=cu, max_length_q=5, sliding_window=window, scaling=16**-0.5)
+    expected = _dense_document_reference(*(x[0].transpose(0, 1) for x in (query, key, value)), cu, window)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 q/k/v under autocast: cast to its dtype
+        out, _ = packed_attention_forward(None, query, key, value, None, backend="varlen", **kwargs)
+    assert out.shape == (1, 11, 4, 16) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0].float(), expected, atol=3e-2, rtol=3e-2)
+    # without autocast a float32 row cannot go to FlashAttention kernels: exact per-document SDPA instead
+    out, _ = packed_attention_forward(None, query, key, value, None, backend="varlen", **kwargs)
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+    if api == "2.10":
+        with pytest.raises(ConfigError, match="sliding-window"), torch.autocast("cpu", dtype=torch.bfloat16):
+            packed_attention_forward(
+                None, query, key, value, None, backend="varlen", **{**kwargs, "sliding_window": 3}
+            )

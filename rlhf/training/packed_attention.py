@@ -114,32 +114,40 @@ def sdpa_per_document(q, k, v, cu_seqlens, max_len, scale, window):
 
 
 @functools.cache
-def _varlen_api() -> tuple[Callable, dict, bool] | None:
-    """(varlen_attn, its causal keyword arguments, whether it takes enable_gqa), or None when absent."""
+def _varlen_api() -> tuple[Callable, dict, frozenset] | None:
+    """(varlen_attn, its causal keyword arguments, its keyword names), or None when torch has none.
+
+    torch 2.10 takes ``is_causal``; later releases take ``window_size=(-1, 0)``; ``scale`` and
+    ``enable_gqa`` are not in every release.
+    """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
+    params = frozenset(inspect.signature(varlen_attn).parameters)
     if "window_size" in params:
         causal = {"window_size": (-1, 0)}
     elif "is_causal" in params:
         causal = {"is_causal": True}
     else:
         return None
-    return varlen_attn, causal, "enable_gqa" in params
+    return varlen_attn, causal, params
 
 
 def torch_varlen(q, k, v, cu_seqlens, max_len, scale, window):
     """``torch.nn.attention.varlen.varlen_attn``, causal inside each document."""
-    varlen_attn, causal, gqa = _varlen_api()
-    kwargs = dict(causal, scale=scale)
+    varlen_attn, causal, params = _varlen_api()
+    kwargs = dict(causal)
+    if scale is not None and "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+        raise ConfigError("--packed_attention varlen: this torch's varlen_attn has no scale argument")
     if window is not None and window < max_len:
-        if "window_size" not in causal:
+        if "window_size" not in params:
             raise ConfigError("--packed_attention varlen: this torch has no sliding-window varlen attention")
         kwargs["window_size"] = (window - 1, 0)
-    if gqa:
-        kwargs["enable_gqa"] = True
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     else:
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
