@@ -1,16 +1,22 @@
-"""Critic-free advantage estimators against loop-based references on random inputs."""
+"""Advantage estimators against loop-based references on random inputs: the pure functions, the seam of
+steps 4–5 (estimate_advantages) with global whitening over simulated processes, the KL loss, the buffer."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 
 import pytest
 import torch
 
+from rlhf.ppo.advantages import gae_advantages
+from rlhf.ppo.batch import RolloutBuffer, SequenceBatch
 from rlhf.ppo.estimators import (
+    EstimatorSettings,
     discounted_returns,
     dr_grpo_advantages,
+    estimate_advantages,
     global_masked_whiten,
     group_centred_scores,
     group_stats,
@@ -19,6 +25,8 @@ from rlhf.ppo.estimators import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from rlhf.ppo.kl import kl_shaped_rewards
+from rlhf.ppo.losses import kl_loss
 from rlhf.ppo.stats import masked_whiten
 
 
@@ -157,3 +165,131 @@ def test_reinforce_pp_whitens_discounted_returns():
     assert torch.allclose(advantages, masked_whiten(returns, mask) * mask, atol=1e-10)
     tokens = advantages[mask.bool()]
     assert abs(float(tokens.mean())) < 1e-10 and abs(float(tokens.std()) - 1.0) < 1e-6
+
+
+def rollout_tensors(seed: int, groups: int = 3, k: int = 3, length: int = 6):
+    """float32 scores, KL, values and masks as the loop holds them."""
+    scores, group_ids, mask = random_rollout(seed, groups, k, length)
+    gen = torch.Generator().manual_seed(seed + 100)
+    kl = torch.randn(mask.shape, generator=gen).abs() * 0.1
+    values = torch.randn(mask.shape, generator=gen)
+    return scores.float(), group_ids, mask.float(), kl * mask.float(), values * mask.float()
+
+
+def test_estimate_advantages_gae_is_the_pre_estimator_pipeline_bit_for_bit():
+    """gae on one process: KL-shaped rewards (optionally whitened), GAE, whitened advantages, exactly as the
+    loop computed them before the estimator seam (masked_whiten, per process)."""
+    scores, group_ids, mask, kl, values = rollout_tensors(7)
+    for whiten_rewards in (False, True):
+        settings = EstimatorSettings("gae", gamma=0.9, lam=0.8, whiten_rewards=whiten_rewards)
+        got = estimate_advantages(
+            settings, scores=scores, kl=kl, mask=mask, beta=0.1, group_ids=group_ids, values=values,
+            reduce_sum=lambda t: t,
+        )  # fmt: skip
+        rewards, _ = kl_shaped_rewards(scores, kl, mask, 0.1)
+        if whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae_advantages(rewards, values, mask, 0.9, 0.8)
+        assert torch.equal(got.advantages, masked_whiten(advantages, mask) * mask)
+        assert torch.equal(got.returns, returns)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("kl_in_reward", [True, False])
+def test_estimate_advantages_sequence_estimators_take_the_kl_in_the_score_or_not(estimator, kl_in_reward):
+    """r_i − β·Σ_t KL_t goes through the group estimator (with --use_kl_loss: r_i alone); no returns."""
+    scores, group_ids, mask, kl, _ = rollout_tensors(8)
+    settings = EstimatorSettings(estimator, kl_in_reward=kl_in_reward)
+    got = estimate_advantages(
+        settings, scores=scores, kl=kl, mask=mask, beta=0.3, group_ids=group_ids, values=None,
+        reduce_sum=lambda t: t,
+    )  # fmt: skip
+    sequence_scores = [
+        float(scores[i]) - (0.3 * float(kl[i].sum()) if kl_in_reward else 0.0) for i in range(9)
+    ]
+    for i in range(9):
+        group = [sequence_scores[j] for j in members(group_ids, i)]
+        mean = statistics.fmean(group)
+        expected = {
+            "grpo": (sequence_scores[i] - mean) / (statistics.stdev(group) + 1e-6),
+            "dr_grpo": sequence_scores[i] - mean,
+            "rloo": sequence_scores[i] - (sum(group) - sequence_scores[i]) / (len(group) - 1),
+        }[estimator]
+        row = got.advantages[i][mask[i].bool()]
+        assert torch.allclose(row, torch.full_like(row, expected), atol=1e-5)
+    assert got.returns is None and (got.advantages[~mask.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_estimate_advantages_reinforce_pp_matches_a_loop(estimator):
+    """Token rewards −β·KL_t plus the (group-centred) score at the last token, reward-to-go with γ, then
+    whitened over every response token (here: of three simulated processes)."""
+    scores, group_ids, mask, kl, _ = rollout_tensors(9)
+    order = torch.argsort(group_ids, stable=True)  # each simulated process holds whole groups, as in the loop
+    scores, group_ids, mask, kl = scores[order], group_ids[order], mask[order], kl[order]
+    beta, gamma = 0.2, 0.9
+    centred = group_centred_scores(scores, group_ids) if estimator == "reinforce_pp_baseline" else scores
+    returns = torch.zeros_like(mask)
+    for i in range(9):
+        n = int(mask[i].sum())
+        rewards = [-beta * float(kl[i, t]) + (float(centred[i]) if t == n - 1 else 0.0) for t in range(n)]
+        for t in range(n):
+            returns[i, t] = sum(gamma ** (s - t) * rewards[s] for s in range(t, n))
+    expected = masked_whiten(returns.double(), mask.double()) * mask.double()
+    settings = EstimatorSettings(estimator, gamma=gamma)
+    reduce = ThreadAllReduce(3)
+    out: list[torch.Tensor | None] = [None] * 3
+
+    def run(rank: int) -> None:
+        rows = slice(3 * rank, 3 * rank + 3)
+        out[rank] = estimate_advantages(
+            settings, scores=scores[rows], kl=kl[rows], mask=mask[rows], beta=beta, group_ids=group_ids[rows],
+            values=None, reduce_sum=reduce.for_rank(rank),
+        ).advantages  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out).double(), expected, atol=1e-5)
+
+
+def test_kl_loss_is_the_masked_mean_of_k3_and_pulls_towards_the_reference():
+    gen = torch.Generator().manual_seed(10)
+    logprobs = (torch.randn(3, 5, generator=gen) - 2).requires_grad_(True)
+    ref = torch.randn(3, 5, generator=gen) - 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    diff = (ref - logprobs).detach()
+    terms = [
+        math.exp(float(diff[b, t])) - float(diff[b, t]) - 1
+        for b in range(3) for t in range(5) if mask[b, t]
+    ]  # fmt: skip
+    loss = kl_loss(logprobs, ref, mask)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5) and loss.item() > 0
+    loss.backward()
+    # d/dx [e^{r−x} − (r − x) − 1] = 1 − e^{r−x}: positive where the policy is above the reference
+    expected = (1 - torch.exp(ref - logprobs.detach())) * mask / mask.sum()
+    assert torch.allclose(logprobs.grad, expected, atol=1e-6)
+    assert float(kl_loss(ref, ref, mask)) == 0.0
+
+
+def test_rollout_buffer_keeps_what_it_holds_through_a_checkpoint():
+    """Optional per-token tensors (critic, --use_kl_loss) and the group ids survive tensors()/from_tensors();
+    a buffer from before groups existed gets one group per response."""
+    n, r = 4, 3
+    seqs = SequenceBatch(torch.arange(n * 5).reshape(n, 5), torch.ones(n, 5, dtype=torch.long), 2)
+    per_token = torch.randn(n, r)
+    buffer = RolloutBuffer(
+        seqs, per_token, per_token + 1, torch.stack([torch.randperm(n)]), 2, torch.tensor([5, 5, 6, 6]),
+        ref_logprobs=per_token - 1, cursor=1,
+    )  # fmt: skip
+    saved = buffer.tensors()
+    assert "old_values" not in saved and "returns" not in saved
+    back = RolloutBuffer.from_tensors(saved)
+    assert back.old_values is None and back.returns is None and back.cursor == 1
+    assert torch.equal(back.ref_logprobs, per_token - 1) and back.group_ids.tolist() == [5, 5, 6, 6]
+    _, mini = back.mini_batch(1)
+    assert set(mini) == {"old_logprobs", "advantages", "ref_logprobs"}
+    legacy = {k: v for k, v in saved.items() if k not in ("group_ids", "ref_logprobs")}
+    assert RolloutBuffer.from_tensors(legacy).group_ids.tolist() == [0, 1, 2, 3]

@@ -45,13 +45,20 @@ def gsm8k_reward(labels: dict[str, str]):
 
 
 def load_models(
-    tp: TPPPOArguments, lora: LoraSpec, rank: int, world_size: int, dev: torch.device
+    tp: TPPPOArguments,
+    lora: LoraSpec,
+    rank: int,
+    world_size: int,
+    dev: torch.device,
+    with_critic: bool = True,
 ) -> TPPolicyModels:
     """Actor (``--actor_ckpt_dir``), critic (``--critic_ckpt_dir``, scalar head) and reward on this rank.
 
     With LoRA (``lora.use_lora``) actor and critic get adapters (the critic's head trains too), the
     reference is the actor with adapters off, and a reward dir equal to the critic's is the critic with
     adapters off plus its initial head; full-parameter: a frozen reference copy and a separate reward model.
+    ``with_critic=False`` (a critic-free ``--advantage_estimator``) loads no critic; the reward is then
+    always its own frozen model.
     """
     dtype = resolve_tp_dtype(tp.dtype, dev)
 
@@ -59,17 +66,19 @@ def load_models(
         return load_tp_model(path, rank=rank, world_size=world_size, device=dev, dtype=dtype,
                              model_type=model_type, scalar_head=scalar_head)  # fmt: skip
 
-    actor, critic = load(tp.actor_ckpt_dir, False, tp.model_type), load(tp.critic_ckpt_dir, True)
+    actor = load(tp.actor_ckpt_dir, False, tp.model_type)
+    critic = load(tp.critic_ckpt_dir, True) if with_critic else None
     reference = None if lora.use_lora else load(tp.actor_ckpt_dir, False).requires_grad_(False).eval()
-    share = lora.use_lora and tp.reward_model_ckpt_dir is not None
+    share = with_critic and lora.use_lora and tp.reward_model_ckpt_dir is not None
     share = share and Path(tp.reward_model_ckpt_dir).resolve() == Path(tp.critic_ckpt_dir).resolve()
     reward = None
     if tp.reward_model_ckpt_dir and not share:
         reward = load(tp.reward_model_ckpt_dir, True).requires_grad_(False).eval()
     if lora.use_lora:
-        for model in (actor, critic):
+        for model in (actor, critic) if with_critic else (actor,):
             apply_lora(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
-        critic.v_head.weight.requires_grad_(True)
+        if with_critic:
+            critic.v_head.weight.requires_grad_(True)
     kwargs = dict(actor_source=tp.actor_ckpt_dir, critic_source=tp.critic_ckpt_dir, reference=reference)
     if share:
         return TPPolicyModels.sharing_critic_base(actor, critic, **kwargs)
@@ -97,8 +106,8 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     texts = [gsm8k_prompt(r["question"]) for r in rows]
     prompts = PromptSet([tokenizer(t)["input_ids"][-ppo.max_prompt_length :] for t in texts], texts)
     labels = {t: r["label"] for t, r in zip(texts, rows)}
-    models = load_models(tp, tp.lora_spec(), rank, world_size, device())
-    for model in (models.actor, models.critic):
+    models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
+    for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
         backend.prepare(model)  # records which parameters are split, for the gradient norm
     pretrain = None
     if tp.pretrain_dataset_dir:

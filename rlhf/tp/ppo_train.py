@@ -14,7 +14,10 @@ the TP parts: :class:`rlhf.tp.backend.TPBackend`, :class:`rlhf.tp.ppo_generator.
 :class:`rlhf.tp.ppo_models.TPPolicyModels`. Prompts are ``gsm8k_prompt(question)`` of the ``--train_file``
 rows. Reward: the verifier's score (``--reward_model_ckpt_dir``), ``--reward_fn gsm8k`` (1 when the final
 answer matches the label, else 0; or any ``file.py:fn`` / ``module:fn`` rule), or both summed. The critic
-starts from ``--critic_ckpt_dir`` (the verifier: its scalar head included). The PPO flags of
+starts from ``--critic_ckpt_dir`` (the verifier: its scalar head included); a critic-free
+``--advantage_estimator`` (``grpo``, ``rloo``, ...) loads and saves no critic and needs neither critic flag.
+Re-running a command resumes from the newest ``checkpoint-N`` of ``--output_dir`` (``--overwrite_output_dir``
+starts afresh), as ``run_ppo_with_peft.py`` does. The PPO flags of
 ``run_ppo_with_peft.py`` apply (``--kl_penalty_beta``, ``--ppo_epochs``, ``--top_k``, ``--report_to``, the
 pretraining mix ``--pretrain_dataset_dir``/``--pretrain_loss_weight``/``--pretrain_warmup_steps``, ...);
 ``--max_batch_size`` sets the generation and mini-batch size, ``--max_buffer_size`` the rollout size,
@@ -33,8 +36,9 @@ from rlhf.args import parse_args, split_comma_list
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size, validate_estimator
 from rlhf.ppo.loop import PPOSession, train
+from rlhf.ppo.resume import resume_checkpoint, start_afresh
 from rlhf.tp.ppo_factory import build_tp_session
 
 logger = logging.getLogger(__name__)
@@ -44,9 +48,14 @@ logger = logging.getLogger(__name__)
 class TPPPOArguments:
     actor_ckpt_dir: str = field(metadata={"help": "the policy to train (solver_train's --save_dir)"})
     actor_save_dir: str = field(metadata={"help": "where the trained actor's shards go"})
-    critic_ckpt_dir: str = field(metadata={"help": "the critic's start: the verifier (its scalar head too)"})
-    critic_save_dir: str = field(metadata={"help": "where the trained critic's shards go"})
     train_file: str = field(metadata={"help": "GSM8K rows whose questions are the prompts"})
+    critic_ckpt_dir: str | None = field(
+        default=None,
+        metadata={"help": "the critic's start: the verifier (its scalar head too); needed by gae only"},
+    )
+    critic_save_dir: str | None = field(
+        default=None, metadata={"help": "where the trained critic's shards go; needed by gae only"}
+    )
     reward_model_ckpt_dir: str | None = field(
         default=None, metadata={"help": "the verifier scoring rollouts"}
     )
@@ -58,7 +67,8 @@ class TPPPOArguments:
         default=None, metadata={"help": "prompts per generation batch and samples per PPO mini-batch"}
     )
     max_buffer_size: int | None = field(
-        default=None, metadata={"help": "samples per rollout (a multiple of --max_batch_size)"}
+        default=None,
+        metadata={"help": "samples per rollout (a multiple of --max_batch_size x --num_samples_per_prompt)"},
     )
     max_gen_len: int | None = field(
         default=None, metadata={"help": "new tokens per response (sets --max_response_length)"}
@@ -96,17 +106,30 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
     """Map the description's flags onto the PPO stage's; check what the TP engine cannot do."""
     if not tp.reward_model_ckpt_dir and not tp.reward_fn:
         raise ConfigError("pass --reward_model_ckpt_dir (a verifier), --reward_fn gsm8k, or both")
+    validate_estimator(ppo)
+    if ppo.needs_critic and not (tp.critic_ckpt_dir and tp.critic_save_dir):
+        raise ConfigError(
+            f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "
+            "--critic_save_dir"
+        )
+    k = ppo.num_samples_per_prompt
     if tp.max_batch_size is not None:
         args.per_device_train_batch_size = ppo.per_device_mini_train_batch_size = tp.max_batch_size
     if ppo.per_device_mini_train_batch_size <= 0:
-        ppo.per_device_mini_train_batch_size = args.per_device_train_batch_size
+        ppo.per_device_mini_train_batch_size = args.per_device_train_batch_size * k
     if tp.max_buffer_size is not None:
-        if tp.max_buffer_size % args.per_device_train_batch_size:
+        generation_batch = args.per_device_train_batch_size * k
+        if tp.max_buffer_size % generation_batch:
             raise ConfigError(
                 f"--max_buffer_size {tp.max_buffer_size} must be a multiple of --max_batch_size "
-                f"{args.per_device_train_batch_size}"
+                f"{args.per_device_train_batch_size} x --num_samples_per_prompt {k}"
             )
-        ppo.rollout_batches = tp.max_buffer_size // args.per_device_train_batch_size
+        ppo.rollout_batches = tp.max_buffer_size // generation_batch
+    if rollout_size(ppo, args) % ppo.per_device_mini_train_batch_size:
+        raise ConfigError(
+            f"--per_device_mini_train_batch_size {ppo.per_device_mini_train_batch_size} must divide the "
+            f"rollout size {rollout_size(ppo, args)}"
+        )
     if tp.max_gen_len is not None:
         ppo.max_response_length = tp.max_gen_len
     if ppo.pretrain_batch_size <= 0:
@@ -118,16 +141,27 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
 
 def run(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
     apply_description_flags(tp, ppo, args)
+    # the newest checkpoint in --output_dir unless --overwrite_output_dir, as run_ppo_with_peft.py does
+    resume = resume_checkpoint(args)
     session = build_tp_session(tp, ppo, args)
-    train(session, resume_from=args.resume_from_checkpoint)
+    if resume is None:
+        start_afresh(Path(args.output_dir), session.backend)
+    train(session, resume_from=resume)
     models, backend = session.models, session.backend
-    actor_dir, critic_dir = Path(tp.actor_save_dir), Path(tp.critic_save_dir)
-    backend.run_export(lambda: (models.save_actor(actor_dir), models.save_critic(critic_dir)))
+    actor_dir = Path(tp.actor_save_dir)
+    critic_dir = Path(tp.critic_save_dir) if models.has_critic else None
+
+    def export() -> None:
+        models.save_actor(actor_dir)
+        if critic_dir is not None:
+            models.save_critic(critic_dir)
+
+    backend.run_export(export)
     metrics = Path(args.output_dir) / "metrics.jsonl"
     if backend.is_main and metrics.is_file():
         (actor_dir / "training").mkdir(exist_ok=True)
         shutil.copy2(metrics, actor_dir / "training" / "metrics.jsonl")
-        logger.info("actor saved to %s, critic to %s", actor_dir, critic_dir)
+        logger.info("actor saved to %s, critic to %s", actor_dir, critic_dir or "- (no critic)")
     backend.end()  # trackers finish; every rank waits for the others
     return session
 
