@@ -14,7 +14,7 @@ import pytest
 import torch
 from launch import script_env, torchrun
 from safetensors.torch import load_file
-from test_ppo_run import sft_tiny_model
+from test_ppo_run import one_thread, sft_tiny_model  # noqa: F401 (one_thread: autouse fixture)
 
 import run_ppo_with_peft
 from rlhf.models.lora import LoraSpec
@@ -29,17 +29,9 @@ GSM8K_ROWS = [
     for a, b in [(2, 2), (3, 5), (1, 6), (4, 4)]
 ]
 VALUE_KEYS = {"loss/value", "value/clipfrac", "value/explained_variance", "lr/critic", "grad_norm/critic"}
-# the keys of a gae row (tests/ppo_gae_reference.json) plus the timings
+# the keys of a gae row (tests/ppo_gae_reference.json) plus the timings. Every test runs on one thread
+# (test_ppo_run's autouse one_thread): the reference rows were recorded so, and a matmul's sums depend on it.
 GAE_KEYS = set(REFERENCE["peft"][0]) | {"time/rollout_s", "time/train_s", "samples_per_s"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The reference rows were recorded on one thread (a matmul's sum order depends on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
