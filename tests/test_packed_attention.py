@@ -279,3 +279,21 @@ def test_varlen_wrapper_handles_each_torch_api(monkeypatch, api, window):
             packed_attention_forward(
                 None, query, key, value, None, backend="varlen", **{**kwargs, "sliding_window": 3}
             )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention-kernel backends need a GPU")
+@pytest.mark.parametrize(
+    "backend", [b for b in ("varlen", "flash_attn", "flex") if backend_available(b, "cuda")]
+)
+def test_packed_bf16_training_step_matches_padded_on_gpu(tiny_llama, backend):
+    """bf16 weights on the GPU kernels: loss within bf16 noise and gradients pointing the same way."""
+    examples = _examples([300, 41, 480])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to("cuda")
+    model.config.use_cache = False
+    padded_loss, padded_grads = _loss_and_grads(model, PaddedCollator(pad_token_id=0)(examples))
+    name = use_packed_attention(model, backend)
+    packed_loss, packed_grads = _loss_and_grads(model, packed_collator(name)(examples))
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=2e-2)
+    for param, grad in padded_grads.items():
+        cosine = F.cosine_similarity(packed_grads[param].float().flatten(), grad.float().flatten(), dim=0)
+        assert cosine > 0.98, param
