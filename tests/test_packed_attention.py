@@ -297,3 +297,14 @@ def test_packed_bf16_training_step_matches_padded_on_gpu(tiny_llama, backend):
     for param, grad in padded_grads.items():
         cosine = F.cosine_similarity(packed_grads[param].float().flatten(), grad.float().flatten(), dim=0)
         assert cosine > 0.98, param
+
+
+def test_what_packed_attention_refuses(tiny_llama):
+    """Attention dropout is refused up front; a KV-cache (generation) forward is refused, not silently wrong."""
+    model = _model(tiny_llama, attention_dropout=0.1)
+    with pytest.raises(ConfigError, match="attention_dropout 0.1"):
+        use_packed_attention(model, "sdpa")
+    model = _model(tiny_llama)
+    use_packed_attention(model, "sdpa")
+    with pytest.raises(ConfigError, match="training forwards"):
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)

@@ -255,6 +255,10 @@ def choose_backend(requested: str, device_type: str) -> str:
 def _dense_attention(query, key, value, attention_mask, dropout, scaling, window):
     """Ordinary SDPA for batches that are not packed. query (B, Hq, T, D), key/value (B, Hkv, T, D)."""
     length = query.shape[2]
+    if key.shape[2] != length:
+        raise ConfigError(
+            "packed attention is for training forwards; generate with the model's default attention"
+        )
     key_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep, 1), _repeat_kv(value, n_rep, 1)
@@ -347,10 +351,13 @@ def use_packed_attention(model: torch.nn.Module, requested: str = "auto") -> str
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     backend = choose_backend(requested, device_type)
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dropout = getattr(target.config, "attention_dropout", 0.0)
+    if dropout:
+        raise ConfigError(f"--packing: attention_dropout {dropout} is not implemented by packed attention")
     name = PREFIX + backend
     AttentionInterface.register(name, functools.partial(packed_attention_forward, backend=backend))
     AttentionMaskInterface.register(name, padding_mask_only)
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
     target.set_attn_implementation(name)
     logger.info("packed attention: %s (--packed_attention %s, %s)", backend, requested, device_type)
     return name
