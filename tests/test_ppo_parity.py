@@ -77,7 +77,7 @@ def build_bundles(model_dir, spec: LoraSpec):
     )
     generator = torch.Generator().manual_seed(7)
     for model in (actor, critic):
-        apply_lora(model, r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=spec.targets)
+        apply_lora(model, spec)
         with torch.no_grad():
             for layer in lora_layers(model).values():
                 layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)

@@ -76,7 +76,7 @@ def load_models(
         reward = load(tp.reward_model_ckpt_dir, True).requires_grad_(False).eval()
     if lora.use_lora:
         for model in (actor, critic) if with_critic else (actor,):
-            apply_lora(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+            apply_lora(model, lora)
         if with_critic:
             critic.v_head.weight.requires_grad_(True)
     kwargs = dict(actor_source=tp.actor_ckpt_dir, critic_source=tp.critic_ckpt_dir, reference=reference)
