@@ -1,12 +1,18 @@
-"""PPO benchmark: our run_ppo_with_peft.py against TRL on the same model, prompts, reward and shapes.
+"""PPO benchmark: ours (run_ppo_with_peft.py, with a critic and critic-free GRPO) against TRL on the same
+model, prompts, reward and shapes; and the peak memory of a PPO step before and after chunked log-probs.
 
-TRL 1.16 has no PPOTrainer, so the peer is its GRPOTrainer (LoRA, reference = adapters disabled, β > 0 so
-it also computes reference log-probs). Both generate the same number of samples per optimizer step with
-exactly ``RESPONSE`` new tokens each (min = max new tokens) and score them with the toy task's rule reward.
-GRPO has no critic, so per sample it does less work than PPO (no value forward/backward).
+    python bench/ppo.py                      # CPU: the small suite + the memory comparison -> bench/RESULTS.md
+    python bench/ppo.py --gpu-suite          # GPU: TinyLlama-1.1B and Llama-2-7B shapes, at most ~8 minutes
+    python bench/ppo.py --gpu-suite --cpu-small [--results FILE]   # the GPU suite's code path, tiny, on CPU
 
-Each implementation runs in its own process (``--worker NAME``) so its peak memory (max RSS on CPU, CUDA
-max allocated on GPU) is its own. Writes the ``ppo`` section of bench/RESULTS.md.
+Rows, each in its own process (``--worker NAME``) so its peak memory (CUDA max allocated on GPU, max RSS on
+CPU) is its own: ours PPO with a critic (``gae``, K = 1), ours critic-free (``grpo``, K = 8), TRL 1.16
+GRPOTrainer (K = 8), TRL 0.25.1 PPOTrainer, and on GPU ours once more on a Llama-2-7B shape (actor, critic
+and reward LoRA adapters on one base). Settings: ``bench/ppo_workers.py``.
+
+A GPU machine without network: ``bash ../shared/gpu/wheels.sh`` gathers trl 1.16 with the other wheels;
+TRL 0.25.1 needs its wheel in a folder of its own, ``pip download --no-deps trl==0.25.1 -d
+.whl/trl-0.25.1`` (here, with network), which this script puts first on that worker's PYTHONPATH only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,11 +35,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
-PROMPTS_PER_STEP, SAMPLES_PER_PROMPT = (8, 8) if torch.cuda.is_available() else (4, 4)
-SAMPLES = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT
-RESPONSE = 256 if torch.cuda.is_available() else 64
-STEPS = 6  # the first one is warm-up and not counted
+from ppo_workers import (  # noqa: E402
+    MEMORY_SUITE,
+    MEMORY_VARIANTS,
+    Shape,
+    Suite,
+    build,
+    memory_run,
+    ours,
+    trl_grpo,
+    trl_ppo,
+)
+from results_file import markdown_table, update_section  # noqa: E402
+
+TINYLLAMA = Shape("TinyLlama-1.1B shape", 2048, 5632, 22, 32, 4, 32000)
+LLAMA2_7B = Shape("Llama-2-7B shape", 4096, 11008, 32, 32, 32, 32000)
+SUITES = {
+    "gpu": Suite(
+        "gpu", TINYLLAMA, LLAMA2_7B, samples=64, group=8, mini_batch=32, prompt_len=128, response_len=256,
+        large_batch=32, steps=3, trl_ppo_micro_batch=8, dtype="bfloat16",
+    ),
+    "cpu": Suite(
+        "cpu", Shape("small llama", 256, 704, 4, 8, 4, 512), None, samples=16, group=8, mini_batch=8,
+        prompt_len=32, response_len=64, large_batch=0, steps=4, trl_ppo_micro_batch=8, dtype="float32",
+    ),
+    "cpu-small": Suite(
+        "cpu-small", Shape("tiny llama", 64, 176, 2, 4, 2, 512), Shape("tiny stand-in for 7B", 96, 256, 3, 4, 4, 512),
+        samples=16, group=8, mini_batch=8, prompt_len=8, response_len=8, large_batch=4, steps=2,
+        trl_ppo_micro_batch=4, dtype="float32",
+    ),
+}  # fmt: skip
+GPU_BUDGET_S = 470  # the whole --gpu-suite, building the models included
+# row -> (label, what runs it); in the order they run: the targets' rows first, TRL PPO (slowest) last
+ROWS = {
+    "ours-gae": "ours, PPO with critic (gae, K=1)",
+    "ours-grpo": "ours, critic-free (grpo, K=8)",
+    "trl-grpo": "TRL 1.16 GRPOTrainer (K=8)",
+    "ours-large": "ours on the large shape, PPO (gae): actor + critic + reward adapters",
+    "trl-ppo": "TRL 0.25.1 PPOTrainer",
+}
+TARGETS = {  # GPU targets of the issue: (samples/s at least, peak GB at most)
+    "ours-gae": (50.0, 30.0),
+    "ours-grpo": (60.0, None),
+    "ours-large": (None, 40.0),
+}
 
 
 def peak_memory_mb() -> float:
@@ -41,251 +87,229 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_model(out: Path) -> Path:
-    """CPU: a small llama (hidden 256, 4 layers, ~3 M parameters) with the repository tokenizer."""
-    from rlhf.tiny_models import build_tiny_model
-
-    return build_tiny_model("llama", out, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)
-
-
-def worker_ours(workdir: Path) -> dict:
-    import run_ppo_with_peft
-
-    out = workdir / "ours"
-    # fmt: off
-    run_ppo_with_peft.main([
-        "--sft_model_path", str(workdir / "model"), "--reward_fn", "rlhf.toy_task:positivity_reward",
-        "--dataset_dir", str(ROOT / "sft_data"), "--output_dir", str(out), "--critic_init", "sft",
-        "--per_device_train_batch_size", str(SAMPLES), "--per_device_mini_train_batch_size", str(SAMPLES // 2),
-        "--gradient_accumulation_steps", "2", "--ppo_epochs", "1",
-        "--max_response_length", str(RESPONSE), "--min_response_length", str(RESPONSE),
-        "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", "100000",
-        "--actor_lora_rank", "8", "--critic_lora_rank", "8", "--kl_penalty_beta", "0.02",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
-    ])
-    # fmt: on
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    rollout = sum(m["time/rollout_s"] for m in lines) / len(lines)
-    train = sum(m["time/train_s"] for m in lines) / len(lines)
-    step = SAMPLES / (sum(m["samples_per_s"] for m in lines) / len(lines))  # end to end, logging included
-    return {"rollout_s": rollout, "train_s": train, "step_s": step}
+def run_in_worker(name: str, suite: Suite, workdir: Path) -> dict:
+    """What ``--worker name`` does in its process."""
+    if name == "build":
+        build(suite, workdir)
+        return {}
+    if name == "build-large":
+        build(suite, workdir, large=True)
+        return {}
+    if name.startswith("memory:"):
+        return memory_run(workdir, name.split(":", 1)[1])
+    runs = {
+        "ours-gae": lambda: ours(suite, workdir, "gae"),
+        "ours-grpo": lambda: ours(suite, workdir, "grpo"),
+        "ours-large": lambda: ours(suite, workdir, "gae", large=True),
+        "trl-grpo": lambda: trl_grpo(suite, workdir),
+        "trl-ppo": lambda: trl_ppo(suite, workdir),
+    }
+    return runs[name]()
 
 
-def worker_trl_grpo(workdir: Path) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rlhf.data import load_dataset_dir, render_prompt
-    from rlhf.toy_task import positivity_reward
-
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model", padding_side="left")
-    rows = load_dataset_dir(str(ROOT / "sft_data"), "prompt")
-    dataset = Dataset.from_list([{"prompt": render_prompt(r, tokenizer)} for r in rows])
-
-    def reward(prompts, completions, **_):
-        return positivity_reward(prompts, completions)
-
-    config = GRPOConfig(
-        output_dir=str(workdir / "trl"), per_device_train_batch_size=SAMPLES, num_generations=SAMPLES_PER_PROMPT,
-        gradient_accumulation_steps=1, max_completion_length=RESPONSE, learning_rate=1e-4, beta=0.02,
-        max_steps=STEPS, logging_steps=1, save_strategy="no", report_to="none", seed=0,
-        generation_kwargs={"min_new_tokens": RESPONSE}, bf16=torch.cuda.is_available(),
-        disable_tqdm=True,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora,
-    )  # fmt: skip
-    times: dict[str, list[float]] = {"rollout": [], "step": []}
-    original = trainer._generate_and_score_completions
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        times["rollout"].append(time.perf_counter() - start)
-        return result
-
-    trainer._generate_and_score_completions = timed
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times["step"].append(time.perf_counter() - self.start)
-
-    trainer.add_callback(StepTimer())
-    trainer.train()
-    step = sum(times["step"][1:]) / len(times["step"][1:])
-    rollout = sum(times["rollout"][1:]) / len(times["rollout"][1:])
-    return {"rollout_s": rollout, "train_s": step - rollout, "step_s": step}
-
-
-def worker_trl_ppo(workdir: Path) -> dict:
-    """TRL 0.25.1's PPOTrainer (four models: policy with LoRA, reference = adapter off, a reward model and
-    a fully trained value model, both sequence classifiers of the same base)."""
-    import trl
-    import trl.trainer.ppo_trainer as ppo_module
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
-    from trl import PPOConfig, PPOTrainer
-
-    from rlhf.data import load_dataset_dir, tokenize_prompt
-
-    assert trl.__version__ == "0.25.1", trl.__version__
-    model_dir = workdir / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    rows = load_dataset_dir(str(ROOT / "sft_data"), "prompt")
-    dataset = Dataset.from_list([{"input_ids": tokenize_prompt(r, tokenizer)} for r in rows])
-    config = PPOConfig(
-        output_dir=str(workdir / "trl-ppo"), per_device_train_batch_size=SAMPLES // 2,
-        gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE,
-        total_episodes=SAMPLES * STEPS, learning_rate=1e-4, kl_coef=0.02, save_strategy="no",
-        report_to="none", seed=0, logging_steps=1, num_sample_generations=0, bf16=torch.cuda.is_available(),
-        local_rollout_forward_batch_size=SAMPLES, disable_tqdm=True,
-    )  # fmt: skip
-    scorer = lambda: AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # noqa: E731
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = PPOTrainer(
-        args=config, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(model_dir),
-        ref_model=None, reward_model=scorer(), value_model=scorer(), train_dataset=dataset, peft_config=lora,
-    )  # fmt: skip
-    times: dict[str, list[float]] = {"rollout": [], "step": []}
-    original = ppo_module.batch_generation
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        times["rollout"].append(time.perf_counter() - start)
-        return result
-
-    ppo_module.batch_generation = timed
-
-    class StepTimer(TrainerCallback):
-        last = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            now = time.perf_counter()
-            times["step"].append(now - self.last)
-            StepTimer.last = now
-
-    trainer.add_callback(StepTimer())
-    trainer.train()
-    step = sum(times["step"][1:]) / len(times["step"][1:])
-    rollout = sum(times["rollout"][1:]) / len(times["rollout"][1:])
-    return {"rollout_s": rollout, "train_s": step - rollout, "step_s": step}
-
-
-WORKERS = {
-    "ours (run_ppo_with_peft.py, PPO)": worker_ours,
-    "TRL 1.16 GRPOTrainer": worker_trl_grpo,
-    "TRL 0.25.1 PPOTrainer": worker_trl_ppo,
-}
-
-
-def fetch_trl_025(workdir: Path) -> Path | None:
-    """trl 0.25.1 unpacked into its own folder (``pip download --no-deps``), put first on PYTHONPATH for
-    its worker only; the rest of the stack is this venv's. None when it cannot be fetched."""
-    target = workdir / "trl-0.25.1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target), "trl==0.25.1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    wheels = list(target.glob("trl-0.25.1-*.whl"))
-    if proc.returncode != 0 or not wheels:
+def trl_025_site(workdir: Path) -> Path | None:
+    """trl 0.25.1 unpacked into its own folder, from ``.whl/trl-0.25.1/`` or else ``pip download`` (None when
+    neither has it); put first on PYTHONPATH for its worker only, the rest of the stack is this one's."""
+    wheels = sorted((ROOT / ".whl" / "trl-0.25.1").glob("trl-0.25.1-*.whl"))
+    if not wheels:
+        target = workdir / "trl-0.25.1"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "0", "--timeout", "10",
+             "-d", str(target), "trl==0.25.1"], capture_output=True, text=True,
+        )  # fmt: skip
+        wheels = sorted(target.glob("trl-0.25.1-*.whl"))
+    if not wheels:
         return None
-    import zipfile
+    site = workdir / "trl-0.25.1-site"
+    zipfile.ZipFile(wheels[0]).extractall(site)
+    return site
 
-    zipfile.ZipFile(wheels[0]).extractall(target / "site")
-    return target / "site"
 
-
-def run_worker(name: str, workdir: Path, pythonpath: Path | None = None) -> dict:
+def run_worker(
+    name: str, suite: Suite, workdir: Path, timeout: float, first_path: Path | None = None
+) -> dict:
+    """Run one row in a fresh process; its last stdout line is JSON (or the error's last line)."""
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3000)
+    if first_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(first_path), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, __file__, "--worker", name, "--suite", suite.name, "--workdir", str(workdir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s (time budget)"}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_suite(suite: Suite, workdir: Path, budget_s: float, rows: list[str]) -> dict[str, dict]:
+    """The ``rows`` of ``suite``, each in its own process, within ``budget_s`` seconds (later rows are
+    skipped or stopped when the budget runs out)."""
+    deadline = time.monotonic() + budget_s
+    left = lambda: deadline - time.monotonic()  # noqa: E731
+    error = run_worker("build", suite, workdir, left()).get("error")
+    if error:
+        return {name: {"error": f"model build failed: {error}"} for name in rows}
+    trl_site = trl_025_site(workdir) if "trl-ppo" in rows else None
+    results = {}
+    for name in rows:
+        if name == "ours-large":
+            if suite.large is None:
+                continue
+            error = run_worker("build-large", suite, workdir, left()).get("error")
+            if error:
+                results[name] = {"error": f"model build failed: {error}"}
+                continue
+        if name == "trl-ppo" and trl_site is None:
+            results[name] = {"error": "no trl 0.25.1 wheel (.whl/trl-0.25.1/) and no download"}
+            continue
+        if left() < 20:
+            results[name] = {"error": "skipped: time budget spent"}
+            continue
+        results[name] = run_worker(name, suite, workdir, left(), trl_site if name == "trl-ppo" else None)
+    return results
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.environ.get('BENCH_THREADS', '1')} thread)"
+    )
+
+
+def shape_text(shape: Shape) -> str:
+    return (
+        f"{shape.label} (hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads / {shape.kv_heads} kv, "
+        f"vocab {shape.vocab}, random init)"
+    )
+
+
+def suite_table(suite: Suite, results: dict[str, dict]) -> str:
+    """The rows as a markdown table, with the ratio to TRL's GRPOTrainer and, on GPU, the issue's targets."""
+    trl = results.get("trl-grpo", {}).get("samples_per_s")
+    header = ["implementation", "samples/step", "samples/s", "s/step", "rollout s/step", "train s/step",
+              "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
+    if suite.name == "gpu":
+        header.append("target (samples/s, peak GB)")
+    rows = []
+    for name, r in results.items():
+        label = ROWS[name]
+        if "error" in r:
+            rows.append(
+                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", ""] + [""] * (suite.name == "gpu")
+            )
+            continue
+        ratio = f"{r['samples_per_s'] / trl:.2f}" if trl else "-"
+        row = [label, r["samples"], f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
+               f"{r['train_s']:.2f}", f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
+        if suite.name == "gpu":
+            rate, peak = TARGETS.get(name, (None, None))
+            met = [f"≥ {rate:g}: {'met' if r['samples_per_s'] >= rate else 'missed'}"] if rate else []
+            met += [f"≤ {peak:g} GB: {'met' if r['peak_mb'] / 1024 <= peak else 'missed'}"] if peak else []
+            row.append("; ".join(met) or "-")
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def suite_markdown(suite: Suite, results: dict[str, dict]) -> str:
+    large = f" The large row: {shape_text(suite.large)}, {suite.large_batch} samples." if suite.large else ""
+    return "\n".join([
+        f"## PPO, {'GPU' if suite.name == 'gpu' else 'CPU'} (`bench/ppo.py{' --gpu-suite' if suite.name != 'cpu' else ''}`)",
+        "",
+        f"Device: {device_name()}. Model: {shape_text(suite.model)}, {suite.dtype}, LoRA r=8 on all linear layers."
+        f"{large} Per optimizer step: {suite.samples} responses of exactly {suite.response_len} tokens to prompts of "
+        f"≤ {suite.prompt_len} tokens (gae: {suite.samples} prompts x 1; grpo and TRL GRPOTrainer: "
+        f"{suite.samples // suite.group} prompts x K={suite.group}), the toy rule reward, β = 0.02, mini-batch "
+        f"{suite.mini_batch}, 1 epoch, one optimizer step per rollout; mean of {suite.steps - 1} step(s) after "
+        "one warm-up step. Ours: run_ppo_with_peft.py with --gradient_checkpointing (TRL's GRPOTrainer "
+        "checkpoints by default), LoRA dropout 0.05; the critic-free row builds no critic. TRL 0.25.1 "
+        f"PPOTrainer (micro-batch {suite.trl_ppo_micro_batch}) uses four models (LoRA policy, reference = "
+        "adapter off, separate reward and fully trained value models) and scores with that reward model, not "
+        "the rule; its rollout column is generation only. Peak: CUDA max allocated on GPU, the worker's max "
+        "RSS on CPU." + (" Timings on a shared 2-core machine are noisy." if suite.name != "gpu" else ""),
+        "",
+        suite_table(suite, results),
+    ])  # fmt: skip
+
+
+def memory_markdown(results: dict[str, dict]) -> str:
+    suite = MEMORY_SUITE
+    logits_mb = suite.mini_batch * (suite.response_len + 1) * suite.model.vocab * 4 / 2**20
+    base = results.get("full logits (before)", {}).get("peak_mb")
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, f"failed: {r['error'][:100]}", "", ""])
+            continue
+        saved = f"{base - r['peak_mb']:.0f}" if base and name != "full logits (before)" else "-"
+        rows.append([name, f"{r['peak_mb']:.0f}", saved, f"{r['step_s']:.1f}"])
+    return "\n".join([
+        "## PPO step memory, CPU (`bench/ppo.py`)",
+        "",
+        f"Device: {device_name()}. Peak RSS of a process that runs one PPO optimizer step of "
+        f"run_ppo_with_peft.py (gae, LoRA r=8 actor and critic, {suite.samples} samples x {suite.response_len} "
+        f"tokens, mini-batch {suite.mini_batch}, the pretraining loss on {suite.mini_batch} blocks of 128 tokens) "
+        f"on a {shape_text(suite.model)} in float32, where one float32 [mini-batch, response, vocab] logits "
+        f"tensor is {logits_mb:.0f} MB. Before: log-probs, entropy and the pretraining loss from the model's "
+        "full-vocabulary logits (the bundle forced onto that path); after: the LM head on chunks of positions "
+        "(rlhf/ppo/token_logprobs.py) and the chunked linear cross-entropy. Each row in its own process; the "
+        "peak includes the model, the rollout and the Python runtime.",
+        "",
+        markdown_table(["variant", "peak RSS MB", "MB saved vs before", "s (one step, incl. warm-up)"], rows),
+    ])  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=list(WORKERS))
+    parser.add_argument("--worker")
+    parser.add_argument("--suite", choices=list(SUITES) + [MEMORY_SUITE.name])
     parser.add_argument("--workdir")
+    parser.add_argument(
+        "--gpu-suite", action="store_true", help="the GPU suite (needs a GPU unless --cpu-small)"
+    )
+    parser.add_argument("--cpu-small", action="store_true", help="with --gpu-suite: tiny shapes on CPU")
+    parser.add_argument("--results", help="write the sections here instead of bench/RESULTS.md")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma list of rows to run: {', '.join(ROWS)}"
+    )
     args = parser.parse_args()
     if args.worker:
         if not torch.cuda.is_available():
             torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-        result = WORKERS[args.worker](Path(args.workdir))
-        result["samples_per_s"] = SAMPLES / result["step_s"]
-        result["peak_mb"] = peak_memory_mb()
+        suite = SUITES.get(args.suite, MEMORY_SUITE)
+        result = run_in_worker(args.worker, suite, Path(args.workdir))
+        if "step_s" in result:
+            result["samples_per_s"] = result["samples"] / result["step_s"]
+            result["peak_mb"] = peak_memory_mb()
         print(json.dumps(result))
         return
 
-    from results_file import markdown_table, update_section
-
+    results_path = Path(args.results) if args.results else None
+    if args.gpu_suite and args.cpu_small:
+        suite, sections = SUITES["cpu-small"], ["ppo-gpu-cpu-small"]
+    elif args.gpu_suite or torch.cuda.is_available():
+        if not torch.cuda.is_available():
+            sys.exit("--gpu-suite needs a GPU (or --cpu-small for the tiny CPU run of the same code)")
+        suite, sections = SUITES["gpu"], ["ppo-gpu"]
+    else:
+        suite, sections = SUITES["cpu"], ["ppo", "ppo-memory-cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        build_model(workdir / "model")
-        trl_025 = fetch_trl_025(workdir)
-        results = {}
-        for name in WORKERS:
-            if name.startswith("TRL 0.25.1") and trl_025 is None:
-                results[name] = {"error": "trl==0.25.1 could not be downloaded"}
-                continue
-            results[name] = run_worker(name, workdir, trl_025 if name.startswith("TRL 0.25.1") else None)
-    ours = results["ours (run_ppo_with_peft.py, PPO)"]
-    rows = []
-    for name, r in results.items():
-        if "error" in r:
-            rows.append([name, "failed: " + r["error"][:80], "", "", "", "", ""])
-            continue
-        ratio = ours.get("samples_per_s", 0) / r["samples_per_s"] if "samples_per_s" in ours else float("nan")
-        rows.append([
-            name, f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}", f"{r['train_s']:.2f}",
-            f"{r['peak_mb']:.0f}", f"{ratio:.2f}",
-        ])  # fmt: skip
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.environ.get('BENCH_THREADS', '1')} thread)"
-    )
-    markdown = "\n".join([
-        "## PPO (`bench/ppo.py`)",
-        "",
-        f"Device: {device}. Model: llama hidden 256, 4 layers (random init, vocab 512), LoRA r=8 on all linear "
-        f"layers. Per optimizer step: {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples = {SAMPLES} "
-        f"responses of exactly {RESPONSE} tokens, toy rule reward, β = 0.02, mean of {STEPS - 1} steps after one "
-        "warm-up step. Ours: PPO with critic (actor, critic, reference on one base), 2 mini-batches of "
-        f"{SAMPLES // 2}, 1 PPO epoch. TRL 1.16 has no PPOTrainer; GRPOTrainer has no critic, so it does less "
-        "work per sample. TRL 0.25.1 PPOTrainer (trl 0.25.1 on this venv's transformers/peft/accelerate) "
-        "uses four models (LoRA policy, reference = adapter off, separate reward and fully trained value "
-        "models) and scores with that reward model, not the rule; its rollout column is generation only (ours also holds scoring, the old and reference log-probs and the "
-        "values; like TRL we take the old log-probs from the generation logits). Ours keeps LoRA dropout 0.05 on "
-        "during updates; TRL's PPOTrainer disables dropout. "
-        "Peak memory is the worker's max RSS on CPU. Timings on a shared 2-core machine are noisy. "
-        "No GPU figures: this session had no GPU.",
-        "",
-        markdown_table(
-            ["implementation", "samples/s", "s/step", "rollout s/step", "train s/step", "peak MB", "ours / this (samples/s)"],
-            rows,
-        ),
-    ])  # fmt: skip
-    update_section("ppo", markdown)
-    print(markdown)
+        rows = [name for name in ROWS if name in args.rows.split(",")]
+        results = run_suite(suite, workdir, GPU_BUDGET_S if suite.name == "gpu" else 3600, rows)
+        markdown = {sections[0]: suite_markdown(suite, results)}
+        if "ppo-memory-cpu" in sections:
+            build(MEMORY_SUITE, workdir / "memory")
+            memory = {
+                v: run_worker(f"memory:{v}", MEMORY_SUITE, workdir / "memory", 1800) for v in MEMORY_VARIANTS
+            }
+            markdown["ppo-memory-cpu"] = memory_markdown(memory)
+    for name, text in markdown.items():
+        if suite.name != "cpu-small" or results_path is not None:
+            update_section(name, text, *([results_path] if results_path else []))
+        print(text)
 
 
 if __name__ == "__main__":

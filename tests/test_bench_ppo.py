@@ -1,0 +1,55 @@
+"""bench/ppo.py's GPU suite runs end to end in its tiny CPU mode (``--gpu-suite --cpu-small``): the model
+build, the prompts, a reward adapter written on the meta device, and ours with a critic, critic-free (K=8)
+and on the larger shape with actor, critic and reward adapters, each in its own process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launch import script_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_reward_adapter_written_on_meta_loads_as_the_shared_reward(tiny_llama, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from ppo_workers import write_reward_adapter
+
+    from rlhf.ppo.peft_factory import reward_adapter_shares_base
+    from rlhf.ppo.peft_models import read_reward_adapter
+
+    out = write_reward_adapter(tiny_llama, tmp_path / "rm")
+    adapter = read_reward_adapter(str(out))
+    assert adapter.score_weight.shape == (1, 64) and adapter.score_weight.abs().sum() > 0
+    assert len(adapter.lora_state) == 2 * 7 * 2  # A and B of 7 projections in each of 2 layers
+    assert reward_adapter_shares_base(str(out), str(tiny_llama))
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    rows = "ours-gae,ours-grpo,ours-large"
+    command = [sys.executable, str(REPO / "bench" / "ppo.py"), "--gpu-suite", "--cpu-small", "--rows", rows,
+               "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(
+        command, env=script_env(BENCH_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert "<!-- ppo-gpu-cpu-small:start -->" in text
+    table = [line for line in text.splitlines() if line.startswith("| ours")]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| ours, PPO with critic (gae, K=1)",
+        "| ours, critic-free (grpo, K=8)",
+        "| ours on the large shape, PPO (gae): actor + critic + reward adapters",
+    ]
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        samples, per_s, step, rollout, train, peak = (float(c) for c in cells[1:7])
+        assert samples in (16, 4) and per_s > 0 and peak > 0
+        assert step == pytest.approx(
+            samples / per_s, rel=0.02, abs=0.006
+        )  # 2 decimals and rollout > 0 and train > 0
