@@ -62,8 +62,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def hf_generate() -> list[str]:
-    """The PEFT reference rows were sampled by Hugging Face generate: pin it where the flag exists."""
-    return ["--generation_engine", "hf"] if "generation_engine" in PPOArguments.__dataclass_fields__ else []
+    """The PEFT reference rows were sampled by Hugging Face generate, whose default top-k of 50 applied then
+    (``--top_k 0`` reached it as ``None``): pin both (the engine flag where it exists). On the recording
+    code ``--top_k 50`` gives the recorded rows bit for bit."""
+    engine = ["--generation_engine", "hf"] if "generation_engine" in PPOArguments.__dataclass_fields__ else []
+    return ["--top_k", "50", *engine]
 
 
 def assert_rows_match(rows: list[dict], reference: list[dict]) -> None:
