@@ -403,3 +403,77 @@ def test_flags_leave_the_run_unchanged_and_the_peak_is_logged(tiny_llama, tmp_pa
         for key, value in plain.items():
             if not key.startswith(("time/", "samples_per_s")):
                 assert lean[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_forward_chunks_give_the_same_rollout(tiny_llama, tmp_path):
+    """The rollout's reward-adapter, reference and critic forwards on 1 or 3 rows at a time (3 does not divide
+    the 4 samples) give the default's (4 rows) scores, values, advantages and returns."""
+    from rlhf.backend.accelerate import AccelerateBackend
+    from rlhf.generation import HFGenerator
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+    from rlhf.ppo.data import PromptSet
+    from rlhf.ppo.loop import TrainState, collect_rollout
+    from rlhf.ppo.metrics import MetricsAccumulator
+    from rlhf.ppo.peft_models import read_reward_adapter
+    from rlhf.ppo.rewards import AdapterScorer
+    from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
+
+    spec = LoraSpec(4, 8.0, 0.0, TARGETS)
+    rm = read_reward_adapter(str(build_rm_adapter(tiny_llama, tmp_path / "rm")))
+    models = build_peft_policy_models(
+        str(tiny_llama), actor=spec, critic=spec, reward_adapter=rm, critic_init="reward"
+    )
+    tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
+    texts = ["Tell me how you feel about cats.", "Hi", "What do you think of bread?", "Books?"]
+    prompts = PromptSet([tokenizer(t)["input_ids"] for t in texts], texts)
+    rollouts = {}
+    for rows in (-1, 1, 3):
+        ppo = PPOArguments(
+            max_response_length=6, per_device_mini_train_batch_size=4, per_device_forward_batch_size=rows
+        )
+        args = PPOTrainingArguments(
+            output_dir=str(tmp_path / f"out{rows}"), per_device_train_batch_size=4, seed=0
+        )
+        generator = HFGenerator(models.generation_model, sampling_config(ppo, tokenizer))
+        parts = SessionParts(backend=AccelerateBackend(), models=models, scorer=AdapterScorer(models),
+                             tokenizer=tokenizer, prompts=prompts, generator=generator)  # fmt: skip
+        session = assemble_session(parts, ppo, args, {})
+        metrics = MetricsAccumulator()
+        torch.manual_seed(0)
+        buffer = collect_rollout(session, TrainState(), metrics)
+        rollouts[rows] = (buffer, metrics.state()["rollouts"][0]["stats"])  # reward/score, objective/kl, ...
+    default, stats = rollouts[-1]
+    assert default.old_values.abs().sum() > 0 and default.advantages.abs().sum() > 0
+    for rows in (1, 3):
+        buffer, chunked_stats = rollouts[rows]
+        assert chunked_stats == pytest.approx(stats, rel=1e-6, abs=1e-6)
+        assert torch.equal(buffer.sequences.input_ids, default.sequences.input_ids)
+        for key in ("old_logprobs", "old_values", "advantages", "returns"):
+            torch.testing.assert_close(
+                getattr(buffer, key), getattr(default, key), atol=1e-6, rtol=1e-6, msg=key
+            )
+    assert (
+        rollouts[1][1] == pytest.approx(rollouts[-1][1]) or True
+    )  # statistics compared through the values above
+
+
+@pytest.mark.gpu
+def test_gpu_run_logs_and_records_the_peak(tiny_llama, tmp_path, capsys):
+    """On a GPU (`pytest -m gpu tests/test_ppo_memory.py`; not yet run): bf16 with the memory flags, the log line
+    reads torch.cuda.max_memory_allocated and every metrics row carries memory/peak_gb."""
+    rm = build_rm_adapter(tiny_llama, tmp_path / "rm")
+    lean = [
+        "--gradient_checkpointing",
+        "--per_device_forward_batch_size",
+        "1",
+        "--bf16",
+        "--torch_dtype",
+        "bfloat16",
+    ]
+    run_ppo_with_peft.main(ppo_argv(tiny_llama, rm, tmp_path / "gpu", *lean))
+    log = capsys.readouterr().err
+    assert "peak memory after optimizer step 1: " in log and "(torch.cuda.max_memory_allocated)" in log
+    rows = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < r["memory/peak_gb"] < 80 for r in rows)
+    assert rows[1]["memory/peak_gb"] >= rows[0]["memory/peak_gb"]  # a running maximum
