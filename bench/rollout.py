@@ -1,8 +1,11 @@
-"""Rollout generation: Hugging Face ``generate`` (dynamic cache, static cache) against our engine.
+"""Rollout generation: Hugging Face ``generate`` (dynamic cache, static cache) against our engine, on the
+Hugging Face model (``ours``: what ``run_ppo_with_peft.py`` samples with) and on the tensor-parallel model at
+TP=1 (``ours-tp``: what ``rlhf.tp.ppo_train`` and ``rlhf.tp.solver_evaluate`` sample with).
 
-Same model, prompts and sampling for all three, each in its own process (``--worker NAME``) so that its peak
-memory is its own: an actor LoRA adapter (r=8 on all linear layers, non-zero B) active on the base, every
-row sampling exactly ``new_tokens`` tokens (min = max new tokens) at temperature 1.
+Same model, prompts and sampling for all four, each in its own process (``--worker NAME``) so that its peak
+memory is its own: an actor LoRA adapter (r=8 on all linear layers, non-zero B; for ``ours-tp`` the TP
+model's own LoRA, :mod:`rlhf.tp.lora`) active on the base, every row sampling exactly ``new_tokens`` tokens
+(min = max new tokens) at temperature 1.
 
 - GPU: TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab
   32000), bf16, 64 prompts of 128 tokens, 256 new tokens; section ``rollout-gpu`` of bench/RESULTS.md.
@@ -37,7 +40,7 @@ SHAPES = {
     "gpu": {"batch": 64, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 3},
     "cpu-small": {"batch": 16, "prompt": 32, "new_tokens": 64, "dtype": "float32", "repeats": 3},
 }
-IMPLS = ["hf-generate", "hf-generate-static-cache", "ours"]
+IMPLS = ["hf-generate", "hf-generate-static-cache", "ours", "ours-tp"]
 
 
 def _sync() -> None:
@@ -53,9 +56,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def tp_actor(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The TP model of ``model_dir`` at TP=1 with a LoRA adapter (r=8, all linear layers, non-zero B)."""
+    from rlhf.tp.distributed import device, init_model_parallel
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_layers
+
+    init_model_parallel()
+    model = load_tp_model(str(model_dir), rank=0, world_size=1, device=device(), dtype=dtype)
+    apply_lora(model, r=8, alpha=16, targets=["all"])
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.02)
+    return model.eval()
+
+
 def worker(name: str, workdir: Path) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from rlhf.generation import SamplingConfig
     from rlhf.generation.build import decoder_for
@@ -65,17 +83,21 @@ def worker(name: str, workdir: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, shape["dtype"])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype).to(device)
-    lora = LoraConfig(
-        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
-    )
-    model = get_peft_model(model, lora, adapter_name="actor").eval()
+    if name == "ours-tp":
+        model = tp_actor(workdir / "model", dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype).to(device)
+        lora = LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
+        )
+        model = get_peft_model(model, lora, adapter_name="actor").eval()
+    config = AutoConfig.from_pretrained(workdir / "model")
     batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
-    ids = torch.randint(4, model.config.vocab_size, (batch, prompt), device=device)
+    ids = torch.randint(4, config.vocab_size, (batch, prompt), device=device)
     mask = torch.ones_like(ids)
-    eos = model.config.eos_token_id
+    eos = config.eos_token_id
     engine = None
-    if name == "ours":
+    if name in ("ours", "ours-tp"):
         engine = RolloutEngine(decoder_for(model), max_batch_size=batch, max_length=prompt + new)
 
     def generate(n: int) -> None:
@@ -139,7 +161,7 @@ def main() -> None:
         capture = f"{r['capture_s']:.2f}" if r["capture_s"] is not None else "-"
         calls = f"{r['first_call_s']:.2f} / {r['steady_call_s']:.2f}"
         name = r["name"] + (
-            " (CUDA graphs)" if r["cuda_graphs"] else " (eager)" if r["name"] == "ours" else ""
+            " (CUDA graphs)" if r["cuda_graphs"] else " (eager)" if r["name"].startswith("ours") else ""
         )
         rows.append([
             name, f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", calls, capture,
@@ -158,8 +180,8 @@ def main() -> None:
         f"## Rollout generation, {'GPU' if gpu else 'CPU'} (`bench/rollout.py{'' if gpu else ' --cpu-small'}`)\n\n"
         f"Device: {device_line(gpu)}. Model: {model}, random init, {shape['dtype']}, actor LoRA r=8 on all "
         f"linear layers active (unmerged). {shape['batch']} prompts of {shape['prompt']} tokens, "
-        f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all three in the same run, each "
-        "in its own process. ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
+        f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all four in the same run, each "
+        "in its own process; ours-tp is the engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
         "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU."
         + (
             ""

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["sft.py", "rm.py", "ppo.py", "tp.py", "rollout.py"]
+BENCHES = ["sft.py", "rm.py", "ppo.py", "rollout.py"]
 
 
 def main() -> int:

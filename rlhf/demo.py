@@ -74,8 +74,13 @@ def first_last_means(points: list[tuple[float, float]], k: int = 3) -> tuple[flo
 
 
 def sample_responses(model_dir: Path, adapter_dir: Path | None, prompts: list[str], seed: int) -> list[str]:
-    """Sampled responses (temperature 1) of a model, or of an adapter on it, to ``prompts``."""
+    """Sampled responses (temperature 1, up to 24 tokens) of a model, or of an adapter on it, to ``prompts``,
+    from the generator PPO samples with (``--generation_engine auto``: the rollout engine for the llama)."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.generation import SamplingConfig, build_generator
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -84,18 +89,19 @@ def sample_responses(model_dir: Path, adapter_dir: Path | None, prompts: list[st
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # HF generate (auto on another architecture) samples from the global RNG
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=24,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    sampling = SamplingConfig(
+        max_new_tokens=24, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    generator = build_generator(
+        "auto", lambda: nullcontext(model), sampling, max_prompt_length=batch["input_ids"].shape[1],
+        max_batch_size=len(prompts), generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    out = generator.generate(batch["input_ids"], batch["attention_mask"])
+    rows = [ids[:n].tolist() for ids, n in zip(out.response_ids, out.response_mask.sum(1))]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
@@ -143,7 +149,8 @@ def stage_commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
                  "--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--max_steps", pick["ppo_max_steps"],
                  "--actor_lr", "5e-4", "--critic_lr", "2e-3", "--lr_scheduler_type", "constant",
                  "--logging_steps", "4", "--save_steps", "48", "--max_prompt_length", "96",
-                 "--max_response_length", "24", "--kl_penalty_beta", "0.1", "--pretrain_loss_weight", "0.1",
+                 "--max_response_length", "24", "--top_k", "50",  # as the run measured in the README sampled
+                 "--kl_penalty_beta", "0.1", "--pretrain_loss_weight", "0.1",
                  "--pretrain_warmup_steps", "10", "--output_dir", str(actor), "--critic_output_dir", str(critic),
                  *common]),
     ]  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.generation import HFGenerator, SamplingConfig, response_mask_after_eos
+from rlhf.generation import SamplingConfig, build_generator, response_mask_after_eos
 from rlhf.models import load_tokenizer
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.batch import SequenceBatch, left_pad
@@ -156,14 +156,20 @@ def test_response_mask_after_eos_ignores_pad_equal_to_eos():
     assert response_mask_after_eos(ids, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
-def test_hf_generator_honours_lengths_and_masks(models, tiny_llama):
+def generator_for(engine: str, models, sampling: SamplingConfig):
+    """The PPO loop's generator for ``--generation_engine engine`` on the bundle's actor."""
+    return build_generator(engine, models.generation_model, sampling, max_prompt_length=16, max_batch_size=2)
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_generator_honours_lengths_and_masks(models, tiny_llama, engine):
     tok = load_tokenizer(str(tiny_llama))
     prompt_ids, prompt_mask = left_pad([tok("Hi")["input_ids"], tok("Tell me about cats.")["input_ids"]], 0)
     sampling = SamplingConfig(
         max_new_tokens=7, min_new_tokens=3, eos_token_id=tok.eos_token_id, pad_token_id=0
     )
     torch.manual_seed(0)
-    out = HFGenerator(models.generation_model, sampling).generate(prompt_ids, prompt_mask)
+    out = generator_for(engine, models, sampling).generate(prompt_ids, prompt_mask)
     assert out.response_ids.shape[0] == 2 and 3 <= out.response_ids.shape[1] <= 7
     assert (out.response_mask.sum(1) >= 3).all()
     assert (out.response_ids[out.response_mask == 0] == 0).all()
@@ -191,15 +197,35 @@ def test_epoch_sampler_shards_and_resumes():
     assert [fresh.next() for _ in range(3)] == [ranks[0].next() for _ in range(3)]  # crosses into epoch 1
 
 
-def test_generator_logprobs_equal_the_eval_forward(models, tiny_llama):
-    """The sampling log-probs HFGenerator returns (the PPO loop's old log-probs) equal the actor's eval-mode
-    log-probs of the sampled tokens at the sampling temperature, before top-k (0 after the mask)."""
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_top_k_0_samples_from_the_whole_vocabulary(models, engine):
+    """``--top_k 0`` is off for both generators: HF generate must not fall back to its default top-k of 50,
+    so tokens outside the 50 most likely are drawn as often as the model gives them probability."""
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad(), models.generation_model() as actor:
+        probs = actor(input_ids=prompt).logits[0, -1].softmax(-1)
+    tail = probs.argsort(descending=True)[50:]
+    sampling = SamplingConfig(max_new_tokens=1, eos_token_id=2, pad_token_id=0)
+    generator = build_generator(
+        engine, models.generation_model, sampling, max_prompt_length=4, max_batch_size=512
+    )
+    torch.manual_seed(0)
+    first = generator.generate(prompt.repeat(512, 1), torch.ones(512, 4, dtype=torch.long)).response_ids[:, 0]
+    drawn = torch.isin(first, tail).float().mean()
+    assert abs(drawn - probs[tail].sum()) < 0.1, (drawn, probs[tail].sum())
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_generator_logprobs_equal_the_eval_forward(models, tiny_llama, engine):
+    """The sampling log-probs the generator returns (the PPO loop's old log-probs; HF generate's or the
+    rollout engine's) equal the actor's eval-mode log-probs of the sampled tokens at the sampling
+    temperature, before top-k (0 after the mask)."""
     tok = load_tokenizer(str(tiny_llama), padding_side="left")
     prompts = [tok("Tell me how you feel about cats.")["input_ids"], tok("Hi")["input_ids"]]
     prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
     sampling = SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=5, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    out = HFGenerator(models.generation_model, sampling).generate(prompt_ids, prompt_mask)
+    out = generator_for(engine, models, sampling).generate(prompt_ids, prompt_mask)
     ids, mask = torch.cat([prompt_ids, out.response_ids], 1), torch.cat([prompt_mask, out.response_mask], 1)
     batch = SequenceBatch(ids, mask, prompt_ids.shape[1])
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Parity of the two PPO backends: from the same weights, one PPO optimizer step through the shared loop on
-the PEFT bundle (Accelerate backend, Hugging Face generation) and on the tensor-parallel bundle (TP backend
-at world size 1, TP generation) gives the same rollout, losses, gradient norms and updated LoRA weights.
+the PEFT bundle (Accelerate backend; Hugging Face generate or the rollout engine) and on the tensor-parallel
+bundle (TP backend at world size 1, the rollout engine) gives the same rollout, losses, gradient norms and
+updated LoRA weights.
 
 Full fp32, LoRA dropout 0, non-zero LoRA B (so the adapters matter) and top-1 sampling (both engines then
 pick the argmax, so the responses agree). The TP LoRA equals peft's at world size 1 (tests/test_tp_lora.py);
@@ -19,7 +20,7 @@ from rlhf.ppo.data import PromptSet
 from rlhf.ppo.loop import TrainState, collect_rollout, ppo_mini_batch_step
 from rlhf.ppo.metrics import MetricsAccumulator
 from rlhf.ppo.rewards import RuleScorer
-from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
+from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
@@ -92,8 +93,9 @@ def build_bundles(model_dir, spec: LoraSpec):
     return peft, tp
 
 
-def session_for(backend, models, generator_cls, tokenizer, tmp_path):
+def session_for(backend, models, engine, tokenizer, tmp_path):
     ppo = PPOArguments(
+        generation_engine=engine,
         max_response_length=6, temperature=1.0, top_k=1, per_device_mini_train_batch_size=2, kl_penalty_beta=0.1,
         actor_lr=LR, critic_lr=LR, pretrain_batch_size=2,
     )  # fmt: skip
@@ -101,7 +103,7 @@ def session_for(backend, models, generator_cls, tokenizer, tmp_path):
     prompts = PromptSet([tokenizer(p)["input_ids"] for p in PROMPTS], PROMPTS)
     parts = SessionParts(
         backend=backend, models=models, scorer=RuleScorer(length_reward, "length"), tokenizer=tokenizer,
-        prompts=prompts, generator=generator_cls(models.generation_model, sampling_config(ppo, tokenizer)),
+        prompts=prompts, generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {})
 
@@ -119,12 +121,11 @@ def one_step(session):
     return buffer, losses, norms
 
 
-def test_one_ppo_step_matches_across_backends(tiny_llama, world_of_one, tmp_path):
+@pytest.mark.parametrize("peft_engine", ["hf", "static"])
+def test_one_ppo_step_matches_across_backends(tiny_llama, world_of_one, tmp_path, peft_engine):
     from rlhf.backend.accelerate import AccelerateBackend
-    from rlhf.generation.hf import HFGenerator
     from rlhf.models import load_tokenizer
     from rlhf.tp.backend import TPBackend
-    from rlhf.tp.ppo_generator import TPGenerator
 
     tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
     peft, tp = build_bundles(tiny_llama, LoraSpec(rank=4, alpha=8.0, dropout=0.0, targets=TARGETS))
@@ -134,10 +135,10 @@ def test_one_ppo_step_matches_across_backends(tiny_llama, world_of_one, tmp_path
     before = {k: v.detach().clone() for k, v in tp_lora_weights(tp.actor, "actor").items()}
 
     peft_buffer, peft_losses, peft_norms = one_step(
-        session_for(AccelerateBackend(), peft, HFGenerator, tokenizer, tmp_path / "peft")
+        session_for(AccelerateBackend(), peft, peft_engine, tokenizer, tmp_path / "peft")
     )
     tp_buffer, tp_losses, tp_norms = one_step(
-        session_for(tp_backend, tp, TPGenerator, tokenizer, tmp_path / "tp")
+        session_for(tp_backend, tp, "static", tokenizer, tmp_path / "tp")
     )
 
     # the rollout: same responses (top-1 sampling), then old log-probs, values, advantages, returns

@@ -69,13 +69,15 @@ def hf_reference(model_dir: Path, prompts: list[str] = PROMPTS) -> dict:
 
 def run_tp(ckpt_dir: Path, rank: int, world_size: int, prompts: list[str] = PROMPTS) -> dict:
     """Logits, greedy continuations and this rank's gradients of the TP model."""
+    from contextlib import nullcontext
+
     from transformers import AutoTokenizer
 
-    from rlhf.tp.generation import generate
+    from rlhf.generation import SamplingConfig, build_generator
     from rlhf.tp.loading import load_tp_model
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    ids, mask, prompt_ids = batch(tokenizer, prompts)
+    ids, mask, _ = batch(tokenizer, prompts)
     model = load_tp_model(str(ckpt_dir), rank=rank, world_size=world_size, device=torch.device("cpu"))
     logits = model(ids, mask)
     lm_loss(logits, ids, mask).backward()
@@ -84,10 +86,19 @@ def run_tp(ckpt_dir: Path, rank: int, world_size: int, prompts: list[str] = PROM
     for key in GRAD_KEYS:
         if key in params:  # an expert no token was routed to has no gradient: zero, as in transformers
             grads[key] = params[key].grad if params[key].grad is not None else torch.zeros_like(params[key])
-    generation = generate(
-        model, prompt_ids, max_gen_len=GEN_LEN, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    sampling = SamplingConfig(GEN_LEN, min_new_tokens=0, temperature=0.0, eos_token_id=eos, pad_token_id=0)
+    generator = build_generator(
+        "static",
+        lambda: nullcontext(model),
+        sampling,
+        max_prompt_length=ids.shape[1],
+        max_batch_size=len(ids),
     )
-    return {"logits": logits.detach(), "tokens": generation.tokens, "grads": grads}
+    out = generator.generate(ids, mask)  # the rollout engine, greedy
+    tokens = [row[:n].tolist() for row, n in zip(out.response_ids, out.response_mask.sum(1))]
+    tokens = [row[:-1] if row and row[-1] == eos else row for row in tokens]  # EOS cut, as in the reference
+    return {"logits": logits.detach(), "tokens": tokens, "grads": grads}
 
 
 def assert_matches(ours: dict, ref: dict, grads: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""ppo_train's TP pieces at TP=1 in this process: the generation seam (top-k included), the gsm8k rule
+"""ppo_train's TP pieces at TP=1 in this process: the rollout engine as the generator, the gsm8k rule
 reward, the critic starting as the verifier (shared LoRA base or separate models), and a bit-exact resume
 through the per-rank checkpoint layout with the pretraining mix and wandb on. The TP=2 run is part of
 tests/test_tp_train.py's torchrun workflow."""
@@ -96,48 +96,51 @@ def test_gsm8k_reward_matches_final_answers():
     assert reward(["p1", "p2", "p1"], [" 2+2=4\n#### 4", "so #### 1,000", "#### 5"]) == [1.0, 1.0, 0.0]
 
 
-def test_generator_appends_eos_and_masks_after_it(tiny_llama, world_of_one):
-    from rlhf.generation import SamplingConfig
+def test_rollout_generator_is_the_engine_on_the_tp_actor(tiny_llama, world_of_one):
+    """ppo_train's generator (``--generation_engine auto``) is the rollout engine on the TP actor: its
+    responses are HF generate's on the same weights, the EOS kept in the mask and nothing after it, and
+    top-1 sampling is greedy; ``--generation_engine hf`` is one line naming the flag."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.errors import ConfigError
+    from rlhf.generation import EngineGenerator, HFGenerator, SamplingConfig, build_generator
     from rlhf.models import load_tokenizer
-    from rlhf.tp.generation import generate
+    from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
+    from rlhf.ppo.session import rollout_generator
     from rlhf.tp.loading import load_tp_model
-    from rlhf.tp.ppo_generator import TPGenerator
 
     tokenizer = load_tokenizer(str(tiny_llama), padding_side="left")
     model = load_tp_model(str(tiny_llama), rank=0, world_size=1, device=torch.device("cpu")).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     prompts = [tokenizer("Question: hi")["input_ids"], tokenizer("Question: a longer one")["input_ids"]]
-    expected = generate(model, prompts, max_gen_len=5, eos_id=2, pad_id=0)
-    sampling = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_token_id=2, pad_token_id=0)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    args = PPOTrainingArguments(output_dir="-", per_device_train_batch_size=2)
 
-    class Holder:
-        def __init__(self, m):
-            self.m = m
+    def flags(**kw) -> PPOArguments:
+        return PPOArguments(max_prompt_length=16, max_response_length=5, **kw)
 
-        def __call__(self):
-            from contextlib import nullcontext
-
-            return nullcontext(self.m)
-
-    ids, mask = left_pad(prompts, 0)
-    out = TPGenerator(Holder(model), sampling).generate(ids, mask)
-    for row, tokens in enumerate(expected.tokens):
-        n = int(out.response_mask[row].sum())
-        ended = len(tokens) < 5
-        assert out.response_ids[row, :n].tolist() == tokens + ([2] if ended else [])
-        assert out.response_mask[row, n:].sum() == 0
-    top1 = SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=1, eos_token_id=2, pad_token_id=0)
-    sampled = TPGenerator(Holder(model), top1).generate(ids, mask)  # top-1 sampling is greedy
-    assert torch.equal(sampled.response_ids, out.response_ids)
-    assert torch.equal(sampled.response_mask, out.response_mask)
-
-
-def test_top_k_keeps_the_k_most_likely_tokens():
-    from rlhf.tp.generation import sample_next
-
-    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, 2.5]]).repeat(400, 1)
-    drawn = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=3)
-    assert set(drawn.tolist()) == {1, 2, 4}  # the three largest logits, each drawn
-    assert set(sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2, 3, 4}
+    top1 = rollout_generator(flags(top_k=1), args, lambda: nullcontext(model), tokenizer)
+    assert isinstance(top1, EngineGenerator)
+    with pytest.raises(ConfigError, match="^--generation_engine hf: the tensor-parallel model"):
+        rollout_generator(flags(generation_engine="hf"), args, lambda: nullcontext(model), tokenizer)
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, pad_token_id=tokenizer.pad_token_id)
+    eos = int(HFGenerator(lambda: nullcontext(hf), greedy).generate(ids, mask).response_ids[0, 2])
+    greedy = SamplingConfig(5, temperature=0.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    out = build_generator("auto", lambda: nullcontext(model), greedy, max_prompt_length=16, max_batch_size=2)
+    out = out.generate(ids, mask)
+    expected = HFGenerator(lambda: nullcontext(hf), greedy).generate(ids, mask)
+    assert torch.equal(out.response_ids, expected.response_ids)
+    assert torch.equal(out.response_mask, expected.response_mask)
+    torch.testing.assert_close(out.logprobs, expected.logprobs, atol=1e-5, rtol=1e-5)
+    assert out.response_ids[0, 2] == eos and out.response_mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert (out.response_ids[0, 3:] == tokenizer.pad_token_id).all()
+    sampled = top1.generate(ids, mask)  # top-1 sampling is greedy (the tokenizer's EOS: not generated)
+    no_eos = SamplingConfig(5, temperature=0.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    assert torch.equal(
+        sampled.response_ids, HFGenerator(lambda: nullcontext(hf), no_eos).generate(ids, mask).response_ids
+    )
 
 
 @pytest.mark.parametrize("lora_rank", [4, -1])

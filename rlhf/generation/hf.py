@@ -36,7 +36,7 @@ class HFGenerator:
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens,
             temperature=sampling.temperature if sample else None,
-            top_k=sampling.top_k if sample and sampling.top_k > 0 else None,
+            top_k=sampling.top_k if sample else None,  # 0 = off; None would mean generate's default, 50
             top_p=sampling.top_p if sample else None,
             eos_token_id=sampling.eos_token_id,
             pad_token_id=sampling.pad_token_id,

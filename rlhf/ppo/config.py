@@ -72,6 +72,12 @@ class PPOArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
+    generation_engine: str = field(
+        default="auto",
+        metadata={"help": "Rollout generator: static (our engine: static KV cache, CUDA graphs on GPU), hf "
+                  "(Hugging Face generate), auto (static where it supports the model, else hf).",
+                  "choices": ["auto", "hf", "static"]},
+    )  # fmt: skip
     advantage_estimator: str = field(
         default="gae",
         metadata={"help": "gae (PPO with a learned critic) or a critic-free estimator (no critic is built): "

@@ -2,9 +2,9 @@
 
 It builds what is specific to this backend — :class:`rlhf.backend.accelerate.AccelerateBackend`, the PEFT
 models bundle (:class:`rlhf.ppo.peft_models.PeftPolicyModels`: one frozen base with ``actor``/``critic``/
-``reward`` adapters), the reward (shared adapter, separate model, rule, or a sum) and the Hugging Face
-generator — loads the prompts and pretraining blocks, and hands them to the backend-neutral
-:func:`rlhf.ppo.session.assemble_session`.
+``reward`` adapters), the reward (shared adapter, separate model, rule, or a sum) and the rollout
+generator (``--generation_engine``) — loads the prompts and pretraining blocks, and hands them to the
+backend-neutral :func:`rlhf.ppo.session.assemble_session`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from transformers import AutoModelForSequenceClassification, set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
-from rlhf.generation import HFGenerator
 from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer, resolve_dtype
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
@@ -33,7 +32,7 @@ from rlhf.ppo.rewards import (
     SumScorer,
     load_reward_fn,
 )
-from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
+from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def build_peft_session(
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
     parts = SessionParts(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
-        generator=HFGenerator(models.generation_model, sampling_config(ppo, tokenizer)),
+        generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

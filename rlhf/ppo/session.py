@@ -24,6 +24,7 @@ from transformers import get_scheduler
 from rlhf.backend import Backend
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation.base import Generator, SamplingConfig
+from rlhf.generation.build import build_generator
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
@@ -106,6 +107,23 @@ def sampling_config(ppo: PPOArguments, tokenizer: Any) -> SamplingConfig:
         max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
         temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def rollout_generator(
+    ppo: PPOArguments, args: PPOTrainingArguments, generation_model: Any, tokenizer: Any
+) -> Generator:
+    """The rollout generator for ``--generation_engine`` (:func:`rlhf.generation.build.build_generator`).
+
+    ``generation_model()`` yields the actor to sample from. The static engine's KV cache holds one
+    generation batch (``--per_device_train_batch_size`` x ``--num_samples_per_prompt`` rows) of
+    ``--max_prompt_length`` + ``--max_response_length`` tokens; it samples from the global torch RNG, as HF
+    ``generate`` does, so a checkpoint's RNG state resumes the sampling exactly.
+    """
+    return build_generator(
+        ppo.generation_engine, generation_model, sampling_config(ppo, tokenizer),
+        max_prompt_length=ppo.max_prompt_length,
+        max_batch_size=args.per_device_train_batch_size * ppo.num_samples_per_prompt,
     )  # fmt: skip
 
 

@@ -12,7 +12,6 @@ Model and checkpoints:
 - :mod:`rlhf.tp.split_merge`: whole dirs, what ``checkpoint_split.py`` runs.
 - :mod:`rlhf.tp.loading`: a model for this rank from a shard dir or a plain HF dir (+ ``--peft_path``).
 - :mod:`rlhf.tp.distributed`: process group + FairScale model-parallel groups (gloo on CPU, NCCL on GPU).
-- :mod:`rlhf.tp.generation`: batched generation with a KV cache and left padding.
 - :mod:`rlhf.tp.lora`: LoRA on column- and row-parallel layers.
 
 The Llama-RLHF workflow (``torchrun --nproc_per_node N -m rlhf.tp.<command> ...``):
@@ -25,7 +24,6 @@ The Llama-RLHF workflow (``torchrun --nproc_per_node N -m rlhf.tp.<command> ...`
 - :mod:`rlhf.tp.verifier_train`: the verifier (scalar head, binary cross-entropy).
 - :mod:`rlhf.tp.solver_evaluate`: GSM8K evaluation, majority vote and verifier best-of-N.
 - :mod:`rlhf.tp.backend`: ``TPBackend`` (the :class:`rlhf.backend.Backend` of one TP replica).
-- :mod:`rlhf.tp.ppo_generator`: ``TPGenerator`` (the PPO generation seam).
 - :mod:`rlhf.tp.ppo_factory`: ``build_tp_session`` (the TP parts of a PPO session).
 - :mod:`rlhf.tp.ppo_models`: ``TPPolicyModels`` (the PPO models bundle: TP actor, reference, critic,
   reward).

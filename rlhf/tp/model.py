@@ -8,7 +8,8 @@ Parallelism shows only in the layer types (FairScale ``ColumnParallelLinear`` / 
 - qwen2 and the original Qwen (``qkv_bias``).
 
 Unlike the original: no ``torch.inference_mode``, no global default dtype, and no eagerly allocated KV cache
-— a :class:`KVCache` exists only while :mod:`rlhf.tp.generation` generates. Weights are not initialised
+— generation runs on the rollout engine's static cache (:mod:`rlhf.generation.tp_decoder`), which calls
+this model's layers; the :class:`KVCache` below is no longer used by it. Weights are not initialised
 (``init_method`` is the identity, as in the original): a model is always filled from a checkpoint.
 
 Shapes below: ``B`` batch, ``T`` new tokens, ``S`` keys (cache + new), ``D`` model dim, ``H``/``Hkv`` local

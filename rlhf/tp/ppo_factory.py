@@ -2,9 +2,9 @@
 
 It builds what is specific to this backend — :class:`rlhf.tp.backend.TPBackend`, the TP models bundle
 (:class:`rlhf.tp.ppo_models.TPPolicyModels`), the reward (the verifier and/or a rule such as ``gsm8k``) and
-the TP generator — loads the GSM8K prompts and the optional pretraining blocks, and hands them to the
-backend-neutral :func:`rlhf.ppo.session.assemble_session`. Nothing here touches PEFT, Accelerate or
-Hugging Face ``generate``.
+the rollout engine on the TP actor (``--generation_engine``) — loads the GSM8K prompts and the optional
+pretraining blocks, and hands them to the backend-neutral :func:`rlhf.ppo.session.assemble_session`.
+Nothing here touches PEFT, Accelerate or Hugging Face ``generate``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from rlhf.ppo.config import PPOArguments
 from rlhf.ppo.data import PromptSet, load_pretrain
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
-from rlhf.ppo.session import SessionParts, assemble_session, sampling_config
+from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
-from rlhf.tp.ppo_generator import TPGenerator
 from rlhf.tp.ppo_models import TPPolicyModels
 from rlhf.tp.prompt import gsm8k_prompt
 
@@ -115,6 +114,6 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     parts = SessionParts(
         backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
         prompts=prompts, pretrain=pretrain,
-        generator=TPGenerator(models.generation_model, sampling_config(ppo, tokenizer)),
+        generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(tp), **vars(ppo), **vars(args)})

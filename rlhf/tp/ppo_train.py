@@ -10,7 +10,8 @@
 
 The same loop and math as ``run_ppo_with_peft.py`` (:func:`rlhf.ppo.loop.train`) and the same session
 assembly (:func:`rlhf.ppo.session.assemble_session`); :func:`rlhf.tp.ppo_factory.build_tp_session` builds
-the TP parts: :class:`rlhf.tp.backend.TPBackend`, :class:`rlhf.tp.ppo_generator.TPGenerator` and
+the TP parts: :class:`rlhf.tp.backend.TPBackend`, the rollout engine on the TP actor
+(:mod:`rlhf.generation`, ``--generation_engine auto|static``) and
 :class:`rlhf.tp.ppo_models.TPPolicyModels`. Prompts are ``gsm8k_prompt(question)`` of the ``--train_file``
 rows. Reward: the verifier's score (``--reward_model_ckpt_dir``), ``--reward_fn gsm8k`` (1 when the final
 answer matches the label, else 0; or any ``file.py:fn`` / ``module:fn`` rule), or both summed. The critic

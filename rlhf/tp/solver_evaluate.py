@@ -7,7 +7,8 @@
     python -m rlhf.tp.solver_evaluate ...        # one process (TP=1), CPU or one GPU
 
 ``--ckpt_dir`` is a shard dir (``checkpoint_split.py``, world size = shard count) or a plain HF model dir
-(optionally with ``--peft_path``, or an adapter dir), as the ``run_*`` scripts save. Greedy by default;
+(optionally with ``--peft_path``, or an adapter dir), as the ``run_*`` scripts save. Solutions come from
+the rollout engine (:mod:`rlhf.generation`: static KV cache, CUDA graphs on GPU). Greedy by default;
 ``--temperature T --num_samples K`` samples K solutions per question; ``--verifier_ckpt_dir DIR`` then
 also ranks them with a verifier (``verifier_train``) and reports best-of-N next to greedy and majority-vote
 accuracy. Writes ``log_dir/predictions.jsonl`` (one row per question and sample) and
@@ -21,6 +22,7 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,11 +33,12 @@ from rlhf.args import check_output_dir, parse_args, split_comma_list
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
+from rlhf.generation import SamplingConfig, build_generator
 from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
+from rlhf.ppo.batch import left_pad
 from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
-from rlhf.tp.generation import generate
 from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
 from rlhf.tp.prompt import gsm8k_prompt
 from rlhf.tp.verifier import check_verifier_dir
@@ -66,6 +69,11 @@ class SolverEvaluateArguments:
         default=None, metadata={"help": "comma-separated stop strings (default: EOS only)"}
     )
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    generation_engine: str = field(
+        default="auto",
+        metadata={"help": "auto or static: the rollout engine (static KV cache, CUDA graphs on GPU); the TP "
+                  "model has no Hugging Face generate, so hf is refused"},
+    )  # fmt: skip
     peft_path: str | None = field(
         default=None, metadata={"help": "LoRA adapter merged into an HF --ckpt_dir"}
     )
@@ -91,6 +99,11 @@ class SolverEvaluateArguments:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.num_samples > 1 and self.temperature <= 0:
             raise ConfigError("--num_samples > 1 needs --temperature > 0 (greedy solutions are all the same)")
+        if self.generation_engine not in ("auto", "static"):
+            raise ConfigError(
+                f"--generation_engine must be auto or static (the TP model has no Hugging Face generate), "
+                f"got {self.generation_engine!r}"
+            )
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -102,32 +115,37 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 def solve(
     model, tokenizer, prompts: list[str], args: SolverEvaluateArguments, dev: torch.device
 ) -> list[str]:
-    """Generated continuations (decoded, special tokens skipped) in the order of ``prompts``."""
+    """Generated continuations (decoded, special tokens skipped) in the order of ``prompts``.
+
+    The rollout engine continues each prompt until EOS (allowed from the first token), a ``--stop`` string
+    or ``--max_gen_len`` tokens; greedy at ``--temperature 0``, else sampled (``--top_p``) from a generator
+    seeded with ``--seed``, so a run's solutions do not depend on what ran before it.
+    """
     stops = split_comma_list(args.stop) if args.stop else []
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
-    generator = torch.Generator(dev).manual_seed(args.seed)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_gen_len, min_new_tokens=0, temperature=args.temperature, top_p=args.top_p,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    generator = build_generator(
+        args.generation_engine, lambda: nullcontext(model), sampling,
+        max_prompt_length=max(len(i) for i in ids), max_batch_size=args.max_batch_size,
+        generator=torch.Generator(dev).manual_seed(args.seed),
+    )  # fmt: skip
+
+    def stop_fn(row: int, tokens: list[int]) -> bool:
+        return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
+
     outputs: list[str] = [""] * len(ids)
     n_batches = math.ceil(len(ids) / args.max_batch_size)
     for b in tqdm(range(n_batches), desc="solver_evaluate", disable=not is_main()):
         chunk = order[b * args.max_batch_size : (b + 1) * args.max_batch_size]
-
-        def stop_fn(row: int, tokens: list[int]) -> bool:
-            return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
-
-        generation = generate(
-            model,
-            [ids[i] for i in chunk],
-            max_gen_len=args.max_gen_len,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            generator=generator,
-            stop_fn=stop_fn if stops else None,
-        )
-        for i, tokens in zip(chunk, generation.tokens):
-            outputs[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+        prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], tokenizer.pad_token_id)
+        out = generator.generate(prompt_ids, prompt_mask, stop=stop_fn if stops else None)
+        lengths = out.response_mask.sum(1).tolist()  # through the EOS, or up to where a stop string ended it
+        for i, row, n in zip(chunk, out.response_ids.tolist(), lengths):
+            outputs[i] = cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stops)
     return outputs
 
 
