@@ -56,6 +56,10 @@ class Suite:
     def bf16(self) -> bool:
         return self.dtype == "bfloat16"
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
 
 def build_llama(out: Path, shape: Shape, dtype: torch.dtype, device: str = "cpu") -> Path:
     """A random-init llama of ``shape`` with the repository tokenizer (512 tokens; a larger model
@@ -129,7 +133,7 @@ def build(suite: Suite, workdir: Path, large: bool = False) -> None:
     """The suite's model (or its large model and reward adapter) and the prompts, into ``workdir``."""
     from transformers import AutoTokenizer
 
-    dtype, device = (torch.bfloat16, "cuda") if suite.bf16 else (torch.float32, "cpu")
+    dtype, device = suite.torch_dtype, ("cuda" if suite.bf16 else "cpu")
     if large:
         build_llama(workdir / "large", suite.large, dtype, device)
         write_reward_adapter(workdir / "large", workdir / "large-rm")
@@ -257,7 +261,7 @@ def trl_grpo(suite: Suite, workdir: Path) -> dict:
     )  # fmt: skip
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(workdir / "model"),
+        model=AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=suite.torch_dtype),
         reward_funcs=lambda prompts, completions, **_: positivity_reward(prompts, completions),
         args=config, train_dataset=prompt_dataset(workdir, tokenizer, False, suite.prompt_len),
         processing_class=tokenizer, peft_config=lora,
@@ -285,10 +289,12 @@ def trl_ppo(suite: Suite, workdir: Path) -> dict:
         kl_coef=0.02, save_strategy="no", report_to="none", seed=0, logging_steps=1, num_sample_generations=0,
         bf16=suite.bf16, local_rollout_forward_batch_size=min(suite.mini_batch, suite.samples), disable_tqdm=True,
     )  # fmt: skip
-    scorer = lambda: AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # noqa: E731
+    scorer = lambda: AutoModelForSequenceClassification.from_pretrained(  # noqa: E731
+        model_dir, num_labels=1, dtype=suite.torch_dtype
+    )
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = PPOTrainer(
-        args=config, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=config, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=suite.torch_dtype),
         ref_model=None, reward_model=scorer(), value_model=scorer(), peft_config=lora,
         train_dataset=prompt_dataset(workdir, tokenizer, True, suite.prompt_len),
     )  # fmt: skip
