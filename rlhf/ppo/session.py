@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import get_scheduler
 
 from rlhf.backend import Backend
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation.base import Generator, SamplingConfig
 from rlhf.generation.build import build_generator
+from rlhf.optimizer import build_adamw
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
@@ -75,22 +75,15 @@ def build_optimizers(
 ) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
     """AdamW per model with its own learning rate and schedule (``--actor_lr``, ``--critic_lr``): one for
     the actor, one for the critic when the bundle has one."""
-    warmup = args.warmup_steps
-    warmup_steps = math.ceil(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
-    optimizers, schedulers = {}, {}
     rates = {"actor": ppo.actor_lr, "critic": ppo.critic_lr}
+    optimizers, schedulers = {}, {}
     for name, params in models.parameter_groups().items():
-        lr = rates[name]
         if not params:
             raise ConfigError(f"the {name} has no trainable parameters")
-        optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-        try:
-            schedulers[name] = get_scheduler(
-                args.lr_scheduler_type, optimizers[name], num_warmup_steps=warmup_steps,
-                num_training_steps=total_steps,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise ConfigError(f"--lr_scheduler_type {args.lr_scheduler_type}: {exc}") from None
+        optimizers[name], schedulers[name] = build_adamw(
+            params, lr=rates[name], weight_decay=args.weight_decay, scheduler=args.lr_scheduler_type,
+            warmup=args.warmup_steps, total_steps=total_steps,
+        )  # fmt: skip
     return optimizers, schedulers
 
 

@@ -7,12 +7,12 @@ Parallelism shows only in the layer types (FairScale ``ColumnParallelLinear`` / 
 - mistral (``sliding_window``); mixtral (``n_experts`` > 0: a replicated router over sharded experts);
 - qwen2 and the original Qwen (``qkv_bias``).
 
-Unlike the original: no ``torch.inference_mode``, no global default dtype, and no eagerly allocated KV cache
-— generation runs on the rollout engine's static cache (:mod:`rlhf.generation.tp_decoder`), which calls
-this model's layers; the :class:`KVCache` below is no longer used by it. Weights are not initialised
+Unlike the original: no ``torch.inference_mode``, no global default dtype, and no KV cache here at all —
+generation runs on the rollout engine's static cache (:mod:`rlhf.generation.tp_decoder`), which calls
+this model's layers. Weights are not initialised
 (``init_method`` is the identity, as in the original): a model is always filled from a checkpoint.
 
-Shapes below: ``B`` batch, ``T`` new tokens, ``S`` keys (cache + new), ``D`` model dim, ``H``/``Hkv`` local
+Shapes below: ``B`` batch, ``T`` new tokens, ``S`` keys (here the same T tokens), ``D`` model dim, ``H``/``Hkv`` local
 query/key-value heads on this rank, ``hd`` head dim, ``V`` vocabulary, ``N`` model-parallel world size.
 RoPE uses the Hugging Face (rotate-half) layout of ``wq``/``wk``, so shards convert from HF checkpoints
 without permuting rows.
@@ -137,23 +137,6 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache:
-    """Keys and values of every layer for one generation call: (B, S_max, Hkv, hd) buffers per layer."""
-
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        n_kv = args.n_kv_heads // fs_init.get_model_parallel_world_size()
-        shape = (batch, max_len, n_kv, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-
-    def update(self, layer_id: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v (B, T, Hkv, hd) at positions start..start+T; return all keys/values so far (B, S, Hkv, hd)."""
-        end = start + k.shape[1]
-        self.k[layer_id][:, start:end] = k
-        self.v[layer_id][:, start:end] = v
-        return self.k[layer_id][:, :end], self.v[layer_id][:, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -183,18 +166,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, D), cos/sin (B, 1, T, hd), mask (B, 1, T, S) bool (True = attend) -> (B, T, D)."""
+        """x (B, T, D), cos/sin (B, 1, T, hd), mask (B, 1, T, T) bool (True = attend) -> (B, T, D)."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq = apply_rotary_emb(xq.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         xk = apply_rotary_emb(xk.transpose(1, 2), cos, sin).transpose(1, 2)  # (B, T, Hkv, hd)
-        if cache is not None:
-            xk, xv = cache.update(self.layer_id, start_pos, xk, xv)  # (B, S, Hkv, hd)
         keys = xk.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)  # (B, H, S, hd)
         values = xv.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
         output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)  # (B, H, T, hd)
@@ -271,9 +250,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.window = args.sliding_window if args.uses_sliding_window(layer_id) else None
 
-    def forward(self, x, cos, sin, masks, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, masks):
         mask = masks[self.window]
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -325,21 +304,15 @@ class Transformer(nn.Module):
         self.windows = {layer.window for layer in self.layers}
         self.gradient_checkpointing = False  # recompute each block in the backward (training forwards only)
 
-    def hidden_states(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> final-normed hidden states (B, T, D).
 
-        ``attention_mask`` (B, start_pos + T) marks real tokens (1) and padding (0) over the cache and the
-        new tokens; positions count real tokens only, so left padding does not shift RoPE.
+        ``attention_mask`` (B, T) marks real tokens (1) and padding (0); positions count real tokens only, so
+        left padding does not shift RoPE.
         """
         bsz, seqlen = tokens.shape
         if attention_mask is None:
-            attention_mask = torch.ones(bsz, start_pos + seqlen, dtype=torch.long, device=tokens.device)
+            attention_mask = torch.ones(bsz, seqlen, dtype=torch.long, device=tokens.device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seqlen:]  # (B, T)
         freqs = positions[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
@@ -348,10 +321,10 @@ class Transformer(nn.Module):
         masks = attention_masks(attention_mask, seqlen, self.windows)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if recompute and cache is None:  # keep each block's input only; the backward recomputes the rest
+            if recompute:  # keep each block's input only; the backward recomputes the rest
                 h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, masks, cache, start_pos)
+                h = layer(h, cos, sin, masks)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -364,15 +337,9 @@ class Transformer(nn.Module):
             )
         return out[..., : self.vocab_size]
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), the same on every rank."""
-        return self.logits(self.hidden_states(tokens, attention_mask, cache, start_pos))
+        return self.logits(self.hidden_states(tokens, attention_mask))
 
 
 class ScalarHeadTransformer(Transformer):
@@ -386,6 +353,6 @@ class ScalarHeadTransformer(Transformer):
         self.v_head = _local_linear(args.dim, 1)
         nn.init.zeros_(self.v_head.weight)
 
-    def forward(self, tokens, attention_mask=None, cache=None, start_pos=0) -> torch.Tensor:
-        h = self.hidden_states(tokens, attention_mask, cache, start_pos)
+    def forward(self, tokens, attention_mask=None) -> torch.Tensor:
+        h = self.hidden_states(tokens, attention_mask)
         return self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1)

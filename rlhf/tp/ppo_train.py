@@ -40,6 +40,7 @@ from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size, validate_estimator
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
+from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def run(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> 
 def main(argv: list[str] | None = None) -> PPOSession:
     setup_logging()
     tp, ppo, args = parse_args((TPPPOArguments, PPOArguments, TPPPOTrainingArguments), argv)
-    return run(tp, ppo, args)
+    with (
+        process_group_scope()
+    ):  # tears the groups down before exit (gloo threads abort at shutdown otherwise)
+        return run(tp, ppo, args)
 
 
 if __name__ == "__main__":
