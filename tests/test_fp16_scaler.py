@@ -31,7 +31,7 @@ def test_backward_scales_and_step_unscales_before_clipping():
     backend.backward(((w - target) ** 2).sum())  # true gradient 2·(w - target) = [2, -4, -14]
     true_grad = torch.tensor([2.0, -4.0, -14.0])
     assert torch.equal(w.grad, 1024.0 * true_grad)
-    norms = backend.step(optimizers, schedulers, {"actor": [w]}, max_grad_norm=1.0)
+    norms = backend.step(optimizers, schedulers, {"actor": [w]}, max_norm=1.0)
     assert norms["actor"] == pytest.approx(float(true_grad.norm()))  # the unscaled norm is reported
     expected = torch.tensor([1.0, -2.0, 3.0]) - 0.1 * true_grad / true_grad.norm()  # clipped to norm 1
     assert torch.allclose(w.detach(), expected, atol=1e-6)
@@ -46,13 +46,13 @@ def test_inf_or_nan_gradients_skip_the_step_and_the_scheduler_and_halve_the_scal
     optimizers["critic"] = torch.optim.SGD([critic], lr=0.1)
     schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(optimizers["critic"], lambda step: 1.0)
     backend.backward((w * torch.tensor([1.0, bad, 1.0])).sum() + critic.sum())
-    norms = backend.step(optimizers, schedulers, {"actor": [w], "critic": [critic]}, max_grad_norm=1.0)
+    norms = backend.step(optimizers, schedulers, {"actor": [w], "critic": [critic]}, max_norm=1.0)
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0, 3.0])) and schedulers["actor"].last_epoch == 0
     assert not math.isfinite(norms["actor"])
     assert critic.item() == pytest.approx(0.5 - 0.1) and schedulers["critic"].last_epoch == 1  # finite: steps
     assert backend.scaler.get_scale() == 512.0 and w.grad is None
     backend.backward(w.sum())  # the next clean step goes through at the lower scale
-    backend.step(optimizers, schedulers, {"actor": [w], "critic": [critic]}, max_grad_norm=0.0)
+    backend.step(optimizers, schedulers, {"actor": [w], "critic": [critic]}, max_norm=0.0)
     assert torch.allclose(w.detach(), torch.tensor([0.9, -2.1, 2.9])) and schedulers["actor"].last_epoch == 1
 
 
@@ -61,7 +61,7 @@ def test_scaler_state_survives_a_checkpoint(tmp_path):
     w, optimizers, schedulers = make_model()
     for _ in range(2):  # growth_interval 2: two clean steps double the scale
         backend.backward(w.sum())
-        backend.step(optimizers, schedulers, {"actor": [w]}, max_grad_norm=0.0)
+        backend.step(optimizers, schedulers, {"actor": [w]}, max_norm=0.0)
     assert backend.scaler.get_scale() == 16.0
     optimizer_state = {"optimizers": {"actor": optimizers["actor"].state_dict()}}
     backend.save_trainable(tmp_path, {"w": w.detach()}, optimizer_state)

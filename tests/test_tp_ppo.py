@@ -78,7 +78,7 @@ def test_tp_backend_step_clips_the_groups_it_is_given(tiny_llama, world_of_one):
     before = {k: [p.detach().clone() for p in g] for k, g in groups.items()}
     optimizers = {k: torch.optim.SGD(g, lr=1.0) for k, g in groups.items()}
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0) for k, o in optimizers.items()}
-    norms = backend.step(optimizers, schedulers, groups, max_grad_norm=0.5)
+    norms = backend.step(optimizers, schedulers, groups, max_norm=0.5)
     assert norms == pytest.approx(expected, rel=1e-5) and expected["first"] != pytest.approx(expected["rest"])
     for name, group in groups.items():  # SGD at lr 1 moved each group by its clipped gradient
         moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(group, before[name])])

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from rlhf.backend.base import Optimizers, ParameterGroups, Schedulers
 from rlhf.backend.state_files import read_trainable, write_trainable
 from rlhf.backend.trackers import TrackerMethods, Trackers
 
@@ -85,13 +86,9 @@ class AccelerateBackend(TrackerMethods):
             offset += g.numel()
 
     def step(
-        self,
-        optimizers: dict[str, torch.optim.Optimizer],
-        schedulers: dict[str, Any],
-        parameter_groups: dict[str, list[torch.nn.Parameter]],
-        max_grad_norm: float,
+        self, optimizers: Optimizers, schedulers: Schedulers, groups: ParameterGroups, max_norm: float
     ) -> dict[str, float]:
-        params = [p for group in parameter_groups.values() for p in group]
+        params = [p for group in groups.values() for p in group]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -99,8 +96,8 @@ class AccelerateBackend(TrackerMethods):
         for optimizer in optimizers.values():  # after the all-reduce, so every process sees the same inf
             self.scaler.unscale_(optimizer)  # true-scale gradients before clipping (no-op without fp16)
         norms = {}
-        for name, group in parameter_groups.items():
-            limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+        for name, group in groups.items():
+            limit = max_norm if max_norm > 0 else float("inf")
             norms[name] = float(torch.nn.utils.clip_grad_norm_(group, limit))
         for name, optimizer in optimizers.items():
             if self.scaler.is_enabled() and not math.isfinite(norms.get(name, 0.0)):

@@ -25,6 +25,10 @@ from typing import Any, Protocol
 
 import torch
 
+Optimizers = dict[str, torch.optim.Optimizer]  # one optimizer per parameter group ("actor", "critic", ...)
+Schedulers = dict[str, Any]  # the learning-rate scheduler of each optimizer, by the same names
+ParameterGroups = dict[str, list[torch.nn.Parameter]]  # each optimizer's parameters, by the same names
+
 
 class Backend(Protocol):
     device: torch.device
@@ -46,13 +50,9 @@ class Backend(Protocol):
         """Accumulate gradients of ``loss`` (the caller has already divided by the accumulation steps)."""
 
     def step(
-        self,
-        optimizers: dict[str, torch.optim.Optimizer],
-        schedulers: dict[str, Any],
-        parameter_groups: dict[str, list[torch.nn.Parameter]],
-        max_grad_norm: float,
+        self, optimizers: Optimizers, schedulers: Schedulers, groups: ParameterGroups, max_norm: float
     ) -> dict[str, float]:
-        """Average gradients over data-parallel processes, clip each group to ``max_grad_norm``, step
+        """Average gradients over data-parallel processes, clip each group to ``max_norm``, step
         every optimizer and scheduler, zero the gradients. Returns the pre-clip norm per group."""
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:

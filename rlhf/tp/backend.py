@@ -30,6 +30,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from rlhf.backend.base import Optimizers, ParameterGroups, Schedulers
 from rlhf.backend.state_files import rank_dir, read_trainable, write_trainable
 from rlhf.backend.trackers import TrackerMethods, Trackers
 from rlhf.tp.distributed import barrier, device
@@ -100,19 +101,15 @@ class TPBackend(TrackerMethods):
         loss.backward()
 
     def step(
-        self,
-        optimizers: dict[str, torch.optim.Optimizer],
-        schedulers: dict[str, Any],
-        parameter_groups: dict[str, list[torch.nn.Parameter]],
-        max_grad_norm: float,
+        self, optimizers: Optimizers, schedulers: Schedulers, groups: ParameterGroups, max_norm: float
     ) -> dict[str, float]:
         """Clip each group by its whole-model norm (see :func:`group_grad_norm`), step, zero. Every
         parameter must belong to a model given to :meth:`prepare` (else its split is unknown)."""
-        if any(id(p) not in self._prepared for group in parameter_groups.values() for p in group):
+        if any(id(p) not in self._prepared for group in groups.values() for p in group):
             raise RuntimeError("TPBackend.step: a parameter of a model not given to prepare()")
         norms = {
-            name: group_grad_norm(group, self._split, max_grad_norm if max_grad_norm > 0 else None)
-            for name, group in parameter_groups.items()
+            name: group_grad_norm(group, self._split, max_norm if max_norm > 0 else None)
+            for name, group in groups.items()
         }
         for name, optimizer in optimizers.items():
             optimizer.step()
