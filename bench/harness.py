@@ -252,5 +252,6 @@ def section_text(title: str, script: str, batch: str, table: str, note: str = ""
     return (
         f"## {title} ({device_label()})\n\n"
         f"`{script}`: batch per step {batch}; AdamW, {'bf16' if gpu else 'fp32'}, no gradient checkpointing. "
-        f"Peak MB: {peak}. {mfu} padding = share of pad slots in the batches.\n{note}\n\n{table}\n"
+        f"Peak MB: {peak}. {mfu} padding = share of pad slots in the batches.{' ' + note if note else ''}\n\n"
+        f"{table}\n"
     )
