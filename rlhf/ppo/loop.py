@@ -129,7 +129,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     )
     ended = torch.zeros_like(lengths, dtype=torch.bool)
     if s.eos_token_id is not None:
-        ended = (batch.response_ids == s.eos_token_id).any(1)
+        ended = ((batch.response_ids == s.eos_token_id) & mask.bool()).any(1)  # pads may equal EOS
 
     # 2. Score each response at its last token (a reward model in chunks of --per_device_forward_batch_size
     #    rows); clip; optionally penalise a missing EOS.
