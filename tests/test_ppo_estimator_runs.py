@@ -275,9 +275,15 @@ def sft_model(tiny_llama, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+@pytest.mark.parametrize(
+    "estimator",
+    ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline",
+     "dr_grpo:seq-mean-token-sum-norm", "grpo:seq-mean-token-mean"],
+)  # fmt: skip
 def test_critic_free_estimator_learns_a_rule_reward(sft_model, estimator, tmp_path):
-    """12 rollouts of 8 prompts x 4 samples, a fully trained actor: the positivity score rises clearly."""
+    """12 rollouts of 8 prompts x 4 samples, a fully trained actor: the positivity score rises clearly
+    (``name:mode`` also sets ``--loss_agg_mode``: Dr. GRPO's and the GRPO paper's loss aggregations)."""
+    estimator, _, agg_mode = estimator.partition(":")
     out = tmp_path / estimator
     run_ppo_with_peft.main([
         "--sft_model_path", str(sft_model), "--reward_fn", "rlhf.toy_task:positivity_reward",
@@ -286,6 +292,7 @@ def test_critic_free_estimator_learns_a_rule_reward(sft_model, estimator, tmp_pa
         "--per_device_mini_train_batch_size", "16", "--ppo_epochs", "2", "--max_response_length", "16",
         "--max_steps", "48", "--logging_steps", "4", "--save_steps", "1000", "--actor_lr", "5e-4",
         "--actor_lora_rank", "-1", "--kl_penalty_beta", "0.02", "--seed", "1", "--disable_tqdm", "true",
+        "--loss_agg_mode", agg_mode or "token-mean",
     ])  # fmt: skip
     scores = [m["reward/score"] for m in read_metrics(out / "metrics.jsonl")]  # one row per rollout
     first, last = sum(scores[:2]) / 2, sum(scores[-3:]) / 3

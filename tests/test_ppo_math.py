@@ -10,7 +10,7 @@ import torch
 
 from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.kl import AdaptiveKLController, kl_estimate, kl_shaped_rewards
-from rlhf.ppo.losses import entropy_bonus, policy_loss, pretrain_weight, value_loss
+from rlhf.ppo.losses import aggregate_tokens, entropy_bonus, policy_loss, pretrain_weight, value_loss
 from rlhf.ppo.metrics import MetricsAccumulator
 from rlhf.ppo.stats import (
     entropy_from_logits,
@@ -146,6 +146,34 @@ def test_policy_loss_loop_reference(gen):
     assert out.loss.item() == pytest.approx(sum(losses) / len(losses), abs=1e-5)
     assert out.clipfrac.item() == pytest.approx(sum(clipped) / len(clipped), abs=1e-6)
     assert out.approxkl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
+
+
+def test_loss_aggregations_loop_reference(gen):
+    """token-mean (all tokens alike), seq-mean-token-mean (GRPO: each response alike), seq-mean-token-sum-norm
+    (Dr. GRPO: token sums over a constant length) against plain loops."""
+    per_token, mask = torch.randn(4, 6, generator=gen, dtype=torch.float64), random_mask(4, 6, gen).double()
+    rows = [[per_token[b, t].item() for t in range(6) if mask[b, t]] for b in range(4)]
+    tokens = [x for row in rows for x in row]
+    expected = {
+        "token-mean": sum(tokens) / len(tokens),
+        "seq-mean-token-mean": sum(sum(r) / max(len(r), 1) for r in rows) / 4,
+        "seq-mean-token-sum-norm": sum(sum(r) for r in rows) / 4 / 6,
+    }
+    for mode, value in expected.items():
+        assert aggregate_tokens(per_token, mask, mode, norm_length=6).item() == pytest.approx(
+            value, abs=1e-12
+        )
+    # the policy loss aggregates its per-token terms the same way; the default is today's token mean
+    logp, old, adv = (torch.randn(4, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(3))
+    token_terms = torch.maximum(-adv * (logp - old).exp(), -adv * (logp - old).exp().clamp(0.8, 1.2))
+    assert policy_loss(logp, old, adv, mask, 0.2).loss.item() == pytest.approx(
+        aggregate_tokens(token_terms, mask).item(), abs=1e-12
+    )
+    for mode in expected:
+        got = policy_loss(logp, old, adv, mask, 0.2, mode, 6).loss.item()
+        assert got == pytest.approx(aggregate_tokens(token_terms, mask, mode, 6).item(), abs=1e-12)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_tokens(per_token, mask, "sum")
 
 
 def test_policy_loss_gradient_is_zero_when_clipped():

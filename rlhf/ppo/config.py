@@ -15,6 +15,7 @@ from rlhf.args import DEFAULT_LORA_TARGET, check_output_dir, check_positive_flag
 from rlhf.errors import ConfigError
 from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, EstimatorSettings
 from rlhf.ppo.kl import KL_ESTIMATORS
+from rlhf.ppo.losses import LOSS_AGG_MODES
 from rlhf.ppo.memory import forward_batch_size
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,12 @@ class PPOArguments:
         default=1,
         metadata={"help": "Responses sampled per prompt (a group, kept on one process); grpo, dr_grpo, rloo "
                   "and reinforce_pp_baseline need 2 or more."},
+    )  # fmt: skip
+    loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={"help": "How the policy loss averages its per-token terms: token-mean (all tokens alike), "
+                  "seq-mean-token-mean (each response alike, the GRPO paper), seq-mean-token-sum-norm (token sums "
+                  "over --max_response_length, Dr. GRPO).", "choices": list(LOSS_AGG_MODES)},
     )  # fmt: skip
     use_kl_loss: bool = field(
         default=False,
@@ -217,6 +224,8 @@ def validate_estimator(ppo: PPOArguments) -> None:
             f"--advantage_estimator {name} compares the responses to one prompt: "
             f"pass --num_samples_per_prompt 2 or more (got {k})"
         )
+    if ppo.loss_agg_mode not in LOSS_AGG_MODES:
+        raise ConfigError(f"--loss_agg_mode {ppo.loss_agg_mode}: expected one of {', '.join(LOSS_AGG_MODES)}")
     if ppo.whiten_rewards and name != "gae":
         raise ConfigError(f"--whiten_rewards applies to --advantage_estimator gae only (got {name})")
 

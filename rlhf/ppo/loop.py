@@ -205,7 +205,10 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     accumulation = s.args.gradient_accumulation_steps
     with backend.autocast():
         logprobs, entropy = models.policy_logprobs(batch, ppo.temperature, with_entropy=True)
-        policy = policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask, ppo.ratio_clip)
+        policy = policy_loss(
+            logprobs, old["old_logprobs"], old["advantages"], mask, ppo.ratio_clip,
+            ppo.loss_agg_mode, ppo.max_response_length,
+        )  # fmt: skip
         entropy_mean = entropy_bonus(entropy, mask)
         pretrain = torch.zeros((), device=backend.device)
         if s.pretrain is not None:

@@ -1,6 +1,7 @@
 """PPO losses (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") and the pretraining mix.
 
-Shapes: ``B`` sequences, ``R`` response positions; every mean is a masked mean over response tokens.
+Shapes: ``B`` sequences, ``R`` response positions; every mean is a masked mean over response tokens, except
+the policy loss, whose per-token terms are aggregated by ``--loss_agg_mode`` (:func:`aggregate_tokens`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,33 @@ import torch
 
 from rlhf.ppo.kl import kl_estimate
 from rlhf.ppo.stats import masked_mean
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_tokens(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_length: int | None = None
+) -> torch.Tensor:
+    """One scalar from per-token loss terms (``--loss_agg_mode``, veRL's names). per_token, mask: [B, R].
+
+    - ``token-mean``: Σ_{i,t} l_it / Σ_{i,t} m_it, every token of the mini-batch weighs the same (DAPO, Yu et
+      al. 2025; our PPO's default, unchanged);
+    - ``seq-mean-token-mean``: 1/B Σ_i (Σ_t l_it / |o_i|), each response weighs the same (GRPO, Shao et al.
+      2024, eq. 3), so tokens of long responses count less;
+    - ``seq-mean-token-sum-norm``: 1/B Σ_i Σ_t l_it / L with a constant L (``norm_length``, the maximum
+      response length): Dr. GRPO (Liu et al. 2025), which removes GRPO's length bias.
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    sums = (per_token * mask).sum(-1)  # [B]
+    if mode == "seq-mean-token-mean":
+        return (sums / mask.sum(-1).clamp(min=1.0)).mean()
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_length or norm_length <= 0:
+            raise ValueError("seq-mean-token-sum-norm needs norm_length > 0 (the maximum response length)")
+        return sums.mean() / norm_length
+    raise ValueError(f"unknown loss aggregation {mode!r} (expected one of {', '.join(LOSS_AGG_MODES)})")
 
 
 @dataclass
@@ -32,18 +60,21 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    agg_mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> PolicyLoss:
     """Clipped surrogate, PPO paper eq. 7, as a loss to minimise:
 
-    L = mean_t max(-Â_t·ρ_t, -Â_t·clip(ρ_t, 1-ε, 1+ε)),  ρ_t = exp(log π(a_t) - log π_old(a_t)).
+    L = agg_t max(-Â_t·ρ_t, -Â_t·clip(ρ_t, 1-ε, 1+ε)),  ρ_t = exp(log π(a_t) - log π_old(a_t)),
 
-    logprobs, old_logprobs, advantages, mask: [B, R].
+    with ``agg`` the token aggregation of :func:`aggregate_tokens` (default: the mean over all tokens).
+    logprobs, old_logprobs, advantages, mask: [B, R]. ``clipfrac`` and ``approxkl`` are token means.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_tokens(torch.maximum(unclipped, clipped), mask, agg_mode, norm_length)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
