@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+
+# Library-to-library deprecation noise a user cannot act on: peft reads transformers' deprecated
+# ``is_gradient_checkpointing`` property while wrapping every model (transformers 5.x, peft 0.21).
+QUIET_WARNINGS = ((FutureWarning, r".*`is_gradient_checkpointing` is deprecated.*"),)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger; non-zero ranks log warnings and errors only."""
     rank = int(os.environ.get("RANK", "0"))
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     logging.basicConfig(
         level=level if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
