@@ -367,6 +367,8 @@ def test_generation_engine_flag(tiny_llama, tiny_gemma, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "generation engine: static (--generation_engine static)" in err
     assert "static KV cache: 2 layers x K,V [2 rows, 2 kv heads, 80 slots, 16 dims] float32" in err
+    assert err.count("static KV cache") == 1  # allocated once, at start: before the loop's first line
+    assert err.index("static KV cache") < err.index("each rollout:")
     assert run_ppo_with_peft.main(argv(tiny_gemma, "auto"))["step"] == 1
     err = capsys.readouterr().err
     assert "generation engine: hf (--generation_engine auto: the static engine runs llama, mistral, " in err

@@ -46,6 +46,10 @@ class Generator(Protocol):
     :class:`rlhf.generation.engine.EngineGenerator` (the static-cache engine); see
     :func:`rlhf.generation.build.build_generator`."""
 
+    def prepare(self) -> None:
+        """Allocate what generation needs up front (the engine's static KV cache) and log its size; called
+        once before the first rollout, under the backend's autocast. A no-op for HF ``generate``."""
+
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
         """Sample one response per prompt. prompt_ids, prompt_mask: [B, P], left-padded."""
 

@@ -16,8 +16,9 @@ One engine serves every model side (:class:`rlhf.generation.decoder.Decoder`). A
 
 The result is a :class:`rlhf.generation.base.Generation`: responses right-padded after the first EOS (or
 the point where ``stop`` ended the row), the mask including the EOS, and the sampled tokens' log-probs.
-The cache is allocated at the first generation for ``max_batch_size`` rows x ``max_length`` slots and
-reused; a longer request re-allocates it (with a warning) and drops the graphs.
+The cache is allocated by :meth:`RolloutEngine.reserve` (PPO calls it at start through
+:meth:`EngineGenerator.prepare`) or else at the first generation, for ``max_batch_size`` rows x ``max_length``
+slots, and reused; a longer request re-allocates it (with a warning) and drops the graphs.
 
 NOTE: the CUDA-graph path has not run on a GPU yet; on CPU the engine runs eagerly (and the tests drive the
 graph bookkeeping with a capture that re-runs the step).
@@ -145,6 +146,10 @@ class RolloutEngine:
 
     def _decode_step(self, batch: int) -> torch.Tensor:
         return self.decoder.step(self.tokens[:batch], self.positions[:batch], self.slot, self.cache)
+
+    def reserve(self) -> None:
+        """Allocate the static KV cache now (``max_batch_size`` rows x ``max_length`` slots; logged)."""
+        self._reserve(self.max_length)
 
     def _reserve(self, length: int) -> None:
         """A cache for ``max_batch_size`` rows and at least ``length`` slots in the compute dtype."""
@@ -297,7 +302,8 @@ class EngineGenerator:
 
     ``model_context()`` yields the model to generate with (for the PEFT bundle: the base with the actor
     adapter active, as ``HFGenerator`` takes it); ``decoder_factory(model)`` makes its model side. The
-    engine is built at the first generation and reused while the context yields the same model.
+    engine is built by :meth:`prepare` or the first generation and reused while the context yields the same
+    model.
     """
 
     def __init__(
@@ -324,6 +330,13 @@ class EngineGenerator:
                 max_length=self.max_prompt_length + self.sampling.max_new_tokens, **self.engine_options,
             )  # fmt: skip
         return self.engine
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Build the engine for the model the context yields and allocate its KV cache (the size is logged),
+        so a run states its generation memory at start rather than at the first rollout."""
+        with self.model_context() as model:
+            self.engine_for(model).reserve()
 
     def generate(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stop: StopFn | None = None

@@ -45,6 +45,9 @@ class HFGenerator:
             return_dict_in_generate=True,
         )
 
+    def prepare(self) -> None:
+        """Nothing to allocate: ``generate`` grows its own cache at every call."""
+
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
         with self.model_context() as model:

@@ -148,6 +148,8 @@ def assemble_session(
     if args.gradient_checkpointing:
         parts.models.enable_gradient_checkpointing()
     optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
+    with backend.autocast():  # the cache takes the dtype the rollouts will compute in
+        parts.generator.prepare()
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
     tokenizer = parts.tokenizer
