@@ -141,7 +141,7 @@ def worker(out: Path, cases: list[str]) -> None:
     """torchrun entry: every case at world size 2; rank 0 saves each rank's greedy and sampled tokens."""
     import torch.distributed as dist
 
-    from rlhf.tp.distributed import init_model_parallel
+    from rlhf.tp.distributed import init_model_parallel, shutdown
 
     rank, world_size = init_model_parallel("gloo")
     for case in cases:
@@ -155,7 +155,7 @@ def worker(out: Path, cases: list[str]) -> None:
             saved[key] = pieces
         if rank == 0:
             torch.save(saved, out / f"{name}.pt")
-    dist.destroy_process_group()
+    shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)
 
 
 if __name__ == "__main__":

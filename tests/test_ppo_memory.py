@@ -305,9 +305,8 @@ def test_tp_world_size_2_equals_world_size_1(tiny_llama, world_of_one, tmp_path)
 
 def worker(model_dir: Path, out: Path) -> None:
     """torchrun entry: the TP=2 outputs of :func:`tp_outputs`, one file per rank."""
-    import torch.distributed as dist
 
-    from rlhf.tp.distributed import init_model_parallel
+    from rlhf.tp.distributed import init_model_parallel, shutdown
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.ppo_models import TPPolicyModels
 
@@ -321,7 +320,7 @@ def worker(model_dir: Path, out: Path) -> None:
         )
     models = TPPolicyModels(actor, critic, actor_source=str(model_dir), critic_source=str(model_dir))
     torch.save(tp_outputs(models, random_batch(512, seed=10)), out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)
 
 
 if __name__ == "__main__":
