@@ -53,6 +53,25 @@ def has_shared_data() -> bool:
     return GSM8K_TRAIN.is_file() and HH_PAIRS.is_file()
 
 
+Shape = tuple[int, int, "int | None"]  # (batch, warm-up steps, timed steps); None timed = the whole data set
+
+
+class Workloads:
+    """A benchmark's workloads: ``fixed`` on a GPU or ``toy`` on CPU, plus the variable-length ``real`` one
+    (read from ../shared/data) when it is there, whose shape differs between GPU and CPU."""
+
+    def __init__(self, real: str, shapes: dict[str, Shape]) -> None:
+        self.real, self.shapes = real, shapes  # shapes: toy, fixed, <real>_gpu, <real>_cpu
+
+    def names(self, gpu: bool) -> list[str]:
+        return (["fixed"] if gpu else ["toy"]) + ([self.real] if has_shared_data() else [])
+
+    def shape(self, workload: str, gpu: bool) -> Shape:
+        if workload == self.real:
+            return self.shapes[f"{workload}_{'gpu' if gpu else 'cpu'}"]
+        return self.shapes[workload]
+
+
 def workload_texts() -> list[str]:
     """The GSM8K questions and answers and the HH transcripts, for the benchmark tokenizer."""
     texts = []

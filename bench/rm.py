@@ -33,18 +33,9 @@ from results_file import markdown_table, update_section  # noqa: E402
 IMPLS = ["rlhf-padded", "rlhf-packed", "trl"]
 GPU_EXTRAS = ["rlhf-packed-compiled"]
 # workload -> (pairs per step, warm-up steps, timed steps); None timed = the whole data set
-SHAPES = {"toy": (8, 3, None), "fixed": (8, 5, 15), "hh_gpu": (16, 5, 15), "hh_cpu": (8, 3, 15)}
-
-
-def workloads(gpu: bool) -> list[str]:
-    names = ["fixed"] if gpu else ["toy"]
-    return names + (["hh"] if harness.has_shared_data() else [])
-
-
-def shape(workload: str, gpu: bool) -> tuple[int, int, int | None]:
-    if workload == "hh":
-        return SHAPES["hh_gpu" if gpu else "hh_cpu"]
-    return SHAPES[workload]
+WORKLOADS = harness.Workloads(
+    "hh", {"toy": (8, 3, None), "fixed": (8, 5, 15), "hh_gpu": (16, 5, 15), "hh_cpu": (8, 3, 15)}
+)
 
 
 def bench_pairs(model_dir: Path, workload: str, n_pairs: int | None) -> list[dict]:
@@ -87,7 +78,7 @@ def worker(name: str, workdir: Path, workload: str) -> dict:
     from rlhf.training.packed_attention import use_packed_attention
 
     gpu = harness.on_gpu()
-    batch, warmup, timed = shape(workload, gpu)
+    batch, warmup, timed = WORKLOADS.shape(workload, gpu)
     model_dir = workdir / "model"
     pairs = bench_pairs(model_dir, workload, None if timed is None else batch * (warmup + timed))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -176,7 +167,7 @@ def main() -> None:
         return
     gpu = harness.on_gpu()
     names = IMPLS + (GPU_EXTRAS if gpu else [])
-    results = harness.run_workloads(__file__, names, workloads(gpu), key="pairs_per_s")
+    results = harness.run_workloads(__file__, names, WORKLOADS.names(gpu), key="pairs_per_s")
     text = section(results, gpu)
     print(text)
     update_section("rm-gpu" if gpu else "rm", text)

@@ -42,18 +42,9 @@ GPU_EXTRAS = ["rlhf-packed-compiled", "rlhf-packed-unfused", "rlhf-packed-flex"]
 if importlib.util.find_spec("flash_attn") is not None:
     GPU_EXTRAS.append("rlhf-packed-flash_attn")
 # workload -> (batch, warm-up steps, timed steps); None timed = the whole data set
-SHAPES = {"toy": (8, 5, None), "fixed": (8, 5, 15), "gsm8k_gpu": (32, 5, 15), "gsm8k_cpu": (8, 3, 20)}
-
-
-def workloads(gpu: bool) -> list[str]:
-    names = ["fixed"] if gpu else ["toy"]
-    return names + (["gsm8k"] if harness.has_shared_data() else [])
-
-
-def shape(workload: str, gpu: bool) -> tuple[int, int, int | None]:
-    if workload == "gsm8k":
-        return SHAPES["gsm8k_gpu" if gpu else "gsm8k_cpu"]
-    return SHAPES[workload]
+WORKLOADS = harness.Workloads(
+    "gsm8k", {"toy": (8, 5, None), "fixed": (8, 5, 15), "gsm8k_gpu": (32, 5, 15), "gsm8k_cpu": (8, 3, 20)}
+)
 
 
 def bench_data(model_dir: Path, workload: str, workdir: Path, n_rows: int | None) -> list[dict]:
@@ -141,7 +132,7 @@ def worker(name: str, workdir: Path, workload: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gpu = harness.on_gpu()
-    batch, warmup, timed = shape(workload, gpu)
+    batch, warmup, timed = WORKLOADS.shape(workload, gpu)
     model_dir = workdir / "model"
     examples = bench_data(model_dir, workload, workdir, None if timed is None else batch * (warmup + timed))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -194,8 +185,8 @@ def gpu_suite(budget: float) -> None:
     import rm as rm_bench
 
     deadline = harness.Deadline(budget)
-    sft_results: dict[str, list[dict]] = {w: [] for w in workloads(True)}
-    rm_results: dict[str, list[dict]] = {w: [] for w in rm_bench.workloads(True)}
+    sft_results: dict[str, list[dict]] = {w: [] for w in WORKLOADS.names(True)}
+    rm_results: dict[str, list[dict]] = {w: [] for w in rm_bench.WORKLOADS.names(True)}
     sft_script, rm_script = __file__, str(Path(__file__).resolve().parent / "rm.py")
     varied = "gsm8k" if "gsm8k" in sft_results else "fixed"
     plan = [(sft_script, sft_results, w, n) for w in sft_results for n in IMPLS]  # most important first
@@ -239,7 +230,7 @@ def main() -> None:
         gpu_suite(args.budget)
         return
     gpu = harness.on_gpu()
-    results = harness.run_workloads(__file__, IMPLS + (GPU_EXTRAS if gpu else []), workloads(gpu))
+    results = harness.run_workloads(__file__, IMPLS + (GPU_EXTRAS if gpu else []), WORKLOADS.names(gpu))
     text = section(results, gpu)
     print(text)
     update_section("sft-gpu" if gpu else "sft", text)
