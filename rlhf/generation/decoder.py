@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -82,11 +83,11 @@ class Decoder(ABC):
     def head_dim(self) -> int:
         return self.layers[0].head_dim
 
-    @property
+    @cached_property  # the layers are fixed after __init__; read at every step
     def n_rep(self) -> int:
         return self.layers[0].n_heads // self.layers[0].n_kv_heads
 
-    @property
+    @cached_property
     def windows(self) -> set[int | None]:
         return {layer.window for layer in self.layers}
 

@@ -89,9 +89,8 @@ class StopTracker:
         rows = [r for r, n in enumerate(lengths) if n > checked and r not in self.ends]
         if not rows:
             return
-        eos = [self.eos_token_id in row for row in tokens[rows].tolist()]
-        for row, row_tokens, has_eos in zip(rows, tokens[rows].tolist(), eos):
-            n_max = lengths[row] - int(has_eos)  # tokens before the EOS
+        for row, row_tokens in zip(rows, tokens[rows].tolist()):
+            n_max = lengths[row] - int(self.eos_token_id in row_tokens)  # tokens before the EOS
             if not self.stop(self.offset + row, row_tokens[:n_max]):
                 continue
             first = (n for n in range(checked + 1, n_max + 1) if self.stop(self.offset + row, row_tokens[:n]))

@@ -137,11 +137,11 @@ class DecodeGraphs:
             torch.cuda.synchronize(device)
         if self.guard is None:
             self.guard = WeightGuard(self.module)
-        self.capture_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.capture_seconds += elapsed
         logger.info(
-            "captured the decode step for %d rows (%d graph(s), %.2f s)",
-            batch, len(self.graphs), time.perf_counter() - started,
-        )  # fmt: skip
+            "captured the decode step for %d rows (%d graph(s), %.2f s)", batch, len(self.graphs), elapsed
+        )
         return key
 
     def run(self, key: tuple) -> torch.Tensor:

@@ -225,9 +225,9 @@ def estimate_advantages(
             raise ValueError("gae needs the critic's values")
         rewards, _ = kl_shaped_rewards(scores, kl, mask, reward_beta)
         if settings.whiten_rewards:
-            rewards = global_masked_whiten(rewards, mask, reduce_sum, shift_mean=False) * mask
+            rewards = global_masked_whiten(rewards, mask, reduce_sum, shift_mean=False)
         advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
-        return Advantages(global_masked_whiten(advantages, mask, reduce_sum) * mask, returns)
+        return Advantages(global_masked_whiten(advantages, mask, reduce_sum), returns)
     if name in SEQUENCE_LEVEL:
         sequence_scores = scores - reward_beta * (kl * mask).sum(1)
         return Advantages(sequence_advantages(name, sequence_scores, group_ids, mask))

@@ -36,7 +36,13 @@ from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
-from rlhf.ppo.memory import forward_batch_size, log_peak_memory, peak_memory_metrics, score_in_chunks
+from rlhf.ppo.memory import (
+    forward_batch_size,
+    log_peak_memory,
+    peak_memory_metrics,
+    row_chunks,
+    score_in_chunks,
+)
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.rewards import Scorer
@@ -89,10 +95,6 @@ def check_finite(values: dict[str, torch.Tensor | float], step: int, last_checkp
     if bad:
         kept = last_checkpoint or "none (no checkpoint saved yet)"
         raise NonFiniteError(f"non-finite {bad} at step {step}; stopped. Last good checkpoint: {kept}")
-
-
-def _chunks(n: int, size: int) -> list[torch.Tensor]:
-    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -149,7 +151,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     old_logprobs, ref_logprobs, values = [], [], []
     if from_generator:
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
-    for rows in _chunks(n, forward_rows):
+    for rows in row_chunks(n, forward_rows):
         chunk = batch.select(rows.to(device))
         with s.backend.autocast():
             if not from_generator:
@@ -179,7 +181,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         old_values=values, returns=estimate.returns, ref_logprobs=ref_logprobs if ppo.use_kl_loss else None,
     )  # fmt: skip
     # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py).
-    kl_penalty = -beta * kl * mask
+    kl_penalty = -beta * kl  # kl is zero outside the mask
     stats = {
         "reward/score": float(raw_scores.mean()),
         "reward/score_std": float(raw_scores.std(unbiased=False)),

@@ -37,6 +37,11 @@ def forward_batch_size(per_device_forward_batch_size: int, mini_batch_size: int)
     return per_device_forward_batch_size
 
 
+def row_chunks(n: int, size: int) -> list[torch.Tensor]:
+    """Row indices 0..n-1 in consecutive chunks of at most ``size`` (the last may be shorter)."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def score_in_chunks(
     scorer: Scorer, batch: SequenceBatch, prompts: list[str], responses: list[str], rows: int
 ) -> torch.Tensor:
@@ -52,10 +57,13 @@ def score_in_chunks(
     if isinstance(scorer, RuleScorer) or n <= rows:
         return scorer.score(batch, prompts, responses)
     scores = []
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        index = torch.arange(start, end, device=batch.input_ids.device)
-        scores.append(scorer.score(batch.select(index), prompts[start:end], responses[start:end]))
+    for index in row_chunks(n, rows):
+        start, end = int(index[0]), int(index[-1]) + 1
+        scores.append(
+            scorer.score(
+                batch.select(index.to(batch.input_ids.device)), prompts[start:end], responses[start:end]
+            )
+        )
     return torch.cat(scores)
 
 

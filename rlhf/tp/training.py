@@ -16,6 +16,7 @@ evaluation; :func:`train_tp` does the rest, top to bottom: load (+ LoRA), train,
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -94,10 +95,11 @@ def fit(
         for chunk in micro_batches(shuffled(examples, args.seed + epoch), args.max_batch_size):
             batch = collate(chunk, pad_id, backend.device)
             loss, stats = task.loss(model, batch)  # the same on every rank
-            if not torch.isfinite(loss):
+            value = loss.item()  # one host sync per micro-batch, for the check and the metrics
+            if not math.isfinite(value):
                 raise DataError(f"non-finite training loss at step {step + 1}")
             backend.backward(loss / args.accumulation_steps)
-            window.add({"loss": loss.item(), **stats})
+            window.add({"loss": value, **stats})
             tokens += int(batch["attention_mask"].sum())
             micro += 1
             if micro % args.accumulation_steps:
