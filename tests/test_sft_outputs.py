@@ -15,10 +15,11 @@ from test_sft_stage import quick_argv
 from transformers import TrainingArguments
 
 from rlhf.args import LoraArguments, ModelArguments
+from rlhf.checkpoint_dirs import list_checkpoints
 from rlhf.errors import CheckpointError
 from rlhf.sft.stage import SFTTrainer, build_sft_model
 from rlhf.training import prepare_output_dir
-from rlhf.training.checkpoints import checkpoint_problem, list_checkpoints, newest_loadable_checkpoint
+from rlhf.training.checkpoints import checkpoint_problem, newest_loadable_checkpoint
 from run_sft_with_peft import main
 
 

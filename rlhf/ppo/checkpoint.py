@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.backend import Backend
 from rlhf.backend.state_files import OPTIMIZER, TRAINABLE, check_file, rank_dir, read_file
+from rlhf.checkpoint_dirs import list_checkpoints, newest_loadable
 from rlhf.errors import CheckpointError
 from rlhf.ppo.batch import RolloutBuffer
 from rlhf.ppo.policy_interface import PolicyModels
@@ -166,10 +167,7 @@ def load_checkpoint(
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """The published ``checkpoint-N`` dirs of ``output_dir``, oldest (smallest N) first."""
-    found = [
-        p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return list_checkpoints(output_dir)[::-1]
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -198,12 +196,7 @@ def checkpoint_problem(directory: Path) -> str | None:
 def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
     """The newest ``checkpoint-N`` of ``output_dir`` whose files are whole, or ``None``; each newer one that
     is damaged is skipped with a warning naming the bad file."""
-    for directory in reversed(checkpoint_dirs(output_dir)):
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        logger.warning("skipping %s: %s", directory.name, problem)
-    return None
+    return newest_loadable(output_dir, checkpoint_problem)[0]
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:

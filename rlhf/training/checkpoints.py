@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from rlhf.checkpoint_dirs import newest_loadable
 
 logger = logging.getLogger(__name__)
 
 TORCH_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
 TORCH_WEIGHT_GLOBS = ("pytorch_model*.bin", "adapter_model.bin")
 TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def _damaged(path: Path, exc: BaseException) -> str:
@@ -94,25 +93,9 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return None
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
-    return [path for _, path in sorted((n, p) for n, p in found if p.is_dir())[::-1]]
-
-
 def newest_loadable_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     """(the newest checkpoint that loads or None, ``"checkpoint-N: <problem>"`` for each newer one skipped).
 
     Each skipped checkpoint is logged as a warning.
     """
-    skipped = []
-    for checkpoint in list_checkpoints(output_dir):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            return checkpoint, skipped
-        skipped.append(f"{checkpoint.name}: {problem}")
-        logger.warning("skipping %s: %s", checkpoint, problem)
-    return None, skipped
+    return newest_loadable(output_dir, checkpoint_problem)

@@ -23,9 +23,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from rlhf.args import check_output_dir
+from rlhf.checkpoint_dirs import list_checkpoints
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.publish import publish_dir, staging_dir, staging_path
-from rlhf.training.checkpoints import checkpoint_problem, list_checkpoints, newest_loadable_checkpoint
+from rlhf.training.checkpoints import checkpoint_problem, newest_loadable_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,40 @@
+"""The ``checkpoint-N`` dirs of an output dir, newest first, and the newest one that would load.
+
+Shared by the Trainer stages (:mod:`rlhf.training.checkpoints`) and the PPO stage (:mod:`rlhf.ppo.checkpoint`),
+which differ only in what makes one of their checkpoints loadable (the ``problem_of`` they pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return [path for _, path in sorted((n, p) for n, p in found if p.is_dir())[::-1]]
+
+
+def newest_loadable(
+    output_dir: str | Path, problem_of: Callable[[Path], str | None]
+) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint whose ``problem_of`` is None, or None; ``"checkpoint-N: <problem>"`` for each
+    newer one skipped). Each skipped checkpoint is logged as a warning."""
+    skipped = []
+    for checkpoint in list_checkpoints(output_dir):
+        problem = problem_of(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"{checkpoint.name}: {problem}")
+        logger.warning("skipping %s: %s", checkpoint, problem)
+    return None, skipped
