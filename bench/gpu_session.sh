@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # One GPU session's checks, most important first, each under its own time limit, for a lent H100/H200
-# (torch, transformers, peft, accelerate preinstalled; no network). Run from the project root after
-# `bash ../shared/gpu/wheels.sh` gathered .whl/ here (carry `.whl` to the device machine):
+# (torch, transformers, peft, accelerate preinstalled; no network). Prepare here, in the project root:
 #
-#   bash bench/gpu_session.sh tests rollout      # first call: the GPU test suite, then the rollout engine
-#   bash bench/gpu_session.sh ppo                # second call: bench/ppo.py --gpu-suite
-#   bash bench/gpu_session.sh sft                # or: bench/sft.py --gpu-suite (SFT and reward model)
+#   bash ../shared/gpu/wheels.sh                                      # datasets, trl 1.16, fairscale -> .whl/
+#   pip download --no-deps trl==0.25.1 -d .whl/trl-0.25.1             # TRL's PPOTrainer, in a folder of its own
+#   pip download --no-deps transformers==X peft==Y -d .whl            # optional: this checkout's versions
+#   mkdir -p .benchdata && cp -r ../shared/data/gsm8k ../shared/data/hh-rlhf .benchdata/   # variable lengths
 #
-# Steps: tests (make test-gpu), rollout (bench/rollout.py), ppo (bench/ppo.py --gpu-suite), sft
-# (bench/sft.py --gpu-suite). Each writes its log to $OUT (the device tool's output folder) or runs/gpu_session/,
-# and the benchmarks write their sections of bench/RESULTS.md, which is copied there at the end.
-# Limits (seconds) per step: TESTS_S, ROLLOUT_S, PPO_S, SFT_S.
+# then on the device machine (carry .whl and .benchdata; both are git-ignored):
+#
+#   bash bench/gpu_session.sh enginetests rollout ppo     # first call
+#   bash bench/gpu_session.sh sft tests                   # second call, on the warm machine
+#
+# Steps: enginetests (the engine's CUDA-graph tests and the packed-attention GPU test), rollout
+# (bench/rollout.py), ppo (bench/ppo.py --gpu-suite), sft (bench/sft.py --gpu-suite: SFT and reward model),
+# tests (tests/test_gpu.py: the seed commands in fp16 and bf16). Each writes its log to $OUT (the device
+# tool's output folder) or runs/gpu_session/; the benchmarks write their sections of bench/RESULTS.md, which
+# is copied there at the end. Limits (seconds): ENGINETESTS_S, ROLLOUT_S, PPO_S, SFT_S, TESTS_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_session}
@@ -19,31 +25,39 @@ python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/n
   echo "bench/gpu_session.sh: no CUDA device here; these checks need a GPU" >&2
   exit 2
 }
-site=$PWD/.whl/site
-export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/device.txt"
+site=/tmp/gpu_session_site
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
+fi
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+[ -d .benchdata ] && export BENCH_SHARED_DATA=$PWD/.benchdata
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+} 2>&1 | tee -a "$out/device.txt"
 
-run_step() {  # name, limit in seconds, command...
-  local name=$1 limit=$2
-  shift 2
+run_step() {  # name, limit in seconds, shell command
+  local name=$1 limit=$2 cmd=$3
   local start=$SECONDS
-  echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after 10 "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name (limit ${limit}s): $cmd" | tee -a "$out/device.txt"
+  timeout --kill-after 10 "$limit" bash -c "$cmd" >"$out/$name.log" 2>&1
   local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - start))s (log: $out/$name.log)"
-  tail -n 15 "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$out/device.txt"
+  tail -n 25 "$out/$name.log"
 }
 
-for step in "${@:-tests rollout}"; do
-  for name in $step; do
-    case $name in
-      tests) run_step tests "${TESTS_S:-300}" make test-gpu ;;
-      rollout) run_step rollout "${ROLLOUT_S:-240}" python3 bench/rollout.py ;;
-      ppo) run_step ppo "${PPO_S:-500}" python3 bench/ppo.py --gpu-suite ;;
-      sft) run_step sft "${SFT_S:-500}" python3 bench/sft.py --gpu-suite ;;
-      *) echo "bench/gpu_session.sh: unknown step $name (tests, rollout, ppo, sft)" >&2; exit 2 ;;
-    esac
-  done
+pytest="python3 -m pytest -q -p no:cacheprovider -o addopts="
+for name in "$@"; do
+  case $name in
+    enginetests) run_step enginetests "${ENGINETESTS_S:-80}" \
+      "$pytest -m gpu tests/test_generation_gpu.py; a=\$?; $pytest tests/test_packed_attention.py -k on_gpu; b=\$?; exit \$((a || b))" ;;
+    rollout) run_step rollout "${ROLLOUT_S:-130}" "python3 bench/rollout.py --budget $((${ROLLOUT_S:-130} - 10))" ;;
+    ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))" ;;
+    sft) run_step sft "${SFT_S:-200}" "python3 bench/sft.py --gpu-suite --budget $((${SFT_S:-200} - 10))" ;;
+    tests) run_step tests "${TESTS_S:-150}" "$pytest -m gpu tests/test_gpu.py" ;;
+    *) echo "bench/gpu_session.sh: unknown step $name (enginetests, rollout, ppo, sft, tests)" >&2; exit 2 ;;
+  esac
 done
 cp bench/RESULTS.md "$out/RESULTS.md"

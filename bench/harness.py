@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; BENCH_SHARED_DATA names another copy (a GPU machine gets only the checkout)
+SHARED_DATA = Path(os.environ.get("BENCH_SHARED_DATA") or ROOT.parent / "shared" / "data")
 GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
 HH_PAIRS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 # dense bf16 peak FLOP/s by device name (H100 SXM and H200 share the same tensor cores), for MFU
@@ -115,7 +116,9 @@ def build_bench_model(out: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    with torch.device("cuda"):  # random init in seconds on the GPU (a minute on CPU)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
     return out
 
 
@@ -142,11 +145,18 @@ def run_worker(
     except subprocess.TimeoutExpired:
         return {"name": name, "error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
+        print_failure(name, proc.stderr)
         return {
             "name": name,
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
         }
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_failure(name: str, stderr: str, lines: int = 40) -> None:
+    """The end of a failed worker's stderr, on this process's stderr (the table keeps only its last line)."""
+    tail = "\n".join(stderr.strip().splitlines()[-lines:])
+    print(f"--- worker {name} failed; the end of its stderr:\n{tail}\n---", file=sys.stderr, flush=True)
 
 
 def run_alternating(

@@ -46,6 +46,7 @@ from ppo_workers import (  # noqa: E402
     trl_grpo,
     trl_ppo,
 )
+import harness  # noqa: E402
 from results_file import markdown_table, update_section  # noqa: E402
 
 TINYLLAMA = Shape("TinyLlama-1.1B shape", 2048, 5632, 22, 32, 4, 32000)
@@ -53,7 +54,7 @@ LLAMA2_7B = Shape("Llama-2-7B shape", 4096, 11008, 32, 32, 32, 32000)
 SUITES = {
     "gpu": Suite(
         "gpu", TINYLLAMA, LLAMA2_7B, samples=64, group=8, mini_batch=32, prompt_len=128, response_len=256,
-        large_batch=32, steps=3, trl_ppo_micro_batch=8, dtype="bfloat16",
+        large_batch=32, steps=2, trl_ppo_micro_batch=8, dtype="bfloat16",
     ),
     "cpu": Suite(
         "cpu", Shape("small llama", 256, 704, 4, 8, 4, 512), None, samples=16, group=8, mini_batch=8,
@@ -138,6 +139,7 @@ def run_worker(
     except subprocess.TimeoutExpired:
         return {"error": f"stopped after {timeout:.0f} s (time budget)"}
     if proc.returncode != 0:
+        harness.print_failure(name, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,6 +170,7 @@ def run_suite(suite: Suite, workdir: Path, budget_s: float, rows: list[str]) -> 
             results[name] = {"error": "skipped: time budget spent"}
             continue
         results[name] = run_worker(name, suite, workdir, left(), trl_site if name == "trl-ppo" else None)
+        print(json.dumps({"row": name, **results[name]}), flush=True)
     return results
 
 
@@ -272,6 +275,9 @@ def main() -> None:
     parser.add_argument("--cpu-small", action="store_true", help="with --gpu-suite: tiny shapes on CPU")
     parser.add_argument("--results", help="write the sections here instead of bench/RESULTS.md")
     parser.add_argument(
+        "--budget", type=float, default=GPU_BUDGET_S, help=f"seconds for --gpu-suite (default {GPU_BUDGET_S})"
+    )
+    parser.add_argument(
         "--rows", default=",".join(ROWS), help=f"comma list of rows to run: {', '.join(ROWS)}"
     )
     args = parser.parse_args()
@@ -298,7 +304,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rows = [name for name in ROWS if name in args.rows.split(",")]
-        results = run_suite(suite, workdir, GPU_BUDGET_S if suite.name == "gpu" else 3600, rows)
+        results = run_suite(suite, workdir, args.budget if suite.name == "gpu" else 3600, rows)
         markdown = {sections[0]: suite_markdown(suite, results)}
         if "ppo-memory-cpu" in sections:
             build(MEMORY_SUITE, workdir / "memory")

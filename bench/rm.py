@@ -34,7 +34,7 @@ IMPLS = ["rlhf-padded", "rlhf-packed", "trl"]
 GPU_EXTRAS = ["rlhf-packed-compiled"]
 # workload -> (pairs per step, warm-up steps, timed steps); None timed = the whole data set
 WORKLOADS = harness.Workloads(
-    "hh", {"toy": (8, 3, None), "fixed": (8, 5, 15), "hh_gpu": (16, 5, 15), "hh_cpu": (8, 3, 15)}
+    "hh", {"toy": (8, 3, None), "fixed": (8, 3, 10), "hh_gpu": (16, 3, 10), "hh_cpu": (8, 3, 15)}
 )
 
 

@@ -43,7 +43,7 @@ if importlib.util.find_spec("flash_attn") is not None:
     GPU_EXTRAS.append("rlhf-packed-flash_attn")
 # workload -> (batch, warm-up steps, timed steps); None timed = the whole data set
 WORKLOADS = harness.Workloads(
-    "gsm8k", {"toy": (8, 5, None), "fixed": (8, 5, 15), "gsm8k_gpu": (32, 5, 15), "gsm8k_cpu": (8, 3, 20)}
+    "gsm8k", {"toy": (8, 5, None), "fixed": (8, 3, 10), "gsm8k_gpu": (32, 3, 10), "gsm8k_cpu": (8, 3, 20)}
 )
 
 
@@ -189,10 +189,15 @@ def gpu_suite(budget: float) -> None:
     rm_results: dict[str, list[dict]] = {w: [] for w in rm_bench.WORKLOADS.names(True)}
     sft_script, rm_script = __file__, str(Path(__file__).resolve().parent / "rm.py")
     varied = "gsm8k" if "gsm8k" in sft_results else "fixed"
-    plan = [(sft_script, sft_results, w, n) for w in sft_results for n in IMPLS]  # most important first
-    plan += [(rm_script, rm_results, w, n) for w in rm_results for n in rm_bench.IMPLS]
+    rm_varied = "hh" if "hh" in rm_results else "fixed"
+    # most important first: the MFU target (fixed), packing on real lengths, the reward model on real pairs
+    plan = [(sft_script, sft_results, "fixed", n) for n in ("rlhf-padded", "trl-padded")]
+    plan += [(sft_script, sft_results, varied, n) for n in IMPLS if varied != "fixed"]
+    plan += [(rm_script, rm_results, rm_varied, n) for n in ("rlhf-packed", "trl", "rlhf-padded")]
+    plan += [(sft_script, sft_results, "fixed", n) for n in IMPLS if n not in ("rlhf-padded", "trl-padded")]
     plan += [(sft_script, sft_results, varied, n) for n in GPU_EXTRAS]
-    plan += [(rm_script, rm_results, w, n) for w in rm_results for n in rm_bench.GPU_EXTRAS]
+    plan += [(rm_script, rm_results, w, n) for w in rm_results for n in rm_bench.IMPLS if w != rm_varied]
+    plan += [(rm_script, rm_results, rm_varied, n) for n in rm_bench.GPU_EXTRAS]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         harness.build_bench_model(workdir / "model")

@@ -278,6 +278,22 @@ def test_graph_bookkeeping_buckets_adapters_and_stale_weights(tiny_model_factory
         engine.generate(ids, mask, sampling)
 
 
+def test_a_failed_capture_falls_back_to_eager_steps_with_a_warning(tiny_model_factory, caplog):
+    model_dir = tiny_model_factory("llama")
+    model = with_lora(model_dir)
+    ids, mask = left_padded(model_dir)
+
+    def failing_capture(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = engine_for(model, cuda_graphs=True, capture=failing_capture)
+    with caplog.at_level(logging.WARNING, logger="rlhf.generation.engine"):
+        out = engine.generate(ids, mask, greedy())
+    assert engine.graphs is None
+    assert "decoding eagerly from now on" in caplog.text and "stream is capturing" in caplog.text
+    assert torch.equal(out.response_ids, engine_for(model).generate(ids, mask, greedy()).response_ids)
+
+
 def test_build_generator_resolves_the_engine_flag(tiny_model_factory, caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -38,7 +38,7 @@ from rlhf.generation.attention import sdpa_backends
 from rlhf.generation.base import Generation, SamplingConfig, response_mask_after_eos
 from rlhf.generation.cache import StaticKVCache
 from rlhf.generation.decoder import Decoder
-from rlhf.generation.graphs import Capture, DecodeGraphs, batch_buckets, bucket_for
+from rlhf.generation.graphs import Capture, DecodeGraphs, StaleGraphError, batch_buckets, bucket_for
 from rlhf.generation.sampling import sample_next
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,7 @@ class RolloutEngine:
         ids = pad_rows(prompt_ids.to(device), batch, sampling.pad_token_id)
         mask = pad_rows(prompt_mask.to(device), batch, 0)
         with sdpa_backends(device):
-            graph_key = None
-            if self.graphs is not None:  # warm-up and capture write into the cache: before the reset
-                graph_key = self.graphs.prepare(batch, decoder.state_key(), device)
+            graph_key = self._graph_key(batch, device)
             self.cache.reset(batch)
             logits = self._prefill(ids, prompt_positions(mask))
             self.positions[:batch, 0] = mask.long().sum(-1) - 1
@@ -256,6 +254,29 @@ class RolloutEngine:
         return self._result(
             tokens_out[:rows, :steps], logprobs_out[:rows, :steps], ends, sampling, prompt_ids
         )
+
+    def _graph_key(self, batch: int, device: torch.device) -> tuple | None:
+        """The decode graph of ``batch`` rows in the current model state, captured if new (None: eager).
+
+        Warm-up and capture write into the cache, so this runs before the cache is reset. A capture that
+        fails (an operation of this model that CUDA graphs cannot record) turns the graphs off for this
+        engine with a warning: decoding goes on eagerly, with the same tokens. Stale weights still raise.
+        """
+        if self.graphs is None:
+            return None
+        try:
+            return self.graphs.prepare(batch, self.decoder.state_key(), device)
+        except StaleGraphError:
+            raise
+        except RuntimeError as error:
+            logger.warning(
+                "rollout engine: capturing the decode step as a CUDA graph failed (%s: %s); decoding "
+                "eagerly from now on", type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+            )  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.graphs = None
+            return None
 
     def _prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run the prompts [B, P] through the model at slots 0..P-1; logits [B, V] of the last column."""
