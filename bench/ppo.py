@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import harness  # noqa: E402
 from ppo_workers import (  # noqa: E402
     MEMORY_SUITE,
     MEMORY_VARIANTS,
@@ -46,7 +47,6 @@ from ppo_workers import (  # noqa: E402
     trl_grpo,
     trl_ppo,
 )
-import harness  # noqa: E402
 from results_file import markdown_table, update_section  # noqa: E402
 
 TINYLLAMA = Shape("TinyLlama-1.1B shape", 2048, 5632, 22, 32, 4, 32000)
