@@ -64,6 +64,21 @@ def test_chunked_loss_equals_cross_entropy_with_gradients(chunk, with_bias, num_
     assert torch.all(got_grads[0][:, :3] == 0)
 
 
+def test_float32_hidden_states_with_bf16_weights():
+    """Accelerate's mixed precision hands the loss float32 hidden states of a bf16 model, outside autocast
+    (found on an H200: the SFT stage crashed with a dtype mismatch). The loss runs the head in bf16."""
+    torch.manual_seed(0)
+    weight = torch.randn(40, 16).bfloat16().requires_grad_()
+    hidden = torch.randn(3, 9, 16).bfloat16().float().requires_grad_()
+    labels = _labels(3, 9, 40, prompt=4)
+    got = linear_cross_entropy(hidden, weight, None, labels, chunk=5)
+    got.backward()
+    reference = _reference(hidden.detach().bfloat16(), weight.detach(), None, labels)
+    torch.testing.assert_close(got, reference, atol=1e-2, rtol=1e-2)
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(hidden.grad).all() and weight.grad.abs().sum() > 0
+
+
 def test_a_micro_batch_without_learned_tokens_adds_nothing():
     """Under gradient accumulation (``num_items_in_batch`` given) an all-prompt batch is a zero loss."""
     hidden = torch.randn(1, 5, 8, requires_grad=True)
@@ -155,12 +170,14 @@ def test_implementation_choice():
         resolve_implementation("triton", "cpu")
 
 
-def _train(model_dir, tmp_path, fused: str, examples):
+def _train(model_dir, tmp_path, fused: str, examples, bf16: bool = False):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
     args = TrainingArguments(
-        output_dir=str(tmp_path / fused), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        output_dir=str(tmp_path / f"{fused}-{bf16}"), bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
         max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
         report_to="none", save_strategy="no", remove_unused_columns=False, seed=0, disable_tqdm=True,
     )  # fmt: skip
@@ -177,13 +194,18 @@ def _train(model_dir, tmp_path, fused: str, examples):
     )
 
 
-def test_trainer_with_gradient_accumulation_matches_the_model_loss(tiny_llama, tmp_path):
-    """Same logged losses, same weights after two SGD steps of 2 x 2 examples, same eval loss."""
+def _examples():
     gen = torch.Generator().manual_seed(3)
     examples = []
     for n, prompt in [(7, 3), (12, 9), (5, 2), (9, 8), (10, 4), (6, 5), (8, 1), (11, 6)]:
         ids = torch.randint(4, 500, (n,), generator=gen).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def test_trainer_with_gradient_accumulation_matches_the_model_loss(tiny_llama, tmp_path):
+    """Same logged losses, same weights after two SGD steps of 2 x 2 examples, same eval loss."""
+    examples = _examples()
     plain_losses, plain_weights, plain_eval = _train(tiny_llama, tmp_path, "off", examples)
     fused_losses, fused_weights, fused_eval = _train(tiny_llama, tmp_path, "torch", examples)
     assert len(plain_losses) == 2
@@ -191,3 +213,13 @@ def test_trainer_with_gradient_accumulation_matches_the_model_loss(tiny_llama, t
     assert fused_eval["eval_loss"] == pytest.approx(plain_eval["eval_loss"], rel=1e-5)
     for name, weight in plain_weights.items():
         torch.testing.assert_close(fused_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_trainer_in_bf16_mixed_precision(tiny_llama, tmp_path):
+    """A bf16 model under ``--bf16``: Accelerate returns float32 hidden states to the loss (the SFT stage
+    crashed so on an H200); the fused loss trains and logs the model loss within bf16 noise."""
+    examples = _examples()
+    plain_losses, _, _ = _train(tiny_llama, tmp_path, "off", examples, bf16=True)
+    fused_losses, fused_weights, _ = _train(tiny_llama, tmp_path, "torch", examples, bf16=True)
+    assert fused_losses == pytest.approx(plain_losses, rel=2e-2)
+    assert all(torch.isfinite(w.float()).all() for w in fused_weights.values())

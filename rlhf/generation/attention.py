@@ -38,7 +38,7 @@ def grouped_attention(
     n_kv = k.shape[1]
     folded = q.reshape(batch, n_kv, (n_heads // n_kv) * n_new, head_dim)
     out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias, scale=scale)
-    return out.view(batch, n_heads, n_new, head_dim)
+    return out.reshape(batch, n_heads, n_new, head_dim)  # SDPA may return it non-contiguous (GPU)
 
 
 def sdpa_backends(device: torch.device) -> AbstractContextManager:
