@@ -1,0 +1,86 @@
+"""The stages under ``--bf16`` mixed precision, on CPU (``--use_cpu True``; the PPO loop's autocast).
+
+``make test`` has no GPU, and the seed commands drop ``--fp16``/``--bf16`` there; but the code paths that
+only run under mixed precision (Accelerate's autocast, model outputs converted to float32, bf16 weights)
+run on CPU too once the flags are kept. Full fine-tuning under ``--torch_dtype bfloat16 --bf16`` crashed
+the SFT stage's fused loss on an H200 (float32 hidden states against bf16 weights), which no CPU test
+saw; the SFT tests here fail the same way on the code before that fix. These runs exercise those paths
+for SFT (full fine-tuning, padded and packed), the reward model (LoRA, packed) and PPO.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_ppo_models import build_rm_adapter
+from test_ppo_run import read_metrics, reference_command
+from test_reward_stage import SEED_FLAGS as RM_SEED_FLAGS
+from test_sft_outputs import with_flags
+from test_sft_stage import seed_argv
+
+import rlhf.args
+import rlhf.models.loading as loading
+import rlhf.ppo.peft_factory as peft_factory
+import rlhf.reward.model as reward_model
+import run_ppo_with_peft
+import run_rm_with_peft
+import run_sft_with_peft
+from rlhf.tiny_models import REPO_ROOT
+
+
+@pytest.fixture
+def keep_precision_flags(monkeypatch):
+    """Keep ``--bf16`` and ``--torch_dtype bfloat16`` on this CPU machine, as on a GPU, instead of dropping
+    them with a warning (bf16 weights under Accelerate's bf16 autocast)."""
+    monkeypatch.setattr(rlhf.args, "GPU_ONLY_FLAGS", ())
+
+    def as_named(name):
+        return "auto" if name in (None, "", "auto") else loading.DTYPES[name]
+
+    for module in (loading, reward_model, peft_factory):
+        monkeypatch.setattr(module, "resolve_dtype", as_named)
+
+
+def in_bf16(argv: list[str], trainer: bool = True) -> list[str]:
+    argv = [arg for arg in argv if arg not in ("--fp16", "--bf16")] + ["--bf16"]
+    argv += ["--use_cpu", "True"] if trainer else []
+    return with_flags(argv, torch_dtype="bfloat16", report_to="none", dataloader_num_workers="0")
+
+
+def trainer_losses(out) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [row["loss"] for row in state["log_history"] if "loss" in row]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_full_fine_tuning_in_bf16(tiny_llama, tmp_path, keep_precision_flags, packing):
+    out = tmp_path / "sft"
+    argv = seed_argv(tiny_llama, REPO_ROOT / "sft_data", out, tmp_path / "cache", lora_rank="-1")
+    argv = with_flags(argv, max_steps="2", logging_steps="1", eval_steps="2", save_steps="2")
+    metrics = run_sft_with_peft.main(in_bf16(argv + ["--packing"] * packing))
+    losses = trainer_losses(out)
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_reward_model_packed_in_bf16(tiny_llama, tmp_path, keep_precision_flags):
+    out = tmp_path / "rm"
+    argv = RM_SEED_FLAGS.format(
+        model=tiny_llama, data=REPO_ROOT / "rm_data", out=out, cache=tmp_path / "c"
+    ).split()
+    argv = with_flags(argv, max_steps="2", logging_steps="1", eval_steps="2", save_steps="2")
+    metrics = run_rm_with_peft.main(in_bf16(argv + ["--packing"]))
+    assert len(trainer_losses(out)) == 2 and all(math.isfinite(x) for x in trainer_losses(out))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_ppo_in_bf16(tiny_llama, tmp_path, keep_precision_flags):
+    rm = build_rm_adapter(tiny_llama, tmp_path / "rm")
+    argv = reference_command(tiny_llama, rm, tmp_path)
+    argv = with_flags(argv, max_steps="2", logging_steps="1", save_steps="2", max_response_length="24")
+    run_ppo_with_peft.main(in_bf16(argv, trainer=False))
+    metrics = read_metrics(tmp_path / "actor" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss/policy"]) and math.isfinite(m["loss/value"]) for m in metrics)
