@@ -3,11 +3,14 @@ batch buckets, stop tracking and the weight guard."""
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+import rlhf.generation.attention as attention_module
 from rlhf.generation import SamplingConfig
 from rlhf.generation.attention import grouped_attention
 from rlhf.generation.cache import attention_bias
@@ -102,6 +105,16 @@ def test_grouped_attention_matches_repeated_keys():
         q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), attn_mask=allowed[:, None]
     )
     torch.testing.assert_close(grouped_attention(q, k, v, folded), expected, atol=1e-6, rtol=1e-5)
+
+    # CUDA's memory-efficient kernel returns [B, H, T, hd] laid out as [B, T, H, hd] (non-contiguous); a
+    # .view of that failed on an H200. The same layout on CPU:
+    sdpa = F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    with patch.object(attention_module.F, "scaled_dot_product_attention", strided_sdpa):
+        torch.testing.assert_close(grouped_attention(q, k, v, folded), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_batch_buckets():
