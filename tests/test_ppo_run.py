@@ -380,3 +380,35 @@ def test_generation_engine_flag(tiny_llama, tiny_gemma, tmp_path, capsys):
     )
     assert exc.value.code == 2 and message + "not gemma (use --generation_engine hf or auto)" in err, err
     assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+def test_generation_lora_merged_trains_like_unmerged(tiny_llama, tmp_path, capsys):
+    """--generation_lora merged samples the same tokens (fp32) as the unmerged adapter, so two PPO steps log
+    the same rewards and losses; with HF generate it is a one-line error naming the flag."""
+
+    def argv(lora: str, engine: str = "static") -> list[str]:
+        return [
+            "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / f"{lora}-{engine}"),
+            "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_response_length", "6",
+            "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "3",
+            "--generation_engine", engine, "--generation_lora", lora,
+        ]  # fmt: skip
+
+    run_ppo_with_peft.main(argv("unmerged"))
+    run_ppo_with_peft.main(argv("merged"))
+    assert "LoRA folded into a" in capsys.readouterr().err
+    unmerged = read_metrics(tmp_path / "unmerged-static" / "metrics.jsonl")
+    merged = read_metrics(tmp_path / "merged-static" / "metrics.jsonl")
+    assert len(merged) == len(unmerged) == 2
+    for a, b in zip(merged, unmerged):
+        assert a["reward/score"] == b["reward/score"]
+        assert a["response/length_mean"] == b["response/length_mean"]
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-4, abs=1e-6)
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv("merged", engine="hf"))
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and "error: --generation_lora merged: the static engine on a Hugging Face" in err
+    )
+    assert err.count("error: ") == 1 and "Traceback" not in err

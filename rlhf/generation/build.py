@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "hf", "static")
 FLAG = "--generation_engine"
+LORA_FLAG = "--generation_lora"
 
 
 def _is_tp_model(model: Any) -> bool:
@@ -42,12 +44,20 @@ def unsupported_reason(model: Any, sampling: SamplingConfig) -> str | None:
     return hf_decoder.unsupported_reason(model)
 
 
-def decoder_for(model: Any) -> Decoder:
-    """The engine's model side for a TP Transformer or a Hugging Face causal LM (PEFT-wrapped or not)."""
+def decoder_for(model: Any, merge_lora: bool = False) -> Decoder:
+    """The engine's model side for a TP Transformer or a Hugging Face causal LM (PEFT-wrapped or not);
+    ``merge_lora``: decode from a copy of the weights with the active adapters folded in
+    (:mod:`rlhf.generation.merged_decoder`; Hugging Face dense models only)."""
     if _is_tp_model(model):
+        if merge_lora:
+            raise ConfigError("merged LoRA weights are not implemented for the tensor-parallel model")
         from rlhf.generation.tp_decoder import TPDecoder
 
         return TPDecoder(model)
+    if merge_lora:
+        from rlhf.generation.merged_decoder import MergedLoraDecoder
+
+        return MergedLoraDecoder(model)
     from rlhf.generation.hf_decoder import HFDecoder
 
     return HFDecoder(model)
@@ -83,18 +93,26 @@ def build_generator(
     max_prompt_length: int,
     max_batch_size: int,
     generator: torch.Generator | None = None,
+    merge_lora: bool = False,
     **engine_options: Any,
 ) -> Generator:
     """The generator for ``--generation_engine kind`` (see the module docstring).
 
     ``model_context()`` yields the model to generate with (entered once here to look at it);
     ``max_prompt_length`` + ``sampling.max_new_tokens`` and ``max_batch_size`` size the static cache;
-    ``generator`` seeds the static engine's sampling (HF generate uses the global RNG);
+    ``generator`` seeds the static engine's sampling (HF generate uses the global RNG); ``merge_lora``:
+    the static engine decodes from merged weights (:func:`decoder_for`);
     ``engine_options`` go to :class:`rlhf.generation.engine.RolloutEngine` (``cuda_graphs``,
     ``check_every``, ``prefill_chunk``).
     """
     with model_context() as model:
         resolved = resolve_engine(kind, model, sampling)
+        if merge_lora and (resolved == "hf" or _is_tp_model(model)):
+            raise ConfigError(
+                f"{LORA_FLAG} merged: the static engine on a Hugging Face dense model only "
+                f"({'the tensor-parallel model' if _is_tp_model(model) else 'the generator is HF generate'}); "
+                f"use {LORA_FLAG} unmerged"
+            )
     if resolved == "hf":
         from rlhf.generation.hf import HFGenerator
 
@@ -103,5 +121,6 @@ def build_generator(
 
     return EngineGenerator(
         model_context, sampling, max_prompt_length=max_prompt_length, max_batch_size=max_batch_size,
-        decoder_factory=decoder_for, generator=generator, **engine_options,
+        decoder_factory=functools.partial(decoder_for, merge_lora=merge_lora), generator=generator,
+        **engine_options,
     )  # fmt: skip

@@ -41,6 +41,7 @@ class LayerParts:
     head_dim: int
     scale: float | None = None  # None: 1 / sqrt(head_dim)
     window: int | None = None  # sliding window in positions, None = full causal attention
+    qkv_proj: Module | None = None  # q, k and v in one projection (then q/k/v_proj are not called)
 
 
 class Decoder(ABC):
@@ -70,6 +71,11 @@ class Decoder(ABC):
     @abstractmethod
     def state_key(self) -> tuple:
         """What a captured graph bakes in besides the weights: active adapters, hooks, train/eval mode."""
+
+    def refresh(self) -> None:
+        """Bring weights the side keeps of its own up to date with the model (before each generation);
+        nothing to do for a side that reads the model's own weights."""
+        return None
 
     def sync(self, tokens: torch.Tensor) -> torch.Tensor:
         """Make every rank hold the same sampled tokens [B] (identity on one process)."""
@@ -133,9 +139,15 @@ class Decoder(ABC):
         """x [B, T, D] -> the attention block's output [B, T, D], through the cache of layer ``index``."""
         batch, n_new, _ = x.shape
         heads, kv_heads, head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
-        q = layer.q_proj(x).view(batch, n_new, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = layer.k_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = layer.v_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)
+        if layer.qkv_proj is not None:
+            q, k, v = layer.qkv_proj(x).split(
+                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1
+            )
+        else:
+            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+        q = q.reshape(batch, n_new, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.reshape(batch, n_new, kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.reshape(batch, n_new, kv_heads, head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.write(index, slots, k, v)  # [B, Hkv, S, hd]
         out = grouped_attention(q.to(keys.dtype), keys, values, cache.bias[layer.window], layer.scale)

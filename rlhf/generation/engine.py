@@ -217,6 +217,7 @@ class RolloutEngine:
         batch = bucket_for(rows, self.buckets) if self.buckets else rows
         ids = pad_rows(prompt_ids.to(device), batch, sampling.pad_token_id)
         mask = pad_rows(prompt_mask.to(device), batch, 0)
+        decoder.refresh()
         with sdpa_backends(device):
             graph_key = self._graph_key(batch, device)
             self.cache.reset(batch)

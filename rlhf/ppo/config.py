@@ -79,6 +79,13 @@ class PPOArguments:
                   "(Hugging Face generate), auto (static where it supports the model, else hf).",
                   "choices": ["auto", "hf", "static"]},
     )  # fmt: skip
+    generation_lora: str = field(
+        default="unmerged",
+        metadata={"help": "How the static engine runs the actor's LoRA adapter: unmerged (the adapter layers, as "
+                  "in training) or merged (a copy of the weights with the adapter folded in, refreshed before "
+                  "each rollout: fewer kernels per decode step, one more copy of the adapted weights in memory; "
+                  "Hugging Face dense models).", "choices": ["unmerged", "merged"]},
+    )  # fmt: skip
     advantage_estimator: str = field(
         default="gae",
         metadata={"help": "gae (PPO with a learned critic) or a critic-free estimator (no critic is built): "

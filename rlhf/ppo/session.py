@@ -108,7 +108,8 @@ def rollout_generator(
 ) -> Generator:
     """The rollout generator for ``--generation_engine`` (:func:`rlhf.generation.build.build_generator`).
 
-    ``generation_model()`` yields the actor to sample from. The static engine's KV cache holds one
+    ``generation_model()`` yields the actor to sample from (``--generation_lora merged``: from a merged copy
+    of its weights, :mod:`rlhf.generation.merged_decoder`). The static engine's KV cache holds one
     generation batch (``--per_device_train_batch_size`` x ``--num_samples_per_prompt`` rows) of
     ``--max_prompt_length`` + ``--max_response_length`` tokens; it samples from the global torch RNG, as HF
     ``generate`` does, so a checkpoint's RNG state resumes the sampling exactly.
@@ -117,6 +118,7 @@ def rollout_generator(
         ppo.generation_engine, generation_model, sampling_config(ppo, tokenizer),
         max_prompt_length=ppo.max_prompt_length,
         max_batch_size=args.per_device_train_batch_size * ppo.num_samples_per_prompt,
+        merge_lora=ppo.generation_lora == "merged",
     )  # fmt: skip
 
 

@@ -1,0 +1,132 @@
+"""The engine's Hugging Face model side with the LoRA adapters folded into a copy of the weights.
+
+:class:`~rlhf.generation.hf_decoder.HFDecoder` runs each projection as the PEFT layer it is: the base GEMM
+plus, per active adapter, two small GEMMs, a scale and an add. At rollout batch sizes those extra kernels
+cost about as much as the base GEMMs. :class:`MergedLoraDecoder` instead keeps, per decoder layer, one
+fused q/k/v matrix, the o projection, one fused gate/up matrix and the down projection, each equal to
+``W + sum of the active adapters' delta weights`` (computed in float32, rounded once to the model's
+dtype), and runs a layer in four GEMMs.
+
+The copy is refreshed in place before every generation (:meth:`refresh`), from whatever the adapters hold
+then and whichever are active (none when disabled, as for the reference policy): an optimizer step on
+the actor is seen by the next rollout, and the refreshed tensors keep their addresses, so captured CUDA
+graphs replay on the new values. Costs: memory for one more copy of the adapted projections (about the
+size of the model's linear layers in its dtype) and one small GEMM per projection per refresh. The
+sampled tokens' log-probs come from the merged weights, so they differ from a training forward (which
+runs the adapters unmerged) by the rounding of the merge: nothing in float32, about bf16's precision in
+bf16.
+
+Dense models only (llama, mistral, qwen2): a mixture-of-experts layer has no single MLP to fold.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf.generation.hf_decoder import HFDecoder, unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def base_linear(module: nn.Module) -> nn.Linear:
+    """The plain ``nn.Linear`` under a PEFT tuner layer (or the module itself)."""
+    base = getattr(module, "base_layer", module)
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"merged weights need linear projections, found {type(base).__name__}")
+    return base
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """``W + sum of the active LoRA delta weights`` of one projection, in float32 (W alone when the
+    adapters are disabled or already merged into W)."""
+    weight = base_linear(module).weight.float()
+    if module is base_linear(module) or module.disable_adapters or module.merged:
+        return weight
+    delta = torch.zeros_like(weight)
+    for name in module.active_adapters:
+        if name not in getattr(module, "lora_A", {}):
+            continue
+        if getattr(module, "use_dora", {}).get(name, False):
+            raise ValueError("merged weights: DoRA adapters are not supported (use unmerged)")
+        delta += module.get_delta_weight(name).float()
+    return weight + delta
+
+
+class FusedLinear:
+    """``F.linear`` over a weight (and bias) we own; ``parts`` projections stacked along the output dim."""
+
+    def __init__(self, parts: list[nn.Module], dtype: torch.dtype, device: torch.device) -> None:
+        self.parts = parts
+        sizes = [base_linear(p).out_features for p in parts]
+        self.weight = torch.empty(sum(sizes), base_linear(parts[0]).in_features, dtype=dtype, device=device)
+        has_bias = [base_linear(p).bias is not None for p in parts]
+        self.bias = torch.zeros(sum(sizes), dtype=dtype, device=device) if any(has_bias) else None
+        self.sizes = sizes
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        start = 0
+        for part, size in zip(self.parts, self.sizes):
+            self.weight[start : start + size].copy_(effective_weight(part))
+            bias = base_linear(part).bias
+            if bias is not None:
+                self.bias[start : start + size].copy_(bias)
+            start += size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.weight.numel() * self.weight.element_size() + bias
+
+
+class MergedMLP:
+    """``down(act(gate(x)) * up(x))`` with gate and up in one GEMM."""
+
+    def __init__(self, mlp: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, device)
+        self.down = FusedLinear([mlp.down_proj], dtype, device)
+        self.act = mlp.act_fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class MergedLoraDecoder(HFDecoder):
+    """See the module docstring. ``model``: the causal LM, or a PeftModel / DDP wrapping it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        body_layers = self.body.layers[: len(self.layers)]
+        if any(
+            not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
+            for layer in body_layers
+        ):
+            raise ValueError(
+                f"merged weights: {unwrap(model).config.model_type} has no dense gate/up/down MLP "
+                "(mixture of experts); use unmerged"
+            )
+        dtype, device = self.dtype, self.device
+        self.fused: list[FusedLinear] = []
+        for parts, layer in zip(self.layers, body_layers):
+            attn = layer.self_attn
+            parts.qkv_proj = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, device)
+            parts.o_proj = FusedLinear([attn.o_proj], dtype, device)
+            parts.mlp = MergedMLP(layer.mlp, dtype, device)
+            self.fused += [parts.qkv_proj, parts.o_proj, parts.mlp.gate_up, parts.mlp.down]
+        self.refresh()
+        logger.info(
+            "rollout engine: LoRA folded into a %.1f MiB copy of the projections (refreshed per generation)",
+            sum(f.nbytes for f in self.fused) / 2**20,
+        )
+
+    def refresh(self) -> None:
+        for fused in self.fused:
+            fused.refresh()
