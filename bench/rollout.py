@@ -2,7 +2,7 @@
 Hugging Face model (``ours``: what ``run_ppo_with_peft.py`` samples with) and on the tensor-parallel model at
 TP=1 (``ours-tp``: what ``rlhf.tp.ppo_train`` and ``rlhf.tp.solver_evaluate`` sample with).
 
-Same model, prompts and sampling for all four, each in its own process (``--worker NAME``) so that its peak
+Same model, prompts and sampling for every row, each in its own process (``--worker NAME``) so that its peak
 memory is its own: an actor LoRA adapter (r=8 on all linear layers, non-zero B; for ``ours-tp`` the TP
 model's own LoRA, :mod:`rlhf.tp.lora`) active on the base, every row sampling exactly ``new_tokens`` tokens
 (min = max new tokens) at temperature 1.
@@ -40,8 +40,17 @@ SHAPES = {
     "gpu": {"batch": 64, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1},
     "cpu-small": {"batch": 16, "prompt": 32, "new_tokens": 64, "dtype": "float32", "repeats": 3},
 }
-# in the order they run: ours first; HF with the static cache (it compiles on GPU) last
-IMPLS = ["ours", "hf-generate", "ours-tp", "hf-generate-static-cache"]
+# in the order they run: ours first; HF with the static cache (it compiles on GPU) last. ``ours-merged``:
+# --generation_lora merged; ``-compiled``: the decode step through torch.compile (inductor) before capture
+IMPLS = [
+    "ours",
+    "ours-merged",
+    "ours-compiled",
+    "ours-merged-compiled",
+    "hf-generate",
+    "ours-tp",
+    "hf-generate-static-cache",
+]
 
 
 def _sync() -> None:
@@ -72,6 +81,41 @@ def tp_actor(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def step_profile(engine, batch: int) -> dict:
+    """On GPU: the GPU time of one decode-graph replay (mean of 20, CUDA events) and the CUDA kernels of one
+    decode step run outside the graph (torch.profiler), to tell the graph's own cost from the host loop's."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from rlhf.generation.attention import sdpa_backends
+
+    result = {}
+    keys = [key for key in (engine.graphs.graphs if engine.graphs else {}) if key[0] == batch]
+    if keys:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        engine.graphs.run(keys[0])
+        start.record()
+        for _ in range(20):
+            engine.graphs.run(keys[0])
+        end.record()
+        torch.cuda.synchronize()
+        result["replay_ms"] = start.elapsed_time(end) / 20
+    try:
+        with (
+            torch.no_grad(),
+            sdpa_backends(torch.device("cuda")),
+            profile(activities=[ProfilerActivity.CUDA]) as prof,
+        ):
+            engine._decode_step(batch)
+            torch.cuda.synchronize()
+        result["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception as error:  # the profiler is a diagnostic: its failure must not lose the row
+        result["kernels_error"] = f"{type(error).__name__}: {error}"[:120]
+    return result
+
+
 def worker(name: str, workdir: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -98,8 +142,11 @@ def worker(name: str, workdir: Path) -> dict:
     mask = torch.ones_like(ids)
     eos = config.eos_token_id
     engine = None
-    if name in ("ours", "ours-tp"):
-        engine = RolloutEngine(decoder_for(model), max_batch_size=batch, max_length=prompt + new)
+    if name.startswith("ours"):
+        engine = RolloutEngine(
+            decoder_for(model, merge_lora="merged" in name), max_batch_size=batch, max_length=prompt + new,
+            compile_backend="inductor" if name.endswith("-compiled") else None,
+        )  # fmt: skip
 
     def generate(n: int) -> None:
         if engine is not None:
@@ -125,6 +172,7 @@ def worker(name: str, workdir: Path) -> dict:
         "capture_s": engine.graphs.capture_seconds if engine is not None and engine.graphs else None,
         "cuda_graphs": bool(engine is not None and engine.graphs),
         "peak_mb": harness.peak_memory_mb(),
+        **(step_profile(engine, batch) if engine is not None else {}),
     }
 
 
@@ -166,21 +214,23 @@ def main() -> None:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["name"], "error: " + r["error"][:100], "", "", "", "", ""])
+            rows.append([r["name"], "error: " + r["error"][:100], "", "", "", "", "", "", ""])
             continue
         speedup = f"{base['ms_per_step'] / r['ms_per_step']:.2f}" if base else "n/a"
         capture = f"{r['capture_s']:.2f}" if r["capture_s"] is not None else "-"
         calls = f"{r['first_call_s']:.2f} / {r['steady_call_s']:.2f}"
         name = r["name"] + (
-            " (CUDA graphs)" if r["cuda_graphs"] else " (eager)" if r["name"].startswith("ours") else ""
+            " (CUDA graphs)" if r["cuda_graphs"] else " (no graphs)" if r["name"].startswith("ours") else ""
         )
+        replay = f"{r['replay_ms']:.2f}" if r.get("replay_ms") is not None else "-"
+        kernels = str(r.get("kernels_per_step", "-"))
         rows.append([
             name, f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", calls, capture,
-            f"{r['peak_mb']:,.0f}", speedup,
+            f"{r['peak_mb']:,.0f}", speedup, replay, kernels,
         ])  # fmt: skip
     table = markdown_table(
         ["implementation", "ms / decode step", "tokens/s", "first / steady call s", "graph capture s", "peak MB",
-         "HF generate ms/step ÷ this"], rows,
+         "HF generate ms/step ÷ this", "graph replay ms", "CUDA kernels / step"], rows,
     )  # fmt: skip
     model = (
         "TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab 32000)"
@@ -191,9 +241,11 @@ def main() -> None:
         f"## Rollout generation, {'GPU' if gpu else 'CPU'} (`bench/rollout.py{'' if gpu else ' --cpu-small'}`)\n\n"
         f"Device: {device_line(gpu)}. Model: {model}, random init, {shape['dtype']}, actor LoRA r=8 on all "
         f"linear layers active (unmerged). {shape['batch']} prompts of {shape['prompt']} tokens, "
-        f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all four in the same run, each "
-        "in its own process; ours-tp is the engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
-        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU."
+        f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all rows in the same run, each "
+        "in its own process; ours-merged decodes from merged LoRA weights (--generation_lora merged), "
+        "-compiled runs the decode step through torch.compile (inductor) before graph capture, ours-tp is the "
+        "engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
+        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and CUDA kernels / step = the kernels of one decode step run outside the graph (torch.profiler)."
         + (
             ""
             if gpu

@@ -403,3 +403,29 @@ def test_merged_lora_weights_follow_updates_and_adapter_state(tiny_model_factory
 def test_merged_lora_weights_refuse_mixture_of_experts(tiny_model_factory):
     with pytest.raises(ValueError, match="mixture of experts"):
         decoder_for(with_lora(tiny_model_factory("mixtral")), merge_lora=True)
+
+
+@pytest.mark.parametrize("merge_lora", [False, True], ids=["unmerged", "merged"])
+def test_compiled_decode_step_decodes_the_same_tokens(tiny_model_factory, merge_lora):
+    """``compile_backend``: the decode step traced by torch.compile (aot_eager here: the same tracing and
+    functionalisation as inductor, without generating kernels) gives the eager tokens and log-probs, and
+    still reads in-place adapter updates."""
+    model_dir = tiny_model_factory("llama")
+    model = with_lora(model_dir)
+    ids, mask = left_padded(model_dir)
+    sampling = greedy()
+    compiled = RolloutEngine(
+        decoder_for(model, merge_lora=merge_lora), max_batch_size=4, max_length=32, compile_backend="aot_eager"
+    )
+    out = compiled.generate(ids, mask, sampling)
+    eager = engine_for(model).generate(ids, mask, sampling)
+    assert torch.equal(out.response_ids, eager.response_ids)
+    torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)
+    assert torch.equal(
+        compiled.generate(ids, mask, sampling).response_ids,
+        engine_for(model).generate(ids, mask, sampling).response_ids,
+    )

@@ -412,3 +412,24 @@ def test_generation_lora_merged_trains_like_unmerged(tiny_llama, tmp_path, capsy
         exc.value.code == 2 and "error: --generation_lora merged: the static engine on a Hugging Face" in err
     )
     assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+def test_generation_compile_flag(tiny_llama, tmp_path, capsys):
+    """--generation_compile: the engine's decode step through torch.compile (inductor) trains one step and
+    says so; with HF generate it is a one-line error naming the flag."""
+
+    def argv(engine: str) -> list[str]:
+        return [
+            "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / engine),
+            "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_response_length", "4",
+            "--max_steps", "1", "--disable_tqdm", "true", "--generation_engine", engine, "--generation_compile",
+        ]  # fmt: skip
+
+    assert run_ppo_with_peft.main(argv("static"))["step"] == 1
+    assert "decode step compiled (inductor)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv("hf"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: --generation_compile: the static engine on a Hugging Face" in err
+    assert err.count("error: ") == 1 and "Traceback" not in err

@@ -103,15 +103,19 @@ def build_generator(
     ``generator`` seeds the static engine's sampling (HF generate uses the global RNG); ``merge_lora``:
     the static engine decodes from merged weights (:func:`decoder_for`);
     ``engine_options`` go to :class:`rlhf.generation.engine.RolloutEngine` (``cuda_graphs``,
-    ``check_every``, ``prefill_chunk``).
+    ``check_every``, ``prefill_chunk``, ``compile_backend``).
     """
     with model_context() as model:
         resolved = resolve_engine(kind, model, sampling)
+        unsupported = "the tensor-parallel model" if _is_tp_model(model) else "the generator is HF generate"
         if merge_lora and (resolved == "hf" or _is_tp_model(model)):
             raise ConfigError(
-                f"{LORA_FLAG} merged: the static engine on a Hugging Face dense model only "
-                f"({'the tensor-parallel model' if _is_tp_model(model) else 'the generator is HF generate'}); "
+                f"{LORA_FLAG} merged: the static engine on a Hugging Face dense model only ({unsupported}); "
                 f"use {LORA_FLAG} unmerged"
+            )
+        if engine_options.get("compile_backend") and (resolved == "hf" or _is_tp_model(model)):
+            raise ConfigError(
+                f"--generation_compile: the static engine on a Hugging Face model only ({unsupported})"
             )
     if resolved == "hf":
         from rlhf.generation.hf import HFGenerator

@@ -104,7 +104,10 @@ class RolloutEngine:
     cuda_graphs: None = on when the model is on a GPU and its steps can be captured; ``capture`` replaces
     CUDA graph capture (tests). ``max_length`` (prompt + response tokens) and ``max_batch_size`` size the
     cache; ``check_every`` is how many steps pass between the host's checks; ``prefill_chunk`` bounds the
-    prompt columns per prefill step (None: all at once).
+    prompt columns per prefill step (None: all at once). ``compile_backend`` (e.g. ``"inductor"``) runs the
+    decode step through ``torch.compile`` with that backend before any graph capture, fusing its small
+    kernels (norms, RoPE, the adapters' scale-and-add); the prefill stays eager. Not yet measured on a GPU,
+    so off by default (``bench/rollout.py`` measures it).
     """
 
     def __init__(
@@ -117,8 +120,12 @@ class RolloutEngine:
         check_every: int = 8,
         prefill_chunk: int | None = None,
         capture: Capture | None = None,
+        compile_backend: str | None = None,
     ) -> None:
         self.decoder = decoder
+        self._step = decoder.step
+        if compile_backend is not None:
+            self._step = torch.compile(decoder.step, backend=compile_backend, dynamic=False)
         self.max_batch_size, self.max_length = max_batch_size, max_length
         device = decoder.device
         if cuda_graphs is None:
@@ -138,13 +145,13 @@ class RolloutEngine:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs = DecodeGraphs(self._decode_step, decoder.module, capture) if cuda_graphs else None
         logger.info(
-            "rollout engine: %s, %s, up to %d rows x %d tokens",
+            "rollout engine: %s, %s%s, up to %d rows x %d tokens",
             type(decoder).__name__, "CUDA graphs per batch bucket" if cuda_graphs else "eager steps",
-            max_batch_size, max_length,
+            f", decode step compiled ({compile_backend})" if compile_backend else "", max_batch_size, max_length,
         )  # fmt: skip
 
     def _decode_step(self, batch: int) -> torch.Tensor:
-        return self.decoder.step(self.tokens[:batch], self.positions[:batch], self.slot, self.cache)
+        return self._step(self.tokens[:batch], self.positions[:batch], self.slot, self.cache)
 
     def reserve(self) -> None:
         """Allocate the static KV cache now (``max_batch_size`` rows x ``max_length`` slots; logged)."""

@@ -86,6 +86,11 @@ class PPOArguments:
                   "each rollout: fewer kernels per decode step, one more copy of the adapted weights in memory; "
                   "Hugging Face dense models).", "choices": ["unmerged", "merged"]},
     )  # fmt: skip
+    generation_compile: bool = field(
+        default=False,
+        metadata={"help": "Run the static engine's decode step through torch.compile (inductor) before its "
+                  "CUDA graph is captured: fewer, fused kernels per step, a compile at the first rollout."},
+    )  # fmt: skip
     advantage_estimator: str = field(
         default="gae",
         metadata={"help": "gae (PPO with a learned critic) or a critic-free estimator (no critic is built): "

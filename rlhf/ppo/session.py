@@ -119,6 +119,7 @@ def rollout_generator(
         max_prompt_length=ppo.max_prompt_length,
         max_batch_size=args.per_device_train_batch_size * ppo.num_samples_per_prompt,
         merge_lora=ppo.generation_lora == "merged",
+        **({"compile_backend": "inductor"} if ppo.generation_compile else {}),
     )  # fmt: skip
 
 
