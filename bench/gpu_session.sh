@@ -7,16 +7,21 @@
 #   pip download --no-deps transformers==X peft==Y -d .whl            # optional: this checkout's versions
 #   mkdir -p .benchdata && cp -r ../shared/data/gsm8k ../shared/data/hh-rlhf .benchdata/   # variable lengths
 #
-# then on the device machine (carry .whl and .benchdata; both are git-ignored):
+# then on the device machine (carry .whl and .benchdata; both are git-ignored), two calls back to back on one
+# warm machine (a machine goes back 30 s after a call, and a lease is 15 minutes, start-up included):
 #
-#   bash bench/gpu_session.sh enginetests rollout ppo     # first call
-#   bash bench/gpu_session.sh sft tests                   # second call, on the warm machine
+#   ROLLOUT_S=220 SFT_S=220 bash bench/gpu_session.sh enginetests rollout sft     # first call, ~8 minutes
+#   PPO_S=300 bash bench/gpu_session.sh ppo                                       # second call, ~5 minutes
 #
 # Steps: enginetests (the engine's CUDA-graph tests and the packed-attention GPU test), rollout
-# (bench/rollout.py), ppo (bench/ppo.py --gpu-suite), sft (bench/sft.py --gpu-suite: SFT and reward model),
-# tests (tests/test_gpu.py: the seed commands in fp16 and bf16). Each writes its log to $OUT (the device
-# tool's output folder) or runs/gpu_session/; the benchmarks write their sections of bench/RESULTS.md, which
-# is copied there at the end. Limits (seconds): ENGINETESTS_S, ROLLOUT_S, PPO_S, SFT_S, TESTS_S.
+# (bench/rollout.py), ppo (bench/ppo.py --gpu-suite; PPO_ROWS=a,b picks rows), sft (bench/sft.py --gpu-suite:
+# SFT and reward model), tests (tests/test_gpu.py: the seed commands in fp16 and bf16). Each writes its log to
+# $OUT (the device tool's output folder) or runs/gpu_session/; the benchmarks print each row as it finishes
+# and write their sections of bench/RESULTS.md, which is copied there at the end. Limits (seconds):
+# ENGINETESTS_S, ROLLOUT_S, PPO_S, SFT_S, TESTS_S.
+#
+# Seen on an H200 (2026-11-27): enginetests 46 s; a rollout row 25-45 s (the model build ~20 s once); an SFT
+# row ~20 s; PPO: build ~25 s, a 1.1B row 35-45 s, TRL GRPOTrainer ~60 s, the 7B row ~100 s with its build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_session}
@@ -54,7 +59,7 @@ for name in "$@"; do
     enginetests) run_step enginetests "${ENGINETESTS_S:-80}" \
       "$pytest -m gpu tests/test_generation_gpu.py; a=\$?; $pytest tests/test_packed_attention.py -k on_gpu; b=\$?; exit \$((a || b))" ;;
     rollout) run_step rollout "${ROLLOUT_S:-130}" "python3 bench/rollout.py --budget $((${ROLLOUT_S:-130} - 10))" ;;
-    ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))" ;;
+    ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))${PPO_ROWS:+ --rows $PPO_ROWS}" ;;
     sft) run_step sft "${SFT_S:-200}" "python3 bench/sft.py --gpu-suite --budget $((${SFT_S:-200} - 10))" ;;
     tests) run_step tests "${TESTS_S:-150}" "$pytest -m gpu tests/test_gpu.py" ;;
     *) echo "bench/gpu_session.sh: unknown step $name (enginetests, rollout, ppo, sft, tests)" >&2; exit 2 ;;
