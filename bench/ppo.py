@@ -199,8 +199,8 @@ def shape_text(shape: Shape) -> str:
 def suite_table(suite: Suite, results: dict[str, dict]) -> str:
     """The rows as a markdown table, with the ratio to TRL's GRPOTrainer and, on GPU, the issue's targets."""
     trl = results.get("trl-grpo", {}).get("samples_per_s")
-    header = ["implementation", "samples/step", "samples/s", "s/step", "rollout s/step", "train s/step",
-              "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
+    header = ["implementation", "samples/step", "samples/s", "s/step", "rollout s/step", "of which generation",
+              "train s/step", "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
     if suite.name == "gpu":
         header.append("target (samples/s, peak GB)")
     rows = []
@@ -208,12 +208,14 @@ def suite_table(suite: Suite, results: dict[str, dict]) -> str:
         label = ROWS[name]
         if "error" in r:
             rows.append(
-                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", ""] + [""] * (suite.name == "gpu")
+                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", "", ""]
+                + [""] * (suite.name == "gpu")
             )
             continue
         ratio = f"{r['samples_per_s'] / trl:.2f}" if trl else "-"
+        generate = f"{r['generate_s']:.2f}" if "generate_s" in r else "-"  # TRL rows: not split
         row = [label, r["samples"], f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
-               f"{r['train_s']:.2f}", f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
+               generate, f"{r['train_s']:.2f}", f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
         if suite.name == "gpu":
             rate, peak = TARGETS.get(name, (None, None))
             met = [f"≥ {rate:g}: {'met' if r['samples_per_s'] >= rate else 'missed'}"] if rate else []

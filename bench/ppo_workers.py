@@ -192,6 +192,7 @@ def ours(
     step = samples / per_step([r["samples_per_s"] for r in rows])  # end to end, logging included
     return {
         "rollout_s": per_step([r["time/rollout_s"] for r in rows]),
+        "generate_s": per_step([r["time/generate_per_rollout_s"] for r in rows]),
         "train_s": per_step([r["time/train_s"] for r in rows]),
         "step_s": step,
         "samples": samples,

@@ -415,7 +415,10 @@ def test_compiled_decode_step_decodes_the_same_tokens(tiny_model_factory, merge_
     ids, mask = left_padded(model_dir)
     sampling = greedy()
     compiled = RolloutEngine(
-        decoder_for(model, merge_lora=merge_lora), max_batch_size=4, max_length=32, compile_backend="aot_eager"
+        decoder_for(model, merge_lora=merge_lora),
+        max_batch_size=4,
+        max_length=32,
+        compile_backend="aot_eager",
     )
     out = compiled.generate(ids, mask, sampling)
     eager = engine_for(model).generate(ids, mask, sampling)

@@ -281,7 +281,7 @@ def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsy
 
 ROLLOUT_KEYS = [
     "reward/score", "reward/score_std", "objective/kl", "objective/rlhf_reward", "objective/kl_coef",
-    "value/explained_variance", "response/length_mean", "response/eos_frac",
+    "value/explained_variance", "response/length_mean", "response/eos_frac", "time/generate_per_rollout_s",
 ]  # fmt: skip
 
 

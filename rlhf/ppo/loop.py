@@ -119,6 +119,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         parts.append(SequenceBatch(ids, torch.cat([prompt_mask, out.response_mask], 1), prompt_ids.shape[1]))
         prompt_texts += [s.prompts.texts[i] for i in rows]
         sampled_logprobs.append(out.logprobs)
+    generate_seconds = time.perf_counter() - start  # the generators end on a host sync (response lengths)
     batch = SequenceBatch.concat(parts, s.pad_token_id)
     mask = batch.response_mask  # [N, R]
     n = mask.shape[0]
@@ -190,6 +191,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         "objective/kl_coef": s.kl_controller.value,
         "response/length_mean": float(lengths.float().mean()),
         "response/eos_frac": float(ended.float().mean()),
+        "time/generate_per_rollout_s": generate_seconds,
     }
     if values is not None:
         stats["value/explained_variance"] = float(explained_variance(values, estimate.returns, mask))
