@@ -19,6 +19,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Forget Accelerate's process-wide state after a test that set a mixed precision in-process: the next
+    in-process run's ``Accelerator()`` would otherwise refuse to change it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -215,7 +215,7 @@ def test_trainer_with_gradient_accumulation_matches_the_model_loss(tiny_llama, t
         torch.testing.assert_close(fused_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_trainer_in_bf16_mixed_precision(tiny_llama, tmp_path):
+def test_trainer_in_bf16_mixed_precision(tiny_llama, tmp_path, fresh_accelerate_state):
     """A bf16 model under ``--bf16``: Accelerate returns float32 hidden states to the loss (the SFT stage
     crashed so on an H200); the fused loss trains and logs the model loss within bf16 noise."""
     examples = _examples()

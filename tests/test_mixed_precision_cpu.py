@@ -30,6 +30,9 @@ import run_sft_with_peft
 from rlhf.tiny_models import REPO_ROOT
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
 @pytest.fixture
 def keep_precision_flags(monkeypatch):
     """Keep ``--bf16`` and ``--torch_dtype bfloat16`` on this CPU machine, as on a GPU, instead of dropping
