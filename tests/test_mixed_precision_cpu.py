@@ -29,7 +29,6 @@ import run_rm_with_peft
 import run_sft_with_peft
 from rlhf.tiny_models import REPO_ROOT
 
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
