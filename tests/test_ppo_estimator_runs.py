@@ -31,7 +31,8 @@ GSM8K_ROWS = [
 VALUE_KEYS = {"loss/value", "value/clipfrac", "value/explained_variance", "lr/critic", "grad_norm/critic"}
 # the keys of a gae row (tests/ppo_gae_reference.json) plus the timings. Every test runs on one thread
 # (test_ppo_run's autouse one_thread): the reference rows were recorded so, and a matmul's sums depend on it.
-GAE_KEYS = set(REFERENCE["peft"][0]) | {"time/rollout_s", "time/train_s", "samples_per_s"}
+TIMINGS = {"time/rollout_s", "time/train_s", "time/generate_per_rollout_s", "samples_per_s"}
+GAE_KEYS = set(REFERENCE["peft"][0]) | TIMINGS
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def assert_rows_match(rows: list[dict], reference: list[dict]) -> None:
     chunking may move the last bits; a change in the math moves them by far more."""
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for row, ref in zip(rows, reference):
-        assert set(row) == set(ref) | {"time/rollout_s", "time/train_s", "samples_per_s"}
+        assert set(row) == set(ref) | TIMINGS
         for key, value in ref.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (row["step"], key)
 

@@ -446,15 +446,15 @@ def test_forward_chunks_give_the_same_rollout(tiny_llama, tmp_path):
     assert default.old_values.abs().sum() > 0 and default.advantages.abs().sum() > 0
     for rows in (1, 3):
         buffer, chunked_stats = rollouts[rows]
-        assert chunked_stats == pytest.approx(stats, rel=1e-6, abs=1e-6)
+        untimed = {k: v for k, v in stats.items() if not k.startswith("time/")}
+        assert {k: v for k, v in chunked_stats.items() if not k.startswith("time/")} == pytest.approx(
+            untimed, rel=1e-6, abs=1e-6
+        )
         assert torch.equal(buffer.sequences.input_ids, default.sequences.input_ids)
         for key in ("old_logprobs", "old_values", "advantages", "returns"):
             torch.testing.assert_close(
                 getattr(buffer, key), getattr(default, key), atol=1e-6, rtol=1e-6, msg=key
             )
-    assert (
-        rollouts[1][1] == pytest.approx(rollouts[-1][1]) or True
-    )  # statistics compared through the values above
 
 
 @pytest.mark.gpu
