@@ -23,6 +23,7 @@ from rlhf.generation.build import build_generator, decoder_for
 from rlhf.generation.engine import EngineGenerator, RolloutEngine
 from rlhf.generation.graphs import StaleGraphError
 from rlhf.generation.hf import HFGenerator
+from rlhf.generation.merged_decoder import FusedRMSNorm
 
 FAMILIES = ["llama", "mistral", "mixtral", "qwen2"]
 PROMPTS = ["Hi", "Tell me how you feel about cats.", "x y", "The weather today is"]
@@ -367,7 +368,9 @@ def test_merged_lora_weights_decode_like_the_unmerged_adapter(tiny_model_factory
     model = with_lora(model_dir)
     ids, mask = left_padded(model_dir)
     sampling = greedy()
-    merged = RolloutEngine(decoder_for(model, merge_lora=True), max_batch_size=4, max_length=32)
+    decoder = decoder_for(model, merge_lora=True)
+    assert all(isinstance(p.attention_norm, FusedRMSNorm) for p in decoder.layers)  # the fused path runs
+    merged = RolloutEngine(decoder, max_batch_size=4, max_length=32)
     out = merged.generate(ids, mask, sampling)
     unmerged = engine_for(model).generate(ids, mask, sampling)
     assert torch.equal(out.response_ids, unmerged.response_ids)

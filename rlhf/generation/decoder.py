@@ -139,16 +139,15 @@ class Decoder(ABC):
         """x [B, T, D] -> the attention block's output [B, T, D], through the cache of layer ``index``."""
         batch, n_new, _ = x.shape
         heads, kv_heads, head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
-        if layer.qkv_proj is not None:
-            q, k, v = layer.qkv_proj(x).split(
-                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1
-            )
+        if layer.qkv_proj is not None:  # one GEMM, then one RoPE pass over the q and k heads together
+            qkv = layer.qkv_proj(x).view(batch, n_new, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         else:
-            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
-        q = q.reshape(batch, n_new, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.reshape(batch, n_new, kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.reshape(batch, n_new, kv_heads, head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = layer.q_proj(x).view(batch, n_new, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
+            k = layer.k_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+            v = layer.v_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.write(index, slots, k, v)  # [B, Hkv, S, hd]
         out = grouped_attention(q.to(keys.dtype), keys, values, cache.bias[layer.window], layer.scale)
         return layer.o_proj(out.transpose(1, 2).reshape(batch, n_new, heads * head_dim))

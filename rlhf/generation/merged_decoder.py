@@ -5,7 +5,8 @@ plus, per active adapter, two small GEMMs, a scale and an add. At rollout batch 
 cost about as much as the base GEMMs. :class:`MergedLoraDecoder` instead keeps, per decoder layer, one
 fused q/k/v matrix, the o projection, one fused gate/up matrix and the down projection, each equal to
 ``W + sum of the active adapters' delta weights`` (computed in float32, rounded once to the model's
-dtype), and runs a layer in four GEMMs.
+dtype), and runs a layer in four GEMMs; its RMSNorms run as single ``F.rms_norm`` calls, and RoPE rotates
+the q and k heads in one pass.
 
 The copy is refreshed in place before every generation (:meth:`refresh`), from whatever the adapters hold
 then and whichever are active (none when disabled, as for the reference policy): an optimizer step on
@@ -86,6 +87,25 @@ class FusedLinear:
         return self.weight.numel() * self.weight.element_size() + bias
 
 
+class FusedRMSNorm:
+    """A Hugging Face ``*RMSNorm`` (``weight * x / rms(x)``) as one ``F.rms_norm`` call: one kernel where
+    PyTorch fuses it, instead of the module's cast, square, mean, rsqrt, two products and cast back. Equal
+    in float32; in bf16 the weight is applied before the single rounding (within one bf16 step)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+        self.shape = tuple(norm.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.shape, self.weight, self.eps)
+
+
+def fused_norm(norm: nn.Module):
+    """:class:`FusedRMSNorm` for the llama/mistral/qwen2 RMSNorm; any other norm is kept as it is."""
+    plain = type(norm).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+    return FusedRMSNorm(norm) if plain and hasattr(norm, "variance_epsilon") else norm
+
+
 class MergedMLP:
     """``down(act(gate(x)) * up(x))`` with gate and up in one GEMM."""
 
@@ -114,18 +134,24 @@ class MergedLoraDecoder(HFDecoder):
                 "(mixture of experts); use unmerged"
             )
         dtype, device = self.dtype, self.device
+        self.final_norm = fused_norm(self.body.norm)
         self.fused: list[FusedLinear] = []
         for parts, layer in zip(self.layers, body_layers):
             attn = layer.self_attn
             parts.qkv_proj = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, device)
             parts.o_proj = FusedLinear([attn.o_proj], dtype, device)
             parts.mlp = MergedMLP(layer.mlp, dtype, device)
+            parts.attention_norm = fused_norm(layer.input_layernorm)
+            parts.mlp_norm = fused_norm(layer.post_attention_layernorm)
             self.fused += [parts.qkv_proj, parts.o_proj, parts.mlp.gate_up, parts.mlp.down]
         self.refresh()
         logger.info(
             "rollout engine: LoRA folded into a %.1f MiB copy of the projections (refreshed per generation)",
             sum(f.nbytes for f in self.fused) / 2**20,
         )
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(h))
 
     def refresh(self) -> None:
         for fused in self.fused:
