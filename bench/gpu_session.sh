@@ -37,6 +37,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export BENCH_MODEL_CACHE=${BENCH_MODEL_CACHE:-/tmp/bench_model_cache}  # one build per model, shared by calls
 [ -d .benchdata ] && export BENCH_SHARED_DATA=$PWD/.benchdata
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

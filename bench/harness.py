@@ -15,10 +15,12 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,12 +88,36 @@ def workload_texts() -> list[str]:
     return texts
 
 
+def cached_build(key: str, out: Path, build: Callable[[Path], object]) -> Path:
+    """``build(out)``; with ``$BENCH_MODEL_CACHE`` set, ``out`` becomes a link to the one build of ``key``
+    kept there (built on first use, published by an atomic rename). A GPU session's benchmarks all start
+    from the same random-init models, whose builds are a noticeable share of a 15-minute lease."""
+    cache = os.environ.get("BENCH_MODEL_CACHE")
+    if not cache:
+        build(out)
+        return out
+    stored = Path(cache) / key
+    if not stored.is_dir():
+        partial = Path(cache) / f".{key}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial)
+        partial.rename(stored)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.symlink_to(stored.resolve(), target_is_directory=True)
+    return out
+
+
 def build_bench_model(out: Path) -> Path:
     """CPU: a small llama (hidden 256, 4 layers); GPU: TinyLlama-1.1B-shaped, random init, bf16.
 
     The tokenizer is trained on the workload texts when ``../shared/data`` is present (32,000 tokens on
-    GPU, 2,048 on CPU), else on the repository's sample data.
+    GPU, 2,048 on CPU), else on the repository's sample data. Cached by :func:`cached_build`.
     """
+    key = f"bench-{'gpu' if on_gpu() else 'cpu'}-{'data' if has_shared_data() else 'sample'}"
+    return cached_build(key, out, _build_bench_model)
+
+
+def _build_bench_model(out: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     from rlhf.tiny_models import REPO_ROOT, build_tiny_model
 

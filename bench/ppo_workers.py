@@ -131,14 +131,17 @@ def write_prompts(out: Path, tokenizer, count: int, prompt_len: int, seed: int =
 
 def build(suite: Suite, workdir: Path, large: bool = False) -> None:
     """The suite's model (or its large model and reward adapter) and the prompts, into ``workdir``."""
+    from harness import cached_build
     from transformers import AutoTokenizer
 
     dtype, device = suite.torch_dtype, ("cuda" if suite.bf16 else "cpu")
+    shape = suite.large if large else suite.model
+    key = "ppo-" + "-".join(str(v) for v in vars(shape).values()).replace(" ", "_") + f"-{suite.dtype}"
+    model_dir = cached_build(key, workdir / ("large" if large else "model"),
+                             lambda out: build_llama(out, shape, dtype, device))  # fmt: skip
     if large:
-        build_llama(workdir / "large", suite.large, dtype, device)
-        write_reward_adapter(workdir / "large", workdir / "large-rm")
+        write_reward_adapter(model_dir, workdir / "large-rm")
         return
-    build_llama(workdir / "model", suite.model, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     write_prompts(workdir / "prompts", tokenizer, 8 * suite.samples, suite.prompt_len)
 
