@@ -196,6 +196,7 @@ def ours(
     return {
         "rollout_s": per_step([r["time/rollout_s"] for r in rows]),
         "generate_s": per_step([r["time/generate_per_rollout_s"] for r in rows]),
+        "loop_peak_gb": rows[-1].get("memory/peak_gb"),  # the loop's own metric (GPU only)
         "train_s": per_step([r["time/train_s"] for r in rows]),
         "step_s": step,
         "samples": samples,
