@@ -1,8 +1,8 @@
 """The engine's CUDA-graph path on a GPU (marker ``gpu``; skipped without CUDA, deselected by ``make test``).
 
-Run with ``pytest -m gpu tests/test_generation_gpu.py`` on a CUDA machine. Written in a session without a
-GPU: these checks have not run yet. The CPU tests cover the same logic eagerly (and the graph bookkeeping
-with a capture that re-runs the step); these check what only real graphs can break: replays that read the
+Run with ``pytest -m gpu tests/test_generation_gpu.py`` on a CUDA machine (all passed on an H200,
+2026-11-27). The CPU tests cover the same logic eagerly (and the graph bookkeeping with a capture that
+re-runs the step); these check what only real graphs can break: replays that read the
 live weights, a new graph per adapter state, the stale-weight guard, and identical tokens to eager steps.
 """
 
