@@ -110,7 +110,14 @@ def step_profile(engine, batch: int) -> dict:
         ):
             engine._decode_step(batch)
             torch.cuda.synchronize()
-        result["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        result["kernels_per_step"] = len(kernels)
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name[:60], []).append(e.time_range.elapsed_us())
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+        # for the log, not the table: where one eager step's GPU time goes (µs, calls)
+        result["top_kernels"] = [f"{sum(t):.0f} us x{len(t)} {name}" for name, t in top]
     except Exception as error:  # the profiler is a diagnostic: its failure must not lose the row
         result["kernels_error"] = f"{type(error).__name__}: {error}"[:120]
     return result
