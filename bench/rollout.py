@@ -51,6 +51,9 @@ IMPLS = [
     "ours-tp",
     "hf-generate-static-cache",
 ]
+# GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
+LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "hf-generate@7b"]
+LARGE_SHAPE = {"batch": 32, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1}
 
 
 def _sync() -> None:
@@ -123,6 +126,21 @@ def step_profile(engine, batch: int) -> dict:
     return result
 
 
+def build_large(model_dir: Path, out: Path) -> None:
+    """The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, no GQA, intermediate 11008), random init in
+    bf16 on the GPU, with ``model_dir``'s tokenizer and vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.update(dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, head_dim=128))  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+
+
 def worker(name: str, workdir: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,19 +149,27 @@ def worker(name: str, workdir: Path) -> dict:
     from rlhf.generation.build import decoder_for
     from rlhf.generation.engine import RolloutEngine
 
-    shape = json.loads((workdir / "shape.json").read_text())
+    if name == "build-7b":
+        harness.cached_build(
+            "rollout-7b", workdir / "model-7b", lambda out: build_large(workdir / "model", out)
+        )
+        return {"name": name}
+    label = name
+    name, _, size = name.partition("@")
+    shape = json.loads((workdir / f"shape{'-' + size if size else ''}.json").read_text())
+    model_dir = workdir / (f"model-{size}" if size else "model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, shape["dtype"])
     torch.manual_seed(0)
     if name == "ours-tp":
-        model = tp_actor(workdir / "model", dtype)
+        model = tp_actor(model_dir, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         lora = LoraConfig(
             r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
         )
         model = get_peft_model(model, lora, adapter_name="actor").eval()
-    config = AutoConfig.from_pretrained(workdir / "model")
+    config = AutoConfig.from_pretrained(model_dir)
     batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
     ids = torch.randint(4, config.vocab_size, (batch, prompt), device=device)
     mask = torch.ones_like(ids)
@@ -171,7 +197,7 @@ def worker(name: str, workdir: Path) -> dict:
     full = min(_timed(lambda: generate(new)) for _ in range(shape["repeats"]))
     one = min(_timed(lambda: generate(1)) for _ in range(shape["repeats"]))
     return {
-        "name": name,
+        "name": label,
         "ms_per_step": (full - one) / (new - 1) * 1000,
         "tokens_per_s": batch * new / full,
         "first_call_s": first,
@@ -217,12 +243,24 @@ def main() -> None:
         for name in IMPLS:
             results.append(deadline.run(__file__, name, workdir))
             print(json.dumps(results[-1]), flush=True)
-    base = next((r for r in results if r["name"] == "hf-generate" and "error" not in r), None)
+        if gpu:
+            (workdir / "shape-7b.json").write_text(json.dumps(LARGE_SHAPE))
+            built = deadline.run(__file__, "build-7b", workdir)
+            for name in LARGE_IMPLS:
+                results.append(built if "error" in built else deadline.run(__file__, name, workdir))
+                results[-1] = {**results[-1], "name": name}
+                print(json.dumps(results[-1]), flush=True)
+    bases = {
+        r["name"].partition("@")[2]: r
+        for r in results
+        if r["name"].partition("@")[0] == "hf-generate" and "error" not in r
+    }
     rows = []
     for r in results:
         if "error" in r:
             rows.append([r["name"], "error: " + r["error"][:100], "", "", "", "", "", "", ""])
             continue
+        base = bases.get(r["name"].partition("@")[2])
         speedup = f"{base['ms_per_step'] / r['ms_per_step']:.2f}" if base else "n/a"
         capture = f"{r['capture_s']:.2f}" if r["capture_s"] is not None else "-"
         calls = f"{r['first_call_s']:.2f} / {r['steady_call_s']:.2f}"
@@ -252,7 +290,7 @@ def main() -> None:
         "in its own process; ours-merged decodes from merged LoRA weights (--generation_lora merged), "
         "-compiled runs the decode step through torch.compile (inductor) before graph capture, ours-tp is the "
         "engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
-        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and CUDA kernels / step = the kernels of one decode step run outside the graph (torch.profiler)."
+        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. Rows NAME@7b (GPU): NAME on the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, no grouped-query attention, random init), 32 prompts, same lengths, ratio against hf-generate@7b. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and CUDA kernels / step = the kernels of one decode step run outside the graph (torch.profiler)."
         + (
             ""
             if gpu
