@@ -100,7 +100,11 @@ def cached_build(key: str, out: Path, build: Callable[[Path], object]) -> Path:
     if not stored.is_dir():
         partial = Path(cache) / f".{key}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        build(partial)
+        try:
+            build(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         partial.rename(stored)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.symlink_to(stored.resolve(), target_is_directory=True)

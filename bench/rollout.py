@@ -151,7 +151,9 @@ def worker(name: str, workdir: Path) -> dict:
 
     if name == "build-7b":
         harness.cached_build(
-            "rollout-7b", workdir / "model-7b", lambda out: build_large(workdir / "model", out)
+            f"rollout-7b-{'data' if harness.has_shared_data() else 'sample'}",
+            workdir / "model-7b",
+            lambda out: build_large(workdir / "model", out),
         )
         return {"name": name}
     label = name

@@ -21,11 +21,12 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Forget Accelerate's process-wide state after a test that set a mixed precision in-process: the next
-    in-process run's ``Accelerator()`` would otherwise refuse to change it."""
-    yield
+    """Forget Accelerate's process-wide state before and after a test that sets a mixed precision
+    in-process: an ``Accelerator()`` refuses to change the precision an earlier one set."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()
+    yield
     AcceleratorState._reset_state()
 
 

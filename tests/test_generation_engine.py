@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -404,8 +404,49 @@ def test_merged_lora_weights_follow_updates_and_adapter_state(tiny_model_factory
 
 
 def test_merged_lora_weights_refuse_mixture_of_experts(tiny_model_factory):
+    mixtral = with_lora(tiny_model_factory("mixtral"))
     with pytest.raises(ValueError, match="mixture of experts"):
-        decoder_for(with_lora(tiny_model_factory("mixtral")), merge_lora=True)
+        decoder_for(mixtral, merge_lora=True)
+    with pytest.raises(ConfigError, match="^--generation_lora merged: mixtral has no dense gate/up/down MLP"):
+        build_generator(
+            "auto",
+            lambda: nullcontext(mixtral),
+            greedy(),
+            max_prompt_length=16,
+            max_batch_size=4,
+            merge_lora=True,
+        )
+
+
+def test_merged_copy_is_formed_in_float32_under_autocast(tiny_model_factory):
+    """The PPO loop generates under the backend's autocast; the merge (B @ A) must not run in bf16."""
+    model = with_lora(tiny_model_factory("llama"))
+    decoder = decoder_for(model, merge_lora=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder.refresh()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = q.base_layer.weight + q.get_delta_weight("actor")  # float32 outside autocast
+    rows = q.base_layer.out_features
+    assert torch.equal(decoder.layers[0].qkv_proj.weight[:rows], expected)
+
+
+def test_a_failed_compile_is_raised_not_taken_for_a_capture_failure(tiny_model_factory, caplog):
+    """--generation_compile failing is the user's flag failing: it raises, with no 'capture failed'
+    warning and no eager fallback that would call the broken compiled step again."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("the compiler broke")
+
+    model_dir = tiny_model_factory("llama")
+    ids, mask = left_padded(model_dir)
+    engine = RolloutEngine(
+        decoder_for(with_lora(model_dir)), max_batch_size=4, max_length=32, cuda_graphs=True,
+        capture=rerun_capture, compile_backend=broken_backend,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING), pytest.raises(TorchDynamoException, match="the compiler broke"):
+        engine.generate(ids, mask, greedy())
+    assert "CUDA graph failed" not in caplog.text
 
 
 @pytest.mark.parametrize("merge_lora", [False, True], ids=["unmerged", "merged"])

@@ -125,6 +125,9 @@ def test_rollout_generator_is_the_engine_on_the_tp_actor(tiny_llama, world_of_on
     assert isinstance(top1, EngineGenerator)
     with pytest.raises(ConfigError, match="^--generation_engine hf: the tensor-parallel model"):
         rollout_generator(flags(generation_engine="hf"), args, lambda: nullcontext(model), tokenizer)
+    for engine_flags in ({"generation_lora": "merged"}, {"generation_compile": True}):
+        with pytest.raises(ConfigError, match=r"the static engine on a Hugging Face .*\(the tensor-parallel"):
+            rollout_generator(flags(**engine_flags), args, lambda: nullcontext(model), tokenizer)
     greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, pad_token_id=tokenizer.pad_token_id)
     eos = int(HFGenerator(lambda: nullcontext(hf), greedy).generate(ids, mask).response_ids[0, 2])
     greedy = SamplingConfig(5, temperature=0.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)

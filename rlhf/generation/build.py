@@ -113,6 +113,12 @@ def build_generator(
                 f"{LORA_FLAG} merged: the static engine on a Hugging Face dense model only ({unsupported}); "
                 f"use {LORA_FLAG} unmerged"
             )
+        if merge_lora:
+            from rlhf.generation import merged_decoder
+
+            reason = merged_decoder.unsupported_reason(model)
+            if reason is not None:
+                raise ConfigError(f"{LORA_FLAG} merged: {reason}; use {LORA_FLAG} unmerged")
         if engine_options.get("compile_backend") and (resolved == "hf" or _is_tp_model(model)):
             raise ConfigError(
                 f"--generation_compile: the static engine on a Hugging Face model only ({unsupported})"

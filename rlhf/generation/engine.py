@@ -120,7 +120,7 @@ class RolloutEngine:
         check_every: int = 8,
         prefill_chunk: int | None = None,
         capture: Capture | None = None,
-        compile_backend: str | None = None,
+        compile_backend: str | Callable | None = None,
     ) -> None:
         self.decoder = decoder
         self._step = decoder.step
@@ -268,18 +268,20 @@ class RolloutEngine:
 
         Warm-up and capture write into the cache, so this runs before the cache is reset. A capture that
         fails (an operation of this model that CUDA graphs cannot record) turns the graphs off for this
-        engine with a warning: decoding goes on eagerly, with the same tokens. Stale weights still raise.
+        engine with a warning: decoding goes on eagerly, with the same tokens. Stale weights, running out of
+        memory and a failed compile of the step still raise.
         """
         if self.graphs is None:
             return None
         try:
             return self.graphs.prepare(batch, self.decoder.state_key(), device)
-        except StaleGraphError:
-            raise
+        except (StaleGraphError, torch.OutOfMemoryError, torch._dynamo.exc.TorchDynamoException):
+            raise  # stale weights, no memory or a failed --generation_compile: not a capture problem
         except RuntimeError as error:
+            cause = error.__context__ or error  # capture_end's error hides the operation that broke it
             logger.warning(
                 "rollout engine: capturing the decode step as a CUDA graph failed (%s: %s); decoding "
-                "eagerly from now on", type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                "eagerly from now on", type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "",
             )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

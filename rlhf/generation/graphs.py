@@ -83,8 +83,12 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    before = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    finally:  # a capture that fails can leave its side stream current (torch.cuda.graph's exit raises first)
+        torch.cuda.set_stream(before)
     return graph.replay, out
 
 

@@ -92,12 +92,11 @@ class FusedRMSNorm:
     PyTorch fuses it, instead of the module's cast, square, mean, rsqrt, two products and cast back. Equal
     in float32; in bf16 the weight is applied before the single rounding (within one bf16 step)."""
 
-    def __init__(self, norm: nn.Module) -> None:
-        self.weight, self.eps = norm.weight, norm.variance_epsilon
-        self.shape = tuple(norm.weight.shape)
+    def __init__(self, norm: nn.Module) -> None:  # the weight is read from the module at each call
+        self.norm, self.eps, self.shape = norm, norm.variance_epsilon, tuple(norm.weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.shape, self.norm.weight, self.eps)
 
 
 def fused_norm(norm: nn.Module):
@@ -119,20 +118,26 @@ class MergedMLP:
         return self.down(self.act(gate) * up)
 
 
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the merged copy cannot serve ``model`` (None when it can): a mixture-of-experts MLP, DoRA."""
+    lm = unwrap(model)
+    mlps = [layer.mlp for layer in lm.model.layers]
+    if any(not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) for mlp in mlps):
+        return f"{lm.config.model_type} has no dense gate/up/down MLP (mixture of experts)"
+    if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
+        return "DoRA adapters are not supported"
+    return None
+
+
 class MergedLoraDecoder(HFDecoder):
     """See the module docstring. ``model``: the causal LM, or a PeftModel / DDP wrapping it."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"merged weights: {reason}; use unmerged")
         body_layers = self.body.layers[: len(self.layers)]
-        if any(
-            not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
-            for layer in body_layers
-        ):
-            raise ValueError(
-                f"merged weights: {unwrap(model).config.model_type} has no dense gate/up/down MLP "
-                "(mixture of experts); use unmerged"
-            )
         dtype, device = self.dtype, self.device
         self.final_norm = fused_norm(self.body.norm)
         self.fused: list[FusedLinear] = []
@@ -154,5 +159,7 @@ class MergedLoraDecoder(HFDecoder):
         return self.lm_head(self.final_norm(h))
 
     def refresh(self) -> None:
-        for fused in self.fused:
-            fused.refresh()
+        # outside any autocast of the caller: the deltas (B @ A) are formed in float32, as documented
+        with torch.autocast(self.device.type, enabled=False):
+            for fused in self.fused:
+                fused.refresh()

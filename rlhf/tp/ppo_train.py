@@ -109,6 +109,11 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
     if not tp.reward_model_ckpt_dir and not tp.reward_fn:
         raise ConfigError("pass --reward_model_ckpt_dir (a verifier), --reward_fn gsm8k, or both")
     validate_estimator(ppo)
+    if ppo.generation_lora != "unmerged" or ppo.generation_compile:
+        flag = "--generation_lora merged" if ppo.generation_lora != "unmerged" else "--generation_compile"
+        raise ConfigError(
+            f"{flag}: the static engine on a Hugging Face model only (not the tensor-parallel model)"
+        )
     if ppo.needs_critic and not (tp.critic_ckpt_dir and tp.critic_save_dir):
         raise ConfigError(
             f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "

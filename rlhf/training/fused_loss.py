@@ -125,7 +125,9 @@ def linear_cross_entropy(
     """
     targets = shift_targets(labels.to(hidden.device))
     keep = targets != IGNORE_INDEX
-    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    # float32 hidden states next to bf16/fp16 weights (Accelerate's mixed precision): the head runs in the
+    # weights' dtype on every path
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep].to(weight.dtype)
     targets = targets[keep]
     if implementation == "liger":
         total = _liger_sum(rows, weight, bias, targets)
