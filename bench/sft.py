@@ -15,7 +15,8 @@ Workloads (tokens/s counts real, non-pad tokens of the timed steps; the first st
 
 Implementations: ``rlhf-padded`` (padded batches), ``rlhf-packed`` (``--packing``: packed attention,
 backend ``auto``), both with the fused LM loss (``--fused_loss auto``); on GPU also
-``rlhf-packed-compiled`` (+ ``--torch_compile``), ``rlhf-packed-unfused`` (``--fused_loss off``) and
+``rlhf-padded-compiled`` (fixed) and ``rlhf-packed-compiled`` (+ ``--torch_compile``),
+``rlhf-packed-unfused`` (``--fused_loss off``) and
 ``rlhf-packed-flex`` / ``rlhf-packed-flash_attn`` (other packed-attention backends, to choose by
 measurement); ``trl-padded`` and ``trl-padding_free`` (TRL ``SFTTrainer``, completion-only loss). All
 use AdamW (Trainer's default, fused), no gradient checkpointing, bf16 on GPU (fp32 on CPU).
@@ -190,8 +191,11 @@ def gpu_suite(budget: float) -> None:
     sft_script, rm_script = __file__, str(Path(__file__).resolve().parent / "rm.py")
     varied = "gsm8k" if "gsm8k" in sft_results else "fixed"
     rm_varied = "hh" if "hh" in rm_results else "fixed"
-    # most important first: the MFU target (fixed), packing on real lengths, the reward model on real pairs
-    plan = [(sft_script, sft_results, "fixed", n) for n in ("rlhf-padded", "trl-padded")]
+    # most important first: the MFU target (fixed), packing on real lengths, the reward model on real pairs;
+    # the MFU target (fixed) with and without --torch_compile first
+    plan = [
+        (sft_script, sft_results, "fixed", n) for n in ("rlhf-padded", "trl-padded", "rlhf-padded-compiled")
+    ]
     plan += [(sft_script, sft_results, varied, n) for n in IMPLS if varied != "fixed"]
     plan += [(rm_script, rm_results, rm_varied, n) for n in ("rlhf-packed", "trl", "rlhf-padded")]
     plan += [(sft_script, sft_results, "fixed", n) for n in IMPLS if n not in ("rlhf-padded", "trl-padded")]
