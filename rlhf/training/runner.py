@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
@@ -52,4 +53,9 @@ def run_trainer(trainer: Trainer, resume_from: str | None) -> dict[str, Any]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # several processes: wait for all, then free the process group so no communication thread
+        # outlives the interpreter's shutdown
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.state.destroy_process_group()
     return metrics
