@@ -1,6 +1,7 @@
 """bench/ppo.py's GPU suite runs end to end in its tiny CPU mode (``--gpu-suite --cpu-small``): the model
 build, the prompts, a reward adapter written on the meta device, and ours with a critic, critic-free (K=8)
-and on the larger shape with actor, critic and reward adapters, each in its own process."""
+and on the larger shape with actor, critic and reward adapters, each in its own process; and the benchmark
+model cache (``BENCH_MODEL_CACHE``) builds once and never leaves a partial build."""
 
 from __future__ import annotations
 
@@ -54,3 +55,34 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
         assert step == pytest.approx(
             samples / per_s, rel=0.02, abs=0.006
         )  # 2 decimals and rollout > 0 and train > 0
+
+
+def test_cached_build_builds_once_links_each_run_and_leaves_no_partial(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    from harness import cached_build
+
+    builds = []
+
+    def build(out: Path) -> None:
+        builds.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setenv("BENCH_MODEL_CACHE", str(tmp_path / "cache"))
+    first = cached_build("m", tmp_path / "run1" / "model", build)
+    second = cached_build("m", tmp_path / "run2" / "model", build)
+    assert len(builds) == 1 and first.is_symlink() and second.is_symlink()
+    assert first.resolve() == second.resolve() == (tmp_path / "cache" / "m").resolve()
+    assert (second / "config.json").read_text() == "{}"
+
+    def broken(out: Path) -> None:
+        out.mkdir(parents=True)
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        cached_build("other", tmp_path / "run3" / "model", broken)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m"]  # no partial build left
+
+    monkeypatch.delenv("BENCH_MODEL_CACHE")
+    plain = cached_build("m", tmp_path / "run4" / "model", build)
+    assert len(builds) == 2 and not plain.is_symlink()
