@@ -14,6 +14,7 @@ import json
 import math
 
 import pytest
+from test_gpu import in_precision
 from test_ppo_models import build_rm_adapter
 from test_ppo_run import read_metrics, reference_command
 from test_reward_stage import SEED_FLAGS as RM_SEED_FLAGS
@@ -46,9 +47,9 @@ def keep_precision_flags(monkeypatch):
 
 
 def in_bf16(argv: list[str], trainer: bool = True) -> list[str]:
-    argv = [arg for arg in argv if arg not in ("--fp16", "--bf16")] + ["--bf16"]
-    argv += ["--use_cpu", "True"] if trainer else []
-    return with_flags(argv, torch_dtype="bfloat16", report_to="none", dataloader_num_workers="0")
+    """A seed command switched to bf16 as on a GPU (``--use_cpu True`` for the Trainer stages)."""
+    argv = in_precision(argv, "bf16") + ["--use_cpu", "True"] * trainer
+    return with_flags(argv, report_to="none", dataloader_num_workers="0")
 
 
 def trainer_losses(out) -> list[float]:

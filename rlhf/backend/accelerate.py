@@ -163,9 +163,8 @@ class AccelerateBackend(TrackerMethods):
             write()
 
     def end(self) -> None:
-        """Flush the trackers; with several processes, wait for all and free the process group, so no
-        communication thread outlives the interpreter's shutdown (what the TP backend's shutdown does)."""
+        """Flush the trackers; with several processes, wait for all and free the process group
+        (Accelerate's ``end_training``), so no communication thread outlives the interpreter's shutdown."""
         self.trackers.end()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.accelerator.wait_for_everyone()
-            self.accelerator.state.destroy_process_group()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()

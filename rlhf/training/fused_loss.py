@@ -36,12 +36,8 @@ def chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, V) float32 logits of one chunk; the matmul runs in the weights' (or autocast's) dtype.
-
-    The hidden states may arrive in float32 next to bf16/fp16 weights: Accelerate's mixed precision
-    converts a model's outputs to float32, and the loss runs outside its autocast.
-    """
-    logits = hidden.to(weight.dtype) @ weight.t()
+    """(n, V) float32 logits of one chunk; the matmul runs in the weights' (or autocast's) dtype."""
+    logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
     return logits.float()

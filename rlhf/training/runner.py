@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
@@ -53,9 +52,8 @@ def run_trainer(trainer: Trainer, resume_from: str | None) -> dict[str, Any]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # several processes: wait for all, then free the process group so no communication thread
-        # outlives the interpreter's shutdown
-        trainer.accelerator.wait_for_everyone()
-        trainer.accelerator.state.destroy_process_group()
+    # several processes: wait for all, then free the process group (Accelerate's end_training) so no
+    # communication thread outlives the interpreter's shutdown; one process: nothing to do
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return metrics
