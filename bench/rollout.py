@@ -52,7 +52,7 @@ IMPLS = [
     "hf-generate-static-cache",
 ]
 # GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
-LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "hf-generate@7b"]
+LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "ours-merged-compiled@7b", "hf-generate@7b"]
 LARGE_SHAPE = {"batch": 32, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1}
 
 
@@ -230,10 +230,18 @@ def main() -> None:
         default=600.0,
         help="seconds for all runs; a run that would overrun is skipped",
     )
+    parser.add_argument(
+        "--rows",
+        help=f"comma list of rows to run, in that order (default: all): {', '.join(IMPLS + LARGE_IMPLS)}",
+    )
     args = parser.parse_args()
     if args.worker:
         harness.report(worker(args.worker, Path(args.workdir)))
         return
+    wanted = args.rows.split(",") if args.rows else IMPLS + LARGE_IMPLS
+    unknown = sorted(set(wanted) - set(IMPLS + LARGE_IMPLS))
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(IMPLS + LARGE_IMPLS)})")
     gpu = harness.on_gpu() and not args.cpu_small
     shape = SHAPES["gpu" if gpu else "cpu-small"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,13 +250,14 @@ def main() -> None:
         (workdir / "shape.json").write_text(json.dumps(shape))
         deadline = harness.Deadline(args.budget)
         results = []
-        for name in IMPLS:
+        for name in [n for n in wanted if n in IMPLS]:
             results.append(deadline.run(__file__, name, workdir))
             print(json.dumps(results[-1]), flush=True)
-        if gpu:
+        large = [n for n in wanted if n in LARGE_IMPLS]
+        if gpu and large:
             (workdir / "shape-7b.json").write_text(json.dumps(LARGE_SHAPE))
             built = deadline.run(__file__, "build-7b", workdir)
-            for name in LARGE_IMPLS:
+            for name in large:
                 results.append(built if "error" in built else deadline.run(__file__, name, workdir))
                 results[-1] = {**results[-1], "name": name}
                 print(json.dumps(results[-1]), flush=True)
