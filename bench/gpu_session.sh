@@ -10,19 +10,22 @@
 # then on the device machine (carry .whl and .benchdata; both are git-ignored), two calls back to back on one
 # warm machine (a machine goes back 30 s after a call, and a lease is 15 minutes, start-up included):
 #
-#   ROLLOUT_S=200 SFT_S=220 ROLLOUT_ROWS=ours-merged-compiled,ours-merged,ours,hf-generate,hf-generate-static-cache \
-#     bash bench/gpu_session.sh enginetests rollout sft                               # first call, ~8 minutes
-#   PPO_S=300 PPO_ROWS=ours-gae-fast,ours-grpo-fast,trl-grpo,ours-large,trl-ppo \
-#     bash bench/gpu_session.sh ppo                                                 # second call, ~5 minutes
+#   ROLLOUT_S=170 ROLLOUT_ROWS=ours-merged-compiled,ours-merged,ours,hf-generate \
+#   PPO_S=200 PPO_ROWS=ours-gae-fast,ours-grpo-fast,trl-grpo \
+#     bash bench/gpu_session.sh enginetests rollout ppo                       # first call, ~8.5 minutes
+#   SFT_S=200 bash bench/gpu_session.sh sft                                  # second call, ~3.5 minutes
+#   # time left: PPO_ROWS=ours-large,trl-ppo ... ppo; ROLLOUT_ROWS=hf-generate-static-cache,ours-tp,... rollout
 #
 # Steps: enginetests (the engine's CUDA-graph tests and the packed-attention GPU test), rollout
 # (bench/rollout.py; ROLLOUT_ROWS=a,b picks rows and their order), ppo (bench/ppo.py --gpu-suite; PPO_ROWS=a,b
-# picks rows), sft (bench/sft.py --gpu-suite: SFT and reward model), tests (tests/test_gpu.py: the seed commands in fp16 and bf16). Each writes its log to
-# $OUT (the device tool's output folder) or runs/gpu_session/; the benchmarks print each row as it finishes
-# and write their sections of bench/RESULTS.md, which is copied there at the end. Limits (seconds):
+# picks rows), sft (bench/sft.py --gpu-suite: SFT and reward model), tests (tests/test_gpu.py: the seed
+# commands in fp16 and bf16). Each writes its log to $OUT (the device tool's output folder) or
+# runs/gpu_session/; the benchmarks print each row as a JSON line as it finishes and write their sections of
+# bench/RESULTS.md (only the rows of that run), which is copied there at the end. Limits (seconds):
 # ENGINETESTS_S, ROLLOUT_S, PPO_S, SFT_S, TESTS_S.
 #
-# Seen on an H200 (2026-11-27): enginetests 46 s; a rollout row 25-45 s (the model build ~20 s once); an SFT
+# Seen on an H200 (2026-11-27): enginetests 46 s (before the merged/compiled graph tests, which compile with
+# inductor: hence the 140 s default); a rollout row 25-45 s (the model build ~20 s once); an SFT
 # row ~20 s; PPO: build ~25 s, a 1.1B row 35-45 s, TRL GRPOTrainer ~60 s, the 7B row ~100 s with its build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +62,7 @@ run_step() {  # name, limit in seconds, shell command
 pytest="python3 -m pytest -q -p no:cacheprovider -o addopts="
 for name in "$@"; do
   case $name in
-    enginetests) run_step enginetests "${ENGINETESTS_S:-80}" \
+    enginetests) run_step enginetests "${ENGINETESTS_S:-140}" \
       "$pytest -m gpu tests/test_generation_gpu.py; a=\$?; $pytest tests/test_packed_attention.py -k on_gpu; b=\$?; exit \$((a || b))" ;;
     rollout) run_step rollout "${ROLLOUT_S:-130}" "python3 bench/rollout.py --budget $((${ROLLOUT_S:-130} - 10))${ROLLOUT_ROWS:+ --rows $ROLLOUT_ROWS}" ;;
     ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))${PPO_ROWS:+ --rows $PPO_ROWS}" ;;
