@@ -251,9 +251,32 @@ def model_flops_per_token(model: torch.nn.Module) -> float:
     return 6.0 * n
 
 
+def compile_stats() -> dict:
+    """``torch.compile``'s graphs and graph breaks in this process ({} when nothing was compiled): a
+    compiled row that is slow because the model broke into pieces says so."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    if not graphs:
+        return {}
+    return {"graphs": graphs, "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def compile_note(result: dict) -> str:
+    """ ", compiled: G graphs, B graph breaks" for a row that compiled, else ""."""
+    if "graphs" not in result:
+        return ""
+    return f", compiled: {result['graphs']} graphs, {result['graph_breaks']} graph breaks"
+
+
 def measurements(model: torch.nn.Module, tokens: int, seconds: float, steps: int) -> dict:
-    """Real tokens/s, peak memory and (on a known GPU) MFU of ``steps`` timed steps."""
-    result = {"tokens_per_s": tokens / seconds, "peak_mb": peak_memory_mb(), "steps": steps}
+    """Real tokens/s, peak memory, (on a known GPU) MFU of ``steps`` timed steps and the compile stats."""
+    result = {
+        "tokens_per_s": tokens / seconds,
+        "peak_mb": peak_memory_mb(),
+        "steps": steps,
+        **compile_stats(),
+    }
     peak = peak_flops()
     if peak:
         result["mfu"] = result["tokens_per_s"] * model_flops_per_token(model) / peak

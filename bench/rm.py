@@ -142,7 +142,7 @@ def table(results: dict[str, list[dict]]) -> str:
             mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
             rows.append([
                 workload, r["name"], f"{r['pairs_per_s']:,.1f}", ratio, f"{r['tokens_per_s']:,.0f}",
-                f"{r['peak_mb']:,.0f}", mfu, f"{r['padding']:.0%}", r["attention"],
+                f"{r['peak_mb']:,.0f}", mfu, f"{r['padding']:.0%}", r["attention"] + harness.compile_note(r),
             ])  # fmt: skip
     header = ["workload", "implementation", "pairs/s", "vs TRL", "real tokens/s", "peak MB", "MFU", "padding",
               "attention"]  # fmt: skip

@@ -208,6 +208,7 @@ def worker(name: str, workdir: Path) -> dict:
         "cuda_graphs": bool(engine is not None and engine.graphs),
         "peak_mb": harness.peak_memory_mb(),
         **(step_profile(engine, batch) if engine is not None else {}),
+        **harness.compile_stats(),
     }
 
 

@@ -169,7 +169,7 @@ def table(results: dict[str, list[dict]]) -> str:
             mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
             rows.append([
                 workload, r["name"], f"{r['tokens_per_s']:,.0f}", ratio, f"{r['peak_mb']:,.0f}", mfu,
-                f"{r['padding']:.0%}", f"{r['attention']} / {r['loss']}",
+                f"{r['padding']:.0%}", f"{r['attention']} / {r['loss']}{harness.compile_note(r)}",
             ])  # fmt: skip
     header = ["workload", "implementation", "real tokens/s", "vs TRL padded", "peak MB", "MFU", "padding",
               "attention / loss"]  # fmt: skip
