@@ -73,3 +73,16 @@ def test_scaler_state_survives_a_checkpoint(tmp_path):
     assert not plain.scaler.is_enabled() and plain.state_dict() == {"grad_scaler": {}}
     resumed.load_state_dict(plain.state_dict())
     assert resumed.scaler.get_scale() == 16.0
+
+
+def test_prepare_keeps_trainable_float16_weights_in_float32_under_fp16():
+    """A full-fine-tuning actor copied from a float16 base would hand the scaler float16 gradients, which
+    it refuses ("Attempting to unscale FP16 gradients"): prepare upcasts what trains, not the frozen base."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).half()
+    model[0].requires_grad_(False)  # the frozen base
+    make_backend().prepare(model)
+    assert model[0].weight.dtype == torch.float16
+    assert model[1].weight.dtype == model[1].bias.dtype == torch.float32
+    plain = torch.nn.Linear(4, 1).half()
+    AccelerateBackend("no").prepare(plain)  # no fp16 loss scaling: weights stay as loaded
+    assert plain.weight.dtype == torch.float16

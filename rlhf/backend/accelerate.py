@@ -25,6 +25,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from rlhf.backend.base import Optimizers, ParameterGroups, Schedulers
 from rlhf.backend.state_files import read_trainable, write_trainable
 from rlhf.backend.trackers import TrackerMethods, Trackers
+from rlhf.training.trainable import upcast_float16_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class AccelerateBackend(TrackerMethods):
         return self.accelerator.is_main_process
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` on this process's device; under fp16, its trainable float16 weights in float32 (the
+        loss scaler refuses float16 gradients: a full-fine-tuning actor or critic copied from a float16 base
+        would fail at its first step), as the SFT and reward-model stages do."""
+        if self.scaler.is_enabled():
+            upcast_float16_trainable(module)
         return module.to(self.device)
 
     def autocast(self):
