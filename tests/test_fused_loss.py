@@ -215,6 +215,18 @@ def test_trainer_with_gradient_accumulation_matches_the_model_loss(tiny_llama, t
         torch.testing.assert_close(fused_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_model_returns_only_the_last_hidden_state(tiny_llama):
+    """Every other hidden state would be converted to float32 by Accelerate under --bf16 (memory for
+    nothing): the loss asks for the last one, the final norm's output, and gets no other."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    head_loss = CausalLMHeadLoss(model, "torch")
+    ids = torch.randint(4, 100, (2, 9))
+    out = model(input_ids=ids, **head_loss.model_kwargs(ids.device))
+    assert [h is not None for h in out.hidden_states] == [False] * model.config.num_hidden_layers + [True]
+    torch.testing.assert_close(out.hidden_states[-1], model.model(input_ids=ids).last_hidden_state)
+    assert out.logits.shape[1] == 0
+
+
 def test_trainer_in_bf16_mixed_precision(tiny_llama, tmp_path, fresh_accelerate_state):
     """A bf16 model under ``--bf16``: Accelerate returns float32 hidden states to the loss (the SFT stage
     crashed so on an H200); the fused loss trains and logs the model loss within bf16 noise."""

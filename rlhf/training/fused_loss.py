@@ -177,14 +177,21 @@ def install_hidden_state_hooks(model: torch.nn.Module) -> None:
     """Install transformers' hidden-state recording hooks now, eagerly.
 
     transformers installs them on the first ``output_hidden_states`` forward, under a lock that
-    ``torch.compile`` cannot trace: the compiled forward would fall back to eager for good.
+    ``torch.compile`` cannot trace: the compiled forward would fall back to eager for good. As transformers
+    does, they go on the innermost recording models only (the decoder body, whose forward collects them):
+    installing on the causal LM around it as well would hook every layer twice once the body has been
+    hooked by an earlier forward (transformers' recursion does not check), and the hidden states would
+    come back twice, their indices off.
     """
     try:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks
     except ImportError:  # other transformers versions record hidden states without hooks
         return
-    for module in model.modules():
-        if "hidden_states" in _CAN_RECORD_REGISTRY.get(module):
+
+    recording = [m for m in model.modules() if "hidden_states" in _CAN_RECORD_REGISTRY.get(m)]
+    for module in recording:
+        below = {id(m) for m in module.modules() if m is not module}
+        if not any(id(other) in below for other in recording):
             maybe_install_capturing_hooks(module)
 
 
@@ -202,9 +209,13 @@ class CausalLMHeadLoss:
         install_hidden_state_hooks(model)
 
     def model_kwargs(self, device: torch.device) -> dict[str, Any]:
+        # -1: the last hidden state only (the others come back as None). With True every layer's would be
+        # returned, and under --bf16/--fp16 Accelerate converts each one it returns to float32: (layers + 1)
+        # x tokens x hidden x 4 bytes more at the peak, several times the logits this loss avoids. A
+        # transformers without index selection treats -1 as True (the last one is the same).
         return {
             "logits_to_keep": torch.empty(0, dtype=torch.long, device=device),
-            "output_hidden_states": True,
+            "output_hidden_states": -1,
         }
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
