@@ -108,6 +108,23 @@ def test_critic_from_reward_predicts_rm_score(models, batch):
     assert models.values(batch).shape == batch.response_ids.shape
 
 
+def test_value_and_reward_heads_run_in_float32_under_autocast(models, batch):
+    """Under --bf16 autocast the body computes in bf16 but the scalar heads do not round their outputs
+    to bf16's ~3 digits (GAE's value differences and tied group rewards would be that noise)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values, scores = models.critic_token_values(batch), models.reward_scores(batch)
+        with models._adapter("critic"):
+            critic_hidden = models._batch_hidden(models.lm, batch)
+        with models._adapter("reward"):
+            reward_hidden = models._batch_hidden(models.lm, batch)
+    expected = (critic_hidden.float() @ models.value_head.weight.float().t()).squeeze(-1)
+    torch.testing.assert_close(values, expected, atol=1e-6, rtol=1e-6)
+    rows = torch.arange(batch.input_ids.shape[0])
+    last = reward_hidden[rows, batch.last_token_positions].float()
+    expected = (last @ models.reward_head.weight.float().t()).squeeze(-1)
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_only_actor_and_critic_train(models):
     groups = models.parameter_groups()
     assert groups["actor"] and groups["critic"]

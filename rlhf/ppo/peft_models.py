@@ -223,6 +223,16 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         with self._adapter(None):
             return self._response_logprobs(self.lm, batch, temperature, with_entropy=False)[0]
 
+    @staticmethod
+    def _float32_head(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        """A scalar head (value or reward) in float32, also under --bf16/--fp16 autocast: [..., H] -> [...].
+
+        Autocast would run it in half precision, rounding every value and score to about 3 significant
+        digits: in GAE that noise is larger than a token's KL penalty, and equal rewards in a group tie.
+        """
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head(hidden.float()).squeeze(-1)
+
     def critic_token_values(self, batch: SequenceBatch) -> torch.Tensor:
         """Value head on every position's hidden state. -> [B, T]"""
         if self.value_head is None:
@@ -232,7 +242,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         else:
             with self._adapter("critic"):
                 hidden = self._batch_hidden(self.lm, batch)
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return self._float32_head(self.value_head, hidden)
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
         return self.critic_token_values(batch)[:, batch.prompt_len - 1 : -1]
@@ -245,7 +255,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
             hidden = self._batch_hidden(self.lm, batch)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, batch.last_token_positions]
-        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1)
+        return self._float32_head(self.reward_head, last)
 
     def pretrain_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the actor on [B, L] blocks, by the chunked linear cross-entropy
