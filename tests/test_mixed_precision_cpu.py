@@ -14,6 +14,7 @@ import json
 import math
 
 import pytest
+import torch
 from test_gpu import in_precision
 from test_ppo_models import build_rm_adapter
 from test_ppo_run import read_metrics, reference_command
@@ -79,11 +80,52 @@ def test_reward_model_packed_in_bf16(tiny_llama, tmp_path, keep_precision_flags)
     assert 0 <= metrics["eval_accuracy"] <= 1
 
 
-def test_ppo_in_bf16(tiny_llama, tmp_path, keep_precision_flags):
+@pytest.mark.parametrize("old_logprobs", ["auto", "generator"])
+def test_ppo_in_bf16(tiny_llama, tmp_path, keep_precision_flags, old_logprobs):
+    """PPO trains in bf16. At the first rollout the actor's LoRA B is zero, so the actor is the reference:
+    with ``--old_logprobs auto`` (an eval forward in bf16) the KL is exactly 0; the engine's own log-probs
+    (``generator``) come from a decode path that rounds differently and show a KL that is not there."""
     rm = build_rm_adapter(tiny_llama, tmp_path / "rm")
     argv = reference_command(tiny_llama, rm, tmp_path)
-    argv = with_flags(argv, max_steps="2", logging_steps="1", save_steps="2", max_response_length="24")
+    argv = with_flags(
+        argv, max_steps="2", logging_steps="1", save_steps="2", max_response_length="24",
+        old_logprobs=old_logprobs,
+    )  # fmt: skip
     run_ppo_with_peft.main(in_bf16(argv, trainer=False))
     metrics = read_metrics(tmp_path / "actor" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["loss/policy"]) and math.isfinite(m["loss/value"]) for m in metrics)
+    if old_logprobs == "auto":
+        assert metrics[0]["objective/kl"] == 0.0
+    else:
+        assert abs(metrics[0]["objective/kl"]) > 1e-4
+
+
+def test_old_logprobs_auto_takes_the_generators_in_float32_only():
+    from contextlib import contextmanager, nullcontext
+
+    from rlhf.ppo.session import old_logprobs_from_generator
+
+    class Backend:
+        device = torch.device("cpu")
+
+        def __init__(self, autocast: bool) -> None:
+            self.on = autocast
+
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16) if self.on else nullcontext()
+
+    class Models:
+        def __init__(self, dtype: torch.dtype) -> None:
+            self.model = torch.nn.Linear(2, 2).to(dtype)
+
+        @contextmanager
+        def generation_model(self):
+            yield self.model
+
+    fp32, bf16 = Models(torch.float32), Models(torch.bfloat16)
+    assert old_logprobs_from_generator("auto", fp32, Backend(False))
+    assert not old_logprobs_from_generator("auto", fp32, Backend(True))  # --bf16 autocast
+    assert not old_logprobs_from_generator("auto", bf16, Backend(False))  # bf16 weights
+    assert old_logprobs_from_generator("generator", bf16, Backend(True))
+    assert not old_logprobs_from_generator("forward", fp32, Backend(False))

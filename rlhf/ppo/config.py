@@ -91,6 +91,15 @@ class PPOArguments:
         metadata={"help": "Run the static engine's decode step through torch.compile (inductor) before its "
                   "CUDA graph is captured: fewer, fused kernels per step, a compile at the first rollout."},
     )  # fmt: skip
+    old_logprobs: str = field(
+        default="auto",
+        metadata={"help": "Where the rollout's old log-probs (the PPO ratio's denominator, and the KL to the "
+                  "reference) come from: generator (the sampled tokens' log-probs the generator returns, no extra "
+                  "forward), forward (an eval-mode forward of the actor, the update's own numerics), auto "
+                  "(generator in float32; forward in bf16/fp16, where the generator's decode path rounds "
+                  "differently: the first ratio would not be 1 and the KL at the start not 0).",
+                  "choices": ["auto", "generator", "forward"]},
+    )  # fmt: skip
     advantage_estimator: str = field(
         default="gae",
         metadata={"help": "gae (PPO with a learned critic) or a critic-free estimator (no critic is built): "

@@ -77,6 +77,7 @@ class PPOSession:
     pad_token_id: int
     eos_token_id: int | None
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)  # steps 4-5
+    old_logprobs_from_generator: bool = True  # --old_logprobs resolved (rlhf/ppo/session.py)
     save_extra: dict[str, Any] = field(default_factory=dict)  # name -> writer(path), e.g. the tokenizer
 
 
@@ -145,10 +146,10 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         scores[~ended] -= ppo.missing_eos_penalty
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
-    # 3. Old log-probs (the policy that sampled: the generator's own when it returns them, else an
-    #    eval-mode forward), reference log-probs and, with a critic, values, in chunks of
+    # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
+    #    --old_logprobs allows it, else an eval-mode forward), reference log-probs and, with a critic, values, in chunks of
     #    --per_device_forward_batch_size rows.
-    from_generator = all(lp is not None for lp in sampled_logprobs)
+    from_generator = s.old_logprobs_from_generator and all(lp is not None for lp in sampled_logprobs)
     old_logprobs, ref_logprobs, values = [], [], []
     if from_generator:
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]

@@ -14,6 +14,7 @@ backend (or another generation engine) plugs in by building its own parts; a cri
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.rewards import Scorer
 
 TRACKER_PROJECT = "rlhf-ppo"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +126,28 @@ def rollout_generator(
     )  # fmt: skip
 
 
+def old_logprobs_from_generator(choice: str, models: PolicyModels, backend: Backend) -> bool:
+    """``--old_logprobs`` resolved: whether the rollout takes the generator's log-probs as the old ones.
+
+    ``auto``: yes in float32, where the generator's decode path and the update's forward agree to about
+    1e-6; no under bf16/fp16 weights or autocast, where they differ by half-precision rounding (different
+    kernels, a KV cache, merged weights): the first mini-batch's ratio would not be 1 and the KL to the
+    reference (a training forward) not 0 at the start, so an eval forward of the actor computes them.
+    """
+    if choice != "auto":
+        return choice == "generator"
+    with backend.autocast(), models.generation_model() as model:
+        autocast = torch.is_autocast_enabled(backend.device.type)
+        dtype = next(model.parameters()).dtype
+    from_generator = not autocast and dtype == torch.float32
+    logger.info(
+        "old log-probs: %s (--old_logprobs auto)",
+        "the generator's (float32)" if from_generator
+        else f"an eval forward of the actor ({'autocast' if autocast else dtype}: the generator rounds differently)",
+    )  # fmt: skip
+    return from_generator
+
+
 def assemble_session(
     parts: SessionParts, ppo: PPOArguments, args: PPOTrainingArguments, flags: dict[str, Any]
 ) -> PPOSession:
@@ -153,6 +178,7 @@ def assemble_session(
     optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
     with backend.autocast():  # the cache takes the dtype the rollouts will compute in
         parts.generator.prepare()
+    from_generator = old_logprobs_from_generator(ppo.old_logprobs, parts.models, backend)
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
     tokenizer = parts.tokenizer
@@ -163,4 +189,5 @@ def assemble_session(
         schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
+        old_logprobs_from_generator=from_generator,
     )  # fmt: skip
