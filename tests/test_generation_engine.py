@@ -430,6 +430,19 @@ def test_merged_copy_is_formed_in_float32_under_autocast(tiny_model_factory):
     assert torch.equal(decoder.layers[0].qkv_proj.weight[:rows], expected)
 
 
+def test_merged_copy_takes_the_dtype_the_steps_compute_in(tiny_model_factory):
+    """float32 weights under the rollout's bf16 autocast: the copy is bf16 (half the memory, no cast of
+    every weight at every step) and decodes under that autocast; without autocast it is float32."""
+    model = with_lora(tiny_model_factory("llama"))
+    ids, mask = left_padded(tiny_model_factory("llama"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = decoder_for(model, merge_lora=True)
+        assert {f.weight.dtype for f in decoder.fused} == {torch.bfloat16}
+        out = RolloutEngine(decoder, max_batch_size=4, max_length=32).generate(ids, mask, greedy())
+    assert out.response_mask.sum() > 0 and torch.isfinite(out.logprobs).all()
+    assert {f.weight.dtype for f in decoder_for(model, merge_lora=True).fused} == {torch.float32}
+
+
 def test_a_failed_compile_is_raised_not_taken_for_a_capture_failure(tiny_model_factory, caplog):
     """--generation_compile failing is the user's flag failing: it raises, with no 'capture failed'
     warning and no eager fallback that would call the broken compiled step again."""

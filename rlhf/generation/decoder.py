@@ -105,6 +105,13 @@ class Decoder(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations have during generation: autocast's when it is on now, else the weights'."""
+        device_type = self.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.dtype
+
     def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype) -> StaticKVCache:
         return StaticKVCache(
             len(self.layers), self.n_kv_heads, self.head_dim, max_batch, max_len, dtype, self.device

@@ -60,14 +60,6 @@ def pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:
     return torch.cat([x, extra])
 
 
-def compute_dtype(decoder: Decoder) -> torch.dtype:
-    """The dtype activations have during generation: autocast's when it is on, else the weights'."""
-    device_type = decoder.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return decoder.dtype
-
-
 class StopTracker:
     """Rows that a ``stop(row, tokens)`` callback ends (stop strings), checked every few steps.
 
@@ -159,7 +151,7 @@ class RolloutEngine:
 
     def _reserve(self, length: int) -> None:
         """A cache for ``max_batch_size`` rows and at least ``length`` slots in the compute dtype."""
-        dtype, device = compute_dtype(self.decoder), self.decoder.device
+        dtype, device = self.decoder.compute_dtype(), self.decoder.device
         if self.cache is not None and self.cache.fits(self.max_batch_size, length, dtype, device):
             return
         if self.cache is not None:

@@ -138,7 +138,9 @@ class MergedLoraDecoder(HFDecoder):
         if reason is not None:
             raise ValueError(f"merged weights: {reason}; use unmerged")
         body_layers = self.body.layers[: len(self.layers)]
-        dtype, device = self.dtype, self.device
+        # the dtype the steps compute in (built under the rollout's autocast, as the engines are): float32
+        # weights under --bf16 get a bf16 copy, not a float32 one cast to bf16 again at every step
+        dtype, device = self.compute_dtype(), self.device
         self.final_norm = fused_norm(self.body.norm)
         self.fused: list[FusedLinear] = []
         for parts, layer in zip(self.layers, body_layers):
