@@ -308,3 +308,22 @@ def test_what_packed_attention_refuses(tiny_llama):
     use_packed_attention(model, "sdpa")
     with pytest.raises(ConfigError, match="training forwards"):
         model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_mixed_dtypes_under_autocast_reach_the_kernel_as_one(monkeypatch, backend):
+    """float32 master weights under --bf16: RoPE hands over float32 q/k and a bf16 v; every backend gets
+    all three in autocast's dtype (flex and older torch reject mixed dtypes)."""
+    seen = []
+
+    def kernel(q, k, v, cu_seqlens, max_len, scale, window):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q
+
+    monkeypatch.setitem(KERNELS, backend, kernel)
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8, dtype=torch.bfloat16)
+    kwargs = {"cu_seq_lens_q": torch.tensor([0, 2, 6], dtype=torch.int32), "max_length_q": 4}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_attention_forward(None, q, k, v, None, backend=backend, **kwargs)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16

@@ -186,7 +186,12 @@ def _document_block_mask(cu_seqlens: torch.Tensor, total: int, window: int | Non
             keep = (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
             return keep if window is None else keep & (kv_idx > q_idx - window)
 
-        _BlockMaskCache.mask = create_block_mask(mask_mod, None, None, total, total, device=cu_seqlens.device)
+        # compiled on CUDA: built eagerly, the mask materialises (T, T) booleans and gathers (several GB for a
+        # 32k-token packed row); compiled, it is evaluated block by block
+        compiled = {"_compile": True} if cu_seqlens.device.type == "cuda" else {}
+        _BlockMaskCache.mask = create_block_mask(
+            mask_mod, None, None, total, total, device=cu_seqlens.device, **compiled
+        )
         _BlockMaskCache.cu_seqlens, _BlockMaskCache.window = cu_seqlens, window
     return _BlockMaskCache.mask
 
@@ -328,12 +333,13 @@ def packed_attention_forward(
         raise ConfigError("packed attention does not implement attention dropout; set attention_dropout 0")
     cu_seqlens, max_len = packed
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
-    if backend in NEEDS_HALF and q.dtype not in HALF:
-        if not torch.is_autocast_enabled(q.device.type):
-            backend = "sdpa"  # float32 without autocast: FlashAttention kernels cannot run it
-        else:  # fp32 master weights under --bf16/--fp16: RoPE returned float32 q/k
-            dtype = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if torch.is_autocast_enabled(q.device.type):
+        # fp32 master weights under --bf16/--fp16: RoPE returned float32 q/k next to a half-precision v;
+        # every backend gets one dtype, autocast's (as SDPA would cast them under autocast)
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    elif backend in NEEDS_HALF and q.dtype not in HALF:
+        backend = "sdpa"  # float32 without autocast: FlashAttention kernels cannot run it
     out = KERNELS[backend](
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len, scaling, window
     )
