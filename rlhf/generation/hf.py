@@ -59,8 +59,14 @@ class HFGenerator:
         response = response.masked_fill(mask == 0, self.sampling.pad_token_id)
         if self.sampling.num_beams > 1:
             return Generation(response, mask)
-        logits = torch.stack(out.logits, dim=1)  # [B, R, V], the unprocessed logits of each step
+        # the unprocessed logits of each step [B, V], one step at a time: stacked, then in float32 and
+        # log-softmaxed whole, they would be several [B, R, V] float32 tensors at once
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
-        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.stack(
+            [
+                torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                for step, token in zip(out.logits, response.unbind(1))
+            ],
+            dim=1,
+        )  # [B, R]
         return Generation(response, mask, logprobs * mask)

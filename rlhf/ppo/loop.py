@@ -128,8 +128,9 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     first_group = (state.rollouts * s.backend.world_size + s.backend.replica_rank) * (n // k)
     group_ids = first_group + torch.arange(n // k, device=device).repeat_interleave(k)  # [N]
     lengths = mask.sum(1).long()
-    responses = s.decode(
-        [r[:length].tolist() for r, length in zip(batch.response_ids, lengths)], skip_special_tokens=True
+    responses = s.decode(  # two device->host copies in all, not two per row
+        [r[:length] for r, length in zip(batch.response_ids.tolist(), lengths.tolist())],
+        skip_special_tokens=True,
     )
     ended = torch.zeros_like(lengths, dtype=torch.bool)
     if s.eos_token_id is not None:
