@@ -148,6 +148,42 @@ def test_lora_trains_only_the_adapter(tiny_model_factory, world_of_one):
     assert len(lora_state_dict(model)) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
 
 
+def test_adapter_and_scalar_head_stay_float32_on_a_bf16_base(tiny_model_factory, world_of_one):
+    """A bf16 model (what --dtype auto gives on a GPU) gets float32 LoRA weights and a float32 v_head, as
+    PEFT keeps its adapters: AdamW steps of about lr are far below one bf16 step of a weight (a bf16 A would
+    not move at lr 1e-5). The forward stays bf16 and equals the adapter computed by hand."""
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_layers
+
+    model_dir = tiny_model_factory("llama")
+    ids, mask = batch(model_dir)
+    cpu = torch.device("cpu")
+    model = load_tp_model(str(model_dir), rank=0, world_size=1, device=cpu, dtype=torch.bfloat16)
+    apply_lora(model, r=4, alpha=8, targets=["all"])
+    fill_b(model)
+    layer = next(iter(lora_layers(model).values()))
+    assert layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        delta = layer.lora_B(layer.lora_A(x.float())) * layer.lora_scale
+        expected = torch.nn.functional.linear(x, layer.weight) + delta.to(torch.bfloat16)
+        torch.testing.assert_close(layer(x), expected)
+    logits = model(ids, mask)
+    assert logits.dtype == torch.bfloat16
+    loss_of(logits.float(), ids, mask).backward()
+    a = layer.lora_A.weight
+    before = a.detach().clone()
+    torch.optim.AdamW([a], lr=1e-5).step()
+    assert not torch.equal(a, before)  # in bf16 this step would round away
+    scorer = load_tp_model(
+        str(model_dir), rank=0, world_size=1, device=cpu, dtype=torch.bfloat16, scalar_head=True
+    )
+    assert scorer.v_head.weight.dtype == torch.float32
+    assert scorer.tok_embeddings.weight.dtype == torch.bfloat16
+    assert scorer(ids, mask).dtype == torch.float32
+
+
 def test_apply_lora_takes_the_shared_lora_spec(tiny_model_factory, world_of_one):
     """``apply_lora(model, LoraSpec)`` builds the same adapter as the keyword form (kept for old callers)."""
     from rlhf.models.lora import LoraSpec

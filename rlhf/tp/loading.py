@@ -91,17 +91,18 @@ def build_model(
     With ``scalar_head`` the LM head is dropped and a ``v_head`` is kept from ``state`` or zero-initialised.
     """
     model = ScalarHeadTransformer(args) if scalar_head else Transformer(args)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    # the scalar head stays float32 (it trains, and its output is a value or a score): the rest in ``dtype``
+    state = {k: v.to(torch.float32 if k == "v_head.weight" else dtype) for k, v in state.items()}
     if scalar_head:
         state.pop("output.weight", None)
         if "v_head.weight" not in state:
-            state["v_head.weight"] = torch.zeros(1, args.dim, dtype=dtype)
+            state["v_head.weight"] = torch.zeros(1, args.dim, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return model.to(device=device)  # parameters already hold ``dtype``; the RoPE table stays float32
+    return model.to(device=device)  # parameters already hold their dtype; the RoPE table stays float32
 
 
 def load_tp_model(

@@ -67,8 +67,9 @@ def resolve_targets(targets: list[str] | tuple[str, ...]) -> set[str]:
 
 
 def _lora_delta(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the layer's output plus its low-rank update."""
-    x = layer.lora_dropout(inputs[0])
+    """Forward hook: the layer's output plus its low-rank update (computed in the adapter's float32, added in
+    the output's dtype)."""
+    x = layer.lora_dropout(inputs[0].to(layer.lora_A.weight.dtype))
     if isinstance(layer, ColumnParallelLinear):
         h = copy_to_model_parallel_region(layer.lora_A(x))  # (.., r), the same on every rank
         delta = layer.lora_B(h)  # (.., out / N)
@@ -79,7 +80,7 @@ def _lora_delta(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torc
             x = scatter_to_model_parallel_region(x)
         h = reduce_from_model_parallel_region(layer.lora_A(x))  # (.., r), summed over the input shards
         delta = layer.lora_B(h)  # (.., out)
-    return output + delta * layer.lora_scale
+    return output + (delta * layer.lora_scale).to(output.dtype)
 
 
 def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int) -> None:
@@ -93,8 +94,11 @@ def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int)
     bound = 1.0 / math.sqrt(layer.in_features)
     full_a = torch.empty(r, layer.in_features).uniform_(-bound, bound, generator=generator)
     a = full_a if column else full_a.chunk(world_size, dim=1)[rank]
-    layer.lora_A = nn.Linear(in_local, r, bias=False, device=weight.device, dtype=weight.dtype)
-    layer.lora_B = nn.Linear(r, out_local, bias=False, device=weight.device, dtype=weight.dtype)
+    # float32 even on a bf16/fp16 base (as PEFT does): AdamW's steps of about lr are far below one bf16 step
+    # of a weight, so a half-precision adapter would barely move
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    layer.lora_A = nn.Linear(in_local, r, bias=False, device=weight.device, dtype=dtype)
+    layer.lora_B = nn.Linear(r, out_local, bias=False, device=weight.device, dtype=dtype)
     with torch.no_grad():
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.zero_()
