@@ -279,6 +279,27 @@ def test_graph_bookkeeping_buckets_adapters_and_stale_weights(tiny_model_factory
         engine.generate(ids, mask, sampling)
 
 
+def test_a_dropped_engine_is_freed_without_the_cycle_collector(tiny_model_factory):
+    """The graphs call back into their engine; that must not keep a dropped engine (KV cache, graph pool,
+    model) alive until a cyclic collection: the GSM8K evaluation drops the solver before loading the
+    verifier."""
+    import gc
+    import weakref
+
+    model_dir = tiny_model_factory("llama")
+    ids, mask = left_padded(model_dir)
+    engine = engine_for(with_lora(model_dir), cuda_graphs=True, capture=rerun_capture)
+    engine.generate(ids, mask, greedy())
+    assert engine.graphs.graphs
+    alive = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_a_failed_capture_falls_back_to_eager_steps_with_a_warning(tiny_model_factory, caplog):
     model_dir = tiny_model_factory("llama")
     model = with_lora(model_dir)

@@ -27,6 +27,7 @@ step); the CUDA-graph path ran on an H200 (``tests/test_generation_gpu.py``, ``b
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -135,12 +136,19 @@ class RolloutEngine:
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs = DecodeGraphs(self._decode_step, decoder.module, capture) if cuda_graphs else None
+        self.graphs = DecodeGraphs(self._weak_decode_step(), decoder.module, capture) if cuda_graphs else None
         logger.info(
             "rollout engine: %s, %s%s, up to %d rows x %d tokens",
             type(decoder).__name__, "CUDA graphs per batch bucket" if cuda_graphs else "eager steps",
             f", decode step compiled ({compile_backend})" if compile_backend else "", max_batch_size, max_length,
         )  # fmt: skip
+
+    def _weak_decode_step(self) -> Callable[[int], torch.Tensor]:
+        """:meth:`_decode_step` through a weak reference: the graphs held by this engine must not hold it
+        back, or a dropped engine (its KV cache, graph pool and model) would wait for the cyclic garbage
+        collector instead of being freed at once (``del model`` before loading the verifier)."""
+        engine = weakref.ref(self)
+        return lambda batch: engine()._decode_step(batch)
 
     def _decode_step(self, batch: int) -> torch.Tensor:
         return self._step(self.tokens[:batch], self.positions[:batch], self.slot, self.cache)
