@@ -229,12 +229,19 @@ class MoeFeedForward(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (n, k)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         x_parallel = copy_to_model_parallel_region(x)
-        partial = x.new_zeros(x.shape[0], self.top_k, dim)  # (n, k, D)
-        for expert_id, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(chosen == expert_id)
-            if token_idx.numel() > 0:
-                partial = partial.index_put((token_idx, slot), expert(x_parallel[token_idx]))
-        out = reduce_from_model_parallel_region(partial)  # (n, k, D), summed over ranks
+        # the (token, slot) pairs grouped by expert, in (token, slot) order within each: one host sync per
+        # layer for the group sizes, not one per expert (which stalled every decode step on a GPU)
+        flat = chosen.reshape(-1)  # (n * k,) the expert of each pair
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        routed = x_parallel[order // self.top_k]  # (n * k, D), the pairs' tokens, grouped
+        outputs = torch.cat(
+            [expert(part) for expert, part in zip(self.experts, routed.split(counts)) if len(part)]
+        )
+        partial = outputs.new_empty(outputs.shape).index_copy(
+            0, order, outputs
+        )  # back in (token, slot) order
+        out = reduce_from_model_parallel_region(partial.view(-1, self.top_k, dim))  # (n, k, D), over ranks
         return (out * weights.unsqueeze(-1)).sum(dim=1).view(bsz, seqlen, dim)
 
 
