@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -198,7 +199,7 @@ def worker(name: str, workdir: Path) -> dict:
     first = _timed(lambda: generate(new))
     full = min(_timed(lambda: generate(new)) for _ in range(shape["repeats"]))
     one = min(_timed(lambda: generate(1)) for _ in range(shape["repeats"]))
-    return {
+    result = {
         "name": label,
         "ms_per_step": (full - one) / (new - 1) * 1000,
         "tokens_per_s": batch * new / full,
@@ -210,6 +211,11 @@ def worker(name: str, workdir: Path) -> dict:
         **(step_profile(engine, batch) if engine is not None else {}),
         **harness.compile_stats(),
     }
+    if name == "ours-tp":  # free the (NCCL on a GPU) process group now: its teardown at exit can hang
+        from rlhf.tp.distributed import shutdown
+
+        shutdown()
+    return result
 
 
 def device_line(gpu: bool) -> str:
@@ -243,6 +249,8 @@ def main() -> None:
     unknown = sorted(set(wanted) - set(IMPLS + LARGE_IMPLS))
     if unknown:
         parser.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(IMPLS + LARGE_IMPLS)})")
+    if args.cpu_small:  # the CPU shape on the CPU, also on a GPU machine (the workers inherit this)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     gpu = harness.on_gpu() and not args.cpu_small
     shape = SHAPES["gpu" if gpu else "cpu-small"]
     with tempfile.TemporaryDirectory() as tmp:
