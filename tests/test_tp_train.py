@@ -130,6 +130,20 @@ def test_save_dir_that_is_a_file_fails_before_loading(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_float16_training_is_refused_and_evaluation_is_not():
+    """The TP trainers have no fp16 loss scaler (AdamW's eps rounds to 0 in float16): training in float16
+    is a one-line error naming the flag, on any machine; evaluation may load float16 weights."""
+    from rlhf.errors import ConfigError
+    from rlhf.tp.loading import resolve_tp_dtype
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="^--dtype float16: the tensor-parallel trainers have no fp16"):
+        resolve_tp_dtype("float16", cpu, training=True)
+    assert resolve_tp_dtype("float16", cpu) == torch.float32  # no GPU: evaluation falls back, with a warning
+    assert resolve_tp_dtype("bfloat16", torch.device("cuda"), training=True) == torch.bfloat16
+    assert resolve_tp_dtype("auto", torch.device("cuda"), training=True) == torch.bfloat16
+
+
 def test_solver_learns_saves_evaluates_and_merges(tiny_llama, tmp_path, world_of_one):
     """Full fine-tuning lowers the answer loss; the shard dir evaluates and merges into an HF dir whose
     transformers logits equal the TP model's; LoRA saves its adapter and merges it into the shards."""

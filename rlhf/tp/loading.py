@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.errors import CheckpointError
+from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.loading import is_adapter_dir
 from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, read_hf_config
@@ -24,12 +24,21 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_tp_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on GPU, float32 on CPU; half precision on CPU falls back to float32."""
+def resolve_tp_dtype(name: str | None, device: torch.device, training: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on GPU, float32 on CPU; half precision on CPU falls back to float32.
+
+    ``training``: float16 is refused. The TP trainers run plain AdamW without a loss scaler: float16
+    gradients underflow, and AdamW's eps (1e-8) rounds to 0 in float16 (NaN from a zero gradient).
+    """
     if name in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    if training and name == "float16":
+        raise ConfigError(
+            "--dtype float16: the tensor-parallel trainers have no fp16 loss scaling (gradients underflow, "
+            "AdamW's eps rounds to 0); train in bfloat16 (the GPU default) or float32"
+        )
     if device.type == "cpu" and name != "float32":
         logger.warning("--dtype %s needs a GPU; float32 is used on CPU", name)
         return torch.float32

@@ -59,7 +59,7 @@ def load_models(
     ``with_critic=False`` (a critic-free ``--advantage_estimator``) loads no critic; the reward is then
     always its own frozen model.
     """
-    dtype = resolve_tp_dtype(tp.dtype, dev)
+    dtype = resolve_tp_dtype(tp.dtype, dev, training=True)
 
     def load(path: str, scalar_head: bool, model_type: str | None = None):
         return load_tp_model(path, rank=rank, world_size=world_size, device=dev, dtype=dtype,
