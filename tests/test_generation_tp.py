@@ -135,6 +135,7 @@ def test_world_size_2_matches_hf_generate_and_ranks_agree(tiny_model_factory, tm
         assert torch.equal(saved["greedy"][0], hf_greedy(dirs[name]))
         assert torch.equal(saved["greedy"][0], saved["greedy"][1])
         assert torch.equal(saved["sampled"][0], saved["sampled"][1])  # rank 1 sampled with another seed
+        assert torch.equal(saved["sampled_logprobs"][0], saved["sampled_logprobs"][1])  # of those tokens
 
 
 def worker(out: Path, cases: list[str]) -> None:
@@ -148,10 +149,15 @@ def worker(out: Path, cases: list[str]) -> None:
         name, model_dir = case.split("=", 1)
         run = tp_generate(Path(model_dir), rank, world_size)
         saved = {}
-        for key in ("greedy", "sampled"):
-            ids = run[key].response_ids.contiguous()
-            pieces = [torch.empty_like(ids) for _ in range(world_size)]
-            dist.all_gather(pieces, ids)
+        tensors = {
+            "greedy": run["greedy"].response_ids,
+            "sampled": run["sampled"].response_ids,
+            "sampled_logprobs": run["sampled"].logprobs,
+        }
+        for key, tensor in tensors.items():
+            tensor = tensor.contiguous()
+            pieces = [torch.empty_like(tensor) for _ in range(world_size)]
+            dist.all_gather(pieces, tensor)
             saved[key] = pieces
         if rank == 0:
             torch.save(saved, out / f"{name}.pt")

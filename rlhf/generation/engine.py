@@ -240,7 +240,9 @@ class RolloutEngine:
             steps = 0
             for step in range(budget):
                 tokens, logprobs = sample_next(logits, step, sampling, generator)
-                tokens = decoder.sync(tokens)
+                # every rank keeps rank 0's tokens and their log-probs (a rank whose random state differs
+                # sampled others; identity on one process)
+                tokens, logprobs = decoder.sync(tokens), decoder.sync(logprobs)
                 tokens_out[:, step], logprobs_out[:, step] = tokens, logprobs
                 if eos is not None:
                     done |= tokens == eos
