@@ -129,3 +129,26 @@ def test_old_logprobs_auto_takes_the_generators_in_float32_only():
     assert not old_logprobs_from_generator("auto", bf16, Backend(False))  # bf16 weights
     assert old_logprobs_from_generator("generator", bf16, Backend(True))
     assert not old_logprobs_from_generator("forward", fp32, Backend(False))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_an_adapters_fully_trained_head_is_float32_under_bf16(tiny_llama, bf16):
+    """A bf16 base with a LoRA reward model: PEFT copies the ``score`` head in bf16, where AdamW's steps of
+    about the learning rate round away; under --bf16 it is kept in float32 (the adapter already is), and the
+    frozen base stays bf16. Without mixed precision nothing is cast (a float32 head would meet bf16 inputs)."""
+    from peft import TaskType
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models.lora import LoraSpec
+    from rlhf.training.trainable import make_trainable
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.bfloat16)
+    model = make_trainable(
+        base, LoraSpec(4, 8, 0.0, ["q_proj", "v_proj"]), task_type=TaskType.SEQ_CLS, head_modules=("score",),
+        bf16=bf16,
+    )  # fmt: skip
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    heads = {dtype for name, dtype in trained.items() if "score" in name}
+    assert heads == {torch.float32 if bf16 else torch.bfloat16}
+    assert {dtype for name, dtype in trained.items() if "lora_" in name} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}

@@ -101,6 +101,7 @@ def build_reward_model(
         head_modules=heads,
         gradient_checkpointing=args.gradient_checkpointing,
         fp16=args.fp16,
+        bf16=args.bf16,
     )
 
 

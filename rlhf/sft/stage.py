@@ -95,6 +95,7 @@ def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: 
         task_type=TaskType.CAUSAL_LM,
         gradient_checkpointing=args.gradient_checkpointing,
         fp16=args.fp16,
+        bf16=args.bf16,
     )
 
 

@@ -45,13 +45,18 @@ def make_trainable(
     head_modules: tuple[str, ...] = (),
     gradient_checkpointing: bool = False,
     fp16: bool = False,
+    bf16: bool = False,
 ) -> torch.nn.Module:
     """Return ``model`` ready to train: wrapped in a (new or loaded) adapter, or unchanged for full training.
 
     Whether a new adapter is made is decided by ``lora.use_lora`` alone (``rank <= 0`` = full training).
     ``modules_to_save`` (``--modules_to_save``) and ``head_modules`` (such as the reward model's ``score``)
     are trained in full and saved with the adapter. With ``fp16`` (``--fp16`` mixed precision) trainable
-    float16 weights are upcast to float32 (:func:`upcast_float16_trainable`).
+    float16 weights are upcast to float32 (:func:`upcast_float16_trainable`); with ``bf16`` (``--bf16``) so
+    are an adapter's fully trained bfloat16 companions (the reward model's ``score`` head,
+    ``--modules_to_save``), which PEFT copies in the base's dtype: AdamW's steps of about the learning rate
+    are far below one bf16 step of a weight, so a bf16 head would barely move. Full fine-tuning in bf16 stays
+    bf16 (as ``transformers.Trainer`` trains a bf16 model).
     """
     if peft_path:
         if not is_adapter_dir(peft_path):
@@ -74,6 +79,8 @@ def make_trainable(
         model = get_peft_model(model, config)
     if fp16:
         upcast_float16_trainable(model)
+    if bf16 and isinstance(model, PeftModel):
+        upcast_trainable(model, torch.bfloat16, "--bf16")
     if gradient_checkpointing and isinstance(model, PeftModel):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     trainable, total = count_parameters(model)
@@ -96,13 +103,19 @@ def upcast_float16_trainable(model: torch.nn.Module) -> int:
     model's ``score`` head) in the base's float16; under fp16 autocast a float32 master copy computes in
     float16 anyway. Frozen weights stay as loaded.
     """
+    return upcast_trainable(model, torch.float16, "--fp16")
+
+
+def upcast_trainable(model: torch.nn.Module, dtype: torch.dtype, flag: str) -> int:
+    """Cast trainable ``dtype`` parameters to float32 in place (logged under ``flag``); return how many."""
     cast = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype == torch.float16:
+        if param.requires_grad and param.dtype == dtype:
             param.data = param.data.float()
             cast += 1
     if cast:
-        logger.info("--fp16: %d trainable float16 tensors kept in float32 (master weights)", cast)
+        name = str(dtype).removeprefix("torch.")
+        logger.info("%s: %d trainable %s tensors kept in float32 (master weights)", flag, cast, name)
     return cast
 
 
