@@ -77,10 +77,9 @@ class Decoder(ABC):
         nothing to do for a side that reads the model's own weights."""
         return None
 
-    def sync(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Make every rank hold rank 0's ``tensor`` (the sampled tokens [B], their log-probs [B]); identity on
-        one process."""
-        return tensor
+    def sync(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Make every rank hold rank 0's sampled tokens [B] (identity on one process)."""
+        return tokens
 
     @property
     def n_kv_heads(self) -> int:

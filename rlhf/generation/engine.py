@@ -239,10 +239,7 @@ class RolloutEngine:
             stops = StopTracker(stop, eos, offset) if stop is not None else None
             steps = 0
             for step in range(budget):
-                tokens, logprobs = sample_next(logits, step, sampling, generator)
-                # every rank keeps rank 0's tokens and their log-probs (a rank whose random state differs
-                # sampled others; identity on one process)
-                tokens, logprobs = decoder.sync(tokens), decoder.sync(logprobs)
+                tokens, logprobs = sample_next(logits, step, sampling, generator, decoder.sync)
                 tokens_out[:, step], logprobs_out[:, step] = tokens, logprobs
                 if eos is not None:
                     done |= tokens == eos

@@ -12,6 +12,8 @@ the log-probs are those at ``T = 1``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf.generation.base import SamplingConfig
@@ -60,10 +62,13 @@ def sample_next(
     step: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next tokens and their log-probs. logits [B, V] -> (tokens [B] long, logprobs [B] float32).
 
     ``step`` counts the tokens already generated: EOS is suppressed while ``step < min_new_tokens``.
+    ``sync`` replaces the drawn tokens before their log-probs are read (tensor-parallel ranks take rank 0's,
+    so a rank whose random state differs still returns the log-probs of the tokens it keeps).
     """
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     scores = logits.float() / temperature  # [B, V], a new tensor: the in-place edits below stay local
@@ -75,4 +80,6 @@ def sample_next(
     else:
         scores = filter_top_p(filter_top_k(scores, sampling.top_k), sampling.top_p)
         tokens = draw(scores.softmax(dim=-1), generator)
+    if sync is not None:
+        tokens = sync(tokens)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

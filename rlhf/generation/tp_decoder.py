@@ -2,9 +2,9 @@
 
 Every model-parallel rank runs the same steps on its shard: the column-/row-parallel projections and the
 vocabulary-split LM head communicate inside the layers as in training, so the logits are the same on every
-rank; the sampled tokens and their log-probs are then broadcast from rank 0 (:meth:`sync`), so the ranks
-never diverge whatever their random state. LoRA (:mod:`rlhf.tp.lora`) lives in forward hooks on the projections, which apply when
-the engine calls them; the hooks are part of :meth:`state_key`.
+rank; the sampled tokens are then broadcast from rank 0 (:meth:`sync`) before their log-probs are read, so
+the ranks never diverge whatever their random state. LoRA (:mod:`rlhf.tp.lora`) lives in forward hooks on
+the projections, which apply when the engine calls them; the hooks are part of :meth:`state_key`.
 """
 
 from __future__ import annotations
@@ -69,5 +69,5 @@ class TPDecoder(Decoder):
         hooks = tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.module.modules())
         return (self.module.training, hooks)
 
-    def sync(self, tensor: torch.Tensor) -> torch.Tensor:
-        return broadcast_from_main(tensor)
+    def sync(self, tokens: torch.Tensor) -> torch.Tensor:
+        return broadcast_from_main(tokens)

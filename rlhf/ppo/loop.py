@@ -148,8 +148,8 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
-    #    --old_logprobs allows it, else an eval-mode forward), reference log-probs and, with a critic, values, in chunks of
-    #    --per_device_forward_batch_size rows.
+    #    --old_logprobs allows it, else an eval-mode forward), reference log-probs and, with a critic,
+    #    values, in chunks of --per_device_forward_batch_size rows.
     from_generator = s.old_logprobs_from_generator and all(lp is not None for lp in sampled_logprobs)
     old_logprobs, ref_logprobs, values = [], [], []
     if from_generator:

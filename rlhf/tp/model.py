@@ -238,9 +238,8 @@ class MoeFeedForward(nn.Module):
         outputs = torch.cat(
             [expert(part) for expert, part in zip(self.experts, routed.split(counts)) if len(part)]
         )
-        partial = outputs.new_empty(outputs.shape).index_copy(
-            0, order, outputs
-        )  # back in (token, slot) order
+        # back in (token, slot) order
+        partial = outputs.new_empty(outputs.shape).index_copy(0, order, outputs)
         out = reduce_from_model_parallel_region(partial.view(-1, self.top_k, dim))  # (n, k, D), over ranks
         return (out * weights.unsqueeze(-1)).sum(dim=1).view(bsz, seqlen, dim)
 

@@ -61,7 +61,8 @@ def build_model_for_training(
     """The TP model from ``--ckpt_dir``; with LoRA frozen + adapters (a scalar head stays trainable)."""
     model = load_tp_model(
         args.ckpt_dir, rank=rank, world_size=world_size, device=dev,
-        dtype=resolve_tp_dtype(args.dtype, dev, training=True), model_type=args.model_type, scalar_head=scalar_head,
+        dtype=resolve_tp_dtype(args.dtype, dev, training=True), model_type=args.model_type,
+        scalar_head=scalar_head,
     )  # fmt: skip
     spec = args.lora_spec()
     if spec.use_lora:
