@@ -5,6 +5,7 @@
 #   bash ../shared/gpu/wheels.sh                                      # datasets, trl 1.16, fairscale -> .whl/
 #   pip download --no-deps trl==0.25.1 -d .whl/trl-0.25.1             # TRL's PPOTrainer, in a folder of its own
 #   pip download --no-deps transformers==X peft==Y -d .whl            # optional: this checkout's versions
+#   pip download --no-deps liger-kernel==0.8.5 -d .whl                # optional: the SFT liger rows (Triton)
 #   mkdir -p .benchdata && cp -r ../shared/data/gsm8k ../shared/data/hh-rlhf .benchdata/   # variable lengths
 #
 # then on the device machine (carry .whl and .benchdata; both are git-ignored), two calls back to back on one

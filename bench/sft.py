@@ -18,8 +18,12 @@ backend ``auto``), both with the fused LM loss (``--fused_loss auto``); on GPU a
 ``rlhf-padded-compiled`` (fixed) and ``rlhf-packed-compiled`` (+ ``--torch_compile``),
 ``rlhf-packed-unfused`` (``--fused_loss off``) and
 ``rlhf-packed-flex`` / ``rlhf-packed-flash_attn`` (other packed-attention backends, to choose by
-measurement); ``trl-padded`` and ``trl-padding_free`` (TRL ``SFTTrainer``, completion-only loss). All
-use AdamW (Trainer's default, fused), no gradient checkpointing, bf16 on GPU (fp32 on CPU).
+measurement); ``trl-padded`` and ``trl-padding_free`` (TRL ``SFTTrainer``, completion-only loss). Where
+liger-kernel and Triton are installed (GPU), ``--fused_loss auto`` means liger's fused linear cross-entropy,
+and three more rows run: ``rlhf-padded-liger`` and ``trl-padded-liger`` (Trainer's ``--use_liger_kernel``:
+liger's RMSNorm, RoPE and SwiGLU kernels patched into the model) and ``rlhf-padded-torchloss`` (our chunked
+PyTorch loss instead of liger's, to choose ``auto`` by measurement). All use AdamW (Trainer's default,
+fused), no gradient checkpointing, bf16 on GPU (fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ IMPLS = ["rlhf-padded", "rlhf-packed", "trl-padded", "trl-padding_free"]
 GPU_EXTRAS = ["rlhf-packed-compiled", "rlhf-packed-unfused", "rlhf-packed-flex"]
 if importlib.util.find_spec("flash_attn") is not None:
     GPU_EXTRAS.append("rlhf-packed-flash_attn")
+HAS_LIGER = all(importlib.util.find_spec(name) is not None for name in ("liger_kernel", "triton"))
+LIGER_ROWS = ["rlhf-padded-liger", "trl-padded-liger", "rlhf-padded-torchloss"] if HAS_LIGER else []
 # workload -> (batch, warm-up steps, timed steps); None timed = the whole data set
 WORKLOADS = harness.Workloads(
     "gsm8k", {"toy": (8, 5, None), "fixed": (8, 3, 10), "gsm8k_gpu": (32, 3, 10), "gsm8k_cpu": (8, 3, 20)}
@@ -75,8 +81,14 @@ def bench_data(model_dir: Path, workload: str, workdir: Path, n_rows: int | None
     return tokenize_sft_dataset(rows, tokenizer, block_size=1024).to_list()
 
 
+def row_options(name: str) -> list[str]:
+    """What a row name adds to its implementation: ``rlhf-packed-compiled`` -> ``["compiled"]``."""
+    return name.split("-")[2:]
+
+
 def rlhf_trainer(name, model, tokenizer, examples, common, timer):
-    """Our SFT stage's trainer: padded or packed batches, the fused loss unless ``-unfused``."""
+    """Our SFT stage's trainer: padded or packed batches, the fused loss (``auto``) unless ``-unfused`` /
+    ``-torchloss``; ``-compiled``: ``--torch_compile``; ``-liger``: ``--use_liger_kernel``."""
     import datasets
     from transformers import TrainingArguments
 
@@ -85,17 +97,20 @@ def rlhf_trainer(name, model, tokenizer, examples, common, timer):
     from rlhf.training.fused_loss import build_lm_head_loss
     from rlhf.training.packed_attention import use_packed_attention
 
+    options = row_options(name)
     info = {"attention": "sdpa"}
-    if name.endswith("-compiled"):
-        common.update(torch_compile=True)
+    common.update(torch_compile="compiled" in options, use_liger_kernel="liger" in options)
     if "packed" in name:
-        backend = name.rsplit("-", 1)[1] if name.rsplit("-", 1)[1] in ("flex", "flash_attn") else "auto"
+        backend = next((o for o in options if o in ("flex", "flash_attn")), "auto")
         info["attention"] = use_packed_attention(model, backend).removeprefix("rlhf_packed_")
         collator = harness.CountingCollator(packed_collator(model.config._attn_implementation))
     else:
         collator = harness.CountingCollator(PaddedCollator(tokenizer.pad_token_id))
-    head_loss = build_lm_head_loss(model, "off" if name.endswith("-unfused") else "auto")
+    loss = "off" if "unfused" in options else "torch" if "torchloss" in options else "auto"
+    head_loss = build_lm_head_loss(model, loss)
     info["loss"] = head_loss.implementation if head_loss else "model"
+    if "liger" in options:
+        info["attention"] += " + liger kernels"
     trainer = SFTTrainer(
         model=model, args=TrainingArguments(**common, remove_unused_columns=False), data_collator=collator,
         train_dataset=datasets.Dataset.from_list(examples), processing_class=tokenizer, callbacks=[timer],
@@ -113,9 +128,10 @@ def trl_trainer(name, model, tokenizer, examples, common, timer):
         {"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]}
         for e in examples
     ]
-    padding_free = name.endswith("padding_free")
+    padding_free = "padding_free" in name
     args = SFTConfig(
         **common,
+        use_liger_kernel="liger" in row_options(name),
         max_length=None if padding_free else 2048,
         padding_free=padding_free,
         completion_only_loss=True,
@@ -125,7 +141,8 @@ def trl_trainer(name, model, tokenizer, examples, common, timer):
         callbacks=[timer],
     )  # fmt: skip
     collator = trainer.data_collator = harness.CountingCollator(trainer.data_collator)
-    return trainer, collator, {"attention": "sdpa", "loss": "model"}
+    liger = "liger" in row_options(name)
+    return trainer, collator, {"attention": "sdpa + liger kernels" if liger else "sdpa", "loss": "model"}
 
 
 def worker(name: str, workdir: Path, workload: str) -> dict:
@@ -194,12 +211,14 @@ def gpu_suite(budget: float) -> None:
     # most important first: the MFU target (fixed), packing on real lengths, the reward model on real pairs;
     # the MFU target (fixed) with and without --torch_compile first
     plan = [
-        (sft_script, sft_results, "fixed", n) for n in ("rlhf-padded", "trl-padded", "rlhf-padded-compiled")
+        (sft_script, sft_results, "fixed", n)
+        for n in ("rlhf-padded", "trl-padded", "rlhf-padded-compiled", *LIGER_ROWS[:1])
     ]
     plan += [(sft_script, sft_results, varied, n) for n in IMPLS if varied != "fixed"]
     plan += [(rm_script, rm_results, rm_varied, n) for n in ("rlhf-packed", "trl", "rlhf-padded")]
     plan += [(sft_script, sft_results, "fixed", n) for n in IMPLS if n not in ("rlhf-padded", "trl-padded")]
     plan += [(sft_script, sft_results, varied, n) for n in GPU_EXTRAS]
+    plan += [(sft_script, sft_results, "fixed", n) for n in LIGER_ROWS[1:]]
     plan += [(rm_script, rm_results, w, n) for w in rm_results for n in rm_bench.IMPLS if w != rm_varied]
     plan += [(rm_script, rm_results, rm_varied, n) for n in rm_bench.GPU_EXTRAS]
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +258,9 @@ def main() -> None:
         gpu_suite(args.budget)
         return
     gpu = harness.on_gpu()
-    results = harness.run_workloads(__file__, IMPLS + (GPU_EXTRAS if gpu else []), WORKLOADS.names(gpu))
+    results = harness.run_workloads(
+        __file__, IMPLS + (GPU_EXTRAS + LIGER_ROWS if gpu else []), WORKLOADS.names(gpu)
+    )
     text = section(results, gpu)
     print(text)
     update_section("sft-gpu" if gpu else "sft", text)

@@ -170,6 +170,19 @@ def test_implementation_choice():
         resolve_implementation("triton", "cpu")
 
 
+@pytest.mark.parametrize("installed", [("liger_kernel", "triton"), ("liger_kernel",), ()])
+def test_auto_picks_liger_on_cuda_only_when_it_can_run(monkeypatch, installed):
+    import rlhf.training.fused_loss as fused_loss
+
+    monkeypatch.setattr(fused_loss.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    can_run = len(installed) == 2  # liger-kernel imports Triton: without it, `liger` would fail at the first step
+    assert resolve_implementation("auto", "cuda") == ("liger" if can_run else "torch")
+    assert resolve_implementation("auto", "cpu") == "torch"
+    if not can_run:
+        with pytest.raises(ConfigError, match="liger-kernel package with Triton"):
+            resolve_implementation("liger", "cuda")
+
+
 def _train(model_dir, tmp_path, fused: str, examples, bf16: bool = False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -160,15 +160,16 @@ def output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tenso
 
 
 def resolve_implementation(requested: str, device_type: str) -> str:
-    """``auto`` -> ``liger`` on CUDA when liger-kernel is installed, else ``torch``; checks the others."""
+    """``auto`` -> ``liger`` on CUDA when liger-kernel (and the Triton it runs on) is installed, else
+    ``torch``; checks the others."""
     if requested not in IMPLEMENTATIONS:
         raise ConfigError(f"--fused_loss must be one of {', '.join(IMPLEMENTATIONS)}; got {requested!r}")
-    has_liger = importlib.util.find_spec("liger_kernel") is not None
+    has_liger = all(importlib.util.find_spec(name) is not None for name in ("liger_kernel", "triton"))
     if requested == "auto":
         return "liger" if device_type == "cuda" and has_liger else "torch"
     if requested == "liger" and not (device_type == "cuda" and has_liger):
         raise ConfigError(
-            "--fused_loss liger needs a GPU and the liger-kernel package (pip install liger-kernel)"
+            "--fused_loss liger needs a GPU and the liger-kernel package with Triton (pip install liger-kernel)"
         )
     return requested
 
