@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from rlhf.interruption import TrainingInterrupted
+
 T = TypeVar("T")
 
 USER_ERROR_EXIT_CODE = 2
@@ -45,12 +47,17 @@ def find_user_error(exc: BaseException) -> UserError | None:
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Decorate an entry point: a UserError (also when wrapped) prints ``error: <message>`` and exits 2."""
+    """Decorate an entry point: a UserError (also when wrapped) prints ``error: <message>`` and exits 2; a
+    run stopped by a signal after its checkpoint (:class:`rlhf.interruption.TrainingInterrupted`) prints
+    where the checkpoint is and exits with 128 + the signal number."""
 
     @functools.wraps(main)
     def guarded(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except TrainingInterrupted as stopped:
+            print(str(stopped), file=sys.stderr, flush=True)
+            sys.exit(stopped.exit_code)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is the user's error
             user_error = find_user_error(exc)
             if user_error is None:

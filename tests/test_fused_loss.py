@@ -174,8 +174,12 @@ def test_implementation_choice():
 def test_auto_picks_liger_on_cuda_only_when_it_can_run(monkeypatch, installed):
     import rlhf.training.fused_loss as fused_loss
 
-    monkeypatch.setattr(fused_loss.importlib.util, "find_spec", lambda name: object() if name in installed else None)
-    can_run = len(installed) == 2  # liger-kernel imports Triton: without it, `liger` would fail at the first step
+    monkeypatch.setattr(
+        fused_loss.importlib.util, "find_spec", lambda name: object() if name in installed else None
+    )
+    can_run = (
+        len(installed) == 2
+    )  # liger-kernel imports Triton: without it, `liger` would fail at the first step
     assert resolve_implementation("auto", "cuda") == ("liger" if can_run else "torch")
     assert resolve_implementation("auto", "cpu") == "torch"
     if not can_run:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from rlhf.backend import Backend
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator
+from rlhf.interruption import StopSignals, TrainingInterrupted
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
@@ -280,54 +281,68 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         s.ppo.ppo_epochs, per_rollout / args.gradient_accumulation_steps, args.gradient_accumulation_steps,
         s.total_steps,
     )  # fmt: skip
+    timer = {"since": time.perf_counter(), "samples": state.samples, "steps": state.step}
+    first_step = state.step + 1  # its end logs the peak memory (rlhf/ppo/memory.py)
     progress = tqdm(
         total=s.total_steps, initial=state.step, desc="ppo", disable=not backend.is_main or args.disable_tqdm
     )
-    timer = {"since": time.perf_counter(), "samples": state.samples, "steps": state.step}
-    first_step = state.step + 1  # its end logs the peak memory (rlhf/ppo/memory.py)
-    while state.step < s.total_steps:
-        if buffer is None or buffer.exhausted:
-            buffer = collect_rollout(s, state, metrics)  # steps 1-5
+    # a stop signal (Ctrl-C, SIGTERM) ends the loop after the step in flight and a checkpoint (rlhf/interruption.py)
+    with StopSignals() as stop, progress:
+        while state.step < s.total_steps:
+            if buffer is None or buffer.exhausted:
+                buffer = collect_rollout(s, state, metrics)  # steps 1-5
 
-        # 6. PPO epochs over mini-batches; an optimizer step every `gradient_accumulation_steps` of them.
-        s.models.train(True)
-        start = time.perf_counter()
-        metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
-        state.micro_steps += 1
-        if state.micro_steps < args.gradient_accumulation_steps:
-            metrics.add({"time/train_s": time.perf_counter() - start})
-            continue
-        norms = backend.step(s.optimizers, s.schedulers, s.models.parameter_groups(), args.max_grad_norm)
-        state.step, state.micro_steps = state.step + 1, 0
-        metrics.add(
-            {"time/train_s": time.perf_counter() - start} | {f"grad_norm/{k}": v for k, v in norms.items()}
-        )
-        progress.update(1)
-        if state.step == first_step:
-            log_peak_memory(backend.device, state.step)
+            # 6. PPO epochs over mini-batches; an optimizer step every `gradient_accumulation_steps` of them.
+            s.models.train(True)
+            start = time.perf_counter()
+            metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
+            state.micro_steps += 1
+            if state.micro_steps < args.gradient_accumulation_steps:
+                metrics.add({"time/train_s": time.perf_counter() - start})
+                continue
+            norms = backend.step(s.optimizers, s.schedulers, s.models.parameter_groups(), args.max_grad_norm)
+            state.step, state.micro_steps = state.step + 1, 0
+            metrics.add(
+                {"time/train_s": time.perf_counter() - start}
+                | {f"grad_norm/{k}": v for k, v in norms.items()}
+            )
+            progress.update(1)
+            if state.step == first_step:
+                log_peak_memory(backend.device, state.step)
 
-        # 7. Log every `logging_steps`, save every `save_steps` (and at the end).
-        if state.step % args.logging_steps == 0 or (args.logging_first_step and state.step == 1):
-            write_log(s, state, metrics, metrics_file, timer)
-        if state.step % args.save_steps == 0 or state.step == s.total_steps:
-            name = output_dir / f"checkpoint-{state.step}"
-            state.last_checkpoint = str(name)
-            shared = {
-                "step": state.step,
-                "state": state.__dict__,
-                "prompt_sampler": s.prompt_sampler.state(),
-                "pretrain_sampler": s.pretrain_sampler.state() if s.pretrain_sampler else None,
-                "kl_coef": s.kl_controller.value,
-            }
-            save_checkpoint(
-                name, backend=backend, models=s.models, optimizers=s.optimizers, schedulers=s.schedulers,
-                shared_state=shared, rank_state={"metrics": metrics.state()},
-                buffer=None if buffer.exhausted else buffer, extra_files=s.save_extra,
-            )  # fmt: skip
-            if backend.is_main:
-                prune_checkpoints(output_dir, args.save_total_limit)
-    progress.close()
+            # 7. Log every `logging_steps`, save every `save_steps`, at the end and when a process was signalled.
+            if state.step % args.logging_steps == 0 or (args.logging_first_step and state.step == 1):
+                write_log(s, state, metrics, metrics_file, timer)
+            stop_signal = stop.agreed(backend.device) if state.step < s.total_steps else 0
+            if state.step % args.save_steps == 0 or state.step == s.total_steps or stop_signal:
+                save_step_checkpoint(s, state, metrics, buffer)
+            if stop_signal:
+                raise TrainingInterrupted(stop_signal, state.step, state.last_checkpoint)
     return state
+
+
+def save_step_checkpoint(
+    s: PPOSession, state: TrainState, metrics: MetricsAccumulator, buffer: RolloutBuffer
+) -> None:
+    """``checkpoint-<step>`` in ``--output_dir``: everything a resumed run needs to go on bit-identically
+    (models, optimizers, schedulers, samplers, the KL coefficient, pending metrics, the rollout in use)."""
+    args, backend = s.args, s.backend
+    name = Path(args.output_dir) / f"checkpoint-{state.step}"
+    state.last_checkpoint = str(name)
+    shared = {
+        "step": state.step,
+        "state": state.__dict__,
+        "prompt_sampler": s.prompt_sampler.state(),
+        "pretrain_sampler": s.pretrain_sampler.state() if s.pretrain_sampler else None,
+        "kl_coef": s.kl_controller.value,
+    }
+    save_checkpoint(
+        name, backend=backend, models=s.models, optimizers=s.optimizers, schedulers=s.schedulers,
+        shared_state=shared, rank_state={"metrics": metrics.state()},
+        buffer=None if buffer.exhausted else buffer, extra_files=s.save_extra,
+    )  # fmt: skip
+    if backend.is_main:
+        prune_checkpoints(Path(args.output_dir), args.save_total_limit)
 
 
 def write_log(

@@ -1,16 +1,20 @@
 """Running a configured ``transformers.Trainer`` the same way in every Trainer-based stage.
 
 train (resuming when asked) -> final save -> evaluate -> ``trainer_state.json`` and ``*_results.json``.
+A Ctrl-C or SIGTERM during training saves a ``checkpoint-N`` after the optimizer step in flight and stops
+the stage there, without the final save and evaluation (:mod:`rlhf.interruption`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from rlhf.interruption import StopSignals, TrainingInterrupted
 from rlhf.training.outputs import prepare_output_dir, save_final_model
 
 logger = logging.getLogger(__name__)
@@ -36,12 +40,38 @@ def prepare_run(args: TrainingArguments, has_eval_data: bool, overwrite_output_d
     return prepare_output_dir(args, overwrite_output_dir)
 
 
+class StopOnSignal(TrainerCallback):
+    """After each optimizer step: when any process received a stop signal, save a checkpoint and end
+    training (Trainer's own ``should_save`` / ``should_training_stop``); :attr:`stopped` = (signal, step)."""
+
+    def __init__(self, signals: StopSignals) -> None:
+        self.signals = signals
+        self.stopped: tuple[int, int] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:  # the last step: the run ends and saves anyway
+            return control
+        signum = self.signals.agreed(args.device)
+        if signum:
+            control.should_save = control.should_training_stop = True
+            self.stopped = (signum, state.global_step)
+        return control
+
+
 def run_trainer(trainer: Trainer, resume_from: str | None) -> dict[str, Any]:
     """Train, save the final model into ``output_dir``, evaluate; return train and eval metrics."""
     args = trainer.args
     metrics: dict[str, Any] = {}
     if args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with StopSignals() as signals:
+            stop = StopOnSignal(signals)
+            trainer.add_callback(stop)
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        if stop.stopped is not None:
+            signum, step = stop.stopped
+            trainer.accelerator.wait_for_everyone()
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
+            raise TrainingInterrupted(signum, step, checkpoint if os.path.isdir(checkpoint) else None)
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

@@ -1,0 +1,168 @@
+"""Ctrl-C / SIGTERM during training: a checkpoint after the step in flight, exit 128 + signal, and the same
+command resumes from it (rlhf/interruption.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from launch import script_env, torchrun
+from safetensors.torch import load_file
+from test_sft_stage import quick_argv
+
+import run_ppo_with_peft
+import run_sft_with_peft
+from rlhf.interruption import StopSignals, TrainingInterrupted
+from rlhf.sft.stage import SFTTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_first_signal_is_recorded_and_the_second_acts_as_usual():
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+        assert stop.agreed(torch.device("cpu")) == signal.SIGTERM  # one process: its own signal
+        with pytest.raises(KeyboardInterrupt):  # the handlers are back: Ctrl-C now stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    with StopSignals() as stop:
+        assert stop.received is None and stop.agreed(torch.device("cpu")) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_interrupted_message_and_exit_code():
+    stopped = TrainingInterrupted(signal.SIGINT, 3, "runs/ppo/checkpoint-3")
+    assert stopped.exit_code == 130 and TrainingInterrupted(signal.SIGTERM, 3, None).exit_code == 143
+    assert str(stopped) == (
+        "stopped by SIGINT after optimizer step 3; checkpoint saved to runs/ppo/checkpoint-3. "
+        "Run the same command again to resume from it."
+    )
+
+
+SIGNALLING_REWARD = '''
+import os, signal
+from pathlib import Path
+
+from rlhf.toy_task import positivity_reward
+
+calls = 0
+
+
+def reward(prompts, responses):
+    """positivity_reward; at its second call, unless the marker file exists, Ctrl-C (SIGINT) to itself."""
+    global calls
+    calls += 1
+    marker = Path(os.environ["STOP_MARKER"])
+    if calls == 2 and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGINT)
+    return positivity_reward(prompts, responses)
+'''
+
+
+def ppo_argv(model: Path, reward_file: Path, out: Path) -> list[str]:
+    return [
+        "--sft_model_path", str(model), "--reward_fn", f"{reward_file}:reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--logging_steps", "1",
+        "--save_steps", "100", "--max_steps", "6", "--lr_scheduler_type", "constant", "--disable_tqdm", "true",
+        "--actor_lora_target", "q_proj,v_proj", "--critic_lora_target", "q_proj,v_proj", "--seed", "5",
+    ]  # fmt: skip
+
+
+def test_ppo_stops_on_ctrl_c_with_a_checkpoint_and_the_same_command_resumes_bit_identically(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
+    """The signal arrives while the second rollout is scored (a rollout = 2 optimizer steps): the loop
+    finishes step 3, saves checkpoint-3 (mid-rollout), exits 130 without the final model; re-running the
+    command resumes there and ends bit-identical to a run that was never interrupted."""
+    reward_file = tmp_path / "signalling_reward.py"
+    reward_file.write_text(SIGNALLING_REWARD)
+    marker = tmp_path / "signalled"
+    monkeypatch.setenv("STOP_MARKER", str(marker))
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        run_ppo_with_peft.main(ppo_argv(tiny_llama, reward_file, out))
+    assert stopped.value.code == 130 and marker.exists()
+    err = capsys.readouterr().err
+    assert "SIGINT received: finishing the current optimizer step" in err
+    assert f"stopped by SIGINT after optimizer step 3; checkpoint saved to {out / 'checkpoint-3'}" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "rank_0" / "buffer.safetensors").is_file()  # inside the second rollout
+    assert not (out / "adapter_model.safetensors").exists()  # no final model for an unfinished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    resumed = run_ppo_with_peft.main(ppo_argv(tiny_llama, reward_file, out))  # the same command
+    assert f"resuming from {out / 'checkpoint-3'}" in capsys.readouterr().err
+    assert resumed["step"] == 6
+    full = tmp_path / "full"
+    run_ppo_with_peft.main(ppo_argv(tiny_llama, reward_file, full))  # the marker exists: no signal
+    for name in (
+        "adapter_model.safetensors",
+        "critic/adapter_model.safetensors",
+        "critic/value_head.safetensors",
+    ):
+        a, b = load_file(full / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sft_stops_on_sigterm_with_a_checkpoint_and_the_same_command_resumes(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "sft"
+    argv = quick_argv(tiny_llama, REPO / "sft_data", out, "--lora_rank", "4")
+    argv[argv.index("--max_steps") + 1] = "5"
+    calls = {"n": 0}
+    training_step = SFTTrainer.training_step
+
+    def signalling_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", signalling_step)
+    with pytest.raises(SystemExit) as stopped:
+        run_sft_with_peft.main(argv)  # --save_strategy no: the signal still saves a checkpoint
+    assert stopped.value.code == 143
+    assert f"stopped by SIGTERM after optimizer step 2; checkpoint saved to {out / 'checkpoint-2'}" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "train_results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+    run_sft_with_peft.main(argv)  # the same command: resumes from checkpoint-2
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().err
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and (out / "adapter_model.safetensors").is_file()
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_llama, tmp_path):
+    """torchrun, 2 processes (gloo): only rank 1 gets SIGINT; both agree on step 3, rank 0 writes the shared
+    files, each rank its own state, and both exit 130 (torchrun reports the failure)."""
+    reward_file = tmp_path / "signalling_reward.py"
+    reward_file.write_text(SIGNALLING_REWARD.replace("not marker.exists()", 'os.environ["RANK"] == "1"'))
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [*torchrun(2), "run_ppo_with_peft.py", *ppo_argv(tiny_llama, reward_file, out)], cwd=REPO,
+        env=script_env(STOP_MARKER=str(tmp_path / "unused")), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.count("SIGINT received") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("stopped by SIGINT after optimizer step 3; checkpoint saved to") == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert all((out / "checkpoint-3" / f"rank_{r}" / "buffer.safetensors").is_file() for r in (0, 1))
+    assert not (out / "adapter_model.safetensors").exists()
