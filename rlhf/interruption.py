@@ -8,8 +8,9 @@ number (130 after Ctrl-C, 143 after SIGTERM) and one line naming the checkpoint.
 again resumes from it. A second signal acts as it normally does (Ctrl-C then raises ``KeyboardInterrupt`` at
 once), so a stuck run can still be killed.
 
-A grace period before SIGKILL (a scheduler's, or torchrun's when it stops its workers) has to cover the
-rest of one optimizer step and the checkpoint write.
+A grace period before SIGKILL has to cover the rest of one optimizer step and the checkpoint write: a
+scheduler's, or torchrun's, which forwards SIGINT/SIGTERM to its workers (each in a session of its own)
+and kills them ``--shutdown_timeout`` seconds later (30 by default).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -165,4 +166,36 @@ def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_llama, t
     assert proc.stderr.count("stopped by SIGINT after optimizer step 3; checkpoint saved to") == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert all((out / "checkpoint-3" / f"rank_{r}" / "buffer.safetensors").is_file() for r in (0, 1))
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_reaches_its_workers_and_they_save(tiny_llama, tmp_path):
+    """Ctrl-C as a terminal sends it, to torchrun: torchrun forwards SIGINT to its workers (in sessions of
+    their own) and waits --shutdown_timeout before killing them; they finish the step and save."""
+    reward_file = tmp_path / "reward.py"
+    reward_file.write_text("from rlhf.toy_task import positivity_reward as reward\n")
+    out = tmp_path / "ddp"
+    argv = ppo_argv(tiny_llama, reward_file, out)
+    argv[argv.index("--max_steps") + 1] = "100000"
+    proc = subprocess.Popen(
+        [*torchrun(2), "run_ppo_with_peft.py", *argv], cwd=REPO, env=script_env(), stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # two steps done
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert err.count("SIGINT received: finishing the current optimizer step") == 2, err[-3000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and err.count(f"checkpoint saved to {checkpoints[0]}") == 2
+    assert all((checkpoints[0] / f"rank_{r}" / "state.json").is_file() for r in (0, 1))
     assert not (out / "adapter_model.safetensors").exists()
