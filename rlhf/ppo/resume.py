@@ -1,5 +1,6 @@
-"""Where a PPO run starts: the newest checkpoint in ``--output_dir``, a named one, or afresh with
-``--overwrite_output_dir``, as in the SFT and reward-model stages (:mod:`rlhf.training.outputs`).
+"""Where a PPO run (or a TP ``solver_train`` / ``verifier_train`` run, whose checkpoints have the same
+files: :mod:`rlhf.tp.train_checkpoint`) starts: the newest checkpoint in ``--output_dir``, a named one, or
+afresh with ``--overwrite_output_dir``, as in the SFT and reward-model stages (:mod:`rlhf.training.outputs`).
 
 - ``--resume_from_checkpoint DIR`` resumes from DIR (``True``: from the newest loadable ``checkpoint-N``);
 - otherwise an ``--output_dir`` holding ``checkpoint-N`` dirs is resumed from its newest loadable one
@@ -15,11 +16,15 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf.backend import Backend
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.ppo.checkpoint import checkpoint_dirs, checkpoint_problem, newest_loadable_checkpoint
 from rlhf.ppo.config import PPOTrainingArguments
+
+if TYPE_CHECKING:
+    from rlhf.tp.train_args import TPTrainArguments
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +32,9 @@ METRICS_FILE = "metrics.jsonl"
 TRUE_VALUES = ("true", "1", "yes")
 
 
-def resume_checkpoint(args: PPOTrainingArguments) -> str | None:
-    """The checkpoint this run resumes from, or ``None`` to start afresh. Checked up front, before any
+def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | None:
+    """The checkpoint this run resumes from, or ``None`` to start afresh (``args``: anything with
+    ``output_dir``, ``resume_from_checkpoint`` and ``overwrite_output_dir``). Checked up front, before any
     model loads: a named checkpoint that is missing or damaged is a one-line error."""
     out = Path(args.output_dir)
     named = args.resume_from_checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rlhf.args import LoraArguments, check_output_dir
 from rlhf.errors import ConfigError
@@ -47,6 +48,27 @@ class TPTrainArguments:
         default=0.05, metadata={"help": "share of the rows held out for evaluation (0 = none)"}
     )
     log_steps: int = field(default=10, metadata={"help": "write training/metrics.jsonl every N steps"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where checkpoint-N/ go (default: <save_dir>_run)"}
+    )
+    save_steps: int = field(
+        default=500,
+        metadata={
+            "help": "checkpoint every N optimizer steps, and on Ctrl-C/SIGTERM (then stop); 0 = only then"
+        },
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "keep only the newest N checkpoints"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "checkpoint-N dir to resume (default: the newest one in --output_dir, if any)"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start afresh instead of resuming from the newest checkpoint in --output_dir "
+                  "(its checkpoints are removed)"},
+    )  # fmt: skip
     seed: int = field(default=42, metadata={"help": "seed for the data order, LoRA init and dropout"})
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
@@ -54,7 +76,8 @@ class TPTrainArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the tokenizer's own code (Qwen)"})
 
     def validate(self) -> None:
-        """Flag checks that need no model or data: sizes, ratios, and ``--save_dir`` not being a file."""
+        """Flag checks that need no model or data: sizes, ratios, ``--save_dir`` and ``--output_dir`` not
+        being files (``--output_dir`` defaults to ``<save_dir>_run``)."""
         for name in ("max_batch_size", "accumulation_steps", "max_seq_len", "log_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -62,7 +85,12 @@ class TPTrainArguments:
             raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("--epochs must be > 0 (or pass --max_steps)")
+        if self.save_steps < 0:
+            raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}")
         check_output_dir(self.save_dir, "--save_dir")
+        if self.output_dir is None:
+            self.output_dir = str(Path(self.save_dir).with_name(Path(self.save_dir).name + "_run"))
+        check_output_dir(self.output_dir, "--output_dir")
 
     # the adapter these flags ask for, read as every stage reads its --lora_* flags (LoraSpec.use_lora is
     # false for --lora_rank <= 0)

@@ -20,14 +20,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.errors import DataError
+from rlhf.interruption import StopSignals, TrainingInterrupted
 from rlhf.metrics import MetricsFile, MetricsWindow
 from rlhf.models.loading import load_tokenizer
 from rlhf.optimizer import build_adamw
+from rlhf.ppo.resume import resume_checkpoint, start_afresh
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.examples import Example, collate, micro_batches, shuffled
@@ -36,6 +39,7 @@ from rlhf.tp.lora import apply_lora
 from rlhf.tp.model import Transformer
 from rlhf.tp.shard_dir import collective_staging
 from rlhf.tp.train_args import TPTrainArguments
+from rlhf.tp.train_checkpoint import FitState, load_fit_checkpoint, save_fit_checkpoint
 from rlhf.tp.trained_dir import metrics_path, write_results, write_trained_model
 
 logger = logging.getLogger(__name__)
@@ -81,49 +85,75 @@ def fit(
     total: int,
     pad_id: int,
     metrics_file: MetricsFile,
+    resume_from: str | None = None,
 ) -> list[dict[str, Any]]:
     """``total`` optimizer steps over ``examples`` (reshuffled each epoch); returns the logged rows, which
     rank 0 also appends to ``metrics_file``: step, epoch, lr, the window means of the loss and the task's
-    statistics, grad_norm (before clipping), tokens_per_second."""
+    statistics, grad_norm (before clipping), tokens_per_second.
+
+    A ``checkpoint-N`` goes into ``--output_dir`` every ``--save_steps`` steps and when a process gets
+    Ctrl-C or SIGTERM (then the run stops: :mod:`rlhf.interruption`); ``resume_from`` continues such a
+    checkpoint where it was written (:mod:`rlhf.tp.train_checkpoint`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_adamw(
         params, lr=args.lr, weight_decay=args.weight_decay, scheduler=args.lr_scheduler_type,
         warmup=args.warmup_steps, total_steps=total,
     )  # fmt: skip
-    window, log = MetricsWindow(), []
-    step, micro, epoch, tokens, since = 0, 0, 0, 0, time.perf_counter()
-    while step < total:
-        for chunk in micro_batches(shuffled(examples, args.seed + epoch), args.max_batch_size):
-            batch = collate(chunk, pad_id, backend.device)
-            loss, stats = task.loss(model, batch)  # the same on every rank
-            value = loss.item()  # one host sync per micro-batch, for the check and the metrics
-            if not math.isfinite(value):
-                raise DataError(f"non-finite training loss at step {step + 1}")
-            backend.backward(loss / args.accumulation_steps)
-            window.add({"loss": value, **stats})
-            tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % args.accumulation_steps:
-                continue
-            norms = backend.step(
-                {"model": optimizer}, {"model": scheduler}, {"model": params}, args.max_grad_norm
-            )
-            window.add({"grad_norm": norms["model"]})
-            step += 1
-            if step % args.log_steps == 0 or step == total:
-                now = time.perf_counter()
-                row = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **window.means()}
-                row["tokens_per_second"] = tokens / max(now - since, 1e-9)
-                log.append(row)
-                window.reset()
-                tokens, since = 0, now
-                if backend.is_main:
-                    metrics_file.append(row)
-                    logger.info("step %d/%d: loss %.4f", step, total, row["loss"])
-            if step >= total:
-                break
-        epoch += 1
-    return log
+    state, window = FitState(), MetricsWindow()
+    if resume_from:
+        state = load_fit_checkpoint(Path(resume_from), backend, model, optimizer, scheduler)
+        window.values.update(state.pending)
+        if backend.is_main:
+            for row in state.log:  # the rows before the checkpoint, so the file reads as one run
+                metrics_file.append(row)
+    tokens, since = 0, time.perf_counter()
+    with StopSignals() as stop:
+        while state.step < total:
+            chunks = micro_batches(shuffled(examples, args.seed + state.epoch), args.max_batch_size)
+            for index, chunk in enumerate(chunks):
+                if index < state.done_in_epoch:  # trained on before the checkpoint this run resumed from
+                    continue
+                batch = collate(chunk, pad_id, backend.device)
+                loss, stats = task.loss(model, batch)  # the same on every rank
+                value = loss.item()  # one host sync per micro-batch, for the check and the metrics
+                if not math.isfinite(value):
+                    raise DataError(f"non-finite training loss at step {state.step + 1}")
+                backend.backward(loss / args.accumulation_steps)
+                window.add({"loss": value, **stats})
+                tokens += int(batch["attention_mask"].sum())
+                state.micro, state.done_in_epoch = state.micro + 1, index + 1
+                if state.micro % args.accumulation_steps:
+                    continue
+                norms = backend.step(
+                    {"model": optimizer}, {"model": scheduler}, {"model": params}, args.max_grad_norm
+                )
+                window.add({"grad_norm": norms["model"]})
+                state.step += 1
+                if state.step % args.log_steps == 0 or state.step == total:
+                    now = time.perf_counter()
+                    row = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0]}
+                    row |= window.means()
+                    row["tokens_per_second"] = tokens / max(now - since, 1e-9)
+                    state.log.append(row)
+                    window.reset()
+                    tokens, since = 0, now
+                    if backend.is_main:
+                        metrics_file.append(row)
+                        logger.info("step %d/%d: loss %.4f", state.step, total, row["loss"])
+                if state.step >= total:
+                    break
+                stop_signal = stop.agreed(backend.device)
+                if (args.save_steps and state.step % args.save_steps == 0) or stop_signal:
+                    state.pending = {k: list(v) for k, v in window.values.items()}
+                    checkpoint = Path(args.output_dir) / f"checkpoint-{state.step}"
+                    save_fit_checkpoint(
+                        checkpoint, backend, model, optimizer, scheduler, state, args.save_total_limit
+                    )
+                    if stop_signal:
+                        raise TrainingInterrupted(stop_signal, state.step, str(checkpoint))
+            else:  # the epoch ran out (not cut short by the last step)
+                state.epoch, state.done_in_epoch = state.epoch + 1, 0
+    return state.log
 
 
 def train_tp(
@@ -134,6 +164,7 @@ def train_tp(
     """Load, train, evaluate and save. ``make_examples(tokenizer)`` returns (train, held-out) examples.
     Returns the results written to ``training/results.json``."""
     args.validate()
+    resume = resume_checkpoint(args)  # checked before any model loads
     rank, world_size = init_model_parallel()
     dev = device()
     torch.manual_seed(args.seed)  # the same LoRA dropout masks on every rank
@@ -152,9 +183,12 @@ def train_tp(
             args.accumulation_steps, world_size,
             f"LoRA r={args.lora_rank}" if args.lora_spec().use_lora else "full",
         )  # fmt: skip
+    if resume is None:
+        start_afresh(Path(args.output_dir), backend)
     with collective_staging(args.save_dir) as out:
         started = time.perf_counter()
-        log = fit(model, backend, task, train_examples, args, total, pad_id, MetricsFile(metrics_path(out)))
+        metrics_file = MetricsFile(metrics_path(out))
+        log = fit(model, backend, task, train_examples, args, total, pad_id, metrics_file, resume)
         results: dict[str, Any] = {
             "steps": log[-1]["step"],
             "train_examples": len(train_examples),
