@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import script_env, torchrun
 from safetensors.torch import load_file
 from test_tp_train import addition_rows, write_jsonl
 from test_tp_train import world_of_one as world_of_one  # the fixture
 
 from rlhf.tp import solver_train, training
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def argv(model: Path, data: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -97,3 +102,48 @@ def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp
         solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags, "--lora_rank", "8"))
     assert failed.value.code == 2
     assert "its trainable tensors do not fit this model and flags" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_at_tp2_one_signalled_rank_stops_both_and_the_rerun_matches(tiny_llama, tmp_path):
+    """torchrun, TP=2 (gloo): Ctrl-C reaches rank 1 only; both ranks stop after step 2, each writes its
+    slice into checkpoint-2; the re-run resumes and ends with the shards of a run never stopped."""
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(20))
+
+    def launch(save_dir: Path, signal_rank_1: bool) -> subprocess.CompletedProcess:
+        command = [*torchrun(2), __file__, str(tiny_llama), str(data), str(save_dir)]
+        env = script_env(SIGNAL_RANK_1="1" if signal_rank_1 else "0")
+        return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    full = launch(tmp_path / "full", signal_rank_1=False)
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = launch(tmp_path / "parts", signal_rank_1=True)
+    assert stopped.returncode != 0 and stopped.stderr.count("SIGINT received") == 1, stopped.stderr[-3000:]
+    assert stopped.stderr.count("stopped by SIGINT after optimizer step 2") == 2
+    checkpoint = tmp_path / "parts_run" / "checkpoint-2"
+    assert all((checkpoint / f"rank_{r}" / "trainable.safetensors").is_file() for r in (0, 1))
+    resumed = launch(tmp_path / "parts", signal_rank_1=False)
+    assert resumed.returncode == 0 and f"resuming from {checkpoint}" in resumed.stderr, resumed.stderr[-3000:]
+    for shard in ("adapter/adapter.00.safetensors", "adapter/adapter.01.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / shard)), load_file(str(tmp_path / "parts" / shard))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), shard
+
+
+def worker(model: str, data: str, save_dir: str) -> None:
+    """torchrun entry of the TP=2 test: solver_train, with Ctrl-C sent to rank 1 in its 3rd micro-batch
+    when SIGNAL_RANK_1=1."""
+    if os.environ.get("SIGNAL_RANK_1") == "1" and os.environ["RANK"] == "1":
+        collate, calls = training.collate, {"n": 0}
+
+        def signalling_collate(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return collate(*args, **kwargs)
+
+        training.collate = signalling_collate
+    solver_train.main(argv(Path(model), Path(data), Path(save_dir)))
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:4])
