@@ -28,6 +28,8 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,41 @@ def save_checkpoint(
     extra_files: dict[str, Any] | None = None,
 ) -> None:
     """Write ``directory`` atomically (all processes call this)."""
+    trainable = models.trainable_state()
+    checksum = sum(float(t.double().square().sum()) for t in trainable.values())
+    with staged_checkpoint(directory, backend, {"weights_checksum": checksum, **rank_state}) as tmp:
+        if buffer is not None:
+            save_file(
+                {k: v.contiguous().cpu() for k, v in buffer.tensors().items()},
+                str(rank_dir(tmp, backend.rank) / "buffer.safetensors"),
+            )
+        backend.save_trainable(tmp, trainable, optimizer_states(optimizers, schedulers))
+
+        def export() -> None:
+            models.save_actor(tmp / "actor")
+            if models.has_critic:
+                models.save_critic(tmp / "critic")
+
+        backend.run_export(export)
+        if backend.is_main:
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+            (tmp / TRAINER_STATE).write_text(json.dumps(shared_state, indent=1))
+
+
+def optimizer_states(optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any]) -> dict:
+    """What ``optimizer.pt`` holds: every optimizer's and scheduler's state dict, by name."""
+    return {
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+    }
+
+
+@contextmanager
+def staged_checkpoint(directory: Path, backend: Backend, rank_state: dict[str, Any]) -> Iterator[Path]:
+    """Every process: a staging dir for ``directory`` with this process's ``rank_K/rng.pt`` and
+    ``rank_K/state.json`` (its RNG states and ``rank_state``) written; the caller fills the rest; published
+    by the main process once every process is done. On an error nothing is published."""
     tmp = staging_path(directory)
     if backend.is_main:
         staging_dir(directory)
@@ -94,31 +131,8 @@ def save_checkpoint(
     own.mkdir()
     plain_rng, tensor_rng = capture_rng()
     torch.save(tensor_rng, own / "rng.pt")
-    trainable = models.trainable_state()
-    checksum = sum(float(t.double().square().sum()) for t in trainable.values())
-    (own / "state.json").write_text(
-        json.dumps({"rng": plain_rng, "weights_checksum": checksum, **rank_state})
-    )
-    if buffer is not None:
-        save_file(
-            {k: v.contiguous().cpu() for k, v in buffer.tensors().items()}, str(own / "buffer.safetensors")
-        )
-    optimizer_state = {
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-    }
-    backend.save_trainable(tmp, trainable, optimizer_state)
-
-    def export() -> None:
-        models.save_actor(tmp / "actor")
-        if models.has_critic:
-            models.save_critic(tmp / "critic")
-
-    backend.run_export(export)
-    if backend.is_main:
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
-        (tmp / TRAINER_STATE).write_text(json.dumps(shared_state, indent=1))
+    (own / "state.json").write_text(json.dumps({"rng": plain_rng, **rank_state}))
+    yield tmp
     backend.barrier()
     if backend.is_main:
         publish_dir(tmp, directory)

@@ -25,8 +25,13 @@ import torch
 
 from rlhf.backend.state_files import rank_dir, read_file
 from rlhf.errors import CheckpointError
-from rlhf.ppo.checkpoint import TRAINER_STATE, capture_rng, prune_checkpoints, restore_rng
-from rlhf.publish import publish_dir, staging_dir, staging_path
+from rlhf.ppo.checkpoint import (
+    TRAINER_STATE,
+    optimizer_states,
+    prune_checkpoints,
+    restore_rng,
+    staged_checkpoint,
+)
 from rlhf.tp.backend import TPBackend
 
 logger = logging.getLogger(__name__)
@@ -58,28 +63,13 @@ def save_fit_checkpoint(
     save_total_limit: int | None,
 ) -> None:
     """Write ``directory`` (every rank calls this), then keep the newest ``save_total_limit`` checkpoints."""
-    tmp = staging_path(directory)
+    with staged_checkpoint(directory, backend, {}) as tmp:
+        states = optimizer_states({"model": optimizer}, {"model": scheduler})
+        backend.save_trainable(tmp, trainable_tensors(model), states)
+        if backend.is_main:
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
     if backend.is_main:
-        staging_dir(directory)
-    backend.barrier()
-    own = rank_dir(tmp, backend.rank)
-    own.mkdir()
-    plain_rng, tensor_rng = capture_rng()
-    torch.save(tensor_rng, own / "rng.pt")
-    (own / "state.json").write_text(json.dumps({"rng": plain_rng}))
-    optimizer_state = {
-        "optimizers": {"model": optimizer.state_dict()},
-        "schedulers": {"model": scheduler.state_dict()},
-    }
-    backend.save_trainable(tmp, trainable_tensors(model), optimizer_state)
-    if backend.is_main:
-        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
-    backend.barrier()
-    if backend.is_main:
-        publish_dir(tmp, directory)
         prune_checkpoints(directory.parent, save_total_limit)
-        logger.info("saved %s", directory)
-    backend.barrier()
 
 
 def load_fit_checkpoint(
