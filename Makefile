@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# `make test-gpu` runs on a CUDA machine's own python (no .venv, no network): wheels that
+# `make test-gpu` runs on a CUDA machine's python (.venv's when there is one; no network): wheels that
 # `bash ../shared/gpu/wheels.sh` gathered into .whl/ are installed into .whl/site for the packages that
 # python cannot import yet (datasets, fairscale, ...).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

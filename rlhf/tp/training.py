@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf.errors import DataError
 from rlhf.interruption import StopSignals, TrainingInterrupted
@@ -107,7 +108,8 @@ def fit(
             for row in state.log:  # the rows before the checkpoint, so the file reads as one run
                 metrics_file.append(row)
     tokens, since = 0, time.perf_counter()
-    with StopSignals() as stop:
+    progress = tqdm(total=total, initial=state.step, desc="train", disable=not backend.is_main)
+    with StopSignals() as stop, progress:
         while state.step < total:
             chunks = micro_batches(shuffled(examples, args.seed + state.epoch), args.max_batch_size)
             for index, chunk in enumerate(chunks):
@@ -129,6 +131,7 @@ def fit(
                 )
                 window.add({"grad_norm": norms["model"]})
                 state.step += 1
+                progress.update(1)
                 if state.step % args.log_steps == 0 or state.step == total:
                     now = time.perf_counter()
                     row = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0]}
