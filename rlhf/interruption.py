@@ -5,8 +5,10 @@ receives asks it to stop: the loop finishes the optimizer step in flight, every 
 (one all-reduce of the signal number per optimizer step when there are several processes), a
 ``checkpoint-N`` is saved exactly as at a ``--save_steps`` step, and the command exits with 128 + the signal
 number (130 after Ctrl-C, 143 after SIGTERM) and one line naming the checkpoint. Running the same command
-again resumes from it. A second signal acts as it normally does (Ctrl-C then raises ``KeyboardInterrupt`` at
-once), so a stuck run can still be killed.
+again resumes from it (with ``--overwrite_output_dir`` or a named ``--resume_from_checkpoint``, the line
+says to pass ``--resume_from_checkpoint`` with the new checkpoint instead). A second Ctrl-C acts as it
+normally does (``KeyboardInterrupt`` at once, no checkpoint), so a stuck run can still be stopped; further
+SIGTERMs are ignored, since a scheduler and torchrun may each send one.
 
 A grace period before SIGKILL has to cover the rest of one optimizer step and the checkpoint write: a
 scheduler's, or torchrun's, which forwards SIGINT/SIGTERM to its workers (each in a session of its own)
@@ -28,16 +30,33 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(Exception):
-    """A run stopped on a signal after saving ``checkpoint``; the entry point exits with :attr:`exit_code`."""
+def rerun_resumes(overwrite_output_dir: bool, resume_from_checkpoint: str | None) -> bool:
+    """Whether running the same command again resumes from the newest checkpoint: not when it starts afresh
+    (``--overwrite_output_dir``) or names a checkpoint (``--resume_from_checkpoint DIR``)."""
+    named = bool(resume_from_checkpoint) and str(resume_from_checkpoint).lower() not in ("true", "1", "yes")
+    return not overwrite_output_dir and not named
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+
+class TrainingInterrupted(Exception):
+    """A run stopped on a signal after saving ``checkpoint``; the entry point exits with :attr:`exit_code`.
+
+    ``same_command_resumes``: see :func:`rerun_resumes` (the message says how to resume)."""
+
+    def __init__(
+        self, signum: int, step: int, checkpoint: str | None, same_command_resumes: bool = True
+    ) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after optimizer step {step}; {where}. Run the same "
-            "command again to resume from it."
-        )
+        message = f"stopped by {signal.Signals(signum).name} after optimizer step {step}; "
+        if checkpoint is None:
+            message += "no checkpoint was saved."
+        elif same_command_resumes:
+            message += f"checkpoint saved to {checkpoint}. Run the same command again to resume from it."
+        else:
+            message += (
+                f"checkpoint saved to {checkpoint}. To resume from it, run the command with "
+                f"--resume_from_checkpoint {checkpoint}."
+            )
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:
@@ -69,11 +88,15 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # a repeated SIGTERM (a scheduler's and torchrun's): already stopping
+            return
         self.received = signum
-        self._restore()  # a second signal acts as usual
+        previous = self._previous.pop(signal.SIGINT, None)
+        if previous is not None:  # a second Ctrl-C acts as usual
+            signal.signal(signal.SIGINT, previous)
         logger.warning(
             "%s received: finishing the current optimizer step, then saving a checkpoint and stopping "
-            "(send it again to stop at once, without a checkpoint)", signal.Signals(signum).name,
+            "(Ctrl-C again stops at once, without a checkpoint)", signal.Signals(signum).name,
         )  # fmt: skip
 
     def agreed(self, device: torch.device) -> int:

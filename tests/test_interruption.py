@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,21 +19,23 @@ from test_sft_stage import quick_argv
 
 import run_ppo_with_peft
 import run_sft_with_peft
-from rlhf.interruption import StopSignals, TrainingInterrupted
+from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.sft.stage import SFTTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_first_signal_is_recorded_and_the_second_acts_as_usual():
+def test_first_signal_is_recorded_a_second_ctrl_c_acts_as_usual_and_sigterms_repeat_harmlessly():
     before = signal.getsignal(signal.SIGINT)
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == signal.SIGTERM
         assert stop.agreed(torch.device("cpu")) == signal.SIGTERM  # one process: its own signal
-        with pytest.raises(KeyboardInterrupt):  # the handlers are back: Ctrl-C now stops at once
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's and torchrun's: still stopping, not killed
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C's own handler is back: it now stops at once
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with StopSignals() as stop:
         assert stop.received is None and stop.agreed(torch.device("cpu")) == 0
     assert signal.getsignal(signal.SIGINT) is before
@@ -45,6 +48,13 @@ def test_interrupted_message_and_exit_code():
         "stopped by SIGINT after optimizer step 3; checkpoint saved to runs/ppo/checkpoint-3. "
         "Run the same command again to resume from it."
     )
+    # a command that starts afresh or names another checkpoint would not resume from this one
+    assert rerun_resumes(False, None) and rerun_resumes(False, "True")
+    assert not rerun_resumes(True, None) and not rerun_resumes(False, "runs/ppo/checkpoint-1")
+    assert str(
+        TrainingInterrupted(signal.SIGINT, 3, "out/checkpoint-3", same_command_resumes=False)
+    ).endswith("To resume from it, run the command with --resume_from_checkpoint out/checkpoint-3.")
+    assert str(TrainingInterrupted(signal.SIGTERM, 3, None)).endswith("no checkpoint was saved.")
 
 
 SIGNALLING_REWARD = '''
@@ -116,22 +126,28 @@ def test_ppo_stops_on_ctrl_c_with_a_checkpoint_and_the_same_command_resumes_bit_
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def signal_at_training_step(monkeypatch, n: int, signum: int) -> Callable[[], None]:
+    """Make the ``n``-th call of SFTTrainer.training_step send ``signum`` to this process; returns the undo."""
+    calls = {"n": 0}
+    training_step = SFTTrainer.training_step
+
+    def signalling_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", signalling_step)
+    return lambda: monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+
+
 def test_sft_stops_on_sigterm_with_a_checkpoint_and_the_same_command_resumes(
     tiny_llama, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "sft"
     argv = quick_argv(tiny_llama, REPO / "sft_data", out, "--lora_rank", "4")
     argv[argv.index("--max_steps") + 1] = "5"
-    calls = {"n": 0}
-    training_step = SFTTrainer.training_step
-
-    def signalling_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return training_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(SFTTrainer, "training_step", signalling_step)
+    undo = signal_at_training_step(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         run_sft_with_peft.main(argv)  # --save_strategy no: the signal still saves a checkpoint
     assert stopped.value.code == 143
@@ -142,12 +158,45 @@ def test_sft_stops_on_sigterm_with_a_checkpoint_and_the_same_command_resumes(
     assert not (out / "adapter_model.safetensors").exists() and not (out / "train_results.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
-    monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+    undo()
     run_sft_with_peft.main(argv)  # the same command: resumes from checkpoint-2
     assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().err
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 5 and (out / "adapter_model.safetensors").is_file()
     assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3, 4, 5]
+
+
+def test_sft_stop_under_best_model_tracking_keeps_its_checkpoint_and_runs_no_evaluation(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
+    """--load_best_model_at_end with --save_total_limit 1 (the Trainer deletes all but the best checkpoint
+    at the end of train) and --save_strategy best (an evaluation decides whether to save), evaluation
+    every step, 2 micro-batches per step, --overwrite_output_dir: the signal in step 3's second micro-batch
+    saves checkpoint-3, which stays; no evaluation runs at step 3; the message names
+    --resume_from_checkpoint, since the same command would start afresh."""
+    out = tmp_path / "best"
+    argv = quick_argv(tiny_llama, REPO / "sft_data", out, "--lora_rank", "4", "--overwrite_output_dir")
+    argv[argv.index("--max_steps") + 1] = "8"
+    argv[argv.index("--split_ratio") + 1] = "0.2"
+    argv[argv.index("--save_strategy") + 1] = "best"
+    argv += ["--eval_strategy", "steps", "--eval_steps", "1", "--load_best_model_at_end", "true",
+             "--metric_for_best_model", "eval_loss", "--save_total_limit", "1", "--gradient_accumulation_steps", "2",
+             "--per_device_eval_batch_size", "8"]  # fmt: skip
+    signal_at_training_step(monkeypatch, 6, signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        run_sft_with_peft.main(argv)
+    assert stopped.value.code == 130
+    checkpoint = out / "checkpoint-3"
+    assert (
+        f"checkpoint saved to {checkpoint}. To resume from it, run the command with --resume_from_checkpoint "
+        f"{checkpoint}." in capsys.readouterr().err
+    )
+    assert checkpoint.is_dir() and not (out / "adapter_model.safetensors").exists()
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert [row["step"] for row in history if "eval_loss" in row] == [1, 2]  # none at the stop step
+
+    run_sft_with_peft.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rlhf.backend import Backend
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator
-from rlhf.interruption import StopSignals, TrainingInterrupted
+from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
@@ -317,7 +317,8 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             if state.step % args.save_steps == 0 or state.step == s.total_steps or stop_signal:
                 save_step_checkpoint(s, state, metrics, buffer)
             if stop_signal:
-                raise TrainingInterrupted(stop_signal, state.step, state.last_checkpoint)
+                resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)
+                raise TrainingInterrupted(stop_signal, state.step, state.last_checkpoint, resumes)
     return state
 
 

@@ -133,4 +133,4 @@ def run_reward(
         processing_class=tokenizer,
         center_rewards_coefficient=rm_args.center_rewards_coefficient,
     )
-    return run_trainer(trainer, resume_from)
+    return run_trainer(trainer, resume_from, rm_args.overwrite_output_dir)

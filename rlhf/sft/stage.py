@@ -126,4 +126,4 @@ def run_sft(
         processing_class=tokenizer,
         compute_loss_func=build_lm_head_loss(model, sft_args.fused_loss),
     )
-    return run_trainer(trainer, resume_from)
+    return run_trainer(trainer, resume_from, sft_args.overwrite_output_dir)

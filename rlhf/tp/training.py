@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.errors import DataError
-from rlhf.interruption import StopSignals, TrainingInterrupted
+from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.metrics import MetricsFile, MetricsWindow
 from rlhf.models.loading import load_tokenizer
 from rlhf.optimizer import build_adamw
@@ -153,7 +153,8 @@ def fit(
                         checkpoint, backend, model, optimizer, scheduler, state, args.save_total_limit
                     )
                     if stop_signal:
-                        raise TrainingInterrupted(stop_signal, state.step, str(checkpoint))
+                        resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)
+                        raise TrainingInterrupted(stop_signal, state.step, str(checkpoint), resumes)
             else:  # the epoch ran out (not cut short by the last step)
                 state.epoch, state.done_in_epoch = state.epoch + 1, 0
     return state.log

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from rlhf.interruption import StopSignals, TrainingInterrupted
+from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.training.outputs import prepare_output_dir, save_final_model
 
 logger = logging.getLogger(__name__)
@@ -40,38 +40,63 @@ def prepare_run(args: TrainingArguments, has_eval_data: bool, overwrite_output_d
     return prepare_output_dir(args, overwrite_output_dir)
 
 
+class SavedOnSignal(Exception):
+    """Raised by :class:`StopOnSignal` out of ``Trainer.train`` once the stop checkpoint is written."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
 class StopOnSignal(TrainerCallback):
-    """After each optimizer step: when any process received a stop signal, save a checkpoint and end
-    training (Trainer's own ``should_save`` / ``should_training_stop``); :attr:`stopped` = (signal, step)."""
+    """After each optimizer step (but the last): when any process received a stop signal, have the Trainer
+    save a checkpoint now (``should_save``, and no evaluation, which under ``--save_strategy best`` would
+    decide the save), then leave ``train`` from ``on_save`` (:class:`SavedOnSignal`): nothing the Trainer
+    does at an epoch's or the run's end (an evaluation, loading the best model, deleting checkpoints
+    beyond ``--save_total_limit``) runs after the signal."""
 
     def __init__(self, signals: StopSignals) -> None:
         self.signals = signals
-        self.stopped: tuple[int, int] | None = None
+        self.stopping: tuple[int, int] | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:  # the last step: the run ends and saves anyway
             return control
         signum = self.signals.agreed(args.device)
         if signum:
-            control.should_save = control.should_training_stop = True
-            self.stopped = (signum, state.global_step)
+            control.should_save, control.should_evaluate, control.should_training_stop = True, False, True
+            self.stopping = (signum, state.global_step)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping is not None:
+            raise SavedOnSignal(*self.stopping)
         return control
 
 
-def run_trainer(trainer: Trainer, resume_from: str | None) -> dict[str, Any]:
-    """Train, save the final model into ``output_dir``, evaluate; return train and eval metrics."""
+def run_trainer(
+    trainer: Trainer, resume_from: str | None, overwrite_output_dir: bool = False
+) -> dict[str, Any]:
+    """Train, save the final model into ``output_dir``, evaluate; return train and eval metrics.
+    ``overwrite_output_dir`` (the stage's flag) only words the message of a run stopped by a signal."""
     args = trainer.args
     metrics: dict[str, Any] = {}
     if args.do_train:
-        with StopSignals() as signals:
-            stop = StopOnSignal(signals)
-            trainer.add_callback(stop)
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        if stop.stopped is not None:
-            signum, step = stop.stopped
+        stop = StopOnSignal(StopSignals())
+        try:
+            with stop.signals:
+                trainer.add_callback(stop)
+                result = trainer.train(resume_from_checkpoint=resume_from)
+        except SavedOnSignal:
+            pass
+        if stop.stopping is not None:  # (train returns only if a callback kept the Trainer from saving)
+            signum, step = stop.stopping
             trainer.accelerator.wait_for_everyone()
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
-            raise TrainingInterrupted(signum, step, checkpoint if os.path.isdir(checkpoint) else None)
+            raise TrainingInterrupted(
+                signum, step, checkpoint if os.path.isdir(checkpoint) else None,
+                rerun_resumes(overwrite_output_dir, args.resume_from_checkpoint),
+            )  # fmt: skip
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
