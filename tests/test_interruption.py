@@ -248,3 +248,48 @@ def test_ctrl_c_to_torchrun_reaches_its_workers_and_they_save(tiny_llama, tmp_pa
     assert len(checkpoints) == 1 and err.count(f"checkpoint saved to {checkpoints[0]}") == 2
     assert all((checkpoints[0] / f"rank_{r}" / "state.json").is_file() for r in (0, 1))
     assert not (out / "adapter_model.safetensors").exists()
+
+
+SFT_WORKER = """
+import os, signal, sys
+sys.path.insert(0, os.path.join({repo!r}, "tests"))
+import run_sft_with_peft
+from rlhf.sft.stage import SFTTrainer
+
+training_step, calls = SFTTrainer.training_step, [0]
+
+
+def signalling_step(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return training_step(self, *args, **kwargs)
+
+
+SFTTrainer.training_step = signalling_step
+run_sft_with_peft.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_one_signalled_process_stops_both(tiny_llama, tmp_path):
+    """Two SFT processes (torchrun, gloo): SIGTERM reaches rank 1 only, in step 2; the Trainer callbacks of
+    both agree, both save into checkpoint-2 and stop there."""
+    worker = tmp_path / "sft_worker.py"
+    worker.write_text(SFT_WORKER.format(repo=str(REPO)))
+    out = tmp_path / "sft"
+    argv = quick_argv(tiny_llama, REPO / "sft_data", out, "--lora_rank", "4")
+    argv[argv.index("--per_device_train_batch_size") + 1] = "4"
+    proc = subprocess.run(
+        [*torchrun(2), str(worker), *argv], cwd=REPO, env=script_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("SIGTERM received") == 1, proc.stderr[-3000:]
+    assert (
+        proc.stderr.count(
+            f"stopped by SIGTERM after optimizer step 2; checkpoint saved to {out / 'checkpoint-2'}"
+        )
+        == 2
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
