@@ -226,6 +226,22 @@ def test_bad_reward_fn_and_non_finite_reward_exit_with_one_line(tiny_llama, tmp_
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("engine", ["DEEPSPEED", "FSDP"])
+def test_a_sharding_accelerate_config_is_refused_not_ignored(
+    engine, tiny_llama, tmp_path, monkeypatch, capsys, fresh_accelerate_state
+):
+    """`accelerate launch` with a DeepSpeed/FSDP config sets ACCELERATE_USE_*; on CPU Accelerate then falls
+    back to plain processes without a word, on a GPU it would hand nothing to the engine either."""
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    argv = ["--sft_model_path", str(tiny_llama), "--dataset_dir", str(REPO / "sft_data"), "--reward_fn",
+            "rlhf.toy_task:positivity_reward", "--output_dir", str(tmp_path / "o"), "--max_steps", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: the Accelerate config sets distributed_type: {engine}" in err
+    assert "use distributed_type: MULTI_GPU" in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("returned", "named"),
     [(None, "None (NoneType)"), (0.5, "0.5 (float)"), ("good", "'good' (str)"), (["good", "bad"], "'good' (str) at index 0"),

@@ -25,9 +25,23 @@ from accelerate.utils import InitProcessGroupKwargs
 from rlhf.backend.base import Optimizers, ParameterGroups, Schedulers
 from rlhf.backend.state_files import read_trainable, write_trainable
 from rlhf.backend.trackers import TrackerMethods, Trackers
+from rlhf.errors import ConfigError
 from rlhf.training.trainable import upcast_float16_trainable
 
 logger = logging.getLogger(__name__)
+
+
+def sharding_engine(accelerator: Accelerator) -> str | None:
+    """DEEPSPEED, FSDP or MEGATRON_LM when the launch asked for one (``accelerate launch`` with such a
+    config sets ``ACCELERATE_USE_*``; on CPU Accelerate then quietly falls back to plain processes), else
+    None."""
+    name = accelerator.distributed_type.name
+    if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        return name
+    for engine in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
+            return engine
+    return None
 
 
 class AccelerateBackend(TrackerMethods):
@@ -46,6 +60,14 @@ class AccelerateBackend(TrackerMethods):
             kwargs_handlers=kwargs,
             project_dir=project_dir,
         )
+        unsupported = sharding_engine(self.accelerator)
+        if unsupported:
+            raise ConfigError(
+                f"the Accelerate config sets distributed_type: {unsupported}, which this stage does not use "
+                "(nothing would be sharded): use distributed_type: MULTI_GPU (with LoRA the trainable state is "
+                "a few MB per process) or, for a model too large for one GPU, the tensor-parallel backend "
+                "(python -m rlhf.tp.ppo_train)"
+            )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
