@@ -229,3 +229,78 @@ def test_real_gsm8k_rows(tiny_model_factory, tmp_path, world_of_one):
     )  # fmt: skip
     predictions, _ = read_outputs(tmp_path / "log")
     assert predictions[0]["label"] == "18" and metrics["n"] == 3
+
+
+def test_an_interrupted_run_keeps_its_batches_and_the_same_command_finishes_it(
+    tiny_model_factory, tmp_path, world_of_one, monkeypatch, capsys
+):
+    """3 questions x 2 samples in batches of 2: Ctrl-C during the third batch leaves two batches in the
+    partial file; the same command generates only the third and writes what an uninterrupted run writes
+    (each batch samples from its own seed); other settings start afresh."""
+    from rlhf.generation.engine import EngineGenerator
+    from rlhf.tp.solver_evaluate import main
+
+    base = tiny_model_factory("llama")
+    data = write_rows(tmp_path / "test.jsonl")
+
+    def argv(log: Path, *extra: str) -> list[str]:
+        return ["--task", "GSM8K", "--label_file", str(data), "--max_gen_len", "8", "--max_batch_size", "2",
+                "--ckpt_dir", str(base), "--log_dir", str(log), "--temperature", "1.0", "--num_samples", "2",
+                *extra]  # fmt: skip
+
+    main(argv(tmp_path / "full"))
+    expected, _ = read_outputs(tmp_path / "full")
+
+    generate, calls = EngineGenerator.generate, []
+
+    def counting(self, *args, interrupt_at: int | None = None, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    log = tmp_path / "parts"
+    monkeypatch.setattr(
+        EngineGenerator, "generate", lambda self, *a, **k: counting(self, *a, interrupt_at=3, **k)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        main(argv(log))
+    partial = log / ".solutions-samples.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 1 + 4  # the settings, then two batches of two
+    assert not (log / "predictions.jsonl").exists()
+
+    calls.clear()
+    monkeypatch.setattr(EngineGenerator, "generate", lambda self, *a, **k: counting(self, *a, **k))
+    metrics = main(argv(log))
+    assert (
+        len(calls) == 1 and "4 solutions from an earlier run of this command, kept" in capsys.readouterr().err
+    )
+    predictions, _ = read_outputs(log)
+    assert predictions == expected and not partial.exists()
+    assert metrics["questions_per_second"] > 0  # over the one question-batch generated now
+
+    monkeypatch.setattr(
+        EngineGenerator, "generate", lambda self, *a, **k: counting(self, *a, interrupt_at=2, **k)
+    )
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        main(argv(log))
+    calls.clear()
+    monkeypatch.setattr(EngineGenerator, "generate", lambda self, *a, **k: counting(self, *a, **k))
+    main(argv(log, "--seed", "1"))  # other settings: the kept batch is not theirs
+    assert len(calls) == 3 and "was written with other settings" in capsys.readouterr().err
+
+
+def test_solution_log_ignores_a_torn_last_line_and_seeds_batches_apart(tmp_path):
+    from rlhf.tp.solution_log import SolutionLog, batch_seed
+
+    log = SolutionLog(tmp_path / ".part.jsonl", {"seed": 0}, main=True)
+    log.append({0: "a", 3: "b"})
+    log.append({1: "c"})
+    with (tmp_path / ".part.jsonl").open("a") as f:
+        f.write('{"index": 2, "out')  # a kill while writing
+    assert log.load() == {0: "a", 3: "b", 1: "c"}
+    assert SolutionLog(tmp_path / ".part.jsonl", {"seed": 1}, main=True).load() == {}  # other settings
+    assert not (tmp_path / ".part.jsonl").exists()
+    seeds = {batch_seed(s, b) for s in range(3) for b in range(100)}
+    assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)

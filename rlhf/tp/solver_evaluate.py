@@ -41,6 +41,7 @@ from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
 from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
 from rlhf.tp.prompt import gsm8k_prompt
+from rlhf.tp.solution_log import SolutionLog, seeded
 from rlhf.tp.verifier import check_verifier_dir
 
 logger = logging.getLogger(__name__)
@@ -113,13 +114,21 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 def solve(
-    model, tokenizer, prompts: list[str], args: SolverEvaluateArguments, dev: torch.device
-) -> list[str]:
-    """Generated continuations (decoded, special tokens skipped) in the order of ``prompts``.
+    model,
+    tokenizer,
+    prompts: list[str],
+    args: SolverEvaluateArguments,
+    dev: torch.device,
+    log: SolutionLog | None = None,
+) -> tuple[list[str], int]:
+    """Generated continuations (decoded, special tokens skipped) in the order of ``prompts``, and how many
+    of them this call generated.
 
     The rollout engine continues each prompt until EOS (allowed from the first token), a ``--stop`` string
     or ``--max_gen_len`` tokens; greedy at ``--temperature 0``, else sampled (``--top_p``) from a generator
-    seeded with ``--seed``, so a run's solutions do not depend on what ran before it.
+    seeded with ``--seed`` and the batch's number, so a run's solutions do not depend on what ran before
+    it. With a ``log`` (:mod:`rlhf.tp.solution_log`), batches an interrupted run finished are read back
+    instead of generated, and each new batch is recorded as it ends.
     """
     stops = split_comma_list(args.stop) if args.stop else []
     ids = [tokenizer(p)["input_ids"] for p in prompts]
@@ -128,25 +137,34 @@ def solve(
         max_new_tokens=args.max_gen_len, min_new_tokens=0, temperature=args.temperature, top_p=args.top_p,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
+    rng = torch.Generator(dev)
     generator = build_generator(
         args.generation_engine, lambda: nullcontext(model), sampling,
-        max_prompt_length=max(len(i) for i in ids), max_batch_size=args.max_batch_size,
-        generator=torch.Generator(dev).manual_seed(args.seed),
+        max_prompt_length=max(len(i) for i in ids), max_batch_size=args.max_batch_size, generator=rng,
     )  # fmt: skip
+    done = log.load() if log is not None else {}
 
     def stop_fn(row: int, tokens: list[int]) -> bool:
         return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
 
     outputs: list[str] = [""] * len(ids)
-    n_batches = math.ceil(len(ids) / args.max_batch_size)
+    n_batches, generated = math.ceil(len(ids) / args.max_batch_size), 0
     for b in tqdm(range(n_batches), desc="solver_evaluate", disable=not is_main()):
         chunk = order[b * args.max_batch_size : (b + 1) * args.max_batch_size]
+        if all(i in done for i in chunk):  # finished by an interrupted run of this command
+            for i in chunk:
+                outputs[i] = done[i]
+            continue
+        seeded(rng, args.seed, b)
         prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], tokenizer.pad_token_id)
         out = generator.generate(prompt_ids, prompt_mask, stop=stop_fn if stops else None)
         lengths = out.response_mask.sum(1).tolist()  # through the EOS, or up to where a stop string ended it
         for i, row, n in zip(chunk, out.response_ids.tolist(), lengths):
             outputs[i] = cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stops)
-    return outputs
+        generated += len(chunk)
+        if log is not None:
+            log.append({i: outputs[i] for i in chunk})
+    return outputs, generated
 
 
 def score(
@@ -241,29 +259,42 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
         peft_path=args.peft_path,
     ).eval()
     prompts = [gsm8k_prompt(row["question"]) for row in rows]
+    settings = {k: v for k, v in asdict(args).items() if k not in ("log_dir",)}
+    samples_log = solution_log(args, "samples")
     started = time.perf_counter()
-    outputs = solve(model, tokenizer, [p for p in prompts for _ in range(args.num_samples)], args, dev)
+    samples = [p for p in prompts for _ in range(args.num_samples)]
+    outputs, generated = solve(model, tokenizer, samples, args, dev, samples_log)
     seconds = time.perf_counter() - started
     predictions, metrics = score(rows, outputs, prompts, args.num_samples)
-    greedy = None
+    greedy, logs = None, [samples_log]
     if args.verifier_ckpt_dir:
         greedy_args = replace(args, temperature=0.0, num_samples=1)
-        greedy, greedy_metrics = score(rows, solve(model, tokenizer, prompts, greedy_args, dev), prompts, 1)
+        logs.append(solution_log(greedy_args, "greedy"))
+        greedy_outputs, _ = solve(model, tokenizer, prompts, greedy_args, dev, logs[-1])
+        greedy, greedy_metrics = score(rows, greedy_outputs, prompts, 1)
         metrics["greedy_accuracy"] = greedy_metrics["accuracy"]
         del model  # the verifier takes its place in memory
         metrics["best_of_n_accuracy"] = rank_with_verifier(args, predictions, rank, world_size, dev)
-    metrics.update(
-        questions_per_second=len(rows) / seconds,
-        tensor_parallel=world_size,
-        settings={k: v for k, v in asdict(args).items() if k not in ("log_dir",)},
-    )
+    if generated:  # the questions whose solutions this run generated, per second of generation
+        metrics["questions_per_second"] = generated / args.num_samples / seconds
+    metrics.update(tensor_parallel=world_size, settings=settings)
     if is_main():
         write_outputs(Path(args.log_dir), predictions, metrics, greedy)
         logger.info(
             "GSM8K accuracy %.4f over %d solutions -> %s", metrics["accuracy"], metrics["n"], args.log_dir
         )
+    for log in logs:
+        log.remove()
     barrier()
     return metrics
+
+
+def solution_log(args: SolverEvaluateArguments, name: str) -> SolutionLog:
+    """The partial-solutions file of one generation pass (``samples``, or ``greedy`` with a verifier), keyed
+    by every setting that decides its solutions."""
+    settings = {k: v for k, v in asdict(args).items() if k not in ("log_dir", "verifier_ckpt_dir")}
+    path = Path(args.log_dir) / f".solutions-{name}.partial.jsonl"
+    return SolutionLog(path, {**settings, "pass": name}, is_main())
 
 
 @exit_on_user_error
