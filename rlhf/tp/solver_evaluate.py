@@ -12,7 +12,8 @@ the rollout engine (:mod:`rlhf.generation`: static KV cache, CUDA graphs on GPU)
 ``--temperature T --num_samples K`` samples K solutions per question; ``--verifier_ckpt_dir DIR`` then
 also ranks them with a verifier (``verifier_train``) and reports best-of-N next to greedy and majority-vote
 accuracy. Writes ``log_dir/predictions.jsonl`` (one row per question and sample) and
-``log_dir/metrics.json``. See ``docs/tp.md``.
+``log_dir/metrics.json``; an interrupted run's finished batches are kept in ``log_dir`` and the same
+command generates only the rest (:mod:`rlhf.tp.solution_log`). See ``docs/tp.md``.
 """
 
 from __future__ import annotations
