@@ -136,3 +136,18 @@ def test_newest_loadable_checkpoint_skips_damaged_ones(backend, tmp_path, caplog
     truncate(tmp_path / "checkpoint-1" / "trainable.safetensors", keep=0.9)
     assert newest_loadable_checkpoint(tmp_path) is None
     assert newest_loadable_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
+    """A run resumed from checkpoint-2 (past a damaged checkpoint-4 of an earlier run) saves checkpoint-3:
+    --save_total_limit 1 keeps checkpoint-3, not the higher-numbered checkpoint-4."""
+    from rlhf.ppo.checkpoint import prune_checkpoints
+
+    for n in (2, 4, 3):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    prune_checkpoints(tmp_path, 2, tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    prune_checkpoints(tmp_path, 1, tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    prune_checkpoints(tmp_path, None, tmp_path / "checkpoint-3")  # no limit: nothing goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]

@@ -230,16 +230,26 @@ def test_bad_reward_fn_and_non_finite_reward_exit_with_one_line(tiny_llama, tmp_
 def test_a_sharding_accelerate_config_is_refused_not_ignored(
     engine, tiny_llama, tmp_path, monkeypatch, capsys, fresh_accelerate_state
 ):
-    """`accelerate launch` with a DeepSpeed/FSDP config sets ACCELERATE_USE_*; on CPU Accelerate then falls
-    back to plain processes without a word, on a GPU it would hand nothing to the engine either."""
+    """`accelerate launch` with a DeepSpeed/FSDP config sets ACCELERATE_USE_* and a marker of its own; on CPU
+    Accelerate then falls back to plain processes without a word. ACCELERATE_USE_* alone is what an
+    Accelerator built earlier in this process (an SFT stage with --deepspeed) leaves behind: not a launch."""
+    from accelerate.state import AcceleratorState
+
+    def argv(out: Path) -> list[str]:
+        return ["--sft_model_path", str(tiny_llama), "--dataset_dir", str(REPO / "sft_data"), "--reward_fn",
+                "rlhf.toy_task:positivity_reward", "--output_dir", str(out), "--max_steps", "1",
+                "--max_response_length", "4", "--disable_tqdm", "true"]  # fmt: skip
+
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
-    argv = ["--sft_model_path", str(tiny_llama), "--dataset_dir", str(REPO / "sft_data"), "--reward_fn",
-            "rlhf.toy_task:positivity_reward", "--output_dir", str(tmp_path / "o"), "--max_steps", "1"]  # fmt: skip
+    assert run_ppo_with_peft.main(argv(tmp_path / "o"))["step"] == 1
+    monkeypatch.setenv({"DEEPSPEED": "ACCELERATE_CONFIG_DS_FIELDS", "FSDP": "FSDP_VERSION"}[engine], "1")
+    AcceleratorState._reset_state()
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_ppo_with_peft.main(argv)
+        run_ppo_with_peft.main(argv(tmp_path / "p"))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"error: the Accelerate config sets distributed_type: {engine}" in err
-    assert "use distributed_type: MULTI_GPU" in err and not (tmp_path / "o").exists()
+    assert "use distributed_type: MULTI_GPU" in err and not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize(

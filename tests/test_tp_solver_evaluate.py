@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -292,6 +293,7 @@ def test_an_interrupted_run_keeps_its_batches_and_the_same_command_finishes_it(
 
 
 def test_solution_log_ignores_a_torn_last_line_and_seeds_batches_apart(tmp_path):
+    from rlhf.data.files import files_signature
     from rlhf.tp.solution_log import SolutionLog, batch_seed
 
     log = SolutionLog(tmp_path / ".part.jsonl", {"seed": 0}, main=True)
@@ -300,7 +302,15 @@ def test_solution_log_ignores_a_torn_last_line_and_seeds_batches_apart(tmp_path)
     with (tmp_path / ".part.jsonl").open("a") as f:
         f.write('{"index": 2, "out')  # a kill while writing
     assert log.load() == {0: "a", 3: "b", 1: "c"}
+    log.append({2: "d"})  # the torn line is gone: what is appended after it reads back
+    assert log.load() == {0: "a", 3: "b", 1: "c", 2: "d"}
     assert SolutionLog(tmp_path / ".part.jsonl", {"seed": 1}, main=True).load() == {}  # other settings
     assert not (tmp_path / ".part.jsonl").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.pth").write_bytes(b"1234")
+    before = files_signature(model)
+    os.utime(model / "weights.pth", ns=(0, 10**9))  # the same size, written again
+    assert files_signature(model) != before and files_signature(tmp_path / "absent") == []
     seeds = {batch_seed(s, b) for s in range(3) for b in range(100)}
     assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)

@@ -45,7 +45,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_bit_identically(
     inside that epoch and ends with the same adapter, shards and metrics as a run that was never stopped."""
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(20))
     full = solver_train.main(argv(tiny_llama, data, tmp_path / "full"))
-    assert full["steps"] == 6 and not (tmp_path / "full_run").exists()  # --save_steps 500: no checkpoint
+    assert full["steps"] == 6 and [p.name for p in (tmp_path / "full_run").iterdir()] == ["checkpoint-6"]
 
     calls = {"n": 0}
     collate = training.collate
@@ -81,14 +81,22 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_bit_identically(
     metrics = "training/metrics.jsonl"
     assert rows_without_timing(out / metrics) == rows_without_timing(tmp_path / "full" / metrics)
 
+    adapter = load_file(str(out / "adapter/adapter.00.safetensors"))
+    finished = solver_train.main(argv(tiny_llama, data, out))  # a finished command again: nothing to train
+    assert f"resuming from {run_dir / 'checkpoint-6'}" in capsys.readouterr().err
+    assert finished["final_loss"] == full["final_loss"] and finished["steps"] == 6
+    again = load_file(str(out / "adapter/adapter.00.safetensors"))
+    assert all(torch.equal(adapter[k], again[k]) for k in adapter)
+    assert rows_without_timing(out / metrics) == rows_without_timing(tmp_path / "full" / metrics)
+
 
 def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp_path, world_of_one, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(20))
     run_dir = tmp_path / "run"
     flags = ["--save_steps", "2", "--save_total_limit", "1", "--output_dir", str(run_dir)]
     solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-4"]  # not at the last step (6)
-    files = {p.relative_to(run_dir / "checkpoint-4").as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-6"]  # 2, 4 and the last step; keep 1
+    files = {p.relative_to(run_dir / "checkpoint-6").as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert files == {
         "trainer_state.json", "rank_0/trainable.safetensors", "rank_0/optimizer.pt", "rank_0/rng.pt",
         "rank_0/state.json",
@@ -98,10 +106,21 @@ def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp
     err = capsys.readouterr().err
     assert "starting afresh" in err and "resuming" not in err
 
-    with pytest.raises(SystemExit) as failed:  # another LoRA rank: the checkpoint does not fit
-        solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags, "--lora_rank", "8"))
-    assert failed.value.code == 2
-    assert "its trainable tensors do not fit this model and flags" in capsys.readouterr().err
+    for other, said in ((["--lora_rank", "8"], "--lora_rank 4 there, 8 now"),
+                        (["--max_batch_size", "4"], "--max_batch_size 8 there, 4 now")):  # fmt: skip
+        with pytest.raises(SystemExit) as failed:  # the position in the data would mean something else
+            solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags, *other))
+        err = capsys.readouterr().err
+        assert failed.value.code == 2 and f"was written by a run with other settings ({said})" in err
+    write_jsonl(data, addition_rows(21))
+    with pytest.raises(SystemExit):
+        solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags))
+    assert "(the --train_file files changed)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        solver_train.main(
+            argv(tiny_llama, data, tmp_path / "model", "--output_dir", str(tmp_path / "model" / "c"))
+        )
+    assert "is inside --save_dir" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -31,15 +31,20 @@ from rlhf.training.trainable import upcast_float16_trainable
 logger = logging.getLogger(__name__)
 
 
+# what `accelerate launch` sets for a DeepSpeed / FSDP config (an Accelerator built in this process with
+# such a plugin sets ACCELERATE_USE_* too, but not these)
+LAUNCHED_WITH = {"DEEPSPEED": "ACCELERATE_CONFIG_DS_FIELDS", "FSDP": "FSDP_VERSION"}
+
+
 def sharding_engine(accelerator: Accelerator) -> str | None:
-    """DEEPSPEED, FSDP or MEGATRON_LM when the launch asked for one (``accelerate launch`` with such a
-    config sets ``ACCELERATE_USE_*``; on CPU Accelerate then quietly falls back to plain processes), else
-    None."""
+    """DEEPSPEED, FSDP or MEGATRON_LM when the launch asked for one, else None. On CPU Accelerate quietly
+    falls back to plain processes, so ``accelerate launch``'s environment is read as well."""
     name = accelerator.distributed_type.name
     if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
         return name
-    for engine in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
+    for engine, marker in LAUNCHED_WITH.items():
+        used = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true")
+        if used and marker in os.environ:
             return engine
     return None
 

@@ -162,3 +162,20 @@ def optional_str(record: dict[str, Any], field: str, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f'{where}: field "{field}" must be a string, got {type(value).__name__}')
     return value
+
+
+def files_signature(path: str | os.PathLike | None) -> list[list[Any]]:
+    """``[name, size, modification time in ns]`` of the file at ``path``, or of the files directly in the
+    directory ``path`` (sorted; ``[]`` when there is nothing there): what tells two runs that read the same
+    path whether its files changed in between (a model retrained into the same dir, edited data)."""
+    if not path:
+        return []
+    path = Path(path)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.is_file())
+        if path.is_dir()
+        else []
+    )
+    return [[p.name, (stat := p.stat()).st_size, stat.st_mtime_ns] for p in files]

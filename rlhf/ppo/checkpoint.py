@@ -213,9 +213,12 @@ def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
     return newest_loadable(output_dir, checkpoint_problem)[0]
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` ``checkpoint-N`` dirs."""
+def prune_checkpoints(output_dir: Path, keep: int | None, saved: Path) -> None:
+    """Keep ``saved`` (the checkpoint just written) and the ``keep - 1`` highest-numbered others; delete the
+    rest. ``saved`` is never deleted, even when an earlier run left higher-numbered ones (a run resumed
+    from an older checkpoint, or past a damaged newer one)."""
     if not keep or keep <= 0:
         return
-    for old in checkpoint_dirs(output_dir)[:-keep]:
+    others = [d for d in checkpoint_dirs(output_dir) if d.name != Path(saved).name]
+    for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)

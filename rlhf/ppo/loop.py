@@ -343,7 +343,7 @@ def save_step_checkpoint(
         buffer=None if buffer.exhausted else buffer, extra_files=s.save_extra,
     )  # fmt: skip
     if backend.is_main:
-        prune_checkpoints(Path(args.output_dir), args.save_total_limit)
+        prune_checkpoints(Path(args.output_dir), args.save_total_limit, name)
 
 
 def write_log(

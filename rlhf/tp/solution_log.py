@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf.publish import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,10 +60,11 @@ class SolutionLog:
             self.path.unlink()
             return {}
         done: dict[int, str] = {}
-        for line in lines[1:]:
+        for kept, line in enumerate(lines[1:], start=1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # the line a kill cut short
+            except json.JSONDecodeError:  # the line a kill cut short: drop it and what follows
+                write_text_atomic(self.path, "".join(x + "\n" for x in lines[:kept]))
                 break
             done[int(row["index"])] = row["output"]
         logger.info("%s: %d solutions from an earlier run of this command, kept", self.path, len(done))

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from rlhf.args import check_output_dir, parse_args, split_comma_list
 from rlhf.data import load_dataset_dir
+from rlhf.data.files import files_signature
 from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.generation import SamplingConfig, build_generator
@@ -261,7 +262,8 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     ).eval()
     prompts = [gsm8k_prompt(row["question"]) for row in rows]
     settings = {k: v for k, v in asdict(args).items() if k not in ("log_dir",)}
-    samples_log = solution_log(args, "samples")
+    run = {"world_size": world_size, "dtype": str(next(model.parameters()).dtype)}
+    samples_log = solution_log(args, "samples", run)
     started = time.perf_counter()
     samples = [p for p in prompts for _ in range(args.num_samples)]
     outputs, generated = solve(model, tokenizer, samples, args, dev, samples_log)
@@ -270,7 +272,7 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     greedy, logs = None, [samples_log]
     if args.verifier_ckpt_dir:
         greedy_args = replace(args, temperature=0.0, num_samples=1)
-        logs.append(solution_log(greedy_args, "greedy"))
+        logs.append(solution_log(greedy_args, "greedy", run))
         greedy_outputs, _ = solve(model, tokenizer, prompts, greedy_args, dev, logs[-1])
         greedy, greedy_metrics = score(rows, greedy_outputs, prompts, 1)
         metrics["greedy_accuracy"] = greedy_metrics["accuracy"]
@@ -290,10 +292,15 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     return metrics
 
 
-def solution_log(args: SolverEvaluateArguments, name: str) -> SolutionLog:
+def solution_log(args: SolverEvaluateArguments, name: str, run: dict) -> SolutionLog:
     """The partial-solutions file of one generation pass (``samples``, or ``greedy`` with a verifier), keyed
-    by every setting that decides its solutions."""
+    by everything that decides its solutions: the flags, ``run`` (TP degree, dtype) and the size and time of
+    the model, adapter and label files (a model retrained into the same dir is another model)."""
     settings = {k: v for k, v in asdict(args).items() if k not in ("log_dir", "verifier_ckpt_dir")}
+    settings |= run | {
+        f"{flag}_signature": files_signature(getattr(args, flag))
+        for flag in ("ckpt_dir", "peft_path", "label_file")
+    }
     path = Path(args.log_dir) / f".solutions-{name}.partial.jsonl"
     return SolutionLog(path, {**settings, "pass": name}, is_main())
 

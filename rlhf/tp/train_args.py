@@ -9,10 +9,12 @@ model's layer names ``wq wk wv wo w1 w2 w3``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlhf.args import LoraArguments, check_output_dir
+from rlhf.data.files import files_signature
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoraSpec
 from rlhf.tp.lora import ALL_TARGETS
@@ -88,9 +90,31 @@ class TPTrainArguments:
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}")
         check_output_dir(self.save_dir, "--save_dir")
+        save_dir = Path(self.save_dir).resolve()
+        if save_dir == Path.cwd() or save_dir == save_dir.parent:
+            raise ConfigError(
+                f"--save_dir {self.save_dir}: name a directory of its own (it is replaced as a whole at the end)"
+            )
         if self.output_dir is None:
-            self.output_dir = str(Path(self.save_dir).with_name(Path(self.save_dir).name + "_run"))
+            self.output_dir = str(save_dir.with_name(save_dir.name + "_run"))
         check_output_dir(self.output_dir, "--output_dir")
+        if Path(self.output_dir).resolve().is_relative_to(save_dir):
+            raise ConfigError(
+                f"--output_dir {self.output_dir} is inside --save_dir {self.save_dir}, which is replaced as a whole "
+                "at the end (its checkpoints would go with it): put it next to it (default: <save_dir>_run)"
+            )
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The flags (and training data files) a run resumed from a checkpoint must share with the run that
+        wrote it: what decides the data order, the batches, the model and the optimizer. Where things are
+        written, how often, and the length of the run (``--max_steps``, ``--epochs``) may change."""
+        free = ("save_dir", "output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint",
+                "overwrite_output_dir", "log_steps", "max_steps", "epochs", "trust_remote_code")  # fmt: skip
+        settings = {k: v for k, v in asdict(self).items() if k not in free}
+        return settings | {
+            "train_file_signature": files_signature(self.train_file),
+            "ckpt_dir_signature": files_signature(self.ckpt_dir),
+        }
 
     # the adapter these flags ask for, read as every stage reads its --lora_* flags (LoraSpec.use_lora is
     # false for --lora_rank <= 0)

@@ -47,6 +47,7 @@ class FitState:
     done_in_epoch: int = 0  # micro-batches of that epoch already trained on
     log: list[dict[str, Any]] = field(default_factory=list)  # rows written to training/metrics.jsonl
     pending: dict[str, list[float]] = field(default_factory=dict)  # metrics since the last logged row
+    settings: dict[str, Any] = field(default_factory=dict)  # what a resumed run must share (resume_settings)
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +70,7 @@ def save_fit_checkpoint(
         if backend.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
     if backend.is_main:
-        prune_checkpoints(directory.parent, save_total_limit)
+        prune_checkpoints(directory.parent, save_total_limit, directory)
 
 
 def load_fit_checkpoint(
@@ -78,9 +79,25 @@ def load_fit_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    settings: dict[str, Any],
 ) -> FitState:
     """Restore this rank's trainable tensors, optimizer, scheduler and RNG from ``directory``; the run's
-    position. A missing or damaged file, or tensors of another model, raise a one-line CheckpointError."""
+    position. A missing or damaged file, a run with other ``settings`` (its position in the data would mean
+    something else) or tensors of another model raise a one-line CheckpointError."""
+    state = FitState(**read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text())))
+    changed = [
+        k for k in sorted(settings.keys() | state.settings.keys()) if settings.get(k) != state.settings.get(k)
+    ]
+    if changed:
+        flags = ", ".join(
+            f"the --{k.removesuffix('_signature')} files changed" if k.endswith("_signature")
+            else f"--{k} {state.settings.get(k)!r} there, {settings.get(k)!r} now"
+            for k in changed[:3]
+        )  # fmt: skip
+        raise CheckpointError(
+            f"{directory} was written by a run with other settings ({flags}): resume with the same flags, or "
+            "pass --overwrite_output_dir to start afresh"
+        )
     tensors, states = backend.load_trainable(directory)
     params = trainable_tensors(model)
     if tensors.keys() != params.keys() or any(tensors[k].shape != p.shape for k, p in params.items()):
@@ -98,6 +115,5 @@ def load_fit_checkpoint(
     own = rank_dir(directory, backend.rank)
     rank_state = read_file(own / "state.json", lambda p: json.loads(p.read_text()))
     restore_rng(rank_state["rng"], read_file(own / "rng.pt", lambda p: torch.load(p, weights_only=True)))
-    state = FitState(**read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text())))
     logger.info("resumed from %s at step %d", directory, state.step)
     return state

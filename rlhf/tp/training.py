@@ -100,9 +100,9 @@ def fit(
         params, lr=args.lr, weight_decay=args.weight_decay, scheduler=args.lr_scheduler_type,
         warmup=args.warmup_steps, total_steps=total,
     )  # fmt: skip
-    state, window = FitState(), MetricsWindow()
+    state, window = FitState(settings=args.resume_settings()), MetricsWindow()
     if resume_from:
-        state = load_fit_checkpoint(Path(resume_from), backend, model, optimizer, scheduler)
+        state = load_fit_checkpoint(Path(resume_from), backend, model, optimizer, scheduler, state.settings)
         window.values.update(state.pending)
         if backend.is_main:
             for row in state.log:  # the rows before the checkpoint, so the file reads as one run
@@ -143,10 +143,9 @@ def fit(
                     if backend.is_main:
                         metrics_file.append(row)
                         logger.info("step %d/%d: loss %.4f", state.step, total, row["loss"])
-                if state.step >= total:
-                    break
-                stop_signal = stop.agreed(backend.device)
-                if (args.save_steps and state.step % args.save_steps == 0) or stop_signal:
+                final = state.step >= total
+                stop_signal = 0 if final else stop.agreed(backend.device)
+                if (args.save_steps and (state.step % args.save_steps == 0 or final)) or stop_signal:
                     state.pending = {k: list(v) for k, v in window.values.items()}
                     checkpoint = Path(args.output_dir) / f"checkpoint-{state.step}"
                     save_fit_checkpoint(
@@ -155,6 +154,8 @@ def fit(
                     if stop_signal:
                         resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)
                         raise TrainingInterrupted(stop_signal, state.step, str(checkpoint), resumes)
+                if final:
+                    break
             else:  # the epoch ran out (not cut short by the last step)
                 state.epoch, state.done_in_epoch = state.epoch + 1, 0
     return state.log
