@@ -459,3 +459,28 @@ def test_generation_compile_flag(tiny_llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error: --generation_compile: the static engine on a Hugging Face" in err
     assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tmp_path, capsys):
+    """The checkpoint's position in the prompts and its rollout split mean something else under other batch
+    sizes: re-running with them names the flag instead of resuming silently; --max_steps may change."""
+    out = tmp_path / "run"
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--per_device_mini_train_batch_size", "2", "--max_response_length", "4", "--save_steps", "1",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    run_ppo_with_peft.main([*argv, "--max_steps", "1"])
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main([*argv, "--max_steps", "2", "--per_device_mini_train_batch_size", "4"])
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and (
+            f"{out / 'checkpoint-1'} was written by a run with other settings "
+            "(--per_device_mini_train_batch_size 2 there, 4 now; "
+        )
+        in err
+    )
+    assert run_ppo_with_peft.main([*argv, "--max_steps", "2"])["step"] == 2  # a longer run: resumed

@@ -115,7 +115,7 @@ def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp
     write_jsonl(data, addition_rows(21))
     with pytest.raises(SystemExit):
         solver_train.main(argv(tiny_llama, data, tmp_path / "model", *flags))
-    assert "(the --train_file files changed)" in capsys.readouterr().err
+    assert "(the files of --train_file changed)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         solver_train.main(
             argv(tiny_llama, data, tmp_path / "model", "--output_dir", str(tmp_path / "model" / "c"))

@@ -179,6 +179,28 @@ def load_checkpoint(
     return shared, rank_state, buffer
 
 
+def check_resume_settings(directory: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume from ``directory`` when the run that wrote it had other ``saved`` settings than
+    ``current`` (what decides the position in the data and the optimizer steps: resuming would silently
+    mean something else); a checkpoint that recorded none is not checked. A key that names a flag is shown
+    as ``--flag``; one with spaces is a description, and ``files of ...`` (a :func:`rlhf.data.files.files_signature`) is
+    only said to have changed."""
+    if saved is None:
+        return
+    changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+    if not changed:
+        return
+    shown = "; ".join(
+        f"the {k} changed" if k.startswith("files of ")
+        else f"{k if ' ' in k else '--' + k} {saved.get(k)!r} there, {current.get(k)!r} now"
+        for k in changed[:3]
+    )  # fmt: skip
+    raise CheckpointError(
+        f"{directory} was written by a run with other settings ({shown}): resume with the same flags and data, "
+        "or pass --overwrite_output_dir to start afresh"
+    )
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """The published ``checkpoint-N`` dirs of ``output_dir``, oldest (smallest N) first."""
     return list_checkpoints(output_dir)[::-1]

@@ -31,7 +31,7 @@ from rlhf.errors import UserError
 from rlhf.generation.base import Generator
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
-from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from rlhf.ppo.checkpoint import check_resume_settings, load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
@@ -265,6 +265,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             optimizers=s.optimizers,
             schedulers=s.schedulers,
         )
+        check_resume_settings(Path(resume_from), shared.get("settings"), resume_settings(s))
         state = TrainState(**shared["state"])
         s.prompt_sampler.load_state(shared["prompt_sampler"])
         if s.pretrain_sampler is not None:
@@ -322,6 +323,25 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
     return state
 
 
+def resume_settings(s: PPOSession) -> dict[str, Any]:
+    """What a run resumed from a checkpoint must share with the run that wrote it: what decides which
+    prompts and pretraining blocks come next and how a rollout splits into mini-batches and optimizer steps
+    (``--max_steps`` and the PPO coefficients may change)."""
+    return {
+        "per_device_train_batch_size": s.args.per_device_train_batch_size,
+        "gradient_accumulation_steps": s.args.gradient_accumulation_steps,
+        "seed": s.args.seed,
+        "num_samples_per_prompt": s.ppo.num_samples_per_prompt,
+        "per_device_mini_train_batch_size": s.ppo.per_device_mini_train_batch_size,
+        "rollout_batches": s.ppo.rollout_batches,
+        "ppo_epochs": s.ppo.ppo_epochs,
+        "pretrain_batch_size": s.ppo.pretrain_batch_size,
+        "advantage_estimator": s.ppo.advantage_estimator,
+        "number of prompts": len(s.prompts),
+        "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
+    }
+
+
 def save_step_checkpoint(
     s: PPOSession, state: TrainState, metrics: MetricsAccumulator, buffer: RolloutBuffer
 ) -> None:
@@ -332,6 +352,7 @@ def save_step_checkpoint(
     state.last_checkpoint = str(name)
     shared = {
         "step": state.step,
+        "settings": resume_settings(s),
         "state": state.__dict__,
         "prompt_sampler": s.prompt_sampler.state(),
         "pretrain_sampler": s.pretrain_sampler.state() if s.pretrain_sampler else None,

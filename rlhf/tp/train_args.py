@@ -112,8 +112,8 @@ class TPTrainArguments:
                 "overwrite_output_dir", "log_steps", "max_steps", "epochs", "trust_remote_code")  # fmt: skip
         settings = {k: v for k, v in asdict(self).items() if k not in free}
         return settings | {
-            "train_file_signature": files_signature(self.train_file),
-            "ckpt_dir_signature": files_signature(self.ckpt_dir),
+            "files of --train_file": files_signature(self.train_file),
+            "files of --ckpt_dir": files_signature(self.ckpt_dir),
         }
 
     # the adapter these flags ask for, read as every stage reads its --lora_* flags (LoraSpec.use_lora is

@@ -27,6 +27,7 @@ from rlhf.backend.state_files import rank_dir, read_file
 from rlhf.errors import CheckpointError
 from rlhf.ppo.checkpoint import (
     TRAINER_STATE,
+    check_resume_settings,
     optimizer_states,
     prune_checkpoints,
     restore_rng,
@@ -85,19 +86,7 @@ def load_fit_checkpoint(
     position. A missing or damaged file, a run with other ``settings`` (its position in the data would mean
     something else) or tensors of another model raise a one-line CheckpointError."""
     state = FitState(**read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text())))
-    changed = [
-        k for k in sorted(settings.keys() | state.settings.keys()) if settings.get(k) != state.settings.get(k)
-    ]
-    if changed:
-        flags = ", ".join(
-            f"the --{k.removesuffix('_signature')} files changed" if k.endswith("_signature")
-            else f"--{k} {state.settings.get(k)!r} there, {settings.get(k)!r} now"
-            for k in changed[:3]
-        )  # fmt: skip
-        raise CheckpointError(
-            f"{directory} was written by a run with other settings ({flags}): resume with the same flags, or "
-            "pass --overwrite_output_dir to start afresh"
-        )
+    check_resume_settings(directory, state.settings, settings)
     tensors, states = backend.load_trainable(directory)
     params = trainable_tensors(model)
     if tensors.keys() != params.keys() or any(tensors[k].shape != p.shape for k, p in params.items()):
