@@ -17,6 +17,10 @@
 #   SFT_S=200 bash bench/gpu_session.sh sft                                  # second call, ~3.5 minutes
 #   # time left: PPO_ROWS=ours-large,trl-ppo ... ppo; ROLLOUT_ROWS=hf-generate-static-cache,ours-tp,... rollout
 #
+# Issue 13 closes only with its whole table from one run: ours (the fastest variant), hf-generate,
+# hf-generate-static-cache and the 7B rows (e.g. ours-merged-compiled@7b, hf-generate@7b); if the first
+# call shows <= 3 ms, spend the rest of the lease on those rows rather than on the PPO/SFT extras.
+#
 # Steps: enginetests (the engine's CUDA-graph tests and the packed-attention GPU test), rollout
 # (bench/rollout.py; ROLLOUT_ROWS=a,b picks rows and their order), ppo (bench/ppo.py --gpu-suite; PPO_ROWS=a,b
 # picks rows), sft (bench/sft.py --gpu-suite: SFT and reward model), tests (tests/test_gpu.py: the seed
