@@ -85,11 +85,34 @@ def tp_actor(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def compute_ops_per_step(engine, batch: int) -> int:
+    """On CPU: the aten ops one eager decode step dispatches that do work (views, aliases and empty
+    allocations left out). A GPU runs about one kernel for each (some fewer: CPU builds RMSNorm from pow,
+    mean, rsqrt and mul, where CUDA has one fused kernel), so this counts a step's kernels without a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    no_kernel = ("aten.empty", "aten.detach", "aten.lift_fresh", "aten._unsafe_view", "aten._local_scalar")
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and not str(func.overloadpacket).startswith(no_kernel):
+                CountOps.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountOps():
+        engine._decode_step(batch)
+    return CountOps.count
+
+
 def step_profile(engine, batch: int) -> dict:
     """On GPU: the GPU time of one decode-graph replay (mean of 20, CUDA events) and the CUDA kernels of one
-    decode step run outside the graph (torch.profiler), to tell the graph's own cost from the host loop's."""
+    decode step run outside the graph (torch.profiler), to tell the graph's own cost from the host loop's.
+    On CPU, for eager steps: the compute ops of one step (:func:`compute_ops_per_step`)."""
     if not torch.cuda.is_available():
-        return {}
+        compiled = engine._step != engine.decoder.step  # inductor's fused CPU kernels: not comparable
+        return {} if compiled else {"kernels_per_step": compute_ops_per_step(engine, batch)}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -295,7 +318,7 @@ def main() -> None:
         ])  # fmt: skip
     table = markdown_table(
         ["implementation", "ms / decode step", "tokens/s", "first / steady call s", "graph capture s", "peak MB",
-         "HF generate ms/step ÷ this", "graph replay ms", "CUDA kernels / step"], rows,
+         "HF generate ms/step ÷ this", "graph replay ms", "kernels / step"], rows,
     )  # fmt: skip
     model = (
         "TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab 32000)"
@@ -310,7 +333,7 @@ def main() -> None:
         "in its own process; ours-merged decodes from merged LoRA weights (--generation_lora merged), "
         "-compiled runs the decode step through torch.compile (inductor) before graph capture, ours-tp is the "
         "engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
-        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. Rows NAME@7b (GPU): NAME on the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, no grouped-query attention, random init), 32 prompts, same lengths, ratio against hf-generate@7b. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and CUDA kernels / step = the kernels of one decode step run outside the graph (torch.profiler)."
+        "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. Rows NAME@7b (GPU): NAME on the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, no grouped-query attention, random init), 32 prompts, same lengths, ratio against hf-generate@7b. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and kernels / step = the CUDA kernels of one decode step run outside the graph (torch.profiler); on CPU, kernels / step = the aten ops one eager decode step dispatches that do work (views and allocations left out), about one GPU kernel each (not counted for the compiled rows, whose CPU kernels inductor fuses differently)."
         + (
             ""
             if gpu
