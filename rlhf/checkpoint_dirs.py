@@ -16,6 +16,12 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+def asks_for_newest(resume_from_checkpoint: str | None) -> bool:
+    """Whether a ``--resume_from_checkpoint`` value asks for the newest checkpoint (``True``, ``1``,
+    ``yes``) rather than naming one."""
+    return str(resume_from_checkpoint).lower() in ("true", "1", "yes")
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first."""
     output_dir = Path(output_dir)

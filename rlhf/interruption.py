@@ -25,6 +25,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from rlhf.checkpoint_dirs import asks_for_newest
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -33,7 +35,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def rerun_resumes(overwrite_output_dir: bool, resume_from_checkpoint: str | None) -> bool:
     """Whether running the same command again resumes from the newest checkpoint: not when it starts afresh
     (``--overwrite_output_dir``) or names a checkpoint (``--resume_from_checkpoint DIR``)."""
-    named = bool(resume_from_checkpoint) and str(resume_from_checkpoint).lower() not in ("true", "1", "yes")
+    named = bool(resume_from_checkpoint) and not asks_for_newest(resume_from_checkpoint)
     return not overwrite_output_dir and not named
 
 

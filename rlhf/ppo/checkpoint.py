@@ -147,24 +147,28 @@ def load_checkpoint(
     models: PolicyModels,
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, Any],
+    settings: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], RolloutBuffer | None]:
     """Restore weights, optimizer/scheduler states and this process's RNG.
 
     Returns (shared_state, rank_state, buffer or None). A missing or damaged file raises a
-    :class:`CheckpointError` naming it."""
+    :class:`CheckpointError` naming it; so does a checkpoint whose recorded settings differ from
+    ``settings`` (:func:`check_resume_settings`, before anything is loaded)."""
     own = rank_dir(directory, backend.rank)
     if not (directory / TRAINER_STATE).is_file() or not own.is_dir():
         raise CheckpointError(
             f"{directory}: not a complete PPO checkpoint for process {backend.rank} "
             f"(needs {TRAINER_STATE} and {own.name}/; was it written with this many processes?)"
         )
+    shared = read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text()))
+    if settings is not None:
+        check_resume_settings(directory, shared.get("settings"), settings)
     weights, states = backend.load_trainable(directory)
     models.load_trainable_state(weights)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(states["optimizers"][name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(states["schedulers"][name])
-    shared = read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text()))
     rank_state = read_file(own / "state.json", lambda p: json.loads(p.read_text()))
     tensor_rng = read_file(own / "rng.pt", lambda p: torch.load(p, weights_only=True))
     restore_rng(rank_state.pop("rng"), tensor_rng)

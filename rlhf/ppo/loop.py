@@ -31,7 +31,7 @@ from rlhf.errors import UserError
 from rlhf.generation.base import Generator
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
-from rlhf.ppo.checkpoint import check_resume_settings, load_checkpoint, prune_checkpoints, save_checkpoint
+from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
@@ -264,8 +264,8 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             models=s.models,
             optimizers=s.optimizers,
             schedulers=s.schedulers,
+            settings=resume_settings(s),
         )
-        check_resume_settings(Path(resume_from), shared.get("settings"), resume_settings(s))
         state = TrainState(**shared["state"])
         s.prompt_sampler.load_state(shared["prompt_sampler"])
         if s.pretrain_sampler is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf.backend import Backend
+from rlhf.checkpoint_dirs import asks_for_newest
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.ppo.checkpoint import checkpoint_dirs, checkpoint_problem, newest_loadable_checkpoint
 from rlhf.ppo.config import PPOTrainingArguments
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TRUE_VALUES = ("true", "1", "yes")
 
 
 def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | None:
@@ -38,7 +38,7 @@ def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | No
     model loads: a named checkpoint that is missing or damaged is a one-line error."""
     out = Path(args.output_dir)
     named = args.resume_from_checkpoint
-    if named and named.lower() in TRUE_VALUES:
+    if named and asks_for_newest(named):
         newest = newest_loadable_checkpoint(out) if out.is_dir() else None
         if newest is None:
             raise CheckpointError(f"--resume_from_checkpoint {named}: no loadable checkpoint-N in {out}")

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from rlhf.args import check_output_dir
-from rlhf.checkpoint_dirs import list_checkpoints
+from rlhf.checkpoint_dirs import asks_for_newest, list_checkpoints
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.publish import publish_dir, staging_dir, staging_path
 from rlhf.training.checkpoints import checkpoint_problem, newest_loadable_checkpoint
@@ -35,7 +35,7 @@ FINAL_STAGING_NAME = "final"  # the final model is staged in output_dir/.final.t
 
 def _resolve_resume(out: Path, resume: str) -> str:
     """The checkpoint ``--resume_from_checkpoint`` names, checked to load (``True``: newest that loads)."""
-    if resume.lower() in ("true", "1", "yes"):
+    if asks_for_newest(resume):
         checkpoint, skipped = newest_loadable_checkpoint(out)
         if checkpoint is None:
             found = f" ({'; '.join(skipped)})" if skipped else ""
