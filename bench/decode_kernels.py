@@ -28,8 +28,9 @@ DEPTHS = (2, 4)
 TARGETS = {"1.1B shape (22 layers)": 22, "7B shape (32 layers)": 32}
 
 
-def count(layers: int, merged: bool, bf16: bool) -> int:
-    """Kernels of one decode step of a fresh ``layers``-layer llama with an active LoRA adapter."""
+def count(layers: int, merged: bool, bf16: bool, skip_casts: bool = True) -> int:
+    """Kernels of one decode step of a fresh ``layers``-layer llama with an active LoRA adapter
+    (``skip_casts``: built as PPO builds its models, :func:`rlhf.models.lora.skip_input_casts_under_autocast`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,6 +38,7 @@ def count(layers: int, merged: bool, bf16: bool) -> int:
     from rlhf.generation.base import SamplingConfig
     from rlhf.generation.hf_decoder import HFDecoder
     from rlhf.generation.merged_decoder import MergedLoraDecoder
+    from rlhf.models.lora import skip_input_casts_under_autocast
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -46,6 +48,8 @@ def count(layers: int, merged: bool, bf16: bool) -> int:
     base = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
     lora = LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, lora, adapter_name="actor").eval()
+    if skip_casts:
+        skip_input_casts_under_autocast(model)  # as PPO's models are built
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # PPO trains the adapter in float32 on a bf16 base

@@ -12,6 +12,10 @@ model's own LoRA, :mod:`rlhf.tp.lora`) active on the base, every row sampling ex
 - CPU (or ``--cpu-small``): the small llama of :func:`bench.harness.build_bench_model` on CPU (hidden 256,
   4 layers), fp32, 16 prompts of 32 tokens, 64 new tokens, one thread; section ``rollout-cpu``.
 
+On GPU the ``ours`` rows on the Hugging Face model run under bf16 autocast with the adapters' float32 input
+casts skipped (:func:`rlhf.models.lora.skip_input_casts_under_autocast`), as ``run_ppo_with_peft.py --bf16``
+samples; the ``hf-generate`` rows call ``generate`` on the bf16 model without autocast, as a user would.
+
 Per implementation: ms per decode step ((time for N tokens - time for 1 token) / (N - 1)), tokens/s
 (B x N / time for N tokens), the first and a steady call's time (the first includes allocation, compilation
 and graph capture), the engine's graph-capture time, and peak memory (CUDA max allocated; max RSS on CPU).
@@ -54,6 +58,10 @@ IMPLS = [
 ]
 # GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
 LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "ours-merged-compiled@7b", "hf-generate@7b"]
+AUTOCAST_NOTE = (
+    ", the ours rows under bf16 autocast with the adapters' input casts skipped, as run_ppo_with_peft.py --bf16"
+    " samples, the HF rows without autocast"
+)
 LARGE_SHAPE = {"batch": 32, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1}
 
 
@@ -172,6 +180,7 @@ def worker(name: str, workdir: Path) -> dict:
     from rlhf.generation import SamplingConfig
     from rlhf.generation.build import decoder_for
     from rlhf.generation.engine import RolloutEngine
+    from rlhf.models.lora import skip_input_casts_under_autocast
 
     if name == "build-7b":
         harness.cached_build(
@@ -195,45 +204,52 @@ def worker(name: str, workdir: Path) -> dict:
             r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
         )
         model = get_peft_model(model, lora, adapter_name="actor").eval()
+        skip_input_casts_under_autocast(model)  # as run_ppo_with_peft.py builds its models
     config = AutoConfig.from_pretrained(model_dir)
     batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
     ids = torch.randint(4, config.vocab_size, (batch, prompt), device=device)
     mask = torch.ones_like(ids)
     eos = config.eos_token_id
-    engine = None
-    if name.startswith("ours"):
-        engine = RolloutEngine(
-            decoder_for(model, merge_lora="merged" in name), max_batch_size=batch, max_length=prompt + new,
-            compile_backend="inductor" if name.endswith("-compiled") else None,
-        )  # fmt: skip
-
-    def generate(n: int) -> None:
-        if engine is not None:
-            sampling = SamplingConfig(max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0)
-            engine.generate(ids, mask, sampling)
-            return
-        cache = {"cache_implementation": "static"} if name == "hf-generate-static-cache" else {}
-        with torch.no_grad():
-            model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None, top_p=1.0,
-                max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0, **cache,
+    # ours on the HF model in bf16 runs under bf16 autocast, as run_ppo_with_peft.py --bf16 samples; the HF
+    # rows call generate on the bf16 model as a user would, without autocast
+    autocast = name.startswith("ours") and name != "ours-tp" and dtype != torch.float32
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        engine = None
+        if name.startswith("ours"):
+            engine = RolloutEngine(
+                decoder_for(model, merge_lora="merged" in name), max_batch_size=batch, max_length=prompt + new,
+                compile_backend="inductor" if name.endswith("-compiled") else None,
             )  # fmt: skip
 
-    first = _timed(lambda: generate(new))
-    full = min(_timed(lambda: generate(new)) for _ in range(shape["repeats"]))
-    one = min(_timed(lambda: generate(1)) for _ in range(shape["repeats"]))
-    result = {
-        "name": label,
-        "ms_per_step": (full - one) / (new - 1) * 1000,
-        "tokens_per_s": batch * new / full,
-        "first_call_s": first,
-        "steady_call_s": full,
-        "capture_s": engine.graphs.capture_seconds if engine is not None and engine.graphs else None,
-        "cuda_graphs": bool(engine is not None and engine.graphs),
-        "peak_mb": harness.peak_memory_mb(),
-        **(step_profile(engine, batch) if engine is not None else {}),
-        **harness.compile_stats(),
-    }
+        def generate(n: int) -> None:
+            if engine is not None:
+                sampling = SamplingConfig(
+                    max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0
+                )
+                engine.generate(ids, mask, sampling)
+                return
+            cache = {"cache_implementation": "static"} if name == "hf-generate-static-cache" else {}
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None, top_p=1.0,
+                    max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=0, **cache,
+                )  # fmt: skip
+
+        first = _timed(lambda: generate(new))
+        full = min(_timed(lambda: generate(new)) for _ in range(shape["repeats"]))
+        one = min(_timed(lambda: generate(1)) for _ in range(shape["repeats"]))
+        result = {
+            "name": label,
+            "ms_per_step": (full - one) / (new - 1) * 1000,
+            "tokens_per_s": batch * new / full,
+            "first_call_s": first,
+            "steady_call_s": full,
+            "capture_s": engine.graphs.capture_seconds if engine is not None and engine.graphs else None,
+            "cuda_graphs": bool(engine is not None and engine.graphs),
+            "peak_mb": harness.peak_memory_mb(),
+            **(step_profile(engine, batch) if engine is not None else {}),
+            **harness.compile_stats(),
+        }
     if name == "ours-tp":  # free the (NCCL on a GPU) process group now: its teardown at exit can hang
         from rlhf.tp.distributed import shutdown
 
@@ -328,7 +344,7 @@ def main() -> None:
     text = (
         f"## Rollout generation, {'GPU' if gpu else 'CPU'} (`bench/rollout.py{'' if gpu else ' --cpu-small'}`)\n\n"
         f"Device: {device_line(gpu)}. Model: {model}, random init, {shape['dtype']}, actor LoRA r=8 on all "
-        f"linear layers active (unmerged). {shape['batch']} prompts of {shape['prompt']} tokens, "
+        f"linear layers active (unmerged; float32 adapter weights{AUTOCAST_NOTE if gpu else ''}). {shape['batch']} prompts of {shape['prompt']} tokens, "
         f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all rows in the same run, each "
         "in its own process; ours-merged decodes from merged LoRA weights (--generation_lora merged), "
         "-compiled runs the decode step through torch.compile (inductor) before graph capture, ours-tp is the "

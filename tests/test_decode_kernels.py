@@ -17,3 +17,15 @@ def test_the_merged_copy_decodes_with_far_fewer_kernels_per_layer():
         unmerged = count(4, merged=False, bf16=bf16) - count(2, merged=False, bf16=bf16)
         merged = count(4, merged=True, bf16=bf16) - count(2, merged=True, bf16=bf16)
         assert 0 < merged < 0.6 * unmerged, (bf16, merged / 2, unmerged / 2)  # 28 vs 64, 32 vs 82 per layer
+
+
+def test_skipping_the_adapters_input_casts_saves_two_kernels_per_projection_under_autocast():
+    """PEFT casts a bf16 input to the float32 adapter's dtype and autocast casts it back: 2 kernels for each
+    of the 7 adapted projections of a layer, gone once the casts are skipped (as PPO builds its models)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from decode_kernels import count
+
+    def per_layer(skip_casts: bool) -> int:
+        return (count(4, False, True, skip_casts) - count(2, False, True, skip_casts)) // 2
+
+    assert per_layer(False) - per_layer(True) == 2 * 7  # 82 -> 68 per layer

@@ -15,7 +15,7 @@ from peft import PeftModel, TaskType, get_peft_model
 
 from rlhf.errors import CheckpointError
 from rlhf.models import is_adapter_dir
-from rlhf.models.lora import LoraSpec, build_lora_config
+from rlhf.models.lora import LoraSpec, build_lora_config, skip_input_casts_under_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def make_trainable(
             task_type=task_type,
         )
         model = get_peft_model(model, config)
+    if isinstance(model, PeftModel):
+        skip_input_casts_under_autocast(model)  # --bf16/--fp16: no float32 round trip of each adapter's input
     if fp16:
         upcast_float16_trainable(model)
     if bf16 and isinstance(model, PeftModel):

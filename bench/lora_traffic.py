@@ -1,0 +1,175 @@
+"""What a LoRA adapter adds to a training step's forward + backward, counted on CPU: ops and bytes per decoder
+layer, for PEFT's default (the input cast to the float32 adapter's dtype) and with those casts skipped under
+autocast (:func:`rlhf.models.lora.skip_input_casts_under_autocast`, how every stage builds its adapters).
+
+``python bench/lora_traffic.py``: llamas of 1 and 2 layers of the TinyLlama-1.1B shape (hidden 2048,
+intermediate 5632, 32 heads / 4 kv), a bf16 base, LoRA r=8 on all seven projections in float32 (PEFT's
+default on a half-precision base), one forward and backward of the LM loss under CPU bf16 autocast on
+``TOKENS`` tokens, only the adapter trainable (the frozen base still passes gradients to the activations). The
+difference of the two depths is one layer. Per row: aten ops that do work (about one GPU kernel each), bytes
+the matmul-like ops read and write (their inputs and outputs, weights included), bytes every other op reads
+and writes (the memory-bound passes), and the CPU time of one layer. The ``no adapter`` row runs the same
+backward to the activations without any adapter. Writes the ``lora-traffic-cpu`` section of bench/RESULTS.md.
+
+Bytes scale with tokens: the table also gives the other ops' bytes at one PPO mini-batch of the GPU suite
+(32 x 384 tokens) over 22 layers, and the time that takes at 3.35 TB/s (an H100's memory bandwidth), a
+floor for the memory-bound passes, not a GPU timing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_file import markdown_table, update_section  # noqa: E402
+
+TOKENS = 2048
+MINI_BATCH_TOKENS = 32 * 384
+LAYERS_1B = 22
+HBM_BYTES_PER_S = 3.35e12
+MATMULS = ("aten.mm", "aten.bmm", "aten.addmm", "aten._scaled_dot_product", "aten.linear")
+NO_WORK = ("aten.empty", "aten.detach", "aten.lift_fresh", "aten._unsafe_view", "aten._local_scalar")
+VARIANTS = {  # name: (adapter, skip the input casts, LoRA dropout)
+    "no adapter": (False, False, 0.0),
+    "PEFT default, dropout 0": (True, False, 0.0),
+    "input casts skipped, dropout 0": (True, True, 0.0),
+    "PEFT default, dropout 0.05": (True, False, 0.05),
+    "input casts skipped, dropout 0.05": (True, True, 0.05),
+}
+
+
+def _bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes(v) for v in value)
+    return 0
+
+
+class Traffic(TorchDispatchMode):
+    """Ops that do work, and the bytes of their tensor inputs and outputs, matmul-like or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.matmul_bytes, self.other_bytes = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if func.is_view or name.startswith(NO_WORK):
+            return out
+        moved = _bytes(list(args)) + _bytes(list((kwargs or {}).values())) + _bytes(out)
+        self.ops += 1
+        if name.startswith(MATMULS):
+            self.matmul_bytes += moved
+        else:
+            self.other_bytes += moved
+        return out
+
+
+def build(layers: int, adapter: bool, skip: bool, dropout: float) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models.lora import skip_input_casts_under_autocast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=256, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+    if not adapter:
+        model.enable_input_require_grads()  # the backward to the activations a frozen base runs under LoRA
+        return model.train()
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout)
+    model = get_peft_model(model, lora)  # float32 adapter weights on the bf16 base (PEFT's default)
+    if skip:
+        skip_input_casts_under_autocast(model)
+    return model.train()
+
+
+def measure(layers: int, variant: str) -> tuple[Traffic, float]:
+    """One counted forward + backward, then the fastest of three timed ones."""
+    model = build(layers, *VARIANTS[variant])
+    ids = torch.randint(0, 256, (1, TOKENS))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+
+    traffic = Traffic()
+    with traffic:
+        step()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return traffic, min(times)
+
+
+def reading(adapter_bytes: dict[str, int]) -> str:
+    cut = {
+        dropout: 1
+        - adapter_bytes[f"input casts skipped, dropout {dropout}"]
+        / adapter_bytes[f"PEFT default, dropout {dropout}"]
+        for dropout in ("0", "0.05")
+    }
+    return (
+        f"Skipping the casts cuts the adapter's memory-bound bytes by {cut['0']:.0%} with dropout 0 and by "
+        f"{cut['0.05']:.0%} with dropout 0.05, with bit-identical results at dropout 0 "
+        "(`tests/test_lora_input_casts.py`). What remains of the adapter's cost: its scale and add on each "
+        "projection's output, the dropout's pass over the input, and its own thin matmuls (the matmul bytes above "
+        "the no-adapter row), all memory-bound at this size; the unmerged adapter's price in training.\n"
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rows, baseline, adapter_bytes = [], None, {}
+    for variant in VARIANTS:
+        (one, t1), (two, t2) = measure(1, variant), measure(2, variant)
+        ops, matmul, other = (
+            two.ops - one.ops,
+            two.matmul_bytes - one.matmul_bytes,
+            two.other_bytes - one.other_bytes,
+        )
+        at_scale = other * MINI_BATCH_TOKENS / TOKENS * LAYERS_1B
+        baseline = baseline if baseline is not None else other
+        adapter_bytes[variant] = other - baseline
+        rows.append([
+            variant, str(ops), f"{matmul / 2**20:,.0f}", f"{other / 2**20:,.0f}", f"{(other - baseline) / 2**20:,.0f}",
+            f"{at_scale / 1e9:,.1f}", f"{at_scale / HBM_BYTES_PER_S * 1e3:,.0f}", f"{(t2 - t1) * 1e3:,.0f}",
+        ])  # fmt: skip
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        ["variant", "ops / layer", "matmul MiB / layer", "other ops MiB / layer", "of which the adapter's",
+         "other ops GB / mini-batch (22 layers)", "ms at 3.35 TB/s", "CPU ms / layer"], rows,
+    )  # fmt: skip
+    text = (
+        "## A LoRA adapter's cost in a training step, counted on CPU (`bench/lora_traffic.py`)\n\n"
+        f"One decoder layer of the TinyLlama-1.1B shape (hidden 2048, intermediate 5632, 32 heads / 4 kv), bf16 "
+        f"base, LoRA r=8 on all seven projections in float32 (PEFT's default on a half-precision base), forward "
+        f"+ backward of the LM loss under CPU bf16 autocast on {TOKENS} tokens, only the adapter trainable "
+        "(layer = 2-layer model minus 1-layer model). Ops: aten ops that do work (about one GPU kernel each). "
+        "Bytes: the tensor inputs and outputs of each op, matmul-like ops (mm, bmm, addmm, attention) apart from "
+        "the rest, the memory-bound passes; 'of which the adapter's' is the rest minus the no-adapter row. The "
+        f"mini-batch columns scale the other ops' bytes to one PPO mini-batch of the GPU suite ({MINI_BATCH_TOKENS:,} "
+        "tokens, 22 layers) and divide by an H100's 3.35 TB/s: a floor for those passes, not a GPU timing. CPU ms: "
+        f"fastest of 3, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
+        + reading(adapter_bytes)
+    )
+    print(text)
+    update_section("lora-traffic-cpu", text)
+
+
+if __name__ == "__main__":
+    main()
