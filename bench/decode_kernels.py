@@ -28,9 +28,10 @@ DEPTHS = (2, 4)
 TARGETS = {"1.1B shape (22 layers)": 22, "7B shape (32 layers)": 32}
 
 
-def count(layers: int, merged: bool, bf16: bool, skip_casts: bool = True) -> int:
+def count(layers: int, merged: bool, bf16: bool, fast_forward: bool = True) -> int:
     """Kernels of one decode step of a fresh ``layers``-layer llama with an active LoRA adapter
-    (``skip_casts``: built as PPO builds its models, :func:`rlhf.models.lora.skip_input_casts_under_autocast`)."""
+    (``fast_forward``: our LoRA forward, as every stage builds its adapters,
+    :func:`rlhf.models.lora_forward.use_fast_lora_forward`; else PEFT's)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +39,7 @@ def count(layers: int, merged: bool, bf16: bool, skip_casts: bool = True) -> int
     from rlhf.generation.base import SamplingConfig
     from rlhf.generation.hf_decoder import HFDecoder
     from rlhf.generation.merged_decoder import MergedLoraDecoder
-    from rlhf.models.lora import skip_input_casts_under_autocast
+    from rlhf.models.lora_forward import use_fast_lora_forward
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -48,13 +49,16 @@ def count(layers: int, merged: bool, bf16: bool, skip_casts: bool = True) -> int
     base = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
     lora = LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, lora, adapter_name="actor").eval()
-    if skip_casts:
-        skip_input_casts_under_autocast(model)  # as PPO's models are built
+    if fast_forward:
+        use_fast_lora_forward(model)  # as every stage builds its adapters
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # PPO trains the adapter in float32 on a bf16 base
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:  # the engine is built and run under the rollout's autocast, as PPO does
+    # the engine is built and run under the rollout's autocast, as PPO does, without autocast's weight-cast
+    # cache, as a CUDA graph is captured (rlhf/generation/graphs.py): each float32 adapter weight's cast to
+    # bf16 is a kernel of every replayed step
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
+    with autocast:
         engine = RolloutEngine(
             (MergedLoraDecoder if merged else HFDecoder)(model), max_batch_size=4, max_length=32
         )
@@ -66,14 +70,15 @@ def count(layers: int, merged: bool, bf16: bool, skip_casts: bool = True) -> int
 
 def main() -> None:
     rows = []
+    variants = {"unmerged, PEFT's forward": (False, False), "unmerged": (False, True), "merged": (True, True)}
     for bf16 in (False, True):
-        for merged in (False, True):
-            shallow, deep = (count(n, merged, bf16) for n in DEPTHS)
+        for adapter, (merged, fast_forward) in variants.items():
+            shallow, deep = (count(n, merged, bf16, fast_forward) for n in DEPTHS)
             per_layer = (deep - shallow) // (DEPTHS[1] - DEPTHS[0])
             fixed = shallow - per_layer * DEPTHS[0]
             precision = "bf16 base + float32 adapter, bf16 autocast" if bf16 else "float32"
             rows.append([
-                precision, "merged" if merged else "unmerged", str(fixed), str(per_layer),
+                precision, adapter, str(fixed), str(per_layer),
                 *(f"{fixed + per_layer * n:,}" for n in TARGETS.values()),
             ])  # fmt: skip
             print(rows[-1], flush=True)
@@ -84,7 +89,9 @@ def main() -> None:
         "## Kernels per decode step, counted on CPU (`bench/decode_kernels.py`)\n\n"
         "The aten ops one eager decode step of the rollout engine dispatches that do work (views and "
         "allocations left out), about one GPU kernel each, on llamas of 2 and 4 layers with LoRA r=8 on all "
-        "linear layers active, extrapolated by depth. A CUDA graph replays the same kernels, so beyond the "
+        "linear layers active, extrapolated by depth; bf16 rows under bf16 autocast without its weight-cast "
+        "cache, as a CUDA graph is captured. Unmerged: our LoRA forward (`use_fast_lora_forward`, as every stage "
+        "builds its adapters); PEFT's forward for comparison. A CUDA graph replays the same kernels, so beyond the "
         "weight reads a step costs roughly its kernel count times the GPU's per-kernel time. The CPU runs "
         "`F.rms_norm` (the merged step's norms) as pow, mean, add, rsqrt and two products, where CUDA has one "
         "fused kernel (`aten::_fused_rms_norm`, which also does the bf16 rows' float32 round trip, 2 casts "

@@ -1,6 +1,7 @@
 """What a LoRA adapter adds to a training step's forward + backward, counted on CPU: ops and bytes per decoder
-layer, for PEFT's default (the input cast to the float32 adapter's dtype) and with those casts skipped under
-autocast (:func:`rlhf.models.lora.skip_input_casts_under_autocast`, how every stage builds its adapters).
+layer, for PEFT's forward and for ours (:func:`rlhf.models.lora_forward.use_fast_lora_forward`, how every stage
+builds its adapters: no float32 round trip of the input under autocast, the scaled output added by one
+``addmm``), and for ours with the input casts skipped only (the fused add removed again, to show each part).
 
 ``python bench/lora_traffic.py``: llamas of 1 and 2 layers of the TinyLlama-1.1B shape (hidden 2048,
 intermediate 5632, 32 heads / 4 kv), a bf16 base, LoRA r=8 on all seven projections in float32 (PEFT's
@@ -36,12 +37,14 @@ LAYERS_1B = 22
 HBM_BYTES_PER_S = 3.35e12
 MATMULS = ("aten.mm", "aten.bmm", "aten.addmm", "aten._scaled_dot_product", "aten.linear")
 NO_WORK = ("aten.empty", "aten.detach", "aten.lift_fresh", "aten._unsafe_view", "aten._local_scalar")
-VARIANTS = {  # name: (adapter, skip the input casts, LoRA dropout)
-    "no adapter": (False, False, 0.0),
-    "PEFT default, dropout 0": (True, False, 0.0),
-    "input casts skipped, dropout 0": (True, True, 0.0),
-    "PEFT default, dropout 0.05": (True, False, 0.05),
-    "input casts skipped, dropout 0.05": (True, True, 0.05),
+VARIANTS = {  # name: (adapter, forward: "peft" / "casts" (input casts skipped only) / "ours", LoRA dropout)
+    "no adapter": (False, "peft", 0.0),
+    "PEFT, dropout 0": (True, "peft", 0.0),
+    "input casts skipped only, dropout 0": (True, "casts", 0.0),
+    "ours, dropout 0": (True, "ours", 0.0),
+    "PEFT, dropout 0.05": (True, "peft", 0.05),
+    "input casts skipped only, dropout 0.05": (True, "casts", 0.05),
+    "ours, dropout 0.05": (True, "ours", 0.05),
 }
 
 
@@ -74,11 +77,11 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def build(layers: int, adapter: bool, skip: bool, dropout: float) -> torch.nn.Module:
+def build(layers: int, adapter: bool, forward: str, dropout: float) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models.lora import skip_input_casts_under_autocast
+    from rlhf.models.lora_forward import use_fast_lora_forward
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -91,8 +94,11 @@ def build(layers: int, adapter: bool, skip: bool, dropout: float) -> torch.nn.Mo
         return model.train()
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout)
     model = get_peft_model(model, lora)  # float32 adapter weights on the bf16 base (PEFT's default)
-    if skip:
-        skip_input_casts_under_autocast(model)
+    if forward != "peft":
+        use_fast_lora_forward(model)
+    if forward == "casts":  # PEFT's vanilla forward again, with the input casts still skipped
+        for layer in model.modules():
+            getattr(layer, "lora_variant", {}).clear()
     return model.train()
 
 
@@ -117,18 +123,17 @@ def measure(layers: int, variant: str) -> tuple[Traffic, float]:
 
 
 def reading(adapter_bytes: dict[str, int]) -> str:
-    cut = {
-        dropout: 1
-        - adapter_bytes[f"input casts skipped, dropout {dropout}"]
-        / adapter_bytes[f"PEFT default, dropout {dropout}"]
-        for dropout in ("0", "0.05")
-    }
+    def cut(variant: str, dropout: str) -> str:
+        return f"{1 - adapter_bytes[f'{variant}, dropout {dropout}'] / adapter_bytes[f'PEFT, dropout {dropout}']:.0%}"
+
     return (
-        f"Skipping the casts cuts the adapter's memory-bound bytes by {cut['0']:.0%} with dropout 0 and by "
-        f"{cut['0.05']:.0%} with dropout 0.05, with bit-identical results at dropout 0 "
-        "(`tests/test_lora_input_casts.py`). What remains of the adapter's cost: its scale and add on each "
-        "projection's output, the dropout's pass over the input, and its own thin matmuls (the matmul bytes above "
-        "the no-adapter row), all memory-bound at this size; the unmerged adapter's price in training.\n"
+        f"Against PEFT's forward, ours cuts the adapter's bytes by {cut('ours', '0')} with dropout 0 and by "
+        f"{cut('ours', '0.05')} with dropout 0.05; skipping the input casts alone, by "
+        f"{cut('input casts skipped only', '0')} and {cut('input casts skipped only', '0.05')}. Skipping the casts "
+        "is bit-identical at dropout 0; the fused add rounds the sum once instead of three times "
+        "(`tests/test_lora_forward.py`). What remains of the adapter's cost: the dropout's pass over each "
+        "projection's input, the input gradient's add, and its thin matmuls, memory-bound at this size; the "
+        "unmerged adapter's price in training.\n"
     )
 
 
@@ -137,22 +142,20 @@ def main() -> None:
     rows, baseline, adapter_bytes = [], None, {}
     for variant in VARIANTS:
         (one, t1), (two, t2) = measure(1, variant), measure(2, variant)
-        ops, matmul, other = (
-            two.ops - one.ops,
-            two.matmul_bytes - one.matmul_bytes,
-            two.other_bytes - one.other_bytes,
-        )
-        at_scale = other * MINI_BATCH_TOKENS / TOKENS * LAYERS_1B
-        baseline = baseline if baseline is not None else other
-        adapter_bytes[variant] = other - baseline
+        ops = two.ops - one.ops
+        matmul, other = two.matmul_bytes - one.matmul_bytes, two.other_bytes - one.other_bytes
+        baseline = baseline if baseline is not None else matmul + other
+        adapter_bytes[variant] = matmul + other - baseline
+        at_scale = (matmul + other) * MINI_BATCH_TOKENS / TOKENS * LAYERS_1B
         rows.append([
-            variant, str(ops), f"{matmul / 2**20:,.0f}", f"{other / 2**20:,.0f}", f"{(other - baseline) / 2**20:,.0f}",
-            f"{at_scale / 1e9:,.1f}", f"{at_scale / HBM_BYTES_PER_S * 1e3:,.0f}", f"{(t2 - t1) * 1e3:,.0f}",
+            variant, str(ops), f"{matmul / 2**20:,.0f}", f"{other / 2**20:,.0f}",
+            f"{adapter_bytes[variant] / 2**20:,.0f}", f"{at_scale / 1e9:,.1f}",
+            f"{at_scale / HBM_BYTES_PER_S * 1e3:,.0f}", f"{(t2 - t1) * 1e3:,.0f}",
         ])  # fmt: skip
         print(rows[-1], flush=True)
     table = markdown_table(
-        ["variant", "ops / layer", "matmul MiB / layer", "other ops MiB / layer", "of which the adapter's",
-         "other ops GB / mini-batch (22 layers)", "ms at 3.35 TB/s", "CPU ms / layer"], rows,
+        ["variant", "ops / layer", "matmul MiB / layer", "other ops MiB / layer", "the adapter's MiB / layer",
+         "GB / mini-batch (22 layers)", "ms at 3.35 TB/s", "CPU ms / layer"], rows,
     )  # fmt: skip
     text = (
         "## A LoRA adapter's cost in a training step, counted on CPU (`bench/lora_traffic.py`)\n\n"
@@ -161,10 +164,10 @@ def main() -> None:
         f"+ backward of the LM loss under CPU bf16 autocast on {TOKENS} tokens, only the adapter trainable "
         "(layer = 2-layer model minus 1-layer model). Ops: aten ops that do work (about one GPU kernel each). "
         "Bytes: the tensor inputs and outputs of each op, matmul-like ops (mm, bmm, addmm, attention) apart from "
-        "the rest, the memory-bound passes; 'of which the adapter's' is the rest minus the no-adapter row. The "
-        f"mini-batch columns scale the other ops' bytes to one PPO mini-batch of the GPU suite ({MINI_BATCH_TOKENS:,} "
-        "tokens, 22 layers) and divide by an H100's 3.35 TB/s: a floor for those passes, not a GPU timing. CPU ms: "
-        f"fastest of 3, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
+        "the rest (the memory-bound passes); the adapter's: all bytes above the no-adapter row. The mini-batch "
+        f"columns scale all bytes to one PPO mini-batch of the GPU suite ({MINI_BATCH_TOKENS:,} tokens, 22 "
+        "layers) and divide by an H100's 3.35 TB/s: a floor for moving them, not a GPU timing. CPU ms: fastest "
+        f"of 3, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
         + reading(adapter_bytes)
     )
     print(text)

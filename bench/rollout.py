@@ -12,9 +12,9 @@ model's own LoRA, :mod:`rlhf.tp.lora`) active on the base, every row sampling ex
 - CPU (or ``--cpu-small``): the small llama of :func:`bench.harness.build_bench_model` on CPU (hidden 256,
   4 layers), fp32, 16 prompts of 32 tokens, 64 new tokens, one thread; section ``rollout-cpu``.
 
-On GPU the ``ours`` rows on the Hugging Face model run under bf16 autocast with the adapters' float32 input
-casts skipped (:func:`rlhf.models.lora.skip_input_casts_under_autocast`), as ``run_ppo_with_peft.py --bf16``
-samples; the ``hf-generate`` rows call ``generate`` on the bf16 model without autocast, as a user would.
+On GPU the ``ours`` rows on the Hugging Face model run under bf16 autocast with our LoRA forward
+(:func:`rlhf.models.lora_forward.use_fast_lora_forward`), as ``run_ppo_with_peft.py --bf16`` samples; the
+``hf-generate`` rows call ``generate`` on the bf16 model (PEFT's forward) without autocast, as a user would.
 
 Per implementation: ms per decode step ((time for N tokens - time for 1 token) / (N - 1)), tokens/s
 (B x N / time for N tokens), the first and a steady call's time (the first includes allocation, compilation
@@ -59,8 +59,8 @@ IMPLS = [
 # GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
 LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "ours-merged-compiled@7b", "hf-generate@7b"]
 AUTOCAST_NOTE = (
-    ", the ours rows under bf16 autocast with the adapters' input casts skipped, as run_ppo_with_peft.py --bf16"
-    " samples, the HF rows without autocast"
+    ", the ours rows under bf16 autocast with our LoRA forward (use_fast_lora_forward), as run_ppo_with_peft.py"
+    " --bf16 samples, the HF rows with PEFT's forward and without autocast"
 )
 LARGE_SHAPE = {"batch": 32, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1}
 
@@ -180,7 +180,7 @@ def worker(name: str, workdir: Path) -> dict:
     from rlhf.generation import SamplingConfig
     from rlhf.generation.build import decoder_for
     from rlhf.generation.engine import RolloutEngine
-    from rlhf.models.lora import skip_input_casts_under_autocast
+    from rlhf.models.lora_forward import use_fast_lora_forward
 
     if name == "build-7b":
         harness.cached_build(
@@ -204,7 +204,8 @@ def worker(name: str, workdir: Path) -> dict:
             r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
         )
         model = get_peft_model(model, lora, adapter_name="actor").eval()
-        skip_input_casts_under_autocast(model)  # as run_ppo_with_peft.py builds its models
+        if name.startswith("ours"):
+            use_fast_lora_forward(model)  # as run_ppo_with_peft.py builds its models
     config = AutoConfig.from_pretrained(model_dir)
     batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
     ids = torch.randint(4, config.vocab_size, (batch, prompt), device=device)

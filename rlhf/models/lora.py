@@ -86,39 +86,3 @@ def build_lora_config(
         modules_to_save=modules_to_save or None,
         task_type=task_type,
     )
-
-
-class _CastOutsideAutocast:
-    """The value of PEFT's ``cast_input_dtype_enabled`` on our LoRA layers: true, as PEFT's default, except
-    under autocast (read by PEFT at every forward)."""
-
-    def __bool__(self) -> bool:
-        return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
-
-    def __repr__(self) -> str:
-        return "outside autocast"
-
-
-_CAST_OUTSIDE_AUTOCAST = _CastOutsideAutocast()
-
-
-def skip_input_casts_under_autocast(model: torch.nn.Module) -> int:
-    """Stop PEFT's LoRA layers from casting their input to the adapter's dtype while autocast is on; return
-    how many layers were set.
-
-    PEFT keeps an adapter on a bf16/fp16 base in float32 and, before the adapter's two small matmuls, casts
-    the layer's input to float32. Under ``--bf16``/``--fp16`` autocast those matmuls cast it straight back to
-    half precision, so the copy is a round trip over the activations: two full passes per adapted projection
-    forward and about as many in the backward (in a training step, more bytes than the layer's own matmuls
-    read and write: ``bench/lora_traffic.py``), and two extra kernels per projection in every rollout decode
-    step (``bench/decode_kernels.py``). Without the cast the results are bit-identical
-    (``tests/test_lora_input_casts.py``), except that a LoRA dropout > 0 then runs in the activations' dtype,
-    as it does for an adapter PEFT keeps in that dtype. Outside autocast (float32 runs, a half-precision model
-    without mixed precision) PEFT casts as before: the inputs must match the adapter's float32 weights there.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = _CAST_OUTSIDE_AUTOCAST
-    return len(layers)

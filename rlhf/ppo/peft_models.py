@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
-from rlhf.models.lora import LoraSpec, build_lora_config, skip_input_casts_under_autocast
+from rlhf.models.lora import LoraSpec, build_lora_config
+from rlhf.models.lora_forward import use_fast_lora_forward
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
@@ -413,7 +414,7 @@ def build_peft_policy_models(
         lm = get_peft_model(base, configs[names[0]], adapter_name=names[0])
         for name in names[1:]:
             lm.add_adapter(name, configs[name])
-        skip_input_casts_under_autocast(lm)  # --bf16/--fp16: no float32 round trip of each adapter's input
+        use_fast_lora_forward(lm)  # no float32 round trip of the input under autocast, one addmm
     if reward_adapter is not None:
         set_peft_model_state_dict(lm, reward_adapter.lora_state, adapter_name="reward")
         if from_reward and critic is not None and critic.use_lora:

@@ -15,7 +15,8 @@ from peft import PeftModel, TaskType, get_peft_model
 
 from rlhf.errors import CheckpointError
 from rlhf.models import is_adapter_dir
-from rlhf.models.lora import LoraSpec, build_lora_config, skip_input_casts_under_autocast
+from rlhf.models.lora import LoraSpec, build_lora_config
+from rlhf.models.lora_forward import use_fast_lora_forward
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def make_trainable(
         )
         model = get_peft_model(model, config)
     if isinstance(model, PeftModel):
-        skip_input_casts_under_autocast(model)  # --bf16/--fp16: no float32 round trip of each adapter's input
+        use_fast_lora_forward(model)  # no float32 round trip of the input under autocast, one addmm
     if fp16:
         upcast_float16_trainable(model)
     if bf16 and isinstance(model, PeftModel):

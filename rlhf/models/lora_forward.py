@@ -1,0 +1,97 @@
+"""How our PEFT LoRA layers run: without PEFT's float32 round trip of the input under autocast, and with the
+adapter's scaled output added inside its last matmul.
+
+PEFT's vanilla ``Linear`` forward, for a base ``W`` and an adapter ``B A`` with scale ``s``, is
+``W x + B(A(dropout(x.to(float32)))) * s``: under ``--bf16``/``--fp16`` autocast the input is cast to the
+adapter's float32 and straight back, and the product ``B h`` is written, scaled and added in two more passes
+over the layer's output. In a training step those passes move more bytes than the layer's own matmuls
+(``bench/lora_traffic.py``), and in a rollout decode step each is a kernel (``bench/decode_kernels.py``).
+:func:`use_fast_lora_forward` makes every vanilla LoRA ``Linear`` of a model:
+
+- skip the input cast while autocast is on (PEFT's own ``cast_input_dtype_enabled`` switch; outside autocast
+  the cast stays, since the input must then match the adapter's float32 weights);
+- compute ``W x + s * (h @ B^T)`` as one ``addmm`` on the base output (the scale as the matmul's ``alpha``):
+  no separate product, scale or add over ``[tokens, out]``, in the forward or the backward. It is a PEFT
+  :class:`~peft.tuners.lora.layer.LoraVariant` of its own, so merging, unmerging, mixed-adapter batches and
+  saving behave as for vanilla LoRA.
+
+The same function of the weights: in float32 equal to PEFT's forward up to float rounding (``s`` applied to
+the product instead of its result), under bf16 autocast the sum is rounded once instead of three times
+(``tests/test_lora_forward.py``). LoRA dropout > 0 runs in the activations' dtype under autocast, as for an
+adapter PEFT keeps in that dtype. Adapters with ``lora_bias`` or another variant (DoRA, ...) keep PEFT's
+forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+
+
+def _autocast_on() -> bool:
+    return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+
+
+class _CastOutsideAutocast:
+    """The value of PEFT's ``cast_input_dtype_enabled`` on our LoRA layers: true, as PEFT's default, except
+    under autocast (PEFT reads it at every forward)."""
+
+    def __bool__(self) -> bool:
+        return not _autocast_on()
+
+    def __repr__(self) -> str:
+        return "outside autocast"
+
+
+_CAST_OUTSIDE_AUTOCAST = _CastOutsideAutocast()
+
+
+class FusedOutputLora(LoraVariant):
+    """Vanilla LoRA whose scaled output is added by the adapter's second matmul (``addmm``)."""
+
+    @staticmethod
+    def init(module: LoraLinear, adapter_name: str, **kwargs: Any) -> None:
+        return None  # installed on an adapter PEFT has already built
+
+    @staticmethod
+    def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(
+        module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        scale = module.scaling[active_adapter]
+        h = lora_A(module.lora_dropout[active_adapter](x))  # x: already cast by PEFT where it casts
+        if result.dtype != h.dtype and not _autocast_on():
+            return result + lora_B(h) * scale  # e.g. a bf16 base with a float32 adapter: PEFT's sum
+        flat = result.reshape(-1, result.shape[-1])
+        out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), lora_B.weight.t(), alpha=scale)
+        return out.view(result.shape)
+
+
+def use_fast_lora_forward(model: torch.nn.Module) -> int:
+    """Give every vanilla LoRA ``Linear`` of ``model`` the forward of the module docstring; return how many
+    adapters (layer x adapter) got the fused output add. Adapters added afterwards keep PEFT's forward."""
+    fused = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear):
+            continue
+        layer.cast_input_dtype_enabled = _CAST_OUTSIDE_AUTOCAST
+        for name in layer.lora_A:
+            if name not in layer.lora_variant and not layer.lora_bias.get(name, False):  # vanilla LoRA
+                layer.lora_variant[name] = FusedOutputLora()
+                fused += 1
+    return fused
