@@ -152,3 +152,35 @@ def test_weight_guard_sees_reallocated_tensors_not_in_place_updates():
     model[1].bias.data = model[1].bias.data.clone()
     with pytest.raises(StaleGraphError, match="1.bias"):
         guard.check()
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+)
+def test_fused_rms_norm_leaves_autocast_only_where_its_dtypes_agree(dtypes):
+    """CUDA autocast runs ``rms_norm`` in float32 (three extra kernels per norm for the same once-rounded
+    result), so the merged decoder's norm runs outside autocast when ``x`` and the weight share a dtype; with
+    mixed dtypes autocast picks the dtype, as for the module. Values as the Hugging Face module's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlhf.generation.merged_decoder import FusedRMSNorm
+
+    x_dtype, weight_dtype = dtypes
+    module = LlamaRMSNorm(16, eps=1e-6).to(weight_dtype)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 16).to(x_dtype)
+    seen, rms_norm = [], F.rms_norm
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return rms_norm(*args, **kwargs)
+
+    with patch.object(F, "rms_norm", recording), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FusedRMSNorm(module)(x)
+        expected = module(x)
+    assert seen == [x_dtype != weight_dtype]
+    torch.testing.assert_close(
+        out.float(), expected.float(), rtol=1e-2 if torch.bfloat16 in dtypes else 1e-6, atol=1e-2
+    )

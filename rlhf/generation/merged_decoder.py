@@ -89,14 +89,23 @@ class FusedLinear:
 
 class FusedRMSNorm:
     """A Hugging Face ``*RMSNorm`` (``weight * x / rms(x)``) as one ``F.rms_norm`` call: one kernel where
-    PyTorch fuses it, instead of the module's cast, square, mean, rsqrt, two products and cast back. Equal
-    in float32; in bf16 the weight is applied before the single rounding (within one bf16 step)."""
+    PyTorch fuses it (CUDA), instead of the module's cast, square, mean, rsqrt, two products and cast back.
+    Equal in float32; in bf16 the weight is applied before the single rounding (within one bf16 step).
+
+    Called outside autocast when ``x`` and the weight share a dtype: CUDA autocast runs ``rms_norm`` in float32
+    (``AT_FORALL_FP32`` of ATen's ``autocast_mode.h``), which would add three kernels per norm to every decode
+    step (``x`` and the weight cast to float32, the float32 result cast back by the next matmul) for the same
+    once-rounded result: the fused kernel accumulates in float32 itself."""
 
     def __init__(self, norm: nn.Module) -> None:  # the weight is read from the module at each call
         self.norm, self.eps, self.shape = norm, norm.variance_epsilon, tuple(norm.weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.shape, self.norm.weight, self.eps)
+        weight = self.norm.weight
+        if x.dtype != weight.dtype:  # autocast (when on) picks the dtype, as for the module
+            return F.rms_norm(x, self.shape, weight, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, self.shape, weight, self.eps)
 
 
 def fused_norm(norm: nn.Module):
