@@ -184,3 +184,23 @@ def test_fused_rms_norm_leaves_autocast_only_where_its_dtypes_agree(dtypes):
     torch.testing.assert_close(
         out.float(), expected.float(), rtol=1e-2 if torch.bfloat16 in dtypes else 1e-6, atol=1e-2
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_matches_hugging_face(dtype):
+    """Three kernels (a product, a roll, an addcmul) for Hugging Face's rotate-half RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from rlhf.generation.attention import apply_rope, signed_sin
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 8, generator=gen).to(dtype), torch.randn(2, 2, 3, 8, generator=gen).to(dtype)
+    angles = torch.rand(2, 3, 4, generator=gen) * 6
+    cos, sin = (
+        torch.cat((angles, angles), -1).cos().to(dtype),
+        torch.cat((angles, angles), -1).sin().to(dtype),
+    )
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(apply_rope(q, cos, signed_sin(sin)), expected_q, **tolerance)
+    torch.testing.assert_close(apply_rope(k, cos, signed_sin(sin)), expected_k, **tolerance)

@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sine of RoPE [..., hd] with its first half negated, for :func:`apply_rope` (once per step)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the Hugging Face (rotate-half) layout. x [B, heads, T, hd], cos/sin [B, T, hd]."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face (rotate-half) layout: ``x * cos + rotate_half(x) * sin``, in three
+    kernels instead of five, since ``rotate_half(x) * sin == roll(x, hd / 2) * signed_sin(sin)`` (the halves
+    swapped, the sign moved onto the sine). x [B, heads, T, hd], cos and sin_signed [B, T, hd]."""
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos[:, None], rolled, sin_signed[:, None])
 
 
 def grouped_attention(

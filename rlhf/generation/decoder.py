@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from rlhf.generation.attention import apply_rope, grouped_attention
+from rlhf.generation.attention import apply_rope, grouped_attention, signed_sin
 from rlhf.generation.cache import StaticKVCache
 
 Module = Callable[[torch.Tensor], torch.Tensor]
@@ -127,8 +127,9 @@ class Decoder(ABC):
         cache.begin_step(positions, slots, self.windows, self.n_rep)
         h = self.embed(tokens)
         cos, sin = self.rope(h, positions.clamp(min=0))
+        sin_signed = signed_sin(sin)
         for index, layer in enumerate(self.layers):
-            h = h + self._attention(index, layer, layer.attention_norm(h), cos, sin, slots, cache)
+            h = h + self._attention(index, layer, layer.attention_norm(h), cos, sin_signed, slots, cache)
             out = layer.mlp(layer.mlp_norm(h))
             h = h + (out[0] if isinstance(out, tuple) else out)
         return self.head(h[:, -1])
@@ -139,22 +140,23 @@ class Decoder(ABC):
         layer: LayerParts,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        sin_signed: torch.Tensor,
         slots: torch.Tensor,
         cache: StaticKVCache,
     ) -> torch.Tensor:
-        """x [B, T, D] -> the attention block's output [B, T, D], through the cache of layer ``index``."""
+        """x [B, T, D] -> the attention block's output [B, T, D], through the cache of layer ``index``
+        (``sin_signed``: :func:`rlhf.generation.attention.signed_sin` of the RoPE sine)."""
         batch, n_new, _ = x.shape
         heads, kv_heads, head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
         if layer.qkv_proj is not None:  # one GEMM, then one RoPE pass over the q and k heads together
             qkv = layer.qkv_proj(x).view(batch, n_new, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin_signed)
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         else:
             q = layer.q_proj(x).view(batch, n_new, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
             k = layer.k_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
             v = layer.v_proj(x).view(batch, n_new, kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin_signed), apply_rope(k, cos, sin_signed)
         keys, values = cache.write(index, slots, k, v)  # [B, Hkv, S, hd]
         out = grouped_attention(q.to(keys.dtype), keys, values, cache.bias[layer.window], layer.scale)
         return layer.o_proj(out.transpose(1, 2).reshape(batch, n_new, heads * head_dim))
