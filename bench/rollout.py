@@ -109,7 +109,7 @@ def compute_ops_per_step(engine, batch: int) -> int:
                 CountOps.count += 1
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), CountOps():
+    with torch.no_grad(), engine.decoder.generating(), CountOps():
         engine._decode_step(batch)
     return CountOps.count
 
@@ -141,6 +141,7 @@ def step_profile(engine, batch: int) -> dict:
         with (
             torch.no_grad(),
             sdpa_backends(torch.device("cuda")),
+            engine.decoder.generating(),  # as inside a generation (the adapters' bf16 copies)
             profile(activities=[ProfilerActivity.CUDA]) as prof,
         ):
             engine._decode_step(batch)

@@ -4,6 +4,8 @@ by one ``addmm``; merging, saving and mixed-adapter batches as for vanilla LoRA.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -181,3 +183,69 @@ def test_the_stages_build_their_adapters_with_our_forward(tiny_llama, stage):
     assert all(bool(layer.cast_input_dtype_enabled) for layer in layers)  # PEFT's cast outside autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not any(bool(layer.cast_input_dtype_enabled) for layer in layers)
+
+
+def bf16_engine(model, copies: bool, **options):
+    """The rollout engine on ``model`` under bf16 autocast, reading bf16 copies of the adapters or not."""
+    from rlhf.generation.build import decoder_for
+    from rlhf.generation.engine import RolloutEngine
+
+    decoder = decoder_for(model)
+    if not copies:
+        decoder.generating = nullcontext  # the adapters' float32 weights, cast by autocast at every step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return RolloutEngine(decoder, max_batch_size=4, max_length=40, **options)
+
+
+def generate(engine, ids, seed: int = 0):
+    from rlhf.generation import SamplingConfig
+
+    sampling = SamplingConfig(
+        max_new_tokens=8, min_new_tokens=8, temperature=1.0, eos_token_id=2, pad_token_id=0
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return engine.generate(
+            ids, torch.ones_like(ids), sampling, generator=torch.Generator().manual_seed(seed)
+        )
+
+
+def rerun_capture(fn, pool):
+    """CUDA graph capture stood in for on CPU (as in test_generation_engine.py): replay re-runs the step."""
+    out = fn()
+    return lambda: out.copy_(fn()), out
+
+
+def test_the_engine_reads_bf16_copies_of_the_adapters_with_the_same_tokens_and_logprobs(tiny_llama):
+    ids = torch.randint(4, 200, (3, 6))
+    model = with_adapter(tiny_llama, True, torch.bfloat16).eval()
+    with_copies, without = generate(bf16_engine(model, True), ids), generate(bf16_engine(model, False), ids)
+    assert torch.equal(with_copies.response_ids, without.response_ids)
+    assert torch.equal(with_copies.logprobs, without.logprobs)  # the copies round as autocast's casts do
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert all(m._rlhf_rollout_copies[torch.bfloat16]["default"][0].dtype == torch.bfloat16 for m in layers)
+
+
+def test_the_copies_follow_in_place_updates_and_are_read_only_while_generating(tiny_llama):
+    ids = torch.randint(4, 200, (3, 6))
+    model = with_adapter(tiny_llama, True, torch.bfloat16).eval()
+    engine = bf16_engine(model, True, cuda_graphs=True, capture=rerun_capture)
+    generate(engine, ids)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    address = layer._rlhf_rollout_copies[torch.bfloat16]["default"][1].data_ptr()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)  # an optimizer step, in place
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # outside a generation: the live weights
+            logits = model(input_ids=ids).logits
+    updated = generate(engine, ids)
+    assert layer._rlhf_rollout_copies[torch.bfloat16]["default"][1].data_ptr() == address  # graphs stay valid
+    fresh = generate(bf16_engine(model, False, cuda_graphs=True, capture=rerun_capture), ids)  # same buckets
+    assert torch.equal(updated.response_ids, fresh.response_ids)
+    assert torch.equal(updated.logprobs, fresh.logprobs)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=ids).logits, logits)
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear):
+                layer.__dict__.pop("_rlhf_rollout_copies")  # gone: the same logits, so none were read
+        assert torch.equal(model(input_ids=ids).logits, logits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -76,6 +77,11 @@ class Decoder(ABC):
         """Bring weights the side keeps of its own up to date with the model (before each generation);
         nothing to do for a side that reads the model's own weights."""
         return None
+
+    def generating(self) -> AbstractContextManager:
+        """Entered around a generation's steps (prefill and decode, graph capture included), after
+        :meth:`refresh`; nothing for a side that needs no state there."""
+        return nullcontext()
 
     def sync(self, tokens: torch.Tensor) -> torch.Tensor:
         """Make every rank hold rank 0's sampled tokens [B] (identity on one process)."""

@@ -225,7 +225,7 @@ class RolloutEngine:
         ids = pad_rows(prompt_ids.to(device), batch, sampling.pad_token_id)
         mask = pad_rows(prompt_mask.to(device), batch, 0)
         decoder.refresh()
-        with sdpa_backends(device):
+        with sdpa_backends(device), decoder.generating():
             graph_key = self._graph_key(batch, device)
             self.cache.reset(batch)
             logits = self._prefill(ids, prompt_positions(mask))

@@ -13,10 +13,13 @@ left-padded row attends as it would unpadded.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
 from rlhf.generation.decoder import Decoder, LayerParts
+from rlhf.models.lora_forward import reading_rollout_copies, refresh_rollout_copies
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2")
 DATA_DEPENDENT = ("mixtral",)  # expert routing picks rows on the host: no CUDA graph
@@ -91,6 +94,20 @@ class HFDecoder(Decoder):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def refresh(self) -> None:
+        """Under autocast, the adapters' weights in its dtype for the steps to read
+        (:func:`rlhf.models.lora_forward.refresh_rollout_copies`): no cast of each adapter matrix at every
+        decode step. Without autocast PEFT computes the adapters in their own dtype: no copies."""
+        device_type = self.device.type
+        self._copies_dtype = None
+        if torch.is_autocast_enabled(device_type):
+            self._copies_dtype = torch.get_autocast_dtype(device_type)
+            refresh_rollout_copies(self.module, self._copies_dtype)
+
+    def generating(self) -> AbstractContextManager:
+        dtype = getattr(self, "_copies_dtype", None)
+        return reading_rollout_copies(dtype) if dtype is not None else nullcontext()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(tokens)

@@ -23,6 +23,7 @@ Dense models only (llama, mistral, qwen2): a mixture-of-experts layer has no sin
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,9 @@ class MergedLoraDecoder(HFDecoder):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(h))
+
+    def generating(self) -> AbstractContextManager:
+        return nullcontext()  # the steps read the merged copy, not the adapters
 
     def refresh(self) -> None:
         # outside any autocast of the caller: the deltas (B @ A) are formed in float32, as documented

@@ -19,14 +19,20 @@ The same function of the weights: in float32 equal to PEFT's forward up to float
 the product instead of its result), under bf16 autocast the sum is rounded once instead of three times
 (``tests/test_lora_forward.py``). LoRA dropout > 0 runs in the activations' dtype under autocast, as for an
 adapter PEFT keeps in that dtype. Adapters with ``lora_bias`` or another variant (DoRA, ...) keep PEFT's
-forward.
+forward, and so does an adapter whose weights DeepSpeed ZeRO-3 partitions (only its module call gathers them).
+
+For the rollout engine, :func:`refresh_rollout_copies` and :func:`reading_rollout_copies` keep the adapters'
+weights in autocast's dtype for its decode steps (see the comment above them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 
@@ -72,14 +78,24 @@ class FusedOutputLora(LoraVariant):
     def forward(
         module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        x = module.lora_dropout[active_adapter](x)  # x: already cast by PEFT where it casts
         scale = module.scaling[active_adapter]
-        h = lora_A(module.lora_dropout[active_adapter](x))  # x: already cast by PEFT where it casts
-        if result.dtype != h.dtype and not _autocast_on():
-            return result + lora_B(h) * scale  # e.g. a bf16 base with a float32 adapter: PEFT's sum
-        flat = result.reshape(-1, result.shape[-1])
-        out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), lora_B.weight.t(), alpha=scale)
-        return out.view(result.shape)
+        copies = module.__dict__.get(_COPIES, {}).get(_reading_copies) if _reading_copies else None
+        if copies and active_adapter in copies:  # the rollout engine's decode steps
+            a, b = copies[active_adapter]
+            return _add_product(result, F.linear(x, a), b, scale)
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        h = lora_A(x)  # called as a module, so its hooks run (DeepSpeed ZeRO-3 gathers its weight in one)
+        partitioned = hasattr(lora_B.weight, "ds_id")  # a ZeRO-3 shard: only the module call gathers it
+        if partitioned or (result.dtype != h.dtype and not _autocast_on()):
+            return result + lora_B(h) * scale  # PEFT's sum (also a bf16 base with a float32 adapter)
+        return _add_product(result, h, lora_B.weight, scale)
+
+
+def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``result + scale * h @ b.T`` as one ``addmm``: result [..., out], h [..., r], b [out, r]."""
+    flat = result.reshape(-1, result.shape[-1])
+    return torch.addmm(flat, h.reshape(-1, h.shape[-1]), b.t(), alpha=scale).view(result.shape)
 
 
 def use_fast_lora_forward(model: torch.nn.Module) -> int:
@@ -95,3 +111,49 @@ def use_fast_lora_forward(model: torch.nn.Module) -> int:
                 layer.lora_variant[name] = FusedOutputLora()
                 fused += 1
     return fused
+
+
+# The rollout engine's copies of the adapters' weights in its compute dtype (under --bf16: bf16 copies of the
+# float32 adapters). Under autocast each decode step would otherwise cast every adapter matrix again: two
+# kernels per adapted projection that a CUDA graph replays at every token (the graphs are captured without
+# autocast's weight-cast cache, so that an optimizer step's in-place update is seen). The copies are
+# refreshed in place before each generation and never reallocated (one set per dtype; new adapter weights
+# mean new parameters, which a captured graph's weight check refuses), so captured graphs read the new
+# values. They are read only inside :func:`reading_rollout_copies`: nothing else (training, the rollout's
+# other forwards) sees them. They round exactly as autocast's cast does: the same tokens and log-probs.
+_COPIES = "_rlhf_rollout_copies"  # layer attribute: {dtype: {adapter: (A, B)}}
+_reading_copies: torch.dtype | None = None
+
+
+def refresh_rollout_copies(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Copy every adapter with our forward whose weights are not in ``dtype`` to ``dtype`` (made on the
+    first call, updated in place after); return how many adapters have copies."""
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear):
+            continue
+        copies = layer.__dict__.setdefault(_COPIES, {}).setdefault(dtype, {})
+        for name in layer.lora_A:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if a.dtype == dtype or not isinstance(layer.lora_variant.get(name), FusedOutputLora):
+                continue
+            held = copies.get(name)
+            if held is None or held[0].shape != a.shape or held[0].device != a.device:
+                held = copies[name] = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
+            with torch.no_grad():
+                held[0].copy_(a)
+                held[1].copy_(b)
+            count += 1
+    return count
+
+
+@contextmanager
+def reading_rollout_copies(dtype: torch.dtype) -> Iterator[None]:
+    """Within: the adapters' forward reads the ``dtype`` copies :func:`refresh_rollout_copies` made (the
+    engine's generation, under autocast to ``dtype``)."""
+    global _reading_copies
+    before, _reading_copies = _reading_copies, dtype
+    try:
+        yield
+    finally:
+        _reading_copies = before
