@@ -39,6 +39,7 @@ def count(layers: int, merged: bool, bf16: bool, fast_forward: bool = True) -> i
     from rlhf.generation.base import SamplingConfig
     from rlhf.generation.hf_decoder import HFDecoder
     from rlhf.generation.merged_decoder import MergedLoraDecoder
+    from rlhf.models.fused_rms_norm import use_fused_rms_norm
     from rlhf.models.lora_forward import use_fast_lora_forward
 
     torch.manual_seed(0)
@@ -49,8 +50,9 @@ def count(layers: int, merged: bool, bf16: bool, fast_forward: bool = True) -> i
     base = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
     lora = LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, lora, adapter_name="actor").eval()
-    if fast_forward:
-        use_fast_lora_forward(model)  # as every stage builds its adapters
+    if fast_forward:  # as every stage builds its models
+        use_fast_lora_forward(model)
+        use_fused_rms_norm(model)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # PPO trains the adapter in float32 on a bf16 base
@@ -93,12 +95,12 @@ def main() -> None:
         "cache, as a CUDA graph is captured. Unmerged: our LoRA forward (`use_fast_lora_forward`, as every stage "
         "builds its adapters); PEFT's forward for comparison. A CUDA graph replays the same kernels, so beyond the "
         "weight reads a step costs roughly its kernel count times the GPU's per-kernel time. The CPU runs "
-        "`F.rms_norm` (the merged step's norms) as pow, mean, add, rsqrt and two products, where CUDA has one "
-        "fused kernel (`aten::_fused_rms_norm`, which also does the bf16 rows' float32 round trip, 2 casts "
-        "per norm here; the merged decoder calls it outside autocast, since CUDA autocast would run it in "
-        "float32 with 3 casts around it): on a GPU the merged step has 10 (float32) to 14 (bf16) kernels per "
-        "layer fewer than counted here. Hugging Face's RMSNorm modules (the unmerged step) are those six ops on any "
-        f"device. torch {torch.__version__}.\n\n{table}\n"
+        "`F.rms_norm` (every norm of ours and of the merged step: `rlhf/models/fused_rms_norm.py`) as pow, "
+        "mean, add, rsqrt and two products, where CUDA has one fused kernel (`aten::_fused_rms_norm`, which "
+        "also does the bf16 rows' float32 round trip, 2 casts per norm here; called outside autocast, since "
+        "CUDA autocast would run it in float32 with 3 casts around it): on a GPU those steps have 10 (float32) "
+        "to 14 (bf16) kernels per layer fewer than counted here. Hugging Face's RMSNorm modules (the PEFT rows) "
+        f"are those six ops on any device. torch {torch.__version__}.\n\n{table}\n"
     )
     print(text)
     update_section("decode-kernels-cpu", text)

@@ -13,7 +13,8 @@ model's own LoRA, :mod:`rlhf.tp.lora`) active on the base, every row sampling ex
   4 layers), fp32, 16 prompts of 32 tokens, 64 new tokens, one thread; section ``rollout-cpu``.
 
 On GPU the ``ours`` rows on the Hugging Face model run under bf16 autocast with our LoRA forward
-(:func:`rlhf.models.lora_forward.use_fast_lora_forward`), as ``run_ppo_with_peft.py --bf16`` samples; the
+(:mod:`rlhf.models.lora_forward`) and fused RMSNorm (:mod:`rlhf.models.fused_rms_norm`), as
+``run_ppo_with_peft.py --bf16`` samples; the
 ``hf-generate`` rows call ``generate`` on the bf16 model (PEFT's forward) without autocast, as a user would.
 
 Per implementation: ms per decode step ((time for N tokens - time for 1 token) / (N - 1)), tokens/s
@@ -59,7 +60,7 @@ IMPLS = [
 # GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
 LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "ours-merged-compiled@7b", "hf-generate@7b"]
 AUTOCAST_NOTE = (
-    ", the ours rows under bf16 autocast with our LoRA forward (use_fast_lora_forward), as run_ppo_with_peft.py"
+    ", the ours rows under bf16 autocast with our LoRA forward and fused RMSNorm, as run_ppo_with_peft.py"
     " --bf16 samples, the HF rows with PEFT's forward and without autocast"
 )
 LARGE_SHAPE = {"batch": 32, "prompt": 128, "new_tokens": 256, "dtype": "bfloat16", "repeats": 1}
@@ -181,6 +182,7 @@ def worker(name: str, workdir: Path) -> dict:
     from rlhf.generation import SamplingConfig
     from rlhf.generation.build import decoder_for
     from rlhf.generation.engine import RolloutEngine
+    from rlhf.models.fused_rms_norm import use_fused_rms_norm
     from rlhf.models.lora_forward import use_fast_lora_forward
 
     if name == "build-7b":
@@ -205,8 +207,9 @@ def worker(name: str, workdir: Path) -> dict:
             r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
         )
         model = get_peft_model(model, lora, adapter_name="actor").eval()
-        if name.startswith("ours"):
-            use_fast_lora_forward(model)  # as run_ppo_with_peft.py builds its models
+        if name.startswith("ours"):  # as run_ppo_with_peft.py builds its models
+            use_fast_lora_forward(model)
+            use_fused_rms_norm(model)
     config = AutoConfig.from_pretrained(model_dir)
     batch, prompt, new = shape["batch"], shape["prompt"], shape["new_tokens"]
     ids = torch.randint(4, config.vocab_size, (batch, prompt), device=device)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf.generation.hf_decoder import HFDecoder, unwrap
+from rlhf.models.fused_rms_norm import fused_rms_norm, is_plain_rms_norm
 
 logger = logging.getLogger(__name__)
 
@@ -89,30 +90,23 @@ class FusedLinear:
 
 
 class FusedRMSNorm:
-    """A Hugging Face ``*RMSNorm`` (``weight * x / rms(x)``) as one ``F.rms_norm`` call: one kernel where
-    PyTorch fuses it (CUDA), instead of the module's cast, square, mean, rsqrt, two products and cast back.
-    Equal in float32; in bf16 the weight is applied before the single rounding (within one bf16 step).
+    """A Hugging Face ``*RMSNorm`` as one ``F.rms_norm`` call outside autocast
+    (:func:`rlhf.models.fused_rms_norm.fused_rms_norm`; the module's own forward for an input in another dtype
+    than its weight). The weight is read from the module at each call."""
 
-    Called outside autocast when ``x`` and the weight share a dtype: CUDA autocast runs ``rms_norm`` in float32
-    (``AT_FORALL_FP32`` of ATen's ``autocast_mode.h``), which would add three kernels per norm to every decode
-    step (``x`` and the weight cast to float32, the float32 result cast back by the next matmul) for the same
-    once-rounded result: the fused kernel accumulates in float32 itself."""
-
-    def __init__(self, norm: nn.Module) -> None:  # the weight is read from the module at each call
-        self.norm, self.eps, self.shape = norm, norm.variance_epsilon, tuple(norm.weight.shape)
+    def __init__(self, norm: nn.Module) -> None:
+        self.norm, self.eps = norm, norm.variance_epsilon
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.norm.weight
         if x.dtype != weight.dtype:  # autocast (when on) picks the dtype, as for the module
-            return F.rms_norm(x, self.shape, weight, self.eps)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.rms_norm(x, self.shape, weight, self.eps)
+            return F.rms_norm(x, tuple(weight.shape), weight, self.eps)
+        return fused_rms_norm(x, weight, self.eps)
 
 
 def fused_norm(norm: nn.Module):
     """:class:`FusedRMSNorm` for the llama/mistral/qwen2 RMSNorm; any other norm is kept as it is."""
-    plain = type(norm).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
-    return FusedRMSNorm(norm) if plain and hasattr(norm, "variance_epsilon") else norm
+    return FusedRMSNorm(norm) if is_plain_rms_norm(norm) else norm
 
 
 class MergedMLP:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
+from rlhf.models.fused_rms_norm import use_fused_rms_norm
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
 from rlhf.ppo.batch import SequenceBatch
@@ -376,6 +377,7 @@ def build_peft_policy_models(
         merge_adapter=True,
     )
     base.requires_grad_(False)
+    use_fused_rms_norm(base)  # one F.rms_norm per norm (a fused kernel each way on CUDA), copies included
     hidden = base.config.hidden_size
     from_reward = critic_init == "reward" and reward_adapter is not None
     actor_full = copy.deepcopy(base).requires_grad_(True) if not actor.use_lora else None

@@ -15,6 +15,7 @@ from peft import PeftModel, TaskType, get_peft_model
 
 from rlhf.errors import CheckpointError
 from rlhf.models import is_adapter_dir
+from rlhf.models.fused_rms_norm import use_fused_rms_norm
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
 
@@ -59,6 +60,7 @@ def make_trainable(
     are far below one bf16 step of a weight, so a bf16 head would barely move. Full fine-tuning in bf16 stays
     bf16 (as ``transformers.Trainer`` trains a bf16 model).
     """
+    use_fused_rms_norm(model)  # one F.rms_norm per norm (a fused kernel each way on CUDA)
     if peft_path:
         if not is_adapter_dir(peft_path):
             raise CheckpointError(
