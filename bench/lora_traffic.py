@@ -103,7 +103,7 @@ def build(layers: int, adapter: bool, forward: str, dropout: float) -> torch.nn.
 
 
 def measure(layers: int, variant: str) -> tuple[Traffic, float]:
-    """One counted forward + backward, then the fastest of three timed ones."""
+    """One counted forward + backward, then the fastest of five timed ones."""
     model = build(layers, *VARIANTS[variant])
     ids = torch.randint(0, 256, (1, TOKENS))
 
@@ -115,14 +115,14 @@ def measure(layers: int, variant: str) -> tuple[Traffic, float]:
     with traffic:
         step()
     times = []
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     return traffic, min(times)
 
 
-def reading(adapter_bytes: dict[str, int]) -> str:
+def reading(adapter_bytes: dict[str, int], cpu_ms: dict[str, float]) -> str:
     def cut(variant: str, dropout: str) -> str:
         return f"{1 - adapter_bytes[f'{variant}, dropout {dropout}'] / adapter_bytes[f'PEFT, dropout {dropout}']:.0%}"
 
@@ -133,19 +133,24 @@ def reading(adapter_bytes: dict[str, int]) -> str:
         "is bit-identical at dropout 0; the fused add rounds the sum once instead of three times "
         "(`tests/test_lora_forward.py`). What remains of the adapter's cost: the dropout's pass over each "
         "projection's input, the input gradient's add, and its thin matmuls, memory-bound at this size; the "
-        "unmerged adapter's price in training.\n"
+        "unmerged adapter's price in training. CPU time per layer (no adapter "
+        f"{cpu_ms['no adapter']:,.0f} ms; PEFT / ours {cpu_ms['PEFT, dropout 0']:,.0f} / "
+        f"{cpu_ms['ours, dropout 0']:,.0f} ms at dropout 0, {cpu_ms['PEFT, dropout 0.05']:,.0f} / "
+        f"{cpu_ms['ours, dropout 0.05']:,.0f} ms at 0.05) is mostly the layer's matmuls on these two cores: the "
+        "memory-bound passes barely show there, unlike on a GPU, which streams those bytes from its memory.\n"
     )
 
 
 def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    rows, baseline, adapter_bytes = [], None, {}
+    rows, baseline, adapter_bytes, cpu_ms = [], None, {}, {}
     for variant in VARIANTS:
         (one, t1), (two, t2) = measure(1, variant), measure(2, variant)
         ops = two.ops - one.ops
         matmul, other = two.matmul_bytes - one.matmul_bytes, two.other_bytes - one.other_bytes
         baseline = baseline if baseline is not None else matmul + other
         adapter_bytes[variant] = matmul + other - baseline
+        cpu_ms[variant] = (t2 - t1) * 1e3
         at_scale = (matmul + other) * MINI_BATCH_TOKENS / TOKENS * LAYERS_1B
         rows.append([
             variant, str(ops), f"{matmul / 2**20:,.0f}", f"{other / 2**20:,.0f}",
@@ -167,8 +172,8 @@ def main() -> None:
         "the rest (the memory-bound passes); the adapter's: all bytes above the no-adapter row. The mini-batch "
         f"columns scale all bytes to one PPO mini-batch of the GPU suite ({MINI_BATCH_TOKENS:,} tokens, 22 "
         "layers) and divide by an H100's 3.35 TB/s: a floor for moving them, not a GPU timing. CPU ms: fastest "
-        f"of 3, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
-        + reading(adapter_bytes)
+        f"of 5, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
+        + reading(adapter_bytes, cpu_ms)
     )
     print(text)
     update_section("lora-traffic-cpu", text)
