@@ -40,6 +40,8 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rlhf.models.fused_rms_norm import fused_rms_norm
+
 
 @dataclass
 class ModelArgs:
@@ -93,12 +95,17 @@ def _local_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``, as Hugging Face's ``LlamaRMSNorm``; one fused ``F.rms_norm`` where ``x`` and the
+    weight share a dtype (:func:`rlhf.models.fused_rms_norm.fused_rms_norm`: one CUDA kernel each way)."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return fused_rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
