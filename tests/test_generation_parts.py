@@ -191,7 +191,7 @@ def test_apply_rope_matches_hugging_face(dtype):
     """Three kernels (a product, a roll, an addcmul) for Hugging Face's rotate-half RoPE."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from rlhf.generation.attention import apply_rope, signed_sin
+    from rlhf.models.rope import apply_rope, signed_sin
 
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 3, 8, generator=gen).to(dtype), torch.randn(2, 2, 3, 8, generator=gen).to(dtype)

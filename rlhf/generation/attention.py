@@ -1,4 +1,5 @@
-"""Attention over the static cache: RoPE, grouped-query attention without copying keys, the SDPA backends.
+"""Attention over the static cache: grouped-query attention without copying keys, the SDPA backends (RoPE:
+:mod:`rlhf.models.rope`).
 
 Shapes: ``B`` rows, ``H`` query heads, ``Hkv`` key-value heads (``n_rep = H / Hkv`` query heads share one),
 ``T`` new tokens, ``S`` cache slots, ``hd`` head dim.
@@ -11,20 +12,6 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """The sine of RoPE [..., hd] with its first half negated, for :func:`apply_rope` (once per step)."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the Hugging Face (rotate-half) layout: ``x * cos + rotate_half(x) * sin``, in three
-    kernels instead of five, since ``rotate_half(x) * sin == roll(x, hd / 2) * signed_sin(sin)`` (the halves
-    swapped, the sign moved onto the sine). x [B, heads, T, hd], cos and sin_signed [B, T, hd]."""
-    rolled = x.roll(x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos[:, None], rolled, sin_signed[:, None])
 
 
 def grouped_attention(

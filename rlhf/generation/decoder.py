@@ -20,8 +20,9 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from rlhf.generation.attention import apply_rope, grouped_attention, signed_sin
+from rlhf.generation.attention import grouped_attention
 from rlhf.generation.cache import StaticKVCache
+from rlhf.models.rope import apply_rope, signed_sin
 
 Module = Callable[[torch.Tensor], torch.Tensor]
 
@@ -151,7 +152,7 @@ class Decoder(ABC):
         cache: StaticKVCache,
     ) -> torch.Tensor:
         """x [B, T, D] -> the attention block's output [B, T, D], through the cache of layer ``index``
-        (``sin_signed``: :func:`rlhf.generation.attention.signed_sin` of the RoPE sine)."""
+        (``sin_signed``: :func:`rlhf.models.rope.signed_sin` of the RoPE sine)."""
         batch, n_new, _ = x.shape
         heads, kv_heads, head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
         if layer.qkv_proj is not None:  # one GEMM, then one RoPE pass over the q and k heads together

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlhf.models.fused_rms_norm import fused_rms_norm
+from rlhf.models.rope import apply_rope, signed_sin
 
 
 @dataclass
@@ -134,16 +135,6 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, hd), cos/sin (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -171,16 +162,17 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        sin_signed: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """x (B, T, D), cos/sin (B, 1, T, hd), mask (B, 1, T, T) bool (True = attend) -> (B, T, D)."""
+        """x (B, T, D), cos and sin_signed (B, 1, T, hd; :func:`rlhf.models.rope.signed_sin` of the sine), mask
+        (B, 1, T, T) bool (True = attend) -> (B, T, D)."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq = apply_rotary_emb(xq.transpose(1, 2), cos, sin)  # (B, H, T, hd)
-        xk = apply_rotary_emb(xk.transpose(1, 2), cos, sin).transpose(1, 2)  # (B, T, Hkv, hd)
+        xq = apply_rope(xq.transpose(1, 2), cos, sin_signed)  # (B, H, T, hd)
+        xk = apply_rope(xk.transpose(1, 2), cos, sin_signed).transpose(1, 2)  # (B, T, Hkv, hd)
         keys = xk.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)  # (B, H, S, hd)
         values = xv.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
         output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)  # (B, H, T, hd)
@@ -263,9 +255,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.window = args.sliding_window if args.uses_sliding_window(layer_id) else None
 
-    def forward(self, x, cos, sin, masks):
+    def forward(self, x, cos, sin_signed, masks):
         mask = masks[self.window]
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin_signed, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -330,14 +322,14 @@ class Transformer(nn.Module):
         freqs = positions[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        cos, sin_signed = emb.cos().to(h.dtype), signed_sin(emb.sin().to(h.dtype))  # RoPE: 3 kernels per use
         masks = attention_masks(attention_mask, seqlen, self.windows)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:  # keep each block's input only; the backward recomputes the rest
-                h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin_signed, masks, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, masks)
+                h = layer(h, cos, sin_signed, masks)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
