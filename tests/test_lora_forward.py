@@ -249,3 +249,60 @@ def test_the_copies_follow_in_place_updates_and_are_read_only_while_generating(t
             if isinstance(layer, LoraLinear):
                 layer.__dict__.pop("_rlhf_rollout_copies")  # gone: the same logits, so none were read
         assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_unmerge_restores_the_base_weight_in_place(tiny_llama):
+    model = with_adapter(tiny_llama, True).eval()
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    weight = layer.base_layer.weight
+    address, before = weight.data_ptr(), weight.detach().clone()
+    model.merge_adapter()
+    assert not torch.allclose(weight, before)
+    model.unmerge_adapter()
+    assert layer.base_layer.weight.data_ptr() == address  # a captured graph's weights stay where they were
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=0, atol=1e-6)
+
+
+def test_copies_of_adapters_cast_to_the_rollout_dtype_since_are_dropped(tiny_llama):
+    from rlhf.models.lora_forward import reading_rollout_copies, refresh_rollout_copies
+
+    ids = torch.randint(4, 200, (2, 6))
+    model = with_adapter(tiny_llama, True, torch.bfloat16).eval()
+    assert refresh_rollout_copies(model, torch.bfloat16) == PROJECTIONS
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = (param.data * -2.0).bfloat16()  # new values, now in the rollout's dtype
+    assert refresh_rollout_copies(model, torch.bfloat16) == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live = model(input_ids=ids).logits
+        with reading_rollout_copies(torch.bfloat16):
+            assert torch.equal(model(input_ids=ids).logits, live)  # no old copy read
+
+
+def test_under_fsdp_the_adapter_weights_are_used_through_their_modules(tiny_llama, monkeypatch):
+    """FSDP wraps (FSDP1) or swaps the class of (FSDP2) each trainable leaf, as PEFT's auto-wrap policy asks:
+    a weight is only gathered when its module is called, so our forward calls lora_B there."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + torch.randint(0, 2000, ()).item()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ids = torch.randint(4, 200, (2, 6))
+        losses = []
+        for fast in (False, True):
+            model = with_adapter(tiny_llama, fast)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+                    fully_shard(module)
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    finally:
+        dist.destroy_process_group()

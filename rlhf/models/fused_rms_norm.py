@@ -29,6 +29,10 @@ FAMILIES = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / rms(x)`` over the last dimension, as one ``F.rms_norm`` outside autocast (``x`` and
     ``weight`` in one dtype)."""
+    if x.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(x.device.type):
+        return F.rms_norm(
+            x, tuple(weight.shape), weight, eps
+        )  # nothing to leave (or no autocast there: meta)
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, tuple(weight.shape), weight, eps)
 

@@ -68,28 +68,46 @@ class FusedOutputLora(LoraVariant):
 
     @staticmethod
     def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+        orig_weight.data += module.get_delta_weight(active_adapter)  # as PEFT's vanilla merge
 
     @staticmethod
     def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+        orig_weight.data -= module.get_delta_weight(active_adapter).to(
+            orig_weight.dtype
+        )  # in place: same tensor
+        return orig_weight.data
 
     @staticmethod
     def forward(
         module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        x = module.lora_dropout[active_adapter](x)  # x: already cast by PEFT where it casts
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
+        if not autocast and x.dtype != lora_A.weight.dtype:
+            x = x.to(
+                lora_A.weight.dtype
+            )  # PEFT's cast, where our switch skipped it for another device's autocast
+        x = module.lora_dropout[active_adapter](x)
         scale = module.scaling[active_adapter]
         copies = module.__dict__.get(_COPIES, {}).get(_reading_copies) if _reading_copies else None
         if copies and active_adapter in copies:  # the rollout engine's decode steps
             a, b = copies[active_adapter]
             return _add_product(result, F.linear(x, a), b, scale)
-        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        h = lora_A(x)  # called as a module, so its hooks run (DeepSpeed ZeRO-3 gathers its weight in one)
-        partitioned = hasattr(lora_B.weight, "ds_id")  # a ZeRO-3 shard: only the module call gathers it
-        if partitioned or (result.dtype != h.dtype and not _autocast_on()):
+        h = lora_A(x)  # called as a module, so its hooks run
+        if not _plain_linear(lora_B) or (result.dtype != h.dtype and not autocast):
             return result + lora_B(h) * scale  # PEFT's sum (also a bf16 base with a float32 adapter)
         return _add_product(result, h, lora_B.weight, scale)
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight is all there without calling it: not wrapped or swapped by FSDP (FSDP1
+    wraps it, FSDP2 changes its class), no hooks (DeepSpeed ZeRO-3 gathers a partitioned weight in one)."""
+    return (
+        type(module) is torch.nn.Linear
+        and not module._forward_pre_hooks
+        and not module._forward_hooks
+        and not hasattr(module.weight, "ds_id")
+    )
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -122,7 +140,7 @@ def use_fast_lora_forward(model: torch.nn.Module) -> int:
 # values. They are read only inside :func:`reading_rollout_copies`: nothing else (training, the rollout's
 # other forwards) sees them. They round exactly as autocast's cast does: the same tokens and log-probs.
 _COPIES = "_rlhf_rollout_copies"  # layer attribute: {dtype: {adapter: (A, B)}}
-_reading_copies: torch.dtype | None = None
+_reading_copies: torch.dtype | None = None  # process-wide (autocast is per thread): one generation at a time
 
 
 def refresh_rollout_copies(model: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -136,6 +154,9 @@ def refresh_rollout_copies(model: torch.nn.Module, dtype: torch.dtype) -> int:
         for name in layer.lora_A:
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             if a.dtype == dtype or not isinstance(layer.lora_variant.get(name), FusedOutputLora):
+                copies.pop(
+                    name, None
+                )  # e.g. adapters cast to ``dtype`` since: an older copy must not be read
                 continue
             held = copies.get(name)
             if held is None or held[0].shape != a.shape or held[0].device != a.device:
