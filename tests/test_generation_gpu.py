@@ -3,10 +3,13 @@
 Run with ``pytest -m gpu tests/test_generation_gpu.py`` on a CUDA machine (all passed on an H200,
 2026-11-27). The CPU tests cover the same logic eagerly (and the graph bookkeeping with a capture that
 re-runs the step); these check what only real graphs can break: replays that read the
-live weights, a new graph per adapter state, the stale-weight guard, and identical tokens to eager steps.
+live weights, a new graph per adapter state, the stale-weight guard, identical tokens to eager steps, and the
+model PPO builds under bf16 autocast (our LoRA forward and its bf16 adapter copies, fused RMSNorm).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -125,3 +128,67 @@ def test_merged_graphs_in_bf16_replay_the_eager_merged_steps(tiny_model_factory)
     out = graphed.generate(ids, mask, greedy())
     assert graphed.graphs is not None
     assert torch.equal(out.response_ids, eager.generate(ids, mask, greedy()).response_ids)
+
+
+def as_ppo_builds(tiny_model_factory):
+    """A bf16 base with a float32 adapter, our LoRA forward and fused RMSNorm: the model PPO samples from and
+    trains under ``--bf16`` (bf16 autocast)."""
+    from rlhf.models.fused_rms_norm import use_fused_rms_norm
+    from rlhf.models.lora_forward import use_fast_lora_forward
+
+    model, ids, mask = cuda_model(tiny_model_factory)
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16()
+    use_fast_lora_forward(model)
+    use_fused_rms_norm(model)
+    return model, ids, mask
+
+
+def test_ppo_built_model_replays_graphs_with_the_adapters_bf16_copies(tiny_model_factory):
+    """Under bf16 autocast the decode graphs read the engine's bf16 copies of the float32 adapters: the
+    same tokens and log-probs as eager steps with and without the copies, and in-place updates seen."""
+    model, ids, mask = as_ppo_builds(tiny_model_factory)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=0.9)
+
+    def run(engine_: RolloutEngine):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return engine_.generate(ids, mask, sampling, generator=torch.Generator("cuda").manual_seed(0))
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed, eager, uncopied = engine(model), engine(model, graphs=False), engine(model, graphs=False)
+    uncopied.decoder.generating = nullcontext  # autocast casts the float32 adapters at every step
+    out = run(graphed)
+    assert graphed.graphs is not None and len(graphed.graphs.graphs) == 1
+    for other in (run(eager), run(uncopied)):
+        assert torch.equal(out.response_ids, other.response_ids)
+        torch.testing.assert_close(out.logprobs, other.logprobs, atol=1e-3, rtol=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)  # an optimizer step: in place
+    updated = run(graphed)
+    assert torch.equal(updated.response_ids, run(eager).response_ids)
+    assert not torch.equal(updated.response_ids, out.response_ids)
+
+
+def test_ppo_built_model_trains_as_peft_and_hugging_face_under_bf16_autocast(tiny_model_factory):
+    """One forward and backward under CUDA bf16 autocast: our LoRA forward (addmm) and fused RMSNorm (the
+    fused CUDA kernels) against PEFT's forward and Hugging Face's RMSNorm on the same weights."""
+    ours, ids, mask = as_ppo_builds(tiny_model_factory)
+    theirs, _, _ = cuda_model(tiny_model_factory)
+    theirs.load_state_dict(ours.state_dict())
+    for name, param in theirs.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16()
+    results = []
+    for model in (ours, theirs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grads = torch.cat(
+            [p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.grad is not None]
+        )
+        results.append((loss.detach().float(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=0)
+    assert torch.nn.functional.cosine_similarity(results[0][1], results[1][1], dim=0) > 0.99
