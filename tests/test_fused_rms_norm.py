@@ -43,11 +43,11 @@ def test_values_and_gradients_equal_the_module_in_float32():
 
 def test_in_bf16_within_one_rounding_of_the_module():
     plain, fused = norm_pair(torch.bfloat16)
-    x = torch.randn(4, 32).bfloat16()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
     out, expected = fused(x), plain(x)
     assert out.dtype == torch.bfloat16
-    # the module rounds x / rms(x) to bf16 before the weight; the fused call rounds once, at the end
-    assert ((out.float() - expected.float()).abs() <= 2 * 2**-8 * expected.float().abs() + 1e-6).all()
+    # the module rounds x / rms(x) to bf16 before the weight, then the product; the fused call rounds once
+    assert ((out.float() - expected.float()).abs() <= 3 * 2**-8 * expected.float().abs()).all()
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])

@@ -26,10 +26,12 @@ pytestmark = [
 ]
 
 
-def cuda_model(tiny_model_factory, family: str = "llama", dtype: torch.dtype = torch.float32):
+def cuda_model(
+    tiny_model_factory, family: str = "llama", dtype: torch.dtype = torch.float32, copies: int = 3
+):
     model_dir = tiny_model_factory(family)
     model = with_lora(model_dir).to(device="cuda", dtype=dtype)
-    ids, mask = left_padded(model_dir, PROMPTS * 3)
+    ids, mask = left_padded(model_dir, PROMPTS * copies)
     return model, ids.cuda(), mask.cuda()
 
 
@@ -136,7 +138,7 @@ def as_ppo_builds(tiny_model_factory):
     from rlhf.models.fused_rms_norm import use_fused_rms_norm
     from rlhf.models.lora_forward import use_fast_lora_forward
 
-    model, ids, mask = cuda_model(tiny_model_factory)
+    model, ids, mask = cuda_model(tiny_model_factory, copies=4)  # 16 rows: a full bucket, no padded rows
     for name, param in model.named_parameters():
         if "lora_" not in name:
             param.data = param.data.bfloat16()
@@ -176,11 +178,14 @@ def test_ppo_built_model_trains_as_peft_and_hugging_face_under_bf16_autocast(tin
     """One forward and backward under CUDA bf16 autocast: our LoRA forward (addmm) and fused RMSNorm (the
     fused CUDA kernels) against PEFT's forward and Hugging Face's RMSNorm on the same weights."""
     ours, ids, mask = as_ppo_builds(tiny_model_factory)
-    theirs, _, _ = cuda_model(tiny_model_factory)
+    theirs, _, _ = cuda_model(tiny_model_factory, copies=4)
     theirs.load_state_dict(ours.state_dict())
     for name, param in theirs.named_parameters():
         if "lora_" not in name:
             param.data = param.data.bfloat16()
+    for model in (ours, theirs):  # the norms' weight gradients too (full fine-tuning trains them)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name or "norm" in name)
     results = []
     for model in (ours, theirs):
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -280,15 +280,13 @@ def test_copies_of_adapters_cast_to_the_rollout_dtype_since_are_dropped(tiny_lla
             assert torch.equal(model(input_ids=ids).logits, live)  # no old copy read
 
 
-def test_under_fsdp_the_adapter_weights_are_used_through_their_modules(tiny_llama, monkeypatch):
+def test_under_fsdp_the_adapter_weights_are_used_through_their_modules(tiny_llama, tmp_path):
     """FSDP wraps (FSDP1) or swaps the class of (FSDP2) each trainable leaf, as PEFT's auto-wrap policy asks:
     a weight is only gathered when its module is called, so our forward calls lora_B there."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29500 + torch.randint(0, 2000, ()).item()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ids = torch.randint(4, 200, (2, 6))
         losses = []
@@ -306,3 +304,24 @@ def test_under_fsdp_the_adapter_weights_are_used_through_their_modules(tiny_llam
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_users_choice_not_to_cast_the_input_is_kept(tiny_llama):
+    from peft.helpers import disable_input_dtype_casting
+
+    model = with_adapter(tiny_llama, False)
+    with disable_input_dtype_casting(model):
+        use_fast_lora_forward(model)
+        assert all(m.cast_input_dtype_enabled is False for m in model.modules() if isinstance(m, LoraLinear))
+    assert all(bool(m.cast_input_dtype_enabled) for m in model.modules() if isinstance(m, LoraLinear))
+
+
+def test_the_rollout_copies_are_not_read_by_forwards_with_gradients(tiny_llama):
+    from rlhf.models.lora_forward import reading_rollout_copies, refresh_rollout_copies
+
+    model = with_adapter(tiny_llama, True, torch.bfloat16)
+    refresh_rollout_copies(model, torch.bfloat16)
+    ids = torch.randint(4, 200, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16), reading_rollout_copies(torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

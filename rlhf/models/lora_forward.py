@@ -13,7 +13,7 @@ over the layer's output. In a training step those passes move more bytes than th
 - compute ``W x + s * (h @ B^T)`` as one ``addmm`` on the base output (the scale as the matmul's ``alpha``):
   no separate product, scale or add over ``[tokens, out]``, in the forward or the backward. It is a PEFT
   :class:`~peft.tuners.lora.layer.LoraVariant` of its own, so merging, unmerging, mixed-adapter batches and
-  saving behave as for vanilla LoRA.
+  saving behave as for vanilla LoRA (to rounding: the sum is rounded once).
 
 The same function of the weights: in float32 equal to PEFT's forward up to float rounding (``s`` applied to
 the product instead of its result), under bf16 autocast the sum is rounded once instead of three times
@@ -83,14 +83,16 @@ class FusedOutputLora(LoraVariant):
     ) -> torch.Tensor:
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
-        if not autocast and x.dtype != lora_A.weight.dtype:
+        casts = module.cast_input_dtype_enabled is not False  # a user's False (PEFT's switch) is kept
+        if casts and not autocast and x.dtype != lora_A.weight.dtype:
             x = x.to(
                 lora_A.weight.dtype
             )  # PEFT's cast, where our switch skipped it for another device's autocast
         x = module.lora_dropout[active_adapter](x)
         scale = module.scaling[active_adapter]
-        copies = module.__dict__.get(_COPIES, {}).get(_reading_copies) if _reading_copies else None
-        if copies and active_adapter in copies:  # the rollout engine's decode steps
+        reading = _reading_copies is not None and autocast and not torch.is_grad_enabled()
+        copies = module.__dict__.get(_COPIES, {}).get(_reading_copies) if reading else None
+        if copies and active_adapter in copies:  # the rollout engine's decode steps (no gradients, autocast)
             a, b = copies[active_adapter]
             return _add_product(result, F.linear(x, a), b, scale)
         h = lora_A(x)  # called as a module, so its hooks run
@@ -106,6 +108,8 @@ def _plain_linear(module: torch.nn.Module) -> bool:
         type(module) is torch.nn.Linear
         and not module._forward_pre_hooks
         and not module._forward_hooks
+        and "forward" not in module.__dict__  # Accelerate's offload hooks replace the forward
+        and not hasattr(module, "_hf_hook")
         and not hasattr(module.weight, "ds_id")
     )
 
@@ -123,7 +127,8 @@ def use_fast_lora_forward(model: torch.nn.Module) -> int:
     for layer in model.modules():
         if not isinstance(layer, LoraLinear):
             continue
-        layer.cast_input_dtype_enabled = _CAST_OUTSIDE_AUTOCAST
+        if layer.cast_input_dtype_enabled is not False:  # a user's False is kept
+            layer.cast_input_dtype_enabled = _CAST_OUTSIDE_AUTOCAST
         for name in layer.lora_A:
             if name not in layer.lora_variant and not layer.lora_bias.get(name, False):  # vanilla LoRA
                 layer.lora_variant[name] = FusedOutputLora()
