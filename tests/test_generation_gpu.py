@@ -35,6 +35,14 @@ def cuda_model(
     return model, ids.cuda(), mask.cuda()
 
 
+def flip_adapters_in_place(model) -> None:
+    """An optimizer step's stand-in: every LoRA B times -3, in place (the tensors keep their addresses)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)
+
+
 def engine(model, graphs: bool | None = None) -> RolloutEngine:
     return RolloutEngine(decoder_for(model), max_batch_size=16, max_length=64, cuda_graphs=graphs)
 
@@ -108,10 +116,7 @@ def test_merged_and_compiled_steps_replay_as_graphs(tiny_model_factory, merge_lo
     eager = engine(model, graphs=False).generate(ids, mask, greedy())
     assert torch.equal(out.response_ids, eager.response_ids)
     torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-4, rtol=0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(-3.0)  # an optimizer step: in place
+    flip_adapters_in_place(model)
     updated = graphed.generate(ids, mask, greedy())
     assert torch.equal(
         updated.response_ids, engine(model, graphs=False).generate(ids, mask, greedy()).response_ids
@@ -165,10 +170,7 @@ def test_ppo_built_model_replays_graphs_with_the_adapters_bf16_copies(tiny_model
     for other in (run(eager), run(uncopied)):
         assert torch.equal(out.response_ids, other.response_ids)
         torch.testing.assert_close(out.logprobs, other.logprobs, atol=1e-3, rtol=0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(-3.0)  # an optimizer step: in place
+    flip_adapters_in_place(model)
     updated = run(graphed)
     assert torch.equal(updated.response_ids, run(eager).response_ids)
     assert not torch.equal(updated.response_ids, out.response_ids)
