@@ -16,6 +16,8 @@
 #     bash bench/gpu_session.sh enginetests rollout ppo                       # first call, ~8.5 minutes
 #   SFT_S=200 bash bench/gpu_session.sh sft                                  # second call, ~3.5 minutes
 #   # time left: PPO_ROWS=ours-large,trl-ppo ... ppo; ROLLOUT_ROWS=hf-generate-static-cache,ours-tp,... rollout
+#   # where a PPO step's time goes (--profile_step: matmul / attention / other in the row's JSON line):
+#   # PPO_ROWS=ours-gae-fast-profile ... ppo
 #
 # Issue 13 closes only with its whole table from one run: ours (the fastest variant), hf-generate,
 # hf-generate-static-cache and the 7B rows (e.g. ours-merged-compiled@7b, hf-generate@7b); if the first

@@ -193,7 +193,10 @@ def ours(
     run_ppo_with_peft.main(argv)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     step = samples / per_step([r["samples_per_s"] for r in rows])  # end to end, logging included
+    profiled = sorted((out / "profile").glob("step_*.txt")) if (out / "profile").is_dir() else []
     return {
+        # --profile_step's device time by kind of kernel (its file's first lines), into this row's JSON line
+        **({"profile": profiled[0].read_text().splitlines()[:4]} if profiled else {}),
         "rollout_s": per_step([r["time/rollout_s"] for r in rows]),
         "generate_s": per_step([r["time/generate_per_rollout_s"] for r in rows]),
         "loop_peak_gb": rows[-1].get("memory/peak_gb"),  # the loop's own metric (GPU only)

@@ -484,3 +484,25 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
         in err
     )
     assert run_ppo_with_peft.main([*argv, "--max_steps", "2"])["step"] == 2  # a longer run: resumed
+
+
+def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_llama, tmp_path):
+    from rlhf.ppo.profiling import kind_of
+
+    assert [kind_of(n) for n in ("aten::addmm", "sm90_xmma_gemm_bf16", "fmha_cutlassF", "aten::mul")] == [
+        "matmul", "matmul", "attention", "other",
+    ]  # fmt: skip
+    out = tmp_path / "profiled"
+    run_ppo_with_peft.main([
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--max_steps", "3",
+        "--save_steps", "100", "--disable_tqdm", "true", "--profile_step", "3",
+    ])  # fmt: skip
+    assert sorted(p.name for p in (out / "profile").iterdir()) == ["step_3.json", "step_3.txt"]
+    summary = (out / "profile" / "step_3.txt").read_text()
+    shares = {line.split()[0]: float(line.split()[1]) for line in summary.splitlines()[1:4]}
+    assert shares.keys() == {"matmul", "attention", "other"} and shares["matmul"] > 0
+    assert "Self CPU" in summary  # the operator table
+    trace = (out / "profile" / "step_3.json").read_text()
+    assert "ppo/rollout" in trace and "ppo/mini_batch" in trace  # step 3 collects its rollout

@@ -212,6 +212,11 @@ class PPOTrainingArguments:
     )
     ddp_timeout: int = field(default=1800, metadata={"help": "Process-group timeout in seconds."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    profile_step: int = field(
+        default=0,
+        metadata={"help": "Profile optimizer step N with torch.profiler (0: none): a Chrome trace and a summary of "
+                  "device time by kind of kernel under --output_dir/profile/ (rlhf/ppo/profiling.py)."},
+    )  # fmt: skip
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute each decoder layer in the actor and critic updates' backward (non-reentrant; "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from rlhf.backend import Backend
@@ -46,6 +47,7 @@ from rlhf.ppo.memory import (
 )
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
+from rlhf.ppo.profiling import StepProfiler
 from rlhf.ppo.rewards import Scorer
 from rlhf.ppo.stats import explained_variance
 
@@ -288,26 +290,34 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         total=s.total_steps, initial=state.step, desc="ppo", disable=not backend.is_main or args.disable_tqdm
     )
     # a stop signal (Ctrl-C, SIGTERM) ends the loop after the step in flight and a checkpoint (rlhf/interruption.py)
+    profiler = StepProfiler(args.profile_step, output_dir, backend.device, backend.is_main)
     with StopSignals() as stop, progress:
         while state.step < s.total_steps:
+            profiler.before(state.step + 1)
             if buffer is None or buffer.exhausted:
-                buffer = collect_rollout(s, state, metrics)  # steps 1-5
+                with record_function("ppo/rollout"):  # a label in --profile_step's trace
+                    buffer = collect_rollout(s, state, metrics)  # steps 1-5
 
             # 6. PPO epochs over mini-batches; an optimizer step every `gradient_accumulation_steps` of them.
             s.models.train(True)
             start = time.perf_counter()
-            metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
+            with record_function("ppo/mini_batch"):
+                metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
             state.micro_steps += 1
             if state.micro_steps < args.gradient_accumulation_steps:
                 metrics.add({"time/train_s": time.perf_counter() - start})
                 continue
-            norms = backend.step(s.optimizers, s.schedulers, s.models.parameter_groups(), args.max_grad_norm)
+            with record_function("ppo/optimizer_step"):
+                norms = backend.step(
+                    s.optimizers, s.schedulers, s.models.parameter_groups(), args.max_grad_norm
+                )
             state.step, state.micro_steps = state.step + 1, 0
             metrics.add(
                 {"time/train_s": time.perf_counter() - start}
                 | {f"grad_norm/{k}": v for k, v in norms.items()}
             )
             progress.update(1)
+            profiler.after(state.step)
             if state.step == first_step:
                 log_peak_memory(backend.device, state.step)
 
