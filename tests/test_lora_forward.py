@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from test_generation_engine import rerun_capture
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -207,12 +208,6 @@ def generate(engine, ids, seed: int = 0):
         return engine.generate(
             ids, torch.ones_like(ids), sampling, generator=torch.Generator().manual_seed(seed)
         )
-
-
-def rerun_capture(fn, pool):
-    """CUDA graph capture stood in for on CPU (as in test_generation_engine.py): replay re-runs the step."""
-    out = fn()
-    return lambda: out.copy_(fn()), out
 
 
 def test_the_engine_reads_bf16_copies_of_the_adapters_with_the_same_tokens_and_logprobs(tiny_llama):

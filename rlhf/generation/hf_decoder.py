@@ -94,19 +94,20 @@ class HFDecoder(Decoder):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self._copies_dtype: torch.dtype | None = None  # autocast's dtype at the last refresh
 
     def refresh(self) -> None:
         """Under autocast, the adapters' weights in its dtype for the steps to read
         (:func:`rlhf.models.lora_forward.refresh_rollout_copies`): no cast of each adapter matrix at every
         decode step. Without autocast PEFT computes the adapters in their own dtype: no copies."""
         device_type = self.device.type
-        self._copies_dtype = None
-        if torch.is_autocast_enabled(device_type):
-            self._copies_dtype = torch.get_autocast_dtype(device_type)
+        autocast = torch.is_autocast_enabled(device_type)
+        self._copies_dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        if self._copies_dtype is not None:
             refresh_rollout_copies(self.module, self._copies_dtype)
 
     def generating(self) -> AbstractContextManager:
-        dtype = getattr(self, "_copies_dtype", None)
+        dtype = self._copies_dtype
         return reading_rollout_copies(dtype) if dtype is not None else nullcontext()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

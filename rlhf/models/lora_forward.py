@@ -37,8 +37,11 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 
 
-def _autocast_on() -> bool:
-    return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+def _autocast_on(device_type: str | None = None) -> bool:
+    """Whether autocast is on for ``device_type`` (``None``: for CUDA or the CPU)."""
+    if device_type is None:
+        return _autocast_on("cuda") or _autocast_on("cpu")
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
 
 
 class _CastOutsideAutocast:
@@ -72,9 +75,8 @@ class FusedOutputLora(LoraVariant):
 
     @staticmethod
     def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        orig_weight.data -= module.get_delta_weight(active_adapter).to(
-            orig_weight.dtype
-        )  # in place: same tensor
+        # in place: the weight keeps its address (a captured CUDA graph reads it there)
+        orig_weight.data -= module.get_delta_weight(active_adapter).to(orig_weight.dtype)
         return orig_weight.data
 
     @staticmethod
@@ -82,12 +84,11 @@ class FusedOutputLora(LoraVariant):
         module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
+        autocast = _autocast_on(x.device.type)
         casts = module.cast_input_dtype_enabled is not False  # a user's False (PEFT's switch) is kept
         if casts and not autocast and x.dtype != lora_A.weight.dtype:
-            x = x.to(
-                lora_A.weight.dtype
-            )  # PEFT's cast, where our switch skipped it for another device's autocast
+            # PEFT's cast, where our switch skipped it for another device's autocast
+            x = x.to(lora_A.weight.dtype)
         x = module.lora_dropout[active_adapter](x)
         scale = module.scaling[active_adapter]
         reading = _reading_copies is not None and autocast and not torch.is_grad_enabled()
@@ -159,9 +160,8 @@ def refresh_rollout_copies(model: torch.nn.Module, dtype: torch.dtype) -> int:
         for name in layer.lora_A:
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             if a.dtype == dtype or not isinstance(layer.lora_variant.get(name), FusedOutputLora):
-                copies.pop(
-                    name, None
-                )  # e.g. adapters cast to ``dtype`` since: an older copy must not be read
+                # e.g. adapters cast to ``dtype`` since: an older copy must not be read
+                copies.pop(name, None)
                 continue
             held = copies.get(name)
             if held is None or held[0].shape != a.shape or held[0].device != a.device:

@@ -83,20 +83,17 @@ def summarize(prof: profile, on_gpu: bool) -> str:
     """Device time by kind of kernel, then the top operators by self time."""
     events = prof.key_averages()
     if on_gpu:
-        totals: dict[str, float] = {}
-        kernels = [
-            e for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e.name, e)
+        timed = [
+            (e.name, e.device_time) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e)
         ]  # fmt: skip
-        for event in kernels:
-            totals[kind_of(event.name)] = totals.get(kind_of(event.name), 0.0) + event.device_time
         unit, sort_by = "GPU kernel time", "self_device_time_total"
-    else:
-        totals = {}
-        for event in events:
-            if event.key.startswith("aten::") and event.self_cpu_time_total > 0:  # operators, not labels
-                totals[kind_of(event.key)] = totals.get(kind_of(event.key), 0.0) + event.self_cpu_time_total
+    else:  # operators, not the loop's labels
+        timed = [(e.key, e.self_cpu_time_total) for e in events if e.key.startswith("aten::")]
         unit, sort_by = "CPU self time of operators", "self_cpu_time_total"
+    totals: dict[str, float] = {}
+    for name, time_us in timed:
+        totals[kind_of(name)] = totals.get(kind_of(name), 0.0) + time_us
     whole = sum(totals.values()) or 1.0
     lines = [f"{unit} by kind (ms, share):"]
     for kind in ("matmul", "attention", "other"):
@@ -107,6 +104,6 @@ def summarize(prof: profile, on_gpu: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _annotation(name: str, event) -> bool:
+def _annotation(event) -> bool:
     """A label (the loop's ``ppo/...`` ranges, on the GPU timeline too), not a kernel."""
-    return name.startswith("ppo/") or bool(getattr(event, "is_user_annotation", False))
+    return event.name.startswith("ppo/") or bool(getattr(event, "is_user_annotation", False))
