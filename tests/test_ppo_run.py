@@ -289,7 +289,8 @@ def test_reward_fn_sequences_of_numbers_are_accepted():
      (["--output_dir", "FILE"], "--output_dir FILE is a file, not a directory"),
      (["--critic_output_dir", "FILE"], "--critic_output_dir FILE is a file, not a directory"),
      (["--resume_from_checkpoint", "FILE"], "--resume_from_checkpoint FILE: no such checkpoint directory"),
-     (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no loadable checkpoint-N in")],
+     (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no loadable checkpoint-N in"),
+     (["--profile_step", "-1"], "--profile_step must be >= 0 (0: no profile), got -1")],
 )  # fmt: skip
 def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsys):
     """One line, exit code 2, before any model loads (the --sft_model_path does not even exist)."""

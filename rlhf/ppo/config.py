@@ -17,6 +17,7 @@ from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, Estimato
 from rlhf.ppo.kl import KL_ESTIMATORS
 from rlhf.ppo.losses import LOSS_AGG_MODES
 from rlhf.ppo.memory import forward_batch_size
+from rlhf.ppo.profiling import check_profile_step
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
     if models.reward_lora_path and models.reward_model_path:
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
     validate_estimator(ppo)
+    check_profile_step(train.profile_step)
     check_output_dir(train.output_dir, "--output_dir")
     if ppo.needs_critic:
         check_output_dir(critic_output_dir(models, train), "--critic_output_dir")

@@ -290,7 +290,9 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         total=s.total_steps, initial=state.step, desc="ppo", disable=not backend.is_main or args.disable_tqdm
     )
     # a stop signal (Ctrl-C, SIGTERM) ends the loop after the step in flight and a checkpoint (rlhf/interruption.py)
-    profiler = StepProfiler(args.profile_step, output_dir, backend.device, backend.is_main)
+    profiler = StepProfiler(
+        args.profile_step, output_dir, backend.device, backend.is_main, first_step, s.total_steps
+    )
     with StopSignals() as stop, progress:
         while state.step < s.total_steps:
             profiler.before(state.step + 1)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rlhf.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 KINDS = {  # substrings of kernel / operator names, lower case, checked in this order
@@ -47,13 +49,34 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-class StepProfiler:
-    """Profiles optimizer step ``step`` (0: none) on the main process; see the module docstring."""
+def check_profile_step(step: int) -> None:
+    """``--profile_step`` up front: a step number, or 0 for none."""
+    if step < 0:
+        raise ConfigError(f"--profile_step must be >= 0 (0: no profile), got {step}")
 
-    def __init__(self, step: int, output_dir: str | Path, device: torch.device, is_main: bool) -> None:
+
+class StepProfiler:
+    """Profiles optimizer step ``step`` (0: none) on the main process; see the module docstring. A step
+    outside this run's ``first_step..last_step`` (done before a resume, or past ``--max_steps``) is said in
+    one warning."""
+
+    def __init__(
+        self,
+        step: int,
+        output_dir: str | Path,
+        device: torch.device,
+        is_main: bool,
+        first_step: int,
+        last_step: int,
+    ) -> None:
         self.step, self.dir, self.device = step, Path(output_dir) / "profile", device
         self.enabled = step > 0 and is_main
         self._profile: profile | None = None
+        if self.enabled and not first_step <= step <= last_step:
+            logger.warning(
+                "--profile_step %d: this run does optimizer steps %d to %d, so no step is profiled",
+                step, first_step, last_step,
+            )  # fmt: skip
 
     def before(self, next_step: int) -> None:
         """Called before each mini-batch's work (and its rollout) that counts toward ``next_step``."""

@@ -39,6 +39,7 @@ from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size, validate_estimator
 from rlhf.ppo.loop import PPOSession, train
+from rlhf.ppo.profiling import check_profile_step
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
 from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
@@ -109,6 +110,7 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
     if not tp.reward_model_ckpt_dir and not tp.reward_fn:
         raise ConfigError("pass --reward_model_ckpt_dir (a verifier), --reward_fn gsm8k, or both")
     validate_estimator(ppo)
+    check_profile_step(args.profile_step)
     if ppo.generation_lora != "unmerged" or ppo.generation_compile:
         flag = "--generation_lora merged" if ppo.generation_lora != "unmerged" else "--generation_compile"
         raise ConfigError(
