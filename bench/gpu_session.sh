@@ -15,7 +15,9 @@
 #   PPO_S=200 PPO_ROWS=ours-gae-fast,ours-grpo-fast,trl-grpo \
 #     bash bench/gpu_session.sh enginetests rollout ppo                       # first call, ~8.5 minutes
 #   SFT_S=200 bash bench/gpu_session.sh sft                                  # second call, ~3.5 minutes
-#   # time left: PPO_ROWS=ours-large,trl-ppo ... ppo; ROLLOUT_ROWS=hf-generate-static-cache,ours-tp,... rollout
+#   # time left: PPO_ROWS=ours-gae-compiled,ours-grpo-compiled ... ppo (--torch_compile: the decoder layers
+#   # compiled, its compile in the first step: the table's first-step column); PPO_ROWS=ours-large,trl-ppo ... ppo;
+#   # ROLLOUT_ROWS=hf-generate-static-cache,ours-tp,... rollout
 #   # where a PPO step's time goes (--profile_step: matmul / attention / other in the row's JSON line):
 #   # PPO_ROWS=ours-gae-fast-profile ... ppo
 #

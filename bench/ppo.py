@@ -76,6 +76,8 @@ ROWS = {
     "ours-gae-fast": "ours, gae, + --generation_lora merged --generation_compile, no checkpointing",
     "ours-grpo": "ours, critic-free (grpo, K=8)",
     "ours-grpo-fast": "ours, grpo, + --generation_lora merged --generation_compile, no checkpointing",
+    "ours-gae-compiled": "ours, gae fast + --torch_compile (decoder layers compiled; compile in the first step)",
+    "ours-grpo-compiled": "ours, grpo fast + --torch_compile (decoder layers compiled; compile in the first step)",
     "trl-grpo": "TRL 1.16 GRPOTrainer (K=8)",
     "ours-large": "ours on the large shape, PPO (gae): actor + critic + reward adapters",
     "trl-ppo": "TRL 0.25.1 PPOTrainer",
@@ -87,6 +89,8 @@ TARGETS = {  # GPU targets of the issue: (samples/s at least, peak GB at most)
     "ours-gae-fast": (50.0, 30.0),
     "ours-grpo": (60.0, None),
     "ours-grpo-fast": (60.0, None),
+    "ours-gae-compiled": (50.0, 30.0),
+    "ours-grpo-compiled": (60.0, None),
     "ours-large": (None, 40.0),
 }
 
@@ -115,6 +119,22 @@ def run_in_worker(name: str, suite: Suite, workdir: Path) -> dict:
         "ours-grpo": lambda: ours(suite, workdir, "grpo"),
         "ours-grpo-fast": lambda: ours(
             suite, workdir, "grpo", checkpointing=False, extra=FAST, tag="ours-grpo-fast"
+        ),
+        "ours-gae-compiled": lambda: ours(
+            suite,
+            workdir,
+            "gae",
+            checkpointing=False,
+            extra=(*FAST, "--torch_compile"),
+            tag="ours-gae-compiled",
+        ),
+        "ours-grpo-compiled": lambda: ours(
+            suite,
+            workdir,
+            "grpo",
+            checkpointing=False,
+            extra=(*FAST, "--torch_compile"),
+            tag="ours-grpo-compiled",
         ),
         "ours-large": lambda: ours(suite, workdir, "gae", large=True),
         "ours-gae-fast-profile": lambda: ours(
@@ -216,7 +236,7 @@ def suite_table(suite: Suite, results: dict[str, dict]) -> str:
     """The rows as a markdown table, with the ratio to TRL's GRPOTrainer and, on GPU, the issue's targets."""
     trl = results.get("trl-grpo", {}).get("samples_per_s")
     header = ["implementation", "samples/step", "samples/s", "s/step", "rollout s/step", "of which generation",
-              "train s/step", "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
+              "train s/step", "first step s", "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
     if suite.name == "gpu":
         header.append("target (samples/s, peak GB)")
     rows = []
@@ -224,14 +244,15 @@ def suite_table(suite: Suite, results: dict[str, dict]) -> str:
         label = ROWS[name]
         if "error" in r:
             rows.append(
-                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", "", ""]
+                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", "", "", ""]
                 + [""] * (suite.name == "gpu")
             )
             continue
         ratio = f"{r['samples_per_s'] / trl:.2f}" if trl else "-"
         generate = f"{r['generate_s']:.2f}" if "generate_s" in r else "-"  # TRL rows: not split
+        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"  # warm-up: compiles, captures
         row = [label, r["samples"], f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
-               generate, f"{r['train_s']:.2f}", f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
+               generate, f"{r['train_s']:.2f}", first, f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
         if suite.name == "gpu":
             rate, peak = TARGETS.get(name, (None, None))
             met = [f"≥ {rate:g}: {'met' if r['samples_per_s'] >= rate else 'missed'}"] if rate else []
@@ -251,7 +272,8 @@ def suite_markdown(suite: Suite, results: dict[str, dict]) -> str:
         f"≤ {suite.prompt_len} tokens (gae: {suite.samples} prompts x 1; grpo and TRL GRPOTrainer: "
         f"{suite.samples // suite.group} prompts x K={suite.group}), the toy rule reward, β = 0.02, mini-batch "
         f"{suite.mini_batch}, 1 epoch, one optimizer step per rollout; mean of {suite.steps - 1} step(s) after "
-        "one warm-up step. Ours: run_ppo_with_peft.py with --gradient_checkpointing (TRL's GRPOTrainer "
+        "one warm-up step (its time, compiles and CUDA-graph captures included, in the first-step column). "
+        "Ours: run_ppo_with_peft.py with --gradient_checkpointing (TRL's GRPOTrainer "
         "checkpoints by default) except in the -fast rows, LoRA dropout 0.05; the critic-free row builds no critic. TRL 0.25.1 "
         f"PPOTrainer (micro-batch {suite.trl_ppo_micro_batch}) uses four models (LoRA policy, reference = "
         "adapter off, separate reward and fully trained value models) and scores with that reward model, not "

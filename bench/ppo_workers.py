@@ -202,6 +202,7 @@ def ours(
         "loop_peak_gb": rows[-1].get("memory/peak_gb"),  # the loop's own metric (GPU only)
         "train_s": per_step([r["time/train_s"] for r in rows]),
         "step_s": step,
+        "first_step_s": samples / rows[0]["samples_per_s"],  # the warm-up step: compiles, graph captures
         "samples": samples,
     }
 

@@ -49,8 +49,8 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
     ]
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        samples, per_s, step, rollout, generate, train, peak = (float(c) for c in cells[1:8])
-        assert 0 < generate <= rollout + 0.01
+        samples, per_s, step, rollout, generate, train, first, peak = (float(c) for c in cells[1:9])
+        assert 0 < generate <= rollout + 0.01 and first > 0
         assert samples in (16, 4) and per_s > 0 and peak > 0
         assert step == pytest.approx(
             samples / per_s, rel=0.02, abs=0.006

@@ -462,6 +462,32 @@ def test_generation_compile_flag(tiny_llama, tmp_path, capsys):
     assert err.count("error: ") == 1 and "Traceback" not in err
 
 
+def test_torch_compile_trains_like_eager(tiny_llama, tmp_path, capsys):
+    """--torch_compile (here with the aot_eager backend, which runs the captured graphs as traced) and
+    --gradient_checkpointing: two optimizer steps log the eager run's losses, so the compiled layers'
+    rollout forwards, updates, adapter switches and recomputes compute what eager ones do."""
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return [
+            "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--pretrain_dataset_dir", str(REPO / "pt_data"),
+            "--output_dir", str(tmp_path / name), "--per_device_train_batch_size", "4",
+            "--per_device_mini_train_batch_size", "2", "--max_prompt_length", "64", "--max_response_length", "6",
+            "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "3",
+            "--gradient_checkpointing", *extra,
+        ]  # fmt: skip
+
+    run_ppo_with_peft.main(argv("eager"))
+    run_ppo_with_peft.main(argv("compiled", "--torch_compile_backend", "aot_eager"))
+    assert "--torch_compile: 2 decoder layers run one compiled forward (aot_eager)" in capsys.readouterr().err
+    eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")
+    compiled = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
+    assert len(compiled) == len(eager) == 2
+    for a, b in zip(compiled, eager):
+        for key in ("reward/score", "objective/kl", "loss/policy", "loss/value", "loss/pretrain"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tmp_path, capsys):
     """The checkpoint's position in the prompts and its rollout split mean something else under other batch
     sizes: re-running with them names the flag instead of resuming silently; --max_steps may change."""

@@ -17,7 +17,7 @@ input in another dtype than the weight keeps the module's own forward (autocast 
 
 from __future__ import annotations
 
-from functools import partial
+import types
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ def _forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def use_fused_rms_norm(model: nn.Module) -> int:
     """Run every plain RMSNorm of ``model`` (:func:`is_plain_rms_norm`) as :func:`fused_rms_norm`; return how
-    many. The modules, their class and their weights stay as they are (a forward of the instance's own)."""
+    many. The modules, their class and their weights stay as they are (a forward of the instance's own: a
+    method bound to it, so that ``torch.compile`` sees one function for every norm, not one per instance)."""
     norms = [m for m in model.modules() if is_plain_rms_norm(m)]
     for norm in norms:
-        norm.forward = partial(_forward, norm)
+        norm.forward = types.MethodType(_forward, norm)
     return len(norms)

@@ -223,6 +223,17 @@ class PPOTrainingArguments:
         metadata={"help": "Recompute each decoder layer in the actor and critic updates' backward (non-reentrant; "
                   "LoRA or full): activations of one layer instead of all, for about a third more update time."},
     )  # fmt: skip
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Run each decoder layer's forward through torch.compile, one compiled function for all "
+                  "layers (rlhf/models/regional_compile.py): fused kernels in the rollout's forwards and the "
+                  "updates, for a compile of a few graphs at the first step. Not on the tensor-parallel backend."},
+    )  # fmt: skip
+    torch_compile_backend: str | None = field(
+        default=None,
+        metadata={"help": "torch.compile backend of --torch_compile (default inductor; aot_eager, ...); giving one "
+                  "turns --torch_compile on, as for Trainer."},
+    )  # fmt: skip
 
     @property
     def report_to_list(self) -> list[str]:
@@ -265,6 +276,10 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
     validate_estimator(ppo)
     check_profile_step(train.profile_step)
+    if train.torch_compile_backend is not None:  # as Trainer: naming a backend asks for the compile
+        train.torch_compile = True
+    if train.torch_compile and train.torch_compile_backend is None:
+        train.torch_compile_backend = "inductor"
     check_output_dir(train.output_dir, "--output_dir")
     if ppo.needs_critic:
         check_output_dir(critic_output_dir(models, train), "--critic_output_dir")

@@ -36,6 +36,7 @@ from rlhf.models import load_causal_lm
 from rlhf.models.fused_rms_norm import use_fused_rms_norm
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
+from rlhf.models.regional_compile import compile_decoder_layers
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
@@ -291,6 +292,13 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             base.config.use_cache = False
         logger.info("gradient checkpointing: every decoder layer of the actor and critic (non-reentrant)")
+
+    def compile_layers(self, backend: str) -> None:
+        """``--torch_compile``: the decoder layers of the shared base and of full copies run one compiled
+        forward per model class (:func:`rlhf.models.regional_compile.compile_decoder_layers`)."""
+        for model in (self.lm, self.actor_full, self.critic_full):
+            if model is not None:
+                compile_decoder_layers(model, backend)
 
     def _recompute_context(self) -> tuple[Any, Any]:
         """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: (forward context, recompute context)."""

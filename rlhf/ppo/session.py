@@ -175,6 +175,8 @@ def assemble_session(
     total_steps = count_total_steps(len(parts.prompts), ppo, args, world)
     if args.gradient_checkpointing:
         parts.models.enable_gradient_checkpointing()
+    if args.torch_compile:
+        parts.models.compile_layers(args.torch_compile_backend)
     optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
     with backend.autocast():  # the cache takes the dtype the rollouts will compute in
         parts.generator.prepare()

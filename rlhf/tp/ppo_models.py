@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.errors import ConfigError
 from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.token_logprobs import CHUNK_BYTES, chunked_token_logprobs, positions_per_chunk
@@ -157,6 +158,9 @@ class TPPolicyModels(TrainableGroups):
         for model in (self.actor, self.critic):
             if model is not None:
                 model.gradient_checkpointing = True
+
+    def compile_layers(self, backend: str) -> None:
+        raise ConfigError("--torch_compile: not on the tensor-parallel backend (run_ppo_with_peft.py has it)")
 
     @contextmanager
     def generation_model(self) -> Iterator[Transformer]:

@@ -116,6 +116,11 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
         raise ConfigError(
             f"{flag}: the static engine on a Hugging Face model only (not the tensor-parallel model)"
         )
+    if args.torch_compile or args.torch_compile_backend is not None:
+        raise ConfigError(
+            "--torch_compile: compiles the decoder layers of a Hugging Face model (run_ppo_with_peft.py), not "
+            "the tensor-parallel model's"
+        )
     if ppo.needs_critic and not (tp.critic_ckpt_dir and tp.critic_save_dir):
         raise ConfigError(
             f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "
