@@ -1,7 +1,9 @@
 """What a LoRA adapter adds to a training step's forward + backward, counted on CPU: ops and bytes per decoder
 layer, for PEFT's forward and for ours (:func:`rlhf.models.lora_forward.use_fast_lora_forward`, how every stage
 builds its adapters: no float32 round trip of the input under autocast, the scaled output added by one
-``addmm``), and for ours with the input casts skipped only (the fused add removed again, to show each part).
+``addmm``), for ours with the input casts skipped only (the fused add removed again, to show each part), and
+for ours under PPO's ``--torch_compile`` (the fused RMSNorm, the layer through inductor:
+:mod:`rlhf.models.regional_compile`), where the bytes are inductor's own count of its compiled graphs.
 
 ``python bench/lora_traffic.py``: llamas of 1 and 2 layers of the TinyLlama-1.1B shape (hidden 2048,
 intermediate 5632, 32 heads / 4 kv), a bf16 base, LoRA r=8 on all seven projections in float32 (PEFT's
@@ -19,6 +21,7 @@ floor for the memory-bound passes, not a GPU timing.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,8 @@ VARIANTS = {  # name: (adapter, forward: "peft" / "casts" (input casts skipped o
     "PEFT, dropout 0.05": (True, "peft", 0.05),
     "input casts skipped only, dropout 0.05": (True, "casts", 0.05),
     "ours, dropout 0.05": (True, "ours", 0.05),
+    "ours + --torch_compile, dropout 0": (True, "compiled", 0.0),
+    "ours + --torch_compile, dropout 0.05": (True, "compiled", 0.05),
 }
 
 
@@ -96,6 +101,12 @@ def build(layers: int, adapter: bool, forward: str, dropout: float) -> torch.nn.
     model = get_peft_model(model, lora)  # float32 adapter weights on the bf16 base (PEFT's default)
     if forward != "peft":
         use_fast_lora_forward(model)
+    if forward == "compiled":  # as PPO's --torch_compile builds it
+        from rlhf.models.fused_rms_norm import use_fused_rms_norm
+        from rlhf.models.regional_compile import compile_decoder_layers
+
+        use_fused_rms_norm(model)
+        compile_decoder_layers(model)
     if forward == "casts":  # PEFT's vanilla forward again, with the input casts still skipped
         for layer in model.modules():
             getattr(layer, "lora_variant", {}).clear()
@@ -103,17 +114,23 @@ def build(layers: int, adapter: bool, forward: str, dropout: float) -> torch.nn.
 
 
 def measure(layers: int, variant: str) -> tuple[Traffic, float]:
-    """One counted forward + backward, then the fastest of five timed ones."""
+    """One counted forward + backward, then the fastest of five timed ones. The compiled rows count
+    inductor's own reads and writes of the compiled layer's forward and backward graphs (the first layer of
+    a LoRA model runs eagerly, so the 2-layer model holds the one compiled layer and the 1-layer model none):
+    the dispatcher does not see inside them."""
     model = build(layers, *VARIANTS[variant])
     ids = torch.randint(0, 256, (1, TOKENS))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
     traffic = Traffic()
-    with traffic:
-        step()
+    if VARIANTS[variant][1] == "compiled":
+        compiled_traffic(step, traffic)
+    else:
+        with traffic:
+            step()
     times = []
     for _ in range(5):
         start = time.perf_counter()
@@ -122,7 +139,32 @@ def measure(layers: int, variant: str) -> tuple[Traffic, float]:
     return traffic, min(times)
 
 
-def reading(adapter_bytes: dict[str, int], cpu_ms: dict[str, float]) -> str:
+def compiled_traffic(step, traffic: Traffic) -> None:
+    """Run ``step`` (it compiles) and add inductor's count of its graphs to ``traffic``: each scheduled
+    kernel's bytes read and written, extern kernels (matmuls, attention) apart from the fused ones."""
+    import torch._inductor.metrics as metrics
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    torch.compiler.config.force_disable_caches = True  # a cache hit would skip the count
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts only with its metrics log on ...
+    quiet = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    quiet.propagate = False  # ... which would print every count
+    metrics.reset()
+    try:
+        step()
+    finally:
+        torch._logging.set_logs()
+        quiet.propagate = True
+    for node, words in metrics.nodes_num_elem:  # (node, bytes // 4)
+        extern = isinstance(node, ExternKernelSchedulerNode)
+        traffic.ops += 1
+        if extern:
+            traffic.matmul_bytes += 4 * words
+        else:
+            traffic.other_bytes += 4 * words
+
+
+def reading(adapter_bytes: dict[str, int], cpu_ms: dict[str, float], other_mib: dict[str, float]) -> str:
     def cut(variant: str, dropout: str) -> str:
         return f"{1 - adapter_bytes[f'{variant}, dropout {dropout}'] / adapter_bytes[f'PEFT, dropout {dropout}']:.0%}"
 
@@ -137,13 +179,18 @@ def reading(adapter_bytes: dict[str, int], cpu_ms: dict[str, float]) -> str:
         f"{cpu_ms['no adapter']:,.0f} ms; PEFT / ours {cpu_ms['PEFT, dropout 0']:,.0f} / "
         f"{cpu_ms['ours, dropout 0']:,.0f} ms at dropout 0, {cpu_ms['PEFT, dropout 0.05']:,.0f} / "
         f"{cpu_ms['ours, dropout 0.05']:,.0f} ms at 0.05) is mostly the layer's matmuls on these two cores: the "
-        "memory-bound passes barely show there, unlike on a GPU, which streams those bytes from its memory.\n"
+        "memory-bound passes barely show there, unlike on a GPU, which streams those bytes from its memory. "
+        f"Compiled (PPO's --torch_compile), the other ops' bytes fall from {other_mib['ours, dropout 0.05']:,.0f} "
+        f"to {other_mib['ours + --torch_compile, dropout 0.05']:,.0f} MiB per layer at dropout 0.05 (the "
+        "matmuls' stay), inductor fusing the norms, RoPE, the SiLU gate, the dropout and the residual and "
+        "adapter adds into few kernels; its CPU code is no faster here "
+        f"({cpu_ms['ours + --torch_compile, dropout 0.05']:,.0f} ms), and on a GPU it is not yet measured.\n"
     )
 
 
 def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    rows, baseline, adapter_bytes, cpu_ms = [], None, {}, {}
+    rows, baseline, adapter_bytes, cpu_ms, other_mib = [], None, {}, {}, {}
     for variant in VARIANTS:
         (one, t1), (two, t2) = measure(1, variant), measure(2, variant)
         ops = two.ops - one.ops
@@ -151,10 +198,14 @@ def main() -> None:
         baseline = baseline if baseline is not None else matmul + other
         adapter_bytes[variant] = matmul + other - baseline
         cpu_ms[variant] = (t2 - t1) * 1e3
+        compiled = (
+            VARIANTS[variant][1] == "compiled"
+        )  # fused with the layer: no adapter's share to tell apart
+        other_mib[variant] = other / 2**20
         at_scale = (matmul + other) * MINI_BATCH_TOKENS / TOKENS * LAYERS_1B
         rows.append([
             variant, str(ops), f"{matmul / 2**20:,.0f}", f"{other / 2**20:,.0f}",
-            f"{adapter_bytes[variant] / 2**20:,.0f}", f"{at_scale / 1e9:,.1f}",
+            "-" if compiled else f"{adapter_bytes[variant] / 2**20:,.0f}", f"{at_scale / 1e9:,.1f}",
             f"{at_scale / HBM_BYTES_PER_S * 1e3:,.0f}", f"{(t2 - t1) * 1e3:,.0f}",
         ])  # fmt: skip
         print(rows[-1], flush=True)
@@ -171,9 +222,12 @@ def main() -> None:
         "Bytes: the tensor inputs and outputs of each op, matmul-like ops (mm, bmm, addmm, attention) apart from "
         "the rest (the memory-bound passes); the adapter's: all bytes above the no-adapter row. The mini-batch "
         f"columns scale all bytes to one PPO mini-batch of the GPU suite ({MINI_BATCH_TOKENS:,} tokens, 22 "
-        "layers) and divide by an H100's 3.35 TB/s: a floor for moving them, not a GPU timing. CPU ms: fastest "
-        f"of 5, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
-        + reading(adapter_bytes, cpu_ms)
+        "layers) and divide by an H100's 3.35 TB/s: a floor for moving them, not a GPU timing. The --torch_compile "
+        "rows (also our fused RMSNorm): inductor's count of the compiled layer's forward and backward graphs "
+        "(CPU code generation; the GPU's Triton kernels come from the same fusion scheduler), each scheduled "
+        "kernel's bytes read and written, extern kernels (matmuls, attention) as matmul-like; ops = kernels. "
+        f"CPU ms: fastest of 5, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n{table}\n\n"
+        + reading(adapter_bytes, cpu_ms, other_mib)
     )
     print(text)
     update_section("lora-traffic-cpu", text)

@@ -125,6 +125,28 @@ def test_generate_with_a_kv_cache_runs_the_layers_eagerly():
     assert counter.graphs == 0
 
 
+def test_a_training_forward_with_a_kv_cache_runs_eagerly_and_says_so(caplog):
+    """A training forward that leaves ``use_cache`` on (the config's default) passes a cache to the layers:
+    they run eagerly, and one warning names the fix (PPO's forwards pass use_cache=False)."""
+    from rlhf.models import regional_compile
+
+    regional_compile._warn_cache_once.cache_clear()
+    counter = CountingBackend()
+    model = lora_llama()
+    compile_decoder_layers(model, backend=counter)
+    ids = torch.randint(0, 128, (2, 9))
+    with caplog.at_level("WARNING", logger="rlhf.models.regional_compile"):
+        model(input_ids=ids).logits.sum().backward()
+        model(input_ids=ids).logits.sum().backward()
+    assert counter.graphs == 0
+    warned = [
+        r for r in caplog.records if "with a KV cache runs the layers eagerly (use_cache=False)" in r.message
+    ]
+    assert len(warned) == 1  # once per process
+    model(input_ids=ids, use_cache=False).logits.sum().backward()
+    assert counter.graphs == 1
+
+
 def test_a_model_without_decoder_layers_is_named():
     with pytest.raises(ValueError, match="--torch_compile: Linear has no decoder layers"):
         compile_decoder_layers(torch.nn.Linear(2, 2))

@@ -24,9 +24,9 @@ layer of a LoRA model, after the frozen embedding) runs eagerly instead of makin
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -67,16 +67,28 @@ def _compiled_forward(forward: Callable, backend: str) -> Callable:
     return _compiled[key]
 
 
-def _run_layer(layer: nn.Module, plain: Callable, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
+@functools.cache
+def _warn_cache_once() -> None:
+    logger.warning(
+        "--torch_compile: a training forward with a KV cache runs the layers eagerly (use_cache=False)"
+    )
+
+
+def _run_layer(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
+    eager = type(layer).forward  # the class's own (with transformers' checkpointing wrapper)
     if any(kwargs.get(name) is not None for name in CACHE_KWARGS):
-        return plain(layer, *args, **kwargs)  # generate's KV cache: eager
+        if (
+            torch.is_grad_enabled() and layer.training
+        ):  # not generate's: a forward that forgot use_cache=False
+            _warn_cache_once()
+        return eager(layer, *args, **kwargs)  # generate's KV cache
     hidden = args[0] if args else kwargs.get("hidden_states")
     if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
         # the first layer of a LoRA model's update (its input, the frozen embedding's output, needs no
         # gradient): eager, rather than one more graph to compile per adapter for one layer in N
-        return plain(layer, *args, **kwargs)
+        return eager(layer, *args, **kwargs)
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-        return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
+        return layer._gradient_checkpointing_func(functools.partial(compiled, layer, **kwargs), *args)
     return compiled(layer, *args, **kwargs)
 
 
@@ -88,7 +100,8 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     for layer in layers:
-        plain = _plain_forward(layer)
-        layer.forward = partial(_run_layer, layer, plain, _compiled_forward(plain, backend))
+        layer.forward = functools.partial(
+            _run_layer, layer, _compiled_forward(_plain_forward(layer), backend)
+        )
     logger.info("--torch_compile: %d decoder layers run one compiled forward (%s)", len(layers), backend)
     return len(layers)
