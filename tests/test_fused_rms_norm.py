@@ -110,3 +110,14 @@ def test_the_stages_build_their_models_with_it(tiny_llama, stage):
         models = [make_trainable(AutoModelForCausalLM.from_pretrained(tiny_llama), lora)]
     for model in models:
         assert len(fused_norms(model)) == 5
+
+
+def test_a_pickled_norm_reloads_with_its_class_forward(tmp_path):
+    """A bound method pickles as ``getattr(norm, "forward")``: the reloaded norm runs its class's forward,
+    the same values (torch.save of whole modules is the user's choice; checkpoints are state dicts)."""
+    norm = LlamaRMSNorm(8)
+    use_fused_rms_norm(torch.nn.Sequential(norm))
+    x = torch.randn(2, 8)
+    torch.save(norm, tmp_path / "norm.pt")
+    loaded = torch.load(tmp_path / "norm.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), norm(x))

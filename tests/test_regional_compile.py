@@ -97,6 +97,21 @@ def test_one_graph_serves_every_layer_and_every_length():
     assert counter.graphs == 2
 
 
+def test_with_gradient_checkpointing_a_forward_without_gradients_is_one_graph():
+    """Checkpointing's input hook marks the embedding's output as needing a gradient even under no_grad: the
+    first layer still shares the others' graph (its input is detached there), one graph for the rollout."""
+    counter = CountingBackend()
+    model = lora_llama().eval()
+    model.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.enable_input_require_grads()
+    compile_decoder_layers(model, backend=counter)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 9)), use_cache=False)
+    assert counter.graphs == 1
+
+
 def test_first_lora_layer_of_an_update_runs_eagerly():
     """With gradients on, the first layer's input (the frozen embedding's output) needs none: that layer
     runs eagerly rather than compiling a graph of its own; the others share one graph."""
@@ -148,8 +163,16 @@ def test_a_training_forward_with_a_kv_cache_runs_eagerly_and_says_so(caplog):
 
 
 def test_a_model_without_decoder_layers_is_named():
-    with pytest.raises(ValueError, match="--torch_compile: Linear has no decoder layers"):
+    with pytest.raises(ConfigError, match="--torch_compile: Linear has no decoder layers"):
         compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_a_misspelt_backend_is_refused_before_any_model_loads():
+    from rlhf.ppo.config import check_compile_backend
+
+    check_compile_backend("inductor")
+    with pytest.raises(ConfigError, match="^--torch_compile_backend indcutor: expected one of .*inductor"):
+        check_compile_backend("indcutor")
 
 
 def test_the_tensor_parallel_backend_refuses_the_flag(tmp_path):

@@ -42,7 +42,9 @@ def is_plain_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__ in FAMILIES and hasattr(module, "variance_epsilon")
 
 
-def _forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The forward a plain RMSNorm gets (bound to it). Named ``forward``: a pickled norm reloads with its
+    class's own forward (a bound method pickles as ``getattr(module, name)``), the same values unfused."""
     if hidden_states.dtype != module.weight.dtype:
         return type(module).forward(module, hidden_states)
     return fused_rms_norm(hidden_states, module.weight, module.variance_epsilon)
@@ -54,5 +56,5 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     method bound to it, so that ``torch.compile`` sees one function for every norm, not one per instance)."""
     norms = [m for m in model.modules() if is_plain_rms_norm(m)]
     for norm in norms:
-        norm.forward = types.MethodType(_forward, norm)
+        norm.forward = types.MethodType(forward, norm)
     return len(norms)

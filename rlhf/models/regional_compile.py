@@ -13,7 +13,8 @@ or none for the reference), grad mode, train/eval mode, whether there is an atte
 loss has none). A PPO run of the gae estimator makes about ten graphs (shapes are dynamic from the start:
 rollout lengths change from step to step), each compiled once, at its first use: the cold start of a run,
 measured by ``bench/ppo.py``'s compiled rows. With gradients on, a layer whose input needs none (the first
-layer of a LoRA model, after the frozen embedding) runs eagerly instead of making a graph of its own.
+layer of a LoRA model, after the frozen embedding) runs eagerly instead of making a graph of its own
+(under ``--gradient_checkpointing`` its input is marked as needing one, and it is compiled like the rest).
 
 - Forwards with a KV cache (Hugging Face ``generate``: ``--generation_engine hf``) run the layer eagerly: the
   cache's Python state would make a graph per layer and step. The static engine does not call the layers.
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
@@ -48,7 +51,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     body = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"--torch_compile: {type(lm).__name__} has no decoder layers at .model.layers")
+        raise ConfigError(
+            f"--torch_compile: {type(lm).__name__} has no decoder layers at .model.layers (the Hugging Face "
+            "llama, mistral, mixtral, qwen2, ... families have)"
+        )
     return list(layers)
 
 
@@ -83,6 +89,11 @@ def _run_layer(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) 
             _warn_cache_once()
         return eager(layer, *args, **kwargs)  # generate's KV cache
     hidden = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        # gradient checkpointing's input hook marks the embedding's output even without gradients: the same
+        # graph as the other layers', rather than one more per adapter
+        hidden = hidden.detach()
+        args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
     if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
         # the first layer of a LoRA model's update (its input, the frozen embedding's output, needs no
         # gradient): eager, rather than one more graph to compile per adapter for one layer in N

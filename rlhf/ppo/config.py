@@ -268,6 +268,15 @@ def validate_estimator(ppo: PPOArguments) -> None:
         raise ConfigError(f"--whiten_rewards applies to --advantage_estimator gae only (got {name})")
 
 
+def check_compile_backend(name: str) -> None:
+    """--torch_compile_backend names a registered torch.compile backend (checked before any model loads)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise ConfigError(f"--torch_compile_backend {name}: expected one of {', '.join(known)}")
+
+
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
     """Check flag combinations once, up front (before any model loads); messages name the flags."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
@@ -280,6 +289,8 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         train.torch_compile = True
     if train.torch_compile and train.torch_compile_backend is None:
         train.torch_compile_backend = "inductor"
+    if train.torch_compile:
+        check_compile_backend(train.torch_compile_backend)
     check_output_dir(train.output_dir, "--output_dir")
     if ppo.needs_critic:
         check_output_dir(critic_output_dir(models, train), "--critic_output_dir")

@@ -61,8 +61,8 @@ class PolicyModels(Protocol):
         non-reentrant, training forwards with gradients only, so the rollout's forwards are unchanged)."""
 
     def compile_layers(self, backend: str) -> None:
-        """Run the decoder layers of every model the bundle trains or scores with through ``torch.compile``
-        (``--torch_compile``; :mod:`rlhf.models.regional_compile`)."""
+        """Run the decoder layers of the models the bundle trains (and of a reward adapter on their base)
+        through ``torch.compile`` (``--torch_compile``; :mod:`rlhf.models.regional_compile`)."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by a stable name (what a checkpoint must restore)."""
