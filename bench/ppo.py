@@ -111,40 +111,21 @@ def run_in_worker(name: str, suite: Suite, workdir: Path) -> dict:
         return {}
     if name.startswith("memory:"):
         return memory_run(workdir, name.split(":", 1)[1])
+
+    def fast(estimator: str, tag: str, *more: str) -> dict:  # the -fast rows' settings (+ more flags)
+        return ours(suite, workdir, estimator, checkpointing=False, extra=(*FAST, *more), tag=tag)
+
     runs = {
         "ours-gae": lambda: ours(suite, workdir, "gae"),
-        "ours-gae-fast": lambda: ours(
-            suite, workdir, "gae", checkpointing=False, extra=FAST, tag="ours-gae-fast"
-        ),
+        "ours-gae-fast": lambda: fast("gae", "ours-gae-fast"),
         "ours-grpo": lambda: ours(suite, workdir, "grpo"),
-        "ours-grpo-fast": lambda: ours(
-            suite, workdir, "grpo", checkpointing=False, extra=FAST, tag="ours-grpo-fast"
-        ),
-        "ours-gae-compiled": lambda: ours(
-            suite,
-            workdir,
-            "gae",
-            checkpointing=False,
-            extra=(*FAST, "--torch_compile"),
-            tag="ours-gae-compiled",
-        ),
-        "ours-grpo-compiled": lambda: ours(
-            suite,
-            workdir,
-            "grpo",
-            checkpointing=False,
-            extra=(*FAST, "--torch_compile"),
-            tag="ours-grpo-compiled",
-        ),
+        "ours-grpo-fast": lambda: fast("grpo", "ours-grpo-fast"),
+        "ours-gae-compiled": lambda: fast("gae", "ours-gae-compiled", "--torch_compile"),
+        "ours-grpo-compiled": lambda: fast("grpo", "ours-grpo-compiled", "--torch_compile"),
         "ours-large": lambda: ours(suite, workdir, "gae", large=True),
-        "ours-gae-fast-profile": lambda: ours(
-            suite,
-            workdir,
-            "gae",
-            checkpointing=False,
-            tag="ours-gae-fast-profile",
-            extra=(*FAST, "--profile_step", str(suite.steps)),
-        ),  # fmt: skip
+        "ours-gae-fast-profile": lambda: fast(
+            "gae", "ours-gae-fast-profile", "--profile_step", str(suite.steps)
+        ),
         "trl-grpo": lambda: trl_grpo(suite, workdir),
         "trl-ppo": lambda: trl_ppo(suite, workdir),
     }
