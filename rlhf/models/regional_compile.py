@@ -10,7 +10,7 @@ the PPO loop switch adapters between forwards.
 
 What a compiled graph bakes in, and so what makes another one: the active adapter (actor, critic, reward,
 or none for the reference), grad mode, train/eval mode, whether there is an attention mask (the pretraining
-loss has none). A PPO run of the gae estimator makes about ten graphs (shapes are dynamic from the start:
+loss has none). A PPO run of the gae estimator makes 7 or 8 graphs (shapes are dynamic from the start:
 rollout lengths change from step to step), each compiled once, at its first use: the cold start of a run,
 measured by ``bench/ppo.py``'s compiled rows. With gradients on, a layer whose input needs none (the first
 layer of a LoRA model, after the frozen embedding) runs eagerly instead of making a graph of its own
