@@ -231,7 +231,7 @@ def suite_table(suite: Suite, results: dict[str, dict]) -> str:
             continue
         ratio = f"{r['samples_per_s'] / trl:.2f}" if trl else "-"
         generate = f"{r['generate_s']:.2f}" if "generate_s" in r else "-"  # TRL rows: not split
-        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"  # warm-up: compiles, captures
+        first = f"{r['first_step_s']:.2f}" if "first_step_s" in r else "-"  # warm-up: compiles, captures
         row = [label, r["samples"], f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
                generate, f"{r['train_s']:.2f}", first, f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
         if suite.name == "gpu":
