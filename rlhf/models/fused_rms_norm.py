@@ -30,9 +30,8 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     """``weight * x / rms(x)`` over the last dimension, as one ``F.rms_norm`` outside autocast (``x`` and
     ``weight`` in one dtype)."""
     if x.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(x.device.type):
-        return F.rms_norm(
-            x, tuple(weight.shape), weight, eps
-        )  # nothing to leave (or no autocast there: meta)
+        # no autocast to leave (or none there at all: meta)
+        return F.rms_norm(x, tuple(weight.shape), weight, eps)
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, tuple(weight.shape), weight, eps)
 

@@ -82,12 +82,10 @@ def _warn_cache_once() -> None:
 
 def _run_layer(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
     eager = type(layer).forward  # the class's own (with transformers' checkpointing wrapper)
-    if any(kwargs.get(name) is not None for name in CACHE_KWARGS):
-        if (
-            torch.is_grad_enabled() and layer.training
-        ):  # not generate's: a forward that forgot use_cache=False
+    if any(kwargs.get(name) is not None for name in CACHE_KWARGS):  # generate's KV cache
+        if torch.is_grad_enabled() and layer.training:  # not generate: a forward that forgot use_cache=False
             _warn_cache_once()
-        return eager(layer, *args, **kwargs)  # generate's KV cache
+        return eager(layer, *args, **kwargs)
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
         # gradient checkpointing's input hook marks the embedding's output even without gradients: the same

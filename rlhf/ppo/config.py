@@ -285,11 +285,8 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
     validate_estimator(ppo)
     check_profile_step(train.profile_step)
-    if train.torch_compile_backend is not None:  # as Trainer: naming a backend asks for the compile
-        train.torch_compile = True
-    if train.torch_compile and train.torch_compile_backend is None:
-        train.torch_compile_backend = "inductor"
-    if train.torch_compile:
+    if train.torch_compile or train.torch_compile_backend is not None:  # as Trainer: a backend asks for it
+        train.torch_compile, train.torch_compile_backend = True, train.torch_compile_backend or "inductor"
         check_compile_backend(train.torch_compile_backend)
     check_output_dir(train.output_dir, "--output_dir")
     if ppo.needs_critic:

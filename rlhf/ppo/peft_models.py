@@ -281,9 +281,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         are. A layer is recomputed in the backward under the adapter that was active in its forward, even
         when another adapter has been set in between (e.g. actor and critic losses in one backward).
         """
-        for model in (self.lm, self.actor_full, self.critic_full):
-            if model is None:
-                continue
+        for model in self._decoders():
             base = model.get_base_model() if isinstance(model, PeftModel) else model
             kwargs = {"use_reentrant": False, "context_fn": self._recompute_context}
             if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -296,9 +294,12 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
     def compile_layers(self, backend: str) -> None:
         """``--torch_compile``: the decoder layers of the shared base and of full copies run one compiled
         forward per model class (:func:`rlhf.models.regional_compile.compile_decoder_layers`)."""
-        for model in (self.lm, self.actor_full, self.critic_full):
-            if model is not None:
-                compile_decoder_layers(model, backend)
+        for model in self._decoders():
+            compile_decoder_layers(model, backend)
+
+    def _decoders(self) -> list[torch.nn.Module]:
+        """The shared base (PEFT-wrapped or not) and the full copies the bundle holds."""
+        return [m for m in (self.lm, self.actor_full, self.critic_full) if m is not None]
 
     def _recompute_context(self) -> tuple[Any, Any]:
         """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: (forward context, recompute context)."""

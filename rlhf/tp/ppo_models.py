@@ -31,6 +31,11 @@ from rlhf.tp.lora import lora_layers
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
 from rlhf.tp.shard_dir import save_model_shards
 
+TORCH_COMPILE_REFUSED = (
+    "--torch_compile: compiles the decoder layers of a Hugging Face model (run_ppo_with_peft.py), not the "
+    "tensor-parallel model's"
+)
+
 
 @contextmanager
 def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
@@ -160,7 +165,7 @@ class TPPolicyModels(TrainableGroups):
                 model.gradient_checkpointing = True
 
     def compile_layers(self, backend: str) -> None:
-        raise ConfigError("--torch_compile: not on the tensor-parallel backend (run_ppo_with_peft.py has it)")
+        raise ConfigError(TORCH_COMPILE_REFUSED)  # ppo_train refuses the flag before any model loads
 
     @contextmanager
     def generation_model(self) -> Iterator[Transformer]:

@@ -43,6 +43,7 @@ from rlhf.ppo.profiling import check_profile_step
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
 from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
+from rlhf.tp.ppo_models import TORCH_COMPILE_REFUSED
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +118,7 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
             f"{flag}: the static engine on a Hugging Face model only (not the tensor-parallel model)"
         )
     if args.torch_compile or args.torch_compile_backend is not None:
-        raise ConfigError(
-            "--torch_compile: compiles the decoder layers of a Hugging Face model (run_ppo_with_peft.py), not "
-            "the tensor-parallel model's"
-        )
+        raise ConfigError(TORCH_COMPILE_REFUSED)
     if ppo.needs_critic and not (tp.critic_ckpt_dir and tp.critic_save_dir):
         raise ConfigError(
             f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "
