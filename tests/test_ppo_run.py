@@ -288,6 +288,7 @@ def test_reward_fn_sequences_of_numbers_are_accepted():
      (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive number, got 0"),
      (["--output_dir", "FILE"], "--output_dir FILE is a file, not a directory"),
      (["--critic_output_dir", "FILE"], "--critic_output_dir FILE is a file, not a directory"),
+     (["--critic_output_dir", "OUT"], "--critic_output_dir OUT is --output_dir: the critic's adapter would"),
      (["--resume_from_checkpoint", "FILE"], "--resume_from_checkpoint FILE: no such checkpoint directory"),
      (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no loadable checkpoint-N in"),
      (["--profile_step", "-1"], "--profile_step must be >= 0 (0: no profile), got -1")],
@@ -296,13 +297,16 @@ def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsy
     """One line, exit code 2, before any model loads (the --sft_model_path does not even exist)."""
     file = tmp_path / "a_file"
     file.write_text("not a directory")
-    flags = [str(file) if f == "FILE" else f for f in flags]
+    names = {"FILE": str(file), "OUT": str(tmp_path / "out")}
+    flags = [names.get(f, f) for f in flags]
+    for name, path in names.items():
+        message = message.replace(name, path)
     argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy_task:positivity_reward",
             "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         run_ppo_with_peft.main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "error: " + message.replace("FILE", str(file)) in err, err
+    assert exc.value.code == 2 and "error: " + message in err, err
     assert err.count("error: ") == 1 and "Traceback" not in err and "missing" not in err
 
 
@@ -328,6 +332,11 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
     for first, second in (rows[0:2], rows[2:4]):
         assert {k: first[k] for k in ROLLOUT_KEYS} == {k: second[k] for k in ROLLOUT_KEYS}
     assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # adaptive β: a new rollout
+    # each row reports the β its rollout's rewards used: the first rollout's is the initial one
+    assert rows[0]["objective/kl_coef"] == pytest.approx(0.02)
+    for r in rows:
+        shaped = r["reward/score"] - r["objective/kl_coef"] * r["objective/kl"]
+        assert r["objective/rlhf_reward"] == pytest.approx(shaped, abs=1e-5)
     assert all(r["time/rollout_s"] > 0 for r in rows)  # each step carries its share of the rollout time
     assert rows[0]["time/rollout_s"] == rows[1]["time/rollout_s"]
 

@@ -291,6 +291,11 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
     check_output_dir(train.output_dir, "--output_dir")
     if ppo.needs_critic:
         check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
+        if critic_output_dir(models, train).resolve() == Path(train.output_dir).resolve():
+            raise ConfigError(
+                f"--critic_output_dir {models.critic_output_dir} is --output_dir: the critic's adapter would "
+                "overwrite the actor's there; give the critic a directory of its own (default <output_dir>/critic)"
+            )
     elif models.critic_output_dir:
         logger.warning(
             "--advantage_estimator %s trains no critic: nothing is written to --critic_output_dir",

@@ -193,7 +193,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         "reward/score_std": float(raw_scores.std(unbiased=False)),
         "objective/kl": float(kl.sum(1).mean()),
         "objective/rlhf_reward": float((scores + kl_penalty.sum(1)).mean()),
-        "objective/kl_coef": s.kl_controller.value,
+        "objective/kl_coef": beta,  # the coefficient this rollout's rewards used (the controller moved on)
         "response/length_mean": float(lengths.float().mean()),
         "response/eos_frac": float(ended.float().mean()),
         "time/generate_per_rollout_s": generate_seconds,
