@@ -12,7 +12,8 @@ older transformers still pass:
   ``TrainingArguments`` stages (without it transformers runs each process as an independent,
   non-distributed copy on CPU: no DDP, no barriers).
 
-A YAML or JSON file given as the only argument stands in for the flags. After parsing, a
+A YAML or JSON file given as the only argument stands in for the flags (:func:`config_file_argv`: the
+file's keys become flags and go through the same rewrites and checks). After parsing, a
 ``TrainingArguments`` is checked up front (:func:`check_training_arguments`): batch sizes and
 accumulation steps must be positive and ``--output_dir`` must not be a file. The two checks
 (:func:`check_positive_flags`, :func:`check_output_dir`) are shared with the stages that have their own
@@ -21,6 +22,7 @@ config (PPO, the tensor-parallel tools).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -207,6 +209,55 @@ def cpu_processes_flag(
     return ["--use_cpu", "True"]
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def config_file_argv(path: str) -> list[str]:
+    """The flags a YAML or JSON config file stands for: ``{key: value}`` -> ``--key value``, in file order.
+
+    The flags then go the way typed flags go (legacy renames, the CPU precision fallback, types and
+    choices checked, one-line errors), so a file and its flags mean the same. ``true``/``false`` and numbers
+    are written as flags spell them, a list as several values; an empty (``null``) value keeps the
+    default. A nested mapping has no flag form: give its settings as a file path (``deepspeed: ds.json``).
+    """
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({exc})"
+        ) from None
+    if config is None:
+        return []
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"{path}: expected a mapping of flag names to values, found {type(config).__name__}"
+        )
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            raise ConfigError(
+                f"{path}: {key} is a nested mapping, which has no flag form; put it in a JSON file and give "
+                f"its path ({key}: settings.json)"
+            )
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{key}", *(_flag_text(v) for v in values)]
+    return argv
+
+
+def _flag_text(value: Any) -> str:
+    """A config file's value as a flag spells it (``True`` -> ``true``, ``1e-05`` stays a number)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation.
 
@@ -214,10 +265,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if argv[0].endswith(".json"):
-            return _check_parsed(parser.parse_json_file(argv[0]))
-        return _check_parsed(parser.parse_yaml_file(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = config_file_argv(argv[0])
     argv = normalize_argv(argv)
     argv += cpu_processes_flag(argv, dataclass_types)
     configure_reporting(argv)

@@ -63,6 +63,47 @@ def test_parse_reference_style_flags(tmp_path):
     assert model.torch_dtype == "float16" and data.dataset_dir == "d"
 
 
+SFT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_config_file_means_what_its_flags_mean(tmp_path, monkeypatch, suffix):
+    """Legacy names renamed, --fp16 dropped without a GPU, YAML's ``1e-5`` (a string to YAML 1.1) read as
+    a number, a list as several values, null as the default; wandb goes offline as with the flags."""
+    import json
+
+    import yaml
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = {"model_name_or_path": "m", "dataset_dir": "d", "output_dir": str(tmp_path / "out"),
+              "evaluation_strategy": "steps", "eval_steps": 5, "warmup_ratio": 0.03, "learning_rate": "1e-5",
+              "fp16": not __import__("torch").cuda.is_available(), "report_to": ["wandb"],
+              "lora_target": "q_proj,v_proj", "peft_path": None, "logging_first_step": True}  # fmt: skip
+    path = tmp_path / f"config{suffix}"
+    path.write_text(json.dumps(config) if suffix == ".json" else yaml.safe_dump(config))
+    model, data, lora, training = parse_args(SFT_GROUPS, [str(path)])
+    assert training.eval_strategy == "steps" and training.warmup_steps == pytest.approx(0.03)
+    assert training.learning_rate == pytest.approx(1e-5) and training.logging_first_step is True
+    assert not training.fp16 or __import__("torch").cuda.is_available()
+    assert training.report_to == ["wandb"] and os.environ["WANDB_MODE"] == "offline"
+    assert lora.lora_spec().targets == ["q_proj", "v_proj"] and model.peft_path is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("model_name_or_path: m\ndataset_dir: d\nmax_stepz: 3\n", "unknown flags: --max_stepz 3"),
+     ("model_name_or_path: m\ndataset_dir: d\ndeepspeed: {stage: 2}\n", "deepspeed is a nested mapping"),
+     ("- model_name_or_path\n", "expected a mapping of flag names to values, found list"),
+     ("a: [1\n", "not valid YAML")],
+)  # fmt: skip
+def test_a_bad_config_file_is_one_config_error(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        parse_args(SFT_GROUPS, [str(path)])
+
+
 def test_unknown_flag_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown flags: --bogus"):
         parse_args((DataArguments,), ["--dataset_dir", "d", "--bogus", "1"])
