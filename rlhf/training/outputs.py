@@ -9,7 +9,7 @@
   (:mod:`rlhf.publish`), so a run killed while saving never leaves a half-written checkpoint that a
   resume would pick up.
 - The final model goes to ``--output_dir`` the same way: written to a staging folder, then each file
-  renamed over its old version.
+  renamed over its old version; model files of an earlier save that this one does not write are removed.
 """
 
 from __future__ import annotations
@@ -97,10 +97,33 @@ def _move_into(staging: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+# The files of a saved model or adapter (transformers' and peft's names). A final save replaces the whole
+# set: a file of an earlier run that the new save does not write (its adapter beside new full weights, or
+# its full weights under a new adapter) would make the directory load as another model.
+MODEL_FILE_PATTERNS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+    "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+def remove_stale_model_files(output_dir: Path, written: set[str]) -> list[str]:
+    """Delete the model files (:data:`MODEL_FILE_PATTERNS`) in ``output_dir`` whose names are not in
+    ``written``; returns their names, sorted."""
+    stale = sorted(
+        {path.name for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern)} - written
+    )
+    for name in stale:
+        (output_dir / name).unlink()
+    return stale
+
+
 def save_final_model(trainer: Trainer, output_dir: str) -> None:
     """Save the model (adapter or full weights) and tokenizer into ``output_dir`` atomically per file.
 
-    Must run on every process (DeepSpeed ZeRO-3 gathers the weights collectively).
+    The model files of an earlier save that this one does not write are removed (one log line names
+    them), so the directory loads as this model and no other. Must run on every process (DeepSpeed
+    ZeRO-3 gathers the weights collectively).
     """
     final = Path(output_dir) / FINAL_STAGING_NAME
     if trainer.args.should_save:
@@ -111,7 +134,11 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         (staging / "training_args.bin").unlink(missing_ok=True)
+        written = {entry.name for entry in staging.iterdir()}
         _move_into(staging, Path(output_dir))
+        stale = remove_stale_model_files(Path(output_dir), written)
+        if stale:
+            logger.info("removed the earlier model's %s from %s", ", ".join(stale), output_dir)
         logger.info("saved the final model to %s", output_dir)
     trainer.accelerator.wait_for_everyone()
 

@@ -1,0 +1,51 @@
+"""The final model in --output_dir is the run's model and no other: an earlier save of another kind
+(an adapter, full weights) leaves no file that would change what the directory loads as."""
+
+from __future__ import annotations
+
+import torch
+from test_sft_outputs import with_flags
+from test_sft_stage import quick_argv
+from transformers import AutoModelForCausalLM
+
+from rlhf.models import load_causal_lm
+from rlhf.training.outputs import remove_stale_model_files
+from run_sft_with_peft import main
+
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+FULL_FILES = {"model.safetensors", "config.json"}
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 13, 17]])).logits
+
+
+def test_switching_between_lora_and_full_training_in_one_output_dir(tiny_llama, repo_root, tmp_path):
+    out = tmp_path / "out"
+    base = quick_argv(tiny_llama, repo_root / "sft_data", out, "--overwrite_output_dir")
+    full = with_flags(base, lora_rank="-1", learning_rate="1e-2")
+    lora = with_flags(base, lora_rank="4", learning_rate="1e-2")
+
+    main(lora)
+    assert {p.name for p in out.iterdir()} >= ADAPTER_FILES
+    main(full)  # full fine-tuning over the adapter's run
+    names = {p.name for p in out.iterdir()}
+    assert names >= FULL_FILES and not ADAPTER_FILES & names, names
+    trained = load_causal_lm(str(out))
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(plain, "peft_config") and torch.equal(logits(plain), logits(trained))
+    assert not torch.allclose(logits(plain), logits(AutoModelForCausalLM.from_pretrained(tiny_llama)))
+
+    main(lora)  # and back: the full weights must not sit under the new adapter
+    names = {p.name for p in out.iterdir()}
+    assert names >= ADAPTER_FILES and "model.safetensors" not in names, names
+
+
+def test_only_model_files_not_written_are_removed(tmp_path):
+    for name in ("adapter_config.json", "model-00001-of-00002.safetensors", "metrics.jsonl", "config.json"):
+        (tmp_path / name).write_text("{}")
+    assert remove_stale_model_files(tmp_path, {"config.json"}) == [
+        "adapter_config.json", "model-00001-of-00002.safetensors"
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
