@@ -542,3 +542,37 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_llama, tmp_
     assert "Self CPU" in summary  # the operator table
     trace = (out / "profile" / "step_3.json").read_text()
     assert "ppo/rollout" in trace and "ppo/mini_batch" in trace  # step 3 collects its rollout
+
+
+def test_adapters_trained_on_an_sft_adapter_dir_load_with_plain_peft(tiny_llama, tmp_path):
+    """--sft_model_path an adapter dir: the base the actor and critic adapters apply to (the SFT adapter
+    merged into its base) is written to <output_dir>/base_model and named in their configs, so the outputs
+    and checkpoints load with plain peft as the model that was trained."""
+    from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    sft = tmp_path / "sft_adapter"
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(sft)
+    load_tokenizer(str(tiny_llama)).save_pretrained(sft)
+    out = tmp_path / "ppo"
+    run_ppo_with_peft.main([
+        "--sft_model_path", str(sft), "--reward_fn", "rlhf.toy_task:positivity_reward", "--dataset_dir",
+        str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--max_response_length", "6", "--max_steps", "1", "--actor_lr", "1e-2", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), sft
+    ).merge_and_unload()
+    ids = torch.tensor([[1, 30, 31, 32, 33, 34]])
+    with torch.no_grad():
+        sft_logits = merged(ids).logits
+        expected = PeftModel.from_pretrained(merged, out).eval()(ids).logits  # what PPO trained: SFT + actor
+        for actor in (out, out / "checkpoint-1" / "actor"):
+            assert json.loads((actor / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+                out / "base_model"
+            )
+            torch.testing.assert_close(AutoPeftModelForCausalLM.from_pretrained(actor)(ids).logits, expected)
+        assert not torch.allclose(expected, sft_logits)  # the actor moved
+    critic = json.loads((out / "critic" / "adapter_config.json").read_text())
+    assert critic["base_model_name_or_path"] == str(out / "base_model")

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 
 from rlhf.args import DataArguments, split_comma_list
+from rlhf.backend import Backend
 from rlhf.backend.accelerate import AccelerateBackend
 from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer, resolve_dtype
 from rlhf.models.lora import LoraSpec
@@ -33,6 +34,7 @@ from rlhf.ppo.rewards import (
     load_reward_fn,
 )
 from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
+from rlhf.publish import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,32 @@ def build_models_and_scorer(
     return models, scorers[0] if len(scorers) == 1 else SumScorer(scorers)
 
 
+MERGED_BASE_DIR = "base_model"  # in --output_dir: the base of the saved adapters, when it is on no disk
+
+
+def export_merged_base(
+    models: PeftPolicyModels, sft_model_path: str, output_dir: Path, save_tokenizer: Any, backend: Backend
+) -> None:
+    """With ``--sft_model_path`` an adapter dir, the base the actor's and critic's adapters apply to (that
+    adapter merged into its base) exists on no disk: write it once to ``<output_dir>/base_model`` (a plain
+    transformers model with the tokenizer, written at every start) and name it in the saved adapters'
+    configs, so checkpoints and outputs load with plain ``peft``. Full-weight outputs need none."""
+    if not (is_adapter_dir(sft_model_path) and models.has_adapters):
+        return
+    target = output_dir / MERGED_BASE_DIR
+    if backend.is_main:
+        staging = staging_dir(target)
+        models.save_base(staging)
+        save_tokenizer(staging)
+        publish_dir(staging, target)
+        logger.info(
+            "--sft_model_path %s is an adapter: its merge into %s, the base of the saved adapters, is in %s",
+            sft_model_path, adapter_base_path(sft_model_path), target,
+        )  # fmt: skip
+    backend.barrier()
+    models.base_model_path = str(target)
+
+
 def build_peft_session(
     data: DataArguments, margs: PPOModelArguments, ppo: PPOArguments, args: PPOTrainingArguments
 ) -> PPOSession:
@@ -122,6 +150,8 @@ def build_peft_session(
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
+    save_tokenizer = lambda path: tokenizer.save_pretrained(str(path))  # noqa: E731
+    export_merged_base(models, margs.sft_model_path, Path(args.output_dir), save_tokenizer, backend)
     prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
     pretrain = None
     if margs.pretrain_dataset_dir:
@@ -129,6 +159,6 @@ def build_peft_session(
     parts = SessionParts(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
-        save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
+        save_extra={"tokenizer": save_tokenizer},
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})
