@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
+from rlhf.args import LoraArguments, ModelArguments
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import family_of, load_causal_lm, load_config, load_tokenizer, resolve_dtype
+from rlhf.models.lora import LoraSpec
+from rlhf.sft.stage import build_sft_model
+from rlhf.training import make_trainable
+
+
+def float16_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` saved in float16 (its config.json then records ``"dtype": "float16"``, as most real
+    Llama/Mistral checkpoints do), with its tokenizer files."""
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -59,6 +75,41 @@ def test_half_precision_without_gpu_falls_back_to_float32(caplog, monkeypatch):
         assert resolve_dtype("float16") == torch.float32
     assert "--torch_dtype float16 needs a GPU" in caplog.text
     assert resolve_dtype("auto") == "auto" and resolve_dtype("float32") == torch.float32
+
+
+def test_auto_is_the_checkpoint_dtype_under_the_same_gpu_rule(tiny_llama, tmp_path, caplog, monkeypatch):
+    import rlhf.models.loading as loading
+
+    half = load_config(str(float16_copy(tiny_llama, tmp_path / "fp16")))
+    monkeypatch.setattr(loading, "_precision_fallback_warned", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dtype("auto", half) == torch.float16  # a GPU: PPO's frozen base may stay in half
+    assert resolve_dtype("auto", load_config(str(tiny_llama))) == torch.float32
+    assert resolve_dtype("auto") == "auto"  # no checkpoint to read: transformers decides
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_dtype("auto", half) == torch.float32
+    assert "--torch_dtype auto (a float16 checkpoint) needs a GPU" in caplog.text
+
+
+def test_float16_checkpoint_loads_in_float32_without_gpu_under_auto(tiny_llama, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    path = float16_copy(tiny_llama, tmp_path / "fp16")
+    assert {p.dtype for p in load_causal_lm(str(path)).parameters()} == {torch.float32}
+
+
+def test_full_fine_tuning_of_a_float16_checkpoint_under_auto_trains_float32_weights(tiny_llama, tmp_path):
+    path = float16_copy(tiny_llama, tmp_path / "fp16")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    model = build_sft_model(ModelArguments(model_name_or_path=str(path)), LoraArguments(lora_rank=-1), args)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    # as on a GPU, where auto loads the float16 weights as they are: full training still upcasts them
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+    full = make_trainable(loaded, LoraSpec(rank=-1))
+    assert {p.dtype for p in full.parameters() if p.requires_grad} == {torch.float32}
+    lora = make_trainable(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16), LoraSpec(rank=4))
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.float16}  # frozen base
 
 
 def test_bad_dtype():

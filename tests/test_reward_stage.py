@@ -11,6 +11,7 @@ import pytest
 import torch
 from launch import script_env, torchrun
 from safetensors.torch import load_file
+from test_model_loading import float16_copy
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
@@ -204,6 +205,18 @@ def test_same_seed_builds_the_same_adapter_and_score_head(tiny_llama, tmp_path):
     assert any("score" in k for k in first) and any("lora_A" in k for k in first)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if "score" in k)
+
+
+def test_full_reward_model_of_a_float16_checkpoint_under_auto_trains_float32_weights(tiny_llama, tmp_path):
+    path = float16_copy(tiny_llama, tmp_path / "fp16")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    model = build_reward_model(
+        ModelArguments(model_name_or_path=str(path)),
+        LoraArguments(lora_rank=-1),
+        AutoTokenizer.from_pretrained(path),
+        args,
+    )
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
 @pytest.mark.slow

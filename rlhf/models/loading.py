@@ -42,18 +42,31 @@ def warn_precision_fallback(flags: list[str]) -> None:
         )
 
 
-def resolve_dtype(name: str | None) -> torch.dtype | str:
+def checkpoint_dtype(config: PretrainedConfig | None) -> str | None:
+    """The dtype name a checkpoint's ``config.json`` records (``"float16"``, ...), or None when it names none."""
+    recorded = getattr(config, "dtype", None) if config is not None else None
+    return str(recorded).removeprefix("torch.") if recorded else None
+
+
+def resolve_dtype(name: str | None, config: PretrainedConfig | None = None) -> torch.dtype | str:
     """``--torch_dtype`` to a torch dtype (or ``"auto"``); half precision without a GPU becomes float32.
 
-    The warning is a single line so a command copied from a GPU recipe still runs on a laptop.
+    ``auto`` with the checkpoint's ``config`` is the dtype its ``config.json`` records, under the same rule
+    (a float16 checkpoint loads in float32 on a machine without GPU); without a config, or when the config
+    records none, it stays ``"auto"`` for transformers to decide. The warning is a single line so a command
+    copied from a GPU recipe still runs on a laptop.
     """
     if name in (None, "", "auto"):
-        return "auto"
-    if name not in DTYPES:
+        recorded = checkpoint_dtype(config)
+        if recorded not in DTYPES:
+            return "auto"
+        dtype, flag = DTYPES[recorded], f"--torch_dtype auto (a {recorded} checkpoint)"
+    elif name not in DTYPES:
         raise ConfigError(f"--torch_dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    dtype = DTYPES[name]
+    else:
+        dtype, flag = DTYPES[name], f"--torch_dtype {name}"
     if dtype != torch.float32 and not torch.cuda.is_available():
-        warn_precision_fallback([f"--torch_dtype {name}"])
+        warn_precision_fallback([flag])
         return torch.float32
     return dtype
 
@@ -130,11 +143,12 @@ def load_causal_lm(
 ) -> torch.nn.Module:
     """An ``AutoModelForCausalLM`` from a model dir, or from an adapter dir loaded onto its base.
 
-    With ``merge_adapter`` the adapter is merged and a plain transformers model returned; otherwise a
+    ``torch_dtype`` is resolved by :func:`resolve_dtype` with the (base) checkpoint's config, so ``auto``
+    is the recorded dtype, float32 for a half-precision checkpoint on a machine without GPU. With
+    ``merge_adapter`` the adapter is merged and a plain transformers model returned; otherwise a
     ``PeftModel`` (trainable when ``adapter_trainable``).
     """
-    load_config(path, model_type, trust_remote_code)
-    dtype = resolve_dtype(torch_dtype)
+    dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base_path = adapter_base_path(path) if is_adapter_dir(path) else path
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if not is_adapter_dir(path):

@@ -28,6 +28,8 @@ def weights_dtype(torch_dtype: str | None, use_lora: bool) -> str:
     Full fine-tuning keeps float32 master weights under ``--torch_dtype float16`` (mixed precision comes
     from ``--fp16``); with LoRA the frozen base may be float16 and PEFT keeps the adapter in float32.
     Without a GPU, :func:`rlhf.models.resolve_dtype` turns half precision into float32 with one warning.
+    ``auto`` is resolved later, from the checkpoint's config; a float16 checkpoint trained in full is then
+    upcast by :func:`make_trainable`.
     """
     if torch_dtype == "float16" and not use_lora and torch.cuda.is_available():
         logger.warning(
@@ -58,7 +60,9 @@ def make_trainable(
     are an adapter's fully trained bfloat16 companions (the reward model's ``score`` head,
     ``--modules_to_save``), which PEFT copies in the base's dtype: AdamW's steps of about the learning rate
     are far below one bf16 step of a weight, so a bf16 head would barely move. Full fine-tuning in bf16 stays
-    bf16 (as ``transformers.Trainer`` trains a bf16 model).
+    bf16 (as ``transformers.Trainer`` trains a bf16 model); full fine-tuning never keeps float16 weights,
+    whatever dtype the model was loaded in (a float16 checkpoint under ``--torch_dtype auto``): they are
+    upcast to float32 master weights, and ``--fp16`` gives the mixed precision.
     """
     use_fused_rms_norm(model)  # one F.rms_norm per norm (a fused kernel each way on CUDA)
     if peft_path:
@@ -84,6 +88,8 @@ def make_trainable(
         use_fast_lora_forward(model)  # no float32 round trip of the input under autocast, one addmm
     if fp16:
         upcast_float16_trainable(model)
+    elif not isinstance(model, PeftModel):
+        upcast_trainable(model, torch.float16, "full fine-tuning")
     if bf16 and isinstance(model, PeftModel):
         upcast_trainable(model, torch.bfloat16, "--bf16")
     if gradient_checkpointing and isinstance(model, PeftModel):
@@ -115,7 +121,8 @@ def upcast_trainable(model: torch.nn.Module, dtype: torch.dtype, flag: str) -> i
     """Cast trainable ``dtype`` parameters to float32 in place (logged under ``flag``); return how many."""
     cast = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype == dtype:
+        # ZeRO-3 partitions (``ds_id``) are left to DeepSpeed, which keeps its own float32 master copy
+        if param.requires_grad and param.dtype == dtype and not hasattr(param, "ds_id"):
             param.data = param.data.float()
             cast += 1
     if cast:
