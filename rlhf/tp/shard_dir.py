@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import CheckpointError
+from rlhf.models.loading import adapter_base_path, is_adapter_dir
 from rlhf.publish import publish_dir, staging_dir, staging_path
 from rlhf.tp.distributed import barrier, is_main
 from rlhf.tp.hf_checkpoint import aux_files, load_tensor_file, read_hf_config, read_json
@@ -126,11 +127,32 @@ def load_all_shards(shard_dir: str | os.PathLike) -> tuple[dict, list[dict[str, 
     return params, [load_tensor_file(f) for f in shard_files(shard_dir, params["n_shards"])]
 
 
+# what PEFT writes into an adapter dir besides its weights: not part of a model dir built from it
+ADAPTER_ONLY_FILES = ("adapter_config.json", "README.md")
+
+
 def source_hf_config(ckpt_dir: str | os.PathLike) -> dict:
-    """The original config.json of a shard dir (from params.json) or of an HF model dir."""
+    """The original config.json of a shard dir (from params.json), of an HF model dir, or of the base
+    model an adapter dir names (the architecture of the model built from it, the adapter merged)."""
     if is_shard_dir(ckpt_dir):
         return read_params(ckpt_dir)["hf_config"]
+    if is_adapter_dir(ckpt_dir):
+        return read_hf_config(adapter_base_path(ckpt_dir))[0]
     return read_hf_config(ckpt_dir)[0]
+
+
+def source_aux_files(source_dir: str | os.PathLike) -> list[Path]:
+    """The non-weight files (tokenizer, generation config, remote code) a dir built from ``source_dir``
+    gets. An adapter dir: its base model's, overlaid with the adapter's own tokenizer files when it has
+    a tokenizer (the one :func:`rlhf.models.loading.load_tokenizer` reads), never the adapter's config
+    or model card (the saved dir is a plain model, not an adapter)."""
+    if not is_adapter_dir(source_dir):
+        return aux_files(Path(source_dir))
+    files = {p.name: p for p in aux_files(Path(adapter_base_path(source_dir)))}
+    if (Path(source_dir) / "tokenizer_config.json").is_file():
+        own = [p for p in aux_files(Path(source_dir)) if p.name not in ADAPTER_ONLY_FILES]
+        files.update({p.name: p for p in own})
+    return [files[name] for name in sorted(files)]
 
 
 def write_shard(state: dict[str, torch.Tensor], directory: Path, rank: int) -> None:
@@ -141,11 +163,11 @@ def write_metadata(
     directory: Path, args: ModelArgs, n: int, hf_config: dict, aux_dir: Path | None, head: str | None = None
 ) -> None:
     """``params.json`` (with ``head`` when given), the source's config.json (tokenizer loaders read it)
-    and its tokenizer files."""
+    and its tokenizer files (:func:`source_aux_files` of ``aux_dir``)."""
     params = params_dict(args, n, hf_config) | ({"head": head} if head is not None else {})
     (directory / PARAMS).write_text(json.dumps(params, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    for path in aux_files(aux_dir) if aux_dir is not None else []:
+    for path in source_aux_files(aux_dir) if aux_dir is not None else []:
         shutil.copy2(path, directory / path.name)
 
 
@@ -170,7 +192,8 @@ def write_model_shards(
     model: torch.nn.Module, directory: Path, source_dir: str | os.PathLike, head: str = "lm"
 ) -> None:
     """Every rank writes its shard of a running TP model into ``directory``; rank 0 also ``params.json``
-    (with ``head``), config.json and the tokenizer files of ``source_dir`` (where the model came from).
+    (with ``head``), config.json and the tokenizer files of ``source_dir`` (where the model came from: a
+    shard dir, an HF model dir, or an adapter dir, whose base gives the config).
 
     Call on every rank, after :func:`rlhf.tp.lora.merge_lora` when the model carries LoRA weights.
     """
