@@ -173,6 +173,22 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
         load_dataset_dir(tmp_path, "sft")
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_unicode_line_separators_inside_strings_are_not_line_breaks(tmp_path, newline):
+    """U+2028, U+2029 and U+0085 are valid unescaped in JSON strings (``ensure_ascii=False`` writes them)."""
+    texts = ["one\u2028two", "three\u2029four", "blue\x85"]
+    lines = [json.dumps({"prompt": t, "response": t}, ensure_ascii=False) for t in texts] + [
+        '{"prompt": "p"}'
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    records = list(iter_json_records(path))[:3]
+    assert [r["prompt"] for _, r in records] == texts
+    assert [where for where, _ in records] == [f"{path}:{i}" for i in (1, 2, 3)]
+    with pytest.raises(DataError, match=r'd\.jsonl:4: missing field "response"'):
+        load_dataset_dir(path, "sft")
+
+
 def test_missing_field_through_the_loader_names_file_and_line(tmp_path):
     write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                            {"prompt": "p", "chosen": "a"}])  # fmt: skip

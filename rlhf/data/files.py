@@ -1,8 +1,9 @@
 """Finding data files and reading their records with file:line positions for error messages.
 
 A ``--dataset_dir`` holds ``*.json`` (a JSON list of objects), ``*.jsonl`` and ``*.jsonl.gz`` files (one
-object per line). Hidden files and sub-directories (such as a ``cache/`` folder) are skipped; any other
-file is an error, so a typo such as ``train.jsonl.txt`` is not silently ignored.
+object per line; lines end at ``\n`` or ``\r\n`` only, never at a U+2028 inside a string). Hidden files
+and sub-directories (such as a ``cache/`` folder) are skipped; any other file is an error, so a typo such
+as ``train.jsonl.txt`` is not silently ignored.
 
 Python's ``json`` accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity`` (and turns
 ``1e999`` into infinity); a record holding such a number anywhere is rejected at its ``file:line``, so a
@@ -102,7 +103,10 @@ def find_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
 
 
 def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    """One JSON value per line. Lines end at "\n" only (a "\r\n" ending reaches here as "\n": files are read
+    with universal newlines): ``str.splitlines`` would also split at U+2028, U+2029, U+0085 and other
+    separators that valid JSON may hold unescaped inside a string, and number the lines after them wrong."""
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
