@@ -510,3 +510,23 @@ def test_compiled_decode_step_decodes_the_same_tokens(tiny_model_factory, merge_
         compiled.generate(ids, mask, sampling).response_ids,
         engine_for(model).generate(ids, mask, sampling).response_ids,
     )
+
+
+def test_hf_generate_samples_from_the_model_not_its_generation_config_file(tiny_model_factory, caplog):
+    """A generation_config.json that suppresses tokens or penalises repeats must not change what the HF
+    path samples: the log-probs it returns are of the raw distribution, as the static engine's are. The
+    model's own configuration is back in place afterwards, and one log line names what was left out."""
+    model = with_lora(tiny_model_factory("llama"))
+    base = model.get_base_model()
+    base.generation_config.suppress_tokens = list(range(10, 500))
+    base.generation_config.repetition_penalty = 5.0
+    ids, mask = left_padded(tiny_model_factory("llama"))
+    sampling = SamplingConfig(max_new_tokens=12, min_new_tokens=12, temperature=1.0, eos_token_id=None,
+                              pad_token_id=0)  # fmt: skip
+    generator = HFGenerator(lambda: nullcontext(model), sampling)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="rlhf.generation.hf"):
+        out = generator.generate(ids, mask)
+    assert ((out.response_ids >= 10) & (out.response_ids < 500)).float().mean() > 0.5
+    assert "repetition_penalty, suppress_tokens are not used" in caplog.text
+    assert base.generation_config.repetition_penalty == 5.0

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
 from rlhf.generation.base import Generation, SamplingConfig, response_mask_after_eos
+
+logger = logging.getLogger(__name__)
+
+# generation_config.json entries that do not change which tokens are drawn (not worth a log line)
+NOT_SAMPLING_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "transformers_version", "_from_model_config",
+                         "use_cache", "cache_implementation"}  # fmt: skip
 
 
 class HFGenerator:
@@ -44,13 +51,14 @@ class HFGenerator:
             output_logits=True,
             return_dict_in_generate=True,
         )
+        self._reported = False
 
     def prepare(self) -> None:
         """Nothing to allocate: ``generate`` grows its own cache at every call."""
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
-        with self.model_context() as model:
+        with self.model_context() as model, self._without_model_defaults(model):
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.config
             )
@@ -70,3 +78,32 @@ class HFGenerator:
             dim=1,
         )  # [B, R]
         return Generation(response, mask, logprobs * mask)
+
+    @contextmanager
+    def _without_model_defaults(self, model: Any) -> Iterator[None]:
+        """``generate`` fills every setting our config leaves unset from the model's own
+        ``generation_config.json`` (a repetition penalty, suppressed tokens, ``min_p``...): the tokens would
+        come from another distribution than the one their log-probs describe, and than the static engine
+        samples from. A blank configuration stands in for the model's while generating (one log line names
+        the settings left out)."""
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        saved = getattr(target, "generation_config", None)
+        if saved is None:
+            yield
+            return
+        if not self._reported:
+            self._reported = True
+            ignored = sorted(
+                key for key in set(saved.to_diff_dict()) - NOT_SAMPLING_SETTINGS
+                if not key.startswith(("output_", "return_"))
+            )  # fmt: skip
+            if ignored:
+                logger.info(
+                    "generation: the model's generation_config.json settings %s are not used (sampling follows "
+                    "the temperature, top-k and top-p given here)", ", ".join(ignored),
+                )  # fmt: skip
+        target.generation_config = GenerationConfig()
+        try:
+            yield
+        finally:
+            target.generation_config = saved
