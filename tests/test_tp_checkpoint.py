@@ -131,6 +131,39 @@ def test_verifier_shards_merge_to_sequence_classification(arch, overrides, tiny_
     assert expected.abs().min() > 1e-3  # a real head, not zeros
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 
+    # the merged dir splits again (another TP degree) into a scalar-head shard dir, and loads as it is
+    split_main()(["--ckpt_file", str(tmp_path / "hf"), "--save_path", str(tmp_path / "v2"), "-n", "2"])
+    assert json.loads((tmp_path / "v2" / "params.json").read_text())["head"] == "scalar"
+    split_main()(["--ckpt_file", str(tmp_path / "hf"), "--save_path", str(tmp_path / "v1"), "-n", "1"])
+    init_model_parallel()
+    try:
+        for path in (tmp_path / "v1", tmp_path / "hf"):
+            again = load_tp_model(
+                str(path), rank=0, world_size=1, device=torch.device("cpu"), scalar_head=True
+            )
+            with torch.no_grad():
+                scores = again(tokens, mask)[torch.arange(2), torch.tensor([5, 3])]
+            torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+            with pytest.raises(CheckpointError, match="a verifier \\(scalar head\\), not a causal LM"):
+                load_tp_model(str(path), rank=0, world_size=1, device=torch.device("cpu"))
+    finally:
+        shutdown()
+
+
+def test_sequence_classification_with_several_labels_is_refused(tiny_model_factory, tmp_path):
+    from rlhf.tp.convert_weights import source_head
+
+    state = load_file(tiny_model_factory("llama") / "model.safetensors")
+    dim = state["model.norm.weight"].shape[0]
+    lm = dict(state)
+    score = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    assert source_head(StateDictLookup(lm)) == "lm"
+    assert source_head(StateDictLookup(score | {"score.weight": torch.zeros(1, dim)})) == "scalar"
+    with pytest.raises(
+        CheckpointError, match="score.weight has 2 labels: a verifier or reward model has one"
+    ):
+        source_head(StateDictLookup(score | {"score.weight": torch.zeros(2, dim)}))
+
 
 def test_scalar_head_of_a_family_without_sequence_classification_is_refused():
     from rlhf.tp.key_maps import sequence_classification_config
@@ -270,8 +303,12 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         TensorSource.open(tmp_path / "missing.bin")
     main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
-    with pytest.raises(CheckpointError, match="holds 2 shards but the model-parallel world size is 1"):
+    with pytest.raises(
+        CheckpointError, match="holds 2 shards but the model-parallel world size is 1"
+    ) as error:
         load_shard(tmp_path / "s2", 0, 1)
+    # a shard dir cannot be split again: the hint says to merge it first
+    assert f"checkpoint_split.py --merge --ckpt_dir {tmp_path / 's2'}" in str(error.value)
     with pytest.raises(SystemExit):  # an existing, non-empty --save_path needs --overwrite
         main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
     main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "1", "--overwrite"])

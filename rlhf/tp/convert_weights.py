@@ -10,6 +10,8 @@ Shapes, for a weight split N ways:
 - a vocabulary split (``output``, tied ``tok_embeddings``) first pads ``[vocab, dim]`` with zero rows to
   ``[padded_vocab, dim]`` (the next multiple of N) and drops them again on merge;
 - replicated tensors (norms, router, row-parallel biases, ``v_head``) are the same on every rank;
+- a scalar head (a verifier's or critic's ``v_head``) is ``score`` of the HF ``...ForSequenceClassification``
+  (:func:`source_head` tells such a state from a causal LM's);
 - a fused HF tensor (the original Qwen's ``c_attn`` ``[3 * dim, dim]``) is cut into its equal parts along
   dim 0 before splitting, and concatenated back after merging.
 """
@@ -86,13 +88,29 @@ def to_shard_keys(
     yield from zip(parts, torch.chunk(tensor, len(parts), dim=0))
 
 
+def source_head(source: TensorLookup) -> str:
+    """``"scalar"`` for the state of an HF ``...ForSequenceClassification`` with one label (``score.weight``
+    ``[1, dim]``: a verifier or critic merged by ``checkpoint_split.py --merge``, or a reward model), else
+    ``"lm"``. A score layer with several labels is refused: a verifier has one score."""
+    keys = set(source.keys())
+    if "score.weight" not in keys or "lm_head.weight" in keys:
+        return "lm"
+    labels = source.get("score.weight").shape[0]
+    if labels != 1:
+        raise CheckpointError(
+            f"score.weight has {labels} labels: a verifier or reward model has one (num_labels=1)"
+        )
+    return "scalar"
+
+
 def iter_shard_tensors(
-    source: TensorLookup, args: ModelArgs, n: int
+    source: TensorLookup, args: ModelArgs, n: int, head: str = "lm"
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(shard key, its N pieces) for every tensor of ``source``, one at a time; every key must be known
-    to the family's key map and every key of the map present."""
+    to the family's key map (with ``head="scalar"``: ``score`` instead of ``lm_head``) and every key of the
+    map present."""
     check_divisible(args, n)
-    table = concrete_key_map(args)
+    table = concrete_key_map(args, head)
     present = set(source.keys())
     unknown = sorted(k for k in present - set(table) if not IGNORED_KEYS.match(k))
     if args.tie_word_embeddings:
@@ -109,11 +127,13 @@ def iter_shard_tensors(
             yield key, split_tensor(tensor, shard_dim(key, args), n, rows)
 
 
-def split_state(source: TensorLookup, args: ModelArgs, n: int, ranks: Iterable[int]) -> dict[int, dict]:
+def split_state(
+    source: TensorLookup, args: ModelArgs, n: int, ranks: Iterable[int], head: str = "lm"
+) -> dict[int, dict]:
     """The state dicts of the shards ``ranks`` (of N), in memory (only those ranks' pieces are kept)."""
     ranks = list(ranks)
     shards: dict[int, dict] = {r: {} for r in ranks}
-    for key, pieces in iter_shard_tensors(source, args, n):
+    for key, pieces in iter_shard_tensors(source, args, n, head):
         for r in ranks:
             shards[r][key] = pieces[r].contiguous()
     return shards

@@ -1,7 +1,9 @@
 """A model for this rank from a shard dir (``params.json`` + ``consolidated.NN.pth``) or a plain HF dir.
 
 An HF dir (what the ``run_*`` scripts save, optionally with ``--peft_path`` or as an adapter dir) is split in
-memory through the same key maps as ``checkpoint_split.py``; each rank keeps only its own shard.
+memory through the same key maps as ``checkpoint_split.py``; each rank keeps only its own shard. An HF
+``...ForSequenceClassification`` dir with one label (a verifier merged by ``checkpoint_split.py --merge``)
+loads as a scalar-head model.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import torch
 
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.loading import is_adapter_dir
-from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, split_state
+from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, source_head, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, read_hf_config
 from rlhf.tp.key_maps import check_divisible, check_preset, model_args_from_hf
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
-from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard
+from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard, read_params
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +74,19 @@ def load_rank_state(
         where = f"{path}/config.json"
     args = model_args_from_hf(full_config)
     check_divisible(args, world_size)
-    state = split_state(source, args, world_size, [rank])[rank]
+    state = split_state(source, args, world_size, [rank], source_head(source))[rank]
     return args, state, where
+
+
+def checkpoint_head(ckpt_dir: str) -> str:
+    """``"scalar"`` when ``ckpt_dir`` holds a verifier / critic (a shard dir with ``"head": "scalar"``, or
+    an HF ``...ForSequenceClassification`` dir with one label), ``"lm"`` for a causal LM (shard, HF or
+    adapter dir). Reads ``params.json`` or the weight files' key lists, no tensors but the score layer."""
+    if is_shard_dir(ckpt_dir):
+        return read_params(ckpt_dir).get("head", "lm")
+    if is_adapter_dir(ckpt_dir):
+        return "lm"  # loaded as a causal LM onto its base
+    return source_head(TensorSource.open(ckpt_dir))
 
 
 def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
@@ -128,6 +141,8 @@ def load_tp_model(
     """This rank's model from ``ckpt_dir``, checked against ``--model_type``."""
     args, state, where = load_rank_state(ckpt_dir, rank, world_size, peft_path)
     check_preset(model_type, args, where)
+    if "v_head.weight" in state and not scalar_head:
+        raise CheckpointError(f"{ckpt_dir}: a verifier (scalar head), not a causal LM with an output layer")
     model = build_model(args, state, dtype, device, scalar_head=scalar_head)
     if rank == 0:
         n_local = sum(p.numel() for p in model.parameters())

@@ -93,8 +93,9 @@ def shard_files(shard_dir: str | os.PathLike, n: int) -> list[Path]:
 def _check_world_size(shard_dir: str | os.PathLike, n: int, world_size: int) -> None:
     if n != world_size:
         raise CheckpointError(
-            f"{shard_dir} holds {n} shards but the model-parallel world size is {world_size} "
-            f"(run with --nproc_per_node {n}, or re-split with checkpoint_split.py --n {world_size})"
+            f"{shard_dir} holds {n} shards but the model-parallel world size is {world_size} (run with "
+            f"--nproc_per_node {n}, or merge it with checkpoint_split.py --merge --ckpt_dir {shard_dir} "
+            f"--save_path HF_DIR and pass HF_DIR, which is split in memory, or its re-split with -n {world_size})"
         )
 
 

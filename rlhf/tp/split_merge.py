@@ -1,7 +1,8 @@
 """Whole directories, what ``checkpoint_split.py`` runs: an HF checkpoint -> a shard dir, and back.
 
 - :func:`split_to_dir`: a weight file or HF model dir -> ``params.json`` + ``consolidated.NN.pth`` +
-  tokenizer (:mod:`rlhf.tp.shard_dir`); several processes may share the shards (rank r writes shards
+  tokenizer (:mod:`rlhf.tp.shard_dir`); a ``...ForSequenceClassification`` dir (a merged verifier or
+  critic) becomes a scalar-head shard dir again; several processes may share the shards (rank r writes shards
   r, r + W, ...). Tensors stream one at a time and a process keeps only the shards it writes, so the
   whole model is never held twice.
 - :func:`merge_to_dir`: a shard dir -> an HF model dir that ``from_pretrained`` loads (config.json,
@@ -23,7 +24,7 @@ from pathlib import Path
 from rlhf.args import check_output_dir
 from rlhf.errors import CheckpointError
 from rlhf.publish import publish_dir, staging_dir
-from rlhf.tp.convert_weights import merge_shards, split_state
+from rlhf.tp.convert_weights import merge_shards, source_head, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, aux_files, read_hf_config, write_safetensors
 from rlhf.tp.key_maps import (
     check_divisible,
@@ -63,12 +64,13 @@ def split_to_dir(
     args = model_args_from_hf(full)
     check_divisible(args, n)
     source = TensorSource.open(ckpt)
+    head = source_head(source)  # a merged verifier / critic (score.weight) splits back to a scalar head
     with collective_staging(save_path) as tmp:
-        for shard, state in split_state(source, args, n, range(rank, n, world_size)).items():
+        for shard, state in split_state(source, args, n, range(rank, n, world_size), head).items():
             write_shard(state, tmp, shard)
             logger.info("wrote %s (%d tensors)", shard_name(shard), len(state))
         if rank == 0:
-            write_metadata(tmp, args, n, raw, config_dir)
+            write_metadata(tmp, args, n, raw, config_dir, head if head == "scalar" else None)
     if rank == 0:
         logger.info("split %s into %d shards in %s", ckpt, n, save_path)
     return args
