@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,3 +251,38 @@ def test_generator_logprobs_equal_the_eval_forward(models, tiny_llama, engine):
     assert out.logprobs.shape == out.response_ids.shape
     torch.testing.assert_close(out.logprobs, expected * out.response_mask, atol=1e-4, rtol=1e-4)
     assert (out.logprobs[out.response_mask.bool()] < 0).all()
+
+
+def test_separate_reward_model_scores_the_last_real_token_as_the_reward_stage_trains_it(tiny_llama, tmp_path):
+    """--reward_model_path with no pad token in its config (common for llama-family RMs) and a batch whose
+    pad is the EOS: each score is the head at the row's last real token (its EOS), as an unpadded forward
+    of that row reads it; HF's own pooling would read the token before the EOS, or refuse the batch."""
+    from rlhf.ppo.peft_factory import _separate_reward_model
+    from rlhf.ppo.rewards import SequenceClassifierScorer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    model.config.pad_token_id = None
+    model.save_pretrained(tmp_path / "rm")
+    margs = SimpleNamespace(torch_dtype="float32", trust_remote_code=False)
+    scorer = SequenceClassifierScorer(
+        _separate_reward_model(str(tmp_path / "rm"), margs), torch.device("cpu")
+    )
+    eos = 2
+    prompts, responses = [[1, 10, 11, 12], [1, 13]], [[20, 21, eos], [22, 23, 24, eos]]
+    prompt_ids, prompt_mask = left_pad(prompts, eos)
+    response_ids = torch.tensor([[20, 21, eos, eos], [22, 23, 24, eos]])
+    response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    batch = SequenceBatch(
+        torch.cat([prompt_ids, response_ids], 1),
+        torch.cat([prompt_mask, response_mask], 1),
+        prompt_ids.shape[1],
+    )
+    captured = []  # the score head at every position of each unpadded row
+    hook = model.score.register_forward_hook(lambda _m, _i, out: captured.append(out[0, -1, 0]))
+    with torch.no_grad():
+        for prompt, response in zip(prompts, responses):
+            model(input_ids=torch.tensor([prompt + response]))
+    hook.remove()
+    expected = captured
+    torch.testing.assert_close(scorer.score(batch, [], []), torch.stack(expected), atol=1e-5, rtol=1e-5)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, set_seed
+from peft import PeftModel
+from transformers import set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend import Backend
 from rlhf.backend.accelerate import AccelerateBackend
-from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer, resolve_dtype
+from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
 from rlhf.ppo.data import load_pretrain, load_prompts
@@ -35,6 +36,7 @@ from rlhf.ppo.rewards import (
 )
 from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
 from rlhf.publish import publish_dir, staging_dir
+from rlhf.reward.model import load_reward_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +63,9 @@ def reward_adapter_shares_base(reward_lora_path: str, sft_model_path: str) -> bo
 
 def _separate_reward_model(path: str, margs: PPOModelArguments) -> torch.nn.Module:
     """A frozen sequence-classification model from a model dir, or an adapter dir merged onto its base."""
-    base = adapter_base_path(path) if is_adapter_dir(path) else path
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, dtype=resolve_dtype(margs.torch_dtype), trust_remote_code=margs.trust_remote_code
-    )
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = load_reward_model(path, torch_dtype=margs.torch_dtype, trust_remote_code=margs.trust_remote_code)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
     return model.requires_grad_(False)
 
 

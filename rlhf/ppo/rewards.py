@@ -17,6 +17,7 @@ import torch
 from rlhf.errors import ConfigError
 from rlhf.ppo.batch import SequenceBatch, left_pad
 from rlhf.ppo.policy_interface import PolicyModels
+from rlhf.reward.model import last_token_index, token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class AdapterScorer:
 
 class SequenceClassifierScorer:
     """A separate frozen ``AutoModelForSequenceClassification`` (``--reward_model_path``, or a reward
-    adapter trained on another base), scored as the plain model scores (``logits[:, 0]``). With its own
-    tokenizer (``tokenizer`` given) the prompt and response text is re-tokenized, the EOS appended by id."""
+    adapter trained on another base), read at the last real token as the reward stage trains it
+    (:func:`rlhf.reward.model.sequence_rewards`; HF's own pooling would read the token before an EOS that is
+    also the pad token). With its own tokenizer (``tokenizer`` given) the prompt and response text is
+    re-tokenized, the EOS appended by id."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
@@ -62,9 +65,10 @@ class SequenceClassifierScorer:
             ]
             seqs = SequenceBatch(*left_pad(rows, self.tokenizer.pad_token_id or 0), prompt_len=0)
             ids, mask, positions = seqs.input_ids, seqs.attention_mask, seqs.position_ids
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device))  # fmt: skip
-        return out.logits[:, 0].float()
+        mask = mask.to(self.device)
+        scores = token_scores(self.model, input_ids=ids.to(self.device), attention_mask=mask,
+                              position_ids=positions.to(self.device))  # fmt: skip
+        return scores.gather(1, last_token_index(mask)[:, None]).squeeze(1).float()
 
 
 class RuleScorer:
