@@ -12,6 +12,7 @@ from launch import script_env, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from rlhf.sft.stage import build_sft_loss
 from run_sft_with_peft import main
 
 # The step-1 command of the reference README, flag for flag (paths are filled in by the tests).
@@ -154,6 +155,51 @@ def test_full_fine_tuning_learns_the_toy_task(tiny_llama, repo_root, tmp_path):
         if "loss" in row
     ]
     assert losses[-1] < losses[0] / 2, losses
+
+
+def logged_losses(out: Path) -> list[float]:
+    return [row["loss"] for row in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss" in row]  # fmt: skip
+
+
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_label_smoothed_fused_loss_equals_the_trainer_label_smoother(tiny_llama, num_items):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    head = model.lm_head  # with a bias too, which Llama's head lacks
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    model.lm_head.weight.data.copy_(head.weight.data)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[1, 6:] = -100  # padding
+    divisor = None if num_items is None else torch.tensor(num_items)
+    loss_fn = build_sft_loss(model, "torch", 0.3)
+    fused = loss_fn(model(ids, **loss_fn.model_kwargs(ids.device)), labels, divisor)
+    fused_grads = torch.autograd.grad(
+        fused, [model.lm_head.weight, model.lm_head.bias, model.model.norm.weight]
+    )
+    plain = LabelSmoother(epsilon=0.3)(model(ids), labels, shift_labels=True, num_items_in_batch=divisor)
+    plain_grads = torch.autograd.grad(
+        plain, [model.lm_head.weight, model.lm_head.bias, model.model.norm.weight]
+    )
+    torch.testing.assert_close(fused, plain)
+    for got, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_label_smoothing_applies_with_the_default_fused_loss(tiny_llama, repo_root, tmp_path):
+    losses = {}
+    for name, extra in [("plain", []), ("smoothed", ["--label_smoothing_factor", "0.5"]),
+                        ("unfused", ["--label_smoothing_factor", "0.5", "--fused_loss", "off"])]:  # fmt: skip
+        argv = quick_argv(tiny_llama, repo_root / "sft_data", tmp_path / name, "--lora_rank", "-1", *extra)
+        argv[argv.index("--max_steps") + 1] = "2"
+        main(argv)
+        losses[name] = logged_losses(tmp_path / name)
+    assert losses["smoothed"] != losses["plain"]
+    assert losses["smoothed"] == pytest.approx(losses["unfused"], rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from peft import TaskType
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -20,8 +21,15 @@ from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
+from rlhf.training.fused_loss import (
+    IGNORE_INDEX,
+    CausalLMHeadLoss,
+    HiddenStatesLossMixin,
+    build_lm_head_loss,
+    output_projection,
+    shift_targets,
+)
 from rlhf.training.fused_loss import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
-from rlhf.training.fused_loss import HiddenStatesLossMixin, build_lm_head_loss
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
 from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
 from rlhf.training.packed_attention import use_packed_attention
@@ -62,6 +70,47 @@ class SFTArguments:
 class SFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, HiddenStatesLossMixin, Trainer):
     """``transformers.Trainer`` with atomic checkpoints and the non-finite loss guard; the loss (labels carry
     -100) is the fused one of ``compute_loss_func`` (:mod:`rlhf.training.fused_loss`) or the model's own."""
+
+
+class LabelSmoothedHeadLoss(CausalLMHeadLoss):
+    """The fused loss with ``--label_smoothing_factor`` ε: the value of Trainer's ``LabelSmoother``,
+    ``(1 - ε) CE + ε mean_v(-log p_v)``, still without ``[tokens, vocab]`` logits.
+
+    Per learned token with logits ``z``, ``mean_v(-log p_v) = logsumexp(z) - mean_v z = CE + z_y - mean_v z``,
+    so smoothing adds ``ε (z_y - mean_v z)``: the hidden state against the target's row and the mean row of
+    the ``lm_head`` (plus the bias), divided like the loss (``num_items_in_batch`` or this batch's tokens).
+    """
+
+    def __init__(self, head_loss: CausalLMHeadLoss, epsilon: float):
+        vars(self).update(vars(head_loss))  # same model and implementation; its hooks are installed
+        self.epsilon = epsilon
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().__call__(outputs, labels, num_items_in_batch)
+        weight, bias = output_projection(self.model)
+        hidden = outputs.hidden_states[-1]
+        targets = shift_targets(labels.to(hidden.device))
+        keep = targets != IGNORE_INDEX
+        rows = hidden.reshape(-1, hidden.shape[-1])[keep].float()
+        targets = targets[keep]
+        gap = (rows * (weight[targets].float() - weight.mean(0).float())).sum(-1)
+        if bias is not None:
+            gap = gap + bias[targets].float() - bias.float().mean()
+        divisor = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(gap.device)
+        return loss + self.epsilon * gap.sum() / divisor
+
+
+def build_sft_loss(model: torch.nn.Module, fused_loss: str, label_smoothing: float):
+    """``compute_loss_func`` for the Trainer: the fused loss (label-smoothed under
+    ``--label_smoothing_factor``), or None for the model's own loss, which the Trainer's ``LabelSmoother``
+    smooths itself."""
+    head_loss = build_lm_head_loss(model, fused_loss)
+    if head_loss is None or not label_smoothing:
+        return head_loss
+    logger.info("LM loss: label smoothing %g in the fused loss", label_smoothing)
+    return LabelSmoothedHeadLoss(head_loss, label_smoothing)
 
 
 def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArguments):
@@ -124,6 +173,6 @@ def run_sft(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        compute_loss_func=build_lm_head_loss(model, sft_args.fused_loss),
+        compute_loss_func=build_sft_loss(model, sft_args.fused_loss, args.label_smoothing_factor),
     )
     return run_trainer(trainer, resume_from, sft_args.overwrite_output_dir)
