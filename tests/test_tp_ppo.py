@@ -226,3 +226,38 @@ def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, wor
     )
     assert json.loads((tmp_path / "a/params.json").read_text())["n_shards"] == 1
     assert Path(tmp_path / "a/training/metrics.jsonl").is_file()
+
+
+def test_a_reward_model_dir_that_is_no_verifier_is_refused_before_loading(
+    tiny_llama, verifier_dir, tmp_path, world_of_one, monkeypatch, capsys
+):
+    """--reward_model_ckpt_dir must hold a verifier: a solver shard dir or an HF causal LM would get a
+    zero-initialised head (reward 0 for every rollout). One line naming the flag, before any model loads;
+    the verifier_train dir and its merged HF dir pass."""
+    import checkpoint_split
+    from rlhf.tp import ppo_factory, ppo_train
+    from rlhf.tp.verifier import check_verifier_dir
+
+    checkpoint_split.main(
+        ["--ckpt_file", str(tiny_llama), "--save_path", str(tmp_path / "solver"), "-n", "1"]
+    )
+    checkpoint_split.main(
+        ["--merge", "--ckpt_dir", str(verifier_dir / "v"), "--save_path", str(tmp_path / "v_hf")]
+    )
+    monkeypatch.setattr(ppo_factory, "load_models", lambda *a, **k: pytest.fail("loaded a model first"))
+    common = ["--actor_ckpt_dir", str(tiny_llama), "--actor_save_dir", str(tmp_path / "a"), "--train_file",
+              str(verifier_dir / "train.jsonl"), "--advantage_estimator", "grpo", "--num_samples_per_prompt", "2",
+              "--max_batch_size", "2", "--max_buffer_size", "4", "--max_gen_len", "4", "--max_steps", "1"]  # fmt: skip
+    cases = {
+        str(tmp_path / "solver"): "a solver (params.json head is not scalar), not a verifier",
+        str(tiny_llama): "a causal LM (no score head), not a verifier",
+        str(tmp_path / "missing"): "no such directory",
+    }
+    for path, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            ppo_train.main(common + ["--reward_model_ckpt_dir", path])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"error: --reward_model_ckpt_dir {path}: {message}" in err, err
+        assert "Traceback" not in err
+    for verifier in (verifier_dir / "v", tmp_path / "v_hf"):
+        check_verifier_dir(str(verifier), 1, "--reward_model_ckpt_dir")

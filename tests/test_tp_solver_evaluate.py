@@ -177,7 +177,7 @@ def test_bad_outputs_and_damaged_checkpoints_fail_before_generating(
             str(tmp_path / "file"),
         ],
         "(params.json head is not scalar)": sample + ["--verifier_ckpt_dir", str(tmp_path / "lm")],
-        "no params.json (pass the --save_dir of verifier_train)": sample
+        "a causal LM (no score head), not a verifier: pass the --save_dir of verifier_train": sample
         + ["--verifier_ckpt_dir", str(model)],
     }
     damaged = Path(shutil.copytree(tmp_path / "lm", tmp_path / "damaged"))

@@ -29,6 +29,7 @@ from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
 from rlhf.tp.ppo_models import TPPolicyModels
 from rlhf.tp.prompt import gsm8k_prompt
+from rlhf.tp.verifier import check_verifier_dir
 
 if TYPE_CHECKING:
     from rlhf.tp.ppo_train import TPPPOArguments, TPPPOTrainingArguments
@@ -98,6 +99,8 @@ def build_scorer(tp: TPPPOArguments, models: TPPolicyModels, labels: dict[str, s
 def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
     """Flags (after :func:`rlhf.tp.ppo_train.apply_description_flags`) -> the session of ``ppo_train``."""
     rank, world_size = init_model_parallel()
+    if tp.reward_model_ckpt_dir:  # before any model loads: a non-verifier would score every rollout 0
+        check_verifier_dir(tp.reward_model_ckpt_dir, world_size, "--reward_model_ckpt_dir")
     backend = TPBackend(rank, args.report_to_list, args.output_dir)
     torch.manual_seed(args.seed)  # the same on every rank: the ranks run one replica in lockstep
     tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")

@@ -61,7 +61,8 @@ class TPPPOArguments:
         default=None, metadata={"help": "where the trained critic's shards go; needed by gae only"}
     )
     reward_model_ckpt_dir: str | None = field(
-        default=None, metadata={"help": "the verifier scoring rollouts"}
+        default=None,
+        metadata={"help": "the verifier scoring rollouts (verifier_train's --save_dir or its merged HF dir)"},
     )
     reward_fn: str | None = field(
         default=None, metadata={"help": "gsm8k (final answer = label: 1, else 0) or file.py:fn / module:fn"}

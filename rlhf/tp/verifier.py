@@ -20,6 +20,7 @@ Training rows (``--train_file``), one of two kinds per row:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
 from rlhf.errors import CheckpointError, DataError
 from rlhf.tp.examples import Example, collate, micro_batches
+from rlhf.tp.loading import checkpoint_head
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
 from rlhf.tp.shard_dir import check_shard_dir, is_shard_dir
@@ -117,13 +119,19 @@ def score_solutions(
     return score_examples(model, examples, batch_size, pad_id).tolist()
 
 
-def check_verifier_dir(path: str, world_size: int) -> None:
-    """Up-front check of ``--verifier_ckpt_dir``: a whole scalar-head shard dir for this world size."""
-    if not is_shard_dir(path):
-        raise CheckpointError(
-            f"--verifier_ckpt_dir {path}: no params.json (pass the --save_dir of verifier_train)"
+def check_verifier_dir(path: str, world_size: int, flag: str = "--verifier_ckpt_dir") -> None:
+    """Up-front check of a dir that must hold a verifier (``--verifier_ckpt_dir``,
+    ``--reward_model_ckpt_dir``): a whole scalar-head shard dir for this world size, or an HF
+    ``...ForSequenceClassification`` dir with one label (split in memory). A solver, an HF causal LM or an
+    adapter dir would load with a zero-initialised head and score every solution 0: refused, naming ``flag``."""
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{flag} {path}: no such directory (pass the --save_dir of verifier_train)")
+    if is_shard_dir(path):
+        check_shard_dir(path, world_size)
+    if checkpoint_head(path) != "scalar":
+        kind = (
+            "a solver (params.json head is not scalar)"
+            if is_shard_dir(path)
+            else "a causal LM (no score head)"
         )
-    if check_shard_dir(path, world_size).get("head") != "scalar":
-        raise CheckpointError(
-            f"--verifier_ckpt_dir {path}: a solver (params.json head is not scalar), not a verifier_train output"
-        )
+        raise CheckpointError(f"{flag} {path}: {kind}, not a verifier: pass the --save_dir of verifier_train")
