@@ -357,6 +357,15 @@ def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_ll
     assert f"resuming from {out / 'checkpoint-2'} (pass --overwrite_output_dir to start afresh)" in err
     assert again["step"] == 4 and again["rollouts"] == 2  # one rollout before the checkpoint, one after
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    # resuming with another adapter shape or scaling: one line naming what differs, nothing trained
+    for changed, message in (
+        (["--actor_lora_rank", "4"], "has shape [8, 64], this run's [4, 64]"),
+        (["--actor_lora_alpha", "8"], "--actor_lora_alpha 32.0 there, 8.0 now"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            run_ppo_with_peft.main([*argv, "--max_steps", "6", *changed])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err and message in err, err
     fresh = run_ppo_with_peft.main([*argv, "--max_steps", "2", "--overwrite_output_dir"])
     err = capsys.readouterr().err
     assert "--overwrite_output_dir: starting afresh" in err and "removed 2 old checkpoint(s)" in err

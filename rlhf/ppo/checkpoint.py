@@ -191,7 +191,8 @@ def check_resume_settings(directory: Path, saved: dict[str, Any] | None, current
     only said to have changed."""
     if saved is None:
         return
-    changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+    # a setting the checkpoint did not record (written by an earlier version) is not held against it
+    changed = [k for k in sorted(saved) if saved[k] != current.get(k)]
     if not changed:
         return
     shown = "; ".join(

@@ -351,7 +351,7 @@ def resume_settings(s: PPOSession) -> dict[str, Any]:
         "advantage_estimator": s.ppo.advantage_estimator,
         "number of prompts": len(s.prompts),
         "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
-    }
+    } | s.models.adapter_settings()
 
 
 def save_step_checkpoint(

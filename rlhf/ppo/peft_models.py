@@ -336,6 +336,16 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         state = get_peft_model_state_dict(self.lm, adapter_name=name)
         save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS))
 
+    def adapter_settings(self) -> dict[str, Any]:
+        """The LoRA scaling of the trained adapters (``--actor_lora_alpha``, ``--critic_lora_alpha``, the
+        critic's as copied from the reward adapter): a changed alpha would silently rescale a resumed adapter."""
+        if not isinstance(self.lm, PeftModel):
+            return {}
+        return {
+            f"{name}_lora_alpha": self.lm.peft_config[name].lora_alpha
+            for name in ("actor", "critic") if name in self.lm.peft_config
+        }  # fmt: skip
+
     @property
     def has_adapters(self) -> bool:
         """Whether anything is saved as an adapter (its config then names ``base_model_path``)."""

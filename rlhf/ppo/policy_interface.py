@@ -68,7 +68,11 @@ class PolicyModels(Protocol):
         """Every trainable tensor by a stable name (what a checkpoint must restore)."""
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a :meth:`trainable_state` back in place."""
+        """Copy a :meth:`trainable_state` back in place (a CheckpointError when a tensor is missing or
+        shaped otherwise)."""
+
+    def adapter_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint's beyond the tensors' shapes (LoRA alphas)."""
 
     def save_actor(self, directory: Path) -> None:
         """Write the actor in a format plain ``peft``/``transformers`` load."""
@@ -95,10 +99,24 @@ class TrainableGroups:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().contiguous() for group in self._trainable.values() for n, p in group}
 
+    def adapter_settings(self) -> dict[str, Any]:
+        """Settings of the trainable adapters that a resumed run must share with the run that wrote the
+        checkpoint but that no tensor's shape shows (``{"actor_lora_alpha": 16.0}``); none here."""
+        return {}
+
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        hint = (
+            "it was written with other model settings (--sft_model_path, a LoRA rank or target modules, the "
+            "tensor-parallel degree); resume with the same ones, or pass --overwrite_output_dir to start afresh"
+        )
         for group in self._trainable.values():
             for name, param in group:
                 if name not in state:
-                    raise CheckpointError(f"checkpoint lacks {name}")
+                    raise CheckpointError(f"the checkpoint has no tensor {name}: {hint}")
+                if state[name].shape != param.shape:
+                    raise CheckpointError(
+                        f"the checkpoint's {name} has shape {list(state[name].shape)}, this run's "
+                        f"{list(param.shape)}: {hint}"
+                    )
                 param.copy_(state[name])
