@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsWindow:
@@ -41,11 +44,23 @@ class MetricsFile:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
+        """Keep the rows of steps <= ``step``. A row that does not parse (the run was killed while writing
+        it, which also means its step's checkpoint was never published) is dropped with a warning."""
         if not self.path.exists():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        kept = []
+        for number, line in enumerate(self.path.read_text().split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                logger.warning(
+                    "%s:%d: not a whole metrics row (a write cut short); dropped", self.path, number
+                )
+                continue
+            if row_step <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def append(self, metrics: dict[str, float]) -> None:

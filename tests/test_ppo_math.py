@@ -275,6 +275,24 @@ def test_adaptive_kl_controller_by_hand():
     assert ctl2.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
 
 
+def test_metrics_file_resume_drops_later_rows_and_a_row_cut_short(tmp_path, caplog):
+    """A kill while writing a row leaves it cut short (its step's checkpoint was never published): resuming
+    drops it with a warning naming the line, keeps the rows up to the checkpoint, and appends after them."""
+    import logging
+
+    from rlhf.ppo.metrics import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 0.5, "name": "a\u2028b"}, ensure_ascii=False) for s in (1, 2, 3)]
+    path.write_text("\n".join(rows) + "\n" + rows[2][:-9])
+    with caplog.at_level(logging.WARNING):
+        MetricsFile(path).truncate_after(2)
+    assert f"{path}:4: not a whole metrics row" in caplog.text
+    MetricsFile(path).append({"step": 3, "loss": float("nan")})
+    assert [json.loads(line)["step"] for line in path.read_text().split("\n") if line] == [1, 2, 3]
+    assert json.loads(path.read_text().split("\n")[2])["loss"] is None
+
+
 def test_metrics_rows_weight_rollout_statistics_by_the_mini_batches_trained_on_them():
     acc = MetricsAccumulator()
     acc.start_rollout({"reward/score": 0.1, "objective/kl": 3.0}, seconds=6.0, mini_batches=3)
