@@ -102,6 +102,20 @@ def test_reward_adapter_equals_plain_peft_rm(models, batch, tiny_llama, rm_adapt
         torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_critic_from_reward_says_which_critic_flags_it_overrides(tiny_llama, rm_adapter, caplog):
+    """The critic copies the reward adapter whole: --critic_lora_target q_proj (the reward adapter targets
+    every linear layer) and a matching rank and alpha give one warning naming only the target flag."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="rlhf.ppo.peft_models"):
+        m = build_peft_policy_models(
+            str(tiny_llama), actor=LoraSpec(8, 32, 0.0, ["q_proj"]), critic=LoraSpec(8, 32, 0.0, ["q_proj"]),
+            reward_adapter=read_reward_adapter(str(rm_adapter)), critic_init="reward",
+        )  # fmt: skip
+    assert sorted(m.lm.peft_config["critic"].target_modules) == sorted(TARGETS)
+    assert "--critic_lora_target replaced by the reward adapter's (r=8, alpha=32" in caplog.text
+
+
 def test_critic_from_reward_predicts_rm_score(models, batch):
     values = models.critic_token_values(batch)
     rows = torch.arange(values.shape[0])

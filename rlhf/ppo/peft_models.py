@@ -381,6 +381,11 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         save_file({"weight": self.value_head.weight.detach().contiguous()}, str(directory / VALUE_HEAD))
 
 
+def _target_names(targets: Any) -> list[str]:
+    """A LoraConfig's ``target_modules`` (a set, a list or one name) as a list of names."""
+    return [targets] if isinstance(targets, str) else list(targets or [])
+
+
 def _merge_lora_copy(base: torch.nn.Module, adapter: RewardAdapter) -> torch.nn.Module:
     """A full copy of ``base`` with the reward LoRA merged in (a full-parameter critic from the RM)."""
     peft = get_peft_model(copy.deepcopy(base), copy.deepcopy(adapter.config), adapter_name="merge")
@@ -441,8 +446,14 @@ def build_peft_policy_models(
             configs["critic"] = copy.deepcopy(wanted)
             configs["critic"].lora_dropout = critic.dropout
             configs["critic"].inference_mode = False
-            if (critic.rank, critic.alpha) != (wanted.r, wanted.lora_alpha):
-                logger.warning("--critic_lora_rank/alpha replaced by the reward adapter's to copy it exactly")
+            ours = (critic.rank, critic.alpha, sorted(critic.targets))
+            theirs = (wanted.r, wanted.lora_alpha, sorted(_target_names(wanted.target_modules)))
+            differ = [flag for flag, a, b in zip(("rank", "alpha", "target"), ours, theirs) if a != b]
+            if differ:
+                logger.warning(
+                    "--critic_lora_%s replaced by the reward adapter's (r=%d, alpha=%s, targets %s) to copy it "
+                    "exactly", "/".join(differ), wanted.r, wanted.lora_alpha, ",".join(theirs[2]),
+                )  # fmt: skip
     if reward_adapter is not None:
         configs["reward"] = reward_adapter.config
 
