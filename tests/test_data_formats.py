@@ -294,6 +294,34 @@ def test_chat_prompt_rendered_with_the_tokenizer_template(tiny_llama):
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
 
 
+STRICT_TEMPLATE = (  # as Llama-2 / Mistral-Instruct templates: roles must alternate
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_chat_template_that_rejects_a_row_is_one_line_naming_file_and_line(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf.sft.examples import tokenize_sft_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    turn = {"role": "user", "content": "hi"}
+    answer = {"role": "assistant", "content": "hello"}
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [turn, answer]}, {"messages": [turn, turn, answer]}])
+    rows = load_dataset_dir(tmp_path, "sft")
+    assert rows[0]["where"] == f"{(tmp_path / 'chat.jsonl').resolve()}:1"
+    with pytest.raises(DataError) as info:
+        tokenize_sft_dataset(rows, tokenizer, 64)
+    message = str(info.value)
+    assert message.startswith(
+        f"{(tmp_path / 'chat.jsonl').resolve()}:2: the tokenizer's chat template rejects"
+    )
+    assert "(roles user, user): Conversation roles must alternate" in message and "\n" not in message
+
+
 def test_pretraining_text_grouped_into_blocks(repo_root, tiny_llama):
     from transformers import AutoTokenizer
 

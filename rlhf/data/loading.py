@@ -4,7 +4,8 @@ Rows are validated and normalized by the parsers in :mod:`rlhf.data.records` ins
 ``Dataset.from_generator`` whose fingerprint covers every file's path, size and modification time, so
 the Arrow cache in ``--data_cache_dir`` is reused until a file changes. Errors surface as one
 :class:`~rlhf.errors.DataError` line naming the file and line (``datasets`` wraps generator errors; we
-unwrap them).
+unwrap them). Every row also carries its ``"where"`` (``file:line``), so an error found later, such as a
+chat template that rejects the row's conversation, names the row too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _generate_rows(kind: str, stamps: list[tuple[str, int, int]]) -> Iterator[di
     parse = PARSERS[kind]
     for path, _, _ in stamps:
         for where, record in iter_json_records(Path(path)):
-            yield parse(record, where)
+            yield {**parse(record, where), "where": where}
 
 
 def _generate_text(stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
@@ -61,13 +62,15 @@ def load_dataset_dir(
 ) -> datasets.Dataset:
     """Every ``*.json``/``*.jsonl``/``*.jsonl.gz`` in ``dataset_dir`` (or that one file) as normalized rows.
 
-    ``kind`` is one of ``sft``, ``preference``, ``prompt``, ``gsm8k`` (see :mod:`rlhf.data.records`).
+    ``kind`` is one of ``sft``, ``preference``, ``prompt``, ``gsm8k`` (see :mod:`rlhf.data.records`); each
+    row holds that kind's fields and ``"where"``, the ``file:line`` it came from.
     """
     if kind not in PARSERS:
         raise ConfigError(f"unknown data kind {kind!r} (expected one of {', '.join(PARSERS)})")
     files = find_data_files(dataset_dir)
+    features = datasets.Features({**FEATURES[kind], "where": datasets.Value("string")})
     dataset = _from_generator(
-        _generate_rows, {"kind": kind, "stamps": _file_stamps(files)}, FEATURES[kind], cache_dir
+        _generate_rows, {"kind": kind, "stamps": _file_stamps(files)}, features, cache_dir
     )
     if len(dataset) == 0:
         raise DataError(f"{dataset_dir}: no records")

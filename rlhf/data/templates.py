@@ -8,7 +8,10 @@ ending in ``"assistant: "``. ``{"prompt": ...}`` records are used verbatim.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from rlhf.errors import DataError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -29,10 +32,25 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def render_chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
-    """Render the conversation so far, ending where the assistant's next turn begins."""
+def render_chat_prompt(messages: list[dict[str, str]], tokenizer: Any, where: str = "") -> str:
+    """Render the conversation so far, ending where the assistant's next turn begins.
+
+    A template that refuses the conversation (Llama-2 and Mistral-Instruct templates raise on roles that do
+    not alternate user/assistant) is a DataError naming ``where``, the row's ``file:line``.
+    """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:
+            jinja2 = sys.modules.get("jinja2")  # loaded by any template that got to raise (not a dependency)
+            if jinja2 is None or not isinstance(exc, jinja2.TemplateError):
+                raise
+            roles = ", ".join(m["role"] for m in messages)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(
+                f"{where or 'a chat row'}: the tokenizer's chat template rejects this conversation "
+                f"(roles {roles}): {reason}"
+            ) from None
     lines = [f"{m['role']}: {m['content']}\n" for m in messages]
     return "".join(lines) + "assistant: "
 
@@ -41,7 +59,7 @@ def render_prompt(row: dict[str, Any], tokenizer: Any) -> str:
     """The prompt text of a normalized row: chat rows through the template, others as stored."""
     messages = row.get("prompt_messages") or []
     if messages:
-        return render_chat_prompt(messages, tokenizer)
+        return render_chat_prompt(messages, tokenizer, row.get("where") or "")
     return row["prompt"]
 
 
