@@ -222,6 +222,33 @@ def test_verifier_rows_from_gsm8k_and_from_samples(tmp_path):
         read_verifier_rows(str(tmp_path))
 
 
+def test_verifier_held_out_split_keeps_each_question_on_one_side(tmp_path):
+    """--eval_ratio holds out questions, not file lines: a one-line .json list (every row at file:1) gets
+    its held-out share, and the samples of one question never land on both sides."""
+    from rlhf.tp.verifier import read_verifier_rows, split_by_question
+
+    rows = addition_rows(40, seed=1)
+    (tmp_path / "list.json").write_text(json.dumps(rows))  # one line
+    write_jsonl(tmp_path / "lines.jsonl", rows)
+    n_questions = len({r["question"] for r in rows})
+    for name in ("list.json", "lines.jsonl"):
+        train, held = split_by_question(read_verifier_rows(str(tmp_path / name)), 0.25, seed=42)
+        held_questions = {r["question"] for r in held}
+        assert len(held_questions) == round(0.25 * n_questions), name
+        assert not held_questions & {r["question"] for r in train}, name
+        assert sum(r["correct"] for r in held) * 2 == len(held)  # each question's positive and negative
+    samples = [
+        {"question": r["question"], "output": f"sample {k} #### {k}", "correct": k == 0}
+        for r in rows[:12]
+        for k in range(4)
+    ]
+    (tmp_path / "samples").mkdir()
+    write_jsonl(tmp_path / "samples" / "predictions.jsonl", samples)
+    train, held = split_by_question(read_verifier_rows(str(tmp_path / "samples")), 0.25, seed=42)
+    assert held and not {r["question"] for r in held} & {r["question"] for r in train}
+    assert len(held) % 4 == 0  # all four samples of a held-out question
+
+
 @pytest.mark.slow
 def test_workflow_at_tp2_under_torchrun(tiny_llama, tmp_path):
     """One torchrun launch (2 processes, gloo) trains a LoRA solver, a verifier from it, evaluates best-of-N,

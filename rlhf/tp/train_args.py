@@ -47,7 +47,10 @@ class TPTrainArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 = off"})
     eval_ratio: float = field(
-        default=0.05, metadata={"help": "share of the rows held out for evaluation (0 = none)"}
+        default=0.05,
+        metadata={
+            "help": "share held out for evaluation (verifier: of the questions, all their rows; 0 = none)"
+        },
     )
     log_steps: int = field(default=10, metadata={"help": "write training/metrics.jsonl every N steps"})
     output_dir: str | None = field(

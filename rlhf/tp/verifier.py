@@ -28,7 +28,7 @@ import torch
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
 from rlhf.errors import CheckpointError, DataError
-from rlhf.tp.examples import Example, collate, micro_batches
+from rlhf.tp.examples import Example, collate, micro_batches, split_rows
 from rlhf.tp.loading import checkpoint_head
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
@@ -48,10 +48,28 @@ def perturb_final_answer(answer: str, rng: random.Random) -> str:
     return f"{head}#### {wrong}"
 
 
+def question_key(question: str) -> str:
+    """What rows of the same question share: its text with runs of whitespace collapsed."""
+    return " ".join(question.split())
+
+
+def split_by_question(
+    rows: list[dict[str, Any]], ratio: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) rows: a seeded ``ratio`` share of the questions (``group``) is held out with all
+    their rows, so no held-out solution has its question in training."""
+    groups = sorted({r["group"] for r in rows})
+    train_groups, _ = split_rows(groups, ratio, seed)
+    keep = set(train_groups)
+    return [r for r in rows if r["group"] in keep], [r for r in rows if r["group"] not in keep]
+
+
 def read_verifier_rows(path: str) -> list[dict[str, Any]]:
     """``{"question", "solution", "correct"}`` rows from GSM8K rows (reference + perturbed) or solver samples.
 
-    Each GSM8K row yields two rows with the same ``group`` (kept together when splitting off held-out rows).
+    ``group`` is the question (whitespace collapsed): a GSM8K row's reference and perturbed rows, and all
+    samples of one question, are kept on the same side of the held-out split (:func:`split_by_question`),
+    wherever they are in the files.
     """
     rows, rng = [], random.Random(0)
     for file in find_data_files(path):
@@ -63,15 +81,16 @@ def read_verifier_rows(path: str) -> list[dict[str, Any]]:
                 if not isinstance(record["correct"], bool) or not isinstance(record["output"], str):
                     raise DataError(f'{where}: "output" must be a string and "correct" true or false')
                 rows.append({"question": question, "solution": record["output"], "correct": record["correct"],
-                             "group": where})  # fmt: skip
+                             "group": question_key(question)})  # fmt: skip
             elif isinstance(record.get("answer"), str):
                 if extract_gsm8k_label(record["answer"]) is None:
                     raise DataError(f'{where}: field "answer" has no final answer after "####"')
                 wrong = perturb_final_answer(record["answer"], rng)
+                group = question_key(question)
                 rows.append(
-                    {"question": question, "solution": record["answer"], "correct": True, "group": where}
+                    {"question": question, "solution": record["answer"], "correct": True, "group": group}
                 )
-                rows.append({"question": question, "solution": wrong, "correct": False, "group": where})
+                rows.append({"question": question, "solution": wrong, "correct": False, "group": group})
             else:
                 raise DataError(
                     f'{where}: expected {{"question", "answer"}} or {{"question", "output", "correct"}}'

@@ -11,8 +11,10 @@ The model gets a scalar head (``v_head``, zero-initialised unless ``--ckpt_dir``
 read at the last token of question + solution + EOS, trained with binary cross-entropy on correct (1) /
 incorrect (0). Plain GSM8K rows give the reference solution as a positive and the same solution with a
 perturbed final answer as a negative; ``{"question", "output", "correct"}`` rows (``solver_evaluate``
-samples) are used as they are (:mod:`rlhf.tp.verifier`). Held-out accuracy (score > 0 = correct) goes
-to ``training/results.json``. Saved like the solver, with ``"head": "scalar"`` in ``params.json``.
+samples) are used as they are (:mod:`rlhf.tp.verifier`). ``--eval_ratio`` holds out that share of the
+questions with all their rows (grouped by question text, whatever the file layout). Held-out accuracy
+(score > 0 = correct) goes to ``training/results.json``. Saved like the solver, with ``"head": "scalar"``
+in ``params.json``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ from rlhf.args import parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.distributed import process_group_scope
-from rlhf.tp.examples import Example, split_rows
+from rlhf.tp.examples import Example
 from rlhf.tp.model import Transformer
 from rlhf.tp.train_args import TPTrainArguments
 from rlhf.tp.training import TrainTask, train_tp
-from rlhf.tp.verifier import last_token_scores, read_verifier_rows, score_examples, verifier_example
+from rlhf.tp.verifier import (
+    last_token_scores,
+    read_verifier_rows,
+    score_examples,
+    split_by_question,
+    verifier_example,
+)
 
 
 def verifier_loss(
@@ -55,11 +63,8 @@ def held_out_accuracy(
 
 def run(args: TPTrainArguments) -> dict:
     def make_examples(tokenizer) -> tuple[list[Example], list[Example]]:
-        rows = read_verifier_rows(args.train_file)
-        groups = sorted({r["group"] for r in rows})  # a question's positive and negative stay together
-        train_groups, _ = split_rows(groups, args.eval_ratio, args.seed)
-        keep = set(train_groups)
-        parts = ([r for r in rows if r["group"] in keep], [r for r in rows if r["group"] not in keep])
+        # all rows of a question (reference and perturbed, or its samples) stay on one side
+        parts = split_by_question(read_verifier_rows(args.train_file), args.eval_ratio, args.seed)
         return tuple([verifier_example(tokenizer, r, args.max_seq_len) for r in part] for part in parts)
 
     return train_tp(
