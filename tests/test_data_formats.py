@@ -271,6 +271,14 @@ def test_split_ratio_holds_out_at_least_one_row(tmp_path):
     assert not set(train["prompt"]) & set(held_out["prompt"])
 
 
+def test_split_ratio_that_rounds_to_every_row_keeps_one_training_row(tmp_path, caplog):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(3)])
+    with caplog.at_level("WARNING"):
+        train, held_out = split_dataset(load_dataset_dir(tmp_path, "sft"), 0.9, seed=1)
+    assert len(train) == 1 and len(held_out) == 2
+    assert "--split_ratio 0.9 of 3 rows leaves none to train on" in caplog.text
+
+
 def test_cache_dir_is_used_and_refreshed_when_a_file_changes(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     data.mkdir()

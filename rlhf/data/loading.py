@@ -88,11 +88,16 @@ def load_text_dir(dataset_dir: str | os.PathLike, cache_dir: str | None = None) 
 def split_dataset(
     dataset: datasets.Dataset, split_ratio: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Hold out ``split_ratio`` of the rows for evaluation (at least one row when the ratio is > 0)."""
+    """Hold out ``split_ratio`` of the rows for evaluation: at least one row when the ratio is > 0, and at
+    most all rows but one (one warning line when the ratio rounds to every row)."""
     if not 0 <= split_ratio < 1:
         raise ConfigError(f"--split_ratio must be in [0, 1), got {split_ratio}")
     if split_ratio == 0 or len(dataset) < 2:
         return dataset, None
     n_eval = max(1, round(len(dataset) * split_ratio))
+    if n_eval >= len(dataset):
+        n_eval = len(dataset) - 1
+        logger.warning("--split_ratio %g of %d rows leaves none to train on; holding out %d, training on 1",
+                       split_ratio, len(dataset), n_eval)  # fmt: skip
     parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
