@@ -156,6 +156,23 @@ def test_user_errors_exit_2(tiny_model_factory, tmp_path, world_of_one, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_limit_takes_the_first_n_questions_and_zero_or_negative_means_all(
+    tiny_model_factory, tmp_path, world_of_one
+):
+    """--limit N > 0 evaluates the first N questions; 0 and -1 mean all of them (as --max_steps -1), not
+    "all but the last" or "none" (a slice of the rows)."""
+    from rlhf.tp.solver_evaluate import main
+
+    data = write_rows(tmp_path / "test.jsonl")
+    base = ["--label_file", str(data), "--ckpt_dir", str(tiny_model_factory()), "--max_gen_len", "2"]
+    for limit, n in (("2", 2), ("0", 3), ("-1", 3)):
+        metrics = main(base + ["--log_dir", str(tmp_path / f"log{limit}"), "--limit", limit])
+        predictions, _ = read_outputs(tmp_path / f"log{limit}")
+        assert metrics["n"] == len(predictions) == n, limit
+        assert [p["question"] for p in predictions] == [r["question"] for r in ROWS[:n]]
+        assert metrics["settings"]["limit"] == (2 if n == 2 else None)
+
+
 def test_bad_outputs_and_damaged_checkpoints_fail_before_generating(
     tiny_model_factory, tmp_path, world_of_one, capsys, monkeypatch
 ):

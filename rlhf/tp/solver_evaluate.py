@@ -83,7 +83,10 @@ class SolverEvaluateArguments:
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
     )
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N questions"})
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "evaluate only the first N questions; unset, 0 or -1 = all (as --max_steps -1)"},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the tokenizer's own code (Qwen)"})
     verifier_ckpt_dir: str | None = field(
         default=None,
@@ -94,6 +97,8 @@ class SolverEvaluateArguments:
 
     def validate(self) -> None:
         check_output_dir(self.log_dir, "--log_dir")
+        if self.limit is not None and self.limit <= 0:
+            self.limit = None  # all questions (a slice [:-1] would drop the last, [:0] keep none)
         if self.task.upper() not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.max_batch_size < 1 or self.max_gen_len < 1:
