@@ -229,6 +229,10 @@ def test_bad_flags_are_one_line_errors(tiny_llama, repo_root, tmp_path, capsys):
     for extra, expected in [
         (["--model_type", "mistral"], "--model_type mistral expects a mistral checkpoint"),
         (["--lora_target", "nope"], "--lora_target nope matches no linear layer"),
+        (
+            ["--modules_to_save", "lm_head,lm_heads"],
+            "--modules_to_save lm_heads matches no module of this model",
+        ),
         (["--no_such_flag", "1"], "unknown flags: --no_such_flag"),
     ]:
         with pytest.raises(SystemExit) as exc:

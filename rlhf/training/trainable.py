@@ -13,7 +13,7 @@ import logging
 import torch
 from peft import PeftModel, TaskType, get_peft_model
 
-from rlhf.errors import CheckpointError
+from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import is_adapter_dir
 from rlhf.models.fused_rms_norm import use_fused_rms_norm
 from rlhf.models.lora import LoraSpec, build_lora_config
@@ -73,6 +73,7 @@ def make_trainable(
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
+        check_modules_to_save(model, modules_to_save or [])
         extra = list(dict.fromkeys([*(modules_to_save or []), *head_modules]))
         config = build_lora_config(
             model,
@@ -104,6 +105,20 @@ def make_trainable(
         100 * trainable / max(total, 1),
     )
     return model
+
+
+def check_modules_to_save(model: torch.nn.Module, names: list[str]) -> None:
+    """ConfigError naming the first ``--modules_to_save`` name that matches no module of ``model`` (PEFT's
+    rule: a module whose dotted name ends with it), which PEFT would otherwise skip without a word."""
+    keys = [key for key, _ in model.named_modules(remove_duplicate=False) if key]
+    for name in names:
+        if not any(key.endswith(name) for key in keys):
+            available = sorted(
+                {key.rsplit(".", 1)[-1] for key in keys if not key.rsplit(".", 1)[-1].isdigit()}
+            )
+            raise ConfigError(
+                f"--modules_to_save {name} matches no module of this model (available: {', '.join(available)})"
+            )
 
 
 def upcast_float16_trainable(model: torch.nn.Module) -> int:
