@@ -1,10 +1,12 @@
 """Atomic publishing: a directory or file appears under its final name only when completely written.
 
-Every writer of checkpoints and outputs goes through these three functions, so a kill at any moment leaves
+Every writer of checkpoints and outputs goes through these functions, so a kill at any moment leaves
 either the previous version or the new one, never a half-written one:
 
 - :func:`staging_dir` gives the hidden sibling ``.NAME.tmp`` to write into (emptied first);
 - :func:`publish_dir` renames a finished staging dir into place, replacing what was there;
+- :func:`publish_model_files` moves a saved model's files into a directory that holds other things too
+  (an output dir with its checkpoints), file by file, and removes an earlier model's files it replaced;
 - :func:`write_text_atomic` does the same for one text file.
 
 Writing into a sibling keeps the rename on one filesystem (``os.replace`` is atomic there).
@@ -45,6 +47,41 @@ def publish_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
+
+
+# The files of a saved model or adapter (transformers' and peft's names). A model saved into a directory
+# replaces the whole set: a file of an earlier save that the new one does not write (its adapter beside new
+# full weights, or its full weights under a new adapter) would make the directory load as another model.
+MODEL_FILE_PATTERNS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+    "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+def publish_model_files(staging: Path, target: Path) -> list[str]:
+    """Move every entry of the finished ``staging`` dir into ``target`` (a file renamed over its old
+    version, a directory through :func:`publish_dir`), remove ``staging``, then delete the model files
+    (:data:`MODEL_FILE_PATTERNS`) of ``target`` that it did not bring; returns their names, sorted.
+
+    Other entries of ``target`` (checkpoints, logs) are left as they are."""
+    staging, target = Path(staging), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for entry in staging.iterdir():
+        written.add(entry.name)
+        dest = target / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            publish_dir(entry, dest)
+        else:
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    stale = sorted({p.name for pattern in MODEL_FILE_PATTERNS for p in target.glob(pattern)} - written)
+    for name in stale:
+        (target / name).unlink()
+    return stale
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ from test_sft_stage import quick_argv
 from transformers import AutoModelForCausalLM
 
 from rlhf.models import load_causal_lm
-from rlhf.training.outputs import remove_stale_model_files
+from rlhf.publish import publish_model_files
 from run_sft_with_peft import main
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -42,10 +42,16 @@ def test_switching_between_lora_and_full_training_in_one_output_dir(tiny_llama, 
     assert names >= ADAPTER_FILES and "model.safetensors" not in names, names
 
 
-def test_only_model_files_not_written_are_removed(tmp_path):
-    for name in ("adapter_config.json", "model-00001-of-00002.safetensors", "metrics.jsonl", "config.json"):
-        (tmp_path / name).write_text("{}")
-    assert remove_stale_model_files(tmp_path, {"config.json"}) == [
-        "adapter_config.json", "model-00001-of-00002.safetensors"
+def test_only_model_files_not_brought_are_removed(tmp_path):
+    target, staging = tmp_path / "out", tmp_path / ".out.tmp"
+    for directory, names in ((target, ("adapter_config.json", "model-00001-of-00002.safetensors", "metrics.jsonl",
+                                       "config.json")), (staging, ("config.json", "model.safetensors"))):  # fmt: skip
+        directory.mkdir()
+        for name in names:
+            (directory / name).write_text(directory.name)
+    (target / "checkpoint-2").mkdir()
+    assert publish_model_files(staging, target) == ["adapter_config.json", "model-00001-of-00002.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "checkpoint-2", "config.json", "metrics.jsonl", "model.safetensors"
     ]  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (target / "config.json").read_text() == ".out.tmp" and not staging.exists()

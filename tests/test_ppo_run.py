@@ -585,3 +585,22 @@ def test_adapters_trained_on_an_sft_adapter_dir_load_with_plain_peft(tiny_llama,
         assert not torch.allclose(expected, sft_logits)  # the actor moved
     critic = json.loads((out / "critic" / "adapter_config.json").read_text())
     assert critic["base_model_name_or_path"] == str(out / "base_model")
+
+
+def test_final_actor_replaces_an_earlier_actor_of_another_kind(tiny_llama, tmp_path):
+    """A LoRA actor saved over a full-weight actor's output dir (--overwrite_output_dir) leaves no full
+    weights behind that plain transformers would load instead, and the reverse; checkpoints stay."""
+    out = tmp_path / "ppo"
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward", "--dataset_dir",
+        str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--max_response_length", "4", "--max_steps", "1", "--disable_tqdm", "true", "--overwrite_output_dir",
+    ]  # fmt: skip
+    run_ppo_with_peft.main([*argv, "--actor_lora_rank", "-1"])
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    run_ppo_with_peft.main(argv)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint-1"} <= names
+    assert not {"model.safetensors", "config.json"} & names, names
+    run_ppo_with_peft.main([*argv, "--actor_lora_rank", "-1"])
+    assert not (out / "adapter_config.json").exists() and not list(tmp_path.glob(".*.tmp"))

@@ -41,6 +41,7 @@ from rlhf.ppo.batch import SequenceBatch
 from rlhf.ppo.policy_interface import TrainableGroups
 from rlhf.ppo.stats import entropy_from_logits, logprobs_from_logits
 from rlhf.ppo.token_logprobs import CHUNK_BYTES, chunked_token_logprobs, positions_per_chunk
+from rlhf.publish import publish_model_files, staging_dir
 from rlhf.training.fused_loss import linear_cross_entropy, output_projection, resolve_implementation
 
 logger = logging.getLogger(__name__)
@@ -363,22 +364,31 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         base.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
         self.base_model_path = str(directory)
 
+    @staticmethod
+    @contextmanager
+    def _published(directory: Path) -> Iterator[Path]:
+        """A staging dir to save a model into; its files then replace the model in ``directory`` one rename
+        each, and an earlier model's files they do not replace are removed (:func:`publish_model_files`)."""
+        staging = staging_dir(directory)
+        yield staging
+        publish_model_files(staging, directory)
+
     def save_actor(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.actor_full is not None:
-            self.actor_full.save_pretrained(str(directory), safe_serialization=True)
-        else:
-            self._save_adapter("actor", directory)
+        with self._published(directory) as staging:
+            if self.actor_full is not None:
+                self.actor_full.save_pretrained(str(staging), safe_serialization=True)
+            else:
+                self._save_adapter("actor", staging)
 
     def save_critic(self, directory: Path) -> None:
         if self.value_head is None:
             raise ValueError("this models bundle has no critic to save")
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.critic_full is not None:
-            self.critic_full.save_pretrained(str(directory), safe_serialization=True)
-        else:
-            self._save_adapter("critic", directory)
-        save_file({"weight": self.value_head.weight.detach().contiguous()}, str(directory / VALUE_HEAD))
+        with self._published(directory) as staging:
+            if self.critic_full is not None:
+                self.critic_full.save_pretrained(str(staging), safe_serialization=True)
+            else:
+                self._save_adapter("critic", staging)
+            save_file({"weight": self.value_head.weight.detach().contiguous()}, str(staging / VALUE_HEAD))
 
 
 def _target_names(targets: Any) -> list[str]:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from rlhf.args import check_output_dir
 from rlhf.checkpoint_dirs import asks_for_newest, list_checkpoints
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.publish import publish_dir, staging_dir, staging_path
+from rlhf.publish import publish_dir, publish_model_files, staging_dir, staging_path
 from rlhf.training.checkpoints import checkpoint_problem, newest_loadable_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -80,44 +79,6 @@ def prepare_output_dir(args: TrainingArguments, overwrite: bool) -> str | None:
     return None
 
 
-def _move_into(staging: Path, target: Path) -> None:
-    """Publish every entry of ``staging`` into ``target`` (replacing same-named ones), then drop staging.
-
-    Directories go through :func:`rlhf.publish.publish_dir`; files are renamed (atomic on one filesystem).
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in staging.iterdir():
-        dest = target / entry.name
-        if entry.is_dir() and not entry.is_symlink():
-            publish_dir(entry, dest)
-        else:
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-# The files of a saved model or adapter (transformers' and peft's names). A final save replaces the whole
-# set: a file of an earlier run that the new save does not write (its adapter beside new full weights, or
-# its full weights under a new adapter) would make the directory load as another model.
-MODEL_FILE_PATTERNS = (
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
-    "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
-)  # fmt: skip
-
-
-def remove_stale_model_files(output_dir: Path, written: set[str]) -> list[str]:
-    """Delete the model files (:data:`MODEL_FILE_PATTERNS`) in ``output_dir`` whose names are not in
-    ``written``; returns their names, sorted."""
-    stale = sorted(
-        {path.name for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern)} - written
-    )
-    for name in stale:
-        (output_dir / name).unlink()
-    return stale
-
-
 def save_final_model(trainer: Trainer, output_dir: str) -> None:
     """Save the model (adapter or full weights) and tokenizer into ``output_dir`` atomically per file.
 
@@ -134,9 +95,7 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         (staging / "training_args.bin").unlink(missing_ok=True)
-        written = {entry.name for entry in staging.iterdir()}
-        _move_into(staging, Path(output_dir))
-        stale = remove_stale_model_files(Path(output_dir), written)
+        stale = publish_model_files(staging, Path(output_dir))
         if stale:
             logger.info("removed the earlier model's %s from %s", ", ".join(stale), output_dir)
         logger.info("saved the final model to %s", output_dir)
