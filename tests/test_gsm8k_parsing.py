@@ -28,6 +28,40 @@ def test_prediction_extraction(text, expected):
     assert extract_prediction(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("#### \u22127", "-7"),  # U+2212 MINUS SIGN, as in GSM8K's own solutions
+        ("the change is \u22125", "-5"),
+        ("20 \u2212 13 = 7", "7"),  # a minus between numbers is no sign of the last one
+        ("#### \uff0d3", "-3"),  # fullwidth hyphen-minus
+    ],
+)
+def test_unicode_minus_keeps_its_sign(text, expected):
+    assert extract_prediction(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a model that misses EOS answers, then makes up the next exercise and answers that too
+        ("2*500=1000\n#### 1,000\n\nQuestion: Tom has 3 cats. Answer: 3 #### 3", "1000"),
+        ("So the answer is 12.\nQuestion: How many legs does a cat have?\nAnswer: 4", "12"),
+        ("She has 5 apples left.\n\nQuestion: Tom has 3 cats. How many?\nAnswer: 3", "5"),
+        # the first #### with a number on its line is the answer; an empty one falls through
+        ("#### 5\nThe next one is #### 8", "5"),
+        ("####\n8 apples", "8"),
+        ("#### no idea\nsome more text 6", "6"),
+    ],
+)
+def test_a_continuation_after_the_answer_is_ignored(text, expected):
+    assert extract_prediction(text) == expected
+
+
+def test_label_with_unicode_minus():
+    assert extract_gsm8k_label("10 \u2212 12 = \u22122\n#### \u22122") == "-2"
+
+
 def test_numbers_compare_as_numbers():
     assert answers_match("3.0", "3") and answers_match("1200", "1200")
     assert not answers_match("12", "13") and not answers_match(None, "1")

@@ -5,11 +5,17 @@ from __future__ import annotations
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# minus signs other than ASCII "-" (U+2212 MINUS SIGN, small and fullwidth hyphen-minus): GSM8K's own
+# solutions use U+2212, and a model trained on them writes it too
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
+# a hallucinated next exercise in the prompt's format ("Question: ...\nAnswer:", rlhf/tp/prompt.py)
+_NEXT_QUESTION = re.compile(r"\n\s*Question:")
 
 
 def normalize_number(text: str) -> str | None:
-    """``"1,234.50"`` -> ``"1234.5"``; ``"$7"`` -> ``"7"``; None when ``text`` holds no number."""
-    match = _NUMBER.search(text.replace("$", ""))
+    """``"1,234.50"`` -> ``"1234.5"``; ``"$7"`` -> ``"7"``; ``"−7"`` (U+2212) -> ``"-7"``; None when ``text``
+    holds no number."""
+    match = _NUMBER.search(text.translate(_MINUS).replace("$", ""))
     if match is None:
         return None
     value = match.group(0).replace(",", "")
@@ -32,14 +38,18 @@ def extract_gsm8k_label(answer: str) -> str | None:
 def extract_prediction(output: str) -> str | None:
     """The number a generated solution commits to.
 
-    Preference order: after the last ``####``; after "the answer is"; else the last number in the text.
+    Only the text before a hallucinated next exercise counts (a line starting with ``Question:``, the
+    prompt's format: a model that missed EOS goes on with a question and answer of its own). In it, in
+    order of preference: the number on the line of the first ``####`` that has one (``####`` ends a GSM8K
+    solution; a later one belongs to a continuation); after the first "the answer is"; else the last
+    number in the text.
     """
-    if "####" in output:
-        found = normalize_number(output.rsplit("####", 1)[1])
+    output = _NEXT_QUESTION.split(output.translate(_MINUS), maxsplit=1)[0]
+    for tail in output.split("####")[1:]:
+        found = normalize_number(tail.lstrip().split("\n", 1)[0])
         if found is not None:
             return found
-    lowered = output.lower()
-    marker = lowered.rfind("the answer is")
+    marker = output.lower().find("the answer is")
     if marker >= 0:
         found = normalize_number(output[marker + len("the answer is") :])
         if found is not None:
