@@ -219,6 +219,25 @@ def test_full_reward_model_of_a_float16_checkpoint_under_auto_trains_float32_wei
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
+def test_peft_path_to_an_sft_adapter_names_its_task_type(tiny_llama, tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.errors import CheckpointError
+
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, target_modules=["q_proj"], task_type=TaskType.CAUSAL_LM),
+    )
+    sft.save_pretrained(tmp_path / "sft_adapter")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    model_args = ModelArguments(model_name_or_path=str(tiny_llama), peft_path=str(tmp_path / "sft_adapter"))
+    with pytest.raises(
+        CheckpointError, match=r"sft_adapter: a CAUSAL_LM adapter .* continues SEQ_CLS adapters"
+    ):
+        build_reward_model(model_args, LoraArguments(), AutoTokenizer.from_pretrained(tiny_llama), args)
+
+
 @pytest.mark.slow
 def test_two_process_torchrun(tiny_llama, repo_root, tmp_path):
     out = tmp_path / "ddp"

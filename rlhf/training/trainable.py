@@ -8,7 +8,9 @@ continues it (its own rank and targets win over the LoRA flags).
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from peft import PeftModel, TaskType, get_peft_model
@@ -70,6 +72,7 @@ def make_trainable(
             raise CheckpointError(
                 f"--peft_path {peft_path}: not an adapter directory (no adapter_config.json)"
             )
+        check_adapter_task(peft_path, task_type)
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
@@ -105,6 +108,22 @@ def make_trainable(
         100 * trainable / max(total, 1),
     )
     return model
+
+
+def check_adapter_task(peft_path: str, task_type: TaskType) -> None:
+    """CheckpointError when the adapter at ``--peft_path`` was trained for another task (an SFT
+    ``CAUSAL_LM`` adapter given to the reward model, whose head PEFT would fail on with an AttributeError)."""
+    config_path = Path(peft_path) / "adapter_config.json"
+    try:
+        recorded = json.loads(config_path.read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config_path}: cannot read the adapter config ({exc})") from None
+    if recorded and recorded != TaskType(task_type).value:
+        raise CheckpointError(
+            f"--peft_path {peft_path}: a {recorded} adapter (task_type in adapter_config.json), but this stage "
+            f"continues {TaskType(task_type).value} adapters; merge it into its base and pass that as "
+            "--model_name_or_path"
+        )
 
 
 def check_modules_to_save(model: torch.nn.Module, names: list[str]) -> None:
