@@ -124,3 +124,38 @@ def test_fp16_keeps_the_trainable_score_head_and_adapter_in_float32(tiny_llama):
     assert frozen == {torch.float16}  # the frozen base stays as loaded
     trained, _ = trainable_dtypes(fp16=False)
     assert {d for n, d in trained.items() if "score" in n} == {torch.float16}
+
+
+def test_a_reward_model_trained_without_a_pad_token_scores_the_same_in_plain_transformers(
+    tiny_llama, repo_root, tmp_path
+):
+    """A llama-style tokenizer without a pad token: the stage pads with <unk> instead of the EOS, so the
+    saved model's own pooling (HF: the last token that is not the pad id) reads the EOS, where the stage
+    trained it, in a right-padded batch of pairs too."""
+    import json
+    import shutil
+
+    from test_reward_stage import quick_argv
+
+    from run_rm_with_peft import main
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(tiny_llama, nopad)
+    for name in ("config.json", "tokenizer_config.json"):
+        config = json.loads((nopad / name).read_text())
+        config.pop("pad_token_id", None), config.pop("pad_token", None)
+        (nopad / name).write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(nopad).pad_token is None
+    out = tmp_path / "rm"
+    main(quick_argv(nopad, repo_root / "rm_data", out, "--lora_rank", "-1"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert tokenizer.pad_token == "<unk>" and model.config.pad_token_id == tokenizer.unk_token_id
+    rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in ("I love it", "No")]
+    batch = PairCollator(tokenizer.pad_token_id, "right")(
+        [{"chosen_ids": rows[0], "rejected_ids": rows[1], "margin": 0.0}]
+    )
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        ours = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(plain, ours)

@@ -56,6 +56,29 @@ def sequence_rewards(
     return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
 
 
+def pad_apart_from_eos(tokenizer: Any) -> None:
+    """Pad with the tokenizer's unknown token when its pad token is its EOS (what a llama-style tokenizer
+    without a pad token gets), so that the saved model scores like this stage in plain transformers.
+
+    Training reads the head at the last real token, the EOS that ends every sequence. HF's own pooling
+    reads the last token that is not the pad id: with pad = EOS, the token before it. The pad id goes
+    into the saved config and tokenizer, so with pad = unk HF's pooling also lands on the EOS, in padded
+    batches too. Without an unknown token the pad stays the EOS and a warning says how to score.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        logger.info("reward model: padding with %s (the pad token was the EOS)", tokenizer.unk_token)
+        return
+    logger.warning(
+        "reward model: the tokenizer pads with its EOS and has no other token to pad with; transformers' own "
+        "pooling (.logits of the saved model) reads the token before the EOS, this stage the EOS itself: "
+        "score with rlhf.reward.model.sequence_rewards (or at the last real token)"
+    )
+
+
 def load_reward_backbone(
     path: str,
     *,

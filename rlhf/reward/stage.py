@@ -19,7 +19,7 @@ from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import is_adapter_dir, load_tokenizer
-from rlhf.reward.model import HEAD_NAMES, load_reward_backbone
+from rlhf.reward.model import HEAD_NAMES, load_reward_backbone, pad_apart_from_eos
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
 from rlhf.reward.trainer import RewardTrainer
@@ -116,6 +116,7 @@ def run_reward(
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.trust_remote_code, rm_args.padding_side
     )
+    pad_apart_from_eos(tokenizer)
     train_data, eval_data = build_reward_data(data_args, rm_args, tokenizer, args)
     resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir)
     model = build_reward_model(model_args, lora_args, tokenizer, args)
