@@ -33,7 +33,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.args import parse_args, split_comma_list
+from rlhf.args import check_positive_flags, parse_args, split_comma_list
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
@@ -107,6 +107,30 @@ class TPPPOTrainingArguments(PPOTrainingArguments):
     )
 
 
+def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
+    """What ``run_ppo_with_peft.py``'s up-front validation checks of the loop flags both stages share: a
+    ``--save_steps 0`` or ``--logging_steps 0`` would otherwise stop the run after its first optimizer
+    step (a division by zero), before any checkpoint."""
+    check_positive_flags(
+        {
+            "--logging_steps": args.logging_steps,
+            "--save_steps": args.save_steps,
+            "--gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "--per_device_mini_train_batch_size": ppo.per_device_mini_train_batch_size,
+            "--max_buffer_size (--rollout_batches)": ppo.rollout_batches,
+            "--ppo_epochs": ppo.ppo_epochs,
+            "--max_gen_len": ppo.max_response_length,
+            "--max_prompt_length": ppo.max_prompt_length,
+        }
+    )
+    if ppo.min_response_length > ppo.max_response_length:
+        raise ConfigError("--min_response_length must be <= --max_gen_len (--max_response_length)")
+    if ppo.temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    if ppo.target_kl is not None and ppo.target_kl <= 0:
+        raise ConfigError("--target_kl must be > 0")
+
+
 def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
     """Map the description's flags onto the PPO stage's; check what the TP engine cannot do."""
     if not tp.reward_model_ckpt_dir and not tp.reward_fn:
@@ -128,6 +152,7 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
     k = ppo.num_samples_per_prompt
     if tp.max_batch_size is not None:
         args.per_device_train_batch_size = ppo.per_device_mini_train_batch_size = tp.max_batch_size
+    check_positive_flags({"--max_batch_size": args.per_device_train_batch_size})  # divides what follows
     if ppo.per_device_mini_train_batch_size <= 0:
         ppo.per_device_mini_train_batch_size = args.per_device_train_batch_size * k
     if tp.max_buffer_size is not None:
@@ -147,6 +172,7 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
         ppo.max_response_length = tp.max_gen_len
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
+    check_loop_flags(ppo, args)
     args.output_dir = args.output_dir or str(
         Path(tp.actor_save_dir).with_name(Path(tp.actor_save_dir).name + "_run")
     )
