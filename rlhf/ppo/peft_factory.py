@@ -21,6 +21,7 @@ from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend import Backend
 from rlhf.backend.accelerate import AccelerateBackend
 from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer
+from rlhf.models.adapter_base import write_adapter_base
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
 from rlhf.ppo.data import load_pretrain, load_prompts
@@ -35,7 +36,6 @@ from rlhf.ppo.rewards import (
     load_reward_fn,
 )
 from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
-from rlhf.publish import publish_dir, staging_dir
 from rlhf.reward.model import load_reward_model
 
 logger = logging.getLogger(__name__)
@@ -113,30 +113,15 @@ def build_models_and_scorer(
     return models, scorers[0] if len(scorers) == 1 else SumScorer(scorers)
 
 
-MERGED_BASE_DIR = "base_model"  # in --output_dir: the base of the saved adapters, when it is on no disk
-
-
 def export_merged_base(
     models: PeftPolicyModels, sft_model_path: str, output_dir: Path, save_tokenizer: Any, backend: Backend
 ) -> None:
-    """With ``--sft_model_path`` an adapter dir, the base the actor's and critic's adapters apply to (that
-    adapter merged into its base) exists on no disk: write it once to ``<output_dir>/base_model`` (a plain
-    transformers model with the tokenizer, written at every start) and name it in the saved adapters'
-    configs, so checkpoints and outputs load with plain ``peft``. Full-weight outputs need none."""
-    if not (is_adapter_dir(sft_model_path) and models.has_adapters):
-        return
-    target = output_dir / MERGED_BASE_DIR
-    if backend.is_main:
-        staging = staging_dir(target)
-        models.save_base(staging)
-        save_tokenizer(staging)
-        publish_dir(staging, target)
-        logger.info(
-            "--sft_model_path %s is an adapter: its merge into %s, the base of the saved adapters, is in %s",
-            sft_model_path, adapter_base_path(sft_model_path), target,
-        )  # fmt: skip
-    backend.barrier()
-    models.base_model_path = str(target)
+    """With ``--sft_model_path`` an adapter dir, the base the saved actor and critic adapters apply to is
+    written to ``<output_dir>/base_model`` at every start, and named in their configs
+    (:mod:`rlhf.models.adapter_base`). Full-weight outputs need none."""
+    if is_adapter_dir(sft_model_path) and models.has_adapters:
+        target = write_adapter_base(models.lm, output_dir, save_tokenizer, backend.is_main)
+        models.base_model_path = str(target)
 
 
 def build_peft_session(

@@ -352,18 +352,6 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         """Whether anything is saved as an adapter (its config then names ``base_model_path``)."""
         return isinstance(self.lm, PeftModel) and (self.actor_full is None or self.critic_full is None)
 
-    def save_base(self, directory: Path) -> None:
-        """The frozen base the adapters apply to, as a plain transformers model (no adapter weights), in
-        ``directory``; the adapters saved afterwards name it as their base."""
-        base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
-        state = {
-            key.replace(".base_layer.", ".").replace(".original_module.", "."): value
-            for key, value in base.state_dict().items()
-            if "lora_" not in key and ".modules_to_save." not in key
-        }
-        base.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
-        self.base_model_path = str(directory)
-
     @staticmethod
     @contextmanager
     def _published(directory: Path) -> Iterator[Path]:

@@ -1,0 +1,53 @@
+"""The base of adapters trained on an adapter dir: that adapter merged into its base, written to disk.
+
+A stage given an adapter dir as its model (``--model_name_or_path`` of SFT and the reward model,
+``--sft_model_path`` of PPO) merges it into its base and trains new adapters on the result. That merged
+model exists on no disk, so the new adapters' configs would name the original base and load, with plain
+``peft``, as another model. :func:`write_adapter_base` writes it to ``<output_dir>/base_model`` (a plain
+transformers model with the tokenizer) and points the adapters' configs at it: checkpoints and outputs then
+load as the model that was trained. Nothing reads it during the run, so only the main process writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from rlhf.publish import publish_dir, staging_dir
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_DIR = "base_model"
+
+
+def plain_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model``'s frozen base with the adapters' tensors left out and PEFT's wrapper
+    names undone (``q_proj.base_layer.weight`` -> ``q_proj.weight``): what the base saved alone holds."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return {
+        key.replace(".base_layer.", ".").replace(".original_module.", "."): value
+        for key, value in base.state_dict().items()
+        if "lora_" not in key and ".modules_to_save." not in key
+    }
+
+
+def write_adapter_base(
+    model: torch.nn.Module, output_dir: Path, save_tokenizer: Callable[[Path], None], is_main: bool
+) -> Path:
+    """Write ``model``'s base (its adapters left out) to ``<output_dir>/base_model`` on the main process and
+    name it as the base in every adapter config of ``model`` (a ``PeftModel``); returns the directory."""
+    target = Path(output_dir) / BASE_MODEL_DIR
+    if is_main:
+        staging = staging_dir(target)
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base.save_pretrained(str(staging), state_dict=plain_base_state(model), safe_serialization=True)
+        save_tokenizer(staging)
+        publish_dir(staging, target)
+        logger.info("the merged base the new adapters were trained on (and name) is in %s", target)
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = str(target)
+    return target
