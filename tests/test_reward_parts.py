@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import datasets
@@ -159,3 +160,26 @@ def test_a_reward_model_trained_without_a_pad_token_scores_the_same_in_plain_tra
         plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         ours = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(plain, ours)
+
+
+def test_a_lora_reward_model_on_an_sft_adapter_dir_reloads_as_trained(tiny_llama, repo_root, tmp_path):
+    """--model_name_or_path an SFT adapter dir: the reward adapter names <output_dir>/base_model (the SFT
+    adapter merged into its base) and reloads with plain peft scoring the held-out pairs as training did."""
+    from peft import AutoPeftModelForSequenceClassification, LoraConfig, get_peft_model
+    from test_reward_stage import eval_rewards, quick_argv
+    from transformers import AutoModelForCausalLM
+
+    from run_rm_with_peft import main
+
+    torch.manual_seed(0)
+    sft = tmp_path / "sft_adapter"
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(sft)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sft)
+    out = tmp_path / "rm"
+    metrics = main(quick_argv(sft, repo_root / "rm_data", out, "--lora_rank", "8"))
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(out / "base_model") and (out / "base_model" / "model.safetensors").is_file()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    rewards = eval_rewards(model, out, repo_root / "rm_data", tmp_path)
+    assert rewards[:, 0].mean().item() == pytest.approx(metrics["eval_reward_chosen"], abs=1e-4)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 
+from rlhf.models.loading import is_adapter_dir
 from rlhf.publish import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
@@ -51,3 +53,14 @@ def write_adapter_base(
     for config in getattr(model, "peft_config", {}).values():
         config.base_model_name_or_path = str(target)
     return target
+
+
+def write_base_if_adapter_source(
+    model: torch.nn.Module, source: str, output_dir: str, tokenizer: Any, is_main: bool
+) -> None:
+    """:func:`write_adapter_base` for a Trainer stage whose ``--model_name_or_path`` (``source``) is an
+    adapter dir and which trains adapters (``model`` a ``PeftModel``); nothing otherwise."""
+    if is_adapter_dir(source) and isinstance(model, PeftModel):
+        write_adapter_base(
+            model, Path(output_dir), lambda path: tokenizer.save_pretrained(str(path)), is_main
+        )

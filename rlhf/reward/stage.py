@@ -18,7 +18,8 @@ from transformers import TrainingArguments, set_seed
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.errors import ConfigError
-from rlhf.models import is_adapter_dir, load_tokenizer
+from rlhf.models import load_tokenizer
+from rlhf.models.adapter_base import write_base_if_adapter_source
 from rlhf.reward.model import HEAD_NAMES, load_reward_backbone, pad_apart_from_eos
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
@@ -79,11 +80,6 @@ def build_reward_model(
     lora = lora_args.lora_spec()
     use_lora = lora.use_lora or bool(model_args.peft_path)
     set_seed(args.seed)  # a new adapter and score head start from the same weights for the same --seed
-    if use_lora and is_adapter_dir(model_args.model_name_or_path):
-        raise ConfigError(
-            f"--model_name_or_path {model_args.model_name_or_path} is an adapter: merge it into its base "
-            "first (a LoRA reward model must name a base that holds all other weights)"
-        )
     model = load_reward_backbone(
         model_args.model_name_or_path,
         pad_token_id=tokenizer.pad_token_id,
@@ -120,6 +116,9 @@ def run_reward(
     train_data, eval_data = build_reward_data(data_args, rm_args, tokenizer, args)
     resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir)
     model = build_reward_model(model_args, lora_args, tokenizer, args)
+    write_base_if_adapter_source(
+        model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
+    )
     if rm_args.packing:
         use_packed_attention(model, rm_args.packed_attention)
         collator = PackedPairCollator()
