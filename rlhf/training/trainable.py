@@ -118,11 +118,14 @@ def check_adapter_task(peft_path: str, task_type: TaskType) -> None:
         recorded = json.loads(config_path.read_text()).get("task_type")
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{config_path}: cannot read the adapter config ({exc})") from None
-    if recorded and recorded != TaskType(task_type).value:
+    expected = TaskType(task_type).value
+    if recorded and recorded != expected:
+        hint = ""
+        if (recorded, expected) == (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value):
+            hint = "; to start a reward model from an SFT adapter, pass it as --model_name_or_path"
         raise CheckpointError(
             f"--peft_path {peft_path}: a {recorded} adapter (task_type in adapter_config.json), but this stage "
-            f"continues {TaskType(task_type).value} adapters; merge it into its base and pass that as "
-            "--model_name_or_path"
+            f"continues {expected} adapters{hint}"
         )
 
 
