@@ -88,8 +88,7 @@ def load_reward_backbone(
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """A fresh-headed reward model on the weights at ``path`` (an SFT adapter dir is merged first)."""
-    load_config(path, model_type, trust_remote_code)
-    dtype = resolve_dtype(torch_dtype)
+    dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base = adapter_base_path(path) if is_adapter_dir(path) else path
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
@@ -108,7 +107,10 @@ def load_reward_model(path: str, *, torch_dtype: str | None = "auto", trust_remo
     """A trained reward model for scoring: a full model dir, or an RM adapter (with its head) on its base."""
     base_path = adapter_base_path(path) if is_adapter_dir(path) else path
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_path, num_labels=1, dtype=resolve_dtype(torch_dtype), trust_remote_code=trust_remote_code
+        base_path,
+        num_labels=1,
+        dtype=resolve_dtype(torch_dtype, load_config(path, None, trust_remote_code)),
+        trust_remote_code=trust_remote_code,
     )
     if model.config.pad_token_id is None:  # only read by HF's own pooling, which sequence_rewards bypasses
         model.config.pad_token_id = model.config.eos_token_id
