@@ -55,3 +55,17 @@ def test_only_model_files_not_brought_are_removed(tmp_path):
         "checkpoint-2", "config.json", "metrics.jsonl", "model.safetensors"
     ]  # fmt: skip
     assert (target / "config.json").read_text() == ".out.tmp" and not staging.exists()
+
+
+def test_lora_sft_on_an_adapter_dir_names_the_merged_base_it_trained_on(tiny_llama, repo_root, tmp_path):
+    """Round 2 of LoRA SFT on round 1's adapter dir: the new adapter names <output_dir>/base_model (round
+    1 merged into its base) and loads with plain peft, and with load_causal_lm, as the model trained."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    first, second = tmp_path / "round1", tmp_path / "round2"
+    main(with_flags(quick_argv(tiny_llama, repo_root / "sft_data", first), lora_rank="4"))
+    main(with_flags(quick_argv(first, repo_root / "sft_data", second), lora_rank="4"))
+    assert (second / "base_model" / "model.safetensors").is_file()
+    trained = PeftModel.from_pretrained(load_causal_lm(str(first), merge_adapter=True), second).eval()
+    for reloaded in (AutoPeftModelForCausalLM.from_pretrained(second), load_causal_lm(str(second))):
+        torch.testing.assert_close(logits(reloaded.eval()), logits(trained))

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.models.adapter_base import write_base_if_adapter_source
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
@@ -162,6 +163,9 @@ def run_sft(
     train_data, eval_data = build_sft_data(data_args, tokenizer, args)
     resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir)
     model = build_sft_model(model_args, lora_args, args)
+    write_base_if_adapter_source(
+        model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
+    )
     if sft_args.packing:
         collator = packed_collator(use_packed_attention(model, sft_args.packed_attention))
     else:
