@@ -13,13 +13,16 @@ from rlhf.tp.solver_evaluate import best_of_n
 
 
 def toy_rows(n: int, seed: int = 1) -> list[dict]:
-    """solver_evaluate-style samples: a solution is correct exactly when its final answer is even."""
+    """solver_evaluate-style samples, two per question (``n`` rows): a solution is correct exactly when its
+    final answer is even. Each question has one even and one odd sample, so nothing but the answer tells
+    them apart (with correctness tied to the question, a verifier may learn the question instead)."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        value = rng.randint(5, 49) * 2 + i % 2
-        rows.append({"question": f"Q{i}: pick a number", "output": f" I pick {value}\n#### {value}",
-                     "correct": value % 2 == 0})  # fmt: skip
+    for q in range(n // 2):
+        values = [rng.randint(5, 49) * 2, rng.randint(5, 49) * 2 + 1]
+        rng.shuffle(values)
+        rows += [{"question": f"Q{q}: pick a number", "output": f" I pick {v}\n#### {v}", "correct": v % 2 == 0}
+                 for v in values]  # fmt: skip
     return rows
 
 
@@ -32,7 +35,7 @@ def toy_verifier(tiny_model_factory, tmp_path_factory):
     (root / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(64)))
     results = verifier_train.main(
         ["--ckpt_dir", str(tiny_model_factory("llama")), "--save_dir", str(root / "v"), "--train_file",
-         str(root / "samples.jsonl"), "--max_batch_size", "16", "--lr", "1e-2", "--epochs", "12",
+         str(root / "samples.jsonl"), "--max_batch_size", "16", "--lr", "3e-3", "--epochs", "24",
          "--eval_ratio", "0.25", "--lr_scheduler_type", "constant", "--lora_rank", "-1"]
     )  # fmt: skip
     shutdown()
