@@ -91,7 +91,8 @@ class SolverEvaluateArguments:
     verifier_ckpt_dir: str | None = field(
         default=None,
         metadata={
-            "help": "verifier shard dir (verifier_train): best-of-N over the samples, plus a greedy pass"
+            "help": "verifier_train's --save_dir (or its merged HF dir): best-of-N over the samples, plus a "
+            "greedy pass"
         },
     )
 
