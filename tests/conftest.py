@@ -78,3 +78,13 @@ def llama3_rope_copy(tiny_model_factory) -> Callable[..., Path]:
         return out
 
     return copy
+
+
+@pytest.fixture
+def world_of_one():
+    """A tensor-parallel group of one process (gloo on CPU) for the test, torn down afterwards."""
+    from rlhf.tp.distributed import init_model_parallel, shutdown
+
+    init_model_parallel()
+    yield
+    shutdown()

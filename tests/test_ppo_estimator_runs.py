@@ -35,15 +35,6 @@ TIMINGS = {"time/rollout_s", "time/train_s", "time/generate_per_rollout_s", "sam
 GAE_KEYS = set(REFERENCE["peft"][0]) | TIMINGS
 
 
-@pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel()
-    yield
-    shutdown()
-
-
 @pytest.fixture(scope="module")
 def length_reward(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("reward") / "length_reward.py"

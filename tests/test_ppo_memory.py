@@ -198,15 +198,6 @@ def test_only_training_forwards_with_gradients_checkpoint(tiny_llama):
     assert len(calls) == len(models.lm.get_base_model().model.layers)
 
 
-@pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel("gloo")
-    yield
-    shutdown()
-
-
 def tp_bundle(model_dir, lora_rank: int, dropout: float = 0.0):
     """The TP bundle at world size 1: LoRA actor and critic (non-zero B), or fully trainable ones."""
     from rlhf.tp.loading import load_tp_model

@@ -34,15 +34,6 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [len(r) / 10 for r in responses]
 
 
-@pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel("gloo")
-    yield
-    shutdown()
-
-
 def peft_name(tp_layer: str, kind: str, adapter: str) -> str:
     """``layers.0.attention.wq`` -> the PEFT bundle's ``lm.base_model.model.model.layers.0.self_attn.q_proj.
     lora_A.actor.weight``."""

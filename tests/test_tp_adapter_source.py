@@ -10,22 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROWS = [
-    {"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"},
-    {"question": "What is 3 plus 5?", "answer": "3+5=8\n#### 8"},
-    {"question": "What is 1 plus 6?", "answer": "1+6=7\n#### 7"},
-    {"question": "What is 4 plus 4?", "answer": "4+4=8\n#### 8"},
-]
-
-
-@pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel()
-    yield
-    shutdown()
+from test_tp_ppo import ROWS
 
 
 @pytest.fixture

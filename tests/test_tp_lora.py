@@ -80,15 +80,6 @@ def run_lora(model_dir: Path, rank: int, world_size: int) -> dict:
     }
 
 
-@pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel("gloo")
-    yield
-    shutdown()
-
-
 def test_matches_peft_lora_and_merges(tiny_model_factory, world_of_one):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

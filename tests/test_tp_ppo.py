@@ -23,15 +23,6 @@ ROWS = [
 
 
 @pytest.fixture
-def world_of_one():
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel()
-    yield
-    shutdown()
-
-
-@pytest.fixture
 def verifier_dir(tiny_llama, tmp_path_factory):
     """A verifier shard dir (TP=1) with a non-zero head, trained for one step."""
     from rlhf.tp import verifier_train

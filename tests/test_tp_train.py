@@ -43,16 +43,6 @@ def read_predictions(log_dir: Path, name: str = "predictions.jsonl") -> tuple[li
     return rows, json.loads((log_dir / "metrics.json").read_text())
 
 
-@pytest.fixture
-def world_of_one():
-    """A TP=1 group for the test (the commands it runs leave a group they did not create in place)."""
-    from rlhf.tp.distributed import init_model_parallel, shutdown
-
-    init_model_parallel()
-    yield
-    shutdown()
-
-
 def test_solver_example_masks_the_prompt(tiny_llama):
     from rlhf.models import load_tokenizer
     from rlhf.tp.prompt import gsm8k_prompt

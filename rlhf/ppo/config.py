@@ -277,6 +277,17 @@ def check_compile_backend(name: str) -> None:
         raise ConfigError(f"--torch_compile_backend {name}: expected one of {', '.join(known)}")
 
 
+def check_sampling_flags(ppo: PPOArguments, response_flag: str = "--max_response_length") -> None:
+    """The sampling and KL flags both PPO entry points take (``response_flag``: the stage's name for the
+    response budget)."""
+    if ppo.min_response_length > ppo.max_response_length:
+        raise ConfigError(f"--min_response_length must be <= {response_flag}")
+    if ppo.temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    if ppo.target_kl is not None and ppo.target_kl <= 0:
+        raise ConfigError("--target_kl must be > 0")
+
+
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
     """Check flag combinations once, up front (before any model loads); messages name the flags."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
@@ -315,12 +326,7 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
             f"rollout size --per_device_train_batch_size x --rollout_batches x --num_samples_per_prompt = "
             f"{rollout}"
         )
-    if ppo.min_response_length > ppo.max_response_length:
-        raise ConfigError("--min_response_length must be <= --max_response_length")
-    if ppo.temperature <= 0:
-        raise ConfigError("--temperature must be > 0")
-    if ppo.target_kl is not None and ppo.target_kl <= 0:
-        raise ConfigError("--target_kl must be > 0")
+    check_sampling_flags(ppo)
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)  # checks it

@@ -37,7 +37,13 @@ from rlhf.args import check_positive_flags, parse_args, split_comma_list
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size, validate_estimator
+from rlhf.ppo.config import (
+    PPOArguments,
+    PPOTrainingArguments,
+    check_sampling_flags,
+    rollout_size,
+    validate_estimator,
+)
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.profiling import check_profile_step
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
@@ -123,12 +129,7 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
             "--max_prompt_length": ppo.max_prompt_length,
         }
     )
-    if ppo.min_response_length > ppo.max_response_length:
-        raise ConfigError("--min_response_length must be <= --max_gen_len (--max_response_length)")
-    if ppo.temperature <= 0:
-        raise ConfigError("--temperature must be > 0")
-    if ppo.target_kl is not None and ppo.target_kl <= 0:
-        raise ConfigError("--target_kl must be > 0")
+    check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
 
 
 def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
