@@ -15,7 +15,6 @@ import torch
 from launch import script_env, torchrun
 from safetensors.torch import load_file
 from test_tp_train import addition_rows, write_jsonl
-from test_tp_train import world_of_one as world_of_one  # the fixture
 
 from rlhf.tp import solver_train, training
 
