@@ -24,7 +24,6 @@ from test_sft_stage import seed_argv
 
 import rlhf.args
 import rlhf.models.loading as loading
-import rlhf.ppo.peft_factory as peft_factory
 import rlhf.reward.model as reward_model
 import run_ppo_with_peft
 import run_rm_with_peft
@@ -40,10 +39,10 @@ def keep_precision_flags(monkeypatch):
     them with a warning (bf16 weights under Accelerate's bf16 autocast)."""
     monkeypatch.setattr(rlhf.args, "GPU_ONLY_FLAGS", ())
 
-    def as_named(name):
+    def as_named(name, config=None):
         return "auto" if name in (None, "", "auto") else loading.DTYPES[name]
 
-    for module in (loading, reward_model, peft_factory):
+    for module in (loading, reward_model):
         monkeypatch.setattr(module, "resolve_dtype", as_named)
 
 
