@@ -282,3 +282,22 @@ def test_loop_flags_that_would_stop_the_run_are_refused_up_front(tmp_path, monke
             ppo_train.main(base + extra)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"error: {message}" in err, (extra, err)
+
+
+def test_the_descriptions_ppo_command_runs_as_written(tiny_llama, verifier_dir, tmp_path, world_of_one, monkeypatch,
+                                                       capsys):  # fmt: skip
+    """``verifier_train`` with the PPO flags and no --train_file (the description's PPO command, paths
+    changed; --max_steps and --max_gen_len only keep it short) runs PPO on dataset/GSM8K/train.json."""
+    from rlhf.tp import verifier_train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dataset" / "GSM8K").mkdir(parents=True)
+    (tmp_path / "dataset" / "GSM8K" / "train.json").write_text(json.dumps(ROWS))
+    session = verifier_train.main(
+        ["--actor_ckpt_dir", str(tiny_llama), "--actor_save_dir", "actor", "--critic_ckpt_dir",
+         str(verifier_dir / "v"), "--critic_save_dir", "critic", "--reward_model_ckpt_dir", str(verifier_dir / "v"),
+         "--max_batch_size", "2", "--max_buffer_size", "4", "--max_steps", "1", "--max_gen_len", "4"]
+    )  # fmt: skip
+    assert "--actor_ckpt_dir is a PPO flag: running rlhf.tp.ppo_train" in capsys.readouterr().err
+    assert len(session.prompts) == len(ROWS)
+    assert (tmp_path / "actor" / "params.json").is_file() and (tmp_path / "critic" / "params.json").is_file()

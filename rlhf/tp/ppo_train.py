@@ -54,11 +54,18 @@ from rlhf.tp.ppo_models import TORCH_COMPILE_REFUSED
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_TRAIN_FILE = "dataset/GSM8K/train.json"  # where the description's other commands read GSM8K
+
+
 @dataclass
 class TPPPOArguments:
     actor_ckpt_dir: str = field(metadata={"help": "the policy to train (solver_train's --save_dir)"})
     actor_save_dir: str = field(metadata={"help": "where the trained actor's shards go"})
-    train_file: str = field(metadata={"help": "GSM8K rows whose questions are the prompts"})
+    train_file: str = field(
+        default=DEFAULT_TRAIN_FILE,
+        metadata={"help": "GSM8K rows whose questions are the prompts (default: the description's "
+                  f"{DEFAULT_TRAIN_FILE}, relative to the working directory)"},
+    )  # fmt: skip
     critic_ckpt_dir: str | None = field(
         default=None,
         metadata={"help": "the critic's start: the verifier (its scalar head too); needed by gae only"},

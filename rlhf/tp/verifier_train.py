@@ -15,9 +15,16 @@ samples) are used as they are (:mod:`rlhf.tp.verifier`). ``--eval_ratio`` holds 
 questions with all their rows (grouped by question text, whatever the file layout). Held-out accuracy
 (score > 0 = correct) goes to ``training/results.json``. Saved like the solver, with ``"head": "scalar"``
 in ``params.json``.
+
+The description's PPO command also runs ``verifier_train.py``, with the PPO trainer's flags: given
+``--actor_ckpt_dir``, this module runs :mod:`rlhf.tp.ppo_train` with the same flags (one log line says so).
 """
 
 from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,8 @@ from rlhf.tp.verifier import (
     split_by_question,
     verifier_example,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def verifier_loss(
@@ -72,9 +81,22 @@ def run(args: TPTrainArguments) -> dict:
     )
 
 
+PPO_FLAG = "--actor_ckpt_dir"  # only the PPO trainer takes it
+
+
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> Any:
+    """Train a verifier; with the PPO trainer's flags (the description's PPO command), run PPO instead."""
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.partition("=")[0] == PPO_FLAG for arg in argv):
+        # the description's PPO command runs verifier_train.py with the PPO trainer's flags
+        from rlhf.tp import ppo_train
+
+        logger.info(
+            "%s is a PPO flag: running rlhf.tp.ppo_train, as the description's PPO command does", PPO_FLAG
+        )
+        return ppo_train.main(argv)
     (args,) = parse_args((TPTrainArguments,), argv)
     with process_group_scope():
         return run(args)
