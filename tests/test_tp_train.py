@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,12 @@ def test_verifier_rows_from_gsm8k_and_from_samples(tmp_path):
         wrong = perturb_final_answer(answer, rng)
         assert wrong.rsplit("####", 1)[0] == answer.rsplit("####", 1)[0]
         assert wrong.rsplit("####", 1)[1].strip().replace(",", "") != answer.rsplit("####", 1)[1].strip()
+    # no shortcut but the value: small labels get no negative wrong answers, separators are kept
+    wrong = [
+        perturb_final_answer(f"#### {n}", rng).split("#### ")[1] for n in (0, 1, 2, 3) for _ in range(20)
+    ]
+    assert min(int(w) for w in wrong) >= 0
+    assert all(re.fullmatch(r"\d,\d{3}", perturb_final_answer("#### 5,000", rng)[5:]) for _ in range(20))
     write_jsonl(tmp_path / "a.jsonl", addition_rows(2))
     write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "output": " #### 4", "correct": True}])
     rows = read_verifier_rows(str(tmp_path))

@@ -20,6 +20,7 @@ Training rows (``--train_file``), one of two kinds per row:
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,31 @@ from rlhf.tp.shard_dir import check_shard_dir, is_shard_dir
 
 
 def perturb_final_answer(answer: str, rng: random.Random) -> str:
-    """``answer`` with the number after its last ``####`` replaced by a different one."""
+    """``answer`` with the number after its last ``####`` replaced by a different one, written alike.
+
+    Only the number changes, so the negatives leave the verifier no shortcut but the value: thousands
+    separators are kept when the reference has them (``#### 1,000`` -> ``#### 1,007``), and a label that
+    is not negative gets a wrong answer that is not negative either (GSM8K's answers almost never are).
+    """
     head, _, tail = answer.rpartition("####")
     label = normalize_number(tail)
-    if label is None:
+    match = _FINAL_NUMBER.search(tail)
+    if label is None or match is None:
         raise DataError(f'answer has no final number after "####": {answer[-60:]!r}')
     if "." in label:
         wrong = normalize_number(str(float(label) * 2)) if float(label) != 0 else "1"
     else:
-        wrong = str(int(label) + rng.choice([d for d in range(-10, 11) if d != 0]))
-    return f"{head}#### {wrong}"
+        value = int(label)
+        deltas = [d for d in range(-10, 11) if d != 0 and (value < 0 or value + d >= 0)]
+        wrong = str(value + rng.choice(deltas))
+        if "," in match.group(0):
+            wrong = f"{int(wrong):,}"
+    return f"{head}####{tail[: match.start()]}{wrong}{tail[match.end() :]}"
+
+
+_FINAL_NUMBER = re.compile(
+    r"[-\u2212]?\d[\d,]*(?:\.\d+)?|[-\u2212]?\.\d+"
+)  # the number after "####" as written
 
 
 def question_key(question: str) -> str:
