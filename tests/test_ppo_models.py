@@ -292,7 +292,7 @@ def test_separate_reward_model_scores_the_last_real_token_as_the_reward_stage_tr
         torch.cat([prompt_mask, response_mask], 1),
         prompt_ids.shape[1],
     )
-    captured = []  # the score head at every position of each unpadded row
+    captured = []  # the score head at the last position of each unpadded row
     hook = model.score.register_forward_hook(lambda _m, _i, out: captured.append(out[0, -1, 0]))
     with torch.no_grad():
         for prompt, response in zip(prompts, responses):
