@@ -173,7 +173,8 @@ def test_a_lora_reward_model_on_an_sft_adapter_dir_reloads_as_trained(tiny_llama
 
     torch.manual_seed(0)
     sft = tmp_path / "sft_adapter"
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")  # as run_sft_with_peft.py saves it  # fmt: skip
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(sft)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sft)
     out = tmp_path / "rm"

@@ -94,9 +94,13 @@ def load_reward_backbone(
         base, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
     )
     if is_adapter_dir(path):
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        # an SFT adapter says CAUSAL_LM, which PEFT would wrap around a classifier as a generator: only its
+        # LoRA weights are wanted here, merged into the backbone
+        config = PeftConfig.from_pretrained(path)
+        config.task_type = None
+        model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
         logger.info("merged adapter %s into the reward model's backbone", path)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
