@@ -323,6 +323,9 @@ def main() -> None:
         return
 
     results_path = Path(args.results) if args.results else None
+    unknown = [name for name in args.rows.split(",") if name and name not in ROWS]
+    if unknown:  # before any model is built
+        sys.exit(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
     if args.gpu_suite and args.cpu_small:
         suite, sections = SUITES["cpu-small"], ["ppo-gpu-cpu-small"]
     elif args.gpu_suite or torch.cuda.is_available():
@@ -333,7 +336,7 @@ def main() -> None:
         suite, sections = SUITES["cpu"], ["ppo", "ppo-memory-cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        rows = [name for name in ROWS if name in args.rows.split(",")]
+        rows = [name for name in args.rows.split(",") if name]  # in the order given
         results = run_suite(suite, workdir, args.budget if suite.name == "gpu" else 3600, rows)
         markdown = {sections[0]: suite_markdown(suite, results)}
         if "ppo-memory-cpu" in sections:

@@ -15,7 +15,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -96,11 +95,11 @@ class Decoder(ABC):
     def head_dim(self) -> int:
         return self.layers[0].head_dim
 
-    @cached_property  # the layers are fixed after __init__; read at every step
+    @property  # the layers are fixed after __init__; read at every step
     def n_rep(self) -> int:
         return self.layers[0].n_heads // self.layers[0].n_kv_heads
 
-    @cached_property
+    @property
     def windows(self) -> set[int | None]:
         return {layer.window for layer in self.layers}
 
