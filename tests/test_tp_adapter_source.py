@@ -1,4 +1,4 @@
-"""A PEFT adapter dir (what ``run_sft_with_peft.py --use_peft`` saves: no config.json) as the source of the
+"""A PEFT adapter dir (what ``run_sft_with_peft.py`` saves with LoRA: no config.json) as the source of the
 TP trainers: ``solver_train``, ``verifier_train`` and ``ppo_train`` train on the base with the adapter
 merged, and their saved shard dirs are that merged model (config and tokenizer from the base / adapter,
 no adapter files), which loads, evaluates and merges back to Hugging Face."""

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Any:
     """Train a verifier; with the PPO trainer's flags (the description's PPO command), run PPO instead."""
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg.partition("=")[0] == PPO_FLAG for arg in argv):
+    if any(arg.partition("=")[0].replace("-", "_") == PPO_FLAG.replace("-", "_") for arg in argv):
         # the description's PPO command runs verifier_train.py with the PPO trainer's flags
         from rlhf.tp import ppo_train
 
