@@ -39,7 +39,7 @@ test-gpu:
 	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 	    --target "$(GPU_SITE)" $$missing || exit 1; \
 	fi; \
-	$(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py tests/test_generation_gpu.py
+	$(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py tests/test_generation_gpu.py tests/test_ppo_memory.py
 
 demo: $(STAMP)
 	$(BIN)/python -m rlhf.demo --out runs/demo

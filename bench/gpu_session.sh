@@ -76,7 +76,7 @@ for name in "$@"; do
     rollout) run_step rollout "${ROLLOUT_S:-130}" "python3 bench/rollout.py --budget $((${ROLLOUT_S:-130} - 10))${ROLLOUT_ROWS:+ --rows $ROLLOUT_ROWS}" ;;
     ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))${PPO_ROWS:+ --rows $PPO_ROWS}" ;;
     sft) run_step sft "${SFT_S:-200}" "python3 bench/sft.py --gpu-suite --budget $((${SFT_S:-200} - 10))" ;;
-    tests) run_step tests "${TESTS_S:-150}" "$pytest -m gpu tests/test_gpu.py" ;;
+    tests) run_step tests "${TESTS_S:-150}" "$pytest -m gpu tests/test_gpu.py tests/test_ppo_memory.py" ;;
     *) echo "bench/gpu_session.sh: unknown step $name (enginetests, rollout, ppo, sft, tests)" >&2; exit 2 ;;
   esac
 done
