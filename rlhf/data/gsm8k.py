@@ -12,10 +12,15 @@ _MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 _NEXT_QUESTION = re.compile(r"\n\s*Question:")
 
 
+def find_number(text: str) -> re.Match | None:
+    """The first number of ``text`` as written (any minus sign counted as ``-``; positions are ``text``'s)."""
+    return _NUMBER.search(text.translate(_MINUS))
+
+
 def normalize_number(text: str) -> str | None:
     """``"1,234.50"`` -> ``"1234.5"``; ``"$7"`` -> ``"7"``; ``"−7"`` (U+2212) -> ``"-7"``; None when ``text``
     holds no number."""
-    match = _NUMBER.search(text.translate(_MINUS).replace("$", ""))
+    match = find_number(text.replace("$", ""))
     if match is None:
         return None
     value = match.group(0).replace(",", "")

@@ -26,10 +26,9 @@ logger = logging.getLogger(__name__)
 BASE_MODEL_DIR = "base_model"
 
 
-def plain_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of ``model``'s frozen base with the adapters' tensors left out and PEFT's wrapper
-    names undone (``q_proj.base_layer.weight`` -> ``q_proj.weight``): what the base saved alone holds."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+def plain_base_state(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a PEFT-injected base with the adapters' tensors left out and PEFT's wrapper names
+    undone (``q_proj.base_layer.weight`` -> ``q_proj.weight``): what the base saved alone holds."""
     return {
         key.replace(".base_layer.", ".").replace(".original_module.", "."): value
         for key, value in base.state_dict().items()
@@ -46,7 +45,7 @@ def write_adapter_base(
     if is_main:
         staging = staging_dir(target)
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        base.save_pretrained(str(staging), state_dict=plain_base_state(model), safe_serialization=True)
+        base.save_pretrained(str(staging), state_dict=plain_base_state(base), safe_serialization=True)
         save_tokenizer(staging)
         publish_dir(staging, target)
         logger.info("the merged base the new adapters were trained on (and name) is in %s", target)
@@ -56,11 +55,13 @@ def write_adapter_base(
 
 
 def write_base_if_adapter_source(
-    model: torch.nn.Module, source: str, output_dir: str, tokenizer: Any, is_main: bool
-) -> None:
-    """:func:`write_adapter_base` for a Trainer stage whose ``--model_name_or_path`` (``source``) is an
-    adapter dir and which trains adapters (``model`` a ``PeftModel``); nothing otherwise."""
-    if is_adapter_dir(source) and isinstance(model, PeftModel):
-        write_adapter_base(
-            model, Path(output_dir), lambda path: tokenizer.save_pretrained(str(path)), is_main
-        )
+    model: torch.nn.Module, source: str, output_dir: str | Path, tokenizer: Any, is_main: bool
+) -> Path | None:
+    """:func:`write_adapter_base` for a stage whose model (``source``: ``--model_name_or_path``,
+    ``--sft_model_path``) is an adapter dir and which trains adapters (``model`` a ``PeftModel``); returns
+    the directory written, None (nothing done) otherwise."""
+    if not (is_adapter_dir(source) and isinstance(model, PeftModel)):
+        return None
+    return write_adapter_base(
+        model, Path(output_dir), lambda path: tokenizer.save_pretrained(str(path)), is_main
+    )

@@ -18,10 +18,9 @@ from peft import PeftModel
 from transformers import set_seed
 
 from rlhf.args import DataArguments, split_comma_list
-from rlhf.backend import Backend
 from rlhf.backend.accelerate import AccelerateBackend
-from rlhf.models import adapter_base_path, is_adapter_dir, load_tokenizer
-from rlhf.models.adapter_base import write_adapter_base
+from rlhf.models import adapter_base_path, load_tokenizer
+from rlhf.models.adapter_base import write_base_if_adapter_source
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
 from rlhf.ppo.data import load_pretrain, load_prompts
@@ -113,17 +112,6 @@ def build_models_and_scorer(
     return models, scorers[0] if len(scorers) == 1 else SumScorer(scorers)
 
 
-def export_merged_base(
-    models: PeftPolicyModels, sft_model_path: str, output_dir: Path, save_tokenizer: Any, backend: Backend
-) -> None:
-    """With ``--sft_model_path`` an adapter dir, the base the saved actor and critic adapters apply to is
-    written to ``<output_dir>/base_model`` at every start, and named in their configs
-    (:mod:`rlhf.models.adapter_base`). Full-weight outputs need none."""
-    if is_adapter_dir(sft_model_path) and models.has_adapters:
-        target = write_adapter_base(models.lm, output_dir, save_tokenizer, backend.is_main)
-        models.base_model_path = str(target)
-
-
 def build_peft_session(
     data: DataArguments, margs: PPOModelArguments, ppo: PPOArguments, args: PPOTrainingArguments
 ) -> PPOSession:
@@ -132,8 +120,12 @@ def build_peft_session(
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
-    save_tokenizer = lambda path: tokenizer.save_pretrained(str(path))  # noqa: E731
-    export_merged_base(models, margs.sft_model_path, Path(args.output_dir), save_tokenizer, backend)
+    if models.has_adapters:  # an adapter dir as --sft_model_path: the base the saved adapters name, on disk
+        base = write_base_if_adapter_source(
+            models.lm, margs.sft_model_path, args.output_dir, tokenizer, backend.is_main
+        )
+        if base is not None:
+            models.base_model_path = str(base)
     prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
     pretrain = None
     if margs.pretrain_dataset_dir:
@@ -141,6 +133,6 @@ def build_peft_session(
     parts = SessionParts(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
-        save_extra={"tokenizer": save_tokenizer},
+        save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

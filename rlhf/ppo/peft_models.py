@@ -350,7 +350,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
     @property
     def has_adapters(self) -> bool:
         """Whether anything is saved as an adapter (its config then names ``base_model_path``)."""
-        return isinstance(self.lm, PeftModel) and (self.actor_full is None or self.critic_full is None)
+        return isinstance(self.lm, PeftModel) and bool({"actor", "critic"} & set(self.lm.peft_config))
 
     @staticmethod
     @contextmanager

@@ -20,14 +20,13 @@ Training rows (``--train_file``), one of two kinds per row:
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.data.files import find_data_files, iter_json_records
-from rlhf.data.gsm8k import extract_gsm8k_label, normalize_number
+from rlhf.data.gsm8k import extract_gsm8k_label, find_number, normalize_number
 from rlhf.errors import CheckpointError, DataError
 from rlhf.tp.examples import Example, collate, micro_batches, split_rows
 from rlhf.tp.loading import checkpoint_head
@@ -45,7 +44,7 @@ def perturb_final_answer(answer: str, rng: random.Random) -> str:
     """
     head, _, tail = answer.rpartition("####")
     label = normalize_number(tail)
-    match = _FINAL_NUMBER.search(tail)
+    match = find_number(tail)
     if label is None or match is None:
         raise DataError(f'answer has no final number after "####": {answer[-60:]!r}')
     if "." in label:
@@ -57,11 +56,6 @@ def perturb_final_answer(answer: str, rng: random.Random) -> str:
         if "," in match.group(0):
             wrong = f"{int(wrong):,}"
     return f"{head}####{tail[: match.start()]}{wrong}{tail[match.end() :]}"
-
-
-_FINAL_NUMBER = re.compile(
-    r"[-\u2212]?\d[\d,]*(?:\.\d+)?|[-\u2212]?\.\d+"
-)  # the number after "####" as written
 
 
 def question_key(question: str) -> str:
