@@ -1,9 +1,11 @@
 """``python -m rlhf.plot RUN_DIR``: draw a run's training curves as PNG files.
 
 Reads ``RUN_DIR/trainer_state.json`` (SFT and reward-model runs: ``loss``, ``eval_loss``,
-``eval_accuracy``, ``learning_rate`` ...) and/or ``RUN_DIR/metrics.jsonl`` (PPO runs: ``reward/score``,
-``objective/kl``, ``loss/policy`` ...) and writes one PNG per metric into ``--out`` (default: RUN_DIR),
-named after the metric (``loss.png``, ``reward_score.png``, ...).
+``eval_accuracy``, ``learning_rate`` ...), ``RUN_DIR/metrics.jsonl`` (PPO runs, ours and the TP
+backend's: ``reward/score``, ``objective/kl``, ``loss/policy`` ...) and ``RUN_DIR/training/metrics.jsonl``
+(a tensor-parallel trainer's output dir: ``loss``, ``lr``, ``grad_norm`` ...), and writes one PNG per
+numeric metric into ``--out`` (default: RUN_DIR), named after the metric (``loss.png``,
+``reward_score.png``, ...). ``--metrics`` picks some of them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -22,47 +25,65 @@ from rlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-TRAINER_METRICS = ("loss", "eval_loss", "eval_accuracy", "eval_margin", "grad_norm", "learning_rate")
-PPO_METRICS = (
-    "reward/score", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "loss/pretrain",
-    "policy/entropy", "policy/clipfrac", "value/explained_variance", "response/length_mean",
-)  # fmt: skip
+# Not curves: the x axis, counters, and the one-off summary a Trainer logs at the end of training.
+NOT_CURVES = frozenset((
+    "step", "epoch", "rollouts", "total_flos", "train_runtime", "train_samples_per_second",
+    "train_steps_per_second", "train_loss",
+))  # fmt: skip
+METRICS_FILES = ("metrics.jsonl", "training/metrics.jsonl")
 
 Series = dict[str, list[tuple[float, float]]]
 
 
+def add_entry(series: Series, entry: dict) -> None:
+    """Append every numeric metric of one logged ``entry`` (with a ``step``) to ``series``."""
+    step = entry.get("step")
+    if not isinstance(step, (int, float)):
+        return
+    for key, value in entry.items():
+        if key not in NOT_CURVES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            series.setdefault(key, []).append((step, float(value)))
+
+
 def read_trainer_state(path: Path) -> Series:
     """``{metric: [(step, value), ...]}`` from a transformers ``trainer_state.json`` log history."""
-    history = json.loads(path.read_text()).get("log_history", [])
+    try:
+        history = json.loads(path.read_text()).get("log_history", [])
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not JSON ({exc})") from exc
     series: Series = {}
     for entry in history:
-        step = entry.get("step")
-        for key in TRAINER_METRICS:
-            if step is not None and isinstance(entry.get(key), (int, float)):
-                series.setdefault(key, []).append((step, float(entry[key])))
+        add_entry(series, entry)
     return series
 
 
 def read_metrics_jsonl(path: Path) -> Series:
-    """``{metric: [(step, value), ...]}`` from a PPO ``metrics.jsonl``."""
+    """``{metric: [(step, value), ...]}`` from a ``metrics.jsonl`` (one JSON object per logging step). A
+    torn last line (a run killed mid-write) is skipped; a bad line elsewhere is an error naming it."""
     series: Series = {}
-    for line in path.read_text().splitlines():
+    lines = path.read_text().split("\n")
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        entry = json.loads(line)
-        for key in PPO_METRICS:
-            if isinstance(entry.get(key), (int, float)):
-                series.setdefault(key, []).append((entry["step"], float(entry[key])))
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # no newline after it: a write cut short
+                continue
+            raise UserError(f"{path}:{number}: not a JSON object ({exc})") from exc
+        if isinstance(entry, dict):
+            add_entry(series, entry)
     return series
 
 
 def read_run(run_dir: Path) -> Series:
-    """Every curve found in ``run_dir`` (trainer_state.json and metrics.jsonl)."""
+    """Every curve found in ``run_dir`` (trainer_state.json and the metrics.jsonl files)."""
     series: Series = {}
     if (run_dir / "trainer_state.json").is_file():
         series.update(read_trainer_state(run_dir / "trainer_state.json"))
-    if (run_dir / "metrics.jsonl").is_file():
-        series.update(read_metrics_jsonl(run_dir / "metrics.jsonl"))
+    for name in METRICS_FILES:
+        if (run_dir / name).is_file():
+            series.update(read_metrics_jsonl(run_dir / name))
     return series
 
 
@@ -82,12 +103,24 @@ def plot_series(name: str, points: list[tuple[float, float]], out: Path, title: 
     return path
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, prefix: str = "") -> list[Path]:
-    """Plot every curve of a run; return the written PNG paths."""
+def plot_run(
+    run_dir: str | Path, out: str | Path | None = None, prefix: str = "", metrics: Sequence[str] | None = None
+) -> list[Path]:
+    """Plot every curve of a run (or only ``metrics``); return the written PNG paths."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (pass a run's output dir)")
     series = read_run(run_dir)
     if not series:
-        raise UserError(f"{run_dir}: no trainer_state.json or metrics.jsonl with metrics to plot")
+        found = ", ".join(("trainer_state.json",) + METRICS_FILES)
+        raise UserError(f"{run_dir}: none of {found} with metrics to plot")
+    if metrics:
+        unknown = [name for name in metrics if name not in series]
+        if unknown:
+            raise UserError(
+                f"--metrics: {', '.join(unknown)} not logged in {run_dir} (it has: {', '.join(sorted(series))})"
+            )
+        series = {name: series[name] for name in metrics}
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     title_prefix = f"{prefix}: " if prefix else ""
@@ -104,8 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run's output dir (with trainer_state.json or metrics.jsonl)")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these metrics (default: every one logged)",
+    )
     args = parser.parse_args(argv)
-    for path in plot_run(args.run_dir, args.out):
+    for path in plot_run(args.run_dir, args.out, metrics=args.metrics):
         print(path)
 
 

@@ -30,5 +30,33 @@ def test_ppo_metrics_curves(tmp_path):
 
 
 def test_empty_run_dir_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no trainer_state.json or metrics.jsonl"):
+    with pytest.raises(UserError, match="none of trainer_state.json, metrics.jsonl"):
+        plot_run(tmp_path)
+    with pytest.raises(UserError, match="not a directory"):
+        plot_run(tmp_path / "missing")
+
+
+def test_every_logged_number_is_a_curve_and_metrics_picks_some(tmp_path):
+    rows = [{"step": s, "reward/score": 0.1 * s, "lr/actor": 1e-5, "time/rollout_s": 2.0, "rollouts": s}
+            for s in range(1, 4)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert {p.name for p in plot_run(tmp_path)} == {"reward_score.png", "lr_actor.png", "time_rollout_s.png"}
+    assert [p.name for p in plot_run(tmp_path, tmp_path / "some", metrics=["lr/actor"])] == ["lr_actor.png"]
+    with pytest.raises(UserError, match="--metrics: loss not logged .* reward/score"):
+        plot_run(tmp_path, metrics=["loss"])
+
+
+def test_tensor_parallel_training_dir_and_a_torn_last_line(tmp_path):
+    """A TP trainer's output dir keeps its curves in training/metrics.jsonl; a run killed mid-write leaves
+    a last line without its newline, which is skipped (a bad line elsewhere names the file and line)."""
+    (tmp_path / "training").mkdir()
+    rows = [{"step": 10, "epoch": 1, "lr": 1e-5, "loss": 2.0, "grad_norm": 1.5, "tokens_per_second": 900.0},
+            {"step": 20, "epoch": 1, "lr": 1e-5, "loss": 1.0, "grad_norm": 0.5, "tokens_per_second": 950.0}]  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "training" / "metrics.jsonl").write_text(text + '{"step": 30, "lo')
+    assert read_metrics_jsonl(tmp_path / "training" / "metrics.jsonl")["loss"] == [(10, 2.0), (20, 1.0)]
+    names = {p.name for p in plot_run(tmp_path)}
+    assert names == {"lr.png", "loss.png", "grad_norm.png", "tokens_per_second.png"}
+    (tmp_path / "training" / "metrics.jsonl").write_text('{"step": 5, "lo\n' + text)
+    with pytest.raises(UserError, match="metrics.jsonl:1: not a JSON object"):
         plot_run(tmp_path)
