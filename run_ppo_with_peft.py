@@ -21,15 +21,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.args import DataArguments, parse_args
+from rlhf.args import parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
-from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, critic_output_dir, validate
+from rlhf.ppo.config import (
+    PPOArguments,
+    PPODataArguments,
+    PPOModelArguments,
+    PPOTrainingArguments,
+    critic_output_dir,
+    validate,
+)
 from rlhf.ppo.loop import save_outputs, train
 from rlhf.ppo.peft_factory import build_peft_session
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
 
-ARGUMENT_GROUPS = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
+ARGUMENT_GROUPS = (PPOModelArguments, PPODataArguments, PPOArguments, PPOTrainingArguments)
 
 
 @exit_on_user_error

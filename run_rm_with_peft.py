@@ -19,17 +19,17 @@ from __future__ import annotations
 
 from transformers import TrainingArguments
 
-from rlhf.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from rlhf.args import LoraArguments, ModelArguments, parse_args
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
-from rlhf.reward import RewardArguments, run_reward
+from rlhf.reward import RewardArguments, RewardDataArguments, run_reward
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     model_args, data_args, lora_args, rm_args, training_args = parse_args(
-        (ModelArguments, DataArguments, LoraArguments, RewardArguments, TrainingArguments), argv
+        (ModelArguments, RewardDataArguments, LoraArguments, RewardArguments, TrainingArguments), argv
     )
     return run_reward(model_args, data_args, lora_args, rm_args, training_args)
 

@@ -67,7 +67,9 @@ class DataArguments:
     dataset_dir: str = field(metadata={"help": "Folder (or file) of *.json / *.jsonl / *.jsonl.gz records."})
     data_cache_dir: str | None = field(default=None, metadata={"help": "Where datasets keeps its cache."})
     split_ratio: float = field(default=0.01, metadata={"help": "Share of rows held out for evaluation."})
-    block_size: int = field(default=512, metadata={"help": "Maximum tokens per training sequence."})
+    block_size: int = field(
+        default=512, metadata={"help": "Maximum tokens per example (prompt + response + EOS)."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
 
 

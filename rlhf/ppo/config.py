@@ -11,7 +11,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.args import DEFAULT_LORA_TARGET, check_output_dir, check_positive_flags, split_comma_list
+from rlhf.args import (
+    DEFAULT_LORA_TARGET,
+    DataArguments,
+    check_output_dir,
+    check_positive_flags,
+    split_comma_list,
+)
 from rlhf.errors import ConfigError
 from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, EstimatorSettings
 from rlhf.ppo.kl import KL_ESTIMATORS
@@ -20,6 +26,26 @@ from rlhf.ppo.memory import forward_batch_size
 from rlhf.ppo.profiling import check_profile_step
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPODataArguments(DataArguments):
+    """The shared data flags, as PPO reads them: prompts from ``--dataset_dir``, every one of them used."""
+
+    dataset_dir: str = field(
+        metadata={"help": "Prompts: folder (or file) of *.json / *.jsonl / *.jsonl.gz records (any SFT "
+                  "record's prompt, or {\"prompt\"})."}
+    )  # fmt: skip
+    split_ratio: float = field(
+        default=0.01, metadata={"help": "Accepted for the shared scripts; PPO uses every prompt."}
+    )
+    block_size: int = field(
+        default=512, metadata={"help": "Tokens per block of --pretrain_dataset_dir text."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for the shared scripts; prompts are tokenized in this process."},
+    )
 
 
 @dataclass

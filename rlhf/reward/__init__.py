@@ -3,11 +3,12 @@
 from rlhf.reward.losses import pairwise_accuracy, pairwise_loss
 from rlhf.reward.model import last_token_index, load_reward_model, sequence_rewards
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pair_row, tokenize_pairs
-from rlhf.reward.stage import RewardArguments, run_reward
+from rlhf.reward.stage import RewardArguments, RewardDataArguments, run_reward
 
 __all__ = [
     "PairCollator",
     "RewardArguments",
+    "RewardDataArguments",
     "clean_pairs",
     "last_token_index",
     "load_reward_model",

@@ -34,6 +34,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class RewardDataArguments(DataArguments):
+    """The shared data flags, with ``--block_size`` as the reward model reads it."""
+
+    block_size: int = field(
+        default=512,
+        metadata={
+            "help": "Maximum tokens of a response alone (cut on the right; then the prompt is cut from the left to fit --max_length)."
+        },
+    )
+
+
+@dataclass
 class RewardArguments:
     max_length: int = field(
         default=1024, metadata={"help": "Maximum tokens of prompt + response (one side)."}
