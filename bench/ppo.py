@@ -93,6 +93,17 @@ TARGETS = {  # GPU targets of the issue: (samples/s at least, peak GB at most)
     "ours-grpo-compiled": (60.0, None),
     "ours-large": (None, 40.0),
 }
+# seconds a --gpu-suite row needs to finish (seen on an H200, 2026-11-27): a row started with less left is
+# skipped, not started and stopped halfway (a stopped row measures nothing); ours-large includes its build
+GPU_ROW_SECONDS = {"trl-grpo": 60.0, "trl-ppo": 60.0, "ours-large": 100.0}
+GPU_ROW_SECONDS_DEFAULT = 35.0
+CPU_ROW_SECONDS = 20.0
+
+
+def seconds_needed(suite: Suite, name: str) -> float:
+    if suite.name != "gpu":
+        return CPU_ROW_SECONDS
+    return GPU_ROW_SECONDS.get(name, GPU_ROW_SECONDS_DEFAULT)
 
 
 def peak_memory_mb() -> float:
@@ -180,19 +191,23 @@ def run_suite(suite: Suite, workdir: Path, budget_s: float, rows: list[str]) -> 
     trl_site = trl_025_site(workdir) if "trl-ppo" in rows else None
     results = {}
     for name in rows:
+        if name == "ours-large" and suite.large is None:
+            continue
+        if name == "trl-ppo" and trl_site is None:
+            results[name] = {"error": "no trl 0.25.1 wheel (.whl/trl-0.25.1/) and no download"}
+            continue
+        if left() < seconds_needed(suite, name):
+            needed = seconds_needed(suite, name)
+            results[name] = {
+                "error": f"skipped: {left():.0f} s of the time budget left, the row needs ~{needed:.0f} s"
+            }
+            print(json.dumps({"row": name, **results[name]}), flush=True)
+            continue
         if name == "ours-large":
-            if suite.large is None:
-                continue
             error = run_worker("build-large", suite, workdir, left()).get("error")
             if error:
                 results[name] = {"error": f"model build failed: {error}"}
                 continue
-        if name == "trl-ppo" and trl_site is None:
-            results[name] = {"error": "no trl 0.25.1 wheel (.whl/trl-0.25.1/) and no download"}
-            continue
-        if left() < 20:
-            results[name] = {"error": "skipped: time budget spent"}
-            continue
         results[name] = run_worker(name, suite, workdir, left(), trl_site if name == "trl-ppo" else None)
         print(json.dumps({"row": name, **results[name]}), flush=True)
     return results
