@@ -229,6 +229,31 @@ def test_epoch_sampler_shards_and_resumes():
     assert [fresh.next() for _ in range(3)] == [ranks[0].next() for _ in range(3)]  # crosses into epoch 1
 
 
+def test_a_sampler_without_one_batch_names_the_data_and_flag():
+    from rlhf.errors import DataError
+    from rlhf.ppo.data import EpochSampler
+
+    with pytest.raises(
+        DataError,
+        match=r"prompts of --dataset_dir d .*: 3 item\(s\), fewer than one batch of 2 per process x 2",
+    ):
+        EpochSampler(3, 2, world=2, what="prompts of --dataset_dir d (--per_device_train_batch_size)")
+
+
+def test_long_prompts_keep_their_bos_and_end_and_are_counted(caplog):
+    """A prompt over --max_prompt_length keeps its BOS and its last tokens (as SFT and the reward model cut
+    theirs), and the log says how many were cut, naming the data and the flag."""
+    from rlhf.ppo.data import cut_prompts
+
+    ids = [[1, 10, 11, 12, 13, 14], [1, 20, 21], [30, 31, 32, 33]]
+    with caplog.at_level("WARNING"):
+        cut = cut_prompts(ids, 4, bos_id=1, where="prompts.jsonl")
+    assert cut == [[1, 12, 13, 14], [1, 20, 21], [30, 31, 32, 33]]
+    assert "prompts.jsonl: 1 of 3 prompts were longer than --max_prompt_length 4" in caplog.text
+    assert cut_prompts(ids[1:2], 4, bos_id=1, where="x") == [[1, 20, 21]]  # nothing cut, nothing logged
+    assert cut_prompts([[1, 5, 6]], 1, bos_id=1, where="x") == [[6]]
+
+
 @pytest.mark.parametrize("engine", ["hf", "static"])
 def test_top_k_0_samples_from_the_whole_vocabulary(models, engine):
     """``--top_k 0`` is off for both generators: HF generate must not fall back to its default top-k of 50,

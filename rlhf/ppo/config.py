@@ -94,7 +94,10 @@ class PPOModelArguments:
 
 @dataclass
 class PPOArguments:
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts keep their last N tokens."})
+    max_prompt_length: int = field(
+        default=256,
+        metadata={"help": "Longer prompts keep their BOS and last tokens (N in all; counted in the log)."},
+    )
     max_response_length: int = field(default=256, metadata={"help": "Most new tokens per response."})
     min_response_length: int = field(default=1, metadata={"help": "Fewest new tokens (EOS suppressed)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})

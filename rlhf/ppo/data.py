@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlhf.data import load_dataset_dir, load_pretrain_blocks, render_prompt, tokenize_prompt
+from rlhf.data.sequences import fit_to_length
 from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,14 +29,20 @@ class EpochSampler:
     seed: int = 0
     epoch: int = 0
     position: int = 0
+    what: str = ""  # names the data and flags in the error when there is not one batch
+
+    def __post_init__(self) -> None:
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{self.what or 'data'}: {self.size} item(s), fewer than one batch of {self.batch_size} per "
+                f"process x {self.world} process(es)"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
         return self.size // (self.batch_size * self.world)
 
     def next(self) -> list[int]:
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{self.size} items are fewer than one batch of {self.batch_size} x {self.world}")
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -50,13 +60,33 @@ class EpochSampler:
 
 @dataclass
 class PromptSet:
-    """Prompt token ids (BOS once, the last ``max_prompt_length`` kept) and their rendered text."""
+    """Prompt token ids (BOS once, cut to ``--max_prompt_length``) and their rendered text (uncut: what a
+    ``--reward_fn`` receives)."""
 
     ids: list[list[int]]
     texts: list[str]
+    source: str = "--dataset_dir"  # the flag and path they came from, for errors
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def cut_prompts(
+    ids: list[list[int]], max_prompt_length: int, bos_id: int | None, where: str
+) -> list[list[int]]:
+    """Prompts longer than ``max_prompt_length`` tokens keep their end (next to the response) and their
+    leading BOS, as SFT and the reward model cut theirs (:func:`rlhf.data.sequences.fit_to_length`); the
+    count of cut prompts is logged, naming ``where`` (the data) and the flag."""
+    cut = [p for p in ids if len(p) > max_prompt_length]
+    if not cut:
+        return ids
+    logger.warning(
+        "%s: %d of %d prompts were longer than --max_prompt_length %d and keep their last tokens%s",
+        where, len(cut), len(ids), max_prompt_length, " (after the BOS)" if bos_id is not None else "",
+    )  # fmt: skip
+    if max_prompt_length < 2:
+        return [p[-max_prompt_length:] for p in ids]
+    return [fit_to_length(p, [], max_prompt_length, bos_id=bos_id)[0] for p in ids]
 
 
 def load_prompts(
@@ -66,11 +96,12 @@ def load_prompts(
     rows = load_dataset_dir(dataset_dir, "prompt", cache_dir)
     ids, texts = [], []
     for row in rows:
-        ids.append(tokenize_prompt(row, tokenizer)[-max_prompt_length:])
+        ids.append(tokenize_prompt(row, tokenizer))
         texts.append(render_prompt(row, tokenizer))
     if not ids:
         raise DataError(f"{dataset_dir}: no prompts")
-    return PromptSet(ids, texts)
+    ids = cut_prompts(ids, max_prompt_length, tokenizer.bos_token_id, dataset_dir)
+    return PromptSet(ids, texts, f"--dataset_dir {dataset_dir}")
 
 
 def load_pretrain(dataset_dir: str, tokenizer: Any, block_size: int, cache_dir: str | None) -> torch.Tensor:

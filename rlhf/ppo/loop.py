@@ -323,11 +323,13 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             if state.step == first_step:
                 log_peak_memory(backend.device, state.step)
 
-            # 7. Log every `logging_steps`, save every `save_steps`, at the end and when a process was signalled.
-            if state.step % args.logging_steps == 0 or (args.logging_first_step and state.step == 1):
+            # 7. Log every `logging_steps` and at the end (a signal's pending metrics go into the checkpoint);
+            # save every `save_steps`, at the end and when a process was signalled.
+            last = state.step == s.total_steps
+            if state.step % args.logging_steps == 0 or last or (args.logging_first_step and state.step == 1):
                 write_log(s, state, metrics, metrics_file, timer)
-            stop_signal = stop.agreed(backend.device) if state.step < s.total_steps else 0
-            if state.step % args.save_steps == 0 or state.step == s.total_steps or stop_signal:
+            stop_signal = 0 if last else stop.agreed(backend.device)
+            if state.step % args.save_steps == 0 or last or stop_signal:
                 save_step_checkpoint(s, state, metrics, buffer)
             if stop_signal:
                 resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)

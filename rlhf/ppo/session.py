@@ -166,12 +166,20 @@ def assemble_session(
         )
     world, replica = backend.world_size, backend.replica_rank
     batch = args.per_device_train_batch_size
-    prompt_sampler = EpochSampler(len(parts.prompts), batch, world, replica, args.seed)
+    prompt_sampler = EpochSampler(
+        len(parts.prompts),
+        batch,
+        world,
+        replica,
+        args.seed,
+        what=f"prompts of {parts.prompts.source} (--per_device_train_batch_size)",
+    )
     pretrain_sampler = None
     if parts.pretrain is not None:
         pretrain_sampler = EpochSampler(
-            len(parts.pretrain), ppo.pretrain_batch_size, world, replica, args.seed
-        )
+            len(parts.pretrain), ppo.pretrain_batch_size, world, replica, args.seed,
+            what="pretraining blocks (--pretrain_dataset_dir cut into --block_size tokens, --pretrain_batch_size)",
+        )  # fmt: skip
     total_steps = count_total_steps(len(parts.prompts), ppo, args, world)
     if args.gradient_checkpointing:
         parts.models.enable_gradient_checkpointing()

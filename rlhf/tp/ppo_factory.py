@@ -19,7 +19,7 @@ from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments
-from rlhf.ppo.data import PromptSet, load_pretrain
+from rlhf.ppo.data import PromptSet, cut_prompts, load_pretrain
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
 from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
@@ -106,7 +106,13 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")
     rows = list(load_dataset_dir(tp.train_file, "gsm8k"))
     texts = [gsm8k_prompt(r["question"]) for r in rows]
-    prompts = PromptSet([tokenizer(t)["input_ids"][-ppo.max_prompt_length :] for t in texts], texts)
+    ids = cut_prompts(
+        [tokenizer(t)["input_ids"] for t in texts],
+        ppo.max_prompt_length,
+        tokenizer.bos_token_id,
+        tp.train_file,
+    )
+    prompts = PromptSet(ids, texts, f"--train_file {tp.train_file}")
     labels = {t: r["label"] for t, r in zip(texts, rows)}
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
