@@ -532,6 +532,26 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
     assert run_ppo_with_peft.main([*argv, "--max_steps", "2"])["step"] == 2  # a longer run: resumed
 
 
+def test_resuming_after_the_prompts_changed_is_refused(tiny_llama, tmp_path, capsys):
+    """Same number of prompts, other text: the checkpoint's place in the prompt order means other prompts
+    now, so the files' signature (names, sizes, times) is part of the resume settings."""
+    data, out = tmp_path / "prompts", tmp_path / "run"
+    data.mkdir()
+    rows = [{"instruction": f"Say something about {n}.", "output": "ok"} for n in range(8)]
+    (data / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--max_response_length", "4", "--save_steps", "1", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    run_ppo_with_peft.main([*argv, "--max_steps", "1"])
+    rows[3]["instruction"] = "Something else entirely, and longer."
+    (data / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main([*argv, "--max_steps", "2"])
+    assert exc.value.code == 2 and "(the files of --dataset_dir changed)" in capsys.readouterr().err
+
+
 def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_llama, tmp_path):
     from rlhf.ppo.profiling import kind_of
 

@@ -155,14 +155,18 @@ def load_checkpoint(
     :class:`CheckpointError` naming it; so does a checkpoint whose recorded settings differ from
     ``settings`` (:func:`check_resume_settings`, before anything is loaded)."""
     own = rank_dir(directory, backend.rank)
-    if not (directory / TRAINER_STATE).is_file() or not own.is_dir():
-        raise CheckpointError(
-            f"{directory}: not a complete PPO checkpoint for process {backend.rank} "
-            f"(needs {TRAINER_STATE} and {own.name}/; was it written with this many processes?)"
-        )
+    if not (directory / TRAINER_STATE).is_file():
+        raise CheckpointError(f"{directory}: not a complete PPO checkpoint (no {TRAINER_STATE})")
+    # the settings first: every process reads the same file, so all stop together on a mismatch (a changed
+    # number of processes among them)
     shared = read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text()))
     if settings is not None:
         check_resume_settings(directory, shared.get("settings"), settings)
+    if not own.is_dir():
+        raise CheckpointError(
+            f"{directory}: not a complete PPO checkpoint for process {backend.rank} "
+            f"(needs {own.name}/; was it written with this many processes?)"
+        )
     weights, states = backend.load_trainable(directory)
     models.load_trainable_state(weights)
     for name, optimizer in optimizers.items():

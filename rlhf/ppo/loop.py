@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from rlhf.backend import Backend
+from rlhf.data.files import files_signature
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
@@ -82,6 +84,9 @@ class PPOSession:
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)  # steps 4-5
     old_logprobs_from_generator: bool = True  # --old_logprobs resolved (rlhf/ppo/session.py)
     save_extra: dict[str, Any] = field(default_factory=dict)  # name -> writer(path), e.g. the tokenizer
+    inputs: dict[str, str | None] = field(
+        default_factory=dict
+    )  # flag -> path read: a resume needs them unchanged
 
 
 @dataclass
@@ -339,21 +344,29 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
 
 def resume_settings(s: PPOSession) -> dict[str, Any]:
     """What a run resumed from a checkpoint must share with the run that wrote it: what decides which
-    prompts and pretraining blocks come next and how a rollout splits into mini-batches and optimizer steps
-    (``--max_steps`` and the PPO coefficients may change)."""
-    return {
-        "per_device_train_batch_size": s.args.per_device_train_batch_size,
-        "gradient_accumulation_steps": s.args.gradient_accumulation_steps,
-        "seed": s.args.seed,
-        "num_samples_per_prompt": s.ppo.num_samples_per_prompt,
-        "per_device_mini_train_batch_size": s.ppo.per_device_mini_train_batch_size,
-        "rollout_batches": s.ppo.rollout_batches,
-        "ppo_epochs": s.ppo.ppo_epochs,
-        "pretrain_batch_size": s.ppo.pretrain_batch_size,
-        "advantage_estimator": s.ppo.advantage_estimator,
-        "number of prompts": len(s.prompts),
-        "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
-    } | s.models.adapter_settings()
+    prompts and pretraining blocks come next and how a rollout splits into mini-batches and optimizer steps,
+    the number of processes (the samplers count global batches; each process keeps its own rollout), and
+    the files it read (models and data: :func:`rlhf.data.files.files_signature`). ``--max_steps`` and the
+    PPO coefficients may change."""
+    signatures = {f"files of {flag}": files_signature(path) for flag, path in s.inputs.items() if path}
+    return (
+        {
+            "number of processes": dist.get_world_size() if dist.is_initialized() else 1,
+            "per_device_train_batch_size": s.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": s.args.gradient_accumulation_steps,
+            "seed": s.args.seed,
+            "num_samples_per_prompt": s.ppo.num_samples_per_prompt,
+            "per_device_mini_train_batch_size": s.ppo.per_device_mini_train_batch_size,
+            "rollout_batches": s.ppo.rollout_batches,
+            "ppo_epochs": s.ppo.ppo_epochs,
+            "pretrain_batch_size": s.ppo.pretrain_batch_size,
+            "advantage_estimator": s.ppo.advantage_estimator,
+            "number of prompts": len(s.prompts),
+            "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
+        }
+        | s.models.adapter_settings()
+        | signatures
+    )
 
 
 def save_step_checkpoint(

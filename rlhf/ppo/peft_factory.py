@@ -134,5 +134,8 @@ def build_peft_session(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
+        inputs={"--dataset_dir": data.dataset_dir, "--pretrain_dataset_dir": margs.pretrain_dataset_dir,
+                "--sft_model_path": margs.sft_model_path, "--reward_lora_path": margs.reward_lora_path,
+                "--reward_model_path": margs.reward_model_path},
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

@@ -55,6 +55,7 @@ class SessionParts:
     prompts: PromptSet
     pretrain: torch.Tensor | None = None
     save_extra: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # flag -> the path it read (resume checks)
 
 
 def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArguments, world: int) -> int:
@@ -199,5 +200,5 @@ def assemble_session(
         schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
-        old_logprobs_from_generator=from_generator,
+        old_logprobs_from_generator=from_generator, inputs=parts.inputs,
     )  # fmt: skip
