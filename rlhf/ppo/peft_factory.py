@@ -20,7 +20,7 @@ from transformers import set_seed
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
 from rlhf.models import adapter_base_path, load_tokenizer
-from rlhf.models.adapter_base import write_base_if_adapter_source
+from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
 from rlhf.ppo.data import load_pretrain, load_prompts
@@ -46,10 +46,18 @@ def build_backend(args: PPOTrainingArguments) -> AccelerateBackend:
 
 
 def reward_adapter_shares_base(reward_lora_path: str, sft_model_path: str) -> bool:
-    """True when the reward adapter was trained on ``sft_model_path`` itself (or its base is not on this
-    machine, in which case it is assumed to be and a warning says so)."""
+    """True when the reward adapter was trained on ``sft_model_path`` itself, or on the base the reward stage
+    wrote from that same adapter dir (``--sft_model_path`` an SFT adapter dir that the reward model was also
+    trained on: :func:`rlhf.models.adapter_base.merged_from_adapter`), or when its base is not on this
+    machine (it is then assumed to be, and a warning says so)."""
     base = adapter_base_path(reward_lora_path)
     if Path(base).resolve() == Path(sft_model_path).resolve():
+        return True
+    if merged_from_adapter(base, sft_model_path):
+        logger.info(
+            "reward adapter %s was trained on %s, the SFT adapter %s merged into its base: the same model as "
+            "--sft_model_path, so it is shared", reward_lora_path, base, sft_model_path,
+        )  # fmt: skip
         return True
     if not Path(base).exists():
         logger.warning(
@@ -85,7 +93,10 @@ def build_models_and_scorer(
             )  # fmt: skip
     separate_path = separate_path or margs.reward_model_path
     if with_critic and margs.critic_init == "reward" and shared_adapter is None:
-        logger.info("critic starts from the SFT model (no reward adapter on the same base to copy)")
+        (logger.warning if margs.reward_lora_path else logger.info)(
+            "--critic_init reward: the critic starts from the SFT model instead (no reward adapter on the "
+            "same base as --sft_model_path to copy)"
+        )
     models = build_peft_policy_models(
         margs.sft_model_path,
         actor=LoraSpec(margs.actor_lora_rank, margs.actor_lora_alpha, margs.actor_lora_dropout,
