@@ -61,6 +61,29 @@ def test_truncated_examples_keep_the_response(tokenizer):
     assert ex["input_ids"][0] == tokenizer.bos_token_id and ex["input_ids"][-1] == tokenizer.eos_token_id
 
 
+def test_empty_responses_are_dropped_and_counted(tmp_path, tokenizer, caplog):
+    """A whitespace or empty response teaches nothing but an EOS: such rows are dropped with a count naming
+    the first one's file:line; a file of nothing else is an error."""
+    from rlhf.data import load_dataset_dir
+    from rlhf.errors import DataError
+    from rlhf.sft.examples import tokenize_sft_dataset
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say hi", "output": "   "}\n'
+        '{"instruction": "Say bye", "output": ""}\n'
+    )
+    with caplog.at_level("WARNING"):
+        examples = tokenize_sft_dataset(
+            load_dataset_dir(str(data), "sft", str(tmp_path / "cache")), tokenizer, 32
+        )
+    assert len(examples) == 1
+    assert f"dropped 2 of 3 SFT examples with an empty response (the first: {data}:2)" in caplog.text
+    data.write_text('{"instruction": "Say bye", "output": " "}\n')
+    with pytest.raises(DataError, match=f"every SFT example has an empty response \\(the first: {data}:1\\)"):
+        tokenize_sft_dataset(load_dataset_dir(str(data), "sft", str(tmp_path / "cache2")), tokenizer, 32)
+
+
 def test_chat_rows_use_the_chat_template(tokenizer):
     row = {"prompt": "", "prompt_messages": [{"role": "user", "content": "Hi"}], "response": "Hello."}
     ex = tokenize_sft_row(row, tokenizer, block_size=64)
