@@ -4,7 +4,7 @@ Reads ``RUN_DIR/trainer_state.json`` (SFT and reward-model runs: ``loss``, ``eva
 ``eval_accuracy``, ``learning_rate`` ...), ``RUN_DIR/metrics.jsonl`` (PPO runs, ours and the TP
 backend's: ``reward/score``, ``objective/kl``, ``loss/policy`` ...) and ``RUN_DIR/training/metrics.jsonl``
 (a tensor-parallel trainer's output dir: ``loss``, ``lr``, ``grad_norm`` ...), and writes one PNG per
-numeric metric into ``--out`` (default: RUN_DIR), named after the metric (``loss.png``,
+numeric metric into ``--out`` (default: ``RUN_DIR/plots``, ``RUN_DIR/training/plots`` for a TP dir), named after the metric (``loss.png``,
 ``reward_score.png``, ...). ``--metrics`` picks some of them.
 """
 
@@ -103,6 +103,14 @@ def plot_series(name: str, points: list[tuple[float, float]], out: Path, title: 
     return path
 
 
+def default_out(run_dir: Path) -> Path:
+    """``RUN_DIR/plots``, or ``RUN_DIR/training/plots`` for a tensor-parallel trainer's dir (whose
+    ``training/`` holds what is not model files, so that a merge copies none of it)."""
+    if not (run_dir / "metrics.jsonl").is_file() and (run_dir / "training" / "metrics.jsonl").is_file():
+        return run_dir / "training" / "plots"
+    return run_dir / "plots"
+
+
 def plot_run(
     run_dir: str | Path, out: str | Path | None = None, prefix: str = "", metrics: Sequence[str] | None = None
 ) -> list[Path]:
@@ -121,7 +129,7 @@ def plot_run(
                 f"--metrics: {', '.join(unknown)} not logged in {run_dir} (it has: {', '.join(sorted(series))})"
             )
         series = {name: series[name] for name in metrics}
-    out = Path(out) if out else run_dir
+    out = Path(out) if out else default_out(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     title_prefix = f"{prefix}: " if prefix else ""
     written = [
@@ -136,7 +144,11 @@ def plot_run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run's output dir (with trainer_state.json or metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where to write the PNGs (default: RUN_DIR/plots; RUN_DIR/training/plots for a TP trainer's dir)",
+    )
     parser.add_argument(
         "--metrics",
         nargs="+",

@@ -18,6 +18,7 @@ def test_trainer_state_curves(tmp_path):
     assert series["loss"] == [(1, 2.0), (2, 1.0)] and series["eval_accuracy"] == [(2, 0.75)]
     written = plot_run(tmp_path)
     assert {p.name for p in written} == {"loss.png", "grad_norm.png", "eval_loss.png", "eval_accuracy.png"}
+    assert {p.parent for p in written} == {tmp_path / "plots"}
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
 
@@ -55,8 +56,9 @@ def test_tensor_parallel_training_dir_and_a_torn_last_line(tmp_path):
     text = "".join(json.dumps(r) + "\n" for r in rows)
     (tmp_path / "training" / "metrics.jsonl").write_text(text + '{"step": 30, "lo')
     assert read_metrics_jsonl(tmp_path / "training" / "metrics.jsonl")["loss"] == [(10, 2.0), (20, 1.0)]
-    names = {p.name for p in plot_run(tmp_path)}
-    assert names == {"lr.png", "loss.png", "grad_norm.png", "tokens_per_second.png"}
+    written = plot_run(tmp_path)
+    assert {p.name for p in written} == {"lr.png", "loss.png", "grad_norm.png", "tokens_per_second.png"}
+    assert {p.parent for p in written} == {tmp_path / "training" / "plots"}  # not among the model files
     (tmp_path / "training" / "metrics.jsonl").write_text('{"step": 5, "lo\n' + text)
     with pytest.raises(UserError, match="metrics.jsonl:1: not a JSON object"):
         plot_run(tmp_path)
