@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from rlhf.interruption import TrainingInterrupted
+from rlhf.interruption import TrainingInterrupted, is_first_process
 
 T = TypeVar("T")
 
@@ -56,7 +56,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except TrainingInterrupted as stopped:
-            print(str(stopped), file=sys.stderr, flush=True)
+            if is_first_process():  # every process stops the same way: one line for the job
+                print(str(stopped), file=sys.stderr, flush=True)
             sys.exit(stopped.exit_code)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is the user's error
             user_error = find_user_error(exc)

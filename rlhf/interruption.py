@@ -17,8 +17,11 @@ and kills them ``--shutdown_timeout`` seconds later (30 by default).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -30,6 +33,33 @@ from rlhf.checkpoint_dirs import asks_for_newest
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def under_accelerate_simple_launcher() -> bool:
+    """``accelerate launch`` with one process runs the script as a plain child (``ACCELERATE_*`` set, no
+    torchrun elastic agent) and does not forward signals to it."""
+    return "ACCELERATE_USE_CPU" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def stop_when_the_launcher_dies() -> None:
+    """Ask Linux for a SIGTERM when the parent process dies (``PR_SET_PDEATHSIG``), under ``accelerate
+    launch``'s one-process launcher only: a SIGTERM sent to the launcher (``kill``, a scheduler) ends it at
+    once, and its child would otherwise go on training as an orphan (then a re-run would make two writers
+    of one output dir); with this, the child saves a checkpoint and stops as on its own SIGTERM."""
+    if not sys.platform.startswith("linux") or not under_accelerate_simple_launcher():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the launcher's signals stay the launcher's
+        return
+
+
+def is_first_process() -> bool:
+    """Rank 0 of a launched job (``RANK`` from torchrun / Accelerate), or a single process: the one that
+    prints the stop lines, so a job of N processes says them once."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def rerun_resumes(overwrite_output_dir: bool, resume_from_checkpoint: str | None) -> bool:
@@ -75,9 +105,12 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
+            stop_when_the_launcher_dies()
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
@@ -90,16 +123,19 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker, which inherited the handler: not its call
+            return
         if self.received is not None:  # a repeated SIGTERM (a scheduler's and torchrun's): already stopping
             return
         self.received = signum
         previous = self._previous.pop(signal.SIGINT, None)
         if previous is not None:  # a second Ctrl-C acts as usual
             signal.signal(signal.SIGINT, previous)
-        logger.warning(
-            "%s received: finishing the current optimizer step, then saving a checkpoint and stopping "
-            "(Ctrl-C again stops at once, without a checkpoint)", signal.Signals(signum).name,
-        )  # fmt: skip
+        if is_first_process():
+            logger.warning(
+                "%s received: finishing the current optimizer step, then saving a checkpoint and stopping "
+                "(Ctrl-C again stops at once, without a checkpoint)", signal.Signals(signum).name,
+            )  # fmt: skip
 
     def agreed(self, device: torch.device) -> int:
         """The signal number any process received (0: none), the same on every process; call it at the

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,3 +294,39 @@ def test_sft_under_torchrun_one_signalled_process_stops_both(tiny_llama, tmp_pat
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter_model.safetensors").exists()
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from rlhf.interruption import StopSignals
+with StopSignals() as stop:
+    Path(sys.argv[1]).write_text("ready")
+    deadline = time.monotonic() + 60
+    while stop.received is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    Path(sys.argv[1]).write_text(str(stop.received))
+"""
+LAUNCHER = """
+import os, subprocess, sys
+env = dict(os.environ, ACCELERATE_USE_CPU="True")
+env.pop("TORCHELASTIC_RUN_ID", None)
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env).wait()
+"""
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_training_process_stops_and_saves_when_accelerates_one_process_launcher_is_killed(tmp_path):
+    """`accelerate launch` with one process runs the script as a plain child and does not forward signals:
+    a SIGTERM to the launcher ends it at once. The child asked for a SIGTERM on its parent's death, so it
+    stops as on its own SIGTERM (checkpoint, exit 143) instead of training on as an orphan."""
+    flag = tmp_path / "child_state"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, CHILD, str(flag)], env=script_env())
+    deadline = time.monotonic() + 60
+    while not (flag.exists() and flag.read_text() == "ready") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # Python's default: the launcher dies, its child is not signalled
+    launcher.wait(timeout=30)
+    while flag.read_text() == "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.read_text() == str(int(signal.SIGTERM))
