@@ -15,6 +15,8 @@ Merge (the inverse: an HF dir that ``AutoModelForCausalLM.from_pretrained`` load
 
     python checkpoint_split.py --merge --ckpt_dir /path/to/save/ --save_path /path/to/hf_model/
 
+(one process merges; under torchrun with several, rank 0 does and the others have nothing to do.)
+
 See ``docs/tp.md`` for the shard layout and the per-family key maps.
 """
 
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.merge:
         if not args.ckpt_dir:
             raise ConfigError("--merge needs --ckpt_dir (the shard dir to merge)")
+        if os.environ.get("RANK", "0") != "0":  # several torchrun processes: one writer, the others idle
+            return args.save_path
         merge_to_dir(args.ckpt_dir, args.save_path, args.overwrite, args.max_shard_size_gb)
         return args.save_path
     if not args.ckpt_file:

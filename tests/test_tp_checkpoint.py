@@ -425,3 +425,21 @@ def test_split_under_torchrun_with_two_processes(tiny_model_factory, tmp_path):
         b = torch.load(tmp_path / "ref" / name, weights_only=True)
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(tmp_path.glob(".*"))  # no staging dir left behind
+    merge = [*torchrun(2), str(repo / "checkpoint_split.py"), "--merge", "--ckpt_dir", str(tmp_path / "s"),
+             "--save_path", str(tmp_path / "m")]  # fmt: skip
+    result = subprocess.run(merge, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]  # rank 0 merges; rank 1 does not race it
+    assert_same_weights(source, tmp_path / "m")
+
+
+def test_merge_runs_on_rank_0_only(tiny_model_factory, tmp_path, monkeypatch):
+    """Under torchrun with several processes, the merge is one writer's job: the other ranks write nothing
+    (before, rank 1 failed on rank 0's finished --save_path and torchrun exited 1)."""
+    source = tiny_model_factory("llama")
+    split_main()(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "2"])
+    monkeypatch.setenv("RANK", "1")
+    split_main()(["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m*"))
+    monkeypatch.setenv("RANK", "0")
+    split_main()(["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")])
+    assert_same_weights(source, tmp_path / "m")
