@@ -240,6 +240,14 @@ def test_a_sampler_without_one_batch_names_the_data_and_flag():
         EpochSampler(3, 2, world=2, what="prompts of --dataset_dir d (--per_device_train_batch_size)")
 
 
+def test_a_pretraining_data_error_names_its_flag(tmp_path):
+    from rlhf.errors import DataError
+    from rlhf.ppo.data import load_pretrain
+
+    with pytest.raises(DataError, match=r"^--pretrain_dataset_dir: .*missing: no such file or directory"):
+        load_pretrain(str(tmp_path / "missing"), None, 8, None)
+
+
 def test_long_prompts_keep_their_bos_and_end_and_are_counted(caplog):
     """A prompt over --max_prompt_length keeps its BOS and its last tokens (as SFT and the reward model cut
     theirs), and the log says how many were cut, naming the data and the flag."""
