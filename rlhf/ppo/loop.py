@@ -302,8 +302,10 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         while state.step < s.total_steps:
             profiler.before(state.step + 1)
             if buffer is None or buffer.exhausted:
+                progress.set_postfix_str(f"rollout {state.rollouts + 1}", refresh=True)  # a long first step
                 with record_function("ppo/rollout"):  # a label in --profile_step's trace
                     buffer = collect_rollout(s, state, metrics)  # steps 1-5
+                progress.set_postfix_str("update", refresh=True)
 
             # 6. PPO epochs over mini-batches; an optimizer step every `gradient_accumulation_steps` of them.
             s.models.train(True)
