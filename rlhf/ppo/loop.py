@@ -450,4 +450,7 @@ def save_outputs(s: PPOSession, critic_dir: Path | None) -> None:
                 writer(directory)
         where = f", critic to {critic_dir}" if s.models.has_critic else " (no critic)"
         logger.info("actor saved to %s%s", output_dir, where)
+        metrics = Path(s.args.output_dir) / "metrics.jsonl"
+        if metrics.is_file():
+            logger.info("metrics in %s (curves: python -m rlhf.plot %s)", metrics, metrics.parent)
     s.backend.barrier()
