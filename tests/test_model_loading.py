@@ -60,6 +60,12 @@ def test_missing_model_dir(tmp_path):
         load_config(str(tmp_path / "missing"))
 
 
+def test_a_file_given_as_the_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(CheckpointError, match="weights.bin: a file, not a model directory"):
+        load_config(str(tmp_path / "weights.bin"))
+
+
 def test_dir_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="not a model directory"):
         load_config(str(tmp_path))

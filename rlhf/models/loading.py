@@ -91,6 +91,10 @@ def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
 def _check_exists(path: str) -> None:
     looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip(os.sep)
     if Path(path).exists():
+        if not Path(path).is_dir():
+            raise CheckpointError(
+                f"{path}: a file, not a model directory (config.json or {ADAPTER_CONFIG} in it)"
+            )
         if Path(path).is_dir() and not (Path(path) / "config.json").is_file() and not is_adapter_dir(path):
             raise CheckpointError(f"{path}: not a model directory (no config.json or {ADAPTER_CONFIG})")
     elif looks_local and path.count("/") != 1:
