@@ -267,6 +267,12 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        parser.epilog = (
+            "Also accepted, from older transformers: --evaluation_strategy (read as --eval_strategy) and "
+            "--warmup_ratio R (a fraction of the steps, read as --warmup_steps R). A single YAML or JSON "
+            "file of flags may replace them all."
+        )
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_argv(argv[0])
     argv = normalize_argv(argv)
