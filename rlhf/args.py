@@ -191,6 +191,8 @@ def _check_parsed(values: tuple[Any, ...]) -> tuple[Any, ...]:
     for value in values:
         if isinstance(value, TrainingArguments):
             check_training_arguments(value)
+            if "wandb" in (value.report_to or []) and not os.environ.get("WANDB_DIR"):
+                os.environ["WANDB_DIR"] = value.output_dir  # <output_dir>/wandb, as PPO's, not ./wandb
     return values
 
 

@@ -76,6 +76,7 @@ def test_a_config_file_means_what_its_flags_mean(tmp_path, monkeypatch, suffix):
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     config = {"model_name_or_path": "m", "dataset_dir": "d", "output_dir": str(tmp_path / "out"),
               "evaluation_strategy": "steps", "eval_steps": 5, "warmup_ratio": 0.03, "learning_rate": "1e-5",
               "fp16": not __import__("torch").cuda.is_available(), "report_to": ["wandb"],
@@ -87,6 +88,7 @@ def test_a_config_file_means_what_its_flags_mean(tmp_path, monkeypatch, suffix):
     assert training.learning_rate == pytest.approx(1e-5) and training.logging_first_step is True
     assert not training.fp16 or __import__("torch").cuda.is_available()
     assert training.report_to == ["wandb"] and os.environ["WANDB_MODE"] == "offline"
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "out")  # <output_dir>/wandb, as PPO's
     assert lora.lora_spec().targets == ["q_proj", "v_proj"] and model.peft_path is None
 
 
