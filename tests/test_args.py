@@ -76,7 +76,7 @@ def test_a_config_file_means_what_its_flags_mean(tmp_path, monkeypatch, suffix):
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_DIR", "")  # unset to the code; restored (absent) after the test
     config = {"model_name_or_path": "m", "dataset_dir": "d", "output_dir": str(tmp_path / "out"),
               "evaluation_strategy": "steps", "eval_steps": 5, "warmup_ratio": 0.03, "learning_rate": "1e-5",
               "fp16": not __import__("torch").cuda.is_available(), "report_to": ["wandb"],
