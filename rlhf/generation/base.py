@@ -13,6 +13,8 @@ class SamplingConfig:
     """How responses are sampled (``--max_response_length``, ``--temperature``, ...).
 
     ``temperature <= 0`` means greedy decoding; ``num_beams > 1`` (beam search) only HF generate does.
+    ``eos_token_id``: one id or several (a chat model's end-of-turn tokens beside the tokenizer's EOS, as
+    its ``generation_config.json`` lists them); a response ends at the first of any.
     """
 
     max_new_tokens: int
@@ -20,7 +22,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int = 0
     num_beams: int = 1
 
@@ -46,6 +48,8 @@ class Generator(Protocol):
     :class:`rlhf.generation.engine.EngineGenerator` (the static-cache engine); see
     :func:`rlhf.generation.build.build_generator`."""
 
+    sampling: SamplingConfig  # what it samples with (the PPO loop reads its EOS ids)
+
     def prepare(self) -> None:
         """Allocate what generation needs up front (the engine's static KV cache) and log its size; called
         once before the first rollout, under the backend's autocast. A no-op for HF ``generate``."""
@@ -54,13 +58,31 @@ class Generator(Protocol):
         """Sample one response per prompt. prompt_ids, prompt_mask: [B, P], left-padded."""
 
 
-def response_mask_after_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after it. [B, R] -> [B, R] long.
+def eos_ids(eos_token_id: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:
+    """The EOS ids as a tuple: ``None`` -> ``()``, one id -> ``(id,)``, several kept in order, repeats dropped."""
+    if eos_token_id is None:
+        return ()
+    ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def is_eos(tokens: torch.Tensor, eos_token_id: int | tuple[int, ...] | None) -> torch.Tensor:
+    """Bool tensor of ``tokens``' shape: True where a token is one of the EOS ids (none: all False)."""
+    ids = eos_ids(eos_token_id)
+    if len(ids) == 1:
+        return tokens == ids[0]
+    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+
+
+def response_mask_after_eos(
+    response_ids: torch.Tensor, eos_token_id: int | tuple[int, ...] | None
+) -> torch.Tensor:
+    """1 up to and including the first EOS (any of the EOS ids) of each row, 0 after it. [B, R] -> [B, R] long.
 
     The mask comes from the EOS position, never from pad ids: the pad token may be the EOS token.
     """
-    if eos_token_id is None:
+    if not eos_ids(eos_token_id):
         return torch.ones_like(response_ids)
-    is_eos = (response_ids == eos_token_id).long()
-    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    is_end = is_eos(response_ids, eos_token_id).long()
+    eos_before = is_end.cumsum(-1) - is_end  # EOS tokens strictly before each position
     return (eos_before == 0).long()

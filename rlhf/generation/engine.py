@@ -36,7 +36,7 @@ import torch
 
 from rlhf.errors import ConfigError
 from rlhf.generation.attention import sdpa_backends
-from rlhf.generation.base import Generation, SamplingConfig, response_mask_after_eos
+from rlhf.generation.base import Generation, SamplingConfig, eos_ids, is_eos, response_mask_after_eos
 from rlhf.generation.cache import StaticKVCache
 from rlhf.generation.decoder import Decoder
 from rlhf.generation.graphs import Capture, DecodeGraphs, StaleGraphError, batch_buckets, bucket_for
@@ -69,7 +69,7 @@ class StopTracker:
     every token. ``offset`` is added to the row index passed to ``stop``.
     """
 
-    def __init__(self, stop: StopFn, eos_token_id: int | None, offset: int = 0) -> None:
+    def __init__(self, stop: StopFn, eos_token_id: int | tuple[int, ...] | None, offset: int = 0) -> None:
         self.stop, self.eos_token_id, self.offset = stop, eos_token_id, offset
         self.ends: dict[int, int] = {}  # row -> response length
         self.checked = 0  # steps seen by the previous check
@@ -83,7 +83,8 @@ class StopTracker:
         if not rows:
             return
         for row, row_tokens in zip(rows, tokens[rows].tolist()):
-            n_max = lengths[row] - int(self.eos_token_id in row_tokens)  # tokens before the EOS
+            ended = lengths[row] > 0 and row_tokens[lengths[row] - 1] in eos_ids(self.eos_token_id)
+            n_max = lengths[row] - int(ended)  # tokens before the EOS
             if not self.stop(self.offset + row, row_tokens[:n_max]):
                 continue
             first = (n for n in range(checked + 1, n_max + 1) if self.stop(self.offset + row, row_tokens[:n]))
@@ -242,7 +243,7 @@ class RolloutEngine:
                 tokens, logprobs = sample_next(logits, step, sampling, generator, decoder.sync)
                 tokens_out[:, step], logprobs_out[:, step] = tokens, logprobs
                 if eos is not None:
-                    done |= tokens == eos
+                    done |= is_eos(tokens, eos)
                 steps = step + 1
                 if steps == budget:
                     break

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from rlhf.generation.base import Generation, SamplingConfig, response_mask_after_eos
+from rlhf.generation.base import Generation, SamplingConfig, eos_ids, response_mask_after_eos
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class HFGenerator:
             temperature=sampling.temperature if sample else None,
             top_k=sampling.top_k if sample else None,  # 0 = off; None would mean generate's default, 50
             top_p=sampling.top_p if sample else None,
-            eos_token_id=sampling.eos_token_id,
+            eos_token_id=list(eos_ids(sampling.eos_token_id)) or None,
             pad_token_id=sampling.pad_token_id,
             use_cache=True,
             output_logits=True,

@@ -26,6 +26,13 @@ DATA_DEPENDENT = ("mixtral",)  # expert routing picks rows on the host: no CUDA 
 HOST_ROPE = ("dynamic", "longrope")  # RoPE types that read the positions on the host: no CUDA graph
 
 
+def rope_type(model: nn.Module) -> str:
+    """The RoPE type of a Hugging Face causal LM (``default``, ``linear``, ``dynamic``, ``longrope``, ...);
+    ``default`` for a model without HF's rotary module (the tensor-parallel ``Transformer``)."""
+    rotary = getattr(getattr(unwrap(model), "model", None), "rotary_emb", None)
+    return str(getattr(rotary, "rope_type", "default"))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The causal LM under DistributedDataParallel and PeftModel wrappers."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -67,9 +74,8 @@ class HFDecoder(Decoder):
         config = lm.config
         self.body = lm.model
         self.lm_head = lm.get_output_embeddings()
-        rope_type = str(getattr(self.body.rotary_emb, "rope_type", "default"))
         self.capturable = config.model_type not in DATA_DEPENDENT and not any(
-            k in rope_type for k in HOST_ROPE
+            k in rope_type(model) for k in HOST_ROPE
         )
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads

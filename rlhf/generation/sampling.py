@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf.generation.base import SamplingConfig
+from rlhf.generation.base import SamplingConfig, eos_ids
 
 
-def suppress_token(scores: torch.Tensor, token_id: int | None) -> torch.Tensor:
-    """``scores`` [B, V] with column ``token_id`` set to -inf, in place (EOS before ``min_new_tokens``)."""
-    if token_id is not None:
-        scores[:, token_id] = float("-inf")
+def suppress_token(scores: torch.Tensor, token_id: int | tuple[int, ...] | None) -> torch.Tensor:
+    """``scores`` [B, V] with the column of ``token_id`` (one id or several) set to -inf, in place (the EOS
+    ids before ``min_new_tokens``)."""
+    for column in eos_ids(token_id):
+        scores[:, column] = float("-inf")
     return scores
 
 

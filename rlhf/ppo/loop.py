@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rlhf.backend import Backend
 from rlhf.data.files import files_signature
 from rlhf.errors import UserError
-from rlhf.generation.base import Generator
+from rlhf.generation.base import Generator, is_eos
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
@@ -80,7 +80,7 @@ class PPOSession:
     args: PPOTrainingArguments
     total_steps: int
     pad_token_id: int
-    eos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # the sampling's: one id or several
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)  # steps 4-5
     old_logprobs_from_generator: bool = True  # --old_logprobs resolved (rlhf/ppo/session.py)
     save_extra: dict[str, Any] = field(default_factory=dict)  # name -> writer(path), e.g. the tokenizer
@@ -142,7 +142,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     )
     ended = torch.zeros_like(lengths, dtype=torch.bool)
     if s.eos_token_id is not None:
-        ended = ((batch.response_ids == s.eos_token_id) & mask.bool()).any(1)  # pads may equal EOS
+        ended = (is_eos(batch.response_ids, s.eos_token_id) & mask.bool()).any(1)  # pads may equal EOS
 
     # 2. Score each response at its last token (a reward model in chunks of --per_device_forward_batch_size
     #    rows); clip; optionally penalise a missing EOS.

@@ -23,8 +23,9 @@ import torch
 
 from rlhf.backend import Backend
 from rlhf.errors import ConfigError, DataError
-from rlhf.generation.base import Generator, SamplingConfig
+from rlhf.generation.base import Generator, SamplingConfig, eos_ids
 from rlhf.generation.build import build_generator
+from rlhf.generation.hf_decoder import HOST_ROPE, rope_type
 from rlhf.optimizer import build_adamw
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
@@ -98,12 +99,16 @@ def build_kl_controller(ppo: PPOArguments) -> FixedKLController | AdaptiveKLCont
     return FixedKLController(ppo.kl_penalty_beta)
 
 
-def sampling_config(ppo: PPOArguments, tokenizer: Any) -> SamplingConfig:
-    """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids."""
+def sampling_config(ppo: PPOArguments, tokenizer: Any, model_eos: Any = None) -> SamplingConfig:
+    """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids. ``model_eos``:
+    the model's ``generation_config.eos_token_id`` (one id or a list: a chat model's end-of-turn tokens),
+    whose ids also end a response, as they do in HF ``generate`` with the model's defaults."""
+    eos = eos_ids(tokenizer.eos_token_id) + eos_ids(model_eos)
+    eos = tuple(dict.fromkeys(eos))
     return SamplingConfig(
         max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
         temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=(eos[0] if len(eos) == 1 else eos) or None, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
 
@@ -118,8 +123,14 @@ def rollout_generator(
     ``--max_prompt_length`` + ``--max_response_length`` tokens; it samples from the global torch RNG, as HF
     ``generate`` does, so a checkpoint's RNG state resumes the sampling exactly.
     """
+    with generation_model() as model:  # an HF model's generation_config may list more EOS ids
+        model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    sampling = sampling_config(ppo, tokenizer, model_eos)
+    if len(eos_ids(sampling.eos_token_id)) > 1:
+        logger.info("a response ends at any of the EOS ids %s (tokenizer + generation_config.json)",
+                    list(eos_ids(sampling.eos_token_id)))  # fmt: skip
     return build_generator(
-        ppo.generation_engine, generation_model, sampling_config(ppo, tokenizer),
+        ppo.generation_engine, generation_model, sampling,
         max_prompt_length=ppo.max_prompt_length,
         max_batch_size=args.per_device_train_batch_size * ppo.num_samples_per_prompt,
         merge_lora=ppo.generation_lora == "merged",
@@ -140,10 +151,16 @@ def old_logprobs_from_generator(choice: str, models: PolicyModels, backend: Back
     with backend.autocast(), models.generation_model() as model:
         autocast = torch.is_autocast_enabled(backend.device.type)
         dtype = next(model.parameters()).dtype
-    from_generator = not autocast and dtype == torch.float32
+        rope = rope_type(model)
+    # dynamic / longrope RoPE rescale with the longest position seen: the decode steps rotated early keys
+    # with a smaller scaling than one forward over the whole sequence uses (log-probs differ by ~1e-2)
+    position_dependent = any(kind in rope for kind in HOST_ROPE)
+    from_generator = not autocast and dtype == torch.float32 and not position_dependent
     logger.info(
         "old log-probs: %s (--old_logprobs auto)",
         "the generator's (float32)" if from_generator
+        else f"an eval forward of the actor ({rope} RoPE: the decode steps scale positions differently)"
+        if position_dependent
         else f"an eval forward of the actor ({'autocast' if autocast else dtype}: the generator rounds differently)",
     )  # fmt: skip
     return from_generator
@@ -198,7 +215,7 @@ def assemble_session(
         decode=tokenizer.batch_decode, prompts=parts.prompts, prompt_sampler=prompt_sampler,
         pretrain=parts.pretrain, pretrain_sampler=pretrain_sampler, optimizers=optimizers,
         schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
-        total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=parts.generator.sampling.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
         old_logprobs_from_generator=from_generator, inputs=parts.inputs,
     )  # fmt: skip
