@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-from peft import LoraConfig, get_peft_model
+from test_reward_parts import write_sft_adapter
 from test_reward_stage import quick_argv
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import run_ppo_with_peft
 from run_rm_with_peft import main as run_rm
@@ -18,12 +16,7 @@ from run_rm_with_peft import main as run_rm
 def test_ppo_on_an_sft_adapter_shares_the_reward_adapter_trained_on_it(
     tiny_llama, repo_root, tmp_path, capsys
 ):
-    torch.manual_seed(0)
-    sft = tmp_path / "sft_adapter"
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")  # as run_sft_with_peft.py saves it  # fmt: skip
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(sft)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sft)
+    sft = write_sft_adapter(tiny_llama, tmp_path / "sft_adapter")
     rm = tmp_path / "rm"
     run_rm(quick_argv(sft, repo_root / "rm_data", rm, "--lora_rank", "8", "--max_steps", "1"))
     record = json.loads((rm / "base_model" / "merged_from.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import datasets
 import pytest
@@ -162,21 +163,29 @@ def test_a_reward_model_trained_without_a_pad_token_scores_the_same_in_plain_tra
     torch.testing.assert_close(plain, ours)
 
 
+def write_sft_adapter(base: Path, sft: Path) -> Path:
+    """A random (non-zero) LoRA adapter on ``base`` saved as run_sft_with_peft.py saves one, with the
+    tokenizer: an SFT adapter dir for the next stage's model flag."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")  # fmt: skip
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(sft)
+    AutoTokenizer.from_pretrained(base).save_pretrained(sft)
+    return sft
+
+
 def test_a_lora_reward_model_on_an_sft_adapter_dir_reloads_as_trained(tiny_llama, repo_root, tmp_path):
     """--model_name_or_path an SFT adapter dir: the reward adapter names <output_dir>/base_model (the SFT
     adapter merged into its base) and reloads with plain peft scoring the held-out pairs as training did."""
-    from peft import AutoPeftModelForSequenceClassification, LoraConfig, get_peft_model
+    from peft import AutoPeftModelForSequenceClassification
     from test_reward_stage import eval_rewards, quick_argv
-    from transformers import AutoModelForCausalLM
 
     from run_rm_with_peft import main
 
-    torch.manual_seed(0)
-    sft = tmp_path / "sft_adapter"
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")  # as run_sft_with_peft.py saves it  # fmt: skip
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(sft)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sft)
+    sft = write_sft_adapter(tiny_llama, tmp_path / "sft_adapter")
     out = tmp_path / "rm"
     metrics = main(quick_argv(sft, repo_root / "rm_data", out, "--lora_rank", "8"))
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
