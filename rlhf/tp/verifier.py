@@ -15,10 +15,14 @@ Training rows (``--train_file``), one of two kinds per row:
   the label plus a seeded non-zero offset in [-10, 10], or doubled for non-integers);
 - ``{"question", "output", "correct"}`` (what ``solver_evaluate --num_samples K --temperature T`` writes
   to ``predictions.jsonl``): real solver samples with their correctness.
+
+A row longer than ``--max_seq_len`` is dropped (one warning counts them), never cut: its left end holds BOS
+and the question, its right end the final answer and the EOS where the score is read.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from rlhf.tp.loading import checkpoint_head
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
 from rlhf.tp.shard_dir import check_shard_dir, is_shard_dir
+
+logger = logging.getLogger(__name__)
 
 
 def perturb_final_answer(answer: str, rng: random.Random) -> str:
@@ -117,10 +123,52 @@ def verifier_ids(tokenizer: Any, question: str, solution: str) -> list[int]:
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
-def verifier_example(tokenizer: Any, row: dict[str, Any], max_seq_len: int) -> Example:
-    """Cut from the left so the final answer and EOS (where the score is read) are always kept."""
-    ids = verifier_ids(tokenizer, row["question"], row["solution"])[-max_seq_len:]
+def whole_example(tokenizer: Any, row: dict[str, Any]) -> Example:
+    """The row's prompt + solution + EOS, uncut, with its target: 1.0 correct, 0.0 incorrect (read at EOS)."""
+    ids = verifier_ids(tokenizer, row["question"], row["solution"])
     return Example(ids, target=1.0 if row["correct"] else 0.0)
+
+
+def verifier_example(tokenizer: Any, row: dict[str, Any], max_seq_len: int) -> Example:
+    """:func:`whole_example`, refused when longer than ``max_seq_len``: never cut, since the left end holds
+    BOS and the question and the right end the final answer and the EOS where the score is read
+    (:func:`verifier_examples` drops such rows instead)."""
+    example = whole_example(tokenizer, row)
+    if len(example.input_ids) > max_seq_len:
+        raise DataError(
+            f"a verifier row is {len(example.input_ids)} tokens (question + solution + EOS), longer than "
+            f"--max_seq_len {max_seq_len}: raise --max_seq_len"
+        )
+    return example
+
+
+def verifier_examples(
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, eval_ratio: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples of ``rows``, split by question (:func:`split_by_question`).
+
+    Rows longer than ``max_seq_len`` (question + solution + EOS) are dropped with one warning for both
+    parts, as ``solver_train`` drops the rows that do not fit: cut at either end, an example would lose its
+    question or the final answer its label is about. None left to train on is an error naming
+    ``--max_seq_len``."""
+    parts, dropped, longest = [], 0, 0
+    for part in split_by_question(rows, eval_ratio, seed):
+        examples = [whole_example(tokenizer, r) for r in part]
+        parts.append([e for e in examples if len(e.input_ids) <= max_seq_len])
+        dropped += len(examples) - len(parts[-1])
+        longest = max([longest, *(len(e.input_ids) for e in examples)])
+    if dropped:
+        logger.warning(
+            "%d of %d examples longer than --max_seq_len %d dropped (question + solution + EOS; the longest "
+            "is %d tokens)", dropped, len(rows), max_seq_len, longest,
+        )  # fmt: skip
+    if not parts[0]:
+        held = f" and the {len(parts[1])} that fit are held out (--eval_ratio)" if parts[1] else ""
+        raise DataError(
+            f"no training example fits --max_seq_len {max_seq_len}: {dropped} of {len(rows)} are longer "
+            f"(up to {longest} tokens){held}; raise --max_seq_len"
+        )
+    return parts[0], parts[1]
 
 
 def last_token_scores(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,10 +188,11 @@ def score_examples(model: Transformer, examples: list[Example], batch_size: int,
 
 
 def score_solutions(
-    model: Transformer, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, max_seq_len: int = 4096
+    model: Transformer, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int
 ) -> list[float]:
-    """Verifier scores of (question, solution) pairs."""
-    examples = [Example(verifier_ids(tokenizer, q, s)[-max_seq_len:]) for q, s in pairs]
+    """Verifier scores of (question, solution) pairs, each read whole (as the solver wrote it: BOS and the
+    question kept, the score at the EOS after the final answer)."""
+    examples = [Example(verifier_ids(tokenizer, q, s)) for q, s in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return score_examples(model, examples, batch_size, pad_id).tolist()
 
