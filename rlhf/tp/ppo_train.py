@@ -22,7 +22,10 @@ starts afresh), as ``run_ppo_with_peft.py`` does. The PPO flags of
 ``run_ppo_with_peft.py`` apply (``--kl_penalty_beta``, ``--ppo_epochs``, ``--top_k``, ``--report_to``, the
 pretraining mix ``--pretrain_dataset_dir``/``--pretrain_loss_weight``/``--pretrain_warmup_steps``, ...);
 ``--max_batch_size`` sets the generation and mini-batch size, ``--max_buffer_size`` the rollout size,
-``--max_gen_len`` the response length. Outputs: the actor and critic shard dirs (+ ``training/metrics.jsonl`` in the actor's) and
+``--max_gen_len`` the response length: the settings of ``run_ppo_with_peft.py``'s
+``--per_device_train_batch_size`` / ``--per_device_mini_train_batch_size``, ``--rollout_batches`` and
+``--max_response_length``, which work too (either name of a pair; both with values that disagree are
+refused, one line naming both). Outputs: the actor and critic shard dirs (+ ``training/metrics.jsonl`` in the actor's) and
 ``--output_dir`` (default ``<actor_save_dir>_run``) with ``metrics.jsonl`` and ``checkpoint-N/``.
 """
 
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from rlhf.args import check_positive_flags, parse_args, split_comma_list
+from rlhf.args import CONFIG_SUFFIXES, check_positive_flags, config_file_argv, parse_args, split_comma_list
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
@@ -139,8 +144,52 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
 
 
-def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
-    """Map the description's flags onto the PPO stage's; check what the TP engine cannot do."""
+# run_ppo_with_peft.py's flags that the description's --max_batch_size, --max_buffer_size, --max_gen_len set
+PAIRED_FLAGS = (
+    "per_device_train_batch_size", "per_device_mini_train_batch_size", "rollout_batches", "max_response_length"
+)  # fmt: skip
+
+
+def given_flags(argv: list[str]) -> frozenset[str]:
+    """Names of the flags ``argv`` spells out, as the dataclass fields they set: ``--name v``,
+    ``--name=v``, ``--na-me v``, an unambiguous prefix (argparse takes those too), or the keys of the one
+    YAML/JSON config file that stands for the flags."""
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = config_file_argv(argv[0])
+    known = {f.name for kind in (TPPPOArguments, PPOArguments, TPPPOTrainingArguments) for f in fields(kind)}
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].partition("=")[0].replace("-", "_")
+        matches = [name] if name in known else [k for k in known if k.startswith(name)]
+        given.update(matches[:1] if len(matches) == 1 else [])
+    return frozenset(given)
+
+
+def refuse_two_values(flag: str, value: int, other: str, other_value: int, what: str) -> None:
+    """The description's ``flag`` and ``run_ppo_with_peft.py``'s ``other`` both set ``what``."""
+    if value != other_value:
+        raise ConfigError(
+            f"--{flag} {value} and --{other} {other_value} both set {what}: pass one of them, or the same value"
+        )
+
+
+def apply_description_flags(
+    tp: TPPPOArguments,
+    ppo: PPOArguments,
+    args: TPPPOTrainingArguments,
+    given: Collection[str] | None = None,
+) -> None:
+    """Map the description's flags onto the PPO stage's; check what the TP engine cannot do.
+
+    ``--max_batch_size``, ``--max_buffer_size`` and ``--max_gen_len`` set ``run_ppo_with_peft.py``'s
+    ``--per_device_train_batch_size`` and ``--per_device_mini_train_batch_size``, ``--rollout_batches`` and
+    ``--max_response_length``: whichever of a pair is given wins; both given (``given``: the field names
+    the command line spelt out, :func:`given_flags`; by default those not at their defaults) must agree."""
+    if given is None:
+        defaults = {f.name: f.default for f in fields(PPOArguments) + fields(TPPPOTrainingArguments)}
+        given = {n for n in PAIRED_FLAGS if getattr(ppo if hasattr(ppo, n) else args, n) != defaults[n]}
     if not tp.reward_model_ckpt_dir and not tp.reward_fn:
         raise ConfigError("pass --reward_model_ckpt_dir (a verifier), --reward_fn gsm8k, or both")
     validate_estimator(ppo)
@@ -158,25 +207,49 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
             "--critic_save_dir"
         )
     k = ppo.num_samples_per_prompt
+    batch_flag = "--per_device_train_batch_size"
     if tp.max_batch_size is not None:
+        batch_flag = "--max_batch_size"
+        if "per_device_train_batch_size" in given:
+            refuse_two_values(
+                "max_batch_size", tp.max_batch_size, "per_device_train_batch_size",
+                args.per_device_train_batch_size, "the prompts per generation batch",
+            )  # fmt: skip
+        if "per_device_mini_train_batch_size" in given:
+            refuse_two_values(
+                "max_batch_size", tp.max_batch_size, "per_device_mini_train_batch_size",
+                ppo.per_device_mini_train_batch_size, "the samples per PPO mini-batch",
+            )  # fmt: skip
         args.per_device_train_batch_size = ppo.per_device_mini_train_batch_size = tp.max_batch_size
-    check_positive_flags({"--max_batch_size": args.per_device_train_batch_size})  # divides what follows
+    check_positive_flags({batch_flag: args.per_device_train_batch_size})  # divides what follows
     if ppo.per_device_mini_train_batch_size <= 0:
         ppo.per_device_mini_train_batch_size = args.per_device_train_batch_size * k
     if tp.max_buffer_size is not None:
         generation_batch = args.per_device_train_batch_size * k
         if tp.max_buffer_size % generation_batch:
             raise ConfigError(
-                f"--max_buffer_size {tp.max_buffer_size} must be a multiple of --max_batch_size "
+                f"--max_buffer_size {tp.max_buffer_size} must be a multiple of {batch_flag} "
                 f"{args.per_device_train_batch_size} x --num_samples_per_prompt {k}"
             )
-        ppo.rollout_batches = tp.max_buffer_size // generation_batch
+        rollout_batches = tp.max_buffer_size // generation_batch
+        if "rollout_batches" in given and ppo.rollout_batches != rollout_batches:
+            raise ConfigError(
+                f"--max_buffer_size {tp.max_buffer_size} ({rollout_batches} generation batches of {batch_flag} "
+                f"{args.per_device_train_batch_size} x --num_samples_per_prompt {k}) and --rollout_batches "
+                f"{ppo.rollout_batches} both set the rollout size: pass one of them, or values that agree"
+            )
+        ppo.rollout_batches = rollout_batches
     if rollout_size(ppo, args) % ppo.per_device_mini_train_batch_size:
         raise ConfigError(
             f"--per_device_mini_train_batch_size {ppo.per_device_mini_train_batch_size} must divide the "
             f"rollout size {rollout_size(ppo, args)}"
         )
     if tp.max_gen_len is not None:
+        if "max_response_length" in given:
+            refuse_two_values(
+                "max_gen_len", tp.max_gen_len, "max_response_length", ppo.max_response_length,
+                "the new tokens per response",
+            )  # fmt: skip
         ppo.max_response_length = tp.max_gen_len
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
@@ -186,8 +259,13 @@ def apply_description_flags(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTr
     )
 
 
-def run(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
-    apply_description_flags(tp, ppo, args)
+def run(
+    tp: TPPPOArguments,
+    ppo: PPOArguments,
+    args: TPPPOTrainingArguments,
+    given: Collection[str] | None = None,
+) -> PPOSession:
+    apply_description_flags(tp, ppo, args, given)
     # the newest checkpoint in --output_dir unless --overwrite_output_dir, as run_ppo_with_peft.py does
     resume = resume_checkpoint(args)
     session = build_tp_session(tp, ppo, args)
@@ -216,11 +294,12 @@ def run(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> PPOSession:
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     tp, ppo, args = parse_args((TPPPOArguments, PPOArguments, TPPPOTrainingArguments), argv)
     with (
         process_group_scope()
     ):  # tears the groups down before exit (gloo threads abort at shutdown otherwise)
-        return run(tp, ppo, args)
+        return run(tp, ppo, args, given_flags(argv))
 
 
 if __name__ == "__main__":
