@@ -15,8 +15,8 @@ from test_generation_engine import left_padded, with_lora
 from rlhf.generation import SamplingConfig, response_mask_after_eos
 from rlhf.generation.base import eos_ids, is_eos
 from rlhf.generation.build import build_generator
-from rlhf.generation.hf_decoder import rope_type
 from rlhf.generation.sampling import suppress_token
+from rlhf.models.rope import rope_type
 from rlhf.ppo.session import sampling_config
 
 

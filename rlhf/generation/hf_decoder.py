@@ -20,17 +20,10 @@ from torch import nn
 
 from rlhf.generation.decoder import Decoder, LayerParts
 from rlhf.models.lora_forward import reading_rollout_copies, refresh_rollout_copies
+from rlhf.models.rope import HOST_ROPE, rope_type
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2")
 DATA_DEPENDENT = ("mixtral",)  # expert routing picks rows on the host: no CUDA graph
-HOST_ROPE = ("dynamic", "longrope")  # RoPE types that read the positions on the host: no CUDA graph
-
-
-def rope_type(model: nn.Module) -> str:
-    """The RoPE type of a Hugging Face causal LM (``default``, ``linear``, ``dynamic``, ``longrope``, ...);
-    ``default`` for a model without HF's rotary module (the tensor-parallel ``Transformer``)."""
-    rotary = getattr(getattr(unwrap(model), "model", None), "rotary_emb", None)
-    return str(getattr(rotary, "rope_type", "default"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

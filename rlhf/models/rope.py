@@ -11,6 +11,19 @@ from __future__ import annotations
 
 import torch
 
+# RoPE types whose frequencies depend on the longest position seen (Hugging Face rescales them on the host
+# per call): no CUDA graph of a decode step, and decode steps rotate early keys differently from one forward
+HOST_ROPE = ("dynamic", "longrope")
+
+
+def rope_type(model: torch.nn.Module) -> str:
+    """The RoPE type of a Hugging Face causal LM, also under a PEFT wrapper (``default``, ``linear``,
+    ``dynamic``, ``longrope``, ...); ``default`` for a model without HF's rotary module (the TP model)."""
+    get_base = getattr(model, "get_base_model", None)
+    lm = get_base() if callable(get_base) else model
+    rotary = getattr(getattr(lm, "model", None), "rotary_emb", None)
+    return str(getattr(rotary, "rope_type", "default"))
+
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """The sine of RoPE [..., hd] with its first half negated, for :func:`apply_rope` (once per step)."""

@@ -25,7 +25,7 @@ from rlhf.backend import Backend
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation.base import Generator, SamplingConfig, eos_ids
 from rlhf.generation.build import build_generator
-from rlhf.generation.hf_decoder import HOST_ROPE, rope_type
+from rlhf.models.rope import HOST_ROPE, rope_type
 from rlhf.optimizer import build_adamw
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet

@@ -41,8 +41,7 @@ from rlhf.tp.verifier import (
     last_token_scores,
     read_verifier_rows,
     score_examples,
-    split_by_question,
-    verifier_example,
+    verifier_examples,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,9 +71,10 @@ def held_out_accuracy(
 
 def run(args: TPTrainArguments) -> dict:
     def make_examples(tokenizer) -> tuple[list[Example], list[Example]]:
-        # all rows of a question (reference and perturbed, or its samples) stay on one side
-        parts = split_by_question(read_verifier_rows(args.train_file), args.eval_ratio, args.seed)
-        return tuple([verifier_example(tokenizer, r, args.max_seq_len) for r in part] for part in parts)
+        # all rows of a question (reference and perturbed, or its samples) stay on one side; rows longer
+        # than --max_seq_len are dropped whole (counted), never cut
+        rows = read_verifier_rows(args.train_file)
+        return verifier_examples(tokenizer, rows, args.max_seq_len, args.eval_ratio, args.seed)
 
     return train_tp(
         args, TrainTask(scalar_head=True, loss=verifier_loss, evaluate=held_out_accuracy), make_examples
