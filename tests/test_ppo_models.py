@@ -333,3 +333,20 @@ def test_separate_reward_model_scores_the_last_real_token_as_the_reward_stage_tr
     hook.remove()
     expected = captured
     torch.testing.assert_close(scorer.score(batch, [], []), torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_too_few_prompts_for_one_rollout_names_the_flags():
+    from rlhf.errors import DataError
+    from rlhf.ppo.session import count_total_steps
+
+    ppo = SimpleNamespace(
+        rollout_batches=6, ppo_epochs=1, num_samples_per_prompt=1, per_device_mini_train_batch_size=4
+    )
+    args = SimpleNamespace(
+        max_steps=0, per_device_train_batch_size=4, num_train_epochs=1.0, gradient_accumulation_steps=1
+    )
+    with pytest.raises(
+        DataError,
+        match="16 prompts make no full rollout of --rollout_batches 6 x --per_device_train_batch_size 4",
+    ):
+        count_total_steps(16, ppo, args, 1)

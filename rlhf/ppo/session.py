@@ -67,8 +67,9 @@ def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArgu
     rollouts = math.floor(args.num_train_epochs * generation_batches / ppo.rollout_batches)
     if rollouts < 1:
         raise DataError(
-            f"{num_prompts} prompts make no full rollout of {ppo.rollout_batches} x "
-            f"{args.per_device_train_batch_size} prompts on {world} processes"
+            f"{num_prompts} prompts make no full rollout of --rollout_batches {ppo.rollout_batches} x "
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} prompts on {world} process(es) "
+            f"over --num_train_epochs {args.num_train_epochs:g}: lower them, or give more prompts"
         )
     per_rollout = ppo.ppo_epochs * rollout_size(ppo, args)
     mini_batches = rollouts * per_rollout // ppo.per_device_mini_train_batch_size

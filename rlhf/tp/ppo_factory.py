@@ -22,7 +22,7 @@ from rlhf.ppo.config import PPOArguments
 from rlhf.ppo.data import PromptSet, cut_prompts, load_pretrain
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
-from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
+from rlhf.ppo.session import SessionParts, assemble_session, count_total_steps, rollout_generator
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
@@ -113,6 +113,9 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
         tp.train_file,
     )
     prompts = PromptSet(ids, texts, f"--train_file {tp.train_file}")
+    count_total_steps(
+        len(prompts), ppo, args, 1
+    )  # enough prompts for one rollout: checked before any model loads
     labels = {t: r["label"] for t, r in zip(texts, rows)}
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
