@@ -131,11 +131,10 @@ class StopSignals:
         previous = self._previous.pop(signal.SIGINT, None)
         if previous is not None:  # a second Ctrl-C acts as usual
             signal.signal(signal.SIGINT, previous)
-        if is_first_process():
-            logger.warning(
-                "%s received: finishing the current optimizer step, then saving a checkpoint and stopping "
-                "(Ctrl-C again stops at once, without a checkpoint)", signal.Signals(signum).name,
-            )  # fmt: skip
+        logger.warning(  # by each process that got it (one signalled rank of several says so itself)
+            "%s received: finishing the current optimizer step, then saving a checkpoint and stopping "
+            "(Ctrl-C again stops at once, without a checkpoint)", signal.Signals(signum).name,
+        )  # fmt: skip
 
     def agreed(self, device: torch.device) -> int:
         """The signal number any process received (0: none), the same on every process; call it at the

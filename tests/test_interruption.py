@@ -213,7 +213,7 @@ def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_llama, t
     )  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.count("SIGINT received") == 1, proc.stderr[-3000:]
-    assert proc.stderr.count("stopped by SIGINT after optimizer step 3; checkpoint saved to") == 2
+    assert proc.stderr.count("stopped by SIGINT after optimizer step 3; checkpoint saved to") == 1  # rank 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert all((out / "checkpoint-3" / f"rank_{r}" / "buffer.safetensors").is_file() for r in (0, 1))
     assert not (out / "adapter_model.safetensors").exists()
@@ -246,7 +246,7 @@ def test_ctrl_c_to_torchrun_reaches_its_workers_and_they_save(tiny_llama, tmp_pa
     assert proc.returncode != 0
     assert err.count("SIGINT received: finishing the current optimizer step") == 2, err[-3000:]
     checkpoints = list(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and err.count(f"checkpoint saved to {checkpoints[0]}") == 2
+    assert len(checkpoints) == 1 and err.count(f"checkpoint saved to {checkpoints[0]}") == 1  # once per job
     assert all((checkpoints[0] / f"rank_{r}" / "state.json").is_file() for r in (0, 1))
     assert not (out / "adapter_model.safetensors").exists()
 
@@ -290,7 +290,7 @@ def test_sft_under_torchrun_one_signalled_process_stops_both(tiny_llama, tmp_pat
         proc.stderr.count(
             f"stopped by SIGTERM after optimizer step 2; checkpoint saved to {out / 'checkpoint-2'}"
         )
-        == 2
+        == 1  # rank 0 says it for the job
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter_model.safetensors").exists()

@@ -60,7 +60,7 @@ def test_seed_command_under_torchrun_trains_a_loadable_lora_adapter(tiny_llama, 
     losses = [row["loss"] for row in state["log_history"] if "loss" in row]
     assert len(losses) >= 2 and all(loss > 0 for loss in losses)
     assert any("eval_loss" in row for row in state["log_history"])
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb did not log offline"
+    assert list((out / "wandb").glob("offline-run-*")), "wandb did not log offline into <output_dir>/wandb"
 
     from peft import PeftModel
 
