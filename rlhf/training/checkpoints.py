@@ -1,14 +1,25 @@
 """Which ``checkpoint-N`` folders of a Trainer-based stage can be resumed from, checked before training.
 
-A checkpoint can be damaged after it was published (a disk filled up, a copy was cut short, a file was
-truncated by hand). The Trainer would only find out while loading it, with a traceback that never names
-the file. :func:`checkpoint_problem` reads each file a resume loads, cheaply:
+A checkpoint can be damaged or incomplete after it was published (a disk filled up, a copy was cut short, a
+file was truncated or deleted by hand). The Trainer would only find out while loading it, with a traceback
+that never names the file, or not at all: without ``optimizer.pt`` or ``scheduler.pt`` it resumes with a
+fresh AdamW and learning-rate schedule. :func:`checkpoint_problem` first checks that every file a resume
+needs is there (:class:`CheckpointLayout`):
+
+- ``trainer_state.json``;
+- without DeepSpeed: ``optimizer.pt``, ``scheduler.pt`` and the weights (``adapter_model.safetensors`` /
+  ``.bin``, ``model.safetensors``, ``pytorch_model.bin`` or a sharded index with every shard it names);
+- with ``--deepspeed``: ``latest`` and the ``global_step*/`` it names, holding the ``*model_states.pt`` and,
+  under ZeRO, the ``*optim_states.pt`` of DeepSpeed's engine (weights and optimizer), and ``scheduler.pt``
+  unless the DeepSpeed config brings its own scheduler (saved by DeepSpeed);
+
+then reads each file a resume loads, cheaply:
 
 - ``*.safetensors`` (``adapter_model``, ``model`` and its shards): header and every tensor, which must be
   finite;
 - ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` and ``*.bin`` weights: ``torch.load(weights_only=True,
   mmap=True)``, which reads the archive index and the pickled structure but not the tensor data;
-- ``rng_state*.pth``: the zip archive index;
+- ``rng_state*.pth`` and DeepSpeed's ``global_step*/*.pt``: the zip archive index;
 - ``trainer_state.json``: valid JSON.
 
 :func:`newest_loadable_checkpoint` walks the checkpoints newest first and skips (with one log line naming
@@ -20,7 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -75,15 +89,124 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (one phrase naming the file), or None when it loads."""
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's pointer to the global_step* dir to load
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Which files a resume of this run needs (see the module docstring).
+
+    ``deepspeed``: the run uses DeepSpeed; None (:data:`ANY_LAYOUT`) accepts either layout, each checkpoint
+    checked as what it looks like (a ``global_step*/`` dir means DeepSpeed). Under DeepSpeed only:
+    ``zero_optimizer``, the optimizer state is in ``*optim_states.pt`` (ZeRO stage >= 1);
+    ``scheduler_file``, the Trainer writes ``scheduler.pt`` (the config brings no scheduler of its own)."""
+
+    deepspeed: bool | None = False
+    zero_optimizer: bool = True
+    scheduler_file: bool = True
+
+
+ANY_LAYOUT = CheckpointLayout(deepspeed=None, zero_optimizer=False, scheduler_file=False)
+
+
+def layout_of(args: Any) -> CheckpointLayout:
+    """The layout a run with these ``TrainingArguments`` writes and resumes from."""
+    if not getattr(args, "deepspeed", None):
+        return CheckpointLayout()
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None and isinstance(args.deepspeed, dict):
+        config = args.deepspeed
+    if not isinstance(config, dict):  # unread: require only what every DeepSpeed checkpoint has
+        return CheckpointLayout(deepspeed=True, zero_optimizer=False, scheduler_file=False)
+    stage = int((config.get("zero_optimization") or {}).get("stage") or 0)
+    return CheckpointLayout(
+        deepspeed=True, zero_optimizer=stage >= 1, scheduler_file="scheduler" not in config
+    )
+
+
+def _written_by_deepspeed(checkpoint: Path) -> bool:
+    return (checkpoint / DEEPSPEED_TAG_FILE).is_file() or any(
+        p.is_dir() for p in checkpoint.glob("global_step*")
+    )
+
+
+def _weights_missing(checkpoint: Path) -> list[str]:
+    present = [name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
+    if not present:
+        return ["the weights (adapter_model.safetensors, model.safetensors or pytorch_model.bin)"]
+    for index in (name for name in present if name.endswith(".index.json")):
+        try:
+            shards = sorted(set(json.loads((checkpoint / index).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            continue  # unreadable: the read checks name it
+        lost = [shard for shard in shards if not (checkpoint / shard).is_file()]
+        if lost:
+            return [f"{lost[0]} (a shard {index} names)"]
+    return []
+
+
+def _deepspeed_missing(checkpoint: Path, layout: CheckpointLayout) -> list[str]:
+    if not _written_by_deepspeed(checkpoint):
+        return [f"DeepSpeed's state ({DEEPSPEED_TAG_FILE}, global_step*/: was it saved without --deepspeed?)"]
+    tag_file = checkpoint / DEEPSPEED_TAG_FILE
+    if not tag_file.is_file():
+        return [f"{DEEPSPEED_TAG_FILE} (DeepSpeed's pointer to its global_step*/)"]
+    try:
+        tag = tag_file.read_text().strip()
+    except OSError:
+        tag = ""
+    if not tag or not (checkpoint / tag).is_dir():
+        return [f"{tag or '?'}/ (the DeepSpeed state that {DEEPSPEED_TAG_FILE} names)"]
+    missing = [] if any((checkpoint / tag).glob("*model_states.pt")) else [f"{tag}/*model_states.pt"]
+    if layout.zero_optimizer and not any((checkpoint / tag).glob("*optim_states.pt")):
+        missing.append(f"{tag}/*optim_states.pt")
+    if layout.scheduler_file and not (checkpoint / "scheduler.pt").is_file():
+        missing.append("scheduler.pt")
+    return missing
+
+
+def missing_files(checkpoint: str | Path, layout: CheckpointLayout = ANY_LAYOUT) -> list[str]:
+    """What a resume with ``layout`` needs that ``checkpoint`` lacks (file names), or ``[]``."""
+    checkpoint = Path(checkpoint)
+    missing = [] if (checkpoint / TRAINER_STATE).is_file() else [TRAINER_STATE]
+    deepspeed = _written_by_deepspeed(checkpoint) if layout.deepspeed is None else layout.deepspeed
+    if deepspeed:
+        return missing + _deepspeed_missing(checkpoint, layout)
+    if _written_by_deepspeed(checkpoint) and not (checkpoint / "optimizer.pt").is_file():
+        return [
+            *missing,
+            "optimizer.pt (it holds DeepSpeed's global_step*/ instead: resume with --deepspeed)",
+        ]
+    missing += [name for name in ("optimizer.pt", "scheduler.pt") if not (checkpoint / name).is_file()]
+    return missing + _weights_missing(checkpoint)
+
+
+def _incomplete(missing: list[str]) -> str:
+    return f"incomplete: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+
+
+def checkpoint_problem(checkpoint: str | Path, layout: CheckpointLayout = ANY_LAYOUT) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from by a run of ``layout`` (one phrase naming the file), or
+    None when it loads."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         return "no such checkpoint directory"
+    missing = missing_files(checkpoint, layout)
+    if missing:
+        return _incomplete(missing)
     checks = [(path, _safetensors_problem) for path in sorted(checkpoint.glob("*.safetensors"))]
     checks += [(checkpoint / name, _torch_file_problem) for name in TORCH_STATE_FILES]
     checks += [(path, _torch_file_problem) for glob in TORCH_WEIGHT_GLOBS for path in checkpoint.glob(glob)]
     checks += [(path, _zip_problem) for path in sorted(checkpoint.glob("rng_state*.pth"))]
+    checks += [(path, _zip_problem) for path in sorted(checkpoint.glob("global_step*/*.pt"))]
     checks.append((checkpoint / TRAINER_STATE, _json_problem))
     for path, check in checks:
         if path.is_file():
@@ -93,9 +216,11 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return None
 
 
-def newest_loadable_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+def newest_loadable_checkpoint(
+    output_dir: str | Path, layout: CheckpointLayout = ANY_LAYOUT
+) -> tuple[Path | None, list[str]]:
     """(the newest checkpoint that loads or None, ``"checkpoint-N: <problem>"`` for each newer one skipped).
 
     Each skipped checkpoint is logged as a warning.
     """
-    return newest_loadable(output_dir, checkpoint_problem)
+    return newest_loadable(output_dir, partial(checkpoint_problem, layout=layout))

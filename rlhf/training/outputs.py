@@ -2,21 +2,32 @@
 
 - ``--resume_from_checkpoint DIR`` (or ``True`` for the newest ``checkpoint-N`` that loads) continues a
   run; an output dir that already holds checkpoints is resumed from its newest loadable one unless
-  ``--overwrite_output_dir`` is given, which deletes the stale ``checkpoint-N`` folders instead. Damaged
-  checkpoints are found before training (:mod:`rlhf.training.checkpoints`): skipped with a warning naming
-  the file, or, when named explicitly, a one-line CheckpointError.
+  ``--overwrite_output_dir`` is given, which deletes the stale ``checkpoint-N`` folders instead. Damaged or
+  incomplete checkpoints are found before training (:mod:`rlhf.training.checkpoints`): skipped with a
+  warning naming the file, or, when named explicitly, a one-line CheckpointError.
+- A checkpoint saved with other settings (batch size, processes, seed, adapter, data) than the resuming
+  run's is a one-line CheckpointError listing them (:mod:`rlhf.training.resume_settings`); each checkpoint
+  records its settings in ``resume_settings.json``.
+- A finished run is not trained again: when ``<output_dir>/trainer_state.json`` (written once a run has
+  saved its final model) is at or past the step of the newest checkpoint and the command asks for no more
+  steps, the implicit resume stops with a one-line CheckpointError (:func:`finished_run_problem`). Resuming
+  there would train past ``--max_steps`` or train the steps after an older checkpoint (one a Ctrl-C or
+  SIGTERM left under ``--save_strategy no``) again, over the final model.
 - Every ``checkpoint-N`` is written to a hidden staging folder and published into place once complete
   (:mod:`rlhf.publish`), so a run killed while saving never leaves a half-written checkpoint that a
-  resume would pick up.
+  resume would pick up. ``--save_total_limit`` rotation follows each save, a stop checkpoint's included.
 - The final model goes to ``--output_dir`` the same way: written to a staging folder, then each file
   renamed over its old version; model files of an earlier save that this one does not write are removed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -25,58 +36,126 @@ from rlhf.args import check_output_dir
 from rlhf.checkpoint_dirs import asks_for_newest, list_checkpoints
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.publish import publish_dir, publish_model_files, staging_dir, staging_path
-from rlhf.training.checkpoints import checkpoint_problem, newest_loadable_checkpoint
+from rlhf.training.checkpoints import (
+    TRAINER_STATE,
+    CheckpointLayout,
+    checkpoint_problem,
+    layout_of,
+    newest_loadable_checkpoint,
+)
+from rlhf.training.resume_settings import check_resume_settings, write_settings
 
 logger = logging.getLogger(__name__)
 
 FINAL_STAGING_NAME = "final"  # the final model is staged in output_dir/.final.tmp
 
 
-def _resolve_resume(out: Path, resume: str) -> str:
-    """The checkpoint ``--resume_from_checkpoint`` names, checked to load (``True``: newest that loads)."""
+def _resolve_resume(out: Path, resume: str, layout: CheckpointLayout) -> tuple[str, bool]:
+    """(the checkpoint ``--resume_from_checkpoint`` names, checked to load; whether it was chosen as the
+    newest, by ``True``)."""
     if asks_for_newest(resume):
-        checkpoint, skipped = newest_loadable_checkpoint(out)
+        checkpoint, skipped = newest_loadable_checkpoint(out, layout)
         if checkpoint is None:
             found = f" ({'; '.join(skipped)})" if skipped else ""
             raise CheckpointError(f"--resume_from_checkpoint True: no loadable checkpoint-N in {out}{found}")
-        return str(checkpoint)
+        return str(checkpoint), True
     if not Path(resume).is_dir():
         raise ConfigError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
-    problem = checkpoint_problem(resume)
+    problem = checkpoint_problem(resume, layout)
     if problem is not None:
         raise CheckpointError(f"--resume_from_checkpoint {resume}: {problem}")
-    return resume
+    return resume, False
 
 
-def prepare_output_dir(args: TrainingArguments, overwrite: bool) -> str | None:
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def finished_run_problem(args: TrainingArguments, checkpoint: Path) -> str | None:
+    """Why the newest ``checkpoint`` of ``args.output_dir`` is not to be resumed because the run there
+    already finished (None: resume). A finished run left ``<output_dir>/trainer_state.json`` at step G >=
+    the checkpoint's step; it is finished for this command unless the command asks for more: a
+    ``--max_steps`` above G, or (``--max_steps`` unset) more ``--num_train_epochs`` than it ran."""
+    out = Path(args.output_dir)
+    try:
+        final = json.loads((out / TRAINER_STATE).read_text())
+        done = int(final["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no finished run (or not one we can read): resume as usual
+    step = _step(checkpoint)
+    if done < step or done == 0:
+        return None  # the checkpoint came after the final save: an unfinished continuation
+    if args.max_steps > 0:
+        asks_for_more = args.max_steps > done
+    else:
+        asks_for_more = args.num_train_epochs > float(final.get("num_train_epochs") or 0)
+    if asks_for_more:
+        if done > step:
+            logger.warning(
+                "%s already holds a run trained to step %d; its newest checkpoint is %s, so steps %d-%d are "
+                "trained again before going on", out, done, checkpoint.name, step + 1, done,
+            )  # fmt: skip
+        return None
+    return (
+        f"--output_dir {out} already holds a finished run (trained to step {done}, final model saved) and no "
+        f"newer checkpoint than {checkpoint.name}: pass --overwrite_output_dir to train again, a larger "
+        "--max_steps or --num_train_epochs to train on"
+    )
+
+
+def prepare_output_dir(
+    args: TrainingArguments, overwrite: bool, settings: Mapping[str, Any] | None = None
+) -> str | None:
     """Create ``args.output_dir`` and return the checkpoint to resume from (None for a fresh run).
 
-    Damaged checkpoints are never resumed from: an explicit ``--resume_from_checkpoint`` to one is a
-    CheckpointError naming the file; the implicit resume skips them (one warning each) for the newest
-    checkpoint that loads, and is a CheckpointError when none does.
+    Damaged or incomplete checkpoints are never resumed from: an explicit ``--resume_from_checkpoint`` to
+    one is a CheckpointError naming the file; the implicit resume skips them (one warning each) for the
+    newest checkpoint that loads, and is a CheckpointError when none does, or when the run in the output
+    dir already finished (:func:`finished_run_problem`). ``settings`` (those known before the model loads,
+    :mod:`rlhf.training.resume_settings`) are checked against the checkpoint's.
     """
     check_output_dir(args.output_dir, "--output_dir")
     out = Path(args.output_dir)
+    layout = layout_of(args)
     if args.resume_from_checkpoint:
-        return _resolve_resume(out, str(args.resume_from_checkpoint))
+        resume, newest = _resolve_resume(out, str(args.resume_from_checkpoint), layout)
+        return _checked(args, resume, newest, settings)
     if not out.is_dir():
         out.mkdir(parents=True, exist_ok=True)
         return None
     has_checkpoints = bool(list_checkpoints(out))
     if has_checkpoints and not overwrite:
-        checkpoint, skipped = newest_loadable_checkpoint(out)
+        checkpoint, skipped = newest_loadable_checkpoint(out, layout)
         if checkpoint is None:
             raise CheckpointError(
                 f"--output_dir {out}: no checkpoint-N loads ({'; '.join(skipped)}); "
                 "pass --overwrite_output_dir to start afresh"
             )
+        resume = _checked(args, str(checkpoint), True, settings)
         logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", checkpoint)
-        return str(checkpoint)
+        return resume
     if has_checkpoints and args.process_index == 0:
         for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
     return None
+
+
+def _checked(args: TrainingArguments, resume: str, newest: bool, settings: Mapping[str, Any] | None) -> str:
+    """``resume``, unless the run finished there (only when it was picked as the newest checkpoint: a
+    named one is resumed as asked) or was saved with other ``settings``."""
+    if newest and args.do_train:
+        problem = finished_run_problem(args, Path(resume))
+        if problem is not None:
+            if args.resume_from_checkpoint:  # True: with it, --overwrite_output_dir alone would be ignored
+                problem = problem.replace(
+                    "pass --overwrite_output_dir",
+                    "drop --resume_from_checkpoint True, pass --overwrite_output_dir",
+                )
+            raise CheckpointError(problem)
+    if settings:
+        check_resume_settings(resume, settings, warn_unrecorded=False)
+    return resume
 
 
 def save_final_model(trainer: Trainer, output_dir: str) -> None:
@@ -106,10 +185,13 @@ class AtomicCheckpointMixin:
     """A ``transformers.Trainer`` mixin: each ``checkpoint-N`` appears in ``output_dir`` only when complete.
 
     The Trainer writes ``checkpoint-N`` inside the hidden staging folder ``.checkpoint-N.tmp`` (see
-    :mod:`rlhf.publish`), which is then published as ``output_dir/checkpoint-N``.
+    :mod:`rlhf.publish`), which is then published as ``output_dir/checkpoint-N``, with
+    :attr:`resume_settings` (when set: :func:`rlhf.training.runner.run_trainer` sets them) recorded in it.
+    Then checkpoints beyond ``--save_total_limit`` are deleted (the oldest first, never the best one).
     """
 
     _staging_dir: str | None = None
+    resume_settings: Mapping[str, Any] | None = None
 
     def _get_output_dir(self, trial) -> str:
         if self._staging_dir is not None:
@@ -131,6 +213,8 @@ class AtomicCheckpointMixin:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            if self.resume_settings is not None:
+                write_settings(Path(staging) / name, self.resume_settings)
             publish_dir(Path(staging) / name, target)
             shutil.rmtree(staging, ignore_errors=True)
             best = self.state.best_model_checkpoint

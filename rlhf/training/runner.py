@@ -2,13 +2,17 @@
 
 train (resuming when asked) -> final save -> evaluate -> ``trainer_state.json`` and ``*_results.json``.
 A Ctrl-C or SIGTERM during training saves a ``checkpoint-N`` after the optimizer step in flight and stops
-the stage there, without the final save and evaluation (:mod:`rlhf.interruption`).
+the stage there, without the final save and evaluation (:mod:`rlhf.interruption`). A resume is checked
+against the settings its checkpoint recorded (:mod:`rlhf.training.resume_settings`): those of the
+``TrainingArguments`` and the stage's ``inputs`` before the model loads, those of the model and data
+before training.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -16,6 +20,12 @@ from transformers.trainer_utils import IntervalStrategy
 
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.training.outputs import prepare_output_dir, save_final_model
+from rlhf.training.resume_settings import (
+    args_settings,
+    check_resume_settings,
+    inputs_settings,
+    trainer_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +40,21 @@ def check_eval_setup(args: TrainingArguments, has_eval_data: bool) -> None:
     args.eval_strategy = IntervalStrategy.NO
 
 
-def prepare_run(args: TrainingArguments, has_eval_data: bool, overwrite_output_dir: bool) -> str | None:
+def prepare_run(
+    args: TrainingArguments,
+    has_eval_data: bool,
+    overwrite_output_dir: bool,
+    inputs: Mapping[str, str | None] | None = None,
+) -> str | None:
     """Settle the arguments every stage needs alike; return the checkpoint to resume from (or None).
 
     Stage batches carry their own keys (``labels``, ``margin``), so Trainer must not drop "unused" columns.
+    ``inputs`` (``{"--dataset_dir": path, ...}``, also passed to :func:`run_trainer`): the paths whose
+    files a resume must find unchanged.
     """
     check_eval_setup(args, has_eval_data)
     args.remove_unused_columns = False
-    return prepare_output_dir(args, overwrite_output_dir)
+    return prepare_output_dir(args, overwrite_output_dir, args_settings(args) | inputs_settings(inputs))
 
 
 class SavedOnSignal(Exception):
@@ -52,8 +69,9 @@ class StopOnSignal(TrainerCallback):
     """After each optimizer step (but the last): when any process received a stop signal, have the Trainer
     save a checkpoint now (``should_save``, and no evaluation, which under ``--save_strategy best`` would
     decide the save), then leave ``train`` from ``on_save`` (:class:`SavedOnSignal`): nothing the Trainer
-    does at an epoch's or the run's end (an evaluation, loading the best model, deleting checkpoints
-    beyond ``--save_total_limit``) runs after the signal."""
+    does at an epoch's or the run's end (an evaluation, loading the best model, its final deletion of
+    checkpoints) runs after the signal. The stop checkpoint is saved like any other, so the
+    ``--save_total_limit`` rotation that follows each save (:class:`rlhf.training.outputs.AtomicCheckpointMixin`) runs."""
 
     def __init__(self, signals: StopSignals) -> None:
         self.signals = signals
@@ -75,13 +93,21 @@ class StopOnSignal(TrainerCallback):
 
 
 def run_trainer(
-    trainer: Trainer, resume_from: str | None, overwrite_output_dir: bool = False
+    trainer: Trainer,
+    resume_from: str | None,
+    overwrite_output_dir: bool = False,
+    inputs: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Train, save the final model into ``output_dir``, evaluate; return train and eval metrics.
-    ``overwrite_output_dir`` (the stage's flag) only words the message of a run stopped by a signal."""
+    ``overwrite_output_dir`` (the stage's flag) only words the message of a run stopped by a signal.
+    Checkpoints record the run's settings (``inputs`` as for :func:`prepare_run`); a resume from one saved
+    with others stops before training."""
     args = trainer.args
     metrics: dict[str, Any] = {}
     if args.do_train:
+        trainer.resume_settings = trainer_settings(trainer, inputs)
+        if resume_from is not None:
+            check_resume_settings(resume_from, trainer.resume_settings)
         stop = StopOnSignal(StopSignals())
         try:
             with stop.signals:
