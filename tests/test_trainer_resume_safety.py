@@ -7,7 +7,6 @@ The code is in ``rlhf/training/checkpoints.py``, ``outputs.py``, ``resume_settin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -17,14 +16,15 @@ import pytest
 import torch
 from launch import script_env, torchrun
 from safetensors.torch import save_file
+from test_interruption import signal_at_training_step
 from test_reward_stage import quick_argv as rm_quick_argv
+from test_sft_outputs import logged_steps as trained_steps
 from test_sft_stage import quick_argv
 from transformers import TrainingArguments
 
 import run_rm_with_peft
 import run_sft_with_peft
 from rlhf.errors import CheckpointError
-from rlhf.sft.stage import SFTTrainer
 from rlhf.training import prepare_output_dir
 from rlhf.training.checkpoints import (
     ANY_LAYOUT,
@@ -73,11 +73,6 @@ def error_line(main, argv: list[str], capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ")
     return lines[-1]
-
-
-def trained_steps(out: Path) -> list[int]:
-    state = json.loads((out / "trainer_state.json").read_text())
-    return [row["step"] for row in state["log_history"] if "loss" in row]
 
 
 def checkpoints(out: Path) -> list[str]:
@@ -220,21 +215,6 @@ def test_deepspeed_zero2_checkpoint_resumes(tiny_llama, tmp_path):
 
 
 # --- 2. a finished run is not trained again --------------------------------------------------------
-
-
-def signal_at_training_step(monkeypatch, n: int, signum: int):
-    """Make the ``n``-th call of SFTTrainer.training_step send ``signum`` to this process; returns the undo."""
-    calls = {"n": 0}
-    training_step = SFTTrainer.training_step
-
-    def signalling_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signum)
-        return training_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(SFTTrainer, "training_step", signalling_step)
-    return lambda: monkeypatch.setattr(SFTTrainer, "training_step", training_step)
 
 
 def test_a_stop_checkpoint_does_not_make_a_finished_run_train_again(
