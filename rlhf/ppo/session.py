@@ -104,8 +104,7 @@ def sampling_config(ppo: PPOArguments, tokenizer: Any, model_eos: Any = None) ->
     """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids. ``model_eos``:
     the model's ``generation_config.eos_token_id`` (one id or a list: a chat model's end-of-turn tokens),
     whose ids also end a response, as they do in HF ``generate`` with the model's defaults."""
-    eos = eos_ids(tokenizer.eos_token_id) + eos_ids(model_eos)
-    eos = tuple(dict.fromkeys(eos))
+    eos = eos_ids(eos_ids(tokenizer.eos_token_id) + eos_ids(model_eos))  # in order, repeats dropped
     return SamplingConfig(
         max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
         temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
