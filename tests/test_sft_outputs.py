@@ -44,14 +44,20 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def run_expecting_user_error(argv: list[str], capsys) -> str:
-    """Run the script's ``main``; assert exit code 2 and return its one ``error:`` line."""
+def user_error_line(script_main, argv: list[str], capsys) -> str:
+    """Run ``script_main(argv)``; assert exit code 2 and return its one ``error:`` line."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        script_main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ")
     return err[-1]
+
+
+def run_expecting_user_error(argv: list[str], capsys) -> str:
+    """Run the SFT script's ``main``; assert exit code 2 and return its one ``error:`` line."""
+    return user_error_line(main, argv, capsys)
 
 
 def logged_steps(out: Path) -> list[int]:

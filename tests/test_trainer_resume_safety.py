@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from test_interruption import signal_at_training_step
 from test_reward_stage import quick_argv as rm_quick_argv
 from test_sft_outputs import logged_steps as trained_steps
+from test_sft_outputs import user_error_line as error_line
 from test_sft_stage import quick_argv
 from transformers import TrainingArguments
 
@@ -62,17 +63,6 @@ def sft_argv(model: Path, out: Path, max_steps: int, **flags: str) -> list[str]:
     return with_flags(
         argv, **{"save_strategy": "steps", "save_steps": "2", "max_steps": str(max_steps), **flags}
     )
-
-
-def error_line(main, argv: list[str], capsys) -> str:
-    """Run ``main``; assert exit code 2 and return its one ``error:`` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("error: ")
-    return lines[-1]
 
 
 def checkpoints(out: Path) -> list[str]:
@@ -366,6 +356,29 @@ def test_changed_input_files_are_named(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", seed=2)
     with pytest.raises(CheckpointError, match=r"\(--seed: checkpoint 1, now 2\)"):
         prepare_output_dir(args, overwrite=False, settings={"seed": 2})
+
+
+def test_sft_resume_after_the_data_changed_is_one_line_before_the_model_loads(
+    tiny_llama, tmp_path, capsys, monkeypatch
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.json").write_text((SFT_DATA / "feelings_alpaca.json").read_text())
+    out = tmp_path / "sft"
+    argv = with_flags(sft_argv(tiny_llama, out, 2), dataset_dir=str(data))
+    run_sft_with_peft.main(argv)
+    assert read_settings(out / "checkpoint-2")["files of --dataset_dir"][0][0] == "rows.json"
+    (data / "more.jsonl").write_text('{"instruction": "a new row", "output": "that moves every later one"}\n')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("rlhf.sft.stage.build_sft_model", no_model)
+    line = error_line(run_sft_with_peft.main, with_flags(argv, max_steps="4"), capsys)
+    assert (
+        "(files of --dataset_dir: changed since the checkpoint (names, sizes or modification times))" in line
+    )
+    assert trained_steps(out) == [1, 2]
 
 
 # --- 4. the stop checkpoint rotates like any other -------------------------------------------------

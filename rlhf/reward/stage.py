@@ -28,7 +28,7 @@ from rlhf.training import make_trainable, weights_dtype
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
 from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
 from rlhf.training.packed_attention import use_packed_attention
-from rlhf.training.runner import prepare_run, run_trainer
+from rlhf.training.runner import prepare_run, run_trainer, stage_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def run_reward(
     )
     pad_apart_from_eos(tokenizer)
     train_data, eval_data = build_reward_data(data_args, rm_args, tokenizer, args)
-    resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir)
+    inputs = stage_inputs(model_args, data_args)
+    resume_from = prepare_run(args, eval_data is not None, rm_args.overwrite_output_dir, inputs)
     model = build_reward_model(model_args, lora_args, tokenizer, args)
     write_base_if_adapter_source(
         model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
@@ -145,4 +146,4 @@ def run_reward(
         processing_class=tokenizer,
         center_rewards_coefficient=rm_args.center_rewards_coefficient,
     )
-    return run_trainer(trainer, resume_from, rm_args.overwrite_output_dir)
+    return run_trainer(trainer, resume_from, rm_args.overwrite_output_dir, inputs)

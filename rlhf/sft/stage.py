@@ -34,7 +34,7 @@ from rlhf.training.fused_loss import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
 from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
 from rlhf.training.packed_attention import use_packed_attention
-from rlhf.training.runner import prepare_run, run_trainer
+from rlhf.training.runner import prepare_run, run_trainer, stage_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def run_sft(
         model_args.model_name_or_path, model_args.trust_remote_code, padding_side="right"
     )
     train_data, eval_data = build_sft_data(data_args, tokenizer, args)
-    resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir)
+    inputs = stage_inputs(model_args, data_args)
+    resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir, inputs)
     model = build_sft_model(model_args, lora_args, args)
     write_base_if_adapter_source(
         model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
@@ -179,4 +180,4 @@ def run_sft(
         processing_class=tokenizer,
         compute_loss_func=build_sft_loss(model, sft_args.fused_loss, args.label_smoothing_factor),
     )
-    return run_trainer(trainer, resume_from, sft_args.overwrite_output_dir)
+    return run_trainer(trainer, resume_from, sft_args.overwrite_output_dir, inputs)

@@ -14,7 +14,8 @@ resume compares them before training (:func:`check_resume_settings`), as PPO and
   ``--lora_target`` and ``--modules_to_save`` as the adapter has them (``--peft_path``'s own), and the
   base model's path;
 - from the data: the number of training examples, and ``files of --FLAG`` (name, size and modification time
-  of each file: :func:`rlhf.data.files.files_signature`) for each input path the stage names.
+  of each file: :func:`rlhf.data.files.files_signature`) for each input path the stage names
+  (:func:`rlhf.training.runner.stage_inputs`: ``--dataset_dir``, ``--model_name_or_path``, ``--peft_path``).
 
 A mismatch is one line listing each differing setting as ``name: checkpoint X, now Y``. What may change
 between a run and its resume is not recorded: ``--max_steps``, ``--num_train_epochs``, the learning rate and

@@ -40,6 +40,16 @@ def check_eval_setup(args: TrainingArguments, has_eval_data: bool) -> None:
     args.eval_strategy = IntervalStrategy.NO
 
 
+def stage_inputs(model_args: Any, data_args: Any) -> dict[str, str | None]:
+    """The paths a Trainer stage reads, by flag: the ``inputs`` of :func:`prepare_run` and
+    :func:`run_trainer` (a resume must find their files unchanged)."""
+    return {
+        "--dataset_dir": data_args.dataset_dir,
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--peft_path": model_args.peft_path,
+    }
+
+
 def prepare_run(
     args: TrainingArguments,
     has_eval_data: bool,
