@@ -262,6 +262,20 @@ def test_a_named_checkpoint_is_resumed_even_in_a_finished_run(tiny_llama, tmp_pa
     assert trained_steps(out) == [1, 2, 3, 4]
 
 
+def test_save_only_model_checkpoints_are_named_as_such_not_resumed(tiny_llama, tmp_path, capsys):
+    """They hold no optimizer or scheduler state: a resume would restart AdamW and the schedule."""
+    out = tmp_path / "sft"
+    argv = [*sft_argv(tiny_llama, out, 4), "--save_only_model"]
+    run_sft_with_peft.main(argv)
+    assert not (out / "checkpoint-4" / "optimizer.pt").exists()
+    line = error_line(run_sft_with_peft.main, argv, capsys)
+    assert "already holds a finished run (trained to step 4, final model saved): pass" in line
+    line = error_line(run_sft_with_peft.main, with_flags(argv, max_steps="6"), capsys)
+    assert "its checkpoints were saved with --save_only_model (weights, no optimizer" in line
+    assert "--peft_path (LoRA) or --model_name_or_path (full fine-tuning)" in line
+    assert trained_steps(out) == [1, 2, 3, 4]
+
+
 # --- 3. a resume with other settings --------------------------------------------------------------
 
 

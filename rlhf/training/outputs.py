@@ -127,10 +127,7 @@ def prepare_output_dir(
     if has_checkpoints and not overwrite:
         checkpoint, skipped = newest_loadable_checkpoint(out, layout)
         if checkpoint is None:
-            raise CheckpointError(
-                f"--output_dir {out}: no checkpoint-N loads ({'; '.join(skipped)}); "
-                "pass --overwrite_output_dir to start afresh"
-            )
+            raise CheckpointError(_no_loadable_checkpoint(args, out, skipped))
         resume = _checked(args, str(checkpoint), True, settings)
         logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", checkpoint)
         return resume
@@ -139,6 +136,22 @@ def prepare_output_dir(
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
     return None
+
+
+def _no_loadable_checkpoint(args: TrainingArguments, out: Path, skipped: list[str]) -> str:
+    """The one line for an output dir with checkpoints of which none loads: a finished run, checkpoints
+    saved with ``--save_only_model`` (which hold no optimizer state), or damaged ones."""
+    finished = finished_run_problem(args, list_checkpoints(out)[0]) if args.do_train else None
+    if finished is not None:
+        return finished.replace(f" and no newer checkpoint than {list_checkpoints(out)[0].name}", "")
+    if args.save_only_model:
+        return (
+            f"--output_dir {out}: its checkpoints were saved with --save_only_model (weights, no optimizer "
+            "or scheduler state) and cannot be resumed: pass --overwrite_output_dir to start afresh, or train "
+            "on from a checkpoint's weights with --peft_path (LoRA) or --model_name_or_path (full "
+            "fine-tuning) and another --output_dir"
+        )
+    return f"--output_dir {out}: no checkpoint-N loads ({'; '.join(skipped)}); pass --overwrite_output_dir to start afresh"
 
 
 def _checked(args: TrainingArguments, resume: str, newest: bool, settings: Mapping[str, Any] | None) -> str:
