@@ -135,6 +135,27 @@ def test_float16_training_is_refused_and_evaluation_is_not():
     assert resolve_tp_dtype("auto", torch.device("cuda"), training=True) == torch.bfloat16
 
 
+def test_held_out_rows_that_do_not_fit_are_named_not_counted_as_zero(
+    tiny_llama, tmp_path, world_of_one, capfd
+):
+    """All held-out rows dropped for --max_seq_len used to log "(0 held out)" and skip evaluation silently."""
+    from rlhf.tp import solver_train
+
+    rows = addition_rows(10)
+    _, held = split_rows(list(range(len(rows))), 0.1, 42)
+    for i in held:
+        rows[i]["question"] = "What is " + " plus ".join(["1"] * 40) + "?"
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    argv = (
+        f"--ckpt_dir {tiny_llama} --train_file {data} --model_type llama --max_seq_len 64 --max_batch_size 4"
+    )
+    argv += f" --max_steps 1 --eval_ratio 0.1 --save_dir {tmp_path / 'out'}"
+    results = solver_train.main(argv.split())
+    assert results["eval_examples"] == 0 and "eval_loss" not in results
+    expected = "--eval_ratio 0.1: no held-out example is left (those held out do not fit --max_seq_len 64)"
+    assert expected in capfd.readouterr().err
+
+
 def test_solver_learns_saves_evaluates_and_merges(tiny_llama, tmp_path, world_of_one):
     """Full fine-tuning lowers the answer loss; the shard dir evaluates and merges into an HF dir whose
     transformers logits equal the TP model's; LoRA saves its adapter and merges it into the shards."""

@@ -177,6 +177,11 @@ def train_tp(
     train_examples, eval_examples = make_examples(tokenizer)
     if not train_examples:
         raise DataError(f"{args.train_file}: no training examples")
+    if args.eval_ratio > 0 and not eval_examples:
+        logger.warning(
+            "--eval_ratio %g: no held-out example is left (those held out do not fit --max_seq_len %d): "
+            "no evaluation", args.eval_ratio, args.max_seq_len,
+        )  # fmt: skip
     backend = TPBackend(rank)
     model = backend.prepare(build_model_for_training(args, task.scalar_head, rank, world_size, dev)).train()
     total = args.total_steps(len(train_examples))
