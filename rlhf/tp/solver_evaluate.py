@@ -157,11 +157,14 @@ def solve(
 
     outputs: list[str] = [""] * len(ids)
     n_batches, generated = math.ceil(len(ids) / args.max_batch_size), 0
-    for b in tqdm(range(n_batches), desc="solver_evaluate", disable=not is_main()):
+    progress = tqdm(total=len(ids), desc="solver_evaluate", unit="solution", disable=not is_main())
+    for b in range(n_batches):
         chunk = order[b * args.max_batch_size : (b + 1) * args.max_batch_size]
+        progress.set_postfix_str(f"batch {b + 1}/{n_batches}", refresh=False)
         if all(i in done for i in chunk):  # finished by an interrupted run of this command
             for i in chunk:
                 outputs[i] = done[i]
+            progress.update(len(chunk))
             continue
         seeded(rng, args.seed, b)
         prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], tokenizer.pad_token_id)
@@ -172,6 +175,8 @@ def solve(
         generated += len(chunk)
         if log is not None:
             log.append({i: outputs[i] for i in chunk})
+        progress.update(len(chunk))
+    progress.close()
     return outputs, generated
 
 
