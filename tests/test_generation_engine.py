@@ -166,6 +166,13 @@ def test_same_seed_same_tokens(tiny_model_factory):
     assert torch.equal(a.response_ids, engine.generate(ids, mask, sampling).response_ids)
 
 
+def test_an_empty_batch_has_no_responses(tiny_model_factory):
+    model = with_lora(tiny_model_factory("llama"))
+    empty = torch.zeros((0, 4), dtype=torch.long)
+    out = engine_for(model).generate(empty, empty, greedy())
+    assert out.response_ids.shape == out.response_mask.shape == out.logprobs.shape == (0, 0)
+
+
 def test_in_place_lora_update_is_seen_by_the_next_generation(tiny_model_factory):
     model_dir = tiny_model_factory("llama")
     model = with_lora(model_dir)

@@ -190,6 +190,9 @@ class RolloutEngine:
         ``row`` early given its tokens so far (checked every ``check_every`` steps; the row then ends at
         the first length where ``stop`` holds).
         """
+        if prompt_ids.shape[0] == 0:  # no prompts: no responses (a caller's empty last chunk)
+            empty = prompt_ids.new_zeros((0, 0), dtype=torch.long)
+            return Generation(empty, empty.clone(), torch.zeros((0, 0), device=prompt_ids.device))
         parts = [
             self._generate(prompt_ids[i : i + self.max_batch_size], prompt_mask[i : i + self.max_batch_size],
                            sampling, generator, stop, offset=i)
