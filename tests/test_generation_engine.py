@@ -280,6 +280,13 @@ def test_graph_bookkeeping_buckets_adapters_and_stale_weights(tiny_model_factory
                 param.mul_(-1.0)  # in place: the graphs see it
     flipped = engine.generate(ids, mask, sampling)
     assert torch.equal(flipped.response_ids, engine_for(model).generate(ids, mask, sampling).response_ids)
+    lora_layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    for layer in lora_layers:  # a float a captured graph holds as a constant: another graph
+        layer.scaling.update({name: value * 2 for name, value in layer.scaling.items()})
+    engine.generate(ids, mask, sampling)
+    assert len(engine.graphs.graphs) == 3
+    for layer in lora_layers:
+        layer.scaling.update({name: value / 2 for name, value in layer.scaling.items()})
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     lora_b.data = lora_b.data.clone()  # a new tensor: a graph would keep reading the old one
     with pytest.raises(StaleGraphError, match="lora_B"):

@@ -104,6 +104,19 @@ def test_world_size_1_with_lora_matches_a_teacher_forced_forward(tiny_model_fact
     assert not torch.equal(greedy.response_ids, hf_greedy(model_dir))  # the adapter changed the output
 
 
+def test_a_changed_lora_scale_is_another_graph_key(tiny_model_factory, world_of_one):
+    """The TP LoRA hook multiplies by the float ``lora_scale``, a constant in a captured graph."""
+    from rlhf.generation.build import decoder_for
+    from rlhf.tp.lora import lora_layers
+
+    model = tp_generate(tiny_model_factory("llama"), 0, 1, lora=True)["model"]
+    decoder = decoder_for(model)
+    before = decoder.state_key()
+    assert decoder.state_key() == before
+    next(iter(lora_layers(model).values())).lora_scale *= 2
+    assert decoder.state_key() != before
+
+
 def test_hf_engine_refuses_the_tp_model(tiny_model_factory, world_of_one):
     from contextlib import nullcontext
 

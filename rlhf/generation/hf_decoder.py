@@ -55,6 +55,13 @@ def layer_windows(config) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
+def _scales(layer: nn.Module) -> tuple:
+    """A LoRA layer's ``scaling`` per adapter: floats its forward multiplies by, constants in a captured
+    graph (PEFT's ``set_scale`` changes them)."""
+    scaling = getattr(layer, "scaling", None)
+    return tuple(sorted(scaling.items())) if isinstance(scaling, dict) else ()
+
+
 class HFDecoder(Decoder):
     """See the module docstring. ``model``: the causal LM, or a PeftModel / DDP wrapping it."""
 
@@ -120,6 +127,7 @@ class HFDecoder(Decoder):
 
     def state_key(self) -> tuple:
         adapters = tuple(
-            (tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged)) for m in self._tuners
+            (tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged), _scales(m))
+            for m in self._tuners
         )
         return (self.module.training, adapters)

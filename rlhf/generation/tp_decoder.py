@@ -66,8 +66,11 @@ class TPDecoder(Decoder):
         return self.module.logits(self.module.norm(h[:, None]))[:, 0]
 
     def state_key(self) -> tuple:
-        hooks = tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.module.modules())
-        return (self.module.training, hooks)
+        modules = list(self.module.modules())
+        hooks = tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+        # a LoRA hook multiplies by the float lora_scale, which a captured graph holds as a constant
+        scales = tuple(m.lora_scale for m in modules if hasattr(m, "lora_scale"))
+        return (self.module.training, hooks, scales)
 
     def sync(self, tokens: torch.Tensor) -> torch.Tensor:
         return broadcast_from_main(tokens)
