@@ -20,6 +20,7 @@ from test_interruption import signal_at_training_step
 from test_reward_stage import quick_argv as rm_quick_argv
 from test_sft_outputs import logged_steps as trained_steps
 from test_sft_outputs import user_error_line as error_line
+from test_sft_outputs import with_flags
 from test_sft_stage import quick_argv
 from transformers import TrainingArguments
 
@@ -44,17 +45,6 @@ from rlhf.training.resume_settings import (
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_DATA = REPO / "sft_data"
-
-
-def with_flags(argv: list[str], **flags: str) -> list[str]:
-    """``argv`` with each ``--flag value`` replaced (or appended when absent)."""
-    argv = list(argv)
-    for flag, value in flags.items():
-        if f"--{flag}" in argv:
-            argv[argv.index(f"--{flag}") + 1] = value
-        else:
-            argv += [f"--{flag}", value]
-    return argv
 
 
 def sft_argv(model: Path, out: Path, max_steps: int, **flags: str) -> list[str]:
