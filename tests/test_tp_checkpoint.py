@@ -401,6 +401,32 @@ def test_damaged_hf_checkpoints_and_file_save_paths_are_one_line_errors(tiny_mod
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
 
 
+@pytest.mark.parametrize("model_type", ["mycustom", "llama"])
+def test_a_checkpoints_own_code_never_runs(model_type, tiny_model_factory, tmp_path, capsys):
+    """config.json's auto_map used to reach AutoConfig without trust_remote_code: transformers asked on
+    stdin whether to run the checkpoint's code (and ran it on "y"). The TP backend needs none of it."""
+    import shutil
+
+    source = shutil.copytree(tiny_model_factory("llama"), tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    config |= {"model_type": model_type, "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}
+    (source / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code_ran"
+    (source / "configuration_my.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from transformers import LlamaConfig\n"
+        f"class MyConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+    )
+    argv = ["--ckpt_file", str(source), "--save_path", str(tmp_path / "s"), "--n", "1"]
+    if model_type == "mycustom":
+        line = exits_with(split_main(), argv, capsys)
+        assert line.startswith("error: model_type 'mycustom' is not supported by the TP backend")
+    else:  # a built-in type: transformers' own class, as the PEFT path loads it
+        split_main()(argv)
+        assert (tmp_path / "s" / "params.json").is_file()
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_split_under_torchrun_with_two_processes(tiny_model_factory, tmp_path):
     """Two torchrun processes share the shards (``-n``: torchrun's own parser takes ``--n`` on Python 3.11)."""

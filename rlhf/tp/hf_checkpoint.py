@@ -107,12 +107,13 @@ def read_hf_config(config_dir: str | os.PathLike) -> tuple[dict, dict]:
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")
-    full = raw
-    if raw.get("model_type") != "qwen":  # the original Qwen needs remote code; its raw dict is enough
-        from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        full = {**raw, **AutoConfig.from_pretrained(config_dir).to_dict()}
-    return raw, full
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:  # the original Qwen, or a model type of its own: the raw dict
+        return raw, raw  # (the TP backend implements its families itself and never runs a checkpoint's code)
+    # transformers' own config class for the type: an ``auto_map`` in config.json is not followed
+    return raw, {**raw, **CONFIG_MAPPING[model_type].from_pretrained(config_dir).to_dict()}
 
 
 def aux_files(model_dir: Path) -> list[Path]:
