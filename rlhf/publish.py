@@ -6,7 +6,8 @@ either the previous version or the new one, never a half-written one:
 - :func:`staging_dir` gives the hidden sibling ``.NAME.tmp`` to write into (emptied first);
 - :func:`publish_dir` renames a finished staging dir into place, replacing what was there;
 - :func:`publish_model_files` moves a saved model's files into a directory that holds other things too
-  (an output dir with its checkpoints), file by file, and removes an earlier model's files it replaced;
+  (an output dir with its checkpoints), file by file, and removes an earlier model's files it replaced:
+  in between, the directory loads as no model (an error), never as a mix of the two;
 - :func:`write_text_atomic` does the same for one text file.
 
 Writing into a sibling keeps the rename on one filesystem (``os.replace`` is atomic there).
@@ -59,28 +60,47 @@ MODEL_FILE_PATTERNS = (
 )  # fmt: skip
 
 
+# What a loader reads first to decide what a directory is: a PEFT adapter (adapter_config.json, which
+# names its base) or a full model (config.json). Published last and removed first, in this order.
+ENTRY_FILES = ("adapter_config.json", "config.json")
+
+
+def _move(entry: Path, dest: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        publish_dir(entry, dest)
+    else:
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+
+
 def publish_model_files(staging: Path, target: Path) -> list[str]:
     """Move every entry of the finished ``staging`` dir into ``target`` (a file renamed over its old
-    version, a directory through :func:`publish_dir`), remove ``staging``, then delete the model files
+    version, a directory through :func:`publish_dir`), remove ``staging`` and the model files
     (:data:`MODEL_FILE_PATTERNS`) of ``target`` that it did not bring; returns their names, sorted.
 
-    Other entries of ``target`` (checkpoints, logs) are left as they are."""
+    Other entries of ``target`` (checkpoints, logs) are left as they are. The order keeps a kill at any
+    moment from leaving a directory that loads as a mix of the two models, or as the old one beside new
+    files: the old entry files (:data:`ENTRY_FILES`) go first (from then on the directory loads as no
+    model, loudly), then the old model files the new save does not bring, then the new files, and the new
+    entry files last (the adapter's config before ``config.json``, which alone would read as a full
+    model)."""
     staging, target = Path(staging), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    written = set()
-    for entry in staging.iterdir():
-        written.add(entry.name)
-        dest = target / entry.name
-        if entry.is_dir() and not entry.is_symlink():
-            publish_dir(entry, dest)
-        else:
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
-    shutil.rmtree(staging, ignore_errors=True)
+    written = {entry.name for entry in staging.iterdir()}
     stale = sorted({p.name for pattern in MODEL_FILE_PATTERNS for p in target.glob(pattern)} - written)
+    for name in ENTRY_FILES:
+        if (target / name).is_file():
+            (target / name).unlink()
     for name in stale:
-        (target / name).unlink()
+        (target / name).unlink(missing_ok=True)
+    for entry in sorted(staging.iterdir()):
+        if entry.name not in ENTRY_FILES:
+            _move(entry, target / entry.name)
+    for name in ENTRY_FILES:
+        if (staging / name).exists():
+            _move(staging / name, target / name)
+    shutil.rmtree(staging, ignore_errors=True)
     return stale
 
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from test_sft_outputs import with_flags
 from test_sft_stage import quick_argv
@@ -55,6 +59,47 @@ def test_only_model_files_not_brought_are_removed(tmp_path):
         "checkpoint-2", "config.json", "metrics.jsonl", "model.safetensors"
     ]  # fmt: skip
     assert (target / "config.json").read_text() == ".out.tmp" and not staging.exists()
+
+
+def loads_as(target: Path) -> str:
+    """What a loader would take ``target`` for: the version ("old"/"new") of a complete adapter or full
+    model, "none" when it is no model (an error), "mixed" when its files come from both."""
+    names = {p.name for p in target.iterdir()}
+    if "adapter_config.json" in names:
+        parts = ["adapter_config.json", "adapter_model.safetensors"]
+    elif "config.json" in names:
+        parts = ["config.json", "model.safetensors"]
+    else:
+        return "none"
+    versions = {(target / n).read_text() if n in names else "missing" for n in parts}
+    return versions.pop() if len(versions) == 1 and "missing" not in versions else "mixed"
+
+
+@pytest.mark.parametrize("old_kind", ["adapter", "full"])
+@pytest.mark.parametrize("new_kind", ["adapter", "full"])
+def test_a_kill_during_publishing_never_leaves_a_mix_of_two_models(tmp_path, monkeypatch, old_kind, new_kind):
+    files = {"adapter": ["adapter_config.json", "adapter_model.safetensors", "README.md"],
+             "full": ["config.json", "model.safetensors", "generation_config.json"]}  # fmt: skip
+    target, staging = tmp_path / "out", tmp_path / ".out.tmp"
+    for directory, kind, version in ((target, old_kind, "old"), (staging, new_kind, "new")):
+        directory.mkdir()
+        for name in files[kind]:
+            (directory / name).write_text(version)
+    seen = [loads_as(target)]
+    replace, unlink = os.replace, Path.unlink
+
+    def replace_then_look(src, dst):
+        replace(src, dst)
+        seen.append(loads_as(target))
+
+    def unlink_then_look(path, missing_ok=False):
+        unlink(path, missing_ok=missing_ok)
+        seen.append(loads_as(target))
+
+    monkeypatch.setattr(os, "replace", replace_then_look)
+    monkeypatch.setattr(Path, "unlink", unlink_then_look)
+    publish_model_files(staging, target)
+    assert seen[0] == "old" and seen[-1] == "new" and set(seen) <= {"old", "new", "none"}, seen
 
 
 def test_lora_sft_on_an_adapter_dir_names_the_merged_base_it_trained_on(tiny_llama, repo_root, tmp_path):
