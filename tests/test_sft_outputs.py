@@ -6,6 +6,7 @@ The guard and checkpoint code lives in ``rlhf/training`` and serves the reward m
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,25 @@ def test_implicit_resume_with_no_loadable_checkpoint_is_one_line(tiny_llama, rep
 
 
 # --- flags checked up front ----------------------------------------------------------------------
+
+
+def test_a_killed_overwrite_run_resumes_not_mistaken_for_the_finished_run_before_it(
+    tiny_llama, repo_root, tmp_path, monkeypatch
+):
+    """--overwrite_output_dir used to leave the earlier run's trainer_state.json: the new run, stopped
+    after its first checkpoint, could then never be resumed ("already holds a finished run")."""
+    from test_interruption import signal_at_training_step
+
+    out = tmp_path / "sft"
+    argv = checkpointed_argv(tiny_llama, repo_root / "sft_data", out, 4)
+    main(argv)
+    undo = signal_at_training_step(monkeypatch, 3, signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        main([*argv, "--overwrite_output_dir"])
+    undo()
+    assert not (out / "trainer_state.json").exists() and (out / "checkpoint-3").is_dir()
+    main(argv)  # the same command resumes the stopped run
+    assert logged_steps(out) == [1, 2, 3, 4] and (out / "trainer_state.json").is_file()
 
 
 @pytest.mark.parametrize(

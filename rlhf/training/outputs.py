@@ -2,7 +2,8 @@
 
 - ``--resume_from_checkpoint DIR`` (or ``True`` for the newest ``checkpoint-N`` that loads) continues a
   run; an output dir that already holds checkpoints is resumed from its newest loadable one unless
-  ``--overwrite_output_dir`` is given, which deletes the stale ``checkpoint-N`` folders instead. Damaged or
+  ``--overwrite_output_dir`` is given, which deletes the stale ``checkpoint-N`` folders instead (a run
+  starting afresh also removes the earlier run's ``trainer_state.json`` and results). Damaged or
   incomplete checkpoints are found before training (:mod:`rlhf.training.checkpoints`): skipped with a
   warning naming the file, or, when named explicitly, a one-line CheckpointError.
 - A checkpoint saved with other settings (batch size, processes, seed, adapter, data) than the resuming
@@ -131,11 +132,32 @@ def prepare_output_dir(
         resume = _checked(args, str(checkpoint), True, settings)
         logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", checkpoint)
         return resume
-    if has_checkpoints and args.process_index == 0:
-        for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
+    if args.process_index == 0:
+        if has_checkpoints:
+            for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
+        forget_finished_run(out)
     return None
+
+
+# What the Trainer writes into the output dir about a run that finished there (beside its final model).
+RUN_RECORDS = (TRAINER_STATE, "all_results.json", "train_results.json", "eval_results.json")
+
+
+def forget_finished_run(out: Path) -> None:
+    """A run starting afresh in ``out`` removes the records of the run that finished there before: left in
+    place, they would make a checkpoint of this run (killed before its final save) look older than a
+    finished run (:func:`finished_run_problem`), and its resume refused. The earlier final model stays until
+    this run's final save replaces it."""
+    found = [name for name in RUN_RECORDS if (out / name).is_file()]
+    for name in found:
+        (out / name).unlink()
+    if found:
+        logger.info(
+            "starting afresh in %s: removed the earlier run's %s (its final model stays until this run saves)",
+            out, ", ".join(found),
+        )  # fmt: skip
 
 
 def _no_loadable_checkpoint(args: TrainingArguments, out: Path, skipped: list[str]) -> str:
