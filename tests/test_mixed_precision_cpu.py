@@ -151,3 +151,27 @@ def test_an_adapters_fully_trained_head_is_float32_under_bf16(tiny_llama, bf16):
     assert heads == {torch.float32 if bf16 else torch.bfloat16}
     assert {dtype for name, dtype in trained.items() if "lora_" in name} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_ppo_takes_mixed_precision_from_accelerate_launch(monkeypatch, caplog):
+    """``accelerate launch --mixed_precision bf16`` (or its config's ``mixed_precision: bf16``) used to be
+    overridden by PPO's explicit "no" when neither --fp16 nor --bf16 was given: fp32 PPO, no message."""
+    from types import SimpleNamespace
+
+    from rlhf.ppo.peft_factory import launch_precision
+
+    no_flags = SimpleNamespace(fp16=False, bf16=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launch_precision(no_flags) == "no"
+    assert launch_precision(SimpleNamespace(fp16=True, bf16=False)) == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launch_precision(no_flags) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "_precision_fallback_warned", False)
+    with caplog.at_level("WARNING"):
+        assert launch_precision(no_flags) == "no"
+    assert (
+        "mixed_precision: bf16 (from accelerate launch) needs a GPU; none found, so float32 is used"
+        in caplog.text
+    )

@@ -10,6 +10,7 @@ backend-neutral :func:`rlhf.ppo.session.assemble_session`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
 from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
+from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
 from rlhf.ppo.data import load_pretrain, load_prompts
@@ -40,9 +42,24 @@ from rlhf.reward.model import load_reward_model
 logger = logging.getLogger(__name__)
 
 
+def launch_precision(args: PPOTrainingArguments) -> str:
+    """``--fp16``/``--bf16``, else the mixed precision ``accelerate launch`` asked for (its config file's
+    ``mixed_precision:`` or ``--mixed_precision``, passed on as ``ACCELERATE_MIXED_PRECISION``), as the
+    Trainer stages take it; half precision without a GPU is float32, with the one fallback warning."""
+    if args.fp16 or args.bf16:
+        return "fp16" if args.fp16 else "bf16"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("fp16", "bf16"):
+        return "no"
+    if not torch.cuda.is_available():
+        warn_precision_fallback([f"mixed_precision: {launched} (from accelerate launch)"])
+        return "no"
+    logger.info("mixed precision %s, from accelerate launch (its config or --mixed_precision)", launched)
+    return launched
+
+
 def build_backend(args: PPOTrainingArguments) -> AccelerateBackend:
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
-    return AccelerateBackend(precision, args.ddp_timeout, args.report_to_list, args.output_dir)
+    return AccelerateBackend(launch_precision(args), args.ddp_timeout, args.report_to_list, args.output_dir)
 
 
 def reward_adapter_shares_base(reward_lora_path: str, sft_model_path: str) -> bool:
