@@ -8,6 +8,7 @@ either the previous version or the new one, never a half-written one:
 - :func:`publish_model_files` moves a saved model's files into a directory that holds other things too
   (an output dir with its checkpoints), file by file, and removes an earlier model's files it replaced:
   in between, the directory loads as no model (an error), never as a mix of the two;
+- :func:`publish_files` moves finished files into a directory, each by one rename, removing nothing;
 - :func:`write_text_atomic` does the same for one text file.
 
 Writing into a sibling keeps the rename on one filesystem (``os.replace`` is atomic there).
@@ -102,6 +103,16 @@ def publish_model_files(staging: Path, target: Path) -> list[str]:
             _move(staging / name, target / name)
     shutil.rmtree(staging, ignore_errors=True)
     return stale
+
+
+def publish_files(staging: Path, target: Path) -> None:
+    """Move every entry of the finished ``staging`` dir into ``target`` (each rename atomic), then remove
+    ``staging``; nothing else in ``target`` changes (a tokenizer beside a published model)."""
+    staging, target = Path(staging), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        _move(entry, target / entry.name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

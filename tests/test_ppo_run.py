@@ -83,7 +83,8 @@ def test_reference_command_under_accelerate_launch(tiny_llama, rm_adapter, tmp_p
     assert (actor / "adapter_model.safetensors").is_file() and (actor / "tokenizer.json").is_file()
     assert (critic / "adapter_model.safetensors").is_file() and (critic / "value_head.safetensors").is_file()
     assert (actor / "checkpoint-2" / "optimizer.pt").is_file()
-    assert not list(actor.glob("*.tmp"))
+    assert (critic / "tokenizer.json").is_file()
+    assert not list(actor.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # staging dirs all published
     lines = read_metrics(actor / "metrics.jsonl")
     assert [m["step"] for m in lines] == [1, 2]
     assert all(key in lines[0] for key in METRIC_KEYS)

@@ -52,6 +52,7 @@ from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.profiling import StepProfiler
 from rlhf.ppo.rewards import Scorer
 from rlhf.ppo.stats import explained_variance
+from rlhf.publish import publish_files, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -445,9 +446,11 @@ def save_outputs(s: PPOSession, critic_dir: Path | None) -> None:
 
     s.backend.run_export(export)
     if s.backend.is_main:
-        for writer in s.save_extra.values():
-            for directory in dirs:
-                writer(directory)
+        for directory in dirs:  # staged, then moved in: a kill never leaves a half-written tokenizer file
+            staging = staging_dir(directory.parent / f"{directory.name}.extra")
+            for writer in s.save_extra.values():
+                writer(staging)
+            publish_files(staging, directory)
         where = f", critic to {critic_dir}" if s.models.has_critic else " (no critic)"
         logger.info("actor saved to %s%s", output_dir, where)
         metrics = Path(s.args.output_dir) / "metrics.jsonl"
