@@ -180,7 +180,20 @@ def run_worker(
             "name": name,
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
         }
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(name, proc.stdout)
+
+
+def last_json_line(name: str, stdout: str) -> dict:
+    """The worker's result: the last line of its stdout that is a JSON object (a library may print after
+    it); an error result when there is none, rather than a crash that loses the whole suite's section."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            result = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(result, dict):
+            return result
+    return {"name": name, "error": "no JSON result line on the worker's stdout"}
 
 
 def print_failure(name: str, stderr: str, lines: int = 40) -> None:
@@ -222,22 +235,36 @@ def run_workloads(script: str, names: list[str], workloads: list[str], key: str 
 
 
 class Deadline:
-    """A wall-clock budget for a suite of runs: skip a run that would likely not finish in time."""
+    """A wall-clock budget for a suite of runs: skip a run that would likely not finish in time.
 
-    def __init__(self, seconds: float):
+    ``estimates`` (seconds per row name, e.g. from an earlier GPU session) say what a row needs; a row
+    without one needs as long as the longest estimate-less run so far (at least 20 s). With one slow row
+    (a cold ``torch.compile``) setting the bar for all, the quick rows after it were skipped while time
+    was left for them."""
+
+    def __init__(self, seconds: float, estimates: dict[str, float] | None = None):
         self.end = time.monotonic() + seconds
+        self.estimates = estimates or {}
         self.longest = 0.0
 
     def left(self) -> float:
         return self.end - time.monotonic()
 
+    def needs(self, name: str) -> float:
+        return self.estimates.get(name, max(self.longest, 20.0))
+
     def run(self, script: str, name: str, workdir: Path, extra: tuple[str, ...] = ()) -> dict:
-        """``run_worker`` unless the time left is less than the longest run so far (then a skipped result)."""
-        if self.left() < max(self.longest, 20.0):
-            return {"name": name, "error": "skipped: the suite's time budget ran out"}
+        """``run_worker`` unless the time left is less than the row needs (then a skipped result)."""
+        needed = self.needs(name)
+        if self.left() < needed:
+            return {
+                "name": name,
+                "error": f"skipped: needs ~{needed:.0f} s, {max(self.left(), 0):.0f} s left",
+            }
         start = time.monotonic()
         result = run_worker(script, name, workdir, timeout=max(int(self.left()), 1), extra=extra)
-        self.longest = max(self.longest, time.monotonic() - start)
+        if name not in self.estimates:
+            self.longest = max(self.longest, time.monotonic() - start)
         return result
 
 

@@ -95,7 +95,11 @@ TARGETS = {  # GPU targets of the issue: (samples/s at least, peak GB at most)
 }
 # seconds a --gpu-suite row needs to finish (seen on an H200, 2026-11-27): a row started with less left is
 # skipped, not started and stopped halfway (a stopped row measures nothing); ours-large includes its build
+# what a row needs on an H200 (2026-11-27, and a CPU review of the compile times): the -fast and -compiled
+# rows' first step holds the inductor compile of the decoder layers and the graph capture
 GPU_ROW_SECONDS = {"trl-grpo": 60.0, "trl-ppo": 60.0, "ours-large": 100.0}
+GPU_ROW_SECONDS.update({f"ours-{e}-{v}": 70.0 for e in ("gae", "grpo") for v in ("fast", "compiled")})
+GPU_ROW_SECONDS["ours-gae-fast-profile"] = 80.0
 GPU_ROW_SECONDS_DEFAULT = 35.0
 CPU_ROW_SECONDS = 20.0
 
@@ -177,7 +181,7 @@ def run_worker(
         harness.print_failure(name, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return harness.last_json_line(name, proc.stdout)
 
 
 def run_suite(suite: Suite, workdir: Path, budget_s: float, rows: list[str]) -> dict[str, dict]:

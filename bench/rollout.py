@@ -59,6 +59,13 @@ IMPLS = [
 ]
 # GPU only, after the rows above: the Llama-2-7B shape at batch 32 (NAME@7b runs NAME on it)
 LARGE_IMPLS = ["ours@7b", "ours-merged@7b", "ours-merged-compiled@7b", "hf-generate@7b"]
+# seconds a row needs on an H200 (2026-11-27: a row 25-45 s, HF generate's first call 29 s; a cold inductor
+# compile of the 22-layer step ~30 s more), so a slow compiled row does not get the quick ones skipped
+GPU_ROW_SECONDS = {
+    "ours": 30.0, "ours-merged": 30.0, "ours-compiled": 65.0, "ours-merged-compiled": 65.0,
+    "hf-generate": 55.0, "ours-tp": 40.0, "hf-generate-static-cache": 80.0, "build-7b": 60.0,
+    "ours@7b": 45.0, "ours-merged@7b": 50.0, "ours-merged-compiled@7b": 80.0, "hf-generate@7b": 75.0,
+}  # fmt: skip
 AUTOCAST_NOTE = (
     ", the ours rows under bf16 autocast with our LoRA forward and fused RMSNorm, as run_ppo_with_peft.py"
     " --bf16 samples, the HF rows with PEFT's forward and without autocast"
@@ -306,7 +313,8 @@ def main() -> None:
     shape = SHAPES["gpu" if gpu else "cpu-small"]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        deadline = harness.Deadline(args.budget)  # from before the build: the budget is the process's
+        # from before the build: the budget is the process's
+        deadline = harness.Deadline(args.budget, GPU_ROW_SECONDS if gpu else None)
         harness.build_bench_model(workdir / "model")
         (workdir / "shape.json").write_text(json.dumps(shape))
         results = []

@@ -86,3 +86,24 @@ def test_cached_build_builds_once_links_each_run_and_leaves_no_partial(tmp_path,
     monkeypatch.delenv("BENCH_MODEL_CACHE")
     plain = cached_build("m", tmp_path / "run4" / "model", build)
     assert len(builds) == 2 and not plain.is_symlink()
+
+
+def test_deadline_skips_by_each_rows_estimate_and_results_survive_trailing_output(monkeypatch):
+    """A slow row (a cold compile) used to set the bar for every later row, so quick rows were skipped with
+    time left; and a worker printing after its JSON line crashed the whole suite."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import harness
+
+    ran = []
+    monkeypatch.setattr(
+        harness, "run_worker", lambda script, name, *a, **k: ran.append(name) or {"name": name}
+    )
+    deadline = harness.Deadline(50.0, estimates={"compiled": 40.0, "quick": 10.0})
+    deadline.longest = 45.0  # as if an estimate-less row had run that long
+    assert deadline.run("s", "quick", Path("."))["name"] == "quick"
+    assert deadline.needs("other") == 45.0 and deadline.needs("compiled") == 40.0
+    monkeypatch.setattr(deadline, "left", lambda: 30.0)
+    assert deadline.run("s", "compiled", Path("."))["error"] == "skipped: needs ~40 s, 30 s left"
+    assert ran == ["quick"]
+    assert harness.last_json_line("x", '{"name": "x", "v": 1}\nwarning: done\n') == {"name": "x", "v": 1}
+    assert "no JSON result line" in harness.last_json_line("x", "only text\n")["error"]
