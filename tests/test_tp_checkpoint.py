@@ -184,6 +184,17 @@ def test_single_pickle_file_with_config_dir(tiny_model_factory, tmp_path):
     assert torch.equal(shard["layers.1.attention.wq.bias"], state["model.layers.1.self_attn.q_proj.bias"])
 
 
+def test_a_whole_weights_file_is_read_before_an_index_as_transformers_does(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    save_file({"w": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"w": "model-00001-of-00001.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.save({"w": torch.full((2,), 2.0)}, tmp_path / "pytorch_model.bin")
+    assert TensorSource.open(tmp_path).get("w").sum() == 0
+    (tmp_path / "model.safetensors").unlink()
+    assert TensorSource.open(tmp_path).get("w").sum() == 2  # then the safetensors index, before the .bin
+
+
 def test_pure_split_and_merge_functions():
     weight = torch.arange(5 * 4, dtype=torch.float32).view(5, 4)
     pieces = split_tensor(weight, 0, 2, padded_rows=6)

@@ -23,7 +23,7 @@ from rlhf.errors import CheckpointError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+LOAD_ORDER = ("model.safetensors", INDEX_FILES[0], "pytorch_model.bin", INDEX_FILES[1])
 
 
 def read_json(path: Path) -> object:
@@ -60,17 +60,17 @@ class TensorSource:
     @classmethod
     def open(cls, path: str | os.PathLike) -> TensorSource:
         path = Path(path)
-        if path.is_dir():
-            for index in INDEX_FILES:
-                if (path / index).is_file():
-                    data = read_json(path / index)
-                    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-                    if not isinstance(weight_map, dict):
-                        raise CheckpointError(f"{path / index}: no weight_map")
-                    return cls({k: path / f for k, f in weight_map.items()})
-            for name in SINGLE_FILES:
-                if (path / name).is_file():
+        if path.is_dir():  # transformers' order: safetensors before .bin, a whole file before an index
+            for name in LOAD_ORDER:
+                if not (path / name).is_file():
+                    continue
+                if name not in INDEX_FILES:
                     return cls.open(path / name)
+                data = read_json(path / name)
+                weight_map = data.get("weight_map") if isinstance(data, dict) else None
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{path / name}: no weight_map")
+                return cls({k: path / f for k, f in weight_map.items()})
             raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or index file")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint file")
