@@ -359,6 +359,8 @@ def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_ll
     assert f"resuming from {out / 'checkpoint-2'} (pass --overwrite_output_dir to start afresh)" in err
     assert again["step"] == 4 and again["rollouts"] == 2  # one rollout before the checkpoint, one after
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    done = run_ppo_with_peft.main([*argv, "--max_steps", "4"])  # finished: says so, trains nothing
+    assert done["step"] == 4 and "already reached step 4 of 4: nothing to train" in capsys.readouterr().err
     # resuming with another adapter shape or scaling: one line naming what differs, nothing trained
     for changed, message in (
         (["--actor_lora_rank", "4"], "has shape [8, 64], this run's [4, 64]"),

@@ -290,6 +290,12 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         s.ppo.ppo_epochs, per_rollout / args.gradient_accumulation_steps, args.gradient_accumulation_steps,
         s.total_steps,
     )  # fmt: skip
+    if state.step >= s.total_steps:
+        logger.info(
+            "the run in %s already reached step %d of %d: nothing to train (the final model is saved again; "
+            "a larger --max_steps or --num_train_epochs trains on, --overwrite_output_dir starts afresh)",
+            args.output_dir, state.step, s.total_steps,
+        )  # fmt: skip
     timer = {"since": time.perf_counter(), "samples": state.samples, "steps": state.step}
     first_step = state.step + 1  # its end logs the peak memory (rlhf/ppo/memory.py)
     progress = tqdm(
