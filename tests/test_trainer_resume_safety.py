@@ -134,7 +134,7 @@ def test_deepspeed_checkpoints_need_deepspeeds_files_not_optimizer_pt(tmp_path):
         deepspeed="ds.json", hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 2}})
     )
     layout = layout_of(zero2)
-    assert layout == CheckpointLayout(deepspeed=True, zero_optimizer=True, scheduler_file=True)
+    assert layout == CheckpointLayout(deepspeed=True, zero_optimizer=True, scheduler_file=True, zero_stage=2)
     assert layout_of(SimpleNamespace(deepspeed=None)) == CheckpointLayout()
     own_scheduler = {"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}
     assert not layout_of(SimpleNamespace(deepspeed=own_scheduler)).scheduler_file
@@ -192,6 +192,16 @@ def test_deepspeed_zero2_checkpoint_resumes(tiny_llama, tmp_path):
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr and "skipping" not in proc.stderr
     assert trained_steps(out) == [1, 2, 3, 4]
     assert read_settings(out / "checkpoint-4")["per_device_train_batch_size"] == 8
+    # another ZeRO stage was a bare AssertionError inside DeepSpeed's loading
+    zero3 = with_flags(argv, max_steps="6", deepspeed=str(REPO / "configs" / "ds_zero3.json"))
+    proc = subprocess.run([*torchrun(1), str(REPO / "run_sft_with_peft.py"), *zero3], cwd=tmp_path,
+                          env=script_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0 and "AssertionError" not in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode: 2" in proc.stderr  # the child's user error, not a crash
+    assert (
+        f"error: cannot resume from {out / 'checkpoint-4'}, saved with other settings than this run's "
+        "(DeepSpeed ZeRO stage: checkpoint 2, now 3)"
+    ) in proc.stderr
 
 
 # --- 2. a finished run is not trained again --------------------------------------------------------

@@ -9,9 +9,12 @@ needs is there (:class:`CheckpointLayout`):
 - ``trainer_state.json``;
 - without DeepSpeed: ``optimizer.pt``, ``scheduler.pt`` and the weights (``adapter_model.safetensors`` /
   ``.bin``, ``model.safetensors``, ``pytorch_model.bin`` or a sharded index with every shard it names);
-- with ``--deepspeed``: ``latest`` and the ``global_step*/`` it names, holding the ``*model_states.pt`` and,
-  under ZeRO, the ``*optim_states.pt`` of DeepSpeed's engine (weights and optimizer), and ``scheduler.pt``
-  unless the DeepSpeed config brings its own scheduler (saved by DeepSpeed);
+- with DeepSpeed (``--deepspeed``, or an Accelerate config with ``distributed_type: DEEPSPEED``, which
+  transformers turns into ``args.deepspeed_plugin``): ``latest`` and the ``global_step*/`` it names, holding
+  the ``*model_states.pt`` and, under ZeRO, the ``*optim_states.pt`` of DeepSpeed's engine (weights and
+  optimizer), one ``zero_pp_rank_<r>_*_optim_states.pt`` per rank (and under ZeRO-3 one
+  ``zero_pp_rank_<r>_*_model_states.pt``) for the number of processes the checkpoint recorded, and
+  ``scheduler.pt`` unless the DeepSpeed config brings its own scheduler (saved by DeepSpeed);
 
 then reads each file a resume loads, cheaply:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +44,7 @@ import torch
 from safetensors import safe_open
 
 from rlhf.checkpoint_dirs import newest_loadable
+from rlhf.training.resume_settings import PROCESSES, ZERO_STAGE, deepspeed_config, read_settings, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +112,15 @@ class CheckpointLayout:
     ``deepspeed``: the run uses DeepSpeed; None (:data:`ANY_LAYOUT`) accepts either layout, each checkpoint
     checked as what it looks like (a ``global_step*/`` dir means DeepSpeed). Under DeepSpeed only:
     ``zero_optimizer``, the optimizer state is in ``*optim_states.pt`` (ZeRO stage >= 1);
-    ``scheduler_file``, the Trainer writes ``scheduler.pt`` (the config brings no scheduler of its own)."""
+    ``scheduler_file``, the Trainer writes ``scheduler.pt`` (the config brings no scheduler of its own);
+    ``zero_stage`` and ``processes``, this run's ZeRO stage and number of processes (None: unknown), which
+    say which per-rank files it loads (:func:`_rank_files_missing`)."""
 
     deepspeed: bool | None = False
     zero_optimizer: bool = True
     scheduler_file: bool = True
+    zero_stage: int | None = None
+    processes: int | None = None
 
 
 ANY_LAYOUT = CheckpointLayout(deepspeed=None, zero_optimizer=False, scheduler_file=False)
@@ -119,16 +128,21 @@ ANY_LAYOUT = CheckpointLayout(deepspeed=None, zero_optimizer=False, scheduler_fi
 
 def layout_of(args: Any) -> CheckpointLayout:
     """The layout a run with these ``TrainingArguments`` writes and resumes from."""
-    if not getattr(args, "deepspeed", None):
+    config = deepspeed_config(args)
+    if config is None:
         return CheckpointLayout()
-    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    if config is None and isinstance(args.deepspeed, dict):
-        config = args.deepspeed
-    if not isinstance(config, dict):  # unread: require only what every DeepSpeed checkpoint has
-        return CheckpointLayout(deepspeed=True, zero_optimizer=False, scheduler_file=False)
-    stage = int((config.get("zero_optimization") or {}).get("stage") or 0)
+    processes = getattr(args, "world_size", None)
+    if not config:  # unread: require only what every DeepSpeed checkpoint has
+        return CheckpointLayout(
+            deepspeed=True, zero_optimizer=False, scheduler_file=False, processes=processes
+        )
+    stage = zero_stage(args)
     return CheckpointLayout(
-        deepspeed=True, zero_optimizer=stage >= 1, scheduler_file="scheduler" not in config
+        deepspeed=True,
+        zero_optimizer=bool(stage),
+        scheduler_file="scheduler" not in config,
+        zero_stage=stage,
+        processes=processes,
     )
 
 
@@ -153,6 +167,46 @@ def _weights_missing(checkpoint: Path) -> list[str]:
     return []
 
 
+def _rank_file(tag_dir: Path, rank: int, kind: str) -> str | None:
+    """The name of ``rank``'s ``*zero_pp_rank_<rank>_mp_rank_*_<kind>_states.pt`` in ``tag_dir`` (with
+    bf16, DeepSpeed prefixes ``bf16_``), or None when there is none."""
+    for path in tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*_{kind}_states.pt"):
+        return path.name
+    return None
+
+
+def _rank_files_missing(checkpoint: Path, tag: str, layout: CheckpointLayout) -> list[str]:
+    """The per-rank files of DeepSpeed's state that a resume loads but ``checkpoint/tag`` lacks: each rank
+    loads its own ``zero_pp_rank_<r>_*_optim_states.pt`` (ZeRO) and, under ZeRO-3, its own
+    ``zero_pp_rank_<r>_*_model_states.pt``; a missing one crashed that rank alone (``FileNotFoundError``)
+    while the others waited.
+
+    Which ranks and stage: those the checkpoint recorded (``resume_settings.json``), else this run's
+    (``layout``). The checkpoint's own count, not this run's, so that a resume with another number of
+    processes or ZeRO stage is refused by the settings check, in one line saying so, not reported as
+    files missing. A checkpoint with a rank's model states is ZeRO-3's whatever it recorded.
+    """
+    tag_dir = checkpoint / tag
+    saved = read_settings(checkpoint) or {}
+    processes = saved.get(PROCESSES, layout.processes)
+    stage = saved.get(ZERO_STAGE, layout.zero_stage)
+    if not isinstance(processes, int) or processes < 1:
+        return []
+    kinds = []
+    if (stage >= 1) if stage is not None else layout.zero_optimizer:
+        kinds.append("optim")
+    if stage == 3 or (stage is None and _rank_file(tag_dir, 0, "model")):
+        kinds.append("model")
+    for kind in kinds:
+        present = sorted(path.name for path in tag_dir.glob(f"*zero_pp_rank_*_{kind}_states.pt"))
+        for rank in range(processes):
+            if _rank_file(tag_dir, rank, kind) is None:
+                example = present[0] if present else f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt"
+                name = re.sub(r"zero_pp_rank_\d+", f"zero_pp_rank_{rank}", example)
+                return [f"{tag}/{name} (rank {rank}'s of {processes} processes)"]
+    return []
+
+
 def _deepspeed_missing(checkpoint: Path, layout: CheckpointLayout) -> list[str]:
     if not _written_by_deepspeed(checkpoint):
         return [f"DeepSpeed's state ({DEEPSPEED_TAG_FILE}, global_step*/: was it saved without --deepspeed?)"]
@@ -168,6 +222,8 @@ def _deepspeed_missing(checkpoint: Path, layout: CheckpointLayout) -> list[str]:
     missing = [] if any((checkpoint / tag).glob("*model_states.pt")) else [f"{tag}/*model_states.pt"]
     if layout.zero_optimizer and not any((checkpoint / tag).glob("*optim_states.pt")):
         missing.append(f"{tag}/*optim_states.pt")
+    if not missing:
+        missing = _rank_files_missing(checkpoint, tag, layout)
     if layout.scheduler_file and not (checkpoint / "scheduler.pt").is_file():
         missing.append("scheduler.pt")
     return missing

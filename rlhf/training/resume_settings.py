@@ -9,7 +9,9 @@ index" from LoRA to full fine-tuning). So each checkpoint records these settings
 resume compares them before training (:func:`check_resume_settings`), as PPO and the TP trainers do:
 
 - from the ``TrainingArguments``: the number of processes, ``--per_device_train_batch_size``,
-  ``--gradient_accumulation_steps``, ``--seed``, ``--data_seed`` (compared before the model loads);
+  ``--gradient_accumulation_steps``, ``--seed``, ``--data_seed`` (compared before the model loads), and the
+  DeepSpeed ZeRO stage (0 without DeepSpeed; from ``--deepspeed`` or an Accelerate DeepSpeed config): each
+  stage lays out DeepSpeed's state its own way, and DeepSpeed met another's with a bare ``AssertionError``;
 - from the model built: ``--lora_rank`` (-1: full fine-tuning) and, for LoRA, ``--lora_alpha``,
   ``--lora_target`` and ``--modules_to_save`` as the adapter has them (``--peft_path``'s own), and the
   base model's path;
@@ -42,12 +44,48 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "resume_settings.json"
 FULL_FINE_TUNING = -1  # the --lora_rank recorded for full fine-tuning
+PROCESSES = "number of processes"
+ZERO_STAGE = "DeepSpeed ZeRO stage"  # 0: no DeepSpeed (or ZeRO off)
+
+
+def deepspeed_config(args: Any) -> dict[str, Any] | None:
+    """The DeepSpeed config of a run: ``--deepspeed``'s, or that of an Accelerate config with
+    ``distributed_type: DEEPSPEED`` (transformers then builds ``args.deepspeed_plugin`` from
+    ``ACCELERATE_USE_DEEPSPEED`` without ``--deepspeed``: its checkpoints are DeepSpeed's all the same).
+    None without DeepSpeed; ``{}`` when the run uses DeepSpeed but its config cannot be read here."""
+    if getattr(args, "deepspeed", None):
+        config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+        if config is None and isinstance(args.deepspeed, dict):
+            config = args.deepspeed
+        return config if isinstance(config, dict) else {}
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+    if isinstance(config, dict):
+        return config
+    stage = getattr(plugin, "zero_stage", None)
+    return {"zero_optimization": {"stage": stage}} if stage is not None else {}
+
+
+def zero_stage(args: Any) -> int | None:
+    """The ZeRO stage a run trains under: 0 without DeepSpeed (or with ZeRO off), None when its DeepSpeed
+    config cannot be read here."""
+    config = deepspeed_config(args)
+    if config is None:
+        return 0
+    if not config:
+        return None
+    return int((config.get("zero_optimization") or {}).get("stage") or 0)
 
 
 def args_settings(args: TrainingArguments) -> dict[str, Any]:
-    """The settings of ``args`` that decide which examples an optimizer step takes."""
+    """The settings of ``args`` that decide which examples an optimizer step takes, and the ZeRO stage,
+    which decides how DeepSpeed's state is laid out (another stage's checkpoint fails in DeepSpeed with a
+    bare ``AssertionError``)."""
     return {
-        "number of processes": args.world_size,
+        PROCESSES: args.world_size,
+        ZERO_STAGE: zero_stage(args),
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "seed": args.seed,
