@@ -11,13 +11,21 @@ load as the model that was trained. Nothing reads it during the run, so only the
 stages given the same adapter dir (the reward model and PPO, both on the SFT adapter) then know they train
 on the same model (:func:`merged_from_adapter`), so PPO shares the reward adapter's base and starts the
 critic from it.
+
+Under DeepSpeed ZeRO-3, transformers builds every model inside ``deepspeed.zero.Init``: each process holds
+an empty partition of each weight, so PEFT's merge adds a full delta to a size-0 tensor (a RuntimeError) and
+the base would be saved partitioned. There the merge happens first, outside ZeRO-3, on the main process
+(:func:`merged_source_under_zero3`), which writes ``base_model`` as above; every process then loads that
+plain model dir under ``zero.Init``, and :func:`write_base_if_adapter_source` only names it in the new
+adapters' configs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,7 @@ import torch
 from peft import PeftModel
 
 from rlhf.data.files import files_signature
-from rlhf.models.loading import is_adapter_dir
+from rlhf.models.loading import is_adapter_dir, load_tokenizer
 from rlhf.publish import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
@@ -82,9 +90,67 @@ def write_adapter_base(
             (staging / MERGED_FROM).write_text(json.dumps(adapter_provenance(merged_from), indent=1))
         publish_dir(staging, target)
         logger.info("the merged base the new adapters were trained on (and name) is in %s", target)
-    for config in getattr(model, "peft_config", {}).values():
-        config.base_model_name_or_path = str(target)
+    _name_as_base(model, target)
     return target
+
+
+def _name_as_base(model: torch.nn.Module, base_dir: Path) -> None:
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = str(base_dir)
+
+
+def _loaded_from(model: torch.nn.Module) -> Path | None:
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(path).resolve() if path else None
+
+
+@contextmanager
+def zero3_init_off() -> Iterator[None]:
+    """transformers' ``from_pretrained`` without ``deepspeed.zero.Init`` inside the block: whole weights on
+    this process. transformers decides by the DeepSpeed config it holds a weak reference to (set by the
+    ``TrainingArguments``); it is unset for the block and set again after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
+
+
+def merged_source_under_zero3(
+    source: str,
+    output_dir: str | Path,
+    load: Callable[[str], torch.nn.Module],
+    args: Any,
+    tokenizer: Any = None,
+) -> str:
+    """The model dir a stage should load for ``source`` (``--model_name_or_path``): ``source`` itself,
+    except for an adapter dir under DeepSpeed ZeRO-3, where PEFT cannot merge into partitioned weights.
+
+    Then the main process loads and merges it outside ZeRO-3 (``load``: the stage's own loader, which merges
+    an adapter dir, so the base has the stage's class and config), writes the result to
+    ``<output_dir>/base_model`` (:func:`write_adapter_base`, with ``merged_from.json``) while the others
+    wait, and every process loads that plain dir, partitioned. ``args``: the ``TrainingArguments``
+    (``process_index``, ``main_process_first``); ``tokenizer``: saved with it (``source``'s when None).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (is_adapter_dir(source) and is_deepspeed_zero3_enabled()):
+        return source
+    with args.main_process_first(local=False, desc="merging the adapter dir outside ZeRO-3"):
+        if args.process_index == 0:
+            logger.info("DeepSpeed ZeRO-3: merging %s into its base outside ZeRO-3 first", source)
+            with zero3_init_off():
+                merged = load(source)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
+            save_tokenizer = lambda path: tokenizer.save_pretrained(str(path))  # noqa: E731
+            write_adapter_base(merged, Path(output_dir), save_tokenizer, True, merged_from=source)
+            del merged
+    return str(Path(output_dir) / BASE_MODEL_DIR)
 
 
 def write_base_if_adapter_source(
@@ -95,6 +161,12 @@ def write_base_if_adapter_source(
     the directory written, None (nothing done) otherwise."""
     if not (is_adapter_dir(source) and isinstance(model, PeftModel)):
         return None
+    target = Path(output_dir) / BASE_MODEL_DIR
+    if _loaded_from(model.get_base_model()) == target.resolve():
+        # written before loading (merged_source_under_zero3); the model's own weights may be ZeRO-3
+        # partitions, which must not overwrite it
+        _name_as_base(model, target)
+        return target
     return write_adapter_base(
         model,
         Path(output_dir),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from peft import TaskType
@@ -19,7 +20,7 @@ from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import load_tokenizer
-from rlhf.models.adapter_base import write_base_if_adapter_source
+from rlhf.models.adapter_base import merged_source_under_zero3, write_base_if_adapter_source
 from rlhf.reward.model import HEAD_NAMES, load_reward_backbone, pad_apart_from_eos
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
@@ -88,17 +89,24 @@ def build_reward_data(
 def build_reward_model(
     model_args: ModelArguments, lora_args: LoraArguments, tokenizer: Any, args: TrainingArguments
 ):
-    """The reward model with a new score head and its trainable weights set up."""
+    """The reward model with a new score head and its trainable weights set up.
+
+    An SFT adapter dir as ``--model_name_or_path`` is merged into the backbone; under ZeRO-3 first, outside
+    it, into ``<output_dir>/base_model`` (:func:`merged_source_under_zero3`): its score head is then the one
+    the main process drew with ``--seed``, loaded by every process."""
     lora = lora_args.lora_spec()
     use_lora = lora.use_lora or bool(model_args.peft_path)
-    set_seed(args.seed)  # a new adapter and score head start from the same weights for the same --seed
-    model = load_reward_backbone(
-        model_args.model_name_or_path,
+    load = partial(
+        load_reward_backbone,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
         model_type=model_args.model_type,
         trust_remote_code=model_args.trust_remote_code,
     )
+    set_seed(args.seed)  # a new adapter and score head start from the same weights for the same --seed
+    source = merged_source_under_zero3(model_args.model_name_or_path, args.output_dir, load, args, tokenizer)
+    set_seed(args.seed)
+    model = load(source)
     heads = tuple(name for name in HEAD_NAMES if hasattr(model, name))
     return make_trainable(
         model,

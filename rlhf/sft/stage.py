@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.models.adapter_base import write_base_if_adapter_source
+from rlhf.models.adapter_base import merged_source_under_zero3, write_base_if_adapter_source
 from rlhf.sft.batching import PaddedCollator, packed_collator
 from rlhf.sft.examples import tokenize_sft_dataset
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
@@ -124,18 +125,25 @@ def build_sft_data(data_args: DataArguments, tokenizer: Any, args: TrainingArgum
     return split_dataset(examples, data_args.split_ratio, args.seed)
 
 
-def build_sft_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
-    """The causal LM with its trainable weights set up (new LoRA, ``--peft_path`` adapter, or full)."""
+def build_sft_model(
+    model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments, tokenizer: Any = None
+):
+    """The causal LM with its trainable weights set up (new LoRA, ``--peft_path`` adapter, or full).
+
+    An adapter dir as ``--model_name_or_path`` is merged into its base; under ZeRO-3 first, outside it, into
+    ``<output_dir>/base_model`` (:func:`merged_source_under_zero3`, which saves ``tokenizer`` there)."""
     lora = lora_args.lora_spec()
     use_lora = lora.use_lora or bool(model_args.peft_path)
-    set_seed(args.seed)  # a new adapter starts from the same weights for the same --seed
-    model = load_causal_lm(
-        model_args.model_name_or_path,
+    load = partial(
+        load_causal_lm,
         torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
         model_type=model_args.model_type,
         trust_remote_code=model_args.trust_remote_code,
         merge_adapter=True,
     )
+    source = merged_source_under_zero3(model_args.model_name_or_path, args.output_dir, load, args, tokenizer)
+    set_seed(args.seed)  # a new adapter starts from the same weights for the same --seed
+    model = load(source)
     model.config.use_cache = False
     return make_trainable(
         model,
@@ -163,7 +171,7 @@ def run_sft(
     train_data, eval_data = build_sft_data(data_args, tokenizer, args)
     inputs = stage_inputs(model_args, data_args)
     resume_from = prepare_run(args, eval_data is not None, sft_args.overwrite_output_dir, inputs)
-    model = build_sft_model(model_args, lora_args, args)
+    model = build_sft_model(model_args, lora_args, args, tokenizer)
     write_base_if_adapter_source(
         model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
     )

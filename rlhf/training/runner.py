@@ -23,8 +23,10 @@ from rlhf.training.outputs import prepare_output_dir, save_final_model
 from rlhf.training.resume_settings import (
     args_settings,
     check_resume_settings,
+    deepspeed_config,
     inputs_settings,
     trainer_settings,
+    zero_stage,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,34 @@ def stage_inputs(model_args: Any, data_args: Any) -> dict[str, str | None]:
     }
 
 
+GATHER_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
+
+
+def gather_zero3_weights_on_save(args: TrainingArguments) -> None:
+    """Under DeepSpeed ZeRO-3, turn ``stage3_gather_16bit_weights_on_model_save`` on (one log line when the
+    config had it off), before the engine is built from the config.
+
+    Without it the Trainer cannot gather the partitioned weights when it saves: it writes DeepSpeed's
+    ``global_step*/`` shards instead of ``model.safetensors`` (recoverable only with ``zero_to_fp32.py``), one
+    warning, and the run ended with exit 0 and a final output dir that plain transformers cannot load.
+    Accelerate's ZeRO-3 configs (``zero3_save_16bit_model``) and many hand-written ones leave it off. The
+    config dict changed is the one the engine is built from (``--deepspeed``'s or the Accelerate plugin's)."""
+    config = deepspeed_config(args)
+    if not config or zero_stage(args) != 3:
+        return
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get(GATHER_ON_SAVE) is True:
+        return
+    zero[GATHER_ON_SAVE] = True
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and hasattr(plugin, "zero3_save_16bit_model"):
+        plugin.zero3_save_16bit_model = True
+    logger.info(
+        "DeepSpeed ZeRO-3: %s turned on, so the final model (and each checkpoint's) is saved as whole weights "
+        "that plain transformers loads", GATHER_ON_SAVE,
+    )  # fmt: skip
+
+
 def prepare_run(
     args: TrainingArguments,
     has_eval_data: bool,
@@ -64,6 +94,7 @@ def prepare_run(
     """
     check_eval_setup(args, has_eval_data)
     args.remove_unused_columns = False
+    gather_zero3_weights_on_save(args)
     return prepare_output_dir(args, overwrite_output_dir, args_settings(args) | inputs_settings(inputs))
 
 
