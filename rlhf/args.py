@@ -10,7 +10,8 @@ older transformers still pass:
 - ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``;
 - ``torchrun``/``accelerate launch`` of several processes without a GPU -> ``--use_cpu True`` for the
   ``TrainingArguments`` stages (without it transformers runs each process as an independent,
-  non-distributed copy on CPU: no DDP, no barriers).
+  non-distributed copy on CPU: no DDP, no barriers), and under DeepSpeed its communication started on gloo
+  (:func:`init_deepspeed_on_cpu`).
 
 A YAML or JSON file given as the only argument stands in for the flags (:func:`config_file_argv`: the
 file's keys become flags and go through the same rewrites and checks). After parsing, a
@@ -213,6 +214,29 @@ def cpu_processes_flag(
     return ["--use_cpu", "True"]
 
 
+def init_deepspeed_on_cpu(argv: list[str], has_gpu: bool | None = None) -> bool:
+    """Start DeepSpeed's communication (gloo) when a Trainer stage runs DeepSpeed (``--deepspeed``, or
+    ``ACCELERATE_USE_DEEPSPEED``) as several processes on a machine without a GPU; True when it did.
+
+    On CPU the processes are distributed through ``--use_cpu`` (:func:`cpu_processes_flag`), with which
+    transformers sets up torch's process group but never ``deepspeed.init_distributed``: DeepSpeed's own
+    communication then knew one process, and the engine failed its ``train_batch_size`` check (the Trainer's
+    batch counts every process). Initialising it first, DeepSpeed and torch share one gloo group.
+    """
+    has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = any(arg.partition("=")[0] == "--deepspeed" for arg in argv) or os.environ.get(
+        "ACCELERATE_USE_DEEPSPEED", ""
+    ).lower() in ("1", "true", "yes")
+    if has_gpu or world_size <= 1 or not requested:
+        return False
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    logger.info("DeepSpeed on %d CPU processes: its communication runs on gloo", world_size)
+    return True
+
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -279,6 +303,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         argv = config_file_argv(argv[0])
     argv = normalize_argv(argv)
     argv += cpu_processes_flag(argv, dataclass_types)
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        init_deepspeed_on_cpu(argv)
     configure_reporting(argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

@@ -45,7 +45,7 @@ def stage_argv(stage: str, model: Path, out: Path, **flags: str) -> list[str]:
         "per_device_train_batch_size": "4",
         "data_cache_dir": str(out.parent / f"cache_{stage}"),
     }
-    return with_flags(argv, **defaults, **flags)
+    return with_flags(argv, **(defaults | flags))
 
 
 def launched(stage: str, argv: list[str], cwd: Path, launcher: list[str] | None = None, **env: str):
@@ -223,3 +223,26 @@ def test_rank_files_follow_the_checkpoints_record_else_this_run(tmp_path):
         deepspeed="ds.json", hf_deepspeed_config=SimpleNamespace(config=None), world_size=2
     )
     assert layout_of(unread).processes == 2 and zero_stage(unread) is None
+
+
+# --- several CPU processes --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_zero3_train_save_and_resume(tiny_llama, tmp_path):
+    """torchrun --nproc_per_node 2 with --deepspeed on a machine without GPU failed DeepSpeed's
+    train_batch_size check: transformers (--use_cpu) never started DeepSpeed's communication, which then
+    counted one process. Now both ranks train, each writes its ZeRO-3 shards, and the run resumes."""
+    out = tmp_path / "zero3x2"
+    argv = stage_argv("sft", tiny_llama, out, lora_rank="-1", deepspeed=str(ZERO3), save_strategy="steps",
+                      save_steps="2", per_device_train_batch_size="2")  # fmt: skip
+    for steps in ("2", "4"):
+        proc = launched("sft", with_flags(argv, max_steps=steps), tmp_path, torchrun(2))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr
+    assert trained_steps(out) == [1, 2, 3, 4]
+    shards = sorted(p.name for p in (out / "checkpoint-4" / "global_step4").iterdir())
+    assert shards == [
+        f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")
+    ]
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0  # a plain, whole final model
