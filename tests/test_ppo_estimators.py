@@ -272,6 +272,14 @@ def test_kl_loss_is_the_masked_mean_of_k3_and_pulls_towards_the_reference():
     expected = (1 - torch.exp(ref - logprobs.detach())) * mask / mask.sum()
     assert torch.allclose(logprobs.grad, expected, atol=1e-6)
     assert float(kl_loss(ref, ref, mask)) == 0.0
+    # a pad token's log-prob after EOS below float32's exp range, the reference masked to 0 there: finite
+    past_eos = logprobs.detach().clone()
+    past_eos[0, 3:] = -120.0
+    past_eos.requires_grad_(True)
+    loss = kl_loss(past_eos, ref * mask, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert torch.isfinite(past_eos.grad).all() and (past_eos.grad[0, 3:] == 0).all()
 
 
 def test_rollout_buffer_keeps_what_it_holds_through_a_checkpoint():

@@ -335,6 +335,31 @@ def test_separate_reward_model_scores_the_last_real_token_as_the_reward_stage_tr
     torch.testing.assert_close(scorer.score(batch, [], []), torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
+def test_a_reward_model_with_its_own_tokenizer_gets_an_eos_only_where_the_response_ended(tiny_llama):
+    """Re-tokenized for a reward model of another vocabulary, a response cut at --max_response_length used
+    to get that model's EOS appended anyway: scored as if it had ended, unlike with a shared vocabulary."""
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.rewards import SequenceClassifierScorer
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    scorer = SequenceClassifierScorer(model, torch.device("cpu"), tokenizer)
+    scorer.policy_eos = (2, 7)  # the rollout's EOS ids (tokenizer + generation_config)
+    prompt_ids, prompt_mask = left_pad([[1, 10], [1, 11]], 0)
+    response_ids = torch.tensor([[20, 7, 0], [21, 22, 23]])  # row 0 ended on the second EOS id, row 1 was cut
+    batch = SequenceBatch(
+        torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, (response_ids != 0).long()], 1), 2
+    )
+    seen = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    scorer.score(batch, ["a b", "a b"], ["c", "c"])
+    mask = seen[0] != tokenizer.pad_token_id
+    last = [row[m][-1].item() for row, m in zip(seen[0], mask)]
+    assert last[0] == tokenizer.eos_token_id and last[1] != tokenizer.eos_token_id
+
+
 def test_too_few_prompts_for_one_rollout_names_the_flags():
     from rlhf.errors import DataError
     from rlhf.ppo.session import count_total_steps

@@ -230,11 +230,14 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
             pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device))
         w_pt = pretrain_weight(state.step, ppo.pretrain_loss_weight, ppo.pretrain_warmup_steps)
         actor_loss = ppo.actor_loss_weight * policy.loss - ppo.entropy_coef * entropy_mean + w_pt * pretrain
+        kl = torch.zeros((), device=backend.device)
         if ppo.use_kl_loss:  # the KL in the loss instead of the reward (--use_kl_loss)
             kl = kl_loss(logprobs, old["ref_logprobs"], mask)
             actor_loss = actor_loss + s.kl_controller.value * kl
     check_finite(
-        {"loss/policy": policy.loss, "loss/pretrain": pretrain}, state.step + 1, state.last_checkpoint
+        {"loss/policy": policy.loss, "loss/pretrain": pretrain, "loss/kl": kl},
+        state.step + 1,
+        state.last_checkpoint,
     )
     backend.backward(actor_loss / accumulation)
     out = {

@@ -107,8 +107,13 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
 
     mean_t [π_ref/π_θ − log(π_ref/π_θ) − 1] (the k3 estimator, unbiased and ≥ 0), differentiable in π_θ.
     The loop adds β times it to the actor loss. logprobs, ref_logprobs, mask: [B, R] -> scalar.
+
+    The log-ratio is masked before k3's exp: after EOS the actor's log-prob of a pad token can be below
+    −88 (float32's exp overflows; a peaked head at a low temperature) while the masked reference holds 0,
+    and inf · 0 is NaN in the loss and its gradient, which masking afterwards cannot undo.
     """
-    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+    mask = mask.to(logprobs.dtype)
+    return masked_mean(kl_estimate(logprobs * mask, ref_logprobs * mask, "k3"), mask)
 
 
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

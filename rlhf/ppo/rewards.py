@@ -44,12 +44,24 @@ class SequenceClassifierScorer:
     adapter trained on another base), read at the last real token as the reward stage trains it
     (:func:`rlhf.reward.model.sequence_rewards`; HF's own pooling would read the token before an EOS that is
     also the pad token). With its own tokenizer (``tokenizer`` given) the prompt and response text is
-    re-tokenized, the EOS appended by id."""
+    re-tokenized, and its EOS appended by id where the response ended on one of ``policy_eos`` (the
+    rollout's EOS ids, set by the session): a response cut at ``--max_response_length`` is read at its last
+    token, as the reward model sharing the policy's vocabulary reads it."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = device
+        self.policy_eos: tuple[int, ...] = ()  # empty: every response is taken as ended
+
+    def _ended(self, batch: SequenceBatch) -> list[bool]:
+        """Per row: whether the response ends on one of ``policy_eos``."""
+        if not self.policy_eos:
+            return [True] * batch.input_ids.shape[0]
+        lengths = batch.response_mask.sum(1).long()
+        last = batch.response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        ended = torch.isin(last, torch.tensor(self.policy_eos, device=last.device)) & (lengths > 0)
+        return ended.tolist()
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -60,8 +72,8 @@ class SequenceClassifierScorer:
             rows = [
                 self.tokenizer(p)["input_ids"]
                 + self.tokenizer(r, add_special_tokens=False)["input_ids"]
-                + eos
-                for p, r in zip(prompts, responses)
+                + (eos if ended else [])
+                for p, r, ended in zip(prompts, responses, self._ended(batch))
             ]
             seqs = SequenceBatch(*left_pad(rows, self.tokenizer.pad_token_id or 0), prompt_len=0)
             ids, mask, positions = seqs.input_ids, seqs.attention_mask, seqs.position_ids

@@ -32,7 +32,7 @@ from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.policy_interface import PolicyModels
-from rlhf.ppo.rewards import Scorer
+from rlhf.ppo.rewards import Scorer, SequenceClassifierScorer
 
 TRACKER_PROJECT = "rlhf-ppo"
 
@@ -206,6 +206,10 @@ def assemble_session(
     optimizers, schedulers = build_optimizers(parts.models, ppo, args, total_steps)
     with backend.autocast():  # the cache takes the dtype the rollouts will compute in
         parts.generator.prepare()
+    policy_eos = eos_ids(parts.generator.sampling.eos_token_id)
+    for scorer in getattr(parts.scorer, "scorers", [parts.scorer]):
+        if isinstance(scorer, SequenceClassifierScorer):  # re-tokenizes: appends its EOS where one ended
+            scorer.policy_eos = policy_eos
     from_generator = old_logprobs_from_generator(ppo.old_logprobs, parts.models, backend)
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
