@@ -162,9 +162,9 @@ def write_base_if_adapter_source(
     if not (is_adapter_dir(source) and isinstance(model, PeftModel)):
         return None
     target = Path(output_dir) / BASE_MODEL_DIR
-    if _loaded_from(model.get_base_model()) == target.resolve():
-        # written before loading (merged_source_under_zero3); the model's own weights may be ZeRO-3
-        # partitions, which must not overwrite it
+    if _loaded_from(model.get_base_model()) == target.resolve() and merged_from_adapter(target, source):
+        # written from source before loading (merged_source_under_zero3); the model's own weights may be
+        # ZeRO-3 partitions, which must not overwrite it
         _name_as_base(model, target)
         return target
     return write_adapter_base(
