@@ -192,6 +192,21 @@ def test_implicit_resume_with_no_loadable_checkpoint_is_one_line(tiny_llama, rep
 # --- flags checked up front ----------------------------------------------------------------------
 
 
+def test_a_final_save_without_weights_is_one_line_not_a_published_empty_model(
+    tiny_llama, repo_root, tmp_path, monkeypatch, capsys
+):
+    """As a ZeRO-3 config that does not gather the weights on save leaves it: config.json only."""
+    out = tmp_path / "sft"
+
+    def save_without_weights(self, output_dir=None, _internal_call=False):
+        self.model.config.save_pretrained(output_dir)
+
+    monkeypatch.setattr(SFTTrainer, "save_model", save_without_weights)
+    line = run_expecting_user_error(quick_argv(tiny_llama, repo_root / "sft_data", out), capsys)
+    assert line.startswith("error: the final save wrote no weights into") and "ZeRO-3" in line
+    assert not (out / "config.json").exists()
+
+
 def test_a_killed_overwrite_run_resumes_not_mistaken_for_the_finished_run_before_it(
     tiny_llama, repo_root, tmp_path, monkeypatch
 ):

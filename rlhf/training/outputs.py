@@ -39,6 +39,7 @@ from rlhf.errors import CheckpointError, ConfigError
 from rlhf.publish import publish_dir, publish_model_files, staging_dir, staging_path
 from rlhf.training.checkpoints import (
     TRAINER_STATE,
+    WEIGHT_FILES,
     CheckpointLayout,
     checkpoint_problem,
     layout_of,
@@ -207,6 +208,11 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     staging = staging_path(final)
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
+    if not any((staging / name).is_file() for name in WEIGHT_FILES):  # every process looks: none waits alone
+        raise CheckpointError(
+            f"the final save wrote no weights into {staging} (a DeepSpeed ZeRO-3 config that does not gather "
+            "them on save?); the checkpoints in the output dir are kept"
+        )
     if trainer.args.should_save:
         (staging / "training_args.bin").unlink(missing_ok=True)
         stale = publish_model_files(staging, Path(output_dir))
