@@ -148,3 +148,44 @@ def test_adapter_dir_loads_onto_its_base(tiny_llama, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
     assert not hasattr(merged, "peft_config")
+
+
+class RunsCode:
+    """Unpickling this runs ``open(marker, "w")``: what a malicious ``pytorch_model.bin`` would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_weights_file_that_runs_code_is_refused_in_one_line(tiny_llama, tmp_path):
+    from rlhf.reward.model import load_reward_model
+
+    model_dir = shutil.copytree(tiny_llama, tmp_path / "evil", ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "code_ran"
+    torch.save({"model.embed_tokens.weight": RunsCode(marker)}, model_dir / "pytorch_model.bin")
+    for load in (load_causal_lm, load_reward_model):
+        with pytest.raises(CheckpointError, match="holds more than tensors and is not loaded") as exc:
+            load(str(model_dir))
+        assert "GLOBAL" in str(exc.value) and "io.open" in str(exc.value) and not marker.exists()
+
+
+def test_checkpoint_code_needs_the_flag_and_a_builtin_type_says_its_code_is_not_run(
+    tiny_llama, tmp_path, caplog
+):
+    custom = shutil.copytree(tiny_llama, tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_my.MyConfig"}
+    (custom / "config.json").write_text(json.dumps(config | {"model_type": "mycustom", "auto_map": auto_map}))
+    (custom / "configuration_my.py").write_text("from transformers import LlamaConfig as MyConfig\n")
+    with pytest.raises(
+        CheckpointError, match="contains custom code.*; pass --trust_remote_code to run the code"
+    ):
+        load_config(str(custom))
+    builtin = shutil.copytree(tiny_llama, tmp_path / "builtin")
+    (builtin / "config.json").write_text(json.dumps(config | {"auto_map": auto_map}))
+    with caplog.at_level(logging.WARNING):
+        assert load_config(str(builtin)).model_type == "llama"
+    assert "names code of its own (auto_map) for the model type 'llama'" in caplog.text

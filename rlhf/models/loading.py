@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,35 @@ def load_config(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load config ({str(exc).splitlines()[0]})") from None
+        hint = ""
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            hint = "; pass --trust_remote_code to run the code in that directory, once you have read it"
+        raise CheckpointError(
+            f"{path}: cannot load config ({str(exc).splitlines()[0].strip()}){hint}"
+        ) from None
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        logger.warning(
+            "%s/config.json names code of its own (auto_map) for the model type %r, which transformers "
+            "implements: its own classes are used; pass --trust_remote_code to run the directory's code instead",
+            path, config.model_type,
+        )  # fmt: skip
     check_model_type(model_type, config.model_type, f"{path}/config.json")
     return config
+
+
+def weights_from_pretrained(model_class: Any, path: str, **kwargs: Any) -> torch.nn.Module:
+    """``model_class.from_pretrained(path, **kwargs)``; a ``.bin``/``.pth`` weights file that holds more
+    than tensors (refused by ``torch.load(weights_only=True)``, as it may run code) is one line naming it."""
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or ["unpickling failed"]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0])
+        reason = reason.split(". ")[0].rstrip(".")  # the global it refused, not torch's advice after it
+        raise CheckpointError(
+            f"{path}: a weights file there holds more than tensors and is not loaded (torch.load with "
+            f"weights_only=True: {reason}); convert it to safetensors where you trust its source"
+        ) from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -154,7 +181,9 @@ def load_causal_lm(
     """
     dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base_path = adapter_base_path(path) if is_adapter_dir(path) else path
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = weights_from_pretrained(
+        AutoModelForCausalLM, base_path, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if not is_adapter_dir(path):
         return model
     from peft import PeftModel

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.errors import CheckpointError
 from rlhf.models import adapter_base_path, is_adapter_dir, load_config, resolve_dtype
+from rlhf.models.loading import weights_from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,12 @@ def load_reward_backbone(
     """A fresh-headed reward model on the weights at ``path`` (an SFT adapter dir is merged first)."""
     dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base = adapter_base_path(path) if is_adapter_dir(path) else path
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    model = weights_from_pretrained(
+        AutoModelForSequenceClassification,
+        base,
+        num_labels=1,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
     if is_adapter_dir(path):
         from peft import PeftConfig, PeftModel
@@ -110,7 +115,8 @@ def load_reward_backbone(
 def load_reward_model(path: str, *, torch_dtype: str | None = "auto", trust_remote_code: bool = False) -> Any:
     """A trained reward model for scoring: a full model dir, or an RM adapter (with its head) on its base."""
     base_path = adapter_base_path(path) if is_adapter_dir(path) else path
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = weights_from_pretrained(
+        AutoModelForSequenceClassification,
         base_path,
         num_labels=1,
         dtype=resolve_dtype(torch_dtype, load_config(path, None, trust_remote_code)),
