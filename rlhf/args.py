@@ -286,6 +286,14 @@ def _flag_text(value: Any) -> str:
     return str(value)
 
 
+# Flags of other stages that a stage lacks, with where to look instead.
+UNKNOWN_FLAG_HINTS = {
+    "--deepspeed": "this stage does not run under DeepSpeed: with LoRA its trainable state is a few MB per "
+    "process; several GPUs are plain data parallel (docs/ppo.md), a model too large for one GPU goes to the "
+    "tensor-parallel backend (python -m rlhf.tp.ppo_train)",
+}
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation.
 
@@ -312,5 +320,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         raise ConfigError(str(exc)) from None
     *values, remaining = parsed
     if remaining:
-        raise ConfigError(f"unknown flags: {' '.join(remaining)}")
+        hints = [
+            UNKNOWN_FLAG_HINTS[flag] for flag in remaining if flag.partition("=")[0] in UNKNOWN_FLAG_HINTS
+        ]
+        raise ConfigError(f"unknown flags: {' '.join(remaining)}" + "".join(f" ({hint})" for hint in hints))
     return _check_parsed(tuple(values))

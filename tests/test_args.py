@@ -109,6 +109,23 @@ def test_a_bad_config_file_is_one_config_error(tmp_path, text, message):
 def test_unknown_flag_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown flags: --bogus"):
         parse_args((DataArguments,), ["--dataset_dir", "d", "--bogus", "1"])
+    from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
+
+    groups = (PPOModelArguments, DataArguments, PPOArguments, PPOTrainingArguments)
+    argv = [
+        "--sft_model_path",
+        "m",
+        "--dataset_dir",
+        "d",
+        "--output_dir",
+        str(tmp_path),
+        "--deepspeed",
+        "z.json",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"unknown flags: --deepspeed z.json \(this stage does not run under DeepSpeed"
+    ):
+        parse_args(groups, argv)
 
 
 def test_wandb_goes_offline_without_a_key(monkeypatch):
