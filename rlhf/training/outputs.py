@@ -213,6 +213,7 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
             f"the final save wrote no weights into {staging} (a DeepSpeed ZeRO-3 config that does not gather "
             "them on save?); the checkpoints in the output dir are kept"
         )
+    trainer.accelerator.wait_for_everyone()  # all have looked before the staging dir is published away
     if trainer.args.should_save:
         (staging / "training_args.bin").unlink(missing_ok=True)
         stale = publish_model_files(staging, Path(output_dir))
