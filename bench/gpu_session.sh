@@ -88,7 +88,7 @@ for name in "$@"; do
           ROLLOUT_ROWS=$(echo "$ROLLOUT_ROWS" | tr ',' '\n' | grep -vE "merged|compiled" | paste -sd, -)
           ROLLOUT_ROWS=${ROLLOUT_ROWS:-ours,hf-generate}
         fi
-        [ -n "${PPO_ROWS:-}" ] && PPO_ROWS=$(echo "$PPO_ROWS" | sed -E 's/-(fast|compiled)//g' | tr ',' '\n' | awk '!seen[$0]++' | paste -sd, -)
+        [ -n "${PPO_ROWS:-}" ] && PPO_ROWS=$(echo "$PPO_ROWS" | tr ',' '\n' | grep -v -- '-profile$' | sed -E 's/-(fast|compiled)$//' | awk '!seen[$0]++' | paste -sd, -)
       fi ;;
     rollout) run_step rollout "${ROLLOUT_S:-130}" "python3 bench/rollout.py --budget $((${ROLLOUT_S:-130} - 10))${ROLLOUT_ROWS:+ --rows $ROLLOUT_ROWS}" ;;
     ppo) run_step ppo "${PPO_S:-270}" "python3 bench/ppo.py --gpu-suite --budget $((${PPO_S:-270} - 10))${PPO_ROWS:+ --rows $PPO_ROWS}" ;;

@@ -274,7 +274,8 @@ def test_kl_loss_is_the_masked_mean_of_k3_and_pulls_towards_the_reference():
     assert float(kl_loss(ref, ref, mask)) == 0.0
     # a pad token's log-prob after EOS below float32's exp range, the reference masked to 0 there: finite
     past_eos = logprobs.detach().clone()
-    past_eos[0, 3:] = -120.0
+    past_eos[0, 3] = -120.0
+    past_eos[0, 4] = float("-inf")  # a -inf times a 0 mask would be NaN too
     past_eos.requires_grad_(True)
     loss = kl_loss(past_eos, ref * mask, mask)
     loss.backward()

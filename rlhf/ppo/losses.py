@@ -112,8 +112,9 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     −88 (float32's exp overflows; a peaked head at a low temperature) while the masked reference holds 0,
     and inf · 0 is NaN in the loss and its gradient, which masking afterwards cannot undo.
     """
-    mask = mask.to(logprobs.dtype)
-    return masked_mean(kl_estimate(logprobs * mask, ref_logprobs * mask, "k3"), mask)
+    keep = mask.bool()  # where, not a product: a -inf log-prob times 0 would be NaN
+    logprobs, ref_logprobs = torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0)
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
 
 
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,8 @@ def prepare_output_dir(
             for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
-        forget_finished_run(out)
+        if args.do_train:
+            forget_finished_run(out)
     return None
 
 
@@ -167,7 +168,7 @@ def _no_loadable_checkpoint(args: TrainingArguments, out: Path, skipped: list[st
     finished = finished_run_problem(args, list_checkpoints(out)[0]) if args.do_train else None
     if finished is not None:
         return finished.replace(f" and no newer checkpoint than {list_checkpoints(out)[0].name}", "")
-    if args.save_only_model:
+    if args.save_only_model and skipped and all("optimizer.pt" in reason for reason in skipped):
         return (
             f"--output_dir {out}: its checkpoints were saved with --save_only_model (weights, no optimizer "
             "or scheduler state) and cannot be resumed: pass --overwrite_output_dir to start afresh, or train "
@@ -208,7 +209,9 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     staging = staging_path(final)
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
-    if not any((staging / name).is_file() for name in WEIGHT_FILES):  # every process looks: none waits alone
+    # the writing process(es) look (other nodes may not see a node-local output dir); one that raises ends the
+    # launch (torchrun stops the other processes)
+    if trainer.args.should_save and not any((staging / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(
             f"the final save wrote no weights into {staging} (a DeepSpeed ZeRO-3 config that does not gather "
             "them on save?); the checkpoints in the output dir are kept"

@@ -68,15 +68,17 @@ def gather_zero3_weights_on_save(args: TrainingArguments) -> None:
     if not config or zero_stage(args) != 3:
         return
     zero = config.setdefault("zero_optimization", {})
-    if zero.get(GATHER_ON_SAVE) is True:
+    was = zero.get(GATHER_ON_SAVE)
+    if was is True:
         return
     zero[GATHER_ON_SAVE] = True
     plugin = getattr(args, "deepspeed_plugin", None)
     if plugin is not None and hasattr(plugin, "zero3_save_16bit_model"):
         plugin.zero3_save_16bit_model = True
-    logger.info(
-        "DeepSpeed ZeRO-3: %s turned on, so the final model (and each checkpoint's) is saved as whole weights "
-        "that plain transformers loads", GATHER_ON_SAVE,
+    (logger.warning if was is False else logger.info)(
+        "DeepSpeed ZeRO-3: %s turned on (the config had it off), so the final model (and each checkpoint's) is "
+        "saved as whole weights that plain transformers loads; each save gathers them on the main process",
+        GATHER_ON_SAVE,
     )  # fmt: skip
 
 
