@@ -95,22 +95,19 @@ def publish_model_files(staging: Path, target: Path) -> list[str]:
             (target / name).unlink()
     for name in stale:
         (target / name).unlink(missing_ok=True)
-    for entry in sorted(staging.iterdir()):
-        if entry.name not in ENTRY_FILES:
-            _move(entry, target / entry.name)
-    for name in ENTRY_FILES:
-        if (staging / name).exists():
-            _move(staging / name, target / name)
-    shutil.rmtree(staging, ignore_errors=True)
+    publish_files(staging, target, last=ENTRY_FILES)
     return stale
 
 
-def publish_files(staging: Path, target: Path) -> None:
-    """Move every entry of the finished ``staging`` dir into ``target`` (each rename atomic), then remove
-    ``staging``; nothing else in ``target`` changes (a tokenizer beside a published model)."""
+def publish_files(staging: Path, target: Path, last: tuple[str, ...] = ()) -> None:
+    """Move every entry of the finished ``staging`` dir into ``target`` (each rename atomic; the names in
+    ``last`` after all others, in that order), then remove ``staging``; nothing else in ``target`` changes
+    (a tokenizer beside a published model)."""
     staging, target = Path(staging), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir()):
+    entries = [entry for entry in sorted(staging.iterdir()) if entry.name not in last]
+    entries += [staging / name for name in last if (staging / name).exists()]
+    for entry in entries:
         _move(entry, target / entry.name)
     shutil.rmtree(staging, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from rlhf.errors import ConfigError
+from rlhf.generation.base import is_eos
 from rlhf.ppo.batch import SequenceBatch, left_pad
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.reward.model import last_token_index, token_scores
@@ -60,8 +61,7 @@ class SequenceClassifierScorer:
             return [True] * batch.input_ids.shape[0]
         lengths = batch.response_mask.sum(1).long()
         last = batch.response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-        ended = torch.isin(last, torch.tensor(self.policy_eos, device=last.device)) & (lengths > 0)
-        return ended.tolist()
+        return (is_eos(last, self.policy_eos) & (lengths > 0)).tolist()
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:

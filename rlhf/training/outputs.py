@@ -73,11 +73,12 @@ def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
-def finished_run_problem(args: TrainingArguments, checkpoint: Path) -> str | None:
+def finished_run_problem(args: TrainingArguments, checkpoint: Path, loads: bool = True) -> str | None:
     """Why the newest ``checkpoint`` of ``args.output_dir`` is not to be resumed because the run there
     already finished (None: resume). A finished run left ``<output_dir>/trainer_state.json`` at step G >=
     the checkpoint's step; it is finished for this command unless the command asks for more: a
-    ``--max_steps`` above G, or (``--max_steps`` unset) more ``--num_train_epochs`` than it ran."""
+    ``--max_steps`` above G, or (``--max_steps`` unset) more ``--num_train_epochs`` than it ran.
+    ``loads``: whether ``checkpoint`` could be resumed from (the message then says it is the newest)."""
     out = Path(args.output_dir)
     try:
         final = json.loads((out / TRAINER_STATE).read_text())
@@ -98,10 +99,10 @@ def finished_run_problem(args: TrainingArguments, checkpoint: Path) -> str | Non
                 "trained again before going on", out, done, checkpoint.name, step + 1, done,
             )  # fmt: skip
         return None
+    newest = f" and no newer checkpoint than {checkpoint.name}" if loads else ""
     return (
-        f"--output_dir {out} already holds a finished run (trained to step {done}, final model saved) and no "
-        f"newer checkpoint than {checkpoint.name}: pass --overwrite_output_dir to train again, a larger "
-        "--max_steps or --num_train_epochs to train on"
+        f"--output_dir {out} already holds a finished run (trained to step {done}, final model saved){newest}: "
+        "pass --overwrite_output_dir to train again, a larger --max_steps or --num_train_epochs to train on"
     )
 
 
@@ -165,9 +166,9 @@ def forget_finished_run(out: Path) -> None:
 def _no_loadable_checkpoint(args: TrainingArguments, out: Path, skipped: list[str]) -> str:
     """The one line for an output dir with checkpoints of which none loads: a finished run, checkpoints
     saved with ``--save_only_model`` (which hold no optimizer state), or damaged ones."""
-    finished = finished_run_problem(args, list_checkpoints(out)[0]) if args.do_train else None
+    finished = finished_run_problem(args, list_checkpoints(out)[0], loads=False) if args.do_train else None
     if finished is not None:
-        return finished.replace(f" and no newer checkpoint than {list_checkpoints(out)[0].name}", "")
+        return finished
     if args.save_only_model and skipped and all("optimizer.pt" in reason for reason in skipped):
         return (
             f"--output_dir {out}: its checkpoints were saved with --save_only_model (weights, no optimizer "
