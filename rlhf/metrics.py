@@ -15,6 +15,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from rlhf.publish import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ class MetricsFile:
                 continue
             if row_step <= step:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, metrics: dict[str, float]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

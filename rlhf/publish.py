@@ -11,7 +11,10 @@ either the previous version or the new one, never a half-written one:
 - :func:`publish_files` moves finished files into a directory, each by one rename, removing nothing;
 - :func:`write_text_atomic` does the same for one text file.
 
-Writing into a sibling keeps the rename on one filesystem (``os.replace`` is atomic there).
+Writing into a sibling keeps the rename on one filesystem (``os.replace`` is atomic there). Each
+function flushes what it publishes to the disk (``fsync`` of every staged file and directory) before the
+rename, and the directory that holds the new name after it: a power loss or a crash of the machine leaves
+the previous version or the new one too, not a name over empty or truncated files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,32 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to the disk, where the platform and filesystem allow."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # filesystems that cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """``fsync`` every file and directory under ``root`` (or the file ``root``), deepest first."""
+    root = Path(root)
+    if not root.is_dir():
+        _fsync(root)
+        return
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
 
 
 def staging_path(final: Path) -> Path:
@@ -41,14 +70,17 @@ def publish_dir(staging: Path, final: Path) -> None:
     An existing ``final`` is first renamed to ``.NAME.old`` and removed after the new one is in place, so
     at every moment one complete version exists under ``final`` or ``.NAME.old``."""
     staging, final = Path(staging), Path(final)
+    sync_tree(staging)
     if final.exists():
         old = final.parent / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(staging, final)
+        _fsync(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
+        _fsync(final.parent)
 
 
 # The files of a saved model or adapter (transformers' and peft's names). A model saved into a directory
@@ -107,8 +139,10 @@ def publish_files(staging: Path, target: Path, last: tuple[str, ...] = ()) -> No
     target.mkdir(parents=True, exist_ok=True)
     entries = [entry for entry in sorted(staging.iterdir()) if entry.name not in last]
     entries += [staging / name for name in last if (staging / name).exists()]
+    sync_tree(staging)
     for entry in entries:
         _move(entry, target / entry.name)
+    _fsync(target)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -116,5 +150,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a hidden temp file and a rename."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from rlhf.publish import write_text_atomic
 from rlhf.tp.lora import lora_state_dict, merge_lora
 from rlhf.tp.model import Transformer
 from rlhf.tp.shard_dir import write_model_shards
@@ -76,4 +77,4 @@ def write_results(out: Path, results: dict[str, Any], settings: dict[str, Any]) 
     """``training/results.json``: the run's results and the settings it ran with (rank 0 only)."""
     path = Path(out) / TRAINING_DIR / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({**results, "settings": settings}, indent=2) + "\n")
