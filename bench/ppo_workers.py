@@ -186,6 +186,8 @@ def ours(
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *reward, *extra,
     ]
     # fmt: on
+    if estimator != "gae":  # as TRL's GRPOTrainer: the KL in the loss (then the update is on-policy)
+        argv.append("--use_kl_loss")
     if checkpointing:
         argv.append("--gradient_checkpointing")
     if suite.bf16:

@@ -88,3 +88,25 @@ def world_of_one():
     init_model_parallel()
     yield
     shutdown()
+
+
+# a rule reward (a --reward_fn file) and GSM8K rows for the PPO runs of both backends
+LENGTH_REWARD = "def score(prompts, responses):\n    return [float(len(r) % 3) - 1.0 for r in responses]\n"
+GSM8K_ROWS = [
+    {"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+    for a, b in [(2, 2), (3, 5), (1, 6), (4, 4)]
+]
+
+
+@pytest.fixture(scope="session")
+def length_reward(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("reward") / "length_reward.py"
+    path.write_text(LENGTH_REWARD)
+    return f"{path}:score"
+
+
+@pytest.fixture(scope="session")
+def gsm8k_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gsm8k") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    return path

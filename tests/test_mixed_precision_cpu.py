@@ -100,10 +100,13 @@ def test_ppo_in_bf16(tiny_llama, tmp_path, keep_precision_flags, old_logprobs):
         assert abs(metrics[0]["objective/kl"]) > 1e-4
 
 
-def test_old_logprobs_auto_takes_the_generators_in_float32_only():
+def test_old_logprobs_auto_takes_the_generators_in_float32_only_and_the_updates_when_on_policy():
     from contextlib import contextmanager, nullcontext
+    from types import SimpleNamespace
 
-    from rlhf.ppo.session import old_logprobs_from_generator
+    from rlhf.errors import ConfigError
+    from rlhf.ppo.config import PPOArguments, check_old_logprobs
+    from rlhf.ppo.session import old_logprobs_source
 
     class Backend:
         device = torch.device("cpu")
@@ -122,12 +125,31 @@ def test_old_logprobs_auto_takes_the_generators_in_float32_only():
         def generation_model(self):
             yield self.model
 
+    def source(choice: str, models: Models, backend: Backend, **ppo_flags) -> str:
+        # 8 prompts x 2 samples in mini-batches of 4: one optimizer step per rollout at accumulation 4
+        args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=4)
+        flags = dict(num_samples_per_prompt=2, per_device_mini_train_batch_size=4, old_logprobs=choice)
+        return old_logprobs_source(PPOArguments(**(flags | ppo_flags)), args, models, backend)
+
     fp32, bf16 = Models(torch.float32), Models(torch.bfloat16)
-    assert old_logprobs_from_generator("auto", fp32, Backend(False))
-    assert not old_logprobs_from_generator("auto", fp32, Backend(True))  # --bf16 autocast
-    assert not old_logprobs_from_generator("auto", bf16, Backend(False))  # bf16 weights
-    assert old_logprobs_from_generator("generator", bf16, Backend(True))
-    assert not old_logprobs_from_generator("forward", fp32, Backend(False))
+    assert source("auto", fp32, Backend(False)) == "generator"  # the KL is in the reward
+    assert source("auto", fp32, Backend(True)) == "forward"  # --bf16 autocast
+    assert source("auto", bf16, Backend(False)) == "forward"  # bf16 weights
+    assert source("generator", bf16, Backend(True)) == "generator"
+    assert source("forward", fp32, Backend(False)) == "forward"
+    # on-policy: one epoch, one optimizer step per rollout, the KL in the loss (or none) and a fixed β
+    assert source("auto", bf16, Backend(True), use_kl_loss=True) == "update"
+    assert source("auto", bf16, Backend(True), kl_penalty_beta=0.0) == "update"
+    assert source("auto", bf16, Backend(True), use_kl_loss=True, ppo_epochs=2) == "forward"
+    assert source("auto", bf16, Backend(True), use_kl_loss=True, target_kl=6.0) == "forward"
+    assert (
+        source("auto", bf16, Backend(True), use_kl_loss=True, per_device_mini_train_batch_size=8) == "forward"
+    )
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    with pytest.raises(
+        ConfigError, match="--old_logprobs update needs an on-policy update, but: 4 mini-batches"
+    ):
+        check_old_logprobs(PPOArguments(per_device_mini_train_batch_size=2, old_logprobs="update"), args)
 
 
 @pytest.mark.parametrize("bf16", [True, False])

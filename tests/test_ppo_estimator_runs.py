@@ -23,30 +23,11 @@ from rlhf.ppo.peft_models import PeftPolicyModels, build_peft_policy_models
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((Path(__file__).parent / "ppo_gae_reference.json").read_text())
-LENGTH_REWARD = "def score(prompts, responses):\n    return [float(len(r) % 3) - 1.0 for r in responses]\n"
-GSM8K_ROWS = [
-    {"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
-    for a, b in [(2, 2), (3, 5), (1, 6), (4, 4)]
-]
 VALUE_KEYS = {"loss/value", "value/clipfrac", "value/explained_variance", "lr/critic", "grad_norm/critic"}
 # the keys of a gae row (tests/ppo_gae_reference.json) plus the timings. Every test runs on one thread
 # (test_ppo_run's autouse one_thread): the reference rows were recorded so, and a matmul's sums depend on it.
 TIMINGS = {"time/rollout_s", "time/train_s", "time/generate_per_rollout_s", "samples_per_s"}
 GAE_KEYS = set(REFERENCE["peft"][0]) | TIMINGS
-
-
-@pytest.fixture(scope="module")
-def length_reward(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("reward") / "length_reward.py"
-    path.write_text(LENGTH_REWARD)
-    return f"{path}:score"
-
-
-@pytest.fixture(scope="module")
-def gsm8k_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gsm8k") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
-    return path
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -92,11 +92,13 @@ class RolloutBuffer:
     already trained on, so a checkpoint taken in the middle of a rollout resumes at the same mini-batch.
     ``group_ids`` [N] labels the responses sampled for one prompt (``--num_samples_per_prompt``): a group
     lives on one process, and its label is unique over processes and rollouts. ``old_values`` and
-    ``returns`` exist with a critic (``gae``), ``ref_logprobs`` with ``--use_kl_loss``.
+    ``returns`` exist with a critic (``gae``), ``ref_logprobs`` with ``--use_kl_loss``; with
+    ``--old_logprobs update`` ``old_logprobs`` is ``None`` and ``ref_logprobs`` and ``scores`` are kept for the
+    update's KL statistics.
     """
 
     sequences: SequenceBatch  # [N, T]
-    old_logprobs: torch.Tensor  # [N, R]
+    old_logprobs: torch.Tensor | None  # [N, R]; None with --old_logprobs update (the update's own)
     advantages: torch.Tensor  # [N, R]
     order: torch.Tensor  # [ppo_epochs, N]
     mini_batch_size: int
@@ -104,9 +106,10 @@ class RolloutBuffer:
     old_values: torch.Tensor | None = None  # [N, R]
     returns: torch.Tensor | None = None  # [N, R]
     ref_logprobs: torch.Tensor | None = None  # [N, R]
+    scores: torch.Tensor | None = None  # [N], with --old_logprobs update (its KL statistics)
     cursor: int = 0
 
-    PER_TOKEN = ("old_logprobs", "old_values", "advantages", "returns", "ref_logprobs")
+    PER_ROW = ("old_logprobs", "old_values", "advantages", "returns", "ref_logprobs", "scores")
 
     @property
     def num_mini_batches(self) -> int:
@@ -121,12 +124,12 @@ class RolloutBuffer:
         the per-token tensors this buffer holds."""
         flat = self.order.reshape(-1)
         rows = flat[index * self.mini_batch_size : (index + 1) * self.mini_batch_size]
-        tensors = {k: getattr(self, k)[rows] for k in self.PER_TOKEN if getattr(self, k) is not None}
+        tensors = {k: getattr(self, k)[rows] for k in self.PER_ROW if getattr(self, k) is not None}
         return self.sequences.select(rows), tensors
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything as named tensors (for a checkpoint); absent optional tensors are left out."""
-        optional = {k: getattr(self, k) for k in self.PER_TOKEN if getattr(self, k) is not None}
+        optional = {k: getattr(self, k) for k in self.PER_ROW if getattr(self, k) is not None}
         return {
             "input_ids": self.sequences.input_ids,
             "attention_mask": self.sequences.attention_mask,
@@ -146,7 +149,7 @@ class RolloutBuffer:
         group_ids = t.get("group_ids", torch.arange(n, device=seqs.input_ids.device))
         return cls(
             seqs,
-            t["old_logprobs"],
+            t.get("old_logprobs"),
             t["advantages"],
             t["order"],
             int(t["mini_batch_size"]),
@@ -154,5 +157,6 @@ class RolloutBuffer:
             old_values=t.get("old_values"),
             returns=t.get("returns"),
             ref_logprobs=t.get("ref_logprobs"),
+            scores=t.get("scores"),
             cursor=int(t["cursor"]),
         )

@@ -125,10 +125,13 @@ class PPOArguments:
         default="auto",
         metadata={"help": "Where the rollout's old log-probs (the PPO ratio's denominator, and the KL to the "
                   "reference) come from: generator (the sampled tokens' log-probs the generator returns, no extra "
-                  "forward), forward (an eval-mode forward of the actor, the update's own numerics), auto "
-                  "(generator in float32; forward in bf16/fp16, where the generator's decode path rounds "
-                  "differently: the first ratio would not be 1 and the KL at the start not 0).",
-                  "choices": ["auto", "generator", "forward"]},
+                  "forward), forward (an eval-mode forward of the actor, the update's own numerics), update (the "
+                  "update's own forward, detached: no extra forward; only when the update is on-policy, i.e. one "
+                  "epoch, one optimizer step per rollout, and no KL in the reward: --use_kl_loss or "
+                  "--kl_penalty_beta 0, without --target_kl), auto (update where it applies; else generator in "
+                  "float32 and forward in bf16/fp16, where the generator's decode path rounds differently: the "
+                  "first ratio would not be 1 and the KL at the start not 0).",
+                  "choices": ["auto", "generator", "forward", "update"]},
     )  # fmt: skip
     advantage_estimator: str = field(
         default="gae",
@@ -280,6 +283,32 @@ def rollout_size(ppo: PPOArguments, train: PPOTrainingArguments) -> int:
     return ppo.rollout_batches * train.per_device_train_batch_size * ppo.num_samples_per_prompt
 
 
+def off_policy_reason(ppo: PPOArguments, train: PPOTrainingArguments) -> str | None:
+    """Why the update is not on-policy, or ``None`` when it is: one epoch over the rollout and its
+    mini-batches one optimizer step (each of them then runs on the weights that sampled), with no KL in
+    the reward (the reward needs the policy's log-probs before the update). Then ``--old_logprobs update``
+    may take the update's own forward, detached, as the old log-probs (the ratio is 1 at every token)."""
+    mini_batches = rollout_size(ppo, train) // ppo.per_device_mini_train_batch_size
+    if ppo.ppo_epochs != 1:
+        return f"--ppo_epochs {ppo.ppo_epochs} (the epochs after the first train on updated weights)"
+    if mini_batches != train.gradient_accumulation_steps:
+        return (
+            f"{mini_batches} mini-batches per rollout, --gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps}: not one optimizer step per rollout"
+        )
+    if ppo.target_kl is not None:
+        return "--target_kl (the controller reads the rollout's KL before the update)"
+    if not ppo.use_kl_loss and ppo.kl_penalty_beta != 0:
+        return "the KL is in the reward (--use_kl_loss or --kl_penalty_beta 0 takes it out)"
+    return None
+
+
+def check_old_logprobs(ppo: PPOArguments, train: PPOTrainingArguments) -> None:
+    """``--old_logprobs update`` only where the update is on-policy (:func:`off_policy_reason`)."""
+    if ppo.old_logprobs == "update" and (reason := off_policy_reason(ppo, train)):
+        raise ConfigError(f"--old_logprobs update needs an on-policy update, but: {reason}")
+
+
 def validate_estimator(ppo: PPOArguments) -> None:
     """The estimator flags (both backends): groups for the group estimators, GAE-only flags."""
     name, k = ppo.advantage_estimator, ppo.num_samples_per_prompt
@@ -359,3 +388,4 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)  # checks it
+    check_old_logprobs(ppo, train)

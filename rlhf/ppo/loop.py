@@ -83,7 +83,9 @@ class PPOSession:
     pad_token_id: int
     eos_token_id: int | tuple[int, ...] | None  # the sampling's: one id or several
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)  # steps 4-5
-    old_logprobs_from_generator: bool = True  # --old_logprobs resolved (rlhf/ppo/session.py)
+    old_logprobs: str = (
+        "generator"  # --old_logprobs resolved: generator, forward or update (rlhf/ppo/session.py)
+    )
     save_extra: dict[str, Any] = field(default_factory=dict)  # name -> writer(path), e.g. the tokenizer
     inputs: dict[str, str | None] = field(
         default_factory=dict
@@ -157,26 +159,36 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
-    #    --old_logprobs allows it, else an eval-mode forward), reference log-probs and, with a critic,
-    #    values, in chunks of --per_device_forward_batch_size rows.
-    from_generator = s.old_logprobs_from_generator and all(lp is not None for lp in sampled_logprobs)
+    #    --old_logprobs allows it, else an eval-mode forward; none here when the update is on-policy and
+    #    takes its own, --old_logprobs update), reference log-probs and, with a critic, values, in chunks
+    #    of --per_device_forward_batch_size rows.
+    source = s.old_logprobs
+    if source == "generator" and any(lp is None for lp in sampled_logprobs):
+        source = "forward"
     old_logprobs, ref_logprobs, values = [], [], []
-    if from_generator:
+    if source == "generator":
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
     for rows in row_chunks(n, forward_rows):
         chunk = batch.select(rows.to(device))
         with s.backend.autocast():
-            if not from_generator:
+            if source == "forward":
                 old_logprobs.append(models.policy_logprobs(chunk, ppo.temperature)[0].float())
             ref_logprobs.append(models.reference_logprobs(chunk, ppo.temperature).float())
             if models.has_critic:
                 values.append(models.values(chunk).float())
-    old_logprobs, ref_logprobs = torch.cat(old_logprobs) * mask, torch.cat(ref_logprobs) * mask
+    ref_logprobs = torch.cat(ref_logprobs) * mask
+    old_logprobs = torch.cat(old_logprobs) * mask if old_logprobs else None
     values = torch.cat(values) * mask if values else None
 
     # 4–5. Per-token KL, then rewards and advantages by --advantage_estimator (rlhf/ppo/estimators.py);
-    #      whitening there is over the tokens of all processes.
-    kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_penalty) * mask
+    #      whitening there is over the tokens of all processes. With --old_logprobs update the reward has
+    #      no KL (rlhf/ppo/config.py, off_policy_reason) and the update measures it (ppo_mini_batch_step).
+    on_policy = old_logprobs is None
+    kl = (
+        torch.zeros_like(ref_logprobs)
+        if on_policy
+        else kl_estimate(old_logprobs, ref_logprobs, ppo.kl_penalty) * mask
+    )
     beta = s.kl_controller.value
     estimate = estimate_advantages(
         s.estimator, scores=scores, kl=kl, mask=mask, beta=beta, group_ids=group_ids, values=values,
@@ -184,26 +196,29 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     )  # fmt: skip
     order = torch.stack([torch.randperm(n) for _ in range(ppo.ppo_epochs)]).to(device)
 
-    mean_kl = s.backend.mean({"kl": float(kl.sum(1).mean())})["kl"]
-    s.kl_controller.update(mean_kl, n * s.backend.world_size)
+    if not on_policy:  # else no --target_kl (the controller is fixed)
+        mean_kl = s.backend.mean({"kl": float(kl.sum(1).mean())})["kl"]
+        s.kl_controller.update(mean_kl, n * s.backend.world_size)
     state.rollouts += 1
     state.samples += n * s.backend.world_size
     buffer = RolloutBuffer(
         batch, old_logprobs, estimate.advantages, order, ppo.per_device_mini_train_batch_size, group_ids,
-        old_values=values, returns=estimate.returns, ref_logprobs=ref_logprobs if ppo.use_kl_loss else None,
+        old_values=values, returns=estimate.returns,
+        ref_logprobs=ref_logprobs if ppo.use_kl_loss or on_policy else None, scores=scores if on_policy else None,
     )  # fmt: skip
     # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py).
     kl_penalty = -beta * kl  # kl is zero outside the mask
     stats = {
         "reward/score": float(raw_scores.mean()),
         "reward/score_std": float(raw_scores.std(unbiased=False)),
-        "objective/kl": float(kl.sum(1).mean()),
-        "objective/rlhf_reward": float((scores + kl_penalty.sum(1)).mean()),
         "objective/kl_coef": beta,  # the coefficient this rollout's rewards used (the controller moved on)
         "response/length_mean": float(lengths.float().mean()),
         "response/eos_frac": float(ended.float().mean()),
         "time/generate_per_rollout_s": generate_seconds,
     }
+    if not on_policy:  # else each mini-batch reports them from its update's log-probs
+        stats["objective/kl"] = float(kl.sum(1).mean())
+        stats["objective/rlhf_reward"] = float((scores + kl_penalty.sum(1)).mean())
     if values is not None:
         stats["value/explained_variance"] = float(explained_variance(values, estimate.returns, mask))
     if k > 1:
@@ -220,9 +235,14 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     accumulation = s.args.gradient_accumulation_steps
     with backend.autocast():
         logprobs, entropy = models.policy_logprobs(batch, ppo.temperature, with_entropy=True)
+        # --old_logprobs update: the weights that sampled are these (one epoch, one optimizer step per
+        # rollout), so the old log-probs are this forward's, detached: the ratio is 1, its gradient the
+        # policy gradient's
+        on_policy = "old_logprobs" not in old
+        old_logprobs = logprobs.detach() if on_policy else old["old_logprobs"]
         policy = policy_loss(
-            logprobs, old["old_logprobs"], old["advantages"], mask, ppo.ratio_clip,
-            ppo.loss_agg_mode, ppo.max_response_length,
+            logprobs, old_logprobs, old["advantages"], mask, ppo.ratio_clip, ppo.loss_agg_mode,
+            ppo.max_response_length,
         )  # fmt: skip
         entropy_mean = entropy_bonus(entropy, mask)
         pretrain = torch.zeros((), device=backend.device)
@@ -250,6 +270,10 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     }
     if ppo.use_kl_loss:
         out["loss/kl"] = kl.item()
+    if on_policy:  # the rollout statistics the rollout could not compute without the old log-probs
+        kl_rows = (kl_estimate(old_logprobs, old["ref_logprobs"], ppo.kl_penalty) * mask).sum(1)
+        out["objective/kl"] = float(kl_rows.mean())
+        out["objective/rlhf_reward"] = float((old["scores"] - s.kl_controller.value * kl_rows).mean())
     if models.has_critic:
         with backend.autocast():
             value = value_loss(

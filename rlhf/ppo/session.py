@@ -27,7 +27,7 @@ from rlhf.generation.base import Generator, SamplingConfig, eos_ids
 from rlhf.generation.build import build_generator
 from rlhf.models.rope import HOST_ROPE, rope_type
 from rlhf.optimizer import build_adamw
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, off_policy_reason, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession
@@ -138,16 +138,27 @@ def rollout_generator(
     )  # fmt: skip
 
 
-def old_logprobs_from_generator(choice: str, models: PolicyModels, backend: Backend) -> bool:
-    """``--old_logprobs`` resolved: whether the rollout takes the generator's log-probs as the old ones.
+def old_logprobs_source(
+    ppo: PPOArguments, args: PPOTrainingArguments, models: PolicyModels, backend: Backend
+) -> str:
+    """``--old_logprobs`` resolved: where the rollout's old log-probs come from, ``generator``,
+    ``forward`` or ``update``.
 
-    ``auto``: yes in float32, where the generator's decode path and the update's forward agree to about
-    1e-6; no under bf16/fp16 weights or autocast, where they differ by half-precision rounding (different
-    kernels, a KV cache, merged weights): the first mini-batch's ratio would not be 1 and the KL to the
-    reference (a training forward) not 0 at the start, so an eval forward of the actor computes them.
+    ``auto``: ``update`` where the update is on-policy (:func:`rlhf.ppo.config.off_policy_reason`): the
+    update's own forward, detached, as TRL's GRPOTrainer does, no forward for them in the rollout. Else
+    ``generator`` in float32, where the generator's decode path and the update's forward agree to about
+    1e-6; ``forward`` under bf16/fp16 weights or autocast, where they differ by half-precision rounding
+    (different kernels, a KV cache, merged weights): the first mini-batch's ratio would not be 1 and the KL
+    to the reference (a training forward) not 0 at the start, so an eval forward of the actor computes them.
     """
-    if choice != "auto":
-        return choice == "generator"
+    if ppo.old_logprobs != "auto":
+        return ppo.old_logprobs
+    if off_policy_reason(ppo, args) is None:
+        logger.info(
+            "old log-probs: the update's own forward, detached (--old_logprobs auto: one epoch, one optimizer "
+            "step per rollout, no KL in the reward)"
+        )
+        return "update"
     with backend.autocast(), models.generation_model() as model:
         autocast = torch.is_autocast_enabled(backend.device.type)
         dtype = next(model.parameters()).dtype
@@ -163,7 +174,7 @@ def old_logprobs_from_generator(choice: str, models: PolicyModels, backend: Back
         if position_dependent
         else f"an eval forward of the actor ({'autocast' if autocast else dtype}: the generator rounds differently)",
     )  # fmt: skip
-    return from_generator
+    return "generator" if from_generator else "forward"
 
 
 def assemble_session(
@@ -210,7 +221,7 @@ def assemble_session(
     for scorer in getattr(parts.scorer, "scorers", [parts.scorer]):
         if isinstance(scorer, SequenceClassifierScorer):  # re-tokenizes: appends its EOS where one ended
             scorer.policy_eos = policy_eos
-    from_generator = old_logprobs_from_generator(ppo.old_logprobs, parts.models, backend)
+    old_logprobs = old_logprobs_source(ppo, args, parts.models, backend)
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
     tokenizer = parts.tokenizer
@@ -221,5 +232,5 @@ def assemble_session(
         schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=parts.generator.sampling.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
-        old_logprobs_from_generator=from_generator, inputs=parts.inputs,
+        old_logprobs=old_logprobs, inputs=parts.inputs,
     )  # fmt: skip

@@ -45,6 +45,7 @@ from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import (
     PPOArguments,
     PPOTrainingArguments,
+    check_old_logprobs,
     check_sampling_flags,
     rollout_size,
     validate_estimator,
@@ -142,6 +143,7 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
         }
     )
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
+    check_old_logprobs(ppo, args)
 
 
 # run_ppo_with_peft.py's flags that the description's --max_batch_size, --max_buffer_size, --max_gen_len set
