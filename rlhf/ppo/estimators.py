@@ -21,21 +21,19 @@ one prompt (``--num_samples_per_prompt K``) form one group g.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.kl import kl_shaped_rewards
+from rlhf.ppo.stats import ReduceSum, global_masked_moments
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 NEEDS_CRITIC = frozenset({"gae"})
 NEEDS_GROUPS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
 # Estimators whose advantage is one number per response (the KL enters through the score or a loss term).
 SEQUENCE_LEVEL = frozenset({"grpo", "dr_grpo", "rloo"})
-
-ReduceSum = Callable[[torch.Tensor], torch.Tensor]  # sums a small tensor over processes (identity on one)
 
 
 def group_stats(
@@ -106,25 +104,17 @@ def global_masked_whiten(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """(v − mean) / sqrt(var + eps) with mean and (Bessel-corrected) variance over the masked entries of
-    **all processes**: equal to whitening the gathered tokens in one process.
+    **all processes** (:func:`rlhf.ppo.stats.global_masked_moments`): equal to whitening the gathered
+    tokens in one process, and on one process to :func:`rlhf.ppo.stats.masked_whiten` bit for bit.
 
     values, mask: [N, R] -> [N, R] (zero outside the mask). ``reduce_sum`` sums a small tensor over
-    processes (the backend's all-reduce; identity on one process). Two passes, as
-    :func:`rlhf.ppo.stats.masked_whiten`: Σm and Σv·m give the mean, then Σ(v − mean)²·m the variance; with
-    an identity ``reduce_sum`` every operation is the one ``masked_whiten`` runs, so one process gets its
-    result bit for bit.
+    processes (the backend's all-reduce; identity on one process).
     """
-    mask = mask.to(values.dtype)
-    first = reduce_sum(torch.stack([(values * mask).sum(), mask.sum()]))
-    total, count = first[0], first[1]
-    mean = total / count.clamp(min=1.0)
-    var = reduce_sum(((values - mean) ** 2 * mask).sum()) / count.clamp(min=1.0)
-    if count > 1:
-        var = var * count / (count - 1)
+    mean, var = global_masked_moments(values, mask, reduce_sum)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return whitened * mask.to(values.dtype)
 
 
 def reinforce_pp_advantages(

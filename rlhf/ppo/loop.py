@@ -51,7 +51,7 @@ from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.profiling import StepProfiler
 from rlhf.ppo.rewards import Scorer
-from rlhf.ppo.stats import explained_variance
+from rlhf.ppo.stats import explained_variance, global_masked_moments, tokens_per_process
 from rlhf.publish import publish_files, staging_dir
 
 logger = logging.getLogger(__name__)
@@ -206,11 +206,16 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         old_values=values, returns=estimate.returns,
         ref_logprobs=ref_logprobs if ppo.use_kl_loss or on_policy else None, scores=scores if on_policy else None,
     )  # fmt: skip
-    # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py).
+    # Rollout statistics: every optimizer step trained on this rollout reports them (rlhf/ppo/metrics.py);
+    # they are averaged over processes there, so the spreads are taken over all processes' samples here.
+    reduce_sum = s.backend.reduce_sum
+    score_variance = global_masked_moments(
+        raw_scores, torch.ones_like(raw_scores), reduce_sum, unbiased=False
+    )[1]
     kl_penalty = -beta * kl  # kl is zero outside the mask
     stats = {
         "reward/score": float(raw_scores.mean()),
-        "reward/score_std": float(raw_scores.std(unbiased=False)),
+        "reward/score_std": float(score_variance.sqrt()),
         "objective/kl_coef": beta,  # the coefficient this rollout's rewards used (the controller moved on)
         "response/length_mean": float(lengths.float().mean()),
         "response/eos_frac": float(ended.float().mean()),
@@ -220,7 +225,9 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         stats["objective/kl"] = float(kl.sum(1).mean())
         stats["objective/rlhf_reward"] = float((scores + kl_penalty.sum(1)).mean())
     if values is not None:
-        stats["value/explained_variance"] = float(explained_variance(values, estimate.returns, mask))
+        stats["value/explained_variance"] = float(
+            explained_variance(values, estimate.returns, mask, reduce_sum)
+        )
     if k > 1:
         stats["reward/score_group_std"] = float(mean_group_std(scores, group_ids))
     metrics.start_rollout(stats, seconds=time.perf_counter() - start, mini_batches=buffer.num_mini_batches)
@@ -233,6 +240,9 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     batch, old = buffer.mini_batch(buffer.cursor)
     mask = batch.response_mask
     accumulation = s.args.gradient_accumulation_steps
+    # token means divide by the mini-batch's tokens per process: the processes' gradients are averaged,
+    # so every token of the global mini-batch weighs the same (docs/ppo.md, --loss_agg_mode)
+    tokens = tokens_per_process(mask, backend.reduce_sum, backend.world_size)
     with backend.autocast():
         logprobs, entropy = models.policy_logprobs(batch, ppo.temperature, with_entropy=True)
         # --old_logprobs update: the weights that sampled are these (one epoch, one optimizer step per
@@ -242,9 +252,9 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
         old_logprobs = logprobs.detach() if on_policy else old["old_logprobs"]
         policy = policy_loss(
             logprobs, old_logprobs, old["advantages"], mask, ppo.ratio_clip, ppo.loss_agg_mode,
-            ppo.max_response_length,
+            ppo.max_response_length, tokens,
         )  # fmt: skip
-        entropy_mean = entropy_bonus(entropy, mask)
+        entropy_mean = entropy_bonus(entropy, mask, tokens)
         pretrain = torch.zeros((), device=backend.device)
         if s.pretrain is not None:
             pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device))
@@ -252,7 +262,7 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
         actor_loss = ppo.actor_loss_weight * policy.loss - ppo.entropy_coef * entropy_mean + w_pt * pretrain
         kl = torch.zeros((), device=backend.device)
         if ppo.use_kl_loss:  # the KL in the loss instead of the reward (--use_kl_loss)
-            kl = kl_loss(logprobs, old["ref_logprobs"], mask)
+            kl = kl_loss(logprobs, old["ref_logprobs"], mask, tokens)
             actor_loss = actor_loss + s.kl_controller.value * kl
     check_finite(
         {"loss/policy": policy.loss, "loss/pretrain": pretrain, "loss/kl": kl},
@@ -277,7 +287,7 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     if models.has_critic:
         with backend.autocast():
             value = value_loss(
-                models.values(batch).float(), old["old_values"], old["returns"], mask, ppo.value_clip
+                models.values(batch).float(), old["old_values"], old["returns"], mask, ppo.value_clip, tokens
             )
         check_finite({"loss/value": value.loss}, state.step + 1, state.last_checkpoint)
         backend.backward(ppo.critic_loss_weight * value.loss / accumulation)

@@ -17,7 +17,11 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 
 
 def aggregate_tokens(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_length: int | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    norm_length: int | None = None,
+    token_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One scalar from per-token loss terms (``--loss_agg_mode``, veRL's names). per_token, mask: [B, R].
 
@@ -27,10 +31,15 @@ def aggregate_tokens(
       2024, eq. 3), so tokens of long responses count less;
     - ``seq-mean-token-sum-norm``: 1/B Σ_i Σ_t l_it / L with a constant L (``norm_length``, the maximum
       response length): Dr. GRPO (Liu et al. 2025), which removes GRPO's length bias.
+
+    ``token_count`` replaces Σ m_it in ``token-mean``: with data parallelism, the mini-batch's tokens per
+    process (:func:`rlhf.ppo.stats.tokens_per_process`), so that every token of the global mini-batch
+    weighs the same once the gradients are averaged (the sequence means need no such care: every process
+    holds as many responses).
     """
     mask = mask.to(per_token.dtype)
     if mode == "token-mean":
-        return masked_mean(per_token, mask)
+        return masked_mean(per_token, mask, count=token_count)
     sums = (per_token * mask).sum(-1)  # [B]
     if mode == "seq-mean-token-mean":
         return (sums / mask.sum(-1).clamp(min=1.0)).mean()
@@ -62,19 +71,21 @@ def policy_loss(
     clip: float,
     agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_count: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """Clipped surrogate, PPO paper eq. 7, as a loss to minimise:
 
     L = agg_t max(-Â_t·ρ_t, -Â_t·clip(ρ_t, 1-ε, 1+ε)),  ρ_t = exp(log π(a_t) - log π_old(a_t)),
 
     with ``agg`` the token aggregation of :func:`aggregate_tokens` (default: the mean over all tokens).
-    logprobs, old_logprobs, advantages, mask: [B, R]. ``clipfrac`` and ``approxkl`` are token means.
+    logprobs, old_logprobs, advantages, mask: [B, R]. ``clipfrac`` and ``approxkl`` are token means (of
+    this process's tokens). ``token_count``: see :func:`aggregate_tokens`.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate_tokens(torch.maximum(unclipped, clipped), mask, agg_mode, norm_length)
+    loss = aggregate_tokens(torch.maximum(unclipped, clipped), mask, agg_mode, norm_length, token_count)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
@@ -82,12 +93,18 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    token_count: torch.Tensor | None = None,
 ) -> ValueLoss:
     """Clipped value loss: ½·mean_t max((V_t - R_t)², (V_clip,t - R_t)²),
 
     V_clip = clip(V, V_old - ε, V_old + ε) (the PPO2 baselines / InstructGPT critic loss).
-    values, old_values, returns, mask: [B, R].
+    values, old_values, returns, mask: [B, R]; ``token_count`` divides the sum instead of this process's
+    tokens (data parallelism: :func:`aggregate_tokens`).
 
     The clip is written as a clamp of V itself (TRL's form), not V_old + clamp(V - V_old, -ε, ε): inside
     the band the clamped value is then V bit for bit, so ``clipfrac`` counts only tokens where the clip
@@ -96,17 +113,23 @@ def value_loss(
     clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
     unclipped_error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask, count=token_count)
     with torch.no_grad():
         clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
     return ValueLoss(loss, clipfrac)
 
 
-def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    token_count: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(π_θ || π_ref) as a loss term (``--use_kl_loss``; GRPO, Shao et al. 2024, eq. 4):
 
     mean_t [π_ref/π_θ − log(π_ref/π_θ) − 1] (the k3 estimator, unbiased and ≥ 0), differentiable in π_θ.
-    The loop adds β times it to the actor loss. logprobs, ref_logprobs, mask: [B, R] -> scalar.
+    The loop adds β times it to the actor loss. logprobs, ref_logprobs, mask: [B, R] -> scalar;
+    ``token_count`` as in :func:`aggregate_tokens`.
 
     The log-ratio is masked before k3's exp: after EOS the actor's log-prob of a pad token can be below
     −88 (float32's exp overflows; a peaked head at a low temperature) while the masked reference holds 0,
@@ -114,12 +137,15 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     """
     keep = mask.bool()  # where, not a product: a -inf log-prob times 0 would be NaN
     logprobs, ref_logprobs = torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0)
-    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask, count=token_count)
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean token entropy H(π(·|s_t)) over the mask; the total loss subtracts coef·H. [B, R] -> scalar."""
-    return masked_mean(entropy, mask)
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean token entropy H(π(·|s_t)) over the mask; the total loss subtracts coef·H. [B, R] -> scalar;
+    ``token_count`` as in :func:`aggregate_tokens`."""
+    return masked_mean(entropy, mask, count=token_count)
 
 
 def pretrain_weight(step: int, weight: float, warmup_steps: int) -> float:
