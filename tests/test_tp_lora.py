@@ -53,17 +53,23 @@ def loss_of(logits, ids, mask) -> torch.Tensor:
     )
 
 
-def run_lora(model_dir: Path, rank: int, world_size: int) -> dict:
-    """Logits, LoRA gradients and their norm with a fixed adapter, then the logits after merging it."""
+def run_lora(model_dir: Path, rank: int, world_size: int, dropout: float = 0.0) -> dict:
+    """Logits, LoRA gradients and their norm with a fixed adapter, then the logits after merging it (with
+    ``dropout``: logits and gradients only, every rank's RNG seeded alike, as the trainers do)."""
     from rlhf.tp.distributed import clip_grad_norm
     from rlhf.tp.loading import load_tp_model
     from rlhf.tp.lora import apply_lora, merge_lora
 
     ids, mask = batch(model_dir)
     model = load_tp_model(str(model_dir), rank=rank, world_size=world_size, device=torch.device("cpu"))
-    apply_lora(model, r=4, alpha=8, targets=["all"])
+    apply_lora(model, r=4, alpha=8, targets=["all"], dropout=dropout)
     fill_b(model)
+    torch.manual_seed(3)
     logits = model(ids, mask)
+    if dropout:
+        loss_of(logits, ids, mask).backward()
+        params = dict(model.named_parameters())
+        return {"logits": logits.detach(), "grads": {key: params[key].grad.clone() for key in CHECKED}}
     loss_of(logits, ids, mask).backward()
     params = dict(model.named_parameters())
     grads = {key: params[key].grad.clone() for key in CHECKED}
@@ -272,6 +278,13 @@ def test_world_size_2_lora_equals_world_size_1(tiny_model_factory, tmp_path, wor
         torch.testing.assert_close(tp2["grads"][key], tp1["grads"][key], atol=1e-5, rtol=1e-4, msg=key)
     assert tp2["keys"] == tp1["keys"]
     assert tp2["norm"] == pytest.approx(tp1["norm"], rel=1e-5)
+    # with LoRA dropout: a row layer's input slices get independent masks, the ones one process draws
+    tp1 = run_lora(model_dir, 0, 1, dropout=0.3)
+    torch.testing.assert_close(tp2["dropout"]["logits"][real], tp1["logits"][real], atol=2e-5, rtol=1e-4)
+    for key in CHECKED:
+        torch.testing.assert_close(
+            tp2["dropout"]["grads"][key], tp1["grads"][key], atol=1e-5, rtol=1e-4, msg=key
+        )
 
 
 def worker(model_dir: Path, out: Path) -> None:
@@ -282,11 +295,13 @@ def worker(model_dir: Path, out: Path) -> None:
 
     rank, world_size = init_model_parallel("gloo")
     result = run_lora(model_dir, rank, world_size)
-    for key, dim in CHECKED.items():
-        pieces = [torch.empty_like(result["grads"][key]) for _ in range(world_size)]
-        dist.all_gather(pieces, result["grads"][key].contiguous())
-        assert dim is not None or torch.equal(pieces[0], pieces[1]), f"{key}: replicated grads differ"
-        result["grads"][key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+    result["dropout"] = run_lora(model_dir, rank, world_size, dropout=0.3)
+    for grads in (result["grads"], result["dropout"]["grads"]):
+        for key, dim in CHECKED.items():
+            pieces = [torch.empty_like(grads[key]) for _ in range(world_size)]
+            dist.all_gather(pieces, grads[key].contiguous())
+            assert dim is not None or torch.equal(pieces[0], pieces[1]), f"{key}: replicated grads differ"
+            grads[key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
     if rank == 0:
         torch.save(result, out)
     shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)

@@ -15,6 +15,8 @@ seeded per layer, drawn at full size and then sliced, so the adapter is the same
 B starts at zero. The LoRA weights live on the layer as ``lora_A.weight`` / ``lora_B.weight`` and a forward
 hook adds their output, so the layer's own keys (``layers.0.attention.wq.weight``) do not change.
 Dropout on the replicated input of a column layer draws from the default RNG: seed every rank the same.
+On a row layer's split input each rank draws the mask of the full input and keeps its slice
+(:class:`ShardDropout`), so the slices' masks are independent, as in one process.
 """
 
 from __future__ import annotations
@@ -66,6 +68,30 @@ def resolve_targets(targets: list[str] | tuple[str, ...]) -> set[str]:
     return names
 
 
+class ShardDropout(nn.Module):
+    """Dropout on this rank's slice (the last dimension, split in ``world_size`` equal parts) of an input
+    that a row-parallel layer holds split over the model-parallel ranks.
+
+    ``nn.Dropout`` there would draw the same mask on every rank (their RNGs are seeded alike), so slice 0
+    and slice 1 would drop the same columns: correlated noise that a single process never has, and results
+    that change with the TP degree. Here each rank draws the mask of the full width, as one process would,
+    and keeps its own slice; the ranks' RNGs stay in step.
+    """
+
+    def __init__(self, p: float, world_size: int, rank: int) -> None:
+        super().__init__()
+        self.p, self.world_size, self.rank = p, world_size, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        full = x.new_empty(*x.shape[:-1], x.shape[-1] * self.world_size).bernoulli_(1 - self.p)
+        return x * full.div_(1 - self.p).chunk(self.world_size, dim=-1)[self.rank]  # F.dropout's arithmetic
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, slice {self.rank} of {self.world_size}"
+
+
 def _lora_delta(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     """Forward hook: the layer's output plus its low-rank update (computed in the adapter's float32, added in
     the output's dtype)."""
@@ -102,7 +128,12 @@ def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int)
     with torch.no_grad():
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.zero_()
-    layer.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    if dropout <= 0:
+        layer.lora_dropout = nn.Identity()
+    elif not column and layer.input_is_parallel and world_size > 1:  # this rank's slice of the input
+        layer.lora_dropout = ShardDropout(dropout, world_size, rank)
+    else:
+        layer.lora_dropout = nn.Dropout(dropout)
     layer.lora_scale = alpha / r
     layer.lora_handle = layer.register_forward_hook(_lora_delta)
 
