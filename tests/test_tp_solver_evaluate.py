@@ -144,6 +144,8 @@ def test_user_errors_exit_2(tiny_model_factory, tmp_path, world_of_one, capsys):
         "--model_type qwen-7b expects a qwen checkpoint": ["--model_type", "qwen-7b"],
         "--model_type llama-2-7b has dim 4096": ["--model_type", "llama-2-7b"],
         "--task must be one of GSM8K": ["--task", "MATH"],
+        "--temperature must be >= 0 (0 = greedy), got -1.0": ["--temperature", "-1"],
+        "--top_p must be in (0, 1], got 1.5": ["--temperature", "1", "--top_p", "1.5"],
         "--generation_engine must be auto or static (the TP model has no Hugging Face generate), got 'hf'": [
             "--generation_engine",
             "hf",

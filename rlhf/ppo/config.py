@@ -344,6 +344,53 @@ def check_sampling_flags(ppo: PPOArguments, response_flag: str = "--max_response
         raise ConfigError("--temperature must be > 0")
     if ppo.target_kl is not None and ppo.target_kl <= 0:
         raise ConfigError("--target_kl must be > 0")
+    check_ranges(ppo)
+
+
+# (flag, low, high, whether the low end is allowed): the PPO flags whose value outside a range would run
+# without complaint and silently mean something else (a clip of 0 zeroes every score, top-p 0 is greedy,
+# 1.5 turns it off; a γ or λ above 1 grows the returns with the distance to the end)
+RANGES = (
+    ("top_p", 0.0, 1.0, False),
+    ("top_k", 0, None, True),
+    ("min_response_length", 0, None, True),
+    ("reward_score_clip", 0.0, None, False),
+    ("ratio_clip", 0.0, None, False),
+    ("value_clip", 0.0, None, False),
+    ("gamma", 0.0, 1.0, True),
+    ("lam", 0.0, 1.0, True),
+    ("kl_penalty_beta", 0.0, None, True),
+    ("kl_horizon", 0.0, None, False),
+    ("pretrain_loss_weight", 0.0, None, True),
+    ("pretrain_warmup_steps", 0, None, True),
+    ("actor_lr", 0.0, None, True),
+    ("critic_lr", 0.0, None, True),
+)
+
+
+def check_training_ranges(train: PPOTrainingArguments) -> None:
+    """The loop's schedule flags: a run must have steps to train, and warm-up, weight decay and gradient
+    clipping take no negative values."""
+    if train.max_steps == 0 or (train.max_steps < 0 and train.num_train_epochs <= 0):
+        raise ConfigError(
+            f"nothing to train: --max_steps {train.max_steps}, --num_train_epochs {train.num_train_epochs:g} "
+            "(give --max_steps > 0, or --num_train_epochs > 0)"
+        )
+    for flag in ("warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(train, flag) < 0:
+            raise ConfigError(f"--{flag} must be >= 0, got {getattr(train, flag)}")
+
+
+def check_ranges(ppo: PPOArguments) -> None:
+    """One-line errors for the flags of :data:`RANGES` outside their range."""
+    for name, low, high, low_ok in RANGES:
+        value = getattr(ppo, name)
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            lower = f"{'>=' if low_ok else '>'} {low}"
+            expected = f"in [{low}, {high}]" if high is not None and low_ok else (
+                f"in ({low}, {high}]" if high is not None else lower
+            )  # fmt: skip
+            raise ConfigError(f"--{name} must be {expected}, got {value}")
 
 
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
@@ -389,3 +436,4 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)  # checks it
     check_old_logprobs(ppo, train)
+    check_training_ranges(train)

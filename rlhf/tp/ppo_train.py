@@ -47,6 +47,7 @@ from rlhf.ppo.config import (
     PPOTrainingArguments,
     check_old_logprobs,
     check_sampling_flags,
+    check_training_ranges,
     rollout_size,
     validate_estimator,
 )
@@ -144,6 +145,7 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
     )
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
     check_old_logprobs(ppo, args)
+    check_training_ranges(args)
 
 
 # run_ppo_with_peft.py's flags that the description's --max_batch_size, --max_buffer_size, --max_gen_len set

@@ -106,6 +106,10 @@ class SolverEvaluateArguments:
             raise ConfigError("--max_batch_size and --max_gen_len must be >= 1")
         if self.num_samples < 1:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.temperature <= 0:
             raise ConfigError("--num_samples > 1 needs --temperature > 0 (greedy solutions are all the same)")
         if self.generation_engine not in ("auto", "static"):

@@ -1,0 +1,54 @@
+"""PPO flags outside their range are one-line errors before any model loads, on both entry points: values
+that would otherwise run and silently mean something else (a score clip of 0 zeroes every score, top-p 0
+is greedy and 1.5 is off, γ > 1 grows the returns, 0 epochs train nothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import run_ppo_with_peft
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = [
+    (["--reward_score_clip", "0"], "--reward_score_clip must be > 0.0, got 0.0"),
+    (["--top_p", "0"], "--top_p must be in (0.0, 1.0], got 0.0"),
+    (["--top_p", "1.5"], "--top_p must be in (0.0, 1.0], got 1.5"),
+    (["--top_k", "-3"], "--top_k must be >= 0, got -3"),
+    (["--min_response_length", "-2"], "--min_response_length must be >= 0, got -2"),
+    (["--gamma", "5"], "--gamma must be in [0.0, 1.0], got 5.0"),
+    (["--lam", "-0.1"], "--lam must be in [0.0, 1.0], got -0.1"),
+    (["--ratio_clip", "-0.2"], "--ratio_clip must be > 0.0, got -0.2"),
+    (["--kl_penalty_beta", "-1"], "--kl_penalty_beta must be >= 0.0, got -1.0"),
+    (["--actor_lr", "-1"], "--actor_lr must be >= 0.0, got -1.0"),
+    (["--warmup_steps", "-5"], "--warmup_steps must be >= 0, got -5.0"),
+    (["--num_train_epochs", "0"], "nothing to train: --max_steps -1, --num_train_epochs 0"),
+    (["--max_steps", "0"], "nothing to train: --max_steps 0"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), CASES, ids=[c[0][0] + "=" + c[0][1] for c in CASES])
+def test_peft_flags_out_of_range_fail_up_front(flags, message, tmp_path, capsys):
+    argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: " + message in err, err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), [CASES[1], CASES[5], CASES[11]], ids=["top_p", "gamma", "epochs"]
+)
+def test_tp_flags_out_of_range_fail_up_front(flags, message, tmp_path, capsys):
+    from rlhf.tp import ppo_train
+
+    argv = ["--actor_ckpt_dir", str(tmp_path / "missing"), "--actor_save_dir", str(tmp_path / "a"),
+            "--train_file", str(tmp_path / "missing.jsonl"), "--reward_fn", "gsm8k",
+            "--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", *flags]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        ppo_train.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: " + message in err, err
