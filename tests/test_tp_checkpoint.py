@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,25 @@ def test_errors_are_clear(tiny_model_factory, tmp_path):
         main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "2"])
     main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "s2"), "--n", "1", "--overwrite"])
     assert json.loads((tmp_path / "s2" / "params.json").read_text())["n_shards"] == 1
+    # --overwrite never replaces the checkpoint it reads from (or a dir holding it)
+    own = tmp_path / "own" / "model"
+    shutil.copytree(source, own)
+    for save in (own, own.parent):
+        with pytest.raises(SystemExit):
+            main(["--ckpt_file", str(own), "--save_path", str(save), "--n", "1", "--overwrite"])
+        assert (own / "model.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--merge",
+                "--ckpt_dir",
+                str(tmp_path / "s2"),
+                "--save_path",
+                str(tmp_path / "s2"),
+                "--overwrite",
+            ]
+        )
+    assert (tmp_path / "s2" / "params.json").is_file()
 
 
 def exits_with(main, argv: list[str], capsys) -> str:

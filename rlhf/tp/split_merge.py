@@ -38,10 +38,16 @@ from rlhf.tp.shard_dir import collective_staging, load_all_shards, shard_name, w
 logger = logging.getLogger(__name__)
 
 
-def check_save_path(save_path: str | os.PathLike, overwrite: bool) -> None:
-    """``--save_path`` must be a dir (or not exist yet), and empty unless ``overwrite``."""
+def check_save_path(save_path: str | os.PathLike, overwrite: bool, source: str | os.PathLike) -> None:
+    """``--save_path`` must be a dir (or not exist yet), empty unless ``overwrite``, and neither the
+    checkpoint it is written from nor a dir that holds it: replacing it would delete the source."""
     check_output_dir(save_path, "--save_path")
-    path = Path(save_path)
+    path, source = Path(save_path).resolve(), Path(source).resolve()
+    if path == source or path in source.parents:
+        raise CheckpointError(
+            f"--save_path {save_path} is or holds the checkpoint it would be written from ({source}): "
+            "writing it replaces that dir; give another --save_path"
+        )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(f"{save_path} exists and is not empty (pass --overwrite to replace it)")
 
@@ -59,7 +65,7 @@ def split_to_dir(
     """Split a checkpoint file or HF dir into ``save_path``; with W processes, rank r writes shards r, r+W..."""
     ckpt = Path(ckpt)
     config_dir = Path(config_dir) if config_dir else (ckpt if ckpt.is_dir() else ckpt.parent)
-    check_save_path(save_path, overwrite)
+    check_save_path(save_path, overwrite, ckpt)
     raw, full = read_hf_config(config_dir)
     args = model_args_from_hf(full)
     check_divisible(args, n)
@@ -97,7 +103,7 @@ def merge_to_dir(
     max_shard_gb: float = 5.0,
 ) -> ModelArgs:
     """Merge a shard dir into an HF model dir at ``save_path`` (written to a staging dir, then renamed)."""
-    check_save_path(save_path, overwrite)
+    check_save_path(save_path, overwrite, shard_dir)
     save_path = Path(save_path)
     tmp = staging_dir(save_path)
     args = merge_checkpoint(shard_dir, tmp, max_shard_gb)
