@@ -1,6 +1,6 @@
 """What the verifier reads: whole question + solution + EOS sequences. A row longer than --max_seq_len is
-dropped with one counted warning (as solver_train drops rows that do not fit), never cut at the left,
-where BOS and the question are; none left is one line naming --max_seq_len."""
+dropped with one counted warning, never cut at the left, where BOS and the question are; none left is one
+line naming --max_seq_len. Solutions of one class only are trained on with a warning."""
 
 from __future__ import annotations
 
@@ -139,3 +139,21 @@ def test_no_training_row_fitting_says_the_ones_that_fit_are_held_out(tokenizer):
         DataError, match=r"2 of 4 are longer .* and the 2 that fit are held out \(--eval_ratio\)"
     ):
         verifier_examples(tokenizer, rows, limit, eval_ratio=0.5, seed=0)
+
+
+def test_solutions_of_one_class_only_are_named_in_a_warning(tmp_path, caplog):
+    from rlhf.tp.verifier import read_verifier_rows
+
+    path = tmp_path / "samples.jsonl"
+    rows = [
+        {"question": "What is 2 plus 2?", "output": f"2+2=4\n#### 4 ({i})", "correct": True} for i in range(3)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        assert len(read_verifier_rows(str(path))) == 3
+    assert f"{path}: all 3 solutions are correct" in caplog.text
+    caplog.clear()
+    path.write_text(json.dumps(SHORT) + "\n")  # GSM8K rows: each answer and a wrong copy of it
+    with caplog.at_level(logging.WARNING):
+        assert {r["correct"] for r in read_verifier_rows(str(path))} == {True, False}
+    assert "solutions are" not in caplog.text

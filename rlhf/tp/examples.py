@@ -14,11 +14,13 @@ import torch
 
 @dataclass
 class Example:
-    """One training sequence: token ids, and per-token ``labels`` (-100 = no loss) or a sequence ``target``."""
+    """One training sequence: token ids, and per-token ``labels`` (-100 = no loss) or a sequence ``target``;
+    ``cut`` when the length limit took its end."""
 
     input_ids: list[int]
     labels: list[int] | None = None
     target: float | None = None
+    cut: bool = False
 
 
 def split_rows(rows: list[Any], ratio: float, seed: int) -> tuple[list[Any], list[Any]]:

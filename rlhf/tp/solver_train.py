@@ -36,14 +36,16 @@ logger = logging.getLogger(__name__)
 
 def solver_example(question: str, answer: str, tokenizer: Any, max_seq_len: int) -> Example | None:
     """Prompt + answer + EOS, labels -100 on the prompt; cut to ``max_seq_len`` tokens (None when no
-    answer token is left)."""
+    answer token is left; ``cut`` when the answer lost its end)."""
     prompt = tokenizer(gsm8k_prompt(question))["input_ids"]
     target = tokenizer(gsm8k_target(answer), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         target = target + [tokenizer.eos_token_id]
     ids = (prompt + target)[:max_seq_len]
     labels = ([-100] * len(prompt) + target)[:max_seq_len]
-    return Example(ids, labels=labels) if len(prompt) < max_seq_len - 1 else None
+    if len(prompt) >= max_seq_len - 1:
+        return None
+    return Example(ids, labels=labels, cut=len(prompt) + len(target) > max_seq_len)
 
 
 def answer_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -79,6 +81,13 @@ def run(args: TPTrainArguments) -> dict:
                     "%d rows dropped: their prompt fills --max_seq_len %d", len(examples) - len(parts[-1]),
                     args.max_seq_len,
                 )  # fmt: skip
+        cut = sum(e.cut for part in parts for e in part)
+        if cut:
+            logger.warning(
+                "%d of %d rows cut at --max_seq_len %d: their answers lose the end (the final #### line, the "
+                "EOS), so the solver learns to stop short; raise --max_seq_len",
+                cut, sum(len(part) for part in parts), args.max_seq_len,
+            )  # fmt: skip
         return parts[0], parts[1]
 
     return train_tp(

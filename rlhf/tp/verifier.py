@@ -113,6 +113,12 @@ def read_verifier_rows(path: str) -> list[dict[str, Any]]:
                 )
     if not rows:
         raise DataError(f"{path}: no rows")
+    if len({row["correct"] for row in rows}) == 1:
+        kind = "correct" if rows[0]["correct"] else "incorrect"
+        logger.warning(
+            "%s: all %d solutions are %s: the verifier learns to give every solution the same score (mix "
+            "correct and incorrect solutions, or give GSM8K rows with their answers)", path, len(rows), kind,
+        )  # fmt: skip
     return rows
 
 
@@ -148,8 +154,8 @@ def verifier_examples(
     """(train, held-out) examples of ``rows``, split by question (:func:`split_by_question`).
 
     Rows longer than ``max_seq_len`` (question + solution + EOS) are dropped with one warning for both
-    parts, as ``solver_train`` drops the rows that do not fit: cut at either end, an example would lose its
-    question or the final answer its label is about. None left to train on is an error naming
+    parts: cut at either end, an example would lose its question or the final answer its label is about
+    (``solver_train`` keeps a cut answer, with a warning that counts them, as the SFT stage does). None left to train on is an error naming
     ``--max_seq_len``."""
     parts, dropped, longest = [], 0, 0
     for part in split_by_question(rows, eval_ratio, seed):
