@@ -52,3 +52,21 @@ def test_tp_flags_out_of_range_fail_up_front(flags, message, tmp_path, capsys):
         ppo_train.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error: " + message in err, err
+
+
+def test_a_reward_lora_path_that_is_no_adapter_dir_is_named(tiny_llama, tmp_path, capsys):
+    def error(path) -> str:
+        argv = ["--sft_model_path", str(tiny_llama), "--reward_lora_path", str(path), "--dataset_dir",
+                str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+        with pytest.raises(SystemExit):
+            run_ppo_with_peft.main(argv)
+        return capsys.readouterr().err
+
+    assert (
+        f"--reward_lora_path {tiny_llama} is a full model dir, not a LoRA adapter: pass it as --reward_model_path"
+        in error(tiny_llama)
+    )
+    assert f"--reward_lora_path {tmp_path / 'nope'}: no such directory" in error(tmp_path / "nope")
+    assert f"--reward_lora_path {tmp_path} is not a LoRA adapter dir (no adapter_config.json)" in error(
+        tmp_path
+    )

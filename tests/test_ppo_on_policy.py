@@ -104,14 +104,17 @@ def test_kl_in_the_reward_is_not_on_policy(tiny_llama, length_reward, tmp_path, 
     assert "but: the KL is in the reward" in capsys.readouterr().err
 
 
-def test_tp_on_policy_update_runs(tiny_llama, length_reward, gsm8k_file, tmp_path, world_of_one):
+def test_tp_on_policy_update_runs(tiny_llama, length_reward, gsm8k_file, tmp_path, world_of_one, capfd):
     from rlhf.tp import ppo_train
 
     argv = tp_argv(tiny_llama, length_reward, gsm8k_file, tmp_path, "--advantage_estimator", "grpo",
                    "--num_samples_per_prompt", "2", "--use_kl_loss", "--old_logprobs", "update",
                    "--gradient_accumulation_steps", "2")  # fmt: skip
     argv[argv.index("--ppo_epochs") + 1] = "1"
+    argv += ["--critic_save_dir", str(tmp_path / "c")]  # a critic-free run says it ignores it
     ppo_train.main(argv)
+    assert "--advantage_estimator grpo trains no critic: --critic_save_dir not used" in capfd.readouterr().err
+    assert not (tmp_path / "c").exists()
     rows = read_metrics(tmp_path / "a_run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["policy/clipfrac"] == 0.0 and "objective/kl" in r for r in rows)

@@ -393,12 +393,28 @@ def check_ranges(ppo: PPOArguments) -> None:
             raise ConfigError(f"--{name} must be {expected}, got {value}")
 
 
+def check_reward_adapter_dir(path: str) -> None:
+    """``--reward_lora_path`` must be a PEFT adapter dir; a full model dir goes to ``--reward_model_path``."""
+    where = Path(path)
+    if not where.is_dir():
+        raise ConfigError(f"--reward_lora_path {path}: no such directory")
+    if (where / "adapter_config.json").is_file():
+        return
+    if (where / "config.json").is_file():
+        raise ConfigError(
+            f"--reward_lora_path {path} is a full model dir, not a LoRA adapter: pass it as --reward_model_path"
+        )
+    raise ConfigError(f"--reward_lora_path {path} is not a LoRA adapter dir (no adapter_config.json)")
+
+
 def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
     """Check flag combinations once, up front (before any model loads); messages name the flags."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
         raise ConfigError("give a reward: --reward_lora_path, --reward_model_path or --reward_fn")
     if models.reward_lora_path and models.reward_model_path:
         raise ConfigError("--reward_lora_path and --reward_model_path are exclusive")
+    if models.reward_lora_path:
+        check_reward_adapter_dir(models.reward_lora_path)
     validate_estimator(ppo)
     check_profile_step(train.profile_step)
     if train.torch_compile or train.torch_compile_backend is not None:  # as Trainer: a backend asks for it

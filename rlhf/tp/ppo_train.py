@@ -210,6 +210,13 @@ def apply_description_flags(
             f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "
             "--critic_save_dir"
         )
+    if not ppo.needs_critic:
+        ignored = [f"--{name}" for name in ("critic_ckpt_dir", "critic_save_dir") if getattr(tp, name)]
+        if ignored:
+            logger.warning(
+                "--advantage_estimator %s trains no critic: %s not used (nothing is loaded or written there)",
+                ppo.advantage_estimator, " and ".join(ignored),
+            )  # fmt: skip
     k = ppo.num_samples_per_prompt
     batch_flag = "--per_device_train_batch_size"
     if tp.max_batch_size is not None:
