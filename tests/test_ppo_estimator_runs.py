@@ -139,7 +139,7 @@ def test_critic_free_run_runs_and_saves_no_critic(tiny_llama, length_reward, tmp
     assert "old_values" not in buffer and "returns" not in buffer and "ref_logprobs" not in buffer
     assert buffer["group_ids"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     rows = read_metrics(out / "metrics.jsonl")
-    expected = (GAE_KEYS - VALUE_KEYS) | {"reward/score_group_std"}
+    expected = (GAE_KEYS - VALUE_KEYS) | {"reward/score_group_std", "reward/frac_zero_std"}
     assert all(set(row) == expected for row in rows), set(rows[0]) ^ expected
 
 

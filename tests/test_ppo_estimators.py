@@ -197,7 +197,8 @@ def test_estimate_advantages_gae_is_the_pre_estimator_pipeline_bit_for_bit():
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
 @pytest.mark.parametrize("kl_in_reward", [True, False])
 def test_estimate_advantages_sequence_estimators_take_the_kl_in_the_score_or_not(estimator, kl_in_reward):
-    """r_i − β·Σ_t KL_t goes through the group estimator (with --use_kl_loss: r_i alone); no returns."""
+    """r_i − β·Σ_t KL_t goes through the group estimator (with --use_kl_loss: r_i alone); for grpo, r_i
+    does and −β·Σ_t KL_t is added after (the group std scales the scores only); no returns."""
     scores, group_ids, mask, kl, _ = rollout_tensors(8)
     settings = EstimatorSettings(estimator, kl_in_reward=kl_in_reward)
     got = estimate_advantages(
@@ -210,8 +211,10 @@ def test_estimate_advantages_sequence_estimators_take_the_kl_in_the_score_or_not
     for i in range(9):
         group = [sequence_scores[j] for j in members(group_ids, i)]
         mean = statistics.fmean(group)
+        raw = [float(scores[j]) for j in members(group_ids, i)]
+        penalty = float(scores[i]) - sequence_scores[i]
         expected = {
-            "grpo": (sequence_scores[i] - mean) / (statistics.stdev(group) + 1e-6),
+            "grpo": (float(scores[i]) - statistics.fmean(raw)) / (statistics.stdev(raw) + 1e-6) - penalty,
             "dr_grpo": sequence_scores[i] - mean,
             "rloo": sequence_scores[i] - (sum(group) - sequence_scores[i]) / (len(group) - 1),
         }[estimator]
@@ -302,3 +305,25 @@ def test_rollout_buffer_keeps_what_it_holds_through_a_checkpoint():
     assert set(mini) == {"old_logprobs", "advantages", "ref_logprobs"}
     legacy = {k: v for k, v in saved.items() if k not in ("group_ids", "ref_logprobs")}
     assert RolloutBuffer.from_tensors(legacy).group_ids.tolist() == [0, 1, 2, 3]
+
+
+def test_grpo_on_a_group_that_scored_alike_keeps_the_kl_term_at_its_size():
+    """Four responses with the same score: their advantages are −β·Σ_t KL_t (small), not KL noise divided
+    by a zero spread (unit size whatever β)."""
+    scores, group_ids = torch.ones(4), torch.zeros(4, dtype=torch.long)
+    mask = torch.ones(4, 3)
+    kl = torch.tensor([[0.3, 0.1, 0.0], [0.0, 0.0, 0.1], [0.2, 0.0, 0.0], [0.05, 0.05, 0.0]])
+    got = estimate_advantages(
+        EstimatorSettings("grpo"), scores=scores, kl=kl, mask=mask, beta=0.02, group_ids=group_ids,
+        values=None, reduce_sum=lambda t: t,
+    )  # fmt: skip
+    expected = -0.02 * kl.sum(1, keepdim=True).expand(4, 3)
+    torch.testing.assert_close(got.advantages, expected)
+
+
+def test_zero_std_group_fraction_counts_groups_not_responses():
+    from rlhf.ppo.estimators import zero_std_group_fraction
+
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0])  # groups of 2, 2 and 3: the 1st and 3rd alike
+    group_ids = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    assert float(zero_std_group_fraction(scores, group_ids)) == pytest.approx(2 / 3)

@@ -17,6 +17,12 @@ one prompt (``--num_samples_per_prompt K``) form one group g.
 - ``reinforce_pp``: token rewards r_t = −β·KL_t plus the score at the last token, returns
   G_t = Σ_{s≥t} γ^{s−t} r_s, whitened over all response tokens of all processes (Hu 2025, "REINFORCE++").
 - ``reinforce_pp_baseline``: as ``reinforce_pp`` with r_i replaced by r_i − mean_g r first.
+
+With the KL in the reward (no ``--use_kl_loss``), ``dr_grpo`` and ``rloo`` take the KL-penalised score
+r_i − β·Σ_t KL_t (the RLOO paper's sequence reward; the baseline then removes the group's mean KL too).
+``grpo`` normalises r_i alone and adds −β·Σ_t KL_t after, unscaled (OpenRLHF's order): dividing the KL by
+the group's score spread would turn a group that scored alike (std ≈ 0, common with rule rewards) into
+unit-size advantages made of KL noise alone, whatever β.
 """
 
 from __future__ import annotations
@@ -154,6 +160,14 @@ def mean_group_std(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
     return (std / count).sum() / (1.0 / count).sum()
 
 
+def zero_std_group_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Share of groups whose responses all scored the same (``reward/frac_zero_std``, TRL's
+    ``frac_reward_zero_std``): their score advantages are 0 under every group estimator. [N], [N] -> scalar."""
+    _, std, count = group_stats(scores, group_ids)
+    alike = torch.isclose(std, torch.zeros_like(std)).to(scores.dtype)
+    return (alike / count).sum() / (1.0 / count).sum()
+
+
 @dataclass(frozen=True)
 class EstimatorSettings:
     """What steps 4–5 need from the flags: ``--advantage_estimator``, ``--gamma``, ``--lam`` (GAE only),
@@ -203,8 +217,9 @@ def estimate_advantages(
 
     - ``gae``: token rewards r_t = −β·KL_t + r_i·[t = last] (optionally whitened, mean kept), GAE with
       ``gamma``/``lam``, advantages whitened; returns = advantages + values before whitening.
-    - ``grpo``/``dr_grpo``/``rloo``: the sequence score r_i − β·Σ_t KL_t (or r_i alone with the KL in the
-      loss) goes through :func:`sequence_advantages`.
+    - ``dr_grpo``/``rloo``: the sequence score r_i − β·Σ_t KL_t (or r_i alone with the KL in the loss)
+      goes through :func:`sequence_advantages`; ``grpo``: r_i does, and −β·Σ_t KL_t is added after, so
+      the group's score spread does not scale the KL term.
     - ``reinforce_pp``/``reinforce_pp_baseline``: token rewards as for GAE from r_i (or r_i − mean_g r),
       returns G_t = Σ_{s≥t} γ^{s−t} r_s, whitened over all processes.
     """
@@ -219,8 +234,10 @@ def estimate_advantages(
         advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
         return Advantages(global_masked_whiten(advantages, mask, reduce_sum), returns)
     if name in SEQUENCE_LEVEL:
-        sequence_scores = scores - reward_beta * (kl * mask).sum(1)
-        return Advantages(sequence_advantages(name, sequence_scores, group_ids, mask))
+        penalty = reward_beta * (kl * mask).sum(1)  # β·Σ_t KL_t per response
+        if name == "grpo":  # the group's spread scales the scores only: see the module docstring
+            return Advantages(sequence_advantages(name, scores, group_ids, mask) - penalty[:, None] * mask)
+        return Advantages(sequence_advantages(name, scores - penalty, group_ids, mask))
     if name in ("reinforce_pp", "reinforce_pp_baseline"):
         if name == "reinforce_pp_baseline":
             scores = group_centred_scores(scores, group_ids)

@@ -37,7 +37,12 @@ from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
 from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
-from rlhf.ppo.estimators import EstimatorSettings, estimate_advantages, mean_group_std
+from rlhf.ppo.estimators import (
+    EstimatorSettings,
+    estimate_advantages,
+    mean_group_std,
+    zero_std_group_fraction,
+)
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
 from rlhf.ppo.memory import (
@@ -230,6 +235,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         )
     if k > 1:
         stats["reward/score_group_std"] = float(mean_group_std(scores, group_ids))
+        stats["reward/frac_zero_std"] = float(zero_std_group_fraction(scores, group_ids))
     metrics.start_rollout(stats, seconds=time.perf_counter() - start, mini_batches=buffer.num_mini_batches)
     return buffer
 
