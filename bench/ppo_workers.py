@@ -183,6 +183,7 @@ def ours(
         "--max_prompt_length", str(suite.prompt_len), "--max_response_length", str(suite.response_len),
         "--min_response_length", str(suite.response_len), "--max_steps", str(suite.steps), "--logging_steps", "1",
         "--save_steps", "1000000", "--actor_lora_rank", "8", "--critic_lora_rank", "8", "--kl_penalty_beta", "0.02",
+        "--actor_lora_dropout", "0.05", "--critic_lora_dropout", "0.05",  # as the TRL rows' LoraConfig
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *reward, *extra,
     ]
     # fmt: on

@@ -58,7 +58,9 @@ def peft_argv(model: Path, reward: str, out: Path, *extra: str) -> list[str]:
         "--output_dir", str(out), "--per_device_train_batch_size", "4", "--per_device_mini_train_batch_size", "2",
         "--ppo_epochs", "2", "--gradient_accumulation_steps", "2", "--max_response_length", "8",
         "--max_steps", "3", "--logging_steps", "1", "--save_steps", "100", "--seed", "7", "--target_kl", "0.05",
-        "--actor_lr", "1e-2", "--critic_lr", "1e-2", "--disable_tqdm", "true", *extra,
+        "--actor_lr", "1e-2", "--critic_lr", "1e-2", "--disable_tqdm", "true",
+        "--actor_lora_dropout", "0.05", "--critic_lora_dropout", "0.05",  # the defaults when it was recorded
+        *extra,
     ]  # fmt: skip
 
 

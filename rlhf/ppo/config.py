@@ -77,11 +77,19 @@ class PPOModelArguments:
     )  # fmt: skip
     actor_lora_rank: int = field(default=8, metadata={"help": "Actor LoRA rank; -1 or 0 = full-parameter."})
     actor_lora_alpha: float = field(default=32.0, metadata={"help": "Actor LoRA alpha."})
-    actor_lora_dropout: float = field(default=0.05, metadata={"help": "Actor LoRA dropout."})
+    actor_lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Actor LoRA dropout (off by default, as TRL's PPOTrainer and OpenRLHF: the update's "
+                  "forward then computes the policy that sampled, and the first ratio is 1)."},
+    )  # fmt: skip
     actor_lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Actor LoRA modules."})
     critic_lora_rank: int = field(default=8, metadata={"help": "Critic LoRA rank; -1 or 0 = full-parameter."})
     critic_lora_alpha: float = field(default=32.0, metadata={"help": "Critic LoRA alpha."})
-    critic_lora_dropout: float = field(default=0.05, metadata={"help": "Critic LoRA dropout."})
+    critic_lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Critic LoRA dropout (off by default: dropout noise alone can push a value past "
+                  "--value_clip, where it gets no gradient)."},
+    )  # fmt: skip
     critic_lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "Critic LoRA modules."})
     critic_output_dir: str | None = field(
         default=None,
@@ -345,6 +353,14 @@ def check_sampling_flags(ppo: PPOArguments, response_flag: str = "--max_response
     if ppo.target_kl is not None and ppo.target_kl <= 0:
         raise ConfigError("--target_kl must be > 0")
     check_ranges(ppo)
+    truncating = [f for f, on in (("--top_k", ppo.top_k > 0), ("--top_p", ppo.top_p < 1.0)) if on]
+    if truncating:
+        logger.warning(
+            "%s: responses are sampled from a truncated distribution, while the PPO ratio and the KL read the "
+            "full one's log-probs, so the update is slightly off-policy (TRL's PPOTrainer samples with "
+            "neither); REINFORCE-style estimators are the most sensitive to it",
+            " and ".join(truncating),
+        )
 
 
 # (flag, low, high, whether the low end is allowed): the PPO flags whose value outside a range would run

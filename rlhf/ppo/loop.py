@@ -475,6 +475,8 @@ def write_log(
             "kl": "objective/kl",
             "policy": "loss/policy",
             "value": "loss/value",
+            "entropy": "policy/entropy",
+            "eos": "response/eos_frac",  # a policy that stops ending its responses shows here first
         }
         logger.info(
             "step %d: %s", state.step,
