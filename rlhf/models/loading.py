@@ -6,7 +6,10 @@ Rules every stage relies on:
 - weights load from safetensors when present;
 - a tokenizer without a pad token gets one (its EOS or UNK token); code never derives masks from the
   pad id, so padding can never hide a real EOS;
-- an adapter directory (``adapter_config.json``) is loaded onto the base model it names.
+- an adapter directory (``adapter_config.json``) is loaded onto the base model it names;
+- what cannot load is one line naming the directory: a dir without weights (a tensor-parallel shard dir
+  says how to merge it), an adapter dir without its weights file, a reward-model adapter where a causal LM
+  is wanted, a tokenizer with more tokens than the model has embedding rows.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT's from_pretrained reads
+# what transformers' from_pretrained reads from a model dir (its SAFE_WEIGHTS_* and WEIGHTS_* names)
+MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# a tensor-parallel shard dir (rlhf.tp.shard_dir.PARAMS, not imported: rlhf.tp imports this module)
+SHARD_PARAMS = "params.json"
 
 
 _precision_fallback_warned = False
@@ -89,6 +102,62 @@ def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
     return base
 
 
+def adapter_task_type(adapter_dir: str | os.PathLike) -> str | None:
+    """The ``task_type`` an adapter's config records (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), or None."""
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        recorded = json.loads(config_path.read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config_path}: cannot read the adapter config ({exc})") from None
+    return recorded or None
+
+
+def check_adapter_weights(adapter_dir: str | os.PathLike, flag: str | None = None) -> None:
+    """CheckpointError naming ``adapter_dir`` (and ``flag``) when it has no adapter weights file, which
+    PEFT would otherwise look for on the hub and fail on with a traceback about a repo id."""
+    if not any((Path(adapter_dir) / name).is_file() for name in ADAPTER_WEIGHTS):
+        where = f"{flag} {adapter_dir}" if flag else str(adapter_dir)
+        raise CheckpointError(
+            f"{where}: an adapter dir without its weights (no {' or '.join(ADAPTER_WEIGHTS)}; a copy that "
+            "missed a file, or a run that stopped before saving?)"
+        )
+
+
+def check_model_weights(path: str) -> None:
+    """CheckpointError when the local directory ``path`` has a config.json but no weights transformers
+    loads: a tensor-parallel shard dir (``params.json``) says how to merge it into an HF dir."""
+    where = Path(path)
+    if not where.is_dir() or any((where / name).is_file() for name in MODEL_WEIGHTS):
+        return
+    if (where / SHARD_PARAMS).is_file():
+        raise CheckpointError(
+            f"{path} is a tensor-parallel shard dir: merge it first with "
+            f"`python checkpoint_split.py --merge --ckpt_dir {path} --save_path HF_DIR`"
+        )
+    raise CheckpointError(f"{path}: no model weights (none of {', '.join(MODEL_WEIGHTS)})")
+
+
+def check_vocab_fits(tokenizer: Any, rows: int, what: str) -> None:
+    """CheckpointError when ``tokenizer`` has more tokens than the model's ``rows`` embedding rows (an id
+    past them is an ``IndexError`` mid-training); a smaller tokenizer is normal (padded embeddings)."""
+    if len(tokenizer) > rows:
+        raise CheckpointError(
+            f"{what}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows "
+            "(vocab_size): a tokenizer from another model? Use the tokenizer saved with this model"
+        )
+
+
+def _config_vocab_size(path: str) -> int | None:
+    """``vocab_size`` in the config.json of the local model dir ``path`` (of its base for an adapter dir)."""
+    if is_adapter_dir(path):
+        path = adapter_base_path(path)
+    try:
+        vocab_size = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None  # on the hub, or unreadable (load_config says why)
+    return vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+
+
 def _check_exists(path: str) -> None:
     looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip(os.sep)
     if Path(path).exists():
@@ -130,7 +199,9 @@ def load_config(
 
 def weights_from_pretrained(model_class: Any, path: str, **kwargs: Any) -> torch.nn.Module:
     """``model_class.from_pretrained(path, **kwargs)``; a ``.bin``/``.pth`` weights file that holds more
-    than tensors (refused by ``torch.load(weights_only=True)``, as it may run code) is one line naming it."""
+    than tensors (refused by ``torch.load(weights_only=True)``, as it may run code) is one line naming it,
+    and so is a local dir without weights (:func:`check_model_weights`)."""
+    check_model_weights(path)
     try:
         return model_class.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError as exc:
@@ -144,7 +215,10 @@ def weights_from_pretrained(model_class: Any, path: str, **kwargs: Any) -> torch
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
-    """The tokenizer saved with a model (or with an adapter, else its base), with a pad token set."""
+    """The tokenizer saved with a model (or with an adapter, else its base), with a pad token set.
+
+    Every stage loads its tokenizer and its model from the same ``path``: a tokenizer with more tokens than
+    the ``vocab_size`` of that model's config.json is refused here (:func:`check_vocab_fits`)."""
     _check_exists(path)
     source = path
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
@@ -153,6 +227,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    vocab_size = _config_vocab_size(path)
+    if vocab_size is not None:
+        check_vocab_fits(tokenizer, vocab_size, path)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -171,16 +248,27 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     merge_adapter: bool = False,
     adapter_trainable: bool = False,
+    flag: str | None = None,
 ) -> torch.nn.Module:
     """An ``AutoModelForCausalLM`` from a model dir, or from an adapter dir loaded onto its base.
 
     ``torch_dtype`` is resolved by :func:`resolve_dtype` with the (base) checkpoint's config, so ``auto``
     is the recorded dtype, float32 for a half-precision checkpoint on a machine without GPU. With
     ``merge_adapter`` the adapter is merged and a plain transformers model returned; otherwise a
-    ``PeftModel`` (trainable when ``adapter_trainable``).
+    ``PeftModel`` (trainable when ``adapter_trainable``). A reward-model (``SEQ_CLS``) adapter is refused:
+    its score head has no place on a causal LM. ``flag`` (``--model_name_or_path``, ...) names ``path`` in
+    errors.
     """
     dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base_path = adapter_base_path(path) if is_adapter_dir(path) else path
+    if is_adapter_dir(path):
+        where = f"{flag} {path}" if flag else path
+        if adapter_task_type(path) == "SEQ_CLS":
+            raise CheckpointError(
+                f"{where} is a reward-model adapter (task_type SEQ_CLS in {ADAPTER_CONFIG}), not a causal LM: "
+                f"its score head would be dropped; give the SFT model or SFT adapter (its base is {base_path})"
+            )
+        check_adapter_weights(path, flag)
     model = weights_from_pretrained(
         AutoModelForCausalLM, base_path, dtype=dtype, trust_remote_code=trust_remote_code
     )

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.errors import CheckpointError
 from rlhf.models import adapter_base_path, is_adapter_dir, load_config, resolve_dtype
-from rlhf.models.loading import weights_from_pretrained
+from rlhf.models.loading import check_adapter_weights, weights_from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def load_reward_backbone(
     """A fresh-headed reward model on the weights at ``path`` (an SFT adapter dir is merged first)."""
     dtype = resolve_dtype(torch_dtype, load_config(path, model_type, trust_remote_code))
     base = adapter_base_path(path) if is_adapter_dir(path) else path
+    if is_adapter_dir(path):
+        check_adapter_weights(path, "--model_name_or_path")
     model = weights_from_pretrained(
         AutoModelForSequenceClassification,
         base,

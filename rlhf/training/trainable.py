@@ -8,9 +8,7 @@ continues it (its own rank and targets win over the LoRA flags).
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from peft import PeftModel, TaskType, get_peft_model
@@ -18,6 +16,7 @@ from peft import PeftModel, TaskType, get_peft_model
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import is_adapter_dir
 from rlhf.models.fused_rms_norm import use_fused_rms_norm
+from rlhf.models.loading import adapter_task_type, check_adapter_weights
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
 
@@ -73,6 +72,7 @@ def make_trainable(
                 f"--peft_path {peft_path}: not an adapter directory (no adapter_config.json)"
             )
         check_adapter_task(peft_path, task_type)
+        check_adapter_weights(peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
@@ -113,11 +113,7 @@ def make_trainable(
 def check_adapter_task(peft_path: str, task_type: TaskType) -> None:
     """CheckpointError when the adapter at ``--peft_path`` was trained for another task (an SFT
     ``CAUSAL_LM`` adapter given to the reward model, whose head PEFT would fail on with an AttributeError)."""
-    config_path = Path(peft_path) / "adapter_config.json"
-    try:
-        recorded = json.loads(config_path.read_text()).get("task_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{config_path}: cannot read the adapter config ({exc})") from None
+    recorded = adapter_task_type(peft_path)
     expected = TaskType(task_type).value
     if recorded and recorded != expected:
         hint = ""

@@ -1,0 +1,113 @@
+"""Model, adapter and LoRA inputs that cannot work are one-line errors naming the flag or the directory:
+a causal LM as the reward model, a reward-model adapter as the policy, a tensor-parallel shard dir or an
+adapter dir without weights where an HF model loads, LoRA alpha/dropout out of range, a tokenizer with
+more tokens than the model has embedding rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from peft import TaskType
+from transformers import AutoModelForCausalLM
+
+from rlhf.errors import CheckpointError
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.models.loading import SHARD_PARAMS, check_vocab_fits
+from rlhf.models.lora import LoraSpec
+from rlhf.reward.model import load_reward_backbone, load_reward_model
+from rlhf.training import make_trainable
+
+
+@pytest.fixture(scope="module")
+def rm_adapter(tiny_llama, tmp_path_factory) -> Path:
+    from test_ppo_models import build_rm_adapter
+
+    return build_rm_adapter(tiny_llama, tmp_path_factory.mktemp("rm") / "rm")
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_llama, tmp_path_factory) -> Path:
+    from test_reward_parts import write_sft_adapter
+
+    return write_sft_adapter(tiny_llama, tmp_path_factory.mktemp("sft") / "sft")
+
+
+def test_a_reward_model_adapter_is_refused_as_a_causal_lm(rm_adapter):
+    """Its score head had no place on the policy and was silently dropped (--peft_path refused it already)."""
+    with pytest.raises(
+        CheckpointError,
+        match=r"^--sft_model_path .*rm is a reward-model adapter \(task_type SEQ_CLS in adapter_config.json\), "
+        r"not a causal LM: its score head would be dropped; give the SFT model or SFT adapter \(its base is ",
+    ):
+        load_causal_lm(str(rm_adapter), flag="--sft_model_path", merge_adapter=True)
+    with pytest.raises(CheckpointError, match=r"^\S+/rm is a reward-model adapter"):
+        load_causal_lm(str(rm_adapter))
+
+
+def weightless_copy(model_dir: Path, out: Path, *extra: str) -> Path:
+    """``model_dir`` without its weights, plus empty files named ``extra``."""
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for name in extra:
+        (out / name).write_text("{}")
+    return out
+
+
+def test_a_tensor_parallel_shard_dir_says_how_to_merge_it(tiny_llama, tmp_path):
+    from rlhf.tp.shard_dir import PARAMS, shard_name
+
+    assert SHARD_PARAMS == PARAMS  # matched, not imported (rlhf.tp imports rlhf.models.loading)
+    shards = weightless_copy(tiny_llama, tmp_path / "shards", PARAMS, shard_name(0))
+    merge = (
+        rf"^{shards} is a tensor-parallel shard dir: merge it first with "
+        rf"`python checkpoint_split.py --merge --ckpt_dir {shards} --save_path HF_DIR`$"
+    )
+    for load in (load_causal_lm, load_reward_model, lambda p: load_reward_backbone(p, pad_token_id=0)):
+        with pytest.raises(CheckpointError, match=merge):
+            load(str(shards))
+    assert load_tokenizer(str(shards)) is not None  # the TP stages read their tokenizer there
+
+
+def test_a_model_dir_without_weights_names_the_files_looked_for(tiny_llama, tmp_path):
+    empty = weightless_copy(tiny_llama, tmp_path / "empty")
+    with pytest.raises(
+        CheckpointError, match=r"empty: no model weights \(none of model.safetensors, .*pytorch_model.bin"
+    ):
+        load_causal_lm(str(empty))
+
+
+def test_an_adapter_dir_without_its_weights_is_one_line(tiny_llama, sft_adapter, tmp_path):
+    """PEFT looked the dir up on the hub instead and failed with HFValidationError about a repo id."""
+    bare = weightless_copy(sft_adapter, tmp_path / "bare")
+    missing = r"bare: an adapter dir without its weights \(no adapter_model.safetensors or adapter_model.bin"
+    with pytest.raises(CheckpointError, match=rf"^--model_name_or_path \S+{missing}"):
+        load_causal_lm(str(bare), flag="--model_name_or_path")
+    with pytest.raises(CheckpointError, match=rf"^--model_name_or_path \S+{missing}"):
+        load_reward_backbone(str(bare), pad_token_id=0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(CheckpointError, match=rf"^--peft_path \S+{missing}"):
+        make_trainable(base, LoraSpec(rank=4), peft_path=str(bare), task_type=TaskType.CAUSAL_LM)
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_llama, tmp_path):
+    """An id past the embedding rows was an IndexError mid-training; a smaller tokenizer is normal."""
+    rows = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    big = shutil.copytree(tiny_llama, tmp_path / "big")
+    tokenizer = load_tokenizer(str(tiny_llama))
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(5)])
+    tokenizer.save_pretrained(big)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{big}: the tokenizer has {rows + 5} tokens but the model only {rows} embedding rows",
+    ):
+        load_tokenizer(str(big))
+    padded = shutil.copytree(tiny_llama, tmp_path / "padded")
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps(config | {"vocab_size": rows + 64}))
+    assert len(load_tokenizer(str(padded))) == rows
+    with pytest.raises(
+        CheckpointError, match=f"the tokenizer has {rows} tokens but the model only {rows - 1}"
+    ):
+        check_vocab_fits(tokenizer=load_tokenizer(str(tiny_llama)), rows=rows - 1, what="m")
