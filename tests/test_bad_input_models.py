@@ -35,6 +35,23 @@ def sft_adapter(tiny_llama, tmp_path_factory) -> Path:
     return write_sft_adapter(tiny_llama, tmp_path_factory.mktemp("sft") / "sft")
 
 
+def test_a_causal_lm_as_the_reward_model_is_refused_not_scored_by_a_random_head(tiny_llama, sft_adapter):
+    """transformers only logs its MISSING table for score.weight and draws a head: PPO optimised noise."""
+    with pytest.raises(
+        CheckpointError,
+        match=r"^--reward_model_path .*: no trained score head \(score.weight missing\): it looks like a "
+        r"causal LM; train a reward model with run_rm_with_peft.py$",
+    ):
+        load_reward_model(str(tiny_llama))
+    with pytest.raises(CheckpointError, match=r"sft: a CAUSAL_LM adapter .*, not a reward model"):
+        load_reward_model(str(sft_adapter))
+
+
+def test_a_reward_model_adapter_loads_with_its_head(rm_adapter):
+    model = load_reward_model(str(rm_adapter))
+    assert model.base_model.model.score.modules_to_save["default"].weight.abs().sum() > 0
+
+
 def test_a_reward_model_adapter_is_refused_as_a_causal_lm(rm_adapter):
     """Its score head had no place on the policy and was silently dropped (--peft_path refused it already)."""
     with pytest.raises(

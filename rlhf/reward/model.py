@@ -17,7 +17,12 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.errors import CheckpointError
 from rlhf.models import adapter_base_path, is_adapter_dir, load_config, resolve_dtype
-from rlhf.models.loading import check_adapter_weights, weights_from_pretrained
+from rlhf.models.loading import (
+    ADAPTER_CONFIG,
+    adapter_task_type,
+    check_adapter_weights,
+    weights_from_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,19 +120,44 @@ def load_reward_backbone(
 
 
 def load_reward_model(path: str, *, torch_dtype: str | None = "auto", trust_remote_code: bool = False) -> Any:
-    """A trained reward model for scoring: a full model dir, or an RM adapter (with its head) on its base."""
-    base_path = adapter_base_path(path) if is_adapter_dir(path) else path
-    model = weights_from_pretrained(
+    """A trained reward model for scoring: a full model dir, or an RM adapter (with its head) on its base.
+
+    A model without a trained score head (a causal LM, such as the SFT model, or a ``CAUSAL_LM`` adapter)
+    is refused: transformers would give it a randomly initialised head, and PPO would optimise noise."""
+    config = load_config(path, None, trust_remote_code)
+    adapter = is_adapter_dir(path)
+    if adapter:
+        check_reward_adapter(path)
+    model, info = weights_from_pretrained(
         AutoModelForSequenceClassification,
-        base_path,
+        adapter_base_path(path) if adapter else path,
         num_labels=1,
-        dtype=resolve_dtype(torch_dtype, load_config(path, None, trust_remote_code)),
+        dtype=resolve_dtype(torch_dtype, config),
         trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
+    missing = sorted(k for k in info["missing_keys"] if k.split(".", 1)[0] in HEAD_NAMES)
+    if missing and not adapter:  # an adapter's base has no head: the adapter brings it
+        raise CheckpointError(
+            f"--reward_model_path {path}: no trained score head ({missing[0]} missing): it looks like a causal "
+            "LM; train a reward model with run_rm_with_peft.py"
+        )
     if model.config.pad_token_id is None:  # only read by HF's own pooling, which sequence_rewards bypasses
         model.config.pad_token_id = model.config.eos_token_id
-    if is_adapter_dir(path):
+    if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path)
     return model.eval()
+
+
+def check_reward_adapter(path: str) -> None:
+    """CheckpointError unless the adapter dir ``path`` is a reward-model adapter (``SEQ_CLS``, which saves
+    its score head) with its weights: an SFT adapter would score with a randomly initialised head."""
+    recorded = adapter_task_type(path)
+    if recorded != "SEQ_CLS":
+        raise CheckpointError(
+            f"{path}: a {recorded or 'task-less'} adapter (task_type in {ADAPTER_CONFIG}), not a reward model: "
+            "it has no trained score head; train a reward model with run_rm_with_peft.py"
+        )
+    check_adapter_weights(path)
