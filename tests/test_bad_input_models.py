@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from peft import TaskType
 from transformers import AutoModelForCausalLM
 
-from rlhf.errors import CheckpointError
+from rlhf.args import LoraArguments
+from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.models.loading import SHARD_PARAMS, check_vocab_fits
 from rlhf.models.lora import LoraSpec
@@ -50,6 +52,33 @@ def test_a_causal_lm_as_the_reward_model_is_refused_not_scored_by_a_random_head(
 def test_a_reward_model_adapter_loads_with_its_head(rm_adapter):
     model = load_reward_model(str(rm_adapter))
     assert model.base_model.model.score.modules_to_save["default"].weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [(dict(alpha=0.0), r"^--lora_alpha must be > 0 with --lora_rank 4 .* got 0.0$"),
+     (dict(alpha=-8.0, flag_prefix="--actor_lora_"), r"^--actor_lora_alpha must be > 0 with --actor_lora_rank 4"),
+     (dict(alpha=float("nan"), flag_prefix="--critic_lora_"), r"^--critic_lora_alpha must be > 0 .* got nan$"),
+     (dict(dropout=1.0), r"^--lora_dropout must be in \[0, 1\), got 1.0$"),
+     (dict(dropout=-0.1, flag_prefix="--actor_lora_"), r"^--actor_lora_dropout must be in \[0, 1\), got -0.1$")],
+)  # fmt: skip
+def test_lora_alpha_and_dropout_out_of_range_name_the_flag(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraSpec(rank=4, **spec)
+
+
+def test_lora_flags_are_checked_where_every_stage_reads_them_and_only_for_an_adapter():
+    from rlhf.tp.ppo_train import TPPPOArguments
+    from rlhf.tp.train_args import TPTrainArguments
+
+    with pytest.raises(ConfigError, match="^--lora_alpha must be > 0"):
+        LoraArguments(lora_rank=4, lora_alpha=0).lora_spec()  # SFT and RM
+    flags = SimpleNamespace(lora_rank=4, lora_alpha=32.0, lora_dropout=1.5, lora_target="q_proj")
+    for tp_args in (TPTrainArguments, TPPPOArguments):  # solver/verifier_train, TP ppo_train
+        with pytest.raises(ConfigError, match=r"^--lora_dropout must be in \[0, 1\), got 1.5$"):
+            tp_args.lora_spec(flags)
+    assert not LoraSpec(rank=-1, alpha=0.0, dropout=2.0).use_lora  # full training: the flags are unused
+    assert LoraSpec(4, 8.0, 0.0, ["q_proj"], "--actor_lora_") == LoraSpec(4, 8.0, 0.0, ["q_proj"])
 
 
 def test_a_reward_model_adapter_is_refused_as_a_causal_lm(rm_adapter):

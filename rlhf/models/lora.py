@@ -21,12 +21,27 @@ class LoraSpec:
     ``--actor_lora_*``/``--critic_lora_*``, the TP stages' ``--lora_*``).
 
     ``rank <= 0`` means no adapter: the model trains all its weights (decided here, by :attr:`use_lora`).
+    An adapter's ``alpha`` must be > 0 (the scale alpha / r of 0 would never train it) and its ``dropout``
+    in [0, 1): a ConfigError naming the flag ``flag_prefix + "alpha"`` (``--lora_alpha``; the PPO actor's
+    spec says ``--actor_lora_``) otherwise, when the spec is made.
     """
 
     rank: int = 8
     alpha: float = 32.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: DEFAULT_LORA_TARGET.split(","))
+    flag_prefix: str = field(default="--lora_", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.use_lora:
+            return
+        if not self.alpha > 0:  # also NaN
+            raise ConfigError(
+                f"{self.flag_prefix}alpha must be > 0 with {self.flag_prefix}rank {self.rank} (the LoRA scale "
+                f"is alpha / r: 0 never trains the adapter), got {self.alpha}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{self.flag_prefix}dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def use_lora(self) -> bool:
