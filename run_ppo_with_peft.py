@@ -33,7 +33,7 @@ from rlhf.ppo.config import (
     validate,
 )
 from rlhf.ppo.loop import save_outputs, train
-from rlhf.ppo.peft_factory import build_peft_session
+from rlhf.ppo.peft_factory import actor_lora_spec, build_peft_session, critic_lora_spec
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
 
 ARGUMENT_GROUPS = (PPOModelArguments, PPODataArguments, PPOArguments, PPOTrainingArguments)
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
     validate(model_args, ppo_args, train_args)
+    actor_lora_spec(model_args)  # a bad --actor_lora_* or --critic_lora_* value fails before any model loads
+    if ppo_args.needs_critic:
+        critic_lora_spec(model_args)
     critic_dir = critic_output_dir(model_args, train_args) if ppo_args.needs_critic else None
     # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
     resume = resume_checkpoint(train_args)

@@ -58,6 +58,22 @@ def launch_precision(args: PPOTrainingArguments) -> str:
     return launched
 
 
+def actor_lora_spec(margs: PPOModelArguments) -> LoraSpec:
+    """The actor's adapter from ``--actor_lora_*`` (a bad alpha or dropout is an error naming those flags)."""
+    return LoraSpec(
+        margs.actor_lora_rank, margs.actor_lora_alpha, margs.actor_lora_dropout,
+        split_comma_list(margs.actor_lora_target), flag_prefix="--actor_lora_",
+    )  # fmt: skip
+
+
+def critic_lora_spec(margs: PPOModelArguments) -> LoraSpec:
+    """The critic's adapter from ``--critic_lora_*``."""
+    return LoraSpec(
+        margs.critic_lora_rank, margs.critic_lora_alpha, margs.critic_lora_dropout,
+        split_comma_list(margs.critic_lora_target), flag_prefix="--critic_lora_",
+    )  # fmt: skip
+
+
 def build_backend(args: PPOTrainingArguments) -> AccelerateBackend:
     return AccelerateBackend(launch_precision(args), args.ddp_timeout, args.report_to_list, args.output_dir)
 
@@ -116,10 +132,8 @@ def build_models_and_scorer(
         )
     models = build_peft_policy_models(
         margs.sft_model_path,
-        actor=LoraSpec(margs.actor_lora_rank, margs.actor_lora_alpha, margs.actor_lora_dropout,
-                       split_comma_list(margs.actor_lora_target)),
-        critic=LoraSpec(margs.critic_lora_rank, margs.critic_lora_alpha, margs.critic_lora_dropout,
-                        split_comma_list(margs.critic_lora_target)) if with_critic else None,
+        actor=actor_lora_spec(margs),
+        critic=critic_lora_spec(margs) if with_critic else None,
         reward_adapter=shared_adapter,
         critic_init=margs.critic_init,
         torch_dtype=margs.torch_dtype,

@@ -410,6 +410,7 @@ def build_peft_policy_models(
     """
     base = load_causal_lm(
         sft_model_path,
+        flag="--sft_model_path",
         torch_dtype=torch_dtype,
         model_type=model_type,
         trust_remote_code=trust_remote_code,
