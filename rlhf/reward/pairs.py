@@ -1,10 +1,12 @@
 """Preference pairs for the reward model: cleaning, tokenization with truncation, and batching.
 
 - Rows whose chosen and rejected responses are equal, or where either is empty, carry no preference
-  signal; they are dropped and counted.
+  signal; they are dropped and counted, the log naming the first one's ``file:line``.
 - Each side is ``BOS + prompt + response + EOS``. An over-long side is cut by
   :func:`rlhf.data.sequences.fit_to_length`: a response longer than ``max_response`` (``--block_size``)
-  is cut on the right, then the prompt is cut from the left so the side fits ``--max_length``.
+  is cut on the right, then the prompt is cut from the left so the side fits ``--max_length``. A pair
+  whose two sides are the same tokens after the cut (the responses differ only past the cut) is dropped
+  and counted too: its loss is ``ln 2`` whatever the model does, so it only dilutes the batch.
 - A batch of B pairs becomes 2B rows (the B chosen first, then the B rejected), padded on the tokenizer's
   padding side, with the attention mask built from the lengths (never from pad ids).
 """
@@ -25,25 +27,33 @@ from rlhf.errors import DataError
 logger = logging.getLogger(__name__)
 
 
+def _where(rows: datasets.Dataset, index: int) -> str:
+    """The ``file:line`` of row ``index`` (rows built in memory have none: ``row N``)."""
+    return rows[index].get("where") or f"row {index}"
+
+
 def clean_pairs(rows: datasets.Dataset) -> datasets.Dataset:
-    """Drop pairs with chosen == rejected or an empty response; log the counts."""
+    """Drop pairs with chosen == rejected or an empty response; log the counts and the first dropped row."""
     n = len(rows)
-    same = sum(1 for c, r in zip(rows["chosen"], rows["rejected"]) if c.strip() == r.strip())
-    kept = rows.filter(
-        lambda row: (
-            row["chosen"].strip() != row["rejected"].strip()
-            and bool(row["chosen"].strip())
-            and bool(row["rejected"].strip())
-        ),
-        desc="dropping pairs without a preference",
-    )
-    empty = n - len(kept) - same
-    if len(kept) < n:
-        logger.warning("dropped %d of %d pairs: %d with chosen == rejected, %d with an empty response",
-                       n - len(kept), n, same, empty)  # fmt: skip
-    if len(kept) == 0:
-        raise DataError("no usable preference pairs (every pair has chosen == rejected or an empty response)")
-    return kept
+    same, empty = [], []
+    for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"])):
+        c, r = c.strip(), r.strip()
+        if c == r:
+            same.append(i)
+        elif not c or not r:
+            empty.append(i)
+    if not same and not empty:
+        return rows
+    first = _where(rows, min(same + empty))
+    if len(same) + len(empty) == n:
+        raise DataError(
+            "no usable preference pairs (every pair has chosen == rejected or an empty response; "
+            f"the first: {first})"
+        )
+    logger.warning("dropped %d of %d pairs: %d with chosen == rejected, %d with an empty response (the first: %s)",
+                   len(same) + len(empty), n, len(same), len(empty), first)  # fmt: skip
+    dropped = set(same + empty)
+    return rows.select([i for i in range(n) if i not in dropped])
 
 
 def tokenize_pair_row(
@@ -63,7 +73,8 @@ def tokenize_pair_row(
 def tokenize_pairs(
     rows: datasets.Dataset, tokenizer: Any, max_length: int, max_response: int, num_proc: int | None = None
 ) -> datasets.Dataset:
-    """Tokenize every pair; log how many were cut. Returns ``{"chosen_ids", "rejected_ids", "margin"}``."""
+    """Tokenize every pair; log how many were cut, and drop (and count) the pairs whose sides the cut made
+    the same tokens; none left is a DataError. Returns ``{"chosen_ids", "rejected_ids", "margin"}``."""
     pairs = rows.map(
         tokenize_pair_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_response": max_response},
@@ -75,6 +86,20 @@ def tokenize_pairs(
     if n_cut:
         logger.warning("%d of %d pairs were cut to --max_length %d / --block_size %d (prompt from the left, "
                        "response on the right)", n_cut, len(pairs), max_length, max_response)  # fmt: skip
+    same = [i for i, (c, r) in enumerate(zip(pairs["chosen_ids"], pairs["rejected_ids"])) if c == r]
+    if same:
+        first = _where(rows, same[0])
+        if len(same) == len(pairs):
+            raise DataError(
+                f"no usable preference pairs: every pair's chosen and rejected are the same tokens after the "
+                f"cut to --max_length {max_length} / --block_size {max_response} (the first: {first}); raise "
+                "--block_size so the responses' differences fit"
+            )
+        logger.warning("dropped %d of %d pairs whose chosen and rejected are the same tokens after the cut to "
+                       "--max_length %d / --block_size %d (the first: %s)",
+                       len(same), len(pairs), max_length, max_response, first)  # fmt: skip
+        dropped = set(same)
+        pairs = pairs.select([i for i in range(len(pairs)) if i not in dropped])
     return pairs.remove_columns("truncated")
 
 

@@ -1,0 +1,78 @@
+"""Bad input found by review: each case is a one-line error naming the file and line (or the flag), or a
+counted drop in the log naming the first row, never a silent loss or a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from rlhf.data import load_dataset_dir
+from rlhf.errors import DataError
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+# --- preference pairs ----------------------------------------------------------------------------
+
+
+def test_pairs_identical_before_tokenizing_are_dropped_naming_the_first(tmp_path, caplog):
+    from rlhf.reward import clean_pairs
+
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same "},
+            {"prompt": "p", "chosen": "a", "rejected": " "},
+        ],
+    )
+    with caplog.at_level("WARNING"):
+        kept = clean_pairs(load_dataset_dir(data, "preference", str(tmp_path / "cache")))
+    assert kept["chosen"] == ["a"]
+    assert (
+        f"dropped 2 of 3 pairs: 1 with chosen == rejected, 1 with an empty response (the first: {data}:2)"
+        in (caplog.text)
+    )
+    write_jsonl(data, [{"prompt": "p", "chosen": "x", "rejected": "x"}])
+    with pytest.raises(DataError, match=f"every pair has chosen == rejected .*the first: {data}:1"):
+        clean_pairs(load_dataset_dir(data, "preference", str(tmp_path / "cache2")))
+
+
+def test_pairs_the_cut_makes_identical_are_dropped_naming_the_first(tmp_path, tokenizer, caplog):
+    """Responses that differ only past --block_size become the same tokens: their loss is ln 2 whatever
+    the model does, so they are dropped and counted; none left is an error."""
+    from rlhf.reward import tokenize_pairs
+
+    shared = "word " * 10
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "Rate cats.", "chosen": "Cats are great.", "rejected": "Cats are bad."},
+            {"prompt": "Rate cats.", "chosen": shared + "great", "rejected": shared + "bad"},
+            {"prompt": "Rate dogs.", "chosen": shared + "good", "rejected": shared + "awful"},
+        ],
+    )
+    rows = load_dataset_dir(data, "preference", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        pairs = tokenize_pairs(rows, tokenizer, max_length=64, max_response=8)
+    assert len(pairs) == 1 and pairs[0]["chosen_ids"] != pairs[0]["rejected_ids"]
+    assert (
+        "dropped 2 of 3 pairs whose chosen and rejected are the same tokens after the cut to --max_length 64 "
+        f"/ --block_size 8 (the first: {data}:2)"
+    ) in caplog.text
+    assert (
+        len(tokenize_pairs(rows, tokenizer, max_length=256, max_response=255)) == 3
+    )  # a wider cut keeps all
+    with pytest.raises(DataError, match=f"same tokens after the cut .*the first: {data}:2\\)"):
+        tokenize_pairs(rows.select([1, 2]), tokenizer, max_length=64, max_response=8)
