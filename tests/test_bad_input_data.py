@@ -76,3 +76,67 @@ def test_pairs_the_cut_makes_identical_are_dropped_naming_the_first(tmp_path, to
     )  # a wider cut keeps all
     with pytest.raises(DataError, match=f"same tokens after the cut .*the first: {data}:2\\)"):
         tokenize_pairs(rows.select([1, 2]), tokenizer, max_length=64, max_response=8)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "after", ['[{"instruction": "x", "output": "y"}]', '{"instruction": "x", "output": "y"}', "x"]
+)
+def test_content_after_the_json_list_is_an_error_naming_its_line(tmp_path, after):
+    """Two lists concatenated, or a list then an object, loaded only the first list, silently."""
+    path = tmp_path / "data.json"
+    path.write_text(
+        '[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}]\n\n' + after
+    )
+    with pytest.raises(DataError, match=f"^{path}:4: not valid JSON \\(extra data after the list\\)$"):
+        load_dataset_dir(path, "sft", str(tmp_path / "cache"))
+    path.write_text('[{"instruction": "a", "output": "b"}]\n \t\r\n')  # whitespace after it is fine
+    assert len(load_dataset_dir(path, "sft", str(tmp_path / "cache2"))) == 1
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl", "data.jsonl.gz"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
+    import gzip
+
+    record = {"instruction": "a", "output": "b"}
+    text = json.dumps([record]) if name.endswith(".json") else json.dumps(record) + "\n"
+    data = "\ufeff".encode() + text.encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    rows = load_dataset_dir(path, "sft", str(tmp_path / "cache"))
+    assert rows["response"] == ["b"] and rows["where"] == [f"{path}:1"]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            '{"instruction": "a\\ud800", "output": "b"}',
+            'field "instruction" holds an unpaired surrogate (\\ud800)',
+        ),
+        (
+            '{"instruction": "a", "output": "\\udc00b"}',
+            'field "output" holds an unpaired surrogate (\\udc00)',
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "\\ud83d"}, {"role": "assistant", "content": "b"}]}',
+            'field "messages[0].content" holds an unpaired surrogate (\\ud83d)',
+        ),
+        (
+            '{"instruction": "a", "output": "b", "x\\ud800": 1}',
+            'field "x\\ud800" holds an unpaired surrogate its name',
+        ),
+    ],
+)
+def test_an_unpaired_surrogate_is_an_error_naming_file_line_and_field(tmp_path, line, message):
+    """``"\\ud800"`` is valid JSON syntax but no text: it failed later, in Arrow, as a traceback."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        '{"instruction": "Say hi.", "output": "\\ud83d\\ude00"}\n' + line + "\n"
+    )  # a pair is fine
+    with pytest.raises(DataError) as info:
+        load_dataset_dir(path, "sft", str(tmp_path / "cache"))
+    assert str(info.value) == f"{path}:2: {message}, which is not text"
+    str(info.value).encode("utf-8")  # printable

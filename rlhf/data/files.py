@@ -5,9 +5,14 @@ object per line; lines end at ``\n`` or ``\r\n`` only, never at a U+2028 inside 
 and sub-directories (such as a ``cache/`` folder) are skipped; any other file is an error, so a typo such
 as ``train.jsonl.txt`` is not silently ignored.
 
+Files are UTF-8, with or without a byte-order mark. A ``.json`` file holds one list and nothing after it
+but whitespace (a second list or object there is an error, not silently ignored).
+
 Python's ``json`` accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity`` (and turns
 ``1e999`` into infinity); a record holding such a number anywhere is rejected at its ``file:line``, so a
-``"margin": NaN`` cannot turn a whole training run into NaN weights.
+``"margin": NaN`` cannot turn a whole training run into NaN weights. So is a string holding an unpaired
+surrogate escape such as ``"\ud800"``: valid JSON syntax, but no text, which no tokenizer or Arrow file can
+encode.
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ def find_data_files(path: str | os.PathLike, extensions: tuple[str, ...] = JSON_
 
 
 def read_text(path: Path) -> str:
-    """The whole file as UTF-8 text (transparently gunzipped); DataError when it is not text."""
+    """The whole file as UTF-8 text (transparently gunzipped; a leading byte-order mark dropped); DataError
+    when it is not text."""
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
                 return handle.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
 
@@ -75,6 +81,11 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         where = f"{path}:{line}"
         if not isinstance(value, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        surrogate = find_unpaired_surrogate(value)
+        if surrogate is not None:
+            field, char = surrogate
+            what = "its name" if char == "key" else f"(\\u{ord(char):04x})"
+            raise DataError(f'{where}: field "{field}" holds an unpaired surrogate {what}, which is not text')
         bad = find_non_finite(value)
         if bad is not None:
             field, number = bad
@@ -97,6 +108,34 @@ def find_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
         return None
     for item_path, item in items:
         found = find_non_finite(item, item_path)
+        if found is not None:
+            return found
+    return None
+
+
+def find_unpaired_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first ``(field path, character)`` in a decoded JSON value whose string holds a surrogate code point
+    without its pair (JSON's ``"\\ud800"`` escape decodes to one), else None. For a key holding one the
+    character is ``"key"`` and the path ends with the key, escaped."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, value[exc.start]
+        return None
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            key_path = f"{path}.{key}" if path else str(key)
+            if find_unpaired_surrogate(key) is not None:  # the key itself: name it escaped, printable
+                return key_path.encode("utf-8", "backslashreplace").decode("utf-8"), "key"
+            items.append((key_path, item))
+    elif isinstance(value, list):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        return None
+    for item_path, item in items:
+        found = find_unpaired_surrogate(item, item_path)
         if found is not None:
             return found
     return None
@@ -136,6 +175,11 @@ def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             pos = _skip_ws(text, pos + 1)
             continue
         if pos < len(text) and text[pos] == "]":
+            end = _skip_ws(text, pos + 1)
+            if end < len(text):
+                raise DataError(
+                    f"{path}:{text.count(chr(10), 0, end) + 1}: not valid JSON (extra data after the list)"
+                )
             return
         raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON (expected ',' or ']')")
 
