@@ -137,13 +137,18 @@ def test_old_logprobs_auto_takes_the_generators_in_float32_only_and_the_updates_
     assert source("auto", bf16, Backend(False)) == "forward"  # bf16 weights
     assert source("generator", bf16, Backend(True)) == "generator"
     assert source("forward", fp32, Backend(False)) == "forward"
-    # on-policy: one epoch, one optimizer step per rollout, the KL in the loss (or none) and a fixed β
+    # on-policy: one epoch, no optimizer step inside a rollout, the KL in the loss (or none) and a fixed β
     assert source("auto", bf16, Backend(True), use_kl_loss=True) == "update"
     assert source("auto", bf16, Backend(True), kl_penalty_beta=0.0) == "update"
     assert source("auto", bf16, Backend(True), use_kl_loss=True, ppo_epochs=2) == "forward"
     assert source("auto", bf16, Backend(True), use_kl_loss=True, target_kl=6.0) == "forward"
+    # 2 mini-batches per rollout at accumulation 4: two whole rollouts per optimizer step, still on-policy
     assert (
-        source("auto", bf16, Backend(True), use_kl_loss=True, per_device_mini_train_batch_size=8) == "forward"
+        source("auto", bf16, Backend(True), use_kl_loss=True, per_device_mini_train_batch_size=8) == "update"
+    )
+    # 8 mini-batches per rollout at accumulation 4: a step inside each rollout
+    assert (
+        source("auto", bf16, Backend(True), use_kl_loss=True, per_device_mini_train_batch_size=2) == "forward"
     )
     args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1)
     with pytest.raises(

@@ -24,7 +24,7 @@ CASES = [
     (["--actor_lr", "-1"], "--actor_lr must be >= 0.0, got -1.0"),
     (["--warmup_steps", "-5"], "--warmup_steps must be >= 0, got -5.0"),
     (["--num_train_epochs", "0"], "nothing to train: --max_steps -1, --num_train_epochs 0"),
-    (["--max_steps", "0"], "nothing to train: --max_steps 0"),
+    (["--max_steps", "0", "--num_train_epochs", "-1"], "nothing to train: --max_steps 0"),
     (["--actor_lora_alpha", "0"], "--actor_lora_alpha must be > 0 with --actor_lora_rank 8"),
     (["--critic_lora_dropout", "1.5"], "--critic_lora_dropout must be in [0, 1), got 1.5"),
 ]

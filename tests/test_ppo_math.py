@@ -315,3 +315,17 @@ def test_metrics_rows_weight_rollout_statistics_by_the_mini_batches_trained_on_t
     assert sum(acc.values["time/rollout_s"]) == pytest.approx(2.0 + 3 * 0.25)
     acc.reset()
     assert acc.means() == {} and acc.rollouts[0]["stats"]["reward/score"] == 0.7
+
+
+def test_a_window_of_rollouts_with_other_statistics_averages_each_key_over_the_rollouts_that_have_it():
+    """A resumed run may collect rollouts with other keys than its checkpoint's (--old_logprobs update
+    reports objective/kl from the update, not the rollout): no KeyError, each key over its rollouts."""
+    acc = MetricsAccumulator()
+    acc.start_rollout({"reward/score": 1.0, "objective/kl": 2.0}, seconds=1.0, mini_batches=1)
+    acc.add_mini_batch({"loss/policy": 0.0})
+    acc.start_rollout({"reward/score": 3.0, "reward/frac_zero_std": 0.5}, seconds=1.0, mini_batches=1)
+    acc.add_mini_batch({"loss/policy": 0.0})
+    means = acc.means()
+    assert (
+        means["reward/score"] == 2.0 and means["objective/kl"] == 2.0 and means["reward/frac_zero_std"] == 0.5
+    )

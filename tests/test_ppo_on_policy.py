@@ -77,6 +77,10 @@ def test_the_on_policy_update_trains_as_with_an_eval_forward_and_runs_none(
             ["--gradient_accumulation_steps", "1"],
             "2 mini-batches per rollout, --gradient_accumulation_steps 1",
         ),
+        (
+            ["--gradient_accumulation_steps", "3"],
+            "2 mini-batches per rollout, --gradient_accumulation_steps 3",
+        ),
         (["--target_kl", "1.0"], "--target_kl"),
     ],
 )
@@ -142,3 +146,30 @@ def test_resume_is_bit_identical(tiny_llama, length_reward, tmp_path):
     assert {k: v for k, v in rows_a[-1].items() if not k.startswith(("time/", "samples_per_s"))} == {
         k: v for k, v in rows_b[-1].items() if not k.startswith(("time/", "samples_per_s"))
     }
+
+
+def test_k3_statistics_of_the_update_mask_the_pads_before_the_estimate(tiny_llama, length_reward, tmp_path):
+    """Responses that end early (a third of the vocabulary is EOS) at a low temperature: after EOS the
+    update's log-prob of a pad is below -88, where k3's exp overflows; masked first, the update's
+    objective/kl equals the eval forward's, not NaN."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = model / "generation_config.json"
+    generation = json.loads(config.read_text()) if config.exists() else {}
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    config.write_text(json.dumps(generation | {"eos_token_id": list(range(3, vocab, 3))}))
+    rows = {}
+    for source in ("forward", "update"):
+        argv = grpo_argv(model, length_reward, tmp_path / source, source)
+        argv[argv.index("--max_response_length") + 1] = "16"
+        run_ppo_with_peft.main(argv + ["--kl_penalty", "k3", "--temperature", "0.005"])
+        rows[source] = read_metrics(tmp_path / source / "metrics.jsonl")
+    assert any(r["response/length_mean"] < 16 for r in rows["update"])  # some responses ended early
+    for f, u in zip(rows["forward"], rows["update"]):
+        for key in ("objective/kl", "objective/rlhf_reward"):
+            assert u[key] is not None and u[key] == pytest.approx(f[key], rel=1e-4, abs=1e-5), (
+                u["step"],
+                key,
+            )

@@ -135,7 +135,7 @@ class PPOArguments:
                   "reference) come from: generator (the sampled tokens' log-probs the generator returns, no extra "
                   "forward), forward (an eval-mode forward of the actor, the update's own numerics), update (the "
                   "update's own forward, detached: no extra forward; only when the update is on-policy, i.e. one "
-                  "epoch, one optimizer step per rollout, and no KL in the reward: --use_kl_loss or "
+                  "epoch, no optimizer step inside a rollout, and no KL in the reward: --use_kl_loss or "
                   "--kl_penalty_beta 0, without --target_kl), auto (update where it applies; else generator in "
                   "float32 and forward in bf16/fp16, where the generator's decode path rounds differently: the "
                   "first ratio would not be 1 and the KL at the start not 0).",
@@ -292,17 +292,18 @@ def rollout_size(ppo: PPOArguments, train: PPOTrainingArguments) -> int:
 
 
 def off_policy_reason(ppo: PPOArguments, train: PPOTrainingArguments) -> str | None:
-    """Why the update is not on-policy, or ``None`` when it is: one epoch over the rollout and its
-    mini-batches one optimizer step (each of them then runs on the weights that sampled), with no KL in
-    the reward (the reward needs the policy's log-probs before the update). Then ``--old_logprobs update``
+    """Why the update is not on-policy, or ``None`` when it is: one epoch over the rollout and no optimizer
+    step inside a rollout (its mini-batches are one step, or whole rollouts accumulate into one: each
+    mini-batch then runs on the weights that sampled it), with no KL in the reward (the reward needs the
+    policy's log-probs before the update). Then ``--old_logprobs update``
     may take the update's own forward, detached, as the old log-probs (the ratio is 1 at every token)."""
     mini_batches = rollout_size(ppo, train) // ppo.per_device_mini_train_batch_size
     if ppo.ppo_epochs != 1:
         return f"--ppo_epochs {ppo.ppo_epochs} (the epochs after the first train on updated weights)"
-    if mini_batches != train.gradient_accumulation_steps:
+    if train.gradient_accumulation_steps % mini_batches:
         return (
             f"{mini_batches} mini-batches per rollout, --gradient_accumulation_steps "
-            f"{train.gradient_accumulation_steps}: not one optimizer step per rollout"
+            f"{train.gradient_accumulation_steps}: an optimizer step inside a rollout"
         )
     if ppo.target_kl is not None:
         return "--target_kl (the controller reads the rollout's KL before the update)"
@@ -387,7 +388,7 @@ RANGES = (
 def check_training_ranges(train: PPOTrainingArguments) -> None:
     """The loop's schedule flags: a run must have steps to train, and warm-up, weight decay and gradient
     clipping take no negative values."""
-    if train.max_steps == 0 or (train.max_steps < 0 and train.num_train_epochs <= 0):
+    if train.max_steps <= 0 and train.num_train_epochs <= 0:  # --max_steps <= 0: by epochs (as Trainer)
         raise ConfigError(
             f"nothing to train: --max_steps {train.max_steps}, --num_train_epochs {train.num_train_epochs:g} "
             "(give --max_steps > 0, or --num_train_epochs > 0)"

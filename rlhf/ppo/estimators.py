@@ -20,7 +20,7 @@ one prompt (``--num_samples_per_prompt K``) form one group g.
 
 With the KL in the reward (no ``--use_kl_loss``), ``dr_grpo`` and ``rloo`` take the KL-penalised score
 r_i − β·Σ_t KL_t (the RLOO paper's sequence reward; the baseline then removes the group's mean KL too).
-``grpo`` normalises r_i alone and adds −β·Σ_t KL_t after, unscaled (OpenRLHF's order): dividing the KL by
+``grpo`` normalises r_i alone and adds −β·Σ_t KL_t after, unscaled (OpenRLHF normalises first too): dividing the KL by
 the group's score spread would turn a group that scored alike (std ≈ 0, common with rule rewards) into
 unit-size advantages made of KL noise alone, whatever β.
 """

@@ -287,7 +287,9 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     if ppo.use_kl_loss:
         out["loss/kl"] = kl.item()
     if on_policy:  # the rollout statistics the rollout could not compute without the old log-probs
-        kl_rows = (kl_estimate(old_logprobs, old["ref_logprobs"], ppo.kl_penalty) * mask).sum(1)
+        # masked before the estimate, as kl_loss: a pad's log-prob after EOS can be below -88 (k3's exp)
+        policy = torch.where(mask.bool(), old_logprobs, 0.0)
+        kl_rows = (kl_estimate(policy, old["ref_logprobs"], ppo.kl_penalty) * mask).sum(1)
         out["objective/kl"] = float(kl_rows.mean())
         out["objective/rlhf_reward"] = float((old["scores"] - s.kl_controller.value * kl_rows).mean())
     if models.has_critic:

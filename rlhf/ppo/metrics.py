@@ -60,10 +60,13 @@ class MetricsAccumulator(MetricsWindow):
         """Mean of every step value, and the mini-batch-weighted mean of the rollout statistics."""
         means = super().means()
         trained = [r for r in self.rollouts if r["mini_batches"] > 0]
-        total = sum(r["mini_batches"] for r in trained)
-        for key in trained[0]["stats"] if trained else ():
+        keys = dict.fromkeys(key for r in trained for key in r["stats"])  # in order of first appearance
+        for key in keys:
+            # over the rollouts that have the key (a resumed run may collect others than its checkpoint's);
             # weights first, so one rollout's values come back bit for bit (1.0 · x = x)
-            means[key] = sum((r["mini_batches"] / total) * r["stats"][key] for r in trained)
+            having = [r for r in trained if key in r["stats"]]
+            total = sum(r["mini_batches"] for r in having)
+            means[key] = sum((r["mini_batches"] / total) * r["stats"][key] for r in having)
         return means
 
     def reset(self) -> None:

@@ -155,8 +155,8 @@ def old_logprobs_source(
         return ppo.old_logprobs
     if off_policy_reason(ppo, args) is None:
         logger.info(
-            "old log-probs: the update's own forward, detached (--old_logprobs auto: one epoch, one optimizer "
-            "step per rollout, no KL in the reward)"
+            "old log-probs: the update's own forward, detached (--old_logprobs auto: one epoch, no optimizer "
+            "step inside a rollout, no KL in the reward)"
         )
         return "update"
     with backend.autocast(), models.generation_model() as model:
