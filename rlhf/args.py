@@ -14,17 +14,20 @@ older transformers still pass:
   (:func:`init_deepspeed_on_cpu`).
 
 A YAML or JSON file given as the only argument stands in for the flags (:func:`config_file_argv`: the
-file's keys become flags and go through the same rewrites and checks). After parsing, a
-``TrainingArguments`` is checked up front (:func:`check_training_arguments`): batch sizes and
-accumulation steps must be positive and ``--output_dir`` must not be a file. The two checks
-(:func:`check_positive_flags`, :func:`check_output_dir`) are shared with the stages that have their own
-config (PPO, the tensor-parallel tools).
+file's keys become flags and go through the same rewrites and checks; a list for a comma-list flag such
+as ``lora_target`` is joined with commas). After parsing, a ``TrainingArguments`` is checked up front
+(:func:`check_training_arguments`): the run must have something to do (``--do_train`` with at least one
+step, or ``--do_eval``), batch sizes and accumulation steps must be positive, the optimizer's
+hyperparameters in the ranges it accepts, and ``--output_dir`` must not be a file; nor may
+``--data_cache_dir``. The two checks (:func:`check_positive_flags`, :func:`check_output_dir`) are shared with
+the stages that have their own config (PPO, the tensor-parallel tools).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -177,7 +180,12 @@ def check_positive_flags(values: Mapping[str, int | float]) -> None:
 
 
 def check_training_arguments(args: TrainingArguments) -> None:
-    """Up-front checks of the Trainer flags the stages rely on, before any model or data is loaded."""
+    """Up-front checks of the Trainer flags the stages rely on, before any model or data is loaded.
+
+    A run must do something: ``--do_train`` (``--eval_strategy`` other than ``no`` sets ``--do_eval``) or
+    ``--do_eval``, and ``--do_train`` at least one step (``--max_steps`` > 0, or ``--max_steps`` < 0 and
+    ``--num_train_epochs`` > 0); otherwise the stage loaded everything and exited 0 having trained nothing.
+    """
     check_positive_flags(
         {
             "--per_device_train_batch_size": args.per_device_train_batch_size,
@@ -185,15 +193,55 @@ def check_training_arguments(args: TrainingArguments) -> None:
             "--gradient_accumulation_steps": args.gradient_accumulation_steps,
         }
     )
+    check_optimizer_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
+    if not args.do_train and not args.do_eval:
+        raise ConfigError(
+            "nothing to do: pass --do_train to train (with --do_eval to evaluate on the --split_ratio "
+            "held-out rows too), or --do_eval alone to evaluate --model_name_or_path on them"
+        )
+    if args.do_train and args.max_steps == 0:
+        raise ConfigError(
+            "nothing to train: --max_steps 0 (give --max_steps > 0, or -1 to train by --num_train_epochs)"
+        )
+    if args.do_train and args.max_steps < 0 and args.num_train_epochs <= 0:
+        raise ConfigError(
+            f"nothing to train: --max_steps {args.max_steps}, --num_train_epochs {args.num_train_epochs:g} "
+            "(give --max_steps > 0, or --num_train_epochs > 0)"
+        )
+
+
+def check_optimizer_flags(args: TrainingArguments) -> None:
+    """A ConfigError naming the flag whose value the optimizer would refuse (with a traceback, when it is
+    built after the model and data are loaded): the learning rate and weight decay must be finite and >= 0,
+    and for the Adam family ``--adam_beta1``/``--adam_beta2`` in [0, 1) and ``--adam_epsilon`` >= 0."""
+    ranges = {"--learning_rate": args.learning_rate, "--weight_decay": args.weight_decay}
+    for flag, value in ranges.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if "adam" not in str(getattr(args.optim, "value", args.optim)):
+        return
+    for flag, value in {"--adam_beta1": args.adam_beta1, "--adam_beta2": args.adam_beta2}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon >= 0):
+        raise ConfigError(f"--adam_epsilon must be a finite number >= 0, got {args.adam_epsilon}")
 
 
 def _check_parsed(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    for value in values:
-        if isinstance(value, TrainingArguments):
-            check_training_arguments(value)
-            if "wandb" in (value.report_to or []) and not os.environ.get("WANDB_DIR"):
-                os.environ["WANDB_DIR"] = value.output_dir  # <output_dir>/wandb, as PPO's, not ./wandb
+    training = next((value for value in values if isinstance(value, TrainingArguments)), None)
+    data = next((value for value in values if isinstance(value, DataArguments)), None)
+    if training is not None:
+        check_training_arguments(training)
+        if "wandb" in (training.report_to or []) and not os.environ.get("WANDB_DIR"):
+            os.environ["WANDB_DIR"] = training.output_dir  # <output_dir>/wandb, as PPO's, not ./wandb
+    if data is not None:
+        check_output_dir(data.data_cache_dir, "--data_cache_dir")
+    if training is not None and data is not None and not training.do_train and data.split_ratio == 0:
+        raise ConfigError(
+            "nothing to do: --do_eval without --do_train evaluates the --split_ratio held-out rows, and "
+            "--split_ratio 0 holds out none (give --split_ratio > 0, or --do_train)"
+        )
     return values
 
 
@@ -239,14 +287,34 @@ def init_deepspeed_on_cpu(argv: list[str], has_gpu: bool | None = None) -> bool:
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
+# String flags read with split_comma_list, beyond those whose help says "comma" (PPO's --report_to): a
+# config file may give them as a list. (Trainer's --report_to is not one: it takes one integration name.)
+COMMA_LIST_FLAGS = frozenset({"lora_target", "modules_to_save", "actor_lora_target", "critic_lora_target"})
 
-def config_file_argv(path: str) -> list[str]:
+
+def _list_value_flag_form(parser: HfArgumentParser | None, key: str) -> str:
+    """How a config file's list for ``key`` becomes flag values: ``"several"`` (the flag takes a list, or
+    the parser does not know it: its unknown-flag error follows), ``"comma"`` (a comma-list string flag) or
+    ``"one"`` (the flag takes one value)."""
+    # argparse has no public map from an option string to its action
+    action = None if parser is None else parser._option_string_actions.get(f"--{key}")
+    if action is None or action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1):
+        return "several"
+    if key in COMMA_LIST_FLAGS or "comma" in (action.help or "").lower():
+        return "comma"
+    return "one"
+
+
+def config_file_argv(path: str, parser: HfArgumentParser | None = None) -> list[str]:
     """The flags a YAML or JSON config file stands for: ``{key: value}`` -> ``--key value``, in file order.
 
     The flags then go the way typed flags go (legacy renames, the CPU precision fallback, types and
     choices checked, one-line errors), so a file and its flags mean the same. ``true``/``false`` and numbers
     are written as flags spell them, a list as several values; an empty (``null``) value keeps the
     default. A nested mapping has no flag form: give its settings as a file path (``deepspeed: ds.json``).
+    Given the ``parser`` of the flags, a list for a flag that takes one value is joined with commas when the
+    flag is a comma list (``lora_target: [q_proj, v_proj]`` -> ``--lora_target q_proj,v_proj``); a list of
+    several values for another such flag is a ConfigError naming the key.
     """
     import yaml
 
@@ -275,6 +343,11 @@ def config_file_argv(path: str) -> list[str]:
                 f"its path ({key}: settings.json)"
             )
         values = value if isinstance(value, (list, tuple)) else [value]
+        form = _list_value_flag_form(parser, key) if isinstance(value, (list, tuple)) else "several"
+        if form == "comma":
+            values = [",".join(_flag_text(v) for v in values)]
+        elif form == "one" and len(values) > 1:
+            raise ConfigError(f"{path}: {key} is a list of {len(values)} values, but --{key} takes one value")
         argv += [f"--{key}", *(_flag_text(v) for v in values)]
     return argv
 
@@ -308,7 +381,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
             "file of flags may replace them all."
         )
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
-        argv = config_file_argv(argv[0])
+        argv = config_file_argv(argv[0], parser)
     argv = normalize_argv(argv)
     argv += cpu_processes_flag(argv, dataclass_types)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 
+from rlhf.args import check_output_dir
 from rlhf.data.files import TEXT_EXTENSIONS, find_data_files, iter_json_records, read_text
 from rlhf.data.records import FEATURES, PARSERS
 from rlhf.errors import ConfigError, DataError, find_user_error
@@ -44,6 +45,7 @@ def _generate_text(stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
 
 
 def _from_generator(generator, gen_kwargs: dict, features: datasets.Features, cache_dir: str | None):
+    check_output_dir(cache_dir, "--data_cache_dir")  # a file there: one line, not FileExistsError
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
     try:
