@@ -140,3 +140,71 @@ def test_an_unpaired_surrogate_is_an_error_naming_file_line_and_field(tmp_path, 
         load_dataset_dir(path, "sft", str(tmp_path / "cache"))
     assert str(info.value) == f"{path}:2: {message}, which is not text"
     str(info.value).encode("utf-8")  # printable
+
+
+# --- conversational preference pairs -------------------------------------------------------------
+
+USER = {"role": "user", "content": "Rate cats."}
+GOOD = {"role": "assistant", "content": "Cats are great."}
+BAD = {"role": "assistant", "content": "Cats are bad."}
+
+
+def test_conversational_pairs_with_an_explicit_or_implicit_prompt(tmp_path, tokenizer):
+    """TRL's conversational preference format: the prompt goes through the chat template, as SFT's chats."""
+    from rlhf.data.records import parse_preference
+    from rlhf.data.templates import render_chat_prompt
+    from rlhf.reward import tokenize_pairs
+
+    explicit = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD], "margin": 1}
+    implicit = {"chosen": [USER, GOOD], "rejected": [USER, BAD]}
+    expected = {
+        "prompt": "",
+        "prompt_messages": [USER],
+        "chosen": GOOD["content"],
+        "rejected": BAD["content"],
+    }
+    assert parse_preference(explicit, "f:1") == {**expected, "margin": 1.0}
+    assert parse_preference(implicit, "f:1") == {**expected, "margin": 0.0}
+    data = write_jsonl(tmp_path / "pairs.jsonl", [explicit, implicit])
+    pairs = tokenize_pairs(load_dataset_dir(data, "preference", str(tmp_path / "cache")), tokenizer, 64, 32)
+    prompt_ids = tokenizer(render_chat_prompt([USER], tokenizer))["input_ids"]
+    response_ids = tokenizer(GOOD["content"], add_special_tokens=False)["input_ids"]
+    assert (
+        pairs[0]["chosen_ids"]
+        == pairs[1]["chosen_ids"]
+        == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    )
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"messages": [USER], "chosen": "a", "rejected": "b"},
+            'f:2: a preference row has no "messages" field; give the conversation as "prompt": [messages] and '
+            'each response as a list of one assistant message (accepted: {"instruction", "input"?, "chosen", '
+            '"rejected"} or {"prompt", "chosen", "rejected"} with string responses; Anthropic-HH',
+        ),
+        ({"chosen": "Human: a", "rejected": "Robot: b"}, "f:2: \"chosen\" and \"rejected\" share no prefix ending in "
+         '"\\n\\nAssistant:" (a pair without "prompt" or "instruction" must be Anthropic-HH transcripts; accepted:'),
+        ({"prompt": [USER], "chosen": [GOOD], "rejected": "b"}, 'f:2: field "rejected" must be a list of messages'),
+        ({"prompt": "P", "chosen": [GOOD], "rejected": [BAD]}, 'f:2: field "chosen" must be a string, got list (in'),
+        ({"prompt": [USER], "chosen": [USER, GOOD], "rejected": [BAD]},
+         'f:2: field "chosen" must hold one message, of role "assistant" (the response to "prompt"), got roles user, '
+         "assistant"),
+        ({"prompt": [USER], "chosen": [GOOD]}, 'f:2: missing field "rejected"'),
+        ({"chosen": [USER, GOOD], "rejected": [USER]}, 'f:2: the last message of "chosen" and of "rejected" must'),
+        ({"chosen": [GOOD], "rejected": [BAD]}, 'f:2: "chosen" and "rejected" must be the same conversation'),
+        ({"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "x"}, BAD]},
+         'f:2: "chosen" and "rejected" must be the same conversation'),
+        ({"chosen": [{"role": "robot", "content": "x"}, GOOD], "rejected": [USER, BAD]},
+         'f:2: chosen[0] has role "robot"'),
+    ],
+)  # fmt: skip
+def test_malformed_conversational_pairs_say_what_is_accepted(record, message):
+    """``{"messages", "chosen", "rejected"}`` was told about a missing "\\n\\nAssistant:" prefix."""
+    from rlhf.data.records import parse_preference
+
+    with pytest.raises(DataError) as info:
+        parse_preference(record, "f:2")
+    assert str(info.value).startswith(message)

@@ -3,7 +3,8 @@
 Normalized rows (what the stages see), one schema per kind:
 
 - ``sft``: ``{"prompt": str, "prompt_messages": [{role, content}], "response": str}``
-- ``preference``: ``{"prompt", "prompt_messages", "chosen": str, "rejected": str, "margin": float}``
+- ``preference``: ``{"prompt", "prompt_messages", "chosen": str, "rejected": str, "margin": float}`` (a
+  conversational pair's prompt is ``prompt_messages``; its responses are its assistant messages' text)
 - ``prompt`` (PPO): ``{"prompt", "prompt_messages"}``
 - ``gsm8k``: ``{"question": str, "answer": str, "label": str}``
 
@@ -45,20 +46,20 @@ FEATURES: dict[str, Features] = {
 }
 
 
-def _messages(record: Record, where: str) -> list[dict[str, str]]:
-    messages = record["messages"]
+def _messages(record: Record, where: str, field: str = "messages") -> list[dict[str, str]]:
+    messages = record[field]
     if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: field "messages" must be a non-empty list of {{"role", "content"}}')
+        raise DataError(f'{where}: field "{field}" must be a non-empty list of {{"role", "content"}}')
     cleaned = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f'{where}: messages[{i}] must be an object with "role" and "content"')
-        role = require_str(message, "role", f"{where}: messages[{i}]")
+            raise DataError(f'{where}: {field}[{i}] must be an object with "role" and "content"')
+        role = require_str(message, "role", f"{where}: {field}[{i}]")
         if role not in CHAT_ROLES:
             raise DataError(
-                f'{where}: messages[{i}] has role "{role}" (expected one of {", ".join(CHAT_ROLES)})'
+                f'{where}: {field}[{i}] has role "{role}" (expected one of {", ".join(CHAT_ROLES)})'
             )
-        cleaned.append({"role": role, "content": require_str(message, "content", f"{where}: messages[{i}]")})
+        cleaned.append({"role": role, "content": require_str(message, "content", f"{where}: {field}[{i}]")})
     return cleaned
 
 
@@ -100,18 +101,84 @@ def split_hh_transcripts(chosen: str, rejected: str, where: str) -> tuple[str, s
         shared += 1
     cut = chosen.rfind(HH_ASSISTANT_TAG, 0, shared)
     if cut < 0 or cut + len(HH_ASSISTANT_TAG) > shared:
-        raise DataError(f'{where}: "chosen" and "rejected" share no prefix ending in "\\n\\nAssistant:"')
+        raise DataError(
+            f'{where}: "chosen" and "rejected" share no prefix ending in "\\n\\nAssistant:" (a pair without '
+            f'"prompt" or "instruction" must be Anthropic-HH transcripts; accepted: {PREFERENCE_FORMATS})'
+        )
     end = cut + len(HH_ASSISTANT_TAG)
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+PREFERENCE_FORMATS = (
+    '{"instruction", "input"?, "chosen", "rejected"} or {"prompt", "chosen", "rejected"} with string '
+    'responses; Anthropic-HH {"chosen", "rejected"} transcripts; or conversational (TRL) {"prompt": '
+    '[messages], "chosen": [assistant message], "rejected": [assistant message]} or {"chosen": [messages], '
+    '"rejected": [messages]}'
+)
+
+
+def _response_turn(record: Record, where: str, side: str) -> str:
+    """The content of ``record[side]``, a list holding one assistant message (conversational format)."""
+    turns = _messages(record, where, side)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(
+            f'{where}: field "{side}" must hold one message, of role "assistant" (the response to "prompt"), '
+            f"got roles {', '.join(t['role'] for t in turns)}"
+        )
+    return turns[0]["content"]
+
+
+def _conversational_pair(record: Record, where: str) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen response, rejected response) of a TRL conversational preference row:
+    ``{"prompt": [messages], "chosen": [assistant message], "rejected": [...]}``, or with the prompt implicit,
+    ``{"chosen": [messages], "rejected": [messages]}``: two conversations that differ only in their last,
+    assistant, message."""
+    for side in ("chosen", "rejected"):
+        if not isinstance(record[side], list):
+            raise DataError(
+                f'{where}: field "{side}" must be a list of messages like the other side, got '
+                f"{type(record[side]).__name__}"
+            )
+    if "prompt" in record:
+        prompt = _messages(record, where, "prompt")
+        return prompt, _response_turn(record, where, "chosen"), _response_turn(record, where, "rejected")
+    chosen, rejected = _messages(record, where, "chosen"), _messages(record, where, "rejected")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise DataError(f'{where}: the last message of "chosen" and of "rejected" must have role "assistant"')
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+        raise DataError(
+            f'{where}: "chosen" and "rejected" must be the same conversation (the prompt, at least one message) '
+            'up to their last, assistant, message; or give the prompt as "prompt": [messages]'
+        )
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
 def parse_preference(record: Record, where: str) -> Record:
-    """``{instruction, input?, chosen, rejected}``, ``{prompt, chosen, rejected}`` or HH ``{chosen, rejected}``.
+    """``{instruction, input?, chosen, rejected}``, ``{prompt, chosen, rejected}``, HH ``{chosen, rejected}``
+    or TRL's conversational ``{prompt?: [messages], chosen: [messages], rejected: [messages]}``
+    (:data:`PREFERENCE_FORMATS`).
 
     An optional numeric ``margin`` is kept (default 0).
     """
-    chosen = require_str(record, "chosen", where)
-    rejected = require_str(record, "rejected", where)
+    if "messages" in record:
+        raise DataError(
+            f'{where}: a preference row has no "messages" field; give the conversation as "prompt": [messages] '
+            f"and each response as a list of one assistant message (accepted: {PREFERENCE_FORMATS})"
+        )
+    prompt_messages: list[dict[str, str]] = []
+    conversational = (
+        isinstance(record.get("chosen"), list)
+        and "instruction" not in record
+        and not isinstance(record.get("prompt"), str)
+    )
+    if conversational:
+        for side in ("chosen", "rejected"):
+            if side not in record:
+                raise DataError(f'{where}: missing field "{side}"')
+        prompt_messages, chosen, rejected = _conversational_pair(record, where)
+    else:
+        chosen = _response_str(record, "chosen", where)
+        rejected = _response_str(record, "rejected", where)
     margin = record.get("margin", 0.0)
     if margin is None:
         margin = 0.0
@@ -119,17 +186,29 @@ def parse_preference(record: Record, where: str) -> Record:
         raise DataError(f'{where}: field "margin" must be a number, got {type(margin).__name__}')
     if not math.isfinite(margin):
         raise DataError(f'{where}: field "margin" is {margin} (numbers in data must be finite)')
-    if "instruction" in record or "prompt" in record:
+    if conversational:
+        prompt = ""
+    elif "instruction" in record or "prompt" in record:
         prompt, _ = _prompt_of(record, where)
     else:
         prompt, chosen, rejected = split_hh_transcripts(chosen, rejected, where)
     return {
         "prompt": prompt,
-        "prompt_messages": [],
+        "prompt_messages": prompt_messages,
         "chosen": chosen,
         "rejected": rejected,
         "margin": float(margin),
     }
+
+
+def _response_str(record: Record, field: str, where: str) -> str:
+    """``record[field]``, a string response (of a row that is not conversational)."""
+    if isinstance(record.get(field), list):
+        raise DataError(
+            f'{where}: field "{field}" must be a string, got list (in a conversational pair "chosen", '
+            '"rejected" and "prompt", if given, are all lists of messages)'
+        )
+    return require_str(record, field, where)
 
 
 def parse_prompt(record: Record, where: str) -> Record:
