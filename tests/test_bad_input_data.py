@@ -208,3 +208,69 @@ def test_malformed_conversational_pairs_say_what_is_accepted(record, message):
     with pytest.raises(DataError) as info:
         parse_preference(record, "f:2")
     assert str(info.value).startswith(message)
+
+
+# --- sequences longer than the model's context ---------------------------------------------------
+
+
+def test_sft_examples_longer_than_the_models_context_are_one_warning(tmp_path, tokenizer, caplog):
+    """--block_size 4096 on a model of 512 positions was accepted silently; RoPE models run there, but on
+    positions they never trained on."""
+    from rlhf.sft.examples import tokenize_sft_dataset
+
+    data = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"instruction": "Say hi.", "output": "hi"},
+            {"instruction": "Talk.", "output": "cats are great " * 200},
+        ],
+    )
+    rows = load_dataset_dir(data, "sft", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        tokenize_sft_dataset(rows, tokenizer, 4096)  # the tiny llama: max_position_embeddings 512
+    warnings = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert (
+        len(warnings) == 1
+        and "(--block_size 4096), more than the model's max_position_embeddings 512" in (warnings[0])
+    )
+    assert warnings[0].endswith("lower --block_size to 512")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tokenize_sft_dataset(rows, tokenizer, 512)  # cut to fit: nothing to say
+        tokenize_sft_dataset(rows, tokenizer, 4096, context_length=8192)
+        tokenize_sft_dataset(rows.select([0]), tokenizer, 4096)  # the flag allows more, no example is longer
+    assert "max_position_embeddings" not in caplog.text
+
+
+def test_reward_sides_longer_than_the_models_context_are_one_warning(tmp_path, tokenizer, caplog):
+    from transformers import TrainingArguments
+
+    from rlhf.args import DataArguments
+    from rlhf.reward.stage import RewardArguments, build_reward_data
+
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": "Rate cats.", "chosen": "cats are great " * 200, "rejected": "No."}] * 2,
+    )
+    data_args = DataArguments(
+        dataset_dir=str(data), split_ratio=0, block_size=4096, data_cache_dir=str(tmp_path)
+    )
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    with caplog.at_level("WARNING"):
+        build_reward_data(data_args, RewardArguments(max_length=4096), tokenizer, args)
+    assert "(--max_length 4096), more than the model's max_position_embeddings 512" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_reward_data(data_args, RewardArguments(max_length=512), tokenizer, args)
+    assert "max_position_embeddings" not in caplog.text
+
+
+def test_model_context_length_of_a_model_dir_an_adapter_dir_and_nothing(tmp_path, tiny_llama):
+    from rlhf.sft.examples import model_context_length
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_llama)}))
+    assert model_context_length(str(tiny_llama)) == model_context_length(str(adapter)) == 512
+    assert model_context_length(str(tmp_path)) is None and model_context_length("org/hub-id") is None
+    assert model_context_length(None) is None

@@ -25,6 +25,7 @@ from rlhf.reward.model import HEAD_NAMES, load_reward_backbone, pad_apart_from_e
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
 from rlhf.reward.trainer import RewardTrainer
+from rlhf.sft.examples import model_context_length, warn_beyond_context
 from rlhf.training import make_trainable, weights_dtype
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
 from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP
@@ -73,9 +74,16 @@ class RewardArguments:
 
 
 def build_reward_data(
-    data_args: DataArguments, rm_args: RewardArguments, tokenizer: Any, args: TrainingArguments
+    data_args: DataArguments,
+    rm_args: RewardArguments,
+    tokenizer: Any,
+    args: TrainingArguments,
+    context_length: int | None = None,
 ):
-    """(train, eval or None) tokenized pairs; rank 0 prepares them first, the others reuse its cache."""
+    """(train, eval or None) tokenized pairs; rank 0 prepares them first, the others reuse its cache.
+
+    A side longer than ``context_length`` (the model's ``max_position_embeddings``; by default read from the
+    dir the tokenizer was loaded from) is one warning naming ``--max_length``."""
     if rm_args.max_length < 2 or data_args.block_size < 1:
         raise ConfigError("--max_length must be >= 2 and --block_size >= 1")
     with args.main_process_first(desc="loading and tokenizing preference pairs"):
@@ -83,6 +91,10 @@ def build_reward_data(
         pairs = tokenize_pairs(
             rows, tokenizer, rm_args.max_length, data_args.block_size, data_args.preprocessing_num_workers
         )
+    longest = max(len(ids) for side in ("chosen_ids", "rejected_ids") for ids in pairs[side])
+    if context_length is None:
+        context_length = model_context_length(getattr(tokenizer, "name_or_path", None))
+    warn_beyond_context(longest, context_length, "--max_length", rm_args.max_length)
     return split_dataset(pairs, data_args.split_ratio, args.seed)
 
 

@@ -4,12 +4,15 @@
 covers the response and its EOS only: the model learns to stop. The EOS is appended by id, never found
 through the pad id, so it is learned also when the tokenizer pads with its EOS token. Over-long examples
 are cut by :func:`rlhf.data.sequences.fit_to_length` (prompt from the left, response on the right) and
-counted.
+counted. An example longer than the model's ``max_position_embeddings`` (a ``--block_size`` above it) is
+one warning line: the RoPE models the stages train run there, but on positions they never saw in training.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -51,10 +54,49 @@ def drop_empty_responses(rows: datasets.Dataset) -> datasets.Dataset:
     return rows.select([i for i in range(len(rows)) if i not in dropped])
 
 
+def model_context_length(path: str | None) -> int | None:
+    """``max_position_embeddings`` in the ``config.json`` of the model dir ``path`` (of its base, for an
+    adapter dir), or None when there is none to read (a hub id, a config without the field)."""
+    if not path:
+        return None
+    try:
+        adapter = Path(path) / "adapter_config.json"
+        if adapter.is_file():
+            path = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
+        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def warn_beyond_context(longest: int, context: int | None, flag: str, limit: int) -> None:
+    """One warning line when the longest sequence (``longest`` tokens, allowed by ``flag``'s value
+    ``limit``) is longer than the model's ``max_position_embeddings`` ``context``.
+
+    Every model type the stages load (llama, mistral, mixtral, qwen2) has rotary positions: it runs beyond
+    that length, without an error, but on positions it was never trained on, so training there teaches
+    and measures little; a model with learned absolute positions would fail with an index error instead.
+    """
+    if context is None or longest <= context:
+        return
+    logger.warning(
+        "the longest sequence is %d tokens (%s %d), more than the model's max_position_embeddings %d: the "
+        "model runs there, on positions it was never trained on, and its quality degrades; lower %s to %d",
+        longest, flag, limit, context, flag, context,
+    )  # fmt: skip
+
+
 def tokenize_sft_dataset(
-    rows: datasets.Dataset, tokenizer: Any, block_size: int, num_proc: int | None = None
+    rows: datasets.Dataset,
+    tokenizer: Any,
+    block_size: int,
+    num_proc: int | None = None,
+    context_length: int | None = None,
 ) -> datasets.Dataset:
-    """Tokenize every row; log how many were cut to ``block_size``. Returns ``{"input_ids", "labels"}``."""
+    """Tokenize every row; log how many were cut to ``block_size``, and warn when an example is longer than
+    ``context_length`` (the model's ``max_position_embeddings``; by default read from the ``config.json`` of
+    the dir the tokenizer was loaded from, see :func:`model_context_length`). Returns ``{"input_ids",
+    "labels"}``."""
     if block_size < 2:
         raise DataError(f"--block_size must be at least 2, got {block_size}")
     rows = drop_empty_responses(rows)
@@ -69,7 +111,11 @@ def tokenize_sft_dataset(
     if n_truncated:
         logger.warning("%d of %d examples were longer than --block_size %d and were cut",
                        n_truncated, len(examples), block_size)  # fmt: skip
-    n_tokens = sum(len(ids) for ids in examples["input_ids"])
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    if context_length is None:
+        context_length = model_context_length(getattr(tokenizer, "name_or_path", None))
+    warn_beyond_context(max(lengths), context_length, "--block_size", block_size)
+    n_tokens = sum(lengths)
     logger.info(
         "%d SFT examples, %d tokens (%.1f per example)", len(examples), n_tokens, n_tokens / len(examples)
     )
