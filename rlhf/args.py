@@ -183,8 +183,9 @@ def check_training_arguments(args: TrainingArguments) -> None:
     """Up-front checks of the Trainer flags the stages rely on, before any model or data is loaded.
 
     A run must do something: ``--do_train`` (``--eval_strategy`` other than ``no`` sets ``--do_eval``) or
-    ``--do_eval``, and ``--do_train`` at least one step (``--max_steps`` > 0, or ``--max_steps`` < 0 and
-    ``--num_train_epochs`` > 0); otherwise the stage loaded everything and exited 0 having trained nothing.
+    ``--do_eval``, and ``--do_train`` at least one step (``--max_steps`` > 0, or ``--max_steps`` <= 0, which
+    trains by epochs as Trainer does, and ``--num_train_epochs`` > 0); otherwise the stage loaded everything
+    and exited 0 having trained nothing. The PPO stages follow the same rule.
     """
     check_positive_flags(
         {
@@ -200,11 +201,7 @@ def check_training_arguments(args: TrainingArguments) -> None:
             "nothing to do: pass --do_train to train (with --do_eval to evaluate on the --split_ratio "
             "held-out rows too), or --do_eval alone to evaluate --model_name_or_path on them"
         )
-    if args.do_train and args.max_steps == 0:
-        raise ConfigError(
-            "nothing to train: --max_steps 0 (give --max_steps > 0, or -1 to train by --num_train_epochs)"
-        )
-    if args.do_train and args.max_steps < 0 and args.num_train_epochs <= 0:
+    if args.do_train and args.max_steps <= 0 and args.num_train_epochs <= 0:  # <= 0: by epochs (Trainer)
         raise ConfigError(
             f"nothing to train: --max_steps {args.max_steps}, --num_train_epochs {args.num_train_epochs:g} "
             "(give --max_steps > 0, or --num_train_epochs > 0)"

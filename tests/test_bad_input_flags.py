@@ -29,7 +29,7 @@ def sft_flags(tmp_path, *extra: str) -> list[str]:
             ["--do_train", "--num_train_epochs", "-2"],
             "nothing to train: --max_steps -1, --num_train_epochs -2 ",
         ),
-        (["--do_train", "--max_steps", "0"], "nothing to train: --max_steps 0 "),
+        (["--do_train", "--max_steps", "0", "--num_train_epochs", "0"], "nothing to train: --max_steps 0, "),
         (["--do_eval", "--split_ratio", "0"], "nothing to do: --do_eval without --do_train evaluates the"),
     ],
 )
@@ -48,6 +48,7 @@ def test_a_run_that_would_do_nothing_is_a_config_error(tmp_path, flags, message)
         ["--eval_strategy", "steps"],  # sets --do_eval
         ["--do_train", "--num_train_epochs", "0", "--max_steps", "3"],  # --max_steps wins over epochs
         ["--do_train", "--max_steps", "-1", "--num_train_epochs", "0.5"],
+        ["--do_train", "--max_steps", "0"],  # by epochs, as Trainer (and the PPO stages)
         ["--do_train", "--learning_rate", "0"],
     ],
 )
