@@ -364,6 +364,11 @@ UNKNOWN_FLAG_HINTS = {
 }
 
 
+# Trainer defaults the SFT and reward-model stages replace (TRL's SFTConfig and RewardConfig do the same):
+# Trainer's --logging_steps 500 leaves a short run without a single loss row, and no curve to plot.
+STAGE_DEFAULTS = ("--logging_steps", "10")
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse flags (or one YAML/JSON file) into the given dataclasses, after legacy-flag translation.
 
@@ -375,11 +380,13 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         parser.epilog = (
             "Also accepted, from older transformers: --evaluation_strategy (read as --eval_strategy) and "
             "--warmup_ratio R (a fraction of the steps, read as --warmup_steps R). A single YAML or JSON "
-            "file of flags may replace them all."
+            "file of flags may replace them all. --logging_steps defaults to 10 here (not Trainer's 500)."
         )
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_argv(argv[0], parser)
     argv = normalize_argv(argv)
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        argv = [*STAGE_DEFAULTS, *argv]  # a flag given later wins
     argv += cpu_processes_flag(argv, dataclass_types)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):
         init_deepspeed_on_cpu(argv)
