@@ -21,6 +21,7 @@ from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.models.adapter_base import merged_source_under_zero3, write_base_if_adapter_source
 from rlhf.sft.batching import PaddedCollator, packed_collator
+from rlhf.sft.evaluation import lm_example_losses, sft_metrics
 from rlhf.sft.examples import tokenize_sft_dataset
 from rlhf.training import AtomicCheckpointMixin, FiniteLossMixin, make_trainable, weights_dtype
 from rlhf.training.fused_loss import (
@@ -71,7 +72,28 @@ class SFTArguments:
 
 class SFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, HiddenStatesLossMixin, Trainer):
     """``transformers.Trainer`` with atomic checkpoints and the non-finite loss guard; the loss (labels carry
-    -100) is the fused one of ``compute_loss_func`` (:mod:`rlhf.training.fused_loss`) or the model's own."""
+    -100) is the fused one of ``compute_loss_func`` (:mod:`rlhf.training.fused_loss`) or the model's own.
+    ``eval_loss`` is the mean token loss over all held-out examples (:mod:`rlhf.sft.evaluation`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", sft_metrics)
+        super().__init__(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(E, 2) [summed token loss, learned tokens] of the batch's E examples as predictions, even when
+        only the loss is asked for, and no loss: :func:`sft_metrics` computes it from the gathered rows."""
+        inputs = self._prepare_inputs(inputs)
+        head_loss = self.compute_loss_func
+        fused = isinstance(head_loss, CausalLMHeadLoss)
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        if fused:
+            model_inputs.update(head_loss.model_kwargs(inputs["input_ids"].device))
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**model_inputs)
+            source = outputs.hidden_states[-1] if fused else outputs.logits
+            projection = output_projection(head_loss.model) if fused else None
+            rows = lm_example_losses(inputs, source, projection, self.args.label_smoothing_factor)
+        return None, rows, torch.zeros(len(rows), device=rows.device)
 
 
 class LabelSmoothedHeadLoss(CausalLMHeadLoss):
