@@ -158,6 +158,7 @@ def build_sft_model(
     use_lora = lora.use_lora or bool(model_args.peft_path)
     load = partial(
         load_causal_lm,
+        flag="--model_name_or_path",
         torch_dtype=weights_dtype(model_args.torch_dtype, use_lora),
         model_type=model_args.model_type,
         trust_remote_code=model_args.trust_remote_code,
