@@ -210,9 +210,12 @@ def check_training_arguments(args: TrainingArguments) -> None:
 
 def check_optimizer_flags(args: TrainingArguments) -> None:
     """A ConfigError naming the flag whose value the optimizer would refuse (with a traceback, when it is
-    built after the model and data are loaded): the learning rate and weight decay must be finite and >= 0,
+    built after the model and data are loaded): the learning rate, weight decay and ``--max_grad_norm`` (0
+    = no clipping) must be finite and >= 0,
     and for the Adam family ``--adam_beta1``/``--adam_beta2`` in [0, 1) and ``--adam_epsilon`` >= 0."""
     ranges = {"--learning_rate": args.learning_rate, "--weight_decay": args.weight_decay}
+    if args.max_grad_norm is not None:  # Trainer reads a negative one as "no clipping", silently
+        ranges["--max_grad_norm"] = args.max_grad_norm
     for flag, value in ranges.items():
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")

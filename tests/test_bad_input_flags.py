@@ -62,6 +62,7 @@ def test_runs_that_do_something_are_accepted(tmp_path, flags):
         ("--learning_rate", "-1", "--learning_rate must be a finite number >= 0, got -1.0"),
         ("--learning_rate", "nan", "--learning_rate must be a finite number >= 0, got nan"),
         ("--weight_decay", "-0.1", "--weight_decay must be a finite number >= 0, got -0.1"),
+        ("--max_grad_norm", "-1", "--max_grad_norm must be a finite number >= 0, got -1.0"),
         ("--adam_beta1", "1", "--adam_beta1 must be in [0, 1), got 1.0"),
         ("--adam_beta2", "-0.5", "--adam_beta2 must be in [0, 1), got -0.5"),
         ("--adam_epsilon", "-1e-8", "--adam_epsilon must be a finite number >= 0, got -1e-08"),
