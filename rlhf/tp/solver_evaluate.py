@@ -152,7 +152,8 @@ def solve(
     rng = torch.Generator(dev)
     generator = build_generator(
         args.generation_engine, lambda: nullcontext(model), sampling,
-        max_prompt_length=max(len(i) for i in ids), max_batch_size=args.max_batch_size, generator=rng,
+        max_prompt_length=max(len(i) for i in ids), generator=rng,
+        max_batch_size=min(args.max_batch_size, len(ids)),  # the KV cache: no rows for prompts that are not there
     )  # fmt: skip
     done = log.load() if log is not None else {}
 
