@@ -157,3 +157,20 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_llama, tmp_path)
         CheckpointError, match=f"the tokenizer has {rows} tokens but the model only {rows - 1}"
     ):
         check_vocab_fits(tokenizer=load_tokenizer(str(tiny_llama)), rows=rows - 1, what="m")
+
+
+def test_an_evaluation_only_reward_run_needs_a_stored_score_head(tiny_llama, rm_adapter, tmp_path):
+    """--do_eval alone scores with the head stored at --model_name_or_path: a causal LM stores none (the
+    scores would be a random head's), an adapter dir belongs in --peft_path; a trained model dir passes."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.reward.model import check_head_for_evaluation
+
+    for path in (tiny_llama, rm_adapter):
+        with pytest.raises(
+            ConfigError, match="stores no trained score head: .* pass the reward adapter as --peft_path"
+        ):
+            check_head_for_evaluation(str(path))
+    trained = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    trained.save_pretrained(tmp_path / "rm_full")
+    check_head_for_evaluation(str(tmp_path / "rm_full"))

@@ -9,13 +9,15 @@ so the call still goes through the outer (DDP/DeepSpeed/PEFT) wrapper.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.errors import CheckpointError
+from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import adapter_base_path, is_adapter_dir, load_config, resolve_dtype
 from rlhf.models.loading import (
     ADAPTER_CONFIG,
@@ -27,6 +29,34 @@ from rlhf.models.loading import (
 logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("score", "classifier")
+
+
+def stored_weight_names(path: str) -> set[str] | None:
+    """The tensor names a model dir's safetensors weights hold (headers only; ``None`` when it has none
+    to read that way, e.g. ``pytorch_model.bin``)."""
+    from safetensors import safe_open
+
+    directory = Path(path)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as handle:
+        return set(handle.keys())
+
+
+def check_head_for_evaluation(path: str) -> None:
+    """An evaluation without training and without ``--peft_path`` scores with the head stored at ``path``:
+    refuse a model dir that stores none (a causal LM, an SFT adapter), whose head would be drawn at random."""
+    names = None if is_adapter_dir(path) else stored_weight_names(path)
+    if is_adapter_dir(path) or (names is not None and not any(n.split(".")[0] in HEAD_NAMES for n in names)):
+        raise ConfigError(
+            f"--do_eval without --do_train evaluates --model_name_or_path {path} as a reward model, but it "
+            "stores no trained score head: its scores would come from a randomly drawn one; pass the "
+            "reward adapter as --peft_path, or a trained reward model dir"
+        )
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from rlhf.data import load_dataset_dir, split_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import load_tokenizer
 from rlhf.models.adapter_base import merged_source_under_zero3, write_base_if_adapter_source
-from rlhf.reward.model import HEAD_NAMES, load_reward_backbone, pad_apart_from_eos
+from rlhf.reward.model import HEAD_NAMES, check_head_for_evaluation, load_reward_backbone, pad_apart_from_eos
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
 from rlhf.reward.trainer import RewardTrainer
@@ -141,6 +141,8 @@ def run_reward(
     args: TrainingArguments,
 ) -> dict[str, Any]:
     """Run the whole stage; returns the train/eval metrics."""
+    if not args.do_train and not model_args.peft_path:  # evaluation only: the stored head scores
+        check_head_for_evaluation(model_args.model_name_or_path)
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.trust_remote_code, rm_args.padding_side
     )
