@@ -196,6 +196,11 @@ def check_training_arguments(args: TrainingArguments) -> None:
     )
     check_optimizer_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
+    if args.batch_eval_metrics:
+        raise ConfigError(
+            "--batch_eval_metrics is not supported: the stages' eval loss and accuracy are computed once over "
+            "all held-out rows (drop the flag; their predictions are a few numbers per row)"
+        )
     if not args.do_train and not args.do_eval:
         raise ConfigError(
             "nothing to do: pass --do_train to train (with --do_eval to evaluate on the --split_ratio "
@@ -237,6 +242,8 @@ def _check_parsed(values: tuple[Any, ...]) -> tuple[Any, ...]:
             os.environ["WANDB_DIR"] = training.output_dir  # <output_dir>/wandb, as PPO's, not ./wandb
     if data is not None:
         check_output_dir(data.data_cache_dir, "--data_cache_dir")
+    for lora in (value for value in values if isinstance(value, LoraArguments)):
+        lora.lora_spec()  # a bad --lora_alpha/--lora_dropout fails here, before --overwrite_output_dir acts
     if training is not None and data is not None and not training.do_train and data.split_ratio == 0:
         raise ConfigError(
             "nothing to do: --do_eval without --do_train evaluates the --split_ratio held-out rows, and "
@@ -370,6 +377,18 @@ UNKNOWN_FLAG_HINTS = {
 # Trainer defaults the SFT and reward-model stages replace (TRL's SFTConfig and RewardConfig do the same):
 # Trainer's --logging_steps 500 leaves a short run without a single loss row, and no curve to plot.
 STAGE_DEFAULTS = ("--logging_steps", "10")
+TRAINER_LOGGING_STEPS = "500"
+
+
+def stage_defaults(argv: list[str]) -> list[str]:
+    """The flags to put before ``argv``: :data:`STAGE_DEFAULTS`, and when neither ``--logging_steps`` nor
+    ``--eval_steps`` is given, ``--eval_steps`` at Trainer's old cadence: Trainer evaluates every
+    ``--logging_steps`` under ``--eval_strategy steps`` without ``--eval_steps``, which the new default
+    would have turned from every 500 steps into every 10."""
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    if given & {"--logging_steps", "--eval_steps"}:
+        return list(STAGE_DEFAULTS)
+    return [*STAGE_DEFAULTS, "--eval_steps", TRAINER_LOGGING_STEPS]
 
 
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
@@ -383,13 +402,14 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         parser.epilog = (
             "Also accepted, from older transformers: --evaluation_strategy (read as --eval_strategy) and "
             "--warmup_ratio R (a fraction of the steps, read as --warmup_steps R). A single YAML or JSON "
-            "file of flags may replace them all. --logging_steps defaults to 10 here (not Trainer's 500)."
+            "file of flags may replace them all. --logging_steps defaults to 10 here (not Trainer's 500); without "
+            "--logging_steps and --eval_steps, --eval_steps is 500, as before."
         )
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_argv(argv[0], parser)
     argv = normalize_argv(argv)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):
-        argv = [*STAGE_DEFAULTS, *argv]  # a flag given later wins
+        argv = [*stage_defaults(argv), *argv]  # a flag given later wins
     argv += cpu_processes_flag(argv, dataclass_types)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):
         init_deepspeed_on_cpu(argv)

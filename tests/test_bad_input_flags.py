@@ -129,3 +129,41 @@ def test_a_ppo_config_file_may_give_its_comma_lists_as_lists(tmp_path):
                                      [str(path)])  # fmt: skip
     assert models.actor_lora_target == "q_proj,v_proj" and models.critic_lora_target == "k_proj"
     assert train.report_to == "tensorboard,wandb"
+
+
+def test_logging_defaults_to_10_and_evaluation_keeps_its_cadence(tmp_path):
+    """--logging_steps 10 (TRL's default, not Trainer's 500); Trainer evaluates every --logging_steps when
+    --eval_steps is not given, so without either flag --eval_steps stays at the old 500."""
+
+    def steps(*flags: str) -> tuple[int, float | None]:
+        *_, args = parse_args(
+            SFT_GROUPS, sft_flags(tmp_path, "--do_train", "--eval_strategy", "steps", *flags)
+        )
+        return args.logging_steps, args.eval_steps
+
+    assert steps() == (10, 500)
+    assert steps("--logging_steps", "50") == (50, 50)  # Trainer's rule: evaluation follows the logging
+    assert steps("--eval_steps=20") == (10, 20)
+    assert steps("--logging_steps", "5", "--eval_steps", "7") == (5, 7)
+
+
+def test_batch_eval_metrics_and_bad_lora_flags_fail_at_parse_time(tmp_path):
+    """Both came after the data was tokenized (and a bad LoRA flag after --overwrite_output_dir had
+    removed the old checkpoints); --batch_eval_metrics as a traceback from Trainer."""
+    with pytest.raises(ConfigError, match="^--batch_eval_metrics is not supported"):
+        parse_args(SFT_GROUPS, sft_flags(tmp_path, "--do_train", "--batch_eval_metrics"))
+    with pytest.raises(ConfigError, match="^--lora_alpha must be > 0"):
+        parse_args(SFT_GROUPS, sft_flags(tmp_path, "--do_train", "--lora_rank", "4", "--lora_alpha", "0"))
+
+
+def test_reward_metrics_read_per_batch_predictions():
+    """--eval_do_concat_batches False hands the metrics a list of per-batch arrays."""
+    import numpy as np
+    from transformers import EvalPrediction
+
+    from rlhf.reward.trainer import reward_metrics
+
+    rows = np.array([[1.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    whole = reward_metrics(EvalPrediction(predictions=rows, label_ids=None))
+    split = reward_metrics(EvalPrediction(predictions=[rows[:2], rows[2:]], label_ids=None))
+    assert whole == split and whole["accuracy"] == 0.75

@@ -84,7 +84,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         surrogate = find_unpaired_surrogate(value)
         if surrogate is not None:
             field, char = surrogate
-            what = "its name" if char == "key" else f"(\\u{ord(char):04x})"
+            what = "in its name" if char == "key" else f"(\\u{ord(char):04x})"
             raise DataError(f'{where}: field "{field}" holds an unpaired surrogate {what}, which is not text')
         bad = find_non_finite(value)
         if bad is not None:

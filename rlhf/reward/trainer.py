@@ -70,7 +70,9 @@ def reward_metrics(prediction: EvalPrediction, center_coefficient: float = 0.0) 
     ``loss`` is :func:`pairwise_loss` (with ``center_coefficient``) on all N pairs at once; Trainer reports
     it as ``eval_loss``.
     """
-    rewards = np.asarray(prediction.predictions, dtype=np.float64)
+    rows = prediction.predictions  # a list of per-batch arrays under --eval_do_concat_batches False
+    rewards = np.concatenate(rows) if isinstance(rows, (list, tuple)) else rows
+    rewards = np.asarray(rewards, dtype=np.float64)
     chosen, rejected = rewards[:, 0], rewards[:, 1]
     loss = pairwise_loss(*torch.from_numpy(rewards).unbind(1), center_coefficient)
     return {
