@@ -126,7 +126,7 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
         ),
         (
             '{"instruction": "a", "output": "b", "x\\ud800": 1}',
-            'field "x\\ud800" holds an unpaired surrogate its name',
+            'field "x\\ud800" holds an unpaired surrogate in its name',
         ),
     ],
 )
@@ -165,6 +165,9 @@ def test_conversational_pairs_with_an_explicit_or_implicit_prompt(tmp_path, toke
     }
     assert parse_preference(explicit, "f:1") == {**expected, "margin": 1.0}
     assert parse_preference(implicit, "f:1") == {**expected, "margin": 0.0}
+    # HuggingFaceH4/ultrafeedback_binarized: a string prompt and the chosen conversation as "messages" beside
+    ultrafeedback = {"prompt": USER["content"], "messages": [USER, GOOD], **implicit}
+    assert parse_preference(ultrafeedback, "f:1") == {**expected, "margin": 0.0}
     data = write_jsonl(tmp_path / "pairs.jsonl", [explicit, implicit])
     pairs = tokenize_pairs(load_dataset_dir(data, "preference", str(tmp_path / "cache")), tokenizer, 64, 32)
     prompt_ids = tokenizer(render_chat_prompt([USER], tokenizer))["input_ids"]
@@ -188,7 +191,7 @@ def test_conversational_pairs_with_an_explicit_or_implicit_prompt(tmp_path, toke
         ({"chosen": "Human: a", "rejected": "Robot: b"}, "f:2: \"chosen\" and \"rejected\" share no prefix ending in "
          '"\\n\\nAssistant:" (a pair without "prompt" or "instruction" must be Anthropic-HH transcripts; accepted:'),
         ({"prompt": [USER], "chosen": [GOOD], "rejected": "b"}, 'f:2: field "rejected" must be a list of messages'),
-        ({"prompt": "P", "chosen": [GOOD], "rejected": [BAD]}, 'f:2: field "chosen" must be a string, got list (in'),
+        ({"prompt": "P", "chosen": [GOOD], "rejected": [BAD]}, 'f:2: a string "prompt" beside conversations is read'),
         ({"prompt": [USER], "chosen": [USER, GOOD], "rejected": [BAD]},
          'f:2: field "chosen" must hold one message, of role "assistant" (the response to "prompt"), got roles user, '
          "assistant"),

@@ -113,7 +113,7 @@ PREFERENCE_FORMATS = (
     '{"instruction", "input"?, "chosen", "rejected"} or {"prompt", "chosen", "rejected"} with string '
     'responses; Anthropic-HH {"chosen", "rejected"} transcripts; or conversational (TRL) {"prompt": '
     '[messages], "chosen": [assistant message], "rejected": [assistant message]} or {"chosen": [messages], '
-    '"rejected": [messages]}'
+    '"rejected": [messages]} (a string "prompt" or a "messages" field beside those is ignored, as TRL does)'
 )
 
 
@@ -132,19 +132,25 @@ def _conversational_pair(record: Record, where: str) -> tuple[list[dict[str, str
     """(prompt messages, chosen response, rejected response) of a TRL conversational preference row:
     ``{"prompt": [messages], "chosen": [assistant message], "rejected": [...]}``, or with the prompt implicit,
     ``{"chosen": [messages], "rejected": [messages]}``: two conversations that differ only in their last,
-    assistant, message."""
+    assistant, message. A string ``prompt`` beside conversations (HuggingFaceH4/ultrafeedback_binarized's
+    layout) is ignored for the one the conversations hold, as TRL's ``maybe_extract_prompt`` does."""
     for side in ("chosen", "rejected"):
         if not isinstance(record[side], list):
             raise DataError(
                 f'{where}: field "{side}" must be a list of messages like the other side, got '
                 f"{type(record[side]).__name__}"
             )
-    if "prompt" in record:
+    if isinstance(record.get("prompt"), list):
         prompt = _messages(record, where, "prompt")
         return prompt, _response_turn(record, where, "chosen"), _response_turn(record, where, "rejected")
     chosen, rejected = _messages(record, where, "chosen"), _messages(record, where, "rejected")
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise DataError(f'{where}: the last message of "chosen" and of "rejected" must have role "assistant"')
+    if isinstance(record.get("prompt"), str) and (len(chosen) < 2 or len(rejected) < 2):
+        raise DataError(
+            f'{where}: a string "prompt" beside conversations is read from them, and these hold only the '
+            'responses: give the prompt as "prompt": [{"role": "user", "content": ...}]'
+        )
     if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
         raise DataError(
             f'{where}: "chosen" and "rejected" must be the same conversation (the prompt, at least one message) '
@@ -160,17 +166,13 @@ def parse_preference(record: Record, where: str) -> Record:
 
     An optional numeric ``margin`` is kept (default 0).
     """
-    if "messages" in record:
+    if "messages" in record and not isinstance(record.get("chosen"), list):  # beside conversations: ignored
         raise DataError(
             f'{where}: a preference row has no "messages" field; give the conversation as "prompt": [messages] '
             f"and each response as a list of one assistant message (accepted: {PREFERENCE_FORMATS})"
         )
     prompt_messages: list[dict[str, str]] = []
-    conversational = (
-        isinstance(record.get("chosen"), list)
-        and "instruction" not in record
-        and not isinstance(record.get("prompt"), str)
-    )
+    conversational = isinstance(record.get("chosen"), list) and "instruction" not in record
     if conversational:
         for side in ("chosen", "rejected"):
             if side not in record:
