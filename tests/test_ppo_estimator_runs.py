@@ -290,6 +290,10 @@ def test_critic_free_estimator_learns_a_rule_reward(sft_model, estimator, tmp_pa
       "--rollout_batches x --num_samples_per_prompt = 6")],
 )  # fmt: skip
 def test_estimator_flags_fail_up_front(flags, message, tmp_path, capsys):
+    assert_fails_up_front(flags, message, tmp_path, capsys)
+
+
+def assert_fails_up_front(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
     """One line, exit code 2, before any model loads (the --sft_model_path does not even exist)."""
     argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy_task:positivity_reward",
             "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip

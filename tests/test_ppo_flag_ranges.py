@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_ppo_estimator_runs import assert_fails_up_front
 
 import run_ppo_with_peft
 
@@ -32,13 +33,7 @@ CASES = [
 
 @pytest.mark.parametrize(("flags", "message"), CASES, ids=[c[0][0] + "=" + c[0][1] for c in CASES])
 def test_peft_flags_out_of_range_fail_up_front(flags, message, tmp_path, capsys):
-    argv = ["--sft_model_path", str(tmp_path / "missing"), "--reward_fn", "rlhf.toy_task:positivity_reward",
-            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        run_ppo_with_peft.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "error: " + message in err, err
-    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert_fails_up_front(flags, message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(
