@@ -109,7 +109,10 @@ def test_hh_split_when_responses_share_a_prefix():
     [
         ({"prompt": "P", "chosen": "a"}, 'f:2: missing field "rejected"'),
         ({"prompt": "P", "rejected": "a"}, 'f:2: missing field "chosen"'),
-        ({"prompt": "P", "chosen": ["a"], "rejected": "b"}, 'f:2: field "rejected" must be a list of messages like the other side'),
+        (
+            {"prompt": "P", "chosen": ["a"], "rejected": "b"},
+            'f:2: field "rejected" must be a list of messages like the other side',
+        ),
         (
             {"prompt": "P", "chosen": "a", "rejected": "b", "margin": "x"},
             'f:2: field "margin" must be a number',
