@@ -269,7 +269,7 @@ def test_reward_sides_longer_than_the_models_context_are_one_warning(tmp_path, t
 
 
 def test_model_context_length_of_a_model_dir_an_adapter_dir_and_nothing(tmp_path, tiny_llama):
-    from rlhf.sft.examples import model_context_length
+    from rlhf.models.loading import model_context_length
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

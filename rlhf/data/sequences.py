@@ -12,9 +12,12 @@ longer than the budget.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def encode_response(text: str, tokenizer: Any) -> list[int]:
@@ -60,3 +63,20 @@ def fit_to_length(
     else:
         prompt = prompt_ids[len(prompt_ids) - room :]
     return prompt, response, True
+
+
+def warn_beyond_context(longest: int, context: int | None, flag: str, limit: int) -> None:
+    """One warning line when the longest sequence (``longest`` tokens, allowed by ``flag``'s value
+    ``limit``) is longer than the model's ``max_position_embeddings`` ``context``.
+
+    Every model type the stages load (llama, mistral, mixtral, qwen2) has rotary positions: it runs beyond
+    that length, without an error, but on positions it was never trained on, so training there teaches
+    and measures little; a model with learned absolute positions would fail with an index error instead.
+    """
+    if context is None or longest <= context:
+        return
+    logger.warning(
+        "the longest sequence is %d tokens (%s %d), more than the model's max_position_embeddings %d: the "
+        "model runs there, on positions it was never trained on, and its quality degrades; lower %s to %d",
+        longest, flag, limit, context, flag, context,
+    )  # fmt: skip

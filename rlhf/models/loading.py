@@ -147,15 +147,32 @@ def check_vocab_fits(tokenizer: Any, rows: int, what: str) -> None:
         )
 
 
-def _config_vocab_size(path: str) -> int | None:
-    """``vocab_size`` in the config.json of the local model dir ``path`` (of its base for an adapter dir)."""
+def stored_config_value(path: str | None, key: str) -> Any:
+    """``key`` in the config.json of the local model dir ``path`` (of its base, for an adapter dir), or None
+    when there is none to read: a hub id, an unreadable file (load_config says why), no such key."""
+    if not path:
+        return None
     if is_adapter_dir(path):
         path = adapter_base_path(path)
     try:
-        vocab_size = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+        return json.loads((Path(path) / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
-        return None  # on the hub, or unreadable (load_config says why)
-    return vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+        return None
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _config_vocab_size(path: str) -> int | None:
+    """``vocab_size`` in the config.json of the model dir ``path`` (:func:`stored_config_value`)."""
+    return _positive_int(stored_config_value(path, "vocab_size"))
+
+
+def model_context_length(path: str | None) -> int | None:
+    """``max_position_embeddings`` in the config.json of the model dir ``path`` (of its base, for an adapter
+    dir), or None when there is none to read (a hub id, a config without the field)."""
+    return _positive_int(stored_config_value(path, "max_position_embeddings"))
 
 
 def _check_exists(path: str) -> None:

@@ -18,14 +18,15 @@ from transformers import TrainingArguments, set_seed
 
 from rlhf.args import DataArguments, LoraArguments, ModelArguments
 from rlhf.data import load_dataset_dir, split_dataset
+from rlhf.data.sequences import warn_beyond_context
 from rlhf.errors import ConfigError
 from rlhf.models import load_tokenizer
 from rlhf.models.adapter_base import merged_source_under_zero3, write_base_if_adapter_source
+from rlhf.models.loading import model_context_length
 from rlhf.reward.model import HEAD_NAMES, check_head_for_evaluation, load_reward_backbone, pad_apart_from_eos
 from rlhf.reward.packing import PackedPairCollator
 from rlhf.reward.pairs import PairCollator, clean_pairs, tokenize_pairs
 from rlhf.reward.trainer import RewardTrainer
-from rlhf.sft.examples import model_context_length, warn_beyond_context
 from rlhf.training import make_trainable, weights_dtype
 from rlhf.training.packed_attention import BACKENDS as PACKED_BACKENDS
 from rlhf.training.packed_attention import FLAG_HELP as PACKED_ATTENTION_HELP

@@ -10,16 +10,15 @@ one warning line: the RoPE models the stages train run there, but on positions t
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import datasets
 
 from rlhf.data import tokenize_prompt
-from rlhf.data.sequences import encode_response, fit_to_length
+from rlhf.data.sequences import encode_response, fit_to_length, warn_beyond_context
 from rlhf.errors import DataError
+from rlhf.models.loading import model_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -54,38 +53,6 @@ def drop_empty_responses(rows: datasets.Dataset) -> datasets.Dataset:
     return rows.select([i for i in range(len(rows)) if i not in dropped])
 
 
-def model_context_length(path: str | None) -> int | None:
-    """``max_position_embeddings`` in the ``config.json`` of the model dir ``path`` (of its base, for an
-    adapter dir), or None when there is none to read (a hub id, a config without the field)."""
-    if not path:
-        return None
-    try:
-        adapter = Path(path) / "adapter_config.json"
-        if adapter.is_file():
-            path = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
-        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def warn_beyond_context(longest: int, context: int | None, flag: str, limit: int) -> None:
-    """One warning line when the longest sequence (``longest`` tokens, allowed by ``flag``'s value
-    ``limit``) is longer than the model's ``max_position_embeddings`` ``context``.
-
-    Every model type the stages load (llama, mistral, mixtral, qwen2) has rotary positions: it runs beyond
-    that length, without an error, but on positions it was never trained on, so training there teaches
-    and measures little; a model with learned absolute positions would fail with an index error instead.
-    """
-    if context is None or longest <= context:
-        return
-    logger.warning(
-        "the longest sequence is %d tokens (%s %d), more than the model's max_position_embeddings %d: the "
-        "model runs there, on positions it was never trained on, and its quality degrades; lower %s to %d",
-        longest, flag, limit, context, flag, context,
-    )  # fmt: skip
-
-
 def tokenize_sft_dataset(
     rows: datasets.Dataset,
     tokenizer: Any,
@@ -95,7 +62,7 @@ def tokenize_sft_dataset(
 ) -> datasets.Dataset:
     """Tokenize every row; log how many were cut to ``block_size``, and warn when an example is longer than
     ``context_length`` (the model's ``max_position_embeddings``; by default read from the ``config.json`` of
-    the dir the tokenizer was loaded from, see :func:`model_context_length`). Returns ``{"input_ids",
+    the dir the tokenizer was loaded from, see :func:`rlhf.models.loading.model_context_length`). Returns ``{"input_ids",
     "labels"}``."""
     if block_size < 2:
         raise DataError(f"--block_size must be at least 2, got {block_size}")
