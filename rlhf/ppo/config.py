@@ -403,10 +403,10 @@ def check_ranges(ppo: PPOArguments) -> None:
     for name, low, high, low_ok in RANGES:
         value = getattr(ppo, name)
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
-            lower = f"{'>=' if low_ok else '>'} {low}"
-            expected = f"in [{low}, {high}]" if high is not None and low_ok else (
-                f"in ({low}, {high}]" if high is not None else lower
-            )  # fmt: skip
+            if high is None:
+                expected = f"{'>=' if low_ok else '>'} {low}"
+            else:
+                expected = f"in {'[' if low_ok else '('}{low}, {high}]"
             raise ConfigError(f"--{name} must be {expected}, got {value}")
 
 

@@ -35,6 +35,17 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator!r} (expected one of {', '.join(KL_ESTIMATORS)})")
 
 
+def masked_kl_estimate(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """:func:`kl_estimate` on the masked tokens, 0 elsewhere. The log-probs are masked before the estimate,
+    with ``where``: after EOS the policy's log-prob of a pad token can be below −88 (a peaked head at a low
+    temperature), where k3's exp overflows, and inf · 0 is NaN (in a loss, in its gradient too), which
+    masking afterwards cannot undo. logprobs, ref_logprobs, mask: [B, R] -> [B, R]."""
+    keep = mask.bool()
+    return kl_estimate(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0), estimator)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last 1 in each row of a right-padded mask. [B, R] -> [B] (0 for an empty row)."""
     return (mask.sum(-1).long() - 1).clamp(min=0)

@@ -43,7 +43,7 @@ from rlhf.ppo.estimators import (
     mean_group_std,
     zero_std_group_fraction,
 )
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl_estimate
 from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
 from rlhf.ppo.memory import (
     forward_batch_size,
@@ -192,7 +192,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     kl = (
         torch.zeros_like(ref_logprobs)
         if on_policy
-        else kl_estimate(old_logprobs, ref_logprobs, ppo.kl_penalty) * mask
+        else masked_kl_estimate(old_logprobs, ref_logprobs, mask, ppo.kl_penalty)
     )
     beta = s.kl_controller.value
     estimate = estimate_advantages(
@@ -251,7 +251,7 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     tokens = tokens_per_process(mask, backend.reduce_sum, backend.world_size)
     with backend.autocast():
         logprobs, entropy = models.policy_logprobs(batch, ppo.temperature, with_entropy=True)
-        # --old_logprobs update: the weights that sampled are these (one epoch, one optimizer step per
+        # --old_logprobs update: the weights that sampled are these (one epoch, no optimizer step inside a
         # rollout), so the old log-probs are this forward's, detached: the ratio is 1, its gradient the
         # policy gradient's
         on_policy = "old_logprobs" not in old
@@ -287,9 +287,7 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
     if ppo.use_kl_loss:
         out["loss/kl"] = kl.item()
     if on_policy:  # the rollout statistics the rollout could not compute without the old log-probs
-        # masked before the estimate, as kl_loss: a pad's log-prob after EOS can be below -88 (k3's exp)
-        policy = torch.where(mask.bool(), old_logprobs, 0.0)
-        kl_rows = (kl_estimate(policy, old["ref_logprobs"], ppo.kl_penalty) * mask).sum(1)
+        kl_rows = masked_kl_estimate(old_logprobs, old["ref_logprobs"], mask, ppo.kl_penalty).sum(1)
         out["objective/kl"] = float(kl_rows.mean())
         out["objective/rlhf_reward"] = float((old["scores"] - s.kl_controller.value * kl_rows).mean())
     if models.has_critic:

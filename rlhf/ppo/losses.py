@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.ppo.kl import kl_estimate
+from rlhf.ppo.kl import masked_kl_estimate
 from rlhf.ppo.stats import masked_mean
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -131,13 +131,10 @@ def kl_loss(
     The loop adds β times it to the actor loss. logprobs, ref_logprobs, mask: [B, R] -> scalar;
     ``token_count`` as in :func:`aggregate_tokens`.
 
-    The log-ratio is masked before k3's exp: after EOS the actor's log-prob of a pad token can be below
-    −88 (float32's exp overflows; a peaked head at a low temperature) while the masked reference holds 0,
-    and inf · 0 is NaN in the loss and its gradient, which masking afterwards cannot undo.
+    The log-ratio is masked before k3's exp (:func:`rlhf.ppo.kl.masked_kl_estimate`): a pad's log-prob after
+    EOS would overflow it, and NaN the loss and its gradient.
     """
-    keep = mask.bool()  # where, not a product: a -inf log-prob times 0 would be NaN
-    logprobs, ref_logprobs = torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0)
-    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask, count=token_count)
+    return masked_mean(masked_kl_estimate(logprobs, ref_logprobs, mask, "k3"), mask, count=token_count)
 
 
 def entropy_bonus(

@@ -105,12 +105,9 @@ def explained_variance(
     """1 - Var(targets - predictions) / Var(targets) over the mask (1 = perfect critic, <= 0 = useless).
 
     predictions, targets, mask: [B, R] -> scalar. With ``reduce_sum`` the variances are over the masked
-    entries of all processes (:func:`global_masked_moments`).
+    entries of all processes (:func:`global_masked_moments`; without, this process's, as :func:`masked_var`).
     """
-    if reduce_sum is None:
-        var_targets = masked_var(targets, mask, unbiased=False)
-        var_error = masked_var(targets - predictions, mask, unbiased=False)
-    else:
-        var_targets = global_masked_moments(targets, mask, reduce_sum, unbiased=False)[1]
-        var_error = global_masked_moments(targets - predictions, mask, reduce_sum, unbiased=False)[1]
+    reduce_sum = reduce_sum or (lambda total: total)
+    var_targets = global_masked_moments(targets, mask, reduce_sum, unbiased=False)[1]
+    var_error = global_masked_moments(targets - predictions, mask, reduce_sum, unbiased=False)[1]
     return 1.0 - var_error / var_targets.clamp(min=1e-8)
