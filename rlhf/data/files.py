@@ -93,6 +93,15 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield where, value
 
 
+def _children(value: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """The ``(field path, item, key)`` of a decoded JSON object's or list's members (key None in a list)."""
+    if isinstance(value, dict):
+        return [(f"{path}.{key}" if path else str(key), item, key) for key, item in value.items()]
+    if isinstance(value, list):
+        return [(f"{path}[{i}]", item, None) for i, item in enumerate(value)]
+    return []
+
+
 def find_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
     """The first ``(field path, number)`` in a decoded JSON value that is NaN or infinite, else None.
 
@@ -100,13 +109,7 @@ def find_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
     """
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
-    if isinstance(value, dict):
-        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
-    elif isinstance(value, list):
-        items = ((f"{path}[{i}]", item) for i, item in enumerate(value))
-    else:
-        return None
-    for item_path, item in items:
+    for item_path, item, _ in _children(value, path):
         found = find_non_finite(item, item_path)
         if found is not None:
             return found
@@ -123,18 +126,9 @@ def find_unpaired_surrogate(value: Any, path: str = "") -> tuple[str, str] | Non
         except UnicodeEncodeError as exc:
             return path, value[exc.start]
         return None
-    if isinstance(value, dict):
-        items = []
-        for key, item in value.items():
-            key_path = f"{path}.{key}" if path else str(key)
-            if find_unpaired_surrogate(key) is not None:  # the key itself: name it escaped, printable
-                return key_path.encode("utf-8", "backslashreplace").decode("utf-8"), "key"
-            items.append((key_path, item))
-    elif isinstance(value, list):
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    else:
-        return None
-    for item_path, item in items:
+    for item_path, item, key in _children(value, path):
+        if key is not None and find_unpaired_surrogate(key) is not None:  # the key: named escaped, printable
+            return item_path.encode("utf-8", "backslashreplace").decode("utf-8"), "key"
         found = find_unpaired_surrogate(item, item_path)
         if found is not None:
             return found

@@ -50,8 +50,12 @@ def stored_weight_names(path: str) -> set[str] | None:
 def check_head_for_evaluation(path: str) -> None:
     """An evaluation without training and without ``--peft_path`` scores with the head stored at ``path``:
     refuse a model dir that stores none (a causal LM, an SFT adapter), whose head would be drawn at random."""
-    names = None if is_adapter_dir(path) else stored_weight_names(path)
-    if is_adapter_dir(path) or (names is not None and not any(n.split(".")[0] in HEAD_NAMES for n in names)):
+    if is_adapter_dir(path):
+        stores_head = False  # an adapter goes in --peft_path, on its base
+    else:
+        names = stored_weight_names(path)  # None: not readable from headers (.bin), given the benefit
+        stores_head = names is None or any(name.split(".")[0] in HEAD_NAMES for name in names)
+    if not stores_head:
         raise ConfigError(
             f"--do_eval without --do_train evaluates --model_name_or_path {path} as a reward model, but it "
             "stores no trained score head: its scores would come from a randomly drawn one; pass the "
