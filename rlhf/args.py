@@ -11,7 +11,9 @@ older transformers still pass:
 - ``torchrun``/``accelerate launch`` of several processes without a GPU -> ``--use_cpu True`` for the
   ``TrainingArguments`` stages (without it transformers runs each process as an independent,
   non-distributed copy on CPU: no DDP, no barriers), and under DeepSpeed its communication started on gloo
-  (:func:`init_deepspeed_on_cpu`).
+  (:func:`init_deepspeed_on_cpu`);
+- several processes: DeepSpeed's communication module is imported before the process group exists
+  (:func:`import_deepspeed_before_process_group`), so that it cannot keep the group alive past the run's end.
 
 A YAML or JSON file given as the only argument stands in for the flags (:func:`config_file_argv`: the
 file's keys become flags and go through the same rewrites and checks; a list for a comma-list flag such
@@ -25,6 +27,8 @@ the stages that have their own config (PPO, the tensor-parallel tools).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -292,6 +296,26 @@ def init_deepspeed_on_cpu(argv: list[str], has_gpu: bool | None = None) -> bool:
     return True
 
 
+def import_deepspeed_before_process_group() -> bool:
+    """Under a launcher, import ``deepspeed.comm.torch`` before torch's process group is created; True when
+    this call imported it.
+
+    That module binds ``torch.distributed.GroupMember.WORLD`` as a default argument of two methods when it is
+    first imported. Imported after the group exists (the Trainer and Accelerate import it lazily), it holds the
+    group past ``destroy_process_group``: the gloo threads then outlive the run and are torn down during the
+    interpreter's exit, which now and then aborted a finished run (SIGABRT, "terminate called without an
+    active exception"). Imported first, the defaults are None and DeepSpeed looks the group up per call.
+    """
+    if "WORLD_SIZE" not in os.environ or "deepspeed.comm.torch" in sys.modules:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # too late to help; the stage's end still destroys the group
+    if importlib.util.find_spec("deepspeed") is None:
+        return False
+    importlib.import_module("deepspeed.comm.torch")
+    return True
+
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 # String flags read with split_comma_list, beyond those whose help says "comma" (PPO's --report_to): a
@@ -397,6 +421,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     A parsed ``TrainingArguments`` is validated with :func:`check_training_arguments`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    import_deepspeed_before_process_group()
     parser = HfArgumentParser(dataclass_types)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):
         parser.epilog = (

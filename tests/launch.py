@@ -53,3 +53,12 @@ def torchrun(nproc: int) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
     ]  # fmt: skip
+
+
+GLOO_THREADS_AFTER = Path(__file__).with_name("gloo_threads_after.py")
+
+
+def freed_process_groups(stderr: str, nproc: int) -> bool:
+    """Whether every process of a run launched through ``gloo_threads_after.py`` ended with no gloo thread:
+    its process group was freed while the interpreter was alive, not at its exit."""
+    return stderr.count(" 0 gloo thread(s) left") == nproc

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from launch import script_env, torchrun
+from launch import GLOO_THREADS_AFTER, freed_process_groups, script_env, torchrun
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -141,9 +141,10 @@ def test_two_processes_report_the_one_process_eval_loss(
         expected = true_rm_loss(model, repo_root / "rm_data", tmp_path / "cache")
     data, out = repo_root / f"{stage}_data", tmp_path / "ddp"
     argv = eval_argv(model, data, out, tmp_path / "cache", 4, "--ddp_backend", "gloo", *extra)
-    proc = subprocess.run([*torchrun(2), str(repo_root / script), *argv], cwd=tmp_path, env=script_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([*torchrun(2), str(GLOO_THREADS_AFTER), str(repo_root / script), *argv], cwd=tmp_path,
+                          env=script_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert freed_process_groups(proc.stderr, 2), proc.stderr[-3000:]
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
 

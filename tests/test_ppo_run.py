@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import script_env, torchrun
+from launch import GLOO_THREADS_AFTER, freed_process_groups, script_env, torchrun
 from safetensors.torch import load_file
 from test_ppo_models import build_rm_adapter
 from transformers import AutoModelForCausalLM
@@ -192,9 +192,10 @@ def test_two_processes_with_torchrun(tiny_llama, rm_adapter, tmp_path):
     argv = resume_argv(tiny_llama, rm_adapter, out)
     argv[argv.index("--max_steps") + 1] = "2"
     argv[argv.index("--logging_steps") + 1] = "1"
-    cmd = [*torchrun(2), "run_ppo_with_peft.py", *argv]
+    cmd = [*torchrun(2), str(GLOO_THREADS_AFTER), "run_ppo_with_peft.py", *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert freed_process_groups(proc.stderr, 2), proc.stderr[-3000:]
     assert "x 2 processes" in proc.stderr
     checkpoint = out / "checkpoint-2"
     states = [json.loads((checkpoint / f"rank_{r}" / "state.json").read_text()) for r in (0, 1)]
