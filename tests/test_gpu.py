@@ -161,3 +161,33 @@ def test_solver_evaluate_world_size_1_on_a_split_model(tiny_model_factory, tmp_p
     assert [p["question"] for p in predictions] == [r["question"] for r in ROWS]
     assert metrics["tensor_parallel"] == 1 and metrics["n"] == 3
     assert metrics["accuracy"] == sum(p["correct"] for p in predictions) / 3
+
+
+def test_tp_full_training_in_bf16_steps_float32_masters(tiny_llama, tmp_path):
+    """``--lora_rank -1`` on a GPU trains the bf16 shards (``--dtype auto``) through float32 master copies in
+    AdamW: the log says so, the checkpoint's optimizer state holds them, and the loss goes down."""
+    pytest.importorskip("fairscale")
+    from test_tp_train import addition_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(24))
+    command = [
+        *torchrun(1),
+        "-m",
+        "rlhf.tp.solver_train",
+        "--ckpt_dir",
+        str(tiny_llama),
+        "--model_type",
+        "llama",
+    ]
+    command += ["--train_file", str(data), "--save_dir", str(tmp_path / "full"), "--lora_rank", "-1"]
+    command += ["--max_batch_size", "8", "--max_seq_len", "64", "--lr", "3e-3", "--epochs", "4"]
+    command += ["--save_steps", "4", "--log_steps", "2"]
+    proc = run(command, REPO_ROOT)
+    assert "float32 master copies" in proc.stderr and "bfloat16" in proc.stderr
+    state = torch.load(
+        next((tmp_path / "full_run").glob("checkpoint-*/rank_0/optimizer.pt")), weights_only=True
+    )
+    masters = [s["master"] for s in state["optimizers"]["model"]["state"].values() if "master" in s]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    log = [json.loads(x) for x in (tmp_path / "full/training/metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) for row in log) and log[-1]["loss"] < log[0]["loss"]
