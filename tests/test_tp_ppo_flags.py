@@ -134,3 +134,30 @@ def test_called_without_a_command_line_the_values_set_are_the_given_ones(tmp_pat
     ppo = PPOArguments(advantage_estimator="reinforce_pp")
     apply_description_flags(tp, ppo, TPPPOTrainingArguments())
     assert ppo.max_response_length == 8
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fp16", "bf16", "message"),
+    [
+        ("auto", True, False, "^--fp16: the tensor-parallel backend has no fp16 autocast"),
+        ("float32", False, True, "^--bf16 with --dtype float32: the tensor-parallel backend computes in"),
+        ("auto", False, True, None),
+        ("bfloat16", False, True, None),
+    ],
+)
+def test_autocast_flags_are_checked_against_dtype_not_ignored(tmp_path, dtype, fp16, bf16, message):
+    """The TP backend has no autocast: --fp16/--bf16 (which a GPU keeps) either agree with --dtype or fail."""
+    from rlhf.errors import ConfigError
+    from rlhf.ppo.config import PPOArguments
+    from rlhf.tp.ppo_train import TPPPOArguments, TPPPOTrainingArguments, apply_description_flags
+
+    tp = TPPPOArguments(
+        actor_ckpt_dir="a", actor_save_dir=str(tmp_path / "b"), reward_fn="gsm8k", dtype=dtype
+    )
+    args = TPPPOTrainingArguments(fp16=fp16, bf16=bf16)
+    ppo = PPOArguments(advantage_estimator="reinforce_pp")
+    if message is None:
+        apply_description_flags(tp, ppo, args)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            apply_description_flags(tp, ppo, args)

@@ -179,6 +179,23 @@ def refuse_two_values(flag: str, value: int, other: str, other_value: int, what:
         )
 
 
+def check_precision_flags(dtype: str, args: TPPPOTrainingArguments) -> None:
+    """``--fp16`` / ``--bf16`` (``run_ppo_with_peft.py``'s autocast flags) against the TP backend, which has
+    no autocast: it computes in its weights' dtype, which ``--dtype`` sets (bfloat16 on a GPU by default).
+    ``--bf16`` agrees with ``--dtype auto`` or ``bfloat16`` and is accepted; ``--fp16`` is refused (no fp16
+    loss scaling here), and so is ``--bf16`` beside another ``--dtype``, rather than ignored."""
+    if args.fp16:
+        raise ConfigError(
+            "--fp16: the tensor-parallel backend has no fp16 autocast or loss scaling; it computes in the "
+            "weights' dtype, set by --dtype (bfloat16 on a GPU by default)"
+        )
+    if args.bf16 and dtype not in ("auto", "bfloat16"):
+        raise ConfigError(
+            f"--bf16 with --dtype {dtype}: the tensor-parallel backend computes in the weights' dtype, which "
+            "--dtype sets; drop --bf16 or pass --dtype bfloat16"
+        )
+
+
 def apply_description_flags(
     tp: TPPPOArguments,
     ppo: PPOArguments,
@@ -205,6 +222,7 @@ def apply_description_flags(
         )
     if args.torch_compile or args.torch_compile_backend is not None:
         raise ConfigError(TORCH_COMPILE_REFUSED)
+    check_precision_flags(tp.dtype, args)
     if ppo.needs_critic and not (tp.critic_ckpt_dir and tp.critic_save_dir):
         raise ConfigError(
             f"--advantage_estimator {ppo.advantage_estimator} trains a critic: pass --critic_ckpt_dir and "
