@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import script_env, torchrun
+from launch import GLOO_THREADS_AFTER, freed_process_groups, script_env, torchrun
 
 from rlhf.tp.examples import Example, collate, split_rows
 
@@ -283,9 +283,10 @@ def test_workflow_at_tp2_under_torchrun(tiny_llama, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
     env = script_env()
     command = torchrun(2)
-    command += [__file__, str(tiny_llama), str(tmp_path)]
+    command += [str(GLOO_THREADS_AFTER), __file__, str(tiny_llama), str(tmp_path)]
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert freed_process_groups(result.stderr, 2), result.stderr[-4000:]  # no group left to the exit
 
     for name in ("solver", "verifier", "actor", "critic"):
         params = json.loads((tmp_path / name / "params.json").read_text())
