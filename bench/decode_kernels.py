@@ -26,6 +26,49 @@ from rollout import compute_ops_per_step  # noqa: E402
 
 DEPTHS = (2, 4)
 TARGETS = {"1.1B shape (22 layers)": 22, "7B shape (32 layers)": 32}
+# the H200 rollout run of 2026-11-27 (bench/RESULTS.md, `rollout-gpu`): its `ours` row decoded the unmerged
+# 1.1B step in 7.64 ms for about 1,835 kernels, about 4 µs per kernel
+US_PER_KERNEL = 4.0
+# kernels per layer that CUDA's one fused `aten::_fused_rms_norm` per norm saves on the bf16 rows' count: two
+# norms of 6 ops plus a float32 round trip of 2 casts on CPU, 1 kernel each on a GPU
+BF16_NORM_SAVING = 14
+TARGET_MS = 3.0  # issue 13's target per decode step
+
+
+def forecast(rows: dict[tuple[bool, str], tuple[int, int]]) -> str:
+    """The paragraph after the table: the bf16 1.1B counts read against the H200's per-kernel time.
+    ``rows``: (bf16, adapter) -> (fixed kernels, kernels per layer)."""
+    layers = TARGETS["1.1B shape (22 layers)"]
+
+    def total(adapter: str) -> int:
+        fixed, per_layer = rows[(True, adapter)]
+        return fixed + per_layer * layers
+
+    unmerged, merged, peft = total("unmerged"), total("merged"), total("unmerged, PEFT's forward")
+    unmerged_layer, peft_layer = rows[(True, "unmerged")][1], rows[(True, "unmerged, PEFT's forward")][1]
+    unmerged_cuda, merged_cuda = (n - BF16_NORM_SAVING * layers for n in (unmerged, merged))
+    unmerged_ms, merged_ms = (n * US_PER_KERNEL / 1000 for n in (unmerged_cuda, merged_cuda))
+    verdict = "within" if merged_ms <= TARGET_MS else "above"
+    return (
+        "Read against the H200 (2026-11-27, `rollout-gpu` above): the unmerged 1.1B step took 7.64 ms for about "
+        "1,835 kernels (that run's `ours` row: bf16 model, float32 adapter, PEFT's forward, no autocast, RoPE in 5 "
+        f"kernels: 82 per layer), about {US_PER_KERNEL:g} µs per kernel, far above its ~1 ms of weight reads; the "
+        "kernel count is the cost to cut. Since then, PPO under `--bf16` (and `bench/rollout.py`'s `ours` rows on "
+        "the GPU) decode the unmerged adapter under bf16 autocast with our LoRA forward, reading bf16 copies of the "
+        "adapters that the engine refreshes before each generation (no cast of each adapter matrix at every "
+        "step), and RoPE takes 3 kernels (a product, a roll and an addcmul): "
+        f"{unmerged_layer} kernels per layer, {unmerged:,} per step as counted, about "
+        f"{unmerged_cuda:,} where CUDA runs each RMSNorm (now `F.rms_norm` in every stage, "
+        f"`rlhf/models/fused_rms_norm.py`) as one kernel, about {unmerged_ms:.1f} ms at that rate (PEFT's forward "
+        f"under the same autocast: {peft_layer} and {peft:,}). The merged step: "
+        f"{merged:,} kernels as counted, about {merged_cuda:,} where CUDA runs each `F.rms_norm` as one fused "
+        "kernel (on CPU it is 6 ops plus, in bf16, a float32 round trip of 2 casts: "
+        f"{BF16_NORM_SAVING} kernels per layer for its two norms; it is called outside autocast, since CUDA "
+        f"autocast would run it in float32 with 3 casts around it), about {merged_ms:.1f} ms at "
+        f"{US_PER_KERNEL:g} µs per kernel, {verdict} the {TARGET_MS:g} ms target of issue 13; the compiled merged "
+        "step (`ours-merged-compiled`, first in the next GPU run) fuses the RMSNorm, RoPE and SiLU chains "
+        "further. A forecast from counts, not a GPU timing."
+    )
 
 
 def count(layers: int, merged: bool, bf16: bool, fast_forward: bool = True) -> int:
@@ -71,13 +114,14 @@ def count(layers: int, merged: bool, bf16: bool, fast_forward: bool = True) -> i
 
 
 def main() -> None:
-    rows = []
+    rows, counts = [], {}
     variants = {"unmerged, PEFT's forward": (False, False), "unmerged": (False, True), "merged": (True, True)}
     for bf16 in (False, True):
         for adapter, (merged, fast_forward) in variants.items():
             shallow, deep = (count(n, merged, bf16, fast_forward) for n in DEPTHS)
             per_layer = (deep - shallow) // (DEPTHS[1] - DEPTHS[0])
             fixed = shallow - per_layer * DEPTHS[0]
+            counts[(bf16, adapter)] = (fixed, per_layer)
             precision = "bf16 base + float32 adapter, bf16 autocast" if bf16 else "float32"
             rows.append([
                 precision, adapter, str(fixed), str(per_layer),
@@ -100,7 +144,7 @@ def main() -> None:
         "also does the bf16 rows' float32 round trip, 2 casts per norm here; called outside autocast, since "
         "CUDA autocast would run it in float32 with 3 casts around it): on a GPU those steps have 10 (float32) "
         "to 14 (bf16) kernels per layer fewer than counted here. Hugging Face's RMSNorm modules (the PEFT rows) "
-        f"are those six ops on any device. torch {torch.__version__}.\n\n{table}\n"
+        f"are those six ops on any device. torch {torch.__version__}.\n\n{table}\n\n{forecast(counts)}\n"
     )
     print(text)
     update_section("decode-kernels-cpu", text)
