@@ -408,11 +408,19 @@ def stage_defaults(argv: list[str]) -> list[str]:
     """The flags to put before ``argv``: :data:`STAGE_DEFAULTS`, and when neither ``--logging_steps`` nor
     ``--eval_steps`` is given, ``--eval_steps`` at Trainer's old cadence: Trainer evaluates every
     ``--logging_steps`` under ``--eval_strategy steps`` without ``--eval_steps``, which the new default
-    would have turned from every 500 steps into every 10."""
-    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    would have turned from every 500 steps into every 10. Either spelling of a flag counts
+    (``--logging_steps``, ``--logging-steps``)."""
+    # HfArgumentParser takes each flag with hyphens too (--logging-steps): compare the underscore spelling
+    given = {"--" + arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     if given & {"--logging_steps", "--eval_steps"}:
         return list(STAGE_DEFAULTS)
     return [*STAGE_DEFAULTS, "--eval_steps", TRAINER_LOGGING_STEPS]
+
+
+def show_stage_defaults(parser: HfArgumentParser) -> None:
+    """Make ``--help`` show the defaults :func:`stage_defaults` puts first on the command line ("(default:
+    10)" for ``--logging_steps``, not Trainer's 500). Parsing is unchanged: those flags are always given."""
+    parser.set_defaults(**{flag[2:]: value for flag, value in zip(STAGE_DEFAULTS[::2], STAGE_DEFAULTS[1::2])})
 
 
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
@@ -430,6 +438,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
             "file of flags may replace them all. --logging_steps defaults to 10 here (not Trainer's 500); without "
             "--logging_steps and --eval_steps, --eval_steps is 500, as before."
         )
+        show_stage_defaults(parser)
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_argv(argv[0], parser)
     argv = normalize_argv(argv)

@@ -18,6 +18,7 @@ from rlhf.args import (
     normalize_argv,
     parse_args,
     split_comma_list,
+    stage_defaults,
 )
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoraSpec
@@ -190,3 +191,40 @@ def test_several_cpu_processes_get_use_cpu_for_trainer_stages(monkeypatch):
     assert cpu_processes_flag([], (DataArguments,), has_gpu=False) == []  # not a Trainer stage
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cpu_processes_flag([], stage, has_gpu=False) == []
+
+
+def test_stage_defaults_know_both_spellings_of_a_flag():
+    """HfArgumentParser takes --logging-steps and --eval-steps too: given either way, --eval_steps is not
+    pinned to 500 (Trainer then evaluates every --logging_steps)."""
+    assert stage_defaults([]) == ["--logging_steps", "10", "--eval_steps", "500"]
+    for argv in (
+        ["--logging_steps", "5"],
+        ["--logging-steps", "5"],
+        ["--eval-steps=7"],
+        ["--eval_steps", "7"],
+    ):
+        assert stage_defaults(argv) == ["--logging_steps", "10"], argv
+
+
+def test_hyphen_spelled_logging_steps_parse_as_the_underscore_ones(tmp_path):
+    def steps(*flags: str) -> tuple[float, float | None]:
+        argv = ["--model_name_or_path", "m", "--dataset_dir", "d", "--output_dir", str(tmp_path / "out"),
+                "--do_train", "--eval_strategy", "steps", *flags]  # fmt: skip
+        *_, training = parse_args(SFT_GROUPS, argv)
+        return training.logging_steps, training.eval_steps
+
+    assert steps() == (10, 500)
+    assert steps("--logging-steps", "50") == steps("--logging_steps", "50") == (50, 50)
+    assert steps("--eval-steps", "20") == steps("--eval_steps", "20") == (10, 20)
+
+
+def test_help_shows_the_stage_default_of_logging_steps(capsys, monkeypatch):
+    """--help of the SFT and reward-model stages shows the --logging_steps they run with (10), not Trainer's
+    500."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        parse_args(SFT_GROUPS, ["--help"])
+    text = capsys.readouterr().out
+    entry = text[text.index("  --logging_steps LOGGING_STEPS") :]
+    entry = entry[: entry.index("\n  --", 1)]
+    assert "(default: 10)" in entry and "500" not in entry
