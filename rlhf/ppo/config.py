@@ -63,8 +63,11 @@ class PPOModelArguments:
         metadata={"help": "Reward-model adapter dir from run_rm_with_peft.py (LoRA + score head)."},
     )
     reward_model_path: str | None = field(
-        default=None, metadata={"help": "A full sequence-classification reward model dir (num_labels=1)."}
-    )
+        default=None,
+        metadata={"help": "A separate, frozen reward model: a full sequence-classification model dir "
+                  "(num_labels=1), or a reward-model adapter dir from run_rm_with_peft.py, loaded onto its own "
+                  "base and merged (--reward_lora_path shares the actor's base instead)."},
+    )  # fmt: skip
     reward_fn: str | None = field(
         default=None,
         metadata={"help": "Rule reward 'path/to/file.py:fn' or 'module:fn', called as "
