@@ -12,7 +12,7 @@ Accelerate / torchrun (add ``--deepspeed configs/ds_zero2.json`` for ZeRO)::
 
 Every flag of ``transformers.TrainingArguments`` works, plus the model, data and LoRA flags of
 ``rlhf.args`` and ``--max_length`` / ``--center_rewards_coefficient`` / ``--padding_side`` /
-``--overwrite_output_dir``. See ``docs/reward_model.md``.
+``--overwrite_output_dir`` / ``--packing`` (with ``--packed_attention``). See ``docs/reward_model.md``.
 """
 
 from __future__ import annotations

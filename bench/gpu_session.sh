@@ -35,8 +35,9 @@
 #
 # Steps: enginetests (the engine's CUDA-graph tests and the packed-attention GPU test), rollout
 # (bench/rollout.py; ROLLOUT_ROWS=a,b picks rows and their order), ppo (bench/ppo.py --gpu-suite; PPO_ROWS=a,b
-# picks rows), sft (bench/sft.py --gpu-suite: SFT and reward model), tests (tests/test_gpu.py: the seed
-# commands in fp16 and bf16). Each writes its log to $OUT (the device tool's output folder) or
+# picks rows), sft (bench/sft.py --gpu-suite: SFT and reward model), tests (the gpu-marked tests of
+# tests/test_gpu.py: the seed commands in fp16 and bf16; and of tests/test_ppo_memory.py: a GPU PPO run logs
+# and records its peak memory). Each writes its log to $OUT (the device tool's output folder) or
 # runs/gpu_session/; the benchmarks print each row as a JSON line as it finishes and write their sections of
 # bench/RESULTS.md (only the rows of that run), which is copied there at the end. Limits (seconds):
 # ENGINETESTS_S, ROLLOUT_S, PPO_S, SFT_S, TESTS_S.
