@@ -81,7 +81,7 @@ class SolverEvaluateArguments:
         default=None, metadata={"help": "LoRA adapter merged into an HF --ckpt_dir"}
     )
     dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"}
     )
     limit: int | None = field(
         default=None,

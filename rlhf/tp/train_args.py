@@ -39,7 +39,12 @@ class TPTrainArguments:
     )
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training rows"})
-    max_seq_len: int = field(default=512, metadata={"help": "sequences are cut to this many tokens"})
+    max_seq_len: int = field(
+        default=512,
+        metadata={
+            "help": "tokens per sequence: solver rows are cut to it, verifier rows longer than it are dropped"
+        },
+    )
     accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
