@@ -13,23 +13,28 @@ import torch
 from test_tp_ppo import ROWS
 
 
-@pytest.fixture
-def adapter_dir(tiny_llama, tmp_path) -> Path:
-    """A LoRA adapter on q_proj / v_proj of the tiny llama with non-zero B, saved with its tokenizer."""
+def save_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on q_proj / v_proj of ``base`` with non-zero B, saved with its tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    model.save_pretrained(tmp_path / "adapter")
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "adapter")
-    assert not (tmp_path / "adapter/config.json").exists()
-    return tmp_path / "adapter"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    assert not (out / "config.json").exists()
+    return out
+
+
+@pytest.fixture
+def adapter_dir(tiny_llama, tmp_path) -> Path:
+    """A LoRA adapter of the tiny llama."""
+    return save_adapter(tiny_llama, tmp_path / "adapter")
 
 
 def merged_adapter_state(adapter: Path) -> dict[str, torch.Tensor]:
@@ -37,6 +42,46 @@ def merged_adapter_state(adapter: Path) -> dict[str, torch.Tensor]:
     from rlhf.tp.loading import load_rank_state
 
     return load_rank_state(str(adapter), 0, 1)[1]
+
+
+def test_mixtral_with_an_adapter_loads_as_the_merged_model(tiny_model_factory, tmp_path, world_of_one):
+    """transformers 5 holds a Mixtral's experts fused in memory (``mlp.experts.gate_up_proj``, ...), not
+    under the per-expert keys of its files: the merged model in memory is mapped back to them, so every
+    shard (TP=2 included) equals the one of the merged model saved to disk, and the logits are HF's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.errors import CheckpointError
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.tp.key_maps import file_layout_state
+    from rlhf.tp.loading import load_rank_state, load_tp_model
+
+    base = tiny_model_factory("mixtral")
+    adapter = save_adapter(base, tmp_path / "adapter")
+    merged = load_causal_lm(str(adapter), torch_dtype="float32", merge_adapter=True)
+    merged.save_pretrained(tmp_path / "merged")
+    assert any("gate_up_proj" in k for k in merged.state_dict())  # the fused layout this test is about
+    for rank in (0, 1):
+        on_disk = load_rank_state(str(tmp_path / "merged"), rank, 2)[1]
+        for ckpt_dir, peft_path in ((adapter, None), (base, adapter)):
+            state = load_rank_state(str(ckpt_dir), rank, 2, peft_path=peft_path and str(peft_path))[1]
+            assert state.keys() == on_disk.keys()
+            assert all(torch.equal(state[k], on_disk[k]) for k in state), (ckpt_dir, rank)
+    tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
+    enc = tokenizer(["I love cats and dogs.", "The weather is nice"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ours = load_tp_model(str(adapter), rank=0, world_size=1, device=torch.device("cpu"), model_type="mixtral")
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = merged(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(ids, mask)[real], expected[real], atol=2e-5, rtol=1e-4)
+        plain = base_model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(plain[real], expected[real], atol=1e-3)  # the adapter changes the model
+    # a layout other than [experts, 2 * ffn, dim] (say, a transposed one) is refused, not misread
+    args = load_rank_state(str(base), 0, 1)[0]
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    with pytest.raises(CheckpointError, match="fuses a Mixtral's experts in a layout"):
+        file_layout_state({key: merged.state_dict()[key].transpose(1, 2)}, args)
 
 
 def check_saved_dir(out: Path, tiny_llama: Path, head: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict
+from typing import Any
 
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.model_types import FAMILY_MODEL_TYPES, family_of
@@ -51,6 +52,14 @@ MIXTRAL_KEYS: KeyMap = {
         for w in ("w1", "w2", "w3")
     },
 }
+# transformers 5 fuses a Mixtral's experts when it loads one (the "mixtral" entry of its conversion_mapping.py),
+# so a model in memory (a base with an adapter merged in) has other keys than its files: ``mlp.gate`` is the
+# router ``block_sparse_moe.gate``; ``mlp.experts.gate_up_proj`` [E, 2 * I, H] stacks each expert's w1 (gate,
+# the first I rows) on its w3 (up, the last I rows); ``mlp.experts.down_proj`` [E, H, I] holds each w2.
+# :func:`file_layout_state` undoes it, as ``save_pretrained`` does when it writes the files.
+FUSED_MIXTRAL = re.compile(
+    r"^model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$"
+)
 # The original Qwen (remote code): fused c_attn; mlp.c_proj(mlp.w1(x) * silu(mlp.w2(x))).
 QWEN_KEYS: KeyMap = {
     "transformer.wte.weight": ("tok_embeddings.weight",),
@@ -150,6 +159,43 @@ def concrete_key_map(args: ModelArgs, head: str = "lm") -> dict[str, tuple[str, 
     if head == "scalar":
         table.update(SCORE_KEYS)
     return table
+
+
+def file_layout_state(state: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
+    """An HF model's in-memory state dict under the keys of its files (what :data:`KEY_MAPS` knows).
+
+    Only a Mixtral differs (:data:`FUSED_MIXTRAL`): its fused expert tensors become per-expert views. Their
+    shapes are checked against ``args``, so a transformers release that fuses them another way is refused
+    instead of loading the experts' halves or transposes as the wrong weights.
+    """
+    if args.family != "mixtral":
+        return state
+    expected = {
+        "experts.gate_up_proj": (args.n_experts, 2 * args.hidden_dim, args.dim),
+        "experts.down_proj": (args.n_experts, args.dim, args.hidden_dim),
+    }
+    out = {}
+    for key, tensor in state.items():
+        match = FUSED_MIXTRAL.match(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        prefix, part = f"model.layers.{match[1]}.block_sparse_moe", match[2]
+        if part == "gate.weight":
+            out[f"{prefix}.gate.weight"] = tensor
+            continue
+        if tuple(tensor.shape) != expected[part]:
+            raise CheckpointError(
+                f"{key}: shape {tuple(tensor.shape)}, expected {expected[part]} (experts, out, in): this "
+                "transformers version fuses a Mixtral's experts in a layout the TP loader does not know"
+            )
+        for e, expert in enumerate(tensor):
+            if part == "experts.down_proj":
+                out[f"{prefix}.experts.{e}.w2.weight"] = expert
+            else:
+                w1, w3 = expert.chunk(2, dim=0)
+                out[f"{prefix}.experts.{e}.w1.weight"], out[f"{prefix}.experts.{e}.w3.weight"] = w1, w3
+    return out
 
 
 def sequence_classification_config(hf_config: dict) -> dict:

@@ -1,9 +1,10 @@
 """A model for this rank from a shard dir (``params.json`` + ``consolidated.NN.pth``) or a plain HF dir.
 
 An HF dir (what the ``run_*`` scripts save, optionally with ``--peft_path`` or as an adapter dir) is split in
-memory through the same key maps as ``checkpoint_split.py``; each rank keeps only its own shard. An HF
-``...ForSequenceClassification`` dir with one label (a verifier merged by ``checkpoint_split.py --merge``)
-loads as a scalar-head model.
+memory through the same key maps as ``checkpoint_split.py``; each rank keeps only its own shard. A base with
+an adapter merged in memory first gets the keys of its files back (transformers fuses a Mixtral's experts in
+memory: :func:`rlhf.tp.key_maps.file_layout_state`). An HF ``...ForSequenceClassification`` dir with one
+label (a verifier merged by ``checkpoint_split.py --merge``) loads as a scalar-head model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.loading import is_adapter_dir
 from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, source_head, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, read_hf_config
-from rlhf.tp.key_maps import check_divisible, check_preset, model_args_from_hf
+from rlhf.tp.key_maps import check_divisible, check_preset, file_layout_state, model_args_from_hf
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
 from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard, read_params
 
@@ -65,14 +66,16 @@ def load_rank_state(
         if not is_adapter_dir(adapter):
             raise CheckpointError(f"{adapter}: not an adapter dir (no adapter_config.json)")
         _, full_config = read_hf_config(base)
+        args = model_args_from_hf(full_config)
         model = load_causal_lm(adapter, torch_dtype="float32", merge_adapter=True)
-        source: TensorLookup = StateDictLookup(model.state_dict())
+        # in memory transformers may hold tensors fused (a Mixtral's experts); the key maps know the files
+        source: TensorLookup = StateDictLookup(file_layout_state(model.state_dict(), args))
         where = f"{base}/config.json"
     else:
         _, full_config = read_hf_config(path)
+        args = model_args_from_hf(full_config)
         source = TensorSource.open(path)
         where = f"{path}/config.json"
-    args = model_args_from_hf(full_config)
     check_divisible(args, world_size)
     state = split_state(source, args, world_size, [rank], source_head(source))[rank]
     return args, state, where
