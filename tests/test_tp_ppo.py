@@ -220,6 +220,28 @@ def test_resume_mid_rollout_is_bit_exact(tiny_llama, verifier_dir, tmp_path, wor
     assert Path(tmp_path / "a/training/metrics.jsonl").is_file()
 
 
+def test_resuming_with_another_lora_alpha_is_refused(tiny_llama, tmp_path, world_of_one, capsys):
+    """--lora_alpha scales the adapters without changing a tensor's shape: a resume with another one is one
+    line naming the flag (as run_ppo_with_peft.py's --actor_lora_alpha), not a silently rescaled adapter."""
+    from rlhf.tp import ppo_train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    common = ["--actor_ckpt_dir", str(tiny_llama), "--actor_save_dir", str(tmp_path / "a"), "--reward_fn", "gsm8k",
+              "--train_file", str(data), "--advantage_estimator", "grpo", "--num_samples_per_prompt", "2",
+              "--max_batch_size", "2", "--max_buffer_size", "4", "--max_gen_len", "4", "--lora_rank", "4",
+              "--save_steps", "1", "--report_to", "none"]  # fmt: skip
+    first = ppo_train.main(common + ["--max_steps", "1", "--lora_alpha", "32"])
+    assert first.models.adapter_settings() == {"lora_alpha": 32.0}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        ppo_train.main(common + ["--max_steps", "2", "--lora_alpha", "16"])
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "a_run" / "checkpoint-1"
+    expected = f"{checkpoint} was written by a run with other settings (--lora_alpha 32.0 there, 16.0 now)"
+    assert exc.value.code == 2 and expected in err and "Traceback" not in err, err
+
+
 def test_a_reward_model_dir_that_is_no_verifier_is_refused_before_loading(
     tiny_llama, verifier_dir, tmp_path, world_of_one, monkeypatch, capsys
 ):

@@ -134,6 +134,7 @@ def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int)
         layer.lora_dropout = ShardDropout(dropout, world_size, rank)
     else:
         layer.lora_dropout = nn.Dropout(dropout)
+    layer.lora_alpha = float(alpha)  # what a resumed run must share (``TPPolicyModels.adapter_settings``)
     layer.lora_scale = alpha / r
     layer.lora_handle = layer.register_forward_hook(_lora_delta)
 
@@ -201,6 +202,6 @@ def merge_lora(model: nn.Module) -> int:
         delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.lora_scale
         layer.weight.add_(delta.to(layer.weight.dtype))
         layer.lora_handle.remove()
-        for attr in ("lora_A", "lora_B", "lora_dropout", "lora_scale", "lora_handle"):
+        for attr in ("lora_A", "lora_B", "lora_dropout", "lora_alpha", "lora_scale", "lora_handle"):
             delattr(layer, attr)
     return len(layers)

@@ -20,6 +20,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,6 +173,17 @@ class TPPolicyModels(TrainableGroups):
         yield self.actor
 
     # -- saving (parameter groups and trainable state per rank: TrainableGroups) --------------------
+    def adapter_settings(self) -> dict[str, Any]:
+        """The LoRA alpha of the trained adapters: no tensor's shape shows it, and a changed alpha would
+        silently rescale a resumed adapter (the PEFT bundle records ``actor_lora_alpha`` and
+        ``critic_lora_alpha``; here actor and critic share ``--lora_alpha``, the key that names the flag in
+        the refusal). Full-parameter: none."""
+        models = [m for m in (self.actor, self.critic) if m is not None]
+        alphas = sorted({layer.lora_alpha for m in models for layer in lora_layers(m).values()})
+        if not alphas:
+            return {}
+        return {"lora_alpha": alphas[0] if len(alphas) == 1 else alphas}
+
     def save_actor(self, directory: Path) -> None:
         """Collective: a shard dir (LoRA merged) that solver_evaluate and checkpoint_split --merge take."""
         save_model_shards(
