@@ -86,6 +86,41 @@ def run_lora(model_dir: Path, rank: int, world_size: int, dropout: float = 0.0) 
     }
 
 
+def run_seeded(model_dir: Path, rank: int, world_size: int) -> dict:
+    """What the trainers do: seed the RNG, build the model and its adapter (LoRA dropout 0.2), then train
+    (a training-mode forward and backward). The RNG state after ``apply_lora``, the logits and the loss."""
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora
+
+    ids, mask = batch(model_dir)
+    torch.manual_seed(5)
+    model = load_tp_model(str(model_dir), rank=rank, world_size=world_size, device=torch.device("cpu"))
+    apply_lora(model, r=4, alpha=8, targets=["all"], dropout=0.2)
+    rng = torch.get_rng_state()
+    fill_b(model)  # its own generators
+    logits = model.train()(ids, mask)
+    loss = loss_of(logits, ids, mask)
+    loss.backward()
+    return {"rng": rng, "logits": logits.detach(), "loss": loss.detach()}
+
+
+def test_building_the_adapter_draws_nothing_from_the_rng(tiny_model_factory, world_of_one):
+    """The LoRA dropout masks come from the default RNG, seeded alike on every rank: building the adapter
+    must not draw from it (an ``nn.Linear``'s default init would draw as many numbers as the local shard
+    has, so the masks after it would change with the TP degree)."""
+    from rlhf.tp.loading import load_tp_model
+    from rlhf.tp.lora import apply_lora, lora_layers
+
+    model = load_tp_model(str(tiny_model_factory("llama")), rank=0, world_size=1, device=torch.device("cpu"))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    apply_lora(model, r=4, alpha=8, targets=["all"], dropout=0.2)
+    assert torch.equal(torch.get_rng_state(), before)
+    layer = next(iter(lora_layers(model).values()))
+    assert layer.lora_A.weight.abs().sum() > 0 and not layer.lora_B.weight.any()
+    assert layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
+
+
 def test_matches_peft_lora_and_merges(tiny_model_factory, world_of_one):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -285,6 +320,11 @@ def test_world_size_2_lora_equals_world_size_1(tiny_model_factory, tmp_path, wor
         torch.testing.assert_close(
             tp2["dropout"]["grads"][key], tp1["grads"][key], atol=1e-5, rtol=1e-4, msg=key
         )
+    # seeded before the model and its adapter are built, as the trainers do: the same masks at TP=1 and 2
+    tp1 = run_seeded(model_dir, 0, 1)
+    assert torch.equal(tp2["seeded"]["rng"], tp1["rng"])
+    torch.testing.assert_close(tp2["seeded"]["logits"][real], tp1["logits"][real], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tp2["seeded"]["loss"], tp1["loss"], atol=1e-6, rtol=1e-5)
 
 
 def worker(model_dir: Path, out: Path) -> None:
@@ -296,6 +336,7 @@ def worker(model_dir: Path, out: Path) -> None:
     rank, world_size = init_model_parallel("gloo")
     result = run_lora(model_dir, rank, world_size)
     result["dropout"] = run_lora(model_dir, rank, world_size, dropout=0.3)
+    result["seeded"] = run_seeded(model_dir, rank, world_size)
     for grads in (result["grads"], result["dropout"]["grads"]):
         for key, dim in CHECKED.items():
             pieces = [torch.empty_like(grads[key]) for _ in range(world_size)]

@@ -12,7 +12,8 @@ all-reduced in the forward pass (so the replicated B sees the full product). Bot
 
 A is initialised as peft does (uniform in +-1/sqrt(fan_in), fan_in of the full layer) from a generator
 seeded per layer, drawn at full size and then sliced, so the adapter is the same at any world size;
-B starts at zero. The LoRA weights live on the layer as ``lora_A.weight`` / ``lora_B.weight`` and a forward
+B starts at zero. Building them draws nothing from the default RNG, whose state the dropout masks after it
+depend on. The LoRA weights live on the layer as ``lora_A.weight`` / ``lora_B.weight`` and a forward
 hook adds their output, so the layer's own keys (``layers.0.attention.wq.weight``) do not change.
 Dropout on the replicated input of a column layer draws from the default RNG: seed every rank the same.
 On a row layer's split input each rank draws the mask of the full input and keeps its slice
@@ -109,6 +110,11 @@ def _lora_delta(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torc
     return output + (delta * layer.lora_scale).to(output.dtype)
 
 
+def _uninitialised_linear(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """A bias-free ``nn.Linear`` whose weight is left uninitialised: nothing drawn from the default RNG."""
+    return torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=False, device=device, dtype=dtype)
+
+
 def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int) -> None:
     world_size = fs_init.get_model_parallel_world_size()
     rank = fs_init.get_model_parallel_rank()
@@ -123,8 +129,10 @@ def _add_lora(layer: nn.Module, r: int, alpha: float, dropout: float, seed: int)
     # float32 even on a bf16/fp16 base (as PEFT does): AdamW's steps of about lr are far below one bf16 step
     # of a weight, so a half-precision adapter would barely move
     dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    layer.lora_A = nn.Linear(in_local, r, bias=False, device=weight.device, dtype=dtype)
-    layer.lora_B = nn.Linear(r, out_local, bias=False, device=weight.device, dtype=dtype)
+    # skip_init: an nn.Linear's default init would draw as many numbers from the default RNG as this rank's
+    # shard has, so the dropout masks drawn after it would change with the TP degree; A and B are set below
+    layer.lora_A = _uninitialised_linear(in_local, r, weight.device, dtype)
+    layer.lora_B = _uninitialised_linear(r, out_local, weight.device, dtype)
     with torch.no_grad():
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.zero_()
