@@ -30,8 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_tp_dtype(name: str | None, device: torch.device, training: bool = False) -> torch.dtype:
     """``auto``: bfloat16 on GPU, float32 on CPU; half precision on CPU falls back to float32.
 
-    ``training``: float16 is refused. The TP trainers run plain AdamW without a loss scaler: float16
-    gradients underflow, and AdamW's eps (1e-8) rounds to 0 in float16 (NaN from a zero gradient).
+    ``training``: float16 is refused. The TP trainers have no loss scaler, so float16 gradients underflow
+    (AdamW itself steps float32 masters of half-precision weights: :class:`rlhf.optimizer.MasterWeightAdamW`).
     """
     if name in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
