@@ -125,7 +125,7 @@ def test_save_dir_that_is_a_file_fails_before_loading(tmp_path, capsys):
 
 
 def test_float16_training_is_refused_and_evaluation_is_not():
-    """The TP trainers have no fp16 loss scaler (AdamW's eps rounds to 0 in float16): training in float16
+    """The TP trainers have no fp16 loss scaler (float16 gradients underflow): training in float16
     is a one-line error naming the flag, on any machine; evaluation may load float16 weights."""
     from rlhf.errors import ConfigError
     from rlhf.tp.loading import resolve_tp_dtype

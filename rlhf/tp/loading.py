@@ -39,8 +39,8 @@ def resolve_tp_dtype(name: str | None, device: torch.device, training: bool = Fa
         raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
     if training and name == "float16":
         raise ConfigError(
-            "--dtype float16: the tensor-parallel trainers have no fp16 loss scaling (gradients underflow, "
-            "AdamW's eps rounds to 0); train in bfloat16 (the GPU default) or float32"
+            "--dtype float16: the tensor-parallel trainers have no fp16 loss scaling (float16 gradients "
+            "underflow); train in bfloat16 (the GPU default) or float32"
         )
     if device.type == "cpu" and name != "float32":
         logger.warning("--dtype %s needs a GPU; float32 is used on CPU", name)
