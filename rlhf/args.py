@@ -296,9 +296,8 @@ def init_deepspeed_on_cpu(argv: list[str], has_gpu: bool | None = None) -> bool:
     return True
 
 
-def import_deepspeed_before_process_group() -> bool:
-    """Under a launcher, import ``deepspeed.comm.torch`` before torch's process group is created; True when
-    this call imported it.
+def import_deepspeed_before_process_group() -> None:
+    """Under a launcher, import ``deepspeed.comm.torch`` before torch's process group is created.
 
     That module binds ``torch.distributed.GroupMember.WORLD`` as a default argument of two methods when it is
     first imported. Imported after the group exists (the Trainer and Accelerate import it lazily), it holds the
@@ -307,13 +306,11 @@ def import_deepspeed_before_process_group() -> bool:
     active exception"). Imported first, the defaults are None and DeepSpeed looks the group up per call.
     """
     if "WORLD_SIZE" not in os.environ or "deepspeed.comm.torch" in sys.modules:
-        return False
+        return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False  # too late to help; the stage's end still destroys the group
-    if importlib.util.find_spec("deepspeed") is None:
-        return False
-    importlib.import_module("deepspeed.comm.torch")
-    return True
+        return  # too late to help; the stage's end still destroys the group
+    if importlib.util.find_spec("deepspeed") is not None:
+        importlib.import_module("deepspeed.comm.torch")
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
