@@ -20,6 +20,7 @@ CHECKED = {  # LoRA weight -> split dim of its gradient across ranks (None: repl
     "layers.1.feed_forward.w2.lora_A.weight": 1,  # row layer: A split on the input
     "layers.1.feed_forward.w2.lora_B.weight": None,  # row layer: B replicated
 }
+DRIFTING = "layers.0.attention.wq.lora_A.weight"  # replicated: rank 1 perturbs its gradient before clipping
 
 
 def fill_b(model, seed: int = 1) -> None:
@@ -73,7 +74,10 @@ def run_lora(model_dir: Path, rank: int, world_size: int, dropout: float = 0.0) 
     loss_of(logits, ids, mask).backward()
     params = dict(model.named_parameters())
     grads = {key: params[key].grad.clone() for key in CHECKED}
+    drifting = params[DRIFTING].grad
+    drifting[0, 0] += rank * 1e-3  # as if a non-deterministic kernel had summed in another order
     norm = clip_grad_norm(model)  # over the LoRA gradients, split ones summed over ranks
+    synced = drifting.clone()  # every rank: rank 0's gradient again
     assert merge_lora(model) == 14
     with torch.no_grad():
         merged = model(ids, mask)
@@ -83,6 +87,7 @@ def run_lora(model_dir: Path, rank: int, world_size: int, dropout: float = 0.0) 
         "grads": grads,
         "keys": sorted(model.state_dict()),
         "norm": norm,
+        "synced": synced,
     }
 
 
@@ -343,6 +348,10 @@ def worker(model_dir: Path, out: Path) -> None:
             dist.all_gather(pieces, grads[key].contiguous())
             assert dim is not None or torch.equal(pieces[0], pieces[1]), f"{key}: replicated grads differ"
             grads[key] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+    pieces = [torch.empty_like(result["synced"]) for _ in range(world_size)]
+    dist.all_gather(pieces, result["synced"])
+    assert torch.equal(pieces[0], pieces[1]), "clipping left the replicated gradients different"
+    torch.testing.assert_close(pieces[0], result["grads"][DRIFTING])  # rank 0's, unperturbed
     if rank == 0:
         torch.save(result, out)
     shutdown()  # barrier, then free the groups before exit (see rlhf.tp.distributed)

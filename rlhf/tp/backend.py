@@ -9,8 +9,9 @@ slice of each weight. Hence
   ``is_main`` is rank 0;
 - ``prepare(model)`` places a TP model on this rank's device and records which of its parameters are
   split over the ranks (the rest are replicated);
-- ``step`` clips each parameter group by its norm over the whole model (split parameters' squared norms
-  summed over ranks, replicated ones counted once), then steps every optimizer and scheduler;
+- ``step`` gives every rank rank 0's gradients of the replicated parameters (so they cannot drift apart),
+  clips each parameter group by its norm over the whole model (split parameters' squared norms summed
+  over ranks, replicated ones counted once), then steps every optimizer and scheduler;
 - ``mean``/``gather``/``reduce_sum`` are identities (every rank already holds the same values);
 - the trainable state is sharded: each rank saves and loads its own ``trainable.safetensors`` and
   ``optimizer.pt`` in the checkpoint's ``rank_K/``, and exports run on every rank (they are collective:
@@ -39,16 +40,41 @@ from rlhf.tp.key_maps import is_split_parameter
 logger = logging.getLogger(__name__)
 
 
+def broadcast_replicated_grads(grads: list[torch.Tensor]) -> None:
+    """Give every model-parallel rank rank 0's gradients of the replicated parameters, in place.
+
+    Every rank computes them from the same (all-reduced) activations, so they agree as long as the
+    kernels are deterministic; a non-deterministic GPU kernel (atomics in a reduction) can leave them a
+    few ulps apart, and then the replicated weights (norms, a column layer's LoRA A, a row layer's LoRA B,
+    ``v_head``) would drift apart step by step. One broadcast per dtype makes them bit-identical; with
+    identical gradients it changes nothing.
+    """
+    if not grads or not dist.is_initialized() or fs_init.get_model_parallel_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for same in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(same)
+        dist.broadcast(
+            flat, src=fs_init.get_model_parallel_src_rank(), group=fs_init.get_model_parallel_group()
+        )
+        for grad, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
+            grad.copy_(synced)
+
+
 def group_grad_norm(params: list[torch.nn.Parameter], split: set[int], max_norm: float | None) -> float:
     """L2 norm of the gradients of ``params`` as if the TP model were one model; clip to ``max_norm``.
 
     ``split`` holds the ``id`` of every parameter sharded over the ranks: their squared norms are summed
-    over the model-parallel group; replicated ones (the same on every rank) count once. Every rank gets
-    the same norm and applies the same factor. Parameters without a gradient are skipped.
+    over the model-parallel group; replicated ones count once, after :func:`broadcast_replicated_grads`
+    made them the same on every rank. Every rank gets the same norm and applies the same factor.
+    Parameters without a gradient are skipped.
     """
     grads = [(id(p), p.grad) for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    broadcast_replicated_grads([grad for key, grad in grads if key not in split])
     split_sq = torch.zeros((), device=grads[0][1].device, dtype=torch.float32)
     replicated_sq = torch.zeros_like(split_sq)
     for key, grad in grads:

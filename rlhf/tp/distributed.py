@@ -125,8 +125,9 @@ def process_group_scope() -> Iterator[None]:
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None = None) -> float:
     """The L2 norm of all gradients of a TP model, as if it were one model; clip to ``max_norm`` if given.
 
-    Split parameters contribute their squared norms summed over ranks; replicated ones (the same on every
-    rank) count once. Every rank gets the same norm and applies the same clipping factor.
+    Split parameters contribute their squared norms summed over ranks; replicated ones count once, after
+    every rank took rank 0's gradients of them (:func:`rlhf.tp.backend.broadcast_replicated_grads`).
+    Every rank gets the same norm and applies the same clipping factor.
     """
     from rlhf.tp.backend import group_grad_norm
     from rlhf.tp.key_maps import is_split_parameter
