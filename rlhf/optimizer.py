@@ -64,9 +64,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As AdamW's, but the float32 state of a half-precision parameter stays float32 (torch casts a
-        loaded state tensor to its parameter's dtype)."""
+        loaded state tensor to its parameter's dtype), and a master saved for a parameter that is float32
+        now (a run resumed in another ``--torch_dtype``) is dropped: the parameter is its own master, and a
+        master kept unused would come back, stale, at the next resume in half precision."""
         with self._parameters_as_float32():
             super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dtype not in HALF_PRECISION:
+                    self.state[param].pop("master", None)
 
     @contextmanager
     def _parameters_as_float32(self) -> Iterator[None]:

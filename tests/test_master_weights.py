@@ -83,6 +83,30 @@ def test_state_dict_resumes_bit_identically_with_mixed_dtypes():
     assert torch.equal(optimizer.state[full[0]]["master"], resumed_optimizer.state[resumed[0]]["master"])
 
 
+def test_a_resume_in_float32_drops_the_masters():
+    """bfloat16 -> float32 -> bfloat16 resumes: the float32 run steps the parameter itself, so the master
+    saved by the first run must not survive it (the third run would restart from its stale values)."""
+    init, grads = weights_and_grads(6)
+    half = torch.nn.Parameter(init.clone())
+    optimizer = MasterWeightAdamW([half], lr=1e-3)
+    train(half, optimizer, grads[:2])
+    full = torch.nn.Parameter(half.detach().float())
+    full_optimizer = MasterWeightAdamW([full], lr=1e-3)
+    full_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert "master" not in full_optimizer.state[full]
+    train(full, full_optimizer, grads[2:4])
+    again = torch.nn.Parameter(full.detach().bfloat16())
+    again_optimizer = MasterWeightAdamW([again], lr=1e-3)
+    again_optimizer.load_state_dict(copy.deepcopy(full_optimizer.state_dict()))
+    train(again, again_optimizer, grads[4:5])
+    # the step went from the weights the float32 run left (as loaded, in bfloat16), as float32 AdamW does
+    reference = torch.nn.Parameter(full.detach().bfloat16().float())
+    reference_optimizer = torch.optim.AdamW([reference], lr=1e-3)
+    reference_optimizer.load_state_dict(copy.deepcopy(full_optimizer.state_dict()))
+    train(reference, reference_optimizer, grads[4:5])
+    assert torch.equal(again_optimizer.state[again]["master"], reference.detach())
+
+
 def test_build_adamw_says_it_keeps_masters(caplog):
     half = torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.bfloat16))
     with caplog.at_level("INFO", logger="rlhf.optimizer"):
