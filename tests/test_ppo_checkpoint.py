@@ -110,6 +110,27 @@ def test_truncated_state_file_is_named(backend, tmp_path, name):
     assert message.startswith(str(bad)) and "\n" not in message
 
 
+def test_corrupt_optimizer_state_is_named_when_loaded(backend, tmp_path):
+    """Picking a checkpoint reads no tensor data (each TP rank would read every rank's optimizer states),
+    so a byte flipped inside ``optimizer.pt`` passes :func:`check_file`; loading it checks the CRCs
+    (``torch.load`` does not) and names the file rather than resuming with wrong moments."""
+    models = TwoLinears(0)
+    optimizers, schedulers = train_one_step(models)
+    save(tmp_path / "checkpoint-2", backend, models, optimizers, schedulers, 2)
+    bad = tmp_path / "checkpoint-2" / "optimizer.pt"
+    data = bytearray(bad.read_bytes())
+    moments = next(o for o in optimizers.values()).state_dict()["state"][0]["exp_avg"]
+    at = data.find(moments.numpy().tobytes())
+    assert at > 0
+    data[at] ^= 0x01  # the lowest bit of one float32 moment
+    bad.write_bytes(bytes(data))
+    assert check_file(bad) is None and checkpoint_problem(tmp_path / "checkpoint-2") is None
+    with pytest.raises(CheckpointError, match="fails its CRC check") as err:
+        load_checkpoint(tmp_path / "checkpoint-2", backend=backend, models=models, optimizers=optimizers,
+                        schedulers=schedulers)  # fmt: skip
+    assert str(err.value).startswith(f"{bad}: corrupt")
+
+
 def test_check_file_accepts_whole_files_and_flags_bad_json(tmp_path):
     from safetensors.torch import save_file
 

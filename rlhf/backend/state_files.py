@@ -5,8 +5,12 @@
 
 Each backend decides *where* they go (one copy for replicated weights, one per rank for sharded ones);
 this module is *how*. :func:`check_file` is the cheap integrity test used to pick a checkpoint that
-loads: a truncated ``.safetensors`` is shorter than its header says, a truncated ``.pt``/``.pth`` (a zip
-archive) has no readable central directory or a bad CRC, a truncated ``.json`` does not parse.
+loads, on every process alike and without reading the tensors (at TP degree N, each process would
+otherwise read all N ranks' optimizer states): a truncated ``.safetensors`` is shorter than its header
+says, a truncated ``.pt``/``.pth`` (a zip archive) has no readable central directory or a member that
+ends past the file, a truncated ``.json`` does not parse. The CRCs of a ``.pt`` are checked when its
+process loads it (:func:`read_trainable`; ``torch.load`` itself does not), so a file corrupted in the
+middle is a one-line error naming it rather than silently wrong optimizer moments.
 """
 
 from __future__ import annotations
@@ -44,8 +48,34 @@ def read_trainable(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     """(tensors on CPU, optimizer state) from ``directory``; a missing or unreadable file raises a
     :class:`CheckpointError` naming it."""
     tensors = read_file(directory / TRAINABLE, lambda p: load_file(str(p)))
-    state = read_file(directory / OPTIMIZER, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    state = read_file(directory / OPTIMIZER, load_torch_file_checked)
     return tensors, state
+
+
+def load_torch_file_checked(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file whose every member's CRC was checked first."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt (member {bad} fails its CRC check)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _zip_extent_problem(path: Path) -> str | None:
+    """Why the zip archive ``path`` is cut short (its index unreadable, or a member ending past the end
+    of the file), or None; reads the index and each member's local header, not the data."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive, path.open("rb") as f:
+        for info in archive.infolist():
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                return f"member {info.filename}: no local header at byte {info.header_offset}"
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+            if end > size:
+                return f"truncated (member {info.filename} ends at byte {end} of {size})"
+    return None
 
 
 def read_file(path: Path, reader) -> Any:
@@ -54,6 +84,8 @@ def read_file(path: Path, reader) -> Any:
         raise CheckpointError(f"{path}: missing (an incomplete checkpoint?)")
     try:
         return reader(path)
+    except CheckpointError:
+        raise  # the reader's own one-line error names the file already
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({detail})") from None
@@ -76,10 +108,7 @@ def check_file(path: Path) -> str | None:
             if size < 8 + header_len + end:
                 return f"truncated ({size} of {8 + header_len + end} bytes)"
         elif suffix in (".pt", ".pth"):
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-            if bad is not None:
-                return f"corrupt member {bad}"
+            return _zip_extent_problem(path)
         elif suffix == ".json":
             json.loads(path.read_text())
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault

@@ -38,7 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.backend import Backend
-from rlhf.backend.state_files import OPTIMIZER, TRAINABLE, check_file, rank_dir, read_file
+from rlhf.backend.state_files import (
+    OPTIMIZER,
+    TRAINABLE,
+    check_file,
+    load_torch_file_checked,
+    rank_dir,
+    read_file,
+)
 from rlhf.checkpoint_dirs import list_checkpoints, newest_loadable
 from rlhf.errors import CheckpointError
 from rlhf.ppo.batch import RolloutBuffer
@@ -174,7 +181,7 @@ def load_checkpoint(
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(states["schedulers"][name])
     rank_state = read_file(own / "state.json", lambda p: json.loads(p.read_text()))
-    tensor_rng = read_file(own / "rng.pt", lambda p: torch.load(p, weights_only=True))
+    tensor_rng = read_file(own / "rng.pt", load_torch_file_checked)
     restore_rng(rank_state.pop("rng"), tensor_rng)
     rank_state.pop("weights_checksum", None)
     buffer = None

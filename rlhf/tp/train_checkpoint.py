@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlhf.backend.state_files import rank_dir, read_file
+from rlhf.backend.state_files import load_torch_file_checked, rank_dir, read_file
 from rlhf.errors import CheckpointError
 from rlhf.ppo.checkpoint import (
     TRAINER_STATE,
@@ -103,6 +103,6 @@ def load_fit_checkpoint(
     scheduler.load_state_dict(states["schedulers"]["model"])
     own = rank_dir(directory, backend.rank)
     rank_state = read_file(own / "state.json", lambda p: json.loads(p.read_text()))
-    restore_rng(rank_state["rng"], read_file(own / "rng.pt", lambda p: torch.load(p, weights_only=True)))
+    restore_rng(rank_state["rng"], read_file(own / "rng.pt", load_torch_file_checked))
     logger.info("resumed from %s at step %d", directory, state.step)
     return state
