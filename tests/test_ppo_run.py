@@ -401,6 +401,10 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
         )
         in err
     )
+    # the saved rollout's rewards hold the KL, and it kept no reference log-probs for a KL loss
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main([*argv, "--max_steps", "2", "--use_kl_loss"])
+    assert exc.value.code == 2 and "(--use_kl_loss False there, True now)" in capsys.readouterr().err
     assert run_ppo_with_peft.main([*argv, "--max_steps", "2"])["step"] == 2  # a longer run: resumed
 
 

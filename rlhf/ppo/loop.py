@@ -414,6 +414,9 @@ def resume_settings(s: PPOSession) -> dict[str, Any]:
             "ppo_epochs": s.ppo.ppo_epochs,
             "pretrain_batch_size": s.ppo.pretrain_batch_size,
             "advantage_estimator": s.ppo.advantage_estimator,
+            # a saved rollout holds rewards with or without the KL, and the reference log-probs only for
+            # the KL loss: resumed with the other setting, it would mix both or lack what the loss reads
+            "use_kl_loss": s.ppo.use_kl_loss,
             "number of prompts": len(s.prompts),
             "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
         }
