@@ -63,6 +63,11 @@ def test_ppo_sampling_adds_the_models_generation_config_eos_ids():
     assert sampling_config(ppo, tokenizer).eos_token_id == 2
     assert sampling_config(ppo, tokenizer, 2).eos_token_id == 2
     assert sampling_config(ppo, tokenizer, [128001, 2, 128009]).eos_token_id == (2, 128001, 128009)
+    zero = SimpleNamespace(
+        eos_token_id=0, pad_token_id=0
+    )  # SmolLM's EOS is id 0: it must still end responses
+    assert sampling_config(ppo, zero).eos_token_id == 0 and sampling_config(ppo, zero, 0).eos_token_id == 0
+    assert sampling_config(ppo, SimpleNamespace(eos_token_id=None, pad_token_id=0)).eos_token_id is None
 
 
 def test_rope_type_is_read_through_the_adapter_wrapper(tiny_llama, tmp_path):

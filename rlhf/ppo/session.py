@@ -108,7 +108,7 @@ def sampling_config(ppo: PPOArguments, tokenizer: Any, model_eos: Any = None) ->
     return SamplingConfig(
         max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
         temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=(eos[0] if len(eos) == 1 else eos) or None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
 
