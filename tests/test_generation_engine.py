@@ -293,6 +293,23 @@ def test_graph_bookkeeping_buckets_adapters_and_stale_weights(tiny_model_factory
         engine.generate(ids, mask, sampling)
 
 
+def test_a_smaller_reallocated_cache_is_captured_in_bounds(tiny_model_factory):
+    """A long request grows the cache; a later one in another dtype re-allocates it at the requested size,
+    smaller: the capture before its prefill must not write at the long request's last slot."""
+    model_dir = tiny_model_factory("llama")
+    model = with_lora(model_dir)
+    ids, mask = left_padded(model_dir)
+    engine = engine_for(model, cuda_graphs=True, capture=rerun_capture, max_length=32)
+    engine.generate(ids, mask, SamplingConfig(max_new_tokens=60, temperature=0.0))
+    grown = engine.cache.max_len
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        short = SamplingConfig(max_new_tokens=8, temperature=0.0)
+        out = engine.generate(ids, mask, short)
+        expected = engine_for(model, max_length=32).generate(ids, mask, short)
+    assert engine.cache.max_len < grown and engine.cache.dtype == torch.bfloat16
+    assert torch.equal(out.response_ids, expected.response_ids)
+
+
 def test_a_dropped_engine_is_freed_without_the_cycle_collector(tiny_model_factory):
     """The graphs call back into their engine; that must not keep a dropped engine (KV cache, graph pool,
     model) alive until a cyclic collection: the GSM8K evaluation drops the solver before loading the
@@ -476,6 +493,12 @@ def test_merged_copy_takes_the_dtype_the_steps_compute_in(tiny_model_factory):
         out = RolloutEngine(decoder, max_batch_size=4, max_length=32).generate(ids, mask, greedy())
     assert out.response_mask.sum() > 0 and torch.isfinite(out.logprobs).all()
     assert {f.weight.dtype for f in decoder_for(model, merge_lora=True).fused} == {torch.float32}
+    # built under autocast, then used without it (or the reverse): the copy follows the steps' dtype
+    engine = RolloutEngine(decoder, max_batch_size=4, max_length=32)
+    plain = engine.generate(ids, mask, greedy())
+    assert {f.weight.dtype for f in decoder.fused} == {torch.float32}
+    expected = RolloutEngine(decoder_for(model, merge_lora=True), max_batch_size=4, max_length=32)
+    assert torch.equal(plain.response_ids, expected.generate(ids, mask, greedy()).response_ids)
 
 
 def test_a_failed_compile_is_raised_not_taken_for_a_capture_failure(tiny_model_factory, caplog):

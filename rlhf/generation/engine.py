@@ -173,6 +173,10 @@ class RolloutEngine:
                 self.graphs.clear()
         slots = max(length, self.max_length)
         self.cache = self.decoder.new_cache(self.max_batch_size, -(-slots // 16) * 16, dtype)
+        # the step's input buffers may still point past a smaller new cache (a longer earlier request): the
+        # capture before this generation's prefill runs the step on them
+        self.slot.zero_()
+        self.positions.zero_()
 
     @torch.no_grad()
     def generate(

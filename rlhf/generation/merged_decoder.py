@@ -70,6 +70,11 @@ class FusedLinear:
         self.bias = torch.zeros(sum(sizes), dtype=dtype, device=device) if any(has_bias) else None
         self.sizes = sizes
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the copy in ``dtype`` from now on (new tensors; :meth:`refresh` fills them)."""
+        self.weight = torch.empty_like(self.weight, dtype=dtype)
+        self.bias = None if self.bias is None else torch.empty_like(self.bias, dtype=dtype)
+
     @torch.no_grad()
     def refresh(self) -> None:
         start = 0
@@ -168,6 +173,12 @@ class MergedLoraDecoder(HFDecoder):
         return nullcontext()  # the steps read the merged copy, not the adapters
 
     def refresh(self) -> None:
+        dtype = self.compute_dtype()
+        if self.fused[0].weight.dtype != dtype:
+            # built under another autocast than this generation's (the engine re-allocates its KV cache and
+            # drops its graphs for the same reason): a copy in the dtype the steps compute in now
+            for fused in self.fused:
+                fused.cast(dtype)
         # outside any autocast of the caller: the deltas (B @ A) are formed in float32, as documented
         with torch.autocast(self.device.type, enabled=False):
             for fused in self.fused:
