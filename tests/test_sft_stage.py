@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -200,6 +201,35 @@ def test_label_smoothing_applies_with_the_default_fused_loss(tiny_llama, repo_ro
         losses[name] = logged_losses(tmp_path / name)
     assert losses["smoothed"] != losses["plain"]
     assert losses["smoothed"] == pytest.approx(losses["unfused"], rel=1e-4)
+
+
+def test_router_loss_counts_once_per_step_whatever_the_accumulation(tiny_model_factory, repo_root, tmp_path):
+    """A mixtral with its router (load-balancing) loss on: at learning rate 0 (the same weights every step)
+    the logged loss of 4 examples is the same as 4 x 1, 2 x 2 or 1 x 4 micro-batches, fused loss or the
+    model's own (the Trainer took the router loss of each micro-batch as already divided)."""
+    model = tmp_path / "mixtral"
+    shutil.copytree(tiny_model_factory("mixtral"), model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(output_router_logits=True, router_aux_loss_coef=1.0)
+    (model / "config.json").write_text(json.dumps(config))
+    losses = {}
+    for fused in ("torch", "off"):
+        for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+            out = tmp_path / f"{fused}-{batch}x{accumulation}"
+            argv = quick_argv(model, repo_root / "sft_data", out, "--lora_rank", "-1", "--fused_loss", fused,
+                              "--gradient_accumulation_steps", str(accumulation))  # fmt: skip
+            for flag, value in (
+                ("--per_device_train_batch_size", batch),
+                ("--max_steps", 1),
+                ("--learning_rate", 0),
+            ):
+                argv[argv.index(flag) + 1] = str(value)
+            main(argv)
+            losses[fused, batch] = logged_losses(out)[0]
+    for fused in ("torch", "off"):
+        assert losses[fused, 2] == pytest.approx(losses[fused, 4], rel=1e-4), losses
+        assert losses[fused, 1] == pytest.approx(losses[fused, 4], rel=1e-4), losses
+    assert losses["off", 4] == pytest.approx(losses["torch", 4], rel=1e-4), losses
 
 
 @pytest.mark.parametrize(

@@ -226,10 +226,35 @@ class CausalLMHeadLoss:
         )
         aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None:
-            coef = getattr(self.model, "router_aux_loss_coef", None)  # the model reads it at __init__
-            coef = self.model.config.router_aux_loss_coef if coef is None else coef
-            loss = loss + coef * aux_loss.to(loss.device)
+            share = router_loss_share(labels, num_items_in_batch)
+            loss = loss + router_loss_coef(self.model) * aux_loss.to(loss.device) * share
         return loss
+
+
+def router_loss_coef(model: torch.nn.Module) -> float:
+    """A mixture-of-experts model's ``router_aux_loss_coef`` (the model reads it from its config at init)."""
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", None)
+    if coef is None and hasattr(model, "get_base_model"):  # a PeftModel
+        return router_loss_coef(model.get_base_model())
+    return 0.0 if coef is None else coef
+
+
+def router_loss_share(labels: torch.Tensor, num_items_in_batch: Any) -> Any:
+    """The weight of one micro-batch's router (load-balancing) loss: its share of the optimizer step's
+    learned tokens, ``num_items_in_batch`` (1 when the Trainer counts none).
+
+    The Trainer treats a loss computed with ``num_items_in_batch`` as already divided over the gradient
+    accumulation steps (and multiplies it by the number of processes before they are averaged): right for
+    the token-summed cross-entropy, but a per-micro-batch mean such as the router loss then counted
+    ``--gradient_accumulation_steps`` x processes times. Weighted by the token share, the micro-batches'
+    router losses add up to their token-weighted mean once per step, whatever the batch layout.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    tokens = shift_targets(labels).ne(IGNORE_INDEX).sum()
+    return tokens.to(torch.float32) / torch.as_tensor(num_items_in_batch, device=tokens.device).float()
 
 
 def build_lm_head_loss(model: torch.nn.Module, requested: str = "auto") -> CausalLMHeadLoss | None:
@@ -265,9 +290,27 @@ class HiddenStatesLossMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head_loss = self.compute_loss_func
         if not isinstance(head_loss, CausalLMHeadLoss):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         inputs = {**inputs, **head_loss.model_kwargs(inputs["input_ids"].device)}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         return (loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits)) if return_outputs else loss
+
+    def _model_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The model's own loss (``--fused_loss off``), its router loss weighted as :func:`router_loss_share`
+        says: transformers' mixture-of-experts models add ``coef * aux_loss`` whole to a loss the Trainer
+        then takes as divided over the accumulation steps. (Under label smoothing the Trainer's smoother
+        replaces the model's loss, router loss and all.)"""
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        aux_loss = getattr(outputs, "aux_loss", None)
+        counted_whole = self.label_smoother is None and self.model_accepts_loss_kwargs
+        if aux_loss is not None and labels is not None and num_items_in_batch is not None and counted_whole:
+            scale = 1
+            if self.args.average_tokens_across_devices:  # as Trainer.compute_loss scaled the whole loss
+                scale = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+            excess = 1 - router_loss_share(labels, num_items_in_batch)
+            coef = router_loss_coef(self.accelerator.unwrap_model(model))
+            loss = loss - scale * coef * aux_loss.to(loss.device) * excess
+        return (loss, outputs) if return_outputs else loss
