@@ -82,10 +82,13 @@ def test_pair_truncation_cuts_prompt_left_and_response_right(eos_pad_tokenizer):
     row = {"prompt": "word " * 50, "prompt_messages": [], "chosen": "I love cats a lot " * 10, "rejected": "No.",
            "margin": 0.0}  # fmt: skip
     pair = tokenize_pair_row(row, tok, max_length=32, max_response=20)
-    assert pair["truncated"] and len(pair["chosen_ids"]) == 32 and len(pair["rejected_ids"]) == 32
+    assert pair["truncated"] and len(pair["chosen_ids"]) == 32
     assert pair["rejected_ids"][0] == tok.bos_token_id and pair["rejected_ids"][-1] == tok.eos_token_id
     chosen_response = tok(row["chosen"], add_special_tokens=False)["input_ids"]
     assert pair["chosen_ids"][-20:] == chosen_response[:20]  # response cut on the right, EOS lost
+    # one prompt for both sides: the room the longer response leaves, not more for the short rejected one
+    rejected_response = tok(row["rejected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert pair["rejected_ids"] == pair["chosen_ids"][:12] + rejected_response
 
 
 def test_pairs_without_a_preference_are_dropped(caplog):

@@ -59,12 +59,19 @@ def clean_pairs(rows: datasets.Dataset) -> datasets.Dataset:
 def tokenize_pair_row(
     row: dict[str, Any], tokenizer: Any, max_length: int, max_response: int
 ) -> dict[str, Any]:
-    """``{"chosen_ids", "rejected_ids", "margin", "truncated"}`` for one normalized preference row."""
-    prompt = tokenize_prompt(row, tokenizer)
-    out: dict[str, Any] = {"margin": row["margin"], "truncated": False}
-    for side in ("chosen", "rejected"):
-        response = encode_response(row[side], tokenizer)
-        p, r, cut = fit_to_length(prompt, response, max_length, max_response, tokenizer.bos_token_id)
+    """``{"chosen_ids", "rejected_ids", "margin", "truncated"}`` for one normalized preference row.
+
+    Both sides keep the same prompt: it is cut (from the left) to the room the longer response leaves, so
+    the model compares two answers to one context, not a long answer to a shorter-cut prompt.
+    """
+    full_prompt = tokenize_prompt(row, tokenizer)
+    responses = {side: encode_response(row[side], tokenizer) for side in ("chosen", "rejected")}
+    bos = tokenizer.bos_token_id
+    longest = max(responses.values(), key=len)
+    prompt, _, _ = fit_to_length(full_prompt, longest, max_length, max_response, bos)
+    out: dict[str, Any] = {"margin": row["margin"], "truncated": len(prompt) < len(full_prompt)}
+    for side, response in responses.items():
+        p, r, cut = fit_to_length(prompt, response, max_length, max_response, bos)
         out[f"{side}_ids"] = p + r
         out["truncated"] = out["truncated"] or cut
     return out
