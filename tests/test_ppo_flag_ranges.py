@@ -4,6 +4,8 @@ is greedy and 1.5 is off, γ > 1 grows the returns, 0 epochs train nothing)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,23 @@ def test_a_reward_lora_path_that_is_no_adapter_dir_is_named(tiny_llama, tmp_path
     assert f"--reward_lora_path {tmp_path} is not a LoRA adapter dir (no adapter_config.json)" in error(
         tmp_path
     )
+
+
+def test_a_missing_eos_penalty_without_any_eos_token_is_refused(tiny_llama, tmp_path, capsys):
+    """No EOS id in the tokenizer or the model's generation config: no response can end, so the penalty
+    would hit every one (a constant shift of the scores, not a signal)."""
+    model = tmp_path / "no_eos"
+    shutil.copytree(tiny_llama, model)
+    for name, key in (("tokenizer_config.json", "eos_token"), ("generation_config.json", "eos_token_id"),
+                      ("config.json", "eos_token_id")):  # fmt: skip
+        config = json.loads((model / name).read_text())
+        config[key] = None
+        (model / name).write_text(json.dumps(config))
+    argv = ["--sft_model_path", str(model), "--reward_fn", "rlhf.toy_task:positivity_reward", "--dataset_dir",
+            str(REPO / "sft_data"), "--output_dir", str(tmp_path / "out"), "--missing_eos_penalty", "1.0"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and "--missing_eos_penalty 1.0: the tokenizer and the model name no EOS" in err
+    ), err

@@ -218,6 +218,11 @@ def assemble_session(
     with backend.autocast():  # the cache takes the dtype the rollouts will compute in
         parts.generator.prepare()
     policy_eos = eos_ids(parts.generator.sampling.eos_token_id)
+    if not policy_eos and ppo.missing_eos_penalty is not None:
+        raise ConfigError(
+            f"--missing_eos_penalty {ppo.missing_eos_penalty}: the tokenizer and the model name no EOS token, so "
+            "no response could end and every one would be penalised"
+        )
     for scorer in getattr(parts.scorer, "scorers", [parts.scorer]):
         if isinstance(scorer, SequenceClassifierScorer):  # re-tokenizes: appends its EOS where one ended
             scorer.policy_eos = policy_eos
