@@ -375,3 +375,30 @@ def test_too_few_prompts_for_one_rollout_names_the_flags():
         match="16 prompts make no full rollout of --rollout_batches 6 x --per_device_train_batch_size 4",
     ):
         count_total_steps(16, ppo, args, 1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("alpha_pattern", {"q_proj": 64}),
+        ("rank_pattern", {"q_proj": 4}),
+        ("use_dora", True),
+        ("lora_bias", True),
+    ],
+)
+def test_a_reward_adapter_with_options_the_shared_adapter_drops_is_refused(rm_adapter, tmp_path, key, value):
+    """The shared reward adapter is rebuilt from plain LoRA fields: a pattern, DoRA or a LoRA bias would be
+    dropped and the rewards silently wrong, so such an adapter is a one-line error."""
+    import json
+    import shutil
+
+    from rlhf.errors import CheckpointError
+
+    copy = tmp_path / "rm"
+    shutil.copytree(rm_adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    assert config.get(key) in (None, {}, False)  # what run_rm_with_peft.py writes: accepted
+    config[key] = value
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"the reward adapter uses {key}, which"):
+        read_reward_adapter(str(copy))

@@ -63,6 +63,16 @@ class RewardAdapter:
     score_weight: torch.Tensor  # [1, hidden]
 
 
+UNSUPPORTED_REWARD_ADAPTER_OPTIONS = {  # adapter_config.json key -> the values that mean "not used"
+    "alpha_pattern": (None, {}),
+    "rank_pattern": (None, {}),
+    "use_dora": (None, False),
+    "lora_bias": (None, False),
+    "layers_to_transform": (None, [], ()),
+    "layers_pattern": (None, [], (), ""),
+}
+
+
 def read_reward_adapter(path: str) -> RewardAdapter:
     """Read ``run_rm_with_peft.py`` output: a SEQ_CLS LoRA adapter with ``score`` in modules_to_save."""
     directory = Path(path)
@@ -77,6 +87,17 @@ def read_reward_adapter(path: str) -> RewardAdapter:
     extra = [k for k in state if "lora_" not in k and k not in score]
     if extra:
         raise CheckpointError(f"{path}: adapter also trains {extra[0]}...; only LoRA + score can be shared")
+    # the shared adapter is rebuilt from the fields below: anything else would be dropped, and the rewards
+    # (and the critic started from them) silently wrong
+    unsupported = [
+        name for name, off in UNSUPPORTED_REWARD_ADAPTER_OPTIONS.items() if raw.get(name) not in off
+    ]
+    if unsupported:
+        raise CheckpointError(
+            f"{path}: the reward adapter uses {', '.join(unsupported)}, which the shared reward adapter does not "
+            "support (plain LoRA: r, lora_alpha, target_modules, rslora); merge it into a reward model and pass "
+            "--reward_model_path instead"
+        )
     config = LoraConfig(
         r=raw["r"],
         lora_alpha=raw["lora_alpha"],
