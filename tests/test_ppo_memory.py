@@ -176,6 +176,7 @@ def test_gradient_checkpointing_same_gradients_full_fine_tuning(tiny_llama):
     assert all(layer.gradient_checkpointing for layer in models.actor_full.model.layers)
     assert all(layer.gradient_checkpointing for layer in models.critic_full.model.layers)
     assert_same_gradients(plain, update_gradients(models, batch), atol=1e-5)
+    assert models.actor_full.config.use_cache  # the saved config.json lets users' forwards cache
 
 
 def test_only_training_forwards_with_gradients_checkpoint(tiny_llama):

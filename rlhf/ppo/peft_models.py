@@ -310,7 +310,8 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            base.config.use_cache = False
+            # config.use_cache stays as it is: every forward here passes use_cache=False itself, and a full
+            # copy's config.json is saved from it (a False there would stop users' forwards from caching)
         logger.info("gradient checkpointing: every decoder layer of the actor and critic (non-reentrant)")
 
     def compile_layers(self, backend: str) -> None:
