@@ -165,6 +165,31 @@ def test_gradient_checkpointing_recomputes_under_the_forward_adapter(tiny_llama)
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
 
 
+def test_log_prob_chunks_recompute_an_adapted_head_under_the_forward_adapter(tiny_llama):
+    """An actor with LoRA on ``lm_head``: the log-prob chunks are recomputed in the backward; after the
+    critic's forward set its adapter, they must still recompute with the actor's (else the backward
+    failed: a different number of tensors saved)."""
+    batch = random_batch(512, seed=5)
+    models = build_peft_policy_models(
+        str(tiny_llama), actor=LoraSpec(8, 32, 0.0, ["q_proj", "v_proj", "lm_head"]),
+        critic=LoraSpec(8, 32, 0.0, ["q_proj", "v_proj"]), reward_adapter=None, critic_init="sft",
+    )  # fmt: skip
+    with torch.no_grad():  # a non-zero head adapter, so the recompute's adapter shows in the gradients
+        for name, param in models.lm.named_parameters():
+            if "lm_head.lora_B.actor" in name:
+                param.normal_(0, 0.5)
+    models.train(True)
+    params = [p for n, p in models.lm.named_parameters() if "lm_head.lora_" in n and ".actor" in n]
+    lp, _ = models.policy_logprobs(batch, 1.0)
+    expected = torch.autograd.grad(lp.sum(), params)
+    lp, _ = models.policy_logprobs(batch, 1.0)
+    values = models.values(batch)  # the critic's forward: its adapter is the active one now
+    assert models.lm.active_adapter == "critic"
+    got = torch.autograd.grad(lp.sum() + 0 * values.sum(), params)
+    for g, r in zip(got, expected):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
 def test_gradient_checkpointing_same_gradients_full_fine_tuning(tiny_llama):
     batch = random_batch(512, seed=6)
     models = build_peft_policy_models(

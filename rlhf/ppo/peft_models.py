@@ -234,7 +234,9 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
             return logprobs_from_logits(logits, batch.response_ids, temperature), entropy
         hidden = self._batch_hidden(model, batch)[:, batch.prompt_len - 1 : -1]  # [B, R, H]
         chunk = positions_per_chunk(hidden.shape[0], model.config.vocab_size, self.logits_chunk_bytes)
-        return chunked_token_logprobs(head, hidden, batch.response_ids, temperature, chunk, with_entropy)
+        return chunked_token_logprobs(
+            head, hidden, batch.response_ids, temperature, chunk, with_entropy, self._recompute_context
+        )
 
     def policy_logprobs(
         self, batch: SequenceBatch, temperature: float, with_entropy: bool = False

@@ -11,6 +11,7 @@ once in the forward and in the backward (they are recomputed there). The values 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,13 +43,15 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 128,
     with_entropy: bool = False,
+    context_fn: Callable[[], tuple[Any, Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(head(hidden) / T) at ``tokens``, and optionally the entropy, chunked over positions.
 
     head: hidden [B, C, H] -> logits [B, C, V] (the model's output layer); hidden: [B, R, H], the states
     that predict each of ``tokens`` [B, R]. Returns (log-probs [B, R] float32, entropy [B, R] float32 or
     ``None``). Differentiable with respect to ``hidden`` and the head's parameters; with gradients enabled each
-    chunk is checkpointed so its logits are recomputed in the backward instead of kept.
+    chunk is checkpointed so its logits are recomputed in the backward instead of kept, under
+    ``context_fn``'s recompute context when given (a head with adapters: the one active in the forward).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -57,7 +60,8 @@ def chunked_token_logprobs(
     for start in range(0, hidden.shape[1], chunk_size):
         piece = (head, hidden[:, start : start + chunk_size], tokens[:, start : start + chunk_size])
         if needs_grad:
-            lp, ent = checkpoint(_chunk, *piece, temperature, with_entropy, use_reentrant=False)
+            extra = {} if context_fn is None else {"context_fn": context_fn}
+            lp, ent = checkpoint(_chunk, *piece, temperature, with_entropy, use_reentrant=False, **extra)
         else:
             lp, ent = _chunk(*piece, temperature, with_entropy)
         logprobs.append(lp)
