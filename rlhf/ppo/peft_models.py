@@ -68,8 +68,8 @@ UNSUPPORTED_REWARD_ADAPTER_OPTIONS = {  # adapter_config.json key -> the values 
     "rank_pattern": (None, {}),
     "use_dora": (None, False),
     "lora_bias": (None, False),
-    "layers_to_transform": (None, [], ()),
-    "layers_pattern": (None, [], (), ""),
+    "layers_to_transform": (None, []),
+    "layers_pattern": (None, [], ""),
 }
 
 

@@ -233,12 +233,8 @@ class CausalLMHeadLoss:
 
 def router_loss_coef(model: torch.nn.Module) -> float:
     """A mixture-of-experts model's ``router_aux_loss_coef`` (the model reads it from its config at init)."""
-    coef = getattr(model, "router_aux_loss_coef", None)
-    if coef is None:
-        coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", None)
-    if coef is None and hasattr(model, "get_base_model"):  # a PeftModel
-        return router_loss_coef(model.get_base_model())
-    return 0.0 if coef is None else coef
+    coef = getattr(model, "router_aux_loss_coef", None)  # a PeftModel passes both lookups to its base
+    return model.config.router_aux_loss_coef if coef is None else coef
 
 
 def router_loss_share(labels: torch.Tensor, num_items_in_batch: Any) -> Any:
