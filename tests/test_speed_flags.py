@@ -54,6 +54,7 @@ def test_sft_speed_flags_match_the_plain_run(tiny_llama, repo_root, tmp_path, lo
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fast")
         assert reloaded.config._attn_implementation == "sdpa"
+        assert reloaded.config.use_cache  # the training forwards turn the cache off, not the saved config
 
 
 @pytest.mark.slow

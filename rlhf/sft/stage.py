@@ -166,8 +166,7 @@ def build_sft_model(
     )
     source = merged_source_under_zero3(model_args.model_name_or_path, args.output_dir, load, args, tokenizer)
     set_seed(args.seed)  # a new adapter starts from the same weights for the same --seed
-    model = load(source)
-    model.config.use_cache = False
+    model = load(source)  # Trainer sets config.use_cache from --use_cache; the final save turns it back on
     return make_trainable(
         model,
         lora,

@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,22 @@ def _checked(args: TrainingArguments, resume: str, newest: bool, settings: Mappi
     return resume
 
 
+@contextmanager
+def _cache_on(model: Any):
+    """``config.use_cache`` on while the final model is saved: Trainer turns it off for training
+    (``--use_cache`` defaults to off), but a saved model's users want their forwards to cache."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before is None:
+        yield
+        return
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
 def save_final_model(trainer: Trainer, output_dir: str) -> None:
     """Save the model (adapter or full weights) and tokenizer into ``output_dir`` atomically per file.
 
@@ -208,7 +225,8 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
         staging_dir(final)
     trainer.accelerator.wait_for_everyone()
     staging = staging_path(final)
-    trainer.save_model(str(staging))
+    with _cache_on(trainer.model):
+        trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     # the writing process(es) look (other nodes may not see a node-local output dir); one that raises ends the
     # launch (torchrun stops the other processes)
