@@ -63,6 +63,10 @@ def test_sft_prompt_response():
             {"messages": [{"role": "user", "content": "x"}]},
             'f:3: the last message must have role "assistant"',
         ),
+        (
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            'f:3: "messages" holds no prompt before the assistant turn',
+        ),
         ({"messages": [{"role": "robot", "content": "x"}]}, 'f:3: messages[0] has role "robot"'),
         ({"messages": [{"role": "user"}]}, 'f:3: messages[0]: missing field "content"'),
         ({"instruction": "x", "input": 3, "output": "y"}, 'f:3: field "input" must be a string'),

@@ -79,6 +79,8 @@ def parse_sft(record: Record, where: str) -> Record:
         messages = _messages(record, where)
         if messages[-1]["role"] != "assistant":
             raise DataError(f'{where}: the last message must have role "assistant" (it is the response)')
+        if len(messages) < 2:  # the response would be trained with no template around it
+            raise DataError(f'{where}: "messages" holds no prompt before the assistant turn')
         return {"prompt": "", "prompt_messages": messages[:-1], "response": messages[-1]["content"]}
     if "instruction" in record:
         prompt, _ = _prompt_of(record, where)
