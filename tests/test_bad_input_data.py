@@ -4,6 +4,7 @@ counted drop in the log naming the first row, never a silent loss or a traceback
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,37 @@ def test_reward_sides_longer_than_the_models_context_are_one_warning(tmp_path, t
     with caplog.at_level("WARNING"):
         build_reward_data(data_args, RewardArguments(max_length=512), tokenizer, args)
     assert "max_position_embeddings" not in caplog.text
+
+
+def test_the_reward_models_held_out_pairs_do_not_depend_on_the_length_flags(tmp_path, tokenizer, caplog):
+    """A pair the cut makes identical is dropped after the split: an eval-only run with other length flags
+    than training's still scores the same held-out rows."""
+    from transformers import TrainingArguments
+
+    from rlhf.args import DataArguments
+    from rlhf.reward.stage import RewardArguments, build_reward_data
+
+    shared = "word " * 10
+    rows = [{"prompt": f"Rate {i}.", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(15)]
+    rows += [
+        {"prompt": f"Rate {i}.", "chosen": shared + "good", "rejected": shared + "bad"} for i in range(15, 20)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", seed=42)
+
+    def held_out(block_size: int) -> list:
+        data_args = DataArguments(
+            dataset_dir=str(data), split_ratio=0.2, block_size=block_size, data_cache_dir=str(tmp_path)
+        )
+        _, pairs = build_reward_data(data_args, RewardArguments(max_length=64), tokenizer, args)
+        return [re.search(r"Rate \d+\.", tokenizer.decode(ids)).group() for ids in pairs["chosen_ids"]]
+
+    wide = held_out(64)
+    with caplog.at_level("WARNING"):
+        narrow = held_out(4)
+    assert len(wide) == 4 and 0 < len(narrow) < 4
+    assert set(narrow) < set(wide)  # the same rows, less the ones the cut made equal
+    assert "held-out pairs whose chosen and rejected are the same tokens" in caplog.text
 
 
 def test_model_context_length_of_a_model_dir_an_adapter_dir_and_nothing(tmp_path, tiny_llama):

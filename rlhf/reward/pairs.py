@@ -78,10 +78,16 @@ def tokenize_pair_row(
 
 
 def tokenize_pairs(
-    rows: datasets.Dataset, tokenizer: Any, max_length: int, max_response: int, num_proc: int | None = None
+    rows: datasets.Dataset,
+    tokenizer: Any,
+    max_length: int,
+    max_response: int,
+    num_proc: int | None = None,
+    split: str = "",
 ) -> datasets.Dataset:
     """Tokenize every pair; log how many were cut, and drop (and count) the pairs whose sides the cut made
-    the same tokens; none left is a DataError. Returns ``{"chosen_ids", "rejected_ids", "margin"}``."""
+    the same tokens; none left is a DataError. Returns ``{"chosen_ids", "rejected_ids", "margin"}``.
+    ``split`` ("held-out ", "training ") names the rows in those lines."""
     pairs = rows.map(
         tokenize_pair_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_response": max_response},
@@ -91,20 +97,20 @@ def tokenize_pairs(
     )
     n_cut = sum(pairs["truncated"])
     if n_cut:
-        logger.warning("%d of %d pairs were cut to --max_length %d / --block_size %d (prompt from the left, "
-                       "response on the right)", n_cut, len(pairs), max_length, max_response)  # fmt: skip
+        logger.warning("%d of %d %spairs were cut to --max_length %d / --block_size %d (prompt from the left, "
+                       "response on the right)", n_cut, len(pairs), split, max_length, max_response)  # fmt: skip
     same = [i for i, (c, r) in enumerate(zip(pairs["chosen_ids"], pairs["rejected_ids"])) if c == r]
     if same:
         first = _where(rows, same[0])
         if len(same) == len(pairs):
             raise DataError(
-                f"no usable preference pairs: every pair's chosen and rejected are the same tokens after the "
+                f"no usable {split}preference pairs: every pair's chosen and rejected are the same tokens after the "
                 f"cut to --max_length {max_length} / --block_size {max_response} (the first: {first}); raise "
                 "--block_size so the responses' differences fit"
             )
-        logger.warning("dropped %d of %d pairs whose chosen and rejected are the same tokens after the cut to "
-                       "--max_length %d / --block_size %d (the first: %s)",
-                       len(same), len(pairs), max_length, max_response, first)  # fmt: skip
+        logger.warning("dropped %d of %d %spairs whose chosen and rejected are the same tokens after the cut "
+                       "to --max_length %d / --block_size %d (the first: %s)",
+                       len(same), len(pairs), split, max_length, max_response, first)  # fmt: skip
         dropped = set(same)
         pairs = pairs.select([i for i in range(len(pairs)) if i not in dropped])
     return pairs.remove_columns("truncated")

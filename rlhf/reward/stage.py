@@ -89,14 +89,25 @@ def build_reward_data(
         raise ConfigError("--max_length must be >= 2 and --block_size >= 1")
     with args.main_process_first(desc="loading and tokenizing preference pairs"):
         rows = clean_pairs(load_dataset_dir(data_args.dataset_dir, "preference", data_args.data_cache_dir))
-        pairs = tokenize_pairs(
-            rows, tokenizer, rm_args.max_length, data_args.block_size, data_args.preprocessing_num_workers
+        # split before the cut drops pairs, so the held-out pairs do not depend on the length flags
+        train_rows, eval_rows = split_dataset(rows, data_args.split_ratio, args.seed)
+        tokenize = partial(
+            tokenize_pairs,
+            tokenizer=tokenizer,
+            max_length=rm_args.max_length,
+            max_response=data_args.block_size,
+            num_proc=data_args.preprocessing_num_workers,
         )
-    longest = max(len(ids) for side in ("chosen_ids", "rejected_ids") for ids in pairs[side])
+        train = tokenize(train_rows, split="training " if eval_rows is not None else "")
+        held_out = None if eval_rows is None else tokenize(eval_rows, split="held-out ")
+    longest = max(
+        len(ids) for pairs in (train, held_out) if pairs is not None for side in ("chosen_ids", "rejected_ids")
+        for ids in pairs[side]
+    )  # fmt: skip
     if context_length is None:
         context_length = model_context_length(getattr(tokenizer, "name_or_path", None))
     warn_beyond_context(longest, context_length, "--max_length", rm_args.max_length)
-    return split_dataset(pairs, data_args.split_ratio, args.seed)
+    return train, held_out
 
 
 def build_reward_model(
