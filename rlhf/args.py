@@ -80,6 +80,14 @@ class DataArguments:
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
 
+    def __post_init__(self):
+        check_positive_flags({"--block_size": self.block_size})
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 0:
+            raise ConfigError(
+                f"--preprocessing_num_workers must be 0 or more (0: tokenize in this process), "
+                f"got {self.preprocessing_num_workers}"
+            )
+
 
 @dataclass
 class LoraArguments:

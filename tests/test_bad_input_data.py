@@ -143,6 +143,45 @@ def test_an_unpaired_surrogate_is_an_error_naming_file_line_and_field(tmp_path, 
     str(info.value).encode("utf-8")  # printable
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("data.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
+         ":2: cannot read as UTF-8 text (invalid continuation byte at byte 56)"),
+        ("data.jsonl", b'{"instruction": "a", "output": "b", "id": ' + b"7" * 5000 + b"}\n",
+         ":1: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+        ("data.json", b'[{"instruction": "a", "output": "b"},\n {"id": ' + b"7" * 5000 + b"}]",
+         ":2: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+        ("pairs.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1' + b"0" * 400 + b"}\n",
+         ':1: field "margin" is beyond float64, outside float32 range'),
+        ("pairs.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -1e39}\n',
+         ':1: field "margin" is -1e+39, outside float32 range (\u00b13.403e+38)'),
+    ],
+)  # fmt: skip
+def test_unreadable_text_huge_numbers_and_overflowing_margins_name_file_and_line(
+    tmp_path, name, content, message
+):
+    """Each was a traceback (UnicodeDecodeError naming no line, Python's digit-limit ValueError, an
+    OverflowError in the finiteness check), or a margin that became inf in the float32 loss."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    kind = "preference" if name.startswith("pairs") else "sft"
+    with pytest.raises(DataError) as info:
+        load_dataset_dir(path, kind, str(tmp_path / "cache"))
+    assert str(info.value).startswith(f"{path}{message}"), str(info.value)
+
+
+def test_a_corrupt_gzip_stream_is_one_line_naming_the_file(tmp_path):
+    import gzip
+
+    data = bytearray(gzip.compress(b'{"instruction": "a", "output": "b"}\n' * 50))
+    data[10] = 0xFF  # the first deflate block's header: an invalid block type
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^{path}: cannot read \\(.*invalid block type"):
+        load_dataset_dir(path, "sft", str(tmp_path / "cache"))
+
+
 # --- conversational preference pairs -------------------------------------------------------------
 
 USER = {"role": "user", "content": "Rate cats."}

@@ -74,6 +74,24 @@ def test_optimizer_values_torch_refuses_are_config_errors(tmp_path, flag, value,
         parse_args(SFT_GROUPS, sft_flags(tmp_path, "--do_train", f"{flag}={value}"))
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--block_size", "0"], "--block_size must be a positive number, got 0"),
+        (["--preprocessing_num_workers", "-1"], "--preprocessing_num_workers must be 0 or more"),
+    ],
+)
+def test_data_flags_datasets_would_refuse_late_are_config_errors(tmp_path, flags, message):
+    """``datasets.map(num_proc=-1)`` raised its ValueError after the model loaded; a PPO ``--block_size 0``
+    divided by zero when the pretraining text was cut into blocks."""
+    from rlhf.ppo.config import PPODataArguments
+
+    with pytest.raises(ConfigError, match="^" + __import__("re").escape(message)):
+        parse_args(SFT_GROUPS, sft_flags(tmp_path, "--do_train", *flags))
+    with pytest.raises(ConfigError, match="^" + __import__("re").escape(message)):
+        parse_args((PPODataArguments,), ["--dataset_dir", "d", *flags])
+
+
 def test_data_cache_dir_that_is_a_file_is_a_config_error(tmp_path):
     from rlhf.data import load_dataset_dir
 

@@ -62,6 +62,7 @@ def refusal(flags: list[str], tmp_path, monkeypatch, capsys) -> str:
          "--max_buffer_size 8 (2 generation batches of --max_batch_size 2 x --num_samples_per_prompt 2) and "
          "--rollout_batches 3 both set the rollout size"),
         # the spellings argparse takes: dashes, =, a unique prefix; a default value given is given too
+        (["--block_size", "0"], "--block_size must be a positive number, got 0"),
         (["--max-gen-len", "8", "--max-response-length=256"],
          "--max_gen_len 8 and --max_response_length 256 both set"),
         (["--max_batch_size=2", "--per_device_train_batch=2", "--per_device_mini_train_batch_size", "8"],

@@ -21,6 +21,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,20 @@ def read_text(path: Path) -> str:
     when it is not text."""
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
-                return handle.read()
-        return path.read_text(encoding="utf-8-sig")
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: cannot read as UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -135,6 +145,14 @@ def find_unpaired_surrogate(value: Any, path: str = "") -> tuple[str, str] | Non
     return None
 
 
+def _json_reason(exc: ValueError) -> str:
+    """The decoder's reason, or the first line of Python's own ``ValueError`` (an integer literal longer
+    than ``sys.get_int_max_str_digits()`` digits)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    return (str(exc).splitlines() or ["bad value"])[0]
+
+
 def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     """One JSON value per line. Lines end at "\n" only (a "\r\n" ending reaches here as "\n": files are read
     with universal newlines): ``str.splitlines`` would also split at U+2028, U+2029, U+0085 and other
@@ -144,8 +162,8 @@ def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             continue
         try:
             yield line_no, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+            raise DataError(f"{path}:{line_no}: not valid JSON ({_json_reason(exc)})") from None
 
 
 def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -161,8 +179,9 @@ def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         line = text.count("\n", 0, pos) + 1
         try:
             value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+            where = exc.lineno if isinstance(exc, json.JSONDecodeError) else line
+            raise DataError(f"{path}:{where}: not valid JSON ({_json_reason(exc)})") from None
         yield line, value
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":

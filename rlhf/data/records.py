@@ -27,6 +27,7 @@ from rlhf.errors import DataError
 
 Record = dict[str, Any]
 CHAT_ROLES = ("system", "user", "assistant")
+FLOAT32_MAX = 3.4028234663852886e38  # the reward-model loss holds margins in float32
 HH_ASSISTANT_TAG = "\n\nAssistant:"
 
 _MESSAGES = [{"role": Value("string"), "content": Value("string")}]
@@ -188,8 +189,11 @@ def parse_preference(record: Record, where: str) -> Record:
         margin = 0.0
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise DataError(f'{where}: field "margin" must be a number, got {type(margin).__name__}')
-    if not math.isfinite(margin):
+    if isinstance(margin, float) and not math.isfinite(margin):
         raise DataError(f'{where}: field "margin" is {margin} (numbers in data must be finite)')
+    if not abs(margin) <= FLOAT32_MAX:  # a float32 tensor in the loss: beyond this it is inf
+        shown = f"{margin:.4g}" if abs(margin) < 1e308 else "beyond float64"
+        raise DataError(f'{where}: field "margin" is {shown}, outside float32 range (±{FLOAT32_MAX:.4g})')
     if conversational:
         prompt = ""
     elif "instruction" in record or "prompt" in record:

@@ -283,6 +283,7 @@ def apply_description_flags(
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     check_loop_flags(ppo, args)
+    check_positive_flags({"--block_size": tp.block_size})
     args.output_dir = args.output_dir or str(
         Path(tp.actor_save_dir).with_name(Path(tp.actor_save_dir).name + "_run")
     )
