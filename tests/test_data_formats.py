@@ -346,6 +346,29 @@ def test_pretraining_text_grouped_into_blocks(repo_root, tiny_llama):
     assert tokenizer.eos_token_id in blocks["input_ids"][0] + blocks["input_ids"][1]
 
 
+def test_a_tokenizer_that_appends_eos_gives_no_eos_inside_an_example(tiny_llama, tmp_path):
+    """A Llama tokenizer saved with ``add_eos_token=True`` appends EOS to every encoding: a prompt ended in
+    one (the model learned to stop before answering), a pretraining document in two."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from rlhf.sft.examples import tokenize_sft_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)]
+    )
+    assert tokenizer("hi")["input_ids"][-1] == eos_id
+    example = tokenize_sft_row({"prompt": "Say hi", "prompt_messages": [], "response": "hi"}, tokenizer, 64)
+    assert example["input_ids"].count(eos_id) == 1 and example["input_ids"][-1] == eos_id
+    (tmp_path / "a.txt").write_text("hello there\ngeneral text\n" * 20)
+    blocks = load_pretrain_blocks(str(tmp_path), tokenizer, block_size=8)
+    flat = [token for block in blocks["input_ids"] for token in block]
+    assert eos_id in flat and all(a != eos_id or b != eos_id for a, b in zip(flat, flat[1:]))
+
+
 def test_pretraining_dir_without_txt_is_an_error(tmp_path, tiny_llama):
     from transformers import AutoTokenizer
 

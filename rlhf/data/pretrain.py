@@ -7,6 +7,7 @@ from typing import Any
 import datasets
 
 from rlhf.data.loading import load_text_dir
+from rlhf.data.templates import without_appended_eos
 from rlhf.errors import DataError
 
 
@@ -34,7 +35,10 @@ def load_pretrain_blocks(
         docs = [line for text in batch["text"] for line in text.splitlines() if line.strip()]
         ids = tokenizer(docs)["input_ids"]
         if tokenizer.eos_token_id is not None:
-            ids = [seq + [tokenizer.eos_token_id] for seq in ids]
+            ids = [
+                without_appended_eos(seq, doc, tokenizer) + [tokenizer.eos_token_id]
+                for seq, doc in zip(ids, docs)
+            ]
         return {"input_ids": group_into_blocks(ids, block_size)}
 
     blocks = texts.map(tokenize, batched=True, remove_columns=["text"], desc="grouping pretraining text")

@@ -72,4 +72,21 @@ def tokenize_prompt(row: dict[str, Any], tokenizer: Any) -> list[int]:
     text = render_prompt(row, tokenizer)
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    if add_special:
+        return encode_prompt_text(text, tokenizer)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt_text(text: str, tokenizer: Any) -> list[int]:
+    """``tokenizer(text)``'s ids (BOS added when the tokenizer adds one) without an appended EOS."""
+    return without_appended_eos(tokenizer(text)["input_ids"], text, tokenizer)
+
+
+def without_appended_eos(ids: list[int], text: str, tokenizer: Any) -> list[int]:
+    """``ids`` less the EOS a tokenizer's post-processor appended (Llama tokenizers saved with
+    ``add_eos_token=True``): a prompt, or a pretraining document that gets its EOS by id, must not end in a
+    second one. An EOS the text itself ends with stays."""
+    eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
+    if eos_id is not None and ids and ids[-1] == eos_id and not (eos and text.rstrip().endswith(eos)):
+        return ids[:-1]
+    return ids

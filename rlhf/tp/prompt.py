@@ -7,7 +7,7 @@ A question becomes::
 
 and the model continues with the solution, ending in ``#### <number>`` (GSM8K's own answer format), then
 EOS. Training targets are therefore ``" " + answer`` followed by EOS. Prompts are tokenized exactly as
-``tokenizer(prompt)`` does (BOS added by the tokenizer when it adds one).
+``tokenizer(prompt)`` does (BOS added by the tokenizer when it adds one; an EOS it appends dropped).
 """
 
 from __future__ import annotations

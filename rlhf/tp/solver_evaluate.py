@@ -34,6 +34,7 @@ from rlhf.args import check_output_dir, parse_args, split_comma_list
 from rlhf.data import load_dataset_dir
 from rlhf.data.files import files_signature
 from rlhf.data.gsm8k import answers_match, extract_prediction
+from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.generation import SamplingConfig, build_generator
 from rlhf.logging_setup import setup_logging
@@ -143,7 +144,7 @@ def solve(
     instead of generated, and each new batch is recorded as it ends.
     """
     stops = split_comma_list(args.stop) if args.stop else []
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [encode_prompt_text(p, tokenizer) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
     sampling = SamplingConfig(
         max_new_tokens=args.max_gen_len, min_new_tokens=0, temperature=args.temperature, top_p=args.top_p,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from rlhf.args import parse_args
 from rlhf.data import load_dataset_dir
+from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.distributed import process_group_scope
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 def solver_example(question: str, answer: str, tokenizer: Any, max_seq_len: int) -> Example | None:
     """Prompt + answer + EOS, labels -100 on the prompt; cut to ``max_seq_len`` tokens (None when no
     answer token is left; ``cut`` when the answer lost its end)."""
-    prompt = tokenizer(gsm8k_prompt(question))["input_ids"]
+    prompt = encode_prompt_text(gsm8k_prompt(question), tokenizer)
     target = tokenizer(gsm8k_target(answer), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         target = target + [tokenizer.eos_token_id]

@@ -31,6 +31,7 @@ import torch
 
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, find_number, normalize_number
+from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import CheckpointError, DataError
 from rlhf.tp.examples import Example, collate, micro_batches, split_rows
 from rlhf.tp.loading import checkpoint_head
@@ -124,7 +125,7 @@ def read_verifier_rows(path: str) -> list[dict[str, Any]]:
 
 def verifier_ids(tokenizer: Any, question: str, solution: str) -> list[int]:
     """Token ids of prompt + solution + EOS, as the solver would have produced them."""
-    ids = tokenizer(gsm8k_prompt(question))["input_ids"]
+    ids = encode_prompt_text(gsm8k_prompt(question), tokenizer)
     ids = ids + tokenizer(gsm8k_target(solution), add_special_tokens=False)["input_ids"]
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
