@@ -84,6 +84,30 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tokenizer, caplog):
         tokenize_sft_dataset(load_dataset_dir(str(data), "sft", str(tmp_path / "cache2")), tokenizer, 32)
 
 
+def test_a_response_that_spells_a_special_token_is_one_warning_naming_the_first(tmp_path, tokenizer, caplog):
+    """``</s>`` written in an answer (HTML strikethrough, a tokenizer tutorial) is read as EOS, as Hugging
+    Face tokenizers read it: the model learns to stop there. The data is kept as peers train it, with
+    one warning that names the first such row."""
+    from rlhf.data import load_dataset_dir
+    from rlhf.sft.examples import tokenize_sft_dataset
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Strike", "output": "Use <s>old</s> tags."}\n'
+        '{"instruction": "Say bye", "output": "bye</s>"}\n'
+    )
+    with caplog.at_level("WARNING"):
+        examples = tokenize_sft_dataset(
+            load_dataset_dir(str(data), "sft", str(tmp_path / "cache")), tokenizer, 64
+        )
+    assert len(examples) == 3 and set(examples.column_names) == {"input_ids", "labels"}
+    assert (
+        f"2 of 3 SFT responses spell a special token of the tokenizer as text (the first: {data}:2)"
+        in caplog.text
+    )
+    assert examples[1]["labels"].count(tokenizer.eos_token_id) == 2  # what the warning is about
+
+
 def test_chat_rows_use_the_chat_template(tokenizer):
     row = {"prompt": "", "prompt_messages": [{"role": "user", "content": "Hi"}], "response": "Hello."}
     ex = tokenize_sft_row(row, tokenizer, block_size=64)

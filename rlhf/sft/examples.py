@@ -29,12 +29,26 @@ def tokenize_sft_row(row: dict[str, Any], tokenizer: Any, block_size: int) -> di
     """``{"input_ids", "labels", "truncated"}`` for one normalized SFT row (see module docstring)."""
     prompt = tokenize_prompt(row, tokenizer)
     response = encode_response(row["response"], tokenizer)
+    special = not set(tokenizer.all_special_ids).isdisjoint(response[:-1])
     prompt, response, truncated = fit_to_length(prompt, response, block_size, bos_id=tokenizer.bos_token_id)
     return {
         "input_ids": prompt + response,
         "labels": [IGNORE_INDEX] * len(prompt) + response,
         "truncated": truncated,
+        "special_in_response": special,
     }
+
+
+def warn_special_tokens_in_responses(rows: datasets.Dataset, flags: list[bool]) -> None:
+    """One warning naming the first row whose response text spells a special token (``</s>``, ``<s>``,
+    ``<|endoftext|>``): Hugging Face tokenizers read such text as that token, as TRL and LLaMA-Factory
+    train it, so an EOS spelt inside an answer teaches the model to stop there."""
+    found = [i for i, flag in enumerate(flags) if flag]
+    if found:
+        first = rows[found[0]].get("where") or f"row {found[0]}"
+        logger.warning("%d of %d SFT responses spell a special token of the tokenizer as text (the first: %s): "
+                       "it is read as that token, so the model learns to write it there (an EOS ends the "
+                       "answer); remove it from the data if it is meant as text", len(found), len(rows), first)  # fmt: skip
 
 
 def drop_empty_responses(rows: datasets.Dataset) -> datasets.Dataset:
@@ -74,6 +88,7 @@ def tokenize_sft_dataset(
         num_proc=num_proc,
         desc="tokenizing SFT examples",
     )
+    warn_special_tokens_in_responses(rows, examples["special_in_response"])
     n_truncated = sum(examples["truncated"])
     if n_truncated:
         logger.warning("%d of %d examples were longer than --block_size %d and were cut",
@@ -86,4 +101,4 @@ def tokenize_sft_dataset(
     logger.info(
         "%d SFT examples, %d tokens (%.1f per example)", len(examples), n_tokens, n_tokens / len(examples)
     )
-    return examples.remove_columns("truncated")
+    return examples.remove_columns(["truncated", "special_in_response"])
