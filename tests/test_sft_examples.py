@@ -24,7 +24,9 @@ def test_fit_to_length_cuts_prompt_from_left_and_keeps_bos():
 
 def test_fit_to_length_cuts_a_response_longer_than_the_budget_on_the_right():
     prompt, response, cut = fit_to_length([1, 10, 11], list(range(20, 40)), max_length=6, bos_id=1)
-    assert response == [20, 21, 22, 23, 24] and prompt == [11] and cut
+    assert response == [20, 21, 22, 23] and prompt == [1, 11] and cut  # the cut prompt keeps its BOS
+    prompt, response, _ = fit_to_length([10, 11], list(range(20, 40)), max_length=6, bos_id=1)
+    assert response == [20, 21, 22, 23, 24] and prompt == [11]  # no BOS to keep: one prompt token
     prompt, response, _ = fit_to_length([1, 10, 11], list(range(20, 40)), 10, max_response=4, bos_id=1)
     assert response == [20, 21, 22, 23] and prompt == [1, 10, 11]
 

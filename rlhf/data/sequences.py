@@ -42,16 +42,24 @@ def fit_to_length(
     """Cut ``prompt_ids + response_ids`` to at most ``max_length`` tokens; return (prompt, response, cut).
 
     ``max_response`` (default ``max_length - 1``) caps the response alone, leaving room for at least one
-    prompt token. ``cut`` is True when anything was removed.
+    prompt token, after the BOS when the prompt starts with ``bos_id`` (and ``max_length`` > 2): a cut
+    prompt keeps its BOS. ``cut`` is True when anything was removed.
 
     >>> fit_to_length([1, 5, 6, 7], [8, 9, 2], max_length=5, bos_id=1)
     ([1, 7], [8, 9, 2], True)
     >>> fit_to_length([1, 5], [8, 9, 10, 11, 2], max_length=4, max_response=3)
     ([5], [8, 9, 10], True)
+    >>> fit_to_length([1, 5, 6], [8, 9, 10, 11, 2], max_length=4, bos_id=1)
+    ([1, 6], [8, 9], True)
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    cap = max_length - 1 if max_response is None else min(max_response, max_length - 1)
+    starts_with_bos = (
+        bos_id is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos_id and max_length > 2
+    )
+    room_for_prompt = 2 if starts_with_bos else 1
+    cap = max_length - room_for_prompt
+    cap = cap if max_response is None else min(max_response, cap)
     cut = len(response_ids) > cap
     response = response_ids[:cap]
     room = max_length - len(response)
