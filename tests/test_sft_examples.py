@@ -138,3 +138,30 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llama, tokenizer):
     # the first label of every example is masked, so no example is trained to predict the next one
     first = len(examples[0]["input_ids"])
     assert packed["labels"][0, 0] == IGNORE_INDEX and packed["labels"][0, first] == IGNORE_INDEX
+
+
+def test_a_change_of_the_data_code_is_never_served_from_the_cache(tmp_path, tokenizer, monkeypatch):
+    """``datasets`` keys a ``map`` of a module's function by the function's name, not its code: after an
+    upgrade the cache in --data_cache_dir handed back rows tokenized by the old code (here: a helper of
+    ``tokenize_sft_row`` that now adds a token). The data code's hash is part of the key."""
+    from rlhf.data import code_version, load_dataset_dir
+    from rlhf.sft import examples
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say bye", "output": "bye"}\n'
+    )
+    cache = str(tmp_path / "cache")
+
+    def tokenized() -> list[list[int]]:
+        return examples.tokenize_sft_dataset(load_dataset_dir(str(data), "sft", cache), tokenizer, 256)[
+            "input_ids"
+        ]
+
+    before = tokenized()
+    original = examples.encode_response
+    monkeypatch.setattr(examples, "encode_response", lambda text, tok: [5] + original(text, tok))
+    assert tokenized() == before  # same code version: the cache answers, as datasets keys it
+    monkeypatch.setattr(code_version, "data_code_version", lambda: "an upgraded version")
+    after = tokenized()
+    assert [len(ids) for ids in after] == [len(ids) + 1 for ids in before]

@@ -1,8 +1,9 @@
 """Loading a ``--dataset_dir`` into a ``datasets.Dataset`` of normalized rows, cached in ``--data_cache_dir``.
 
 Rows are validated and normalized by the parsers in :mod:`rlhf.data.records` inside a
-``Dataset.from_generator`` whose fingerprint covers every file's path, size and modification time, so
-the Arrow cache in ``--data_cache_dir`` is reused until a file changes. Errors surface as one
+``Dataset.from_generator`` whose fingerprint covers every file's path, size and modification time and the
+data code (:mod:`rlhf.data.code_version`), so the Arrow cache in ``--data_cache_dir`` is reused until a
+file or that code changes. Errors surface as one
 :class:`~rlhf.errors.DataError` line naming the file and line (``datasets`` wraps generator errors; we
 unwrap them). Every row also carries its ``"where"`` (``file:line``), so an error found later, such as a
 chat template that rejects the row's conversation, names the row too.
@@ -18,6 +19,7 @@ from pathlib import Path
 import datasets
 
 from rlhf.args import check_output_dir
+from rlhf.data.code_version import data_code_version
 from rlhf.data.files import TEXT_EXTENSIONS, find_data_files, iter_json_records, read_text
 from rlhf.data.records import FEATURES, PARSERS
 from rlhf.errors import ConfigError, DataError, find_user_error
@@ -29,14 +31,15 @@ def _file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _generate_rows(kind: str, stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
+def _generate_rows(kind: str, stamps: list[tuple[str, int, int]], code: str = "") -> Iterator[dict]:
+    """The rows of the files (``code``, :func:`data_code_version`, only keys the cache)."""
     parse = PARSERS[kind]
     for path, _, _ in stamps:
         for where, record in iter_json_records(Path(path)):
             yield {**parse(record, where), "where": where}
 
 
-def _generate_text(stamps: list[tuple[str, int, int]]) -> Iterator[dict]:
+def _generate_text(stamps: list[tuple[str, int, int]], code: str = "") -> Iterator[dict]:
     for path, _, _ in stamps:
         text = read_text(Path(path))
         if not text.strip():
@@ -72,7 +75,10 @@ def load_dataset_dir(
     files = find_data_files(dataset_dir)
     features = datasets.Features({**FEATURES[kind], "where": datasets.Value("string")})
     dataset = _from_generator(
-        _generate_rows, {"kind": kind, "stamps": _file_stamps(files)}, features, cache_dir
+        _generate_rows,
+        {"kind": kind, "stamps": _file_stamps(files), "code": data_code_version()},
+        features,
+        cache_dir,
     )
     if len(dataset) == 0:
         raise DataError(f"{dataset_dir}: no records")
@@ -84,7 +90,8 @@ def load_text_dir(dataset_dir: str | os.PathLike, cache_dir: str | None = None) 
     """Every ``*.txt`` in ``dataset_dir`` as one ``{"text"}`` row per file (pretraining data)."""
     files = find_data_files(dataset_dir, TEXT_EXTENSIONS)
     features = datasets.Features({"text": datasets.Value("string")})
-    return _from_generator(_generate_text, {"stamps": _file_stamps(files)}, features, cache_dir)
+    stamps = {"stamps": _file_stamps(files), "code": data_code_version()}
+    return _from_generator(_generate_text, stamps, features, cache_dir)
 
 
 def split_dataset(

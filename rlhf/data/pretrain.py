@@ -6,6 +6,7 @@ from typing import Any
 
 import datasets
 
+from rlhf.data.code_version import map_fingerprint
 from rlhf.data.loading import load_text_dir
 from rlhf.data.templates import without_appended_eos
 from rlhf.errors import DataError
@@ -41,7 +42,13 @@ def load_pretrain_blocks(
             ]
         return {"input_ids": group_into_blocks(ids, block_size)}
 
-    blocks = texts.map(tokenize, batched=True, remove_columns=["text"], desc="grouping pretraining text")
+    blocks = texts.map(
+        tokenize,
+        batched=True,
+        remove_columns=["text"],
+        desc="grouping pretraining text",
+        new_fingerprint=map_fingerprint(texts, "pretrain_blocks", tokenizer=tokenizer, block_size=block_size),
+    )
     if len(blocks) == 0:
         raise DataError(f"{dataset_dir}: fewer than block_size={block_size} tokens of text")
     return blocks

@@ -21,6 +21,7 @@ import datasets
 import torch
 
 from rlhf.data import tokenize_prompt
+from rlhf.data.code_version import map_fingerprint
 from rlhf.data.sequences import encode_response, fit_to_length
 from rlhf.errors import DataError
 
@@ -88,12 +89,14 @@ def tokenize_pairs(
     """Tokenize every pair; log how many were cut, and drop (and count) the pairs whose sides the cut made
     the same tokens; none left is a DataError. Returns ``{"chosen_ids", "rejected_ids", "margin"}``.
     ``split`` ("held-out ", "training ") names the rows in those lines."""
+    settings = {"tokenizer": tokenizer, "max_length": max_length, "max_response": max_response}
     pairs = rows.map(
         tokenize_pair_row,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_response": max_response},
+        fn_kwargs=settings,
         remove_columns=rows.column_names,
         num_proc=num_proc,
         desc="tokenizing preference pairs",
+        new_fingerprint=map_fingerprint(rows, "tokenize_pair_row", **settings),
     )
     n_cut = sum(pairs["truncated"])
     if n_cut:

@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 
 from rlhf.data import tokenize_prompt
+from rlhf.data.code_version import map_fingerprint
 from rlhf.data.sequences import encode_response, fit_to_length, warn_beyond_context
 from rlhf.errors import DataError
 from rlhf.models.loading import model_context_length
@@ -81,12 +82,14 @@ def tokenize_sft_dataset(
     if block_size < 2:
         raise DataError(f"--block_size must be at least 2, got {block_size}")
     rows = drop_empty_responses(rows)
+    settings = {"tokenizer": tokenizer, "block_size": block_size}
     examples = rows.map(
         tokenize_sft_row,
-        fn_kwargs={"tokenizer": tokenizer, "block_size": block_size},
+        fn_kwargs=settings,
         remove_columns=rows.column_names,
         num_proc=num_proc,
         desc="tokenizing SFT examples",
+        new_fingerprint=map_fingerprint(rows, "tokenize_sft_row", **settings),
     )
     warn_special_tokens_in_responses(rows, examples["special_in_response"])
     n_truncated = sum(examples["truncated"])

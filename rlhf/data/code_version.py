@@ -1,0 +1,37 @@
+"""The data-preparation code's own fingerprint, part of every ``datasets`` cache key this package makes.
+
+``datasets`` fingerprints a ``map`` or ``from_generator`` by its function and arguments, but it pickles a
+function of an importable module by reference (module and name), not by its code. After an upgrade of this
+package that changes how rows are parsed or tokenized, the Arrow cache in ``--data_cache_dir`` would hand
+back rows made by the old code (or without a column the new code reads). Every cache key therefore includes
+a hash of the sources of the modules that parse and tokenize data.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from datasets.fingerprint import Hasher
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DATA_CODE = ("data/*.py", "sft/examples.py", "reward/pairs.py")
+
+
+@functools.cache
+def data_code_version() -> str:
+    """A short hash of the sources of :data:`DATA_CODE` (relative to the ``rlhf`` package)."""
+    digest = hashlib.sha256()
+    for pattern in DATA_CODE:
+        for path in sorted(PACKAGE_ROOT.glob(pattern)):
+            digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def map_fingerprint(dataset: Any, step: str, **settings: Any) -> str:
+    """The fingerprint of ``dataset.map`` for the transform named ``step`` with ``settings`` (a tokenizer
+    is hashed by its vocabulary and configuration, as ``datasets`` does), under this data code."""
+    return Hasher.hash([dataset._fingerprint, step, settings, data_code_version()])
