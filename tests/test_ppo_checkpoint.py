@@ -14,6 +14,7 @@ from rlhf.backend.state_files import check_file
 from rlhf.errors import CheckpointError
 from rlhf.ppo.checkpoint import (
     checkpoint_problem,
+    load_buffer_tensors,
     load_checkpoint,
     newest_loadable_checkpoint,
     save_checkpoint,
@@ -172,3 +173,14 @@ def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
     prune_checkpoints(tmp_path, None, tmp_path / "checkpoint-3")  # no limit: nothing goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+
+
+def test_a_rollout_buffer_loads_on_the_device_of_a_multi_process_cpu_run(tmp_path):
+    """Under torchrun on CPU each process's device is ``cpu:0``, which safetensors refused: a checkpoint
+    taken mid-rollout was reported corrupt and could not be resumed."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "buffer.safetensors"
+    save_file({"rewards": torch.arange(4.0)}, str(path))
+    tensors = load_buffer_tensors(path, torch.device("cpu", 0))
+    assert torch.equal(tensors["rewards"], torch.arange(4.0))

@@ -147,6 +147,12 @@ def staged_checkpoint(directory: Path, backend: Backend, rank_state: dict[str, A
     backend.barrier()
 
 
+def load_buffer_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A rank's saved rollout buffer on ``device``. safetensors takes ``"cuda:1"`` but refuses ``"cpu:0"``,
+    the device Accelerate gives each process of a multi-process CPU run."""
+    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+
+
 def load_checkpoint(
     directory: Path,
     *,
@@ -186,9 +192,7 @@ def load_checkpoint(
     rank_state.pop("weights_checksum", None)
     buffer = None
     if (own / "buffer.safetensors").is_file():
-        tensors = read_file(
-            own / "buffer.safetensors", lambda p: load_file(str(p), device=str(backend.device))
-        )
+        tensors = read_file(own / "buffer.safetensors", lambda p: load_buffer_tensors(p, backend.device))
         buffer = RolloutBuffer.from_tensors(tensors)
     logger.info("resumed from %s at step %d", directory, shared["step"])
     return shared, rank_state, buffer
