@@ -12,9 +12,11 @@
 # warm machine (a machine goes back 30 s after a call: have the second call ready; a lease is 15 minutes,
 # start-up included, and a command at most 10):
 #
-#   ENGINETESTS_S=120 ROLLOUT_S=200 ROLLOUT_ROWS=ours-merged-compiled,hf-generate,ours-merged,ours \
-#   PPO_S=230 PPO_ROWS=ours-gae-fast,ours-grpo-fast,trl-grpo \
+#   ENGINETESTS_S=140 ROLLOUT_S=190 ROLLOUT_ROWS=ours-merged-compiled,hf-generate,hf-generate-static-cache \
+#   PPO_S=230 PPO_ROWS=trl-grpo,ours-grpo-fast,ours-gae-fast \
 #     bash bench/gpu_session.sh enginetests rollout ppo                       # first call, ~9.5 minutes
+#   (the peer rows before the second of ours: a row that does not fit its estimate into the time left is
+#   skipped, and a comparison needs the peer; every step's RESULTS.md is copied to $OUT as it ends)
 #   SFT_S=<device time left - 40> bash bench/gpu_session.sh sft              # second call, at once
 #   # time left: PPO_ROWS=ours-gae-compiled,ours-grpo-compiled ... ppo (--torch_compile: the decoder layers
 #   # compiled, its compile in the first step: the table's first-step column); PPO_ROWS=ours-large,trl-ppo ... ppo;
@@ -54,9 +56,11 @@ python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/n
   exit 2
 }
 site=/tmp/gpu_session_site
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-    >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
+if ls .whl/*.whl >/dev/null 2>&1; then  # one wheel at a time: a bad optional wheel costs only its own rows
+  for wheel in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheel" \
+      >>"$out/setup.log" 2>&1 || echo "== setup: $wheel did not install (see setup.log)" | tee -a "$out/device.txt"
+  done
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -75,6 +79,7 @@ run_step() {  # name, limit in seconds, shell command
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$out/device.txt"
   tail -n 25 "$out/$name.log"
+  cp bench/RESULTS.md "$out/RESULTS.md"  # after every step: a call cut short keeps the finished steps' tables
 }
 
 pytest="python3 -m pytest -q -p no:cacheprovider -o addopts="

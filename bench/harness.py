@@ -172,8 +172,12 @@ def run_worker(
     cmd = [sys.executable, script, "--worker", name, "--workdir", str(workdir), *extra]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {timeout} s"}
+    except subprocess.TimeoutExpired as exc:  # a measurement printed before the limit is kept
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        result = last_json_line(name, partial)
+        if "error" in result:
+            return {"name": name, "error": f"timed out after {timeout} s"}
+        return {**result, "note": f"what followed its measurement was cut at the {timeout} s limit"}
     if proc.returncode != 0:
         print_failure(name, proc.stderr)
         return {

@@ -270,6 +270,7 @@ def trl_grpo(suite: Suite, workdir: Path) -> dict:
         max_completion_length=suite.response_len, learning_rate=1e-4, beta=0.02, max_steps=suite.steps,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=suite.bf16, disable_tqdm=True,
         generation_kwargs={"min_new_tokens": suite.response_len},
+        gradient_checkpointing=False,  # TRL 1.16 defaults to True; ours-*-fast rows run without it
     )  # fmt: skip
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
@@ -299,7 +300,7 @@ def trl_ppo(suite: Suite, workdir: Path) -> dict:
         gradient_accumulation_steps=suite.samples // micro, num_mini_batches=1, num_ppo_epochs=1,
         response_length=suite.response_len, total_episodes=suite.samples * suite.steps, learning_rate=1e-4,
         kl_coef=0.02, save_strategy="no", report_to="none", seed=0, logging_steps=1, num_sample_generations=0,
-        bf16=suite.bf16, local_rollout_forward_batch_size=min(suite.mini_batch, suite.samples), disable_tqdm=True,
+        bf16=suite.bf16, local_rollout_forward_batch_size=suite.samples, disable_tqdm=True,  # all at once, as ours
     )  # fmt: skip
     scorer = lambda: AutoModelForSequenceClassification.from_pretrained(  # noqa: E731
         model_dir, num_labels=1, dtype=suite.torch_dtype

@@ -266,9 +266,11 @@ def worker(name: str, workdir: Path) -> dict:
             "capture_s": engine.graphs.capture_seconds if engine is not None and engine.graphs else None,
             "cuda_graphs": bool(engine is not None and engine.graphs),
             "peak_mb": harness.peak_memory_mb(),
-            **(step_profile(engine, batch) if engine is not None else {}),
             **harness.compile_stats(),
         }
+        if engine is not None:  # the measurement first: a profile cut by the time limit must not lose it
+            print(json.dumps(result), flush=True)
+            result.update(step_profile(engine, batch))
     if name == "ours-tp":  # free the (NCCL on a GPU) process group now: its teardown at exit can hang
         from rlhf.tp.distributed import shutdown
 
