@@ -7,6 +7,9 @@ older transformers still pass:
 - ``--evaluation_strategy X`` -> ``--eval_strategy X``;
 - ``--warmup_ratio R`` -> ``--warmup_steps R`` (transformers 5 reads a float below 1 as a ratio);
 - ``--fp16`` / ``--bf16`` without a GPU -> dropped, with one warning line (training runs in float32);
+- under ``accelerate launch``: its mixed precision -> ``--bf16``/``--fp16``, and a DeepSpeed config's
+  accumulation and clipping -> ``--gradient_accumulation_steps``/``--max_grad_norm``, unless given
+  (:mod:`rlhf.launch_settings`);
 - ``--report_to wandb`` with no ``WANDB_API_KEY`` and no ``WANDB_MODE`` -> ``WANDB_MODE=offline``;
 - ``torchrun``/``accelerate launch`` of several processes without a GPU -> ``--use_cpu True`` for the
   ``TrainingArguments`` stages (without it transformers runs each process as an independent,
@@ -43,6 +46,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from rlhf.errors import ConfigError
+from rlhf.launch_settings import accelerate_launch_flags
 from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import DEFAULT_LORA_TARGET, LoraSpec
 
@@ -446,11 +450,14 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         show_stage_defaults(parser)
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_argv(argv[0], parser)
+    trainer_stage = any(issubclass(t, TrainingArguments) for t in dataclass_types)
+    if trainer_stage:
+        argv += accelerate_launch_flags(argv, torch.cuda.is_available())
     argv = normalize_argv(argv)
-    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+    if trainer_stage:
         argv = [*stage_defaults(argv), *argv]  # a flag given later wins
     argv += cpu_processes_flag(argv, dataclass_types)
-    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+    if trainer_stage:
         init_deepspeed_on_cpu(argv)
     configure_reporting(argv)
     try:

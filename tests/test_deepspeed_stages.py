@@ -117,16 +117,18 @@ def test_zero3_without_gathering_on_save_still_writes_a_plain_model(tiny_llama, 
 
 # --- DeepSpeed from an Accelerate config ------------------------------------------------------------
 
+# as `accelerate config` writes one for a GPU: bf16 and accumulation in the config, not as stage flags
 ACCELERATE_ZERO2 = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: DEEPSPEED
 deepspeed_config:
-  gradient_accumulation_steps: 1
+  gradient_accumulation_steps: 2
+  gradient_clipping: 1.0
   zero_stage: 2
   offload_optimizer_device: none
   offload_param_device: none
 machine_rank: 0
-mixed_precision: 'no'
+mixed_precision: bf16
 num_machines: 1
 num_processes: 1
 use_cpu: false
@@ -151,7 +153,10 @@ def test_an_accelerate_deepspeed_config_is_a_deepspeed_layout(monkeypatch):
 @pytest.mark.slow
 def test_an_accelerate_deepspeed_run_resumes_its_checkpoints(tiny_llama, tmp_path):
     """Every resume of a run under `accelerate launch --config_file <DEEPSPEED>` was refused: "optimizer.pt
-    (it holds DeepSpeed's global_step*/ instead: resume with --deepspeed) is missing"."""
+    (it holds DeepSpeed's global_step*/ instead: resume with --deepspeed) is missing". And a config with
+    mixed_precision: bf16 or gradient_accumulation_steps: 2 (and no such stage flags) stopped at the first
+    step: "DeepSpeed config values that mismatch TrainingArguments values"; they are taken as the flags
+    (rlhf/launch_settings.py; bf16 falls back to float32 on this CPU machine)."""
     config = tmp_path / "accelerate_zero2.yaml"
     config.write_text(ACCELERATE_ZERO2)
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
@@ -164,6 +169,8 @@ def test_an_accelerate_deepspeed_run_resumes_its_checkpoints(tiny_llama, tmp_pat
     assert (out / "checkpoint-2" / "latest").is_file()
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr
     assert trained_steps(out) == [1, 2, 3, 4]
+    assert "--gradient_accumulation_steps 2, from the Accelerate DeepSpeed config" in proc.stderr
+    assert "mixed_precision: bf16 (from accelerate launch) needs a GPU" in proc.stderr
 
 
 # --- DeepSpeed's per-rank files ---------------------------------------------------------------------
@@ -241,6 +248,8 @@ def test_two_cpu_processes_under_zero3_train_save_and_resume(tiny_llama, tmp_pat
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr
     assert trained_steps(out) == [1, 2, 3, 4]
+    assert "--gradient_accumulation_steps 2, from the Accelerate DeepSpeed config" in proc.stderr
+    assert "mixed_precision: bf16 (from accelerate launch) needs a GPU" in proc.stderr
     shards = sorted(p.name for p in (out / "checkpoint-4" / "global_step4").iterdir())
     assert shards == [
         f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")

@@ -10,7 +10,6 @@ backend-neutral :func:`rlhf.ppo.session.assemble_session`.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
+from rlhf.launch_settings import launched_precision
 from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
 from rlhf.models.loading import warn_precision_fallback
@@ -48,8 +48,8 @@ def launch_precision(args: PPOTrainingArguments) -> str:
     Trainer stages take it; half precision without a GPU is float32, with the one fallback warning."""
     if args.fp16 or args.bf16:
         return "fp16" if args.fp16 else "bf16"
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launched not in ("fp16", "bf16"):
+    launched = launched_precision()
+    if launched == "no":
         return "no"
     if not torch.cuda.is_available():
         warn_precision_fallback([f"mixed_precision: {launched} (from accelerate launch)"])
