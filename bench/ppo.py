@@ -233,10 +233,12 @@ def shape_text(shape: Shape) -> str:
 
 
 def suite_table(suite: Suite, results: dict[str, dict]) -> str:
-    """The rows as a markdown table, with the ratio to TRL's GRPOTrainer and, on GPU, the issue's targets."""
-    trl = results.get("trl-grpo", {}).get("samples_per_s")
+    """The rows as a markdown table, with the ratios to TRL's GRPOTrainer and PPOTrainer (same model and
+    samples per step; not for the large row's other model) and, on GPU, the issue's targets."""
+    peers = [results.get(peer, {}).get("samples_per_s") for peer in ("trl-grpo", "trl-ppo")]
     header = ["implementation", "samples/step", "samples/s", "s/step", "rollout s/step", "of which generation",
-              "train s/step", "first step s", "peak GB", "samples/s vs TRL GRPOTrainer"]  # fmt: skip
+              "train s/step", "first step s", "peak GB", "samples/s vs TRL GRPOTrainer",
+              "vs TRL PPOTrainer"]  # fmt: skip
     if suite.name == "gpu":
         header.append("target (samples/s, peak GB)")
     rows = []
@@ -244,15 +246,17 @@ def suite_table(suite: Suite, results: dict[str, dict]) -> str:
         label = ROWS[name]
         if "error" in r:
             rows.append(
-                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", "", "", ""]
+                [label, "", f"failed: {r['error'][:100]}", "", "", "", "", "", "", "", ""]
                 + [""] * (suite.name == "gpu")
             )
             continue
-        ratio = f"{r['samples_per_s'] / trl:.2f}" if trl else "-"
+        # the large row runs another model: no ratio to the peers' rows
+        ratios = ["- (other shape)" if name == "ours-large" else f"{r['samples_per_s'] / peer:.2f}" if peer else "-"
+                  for peer in peers]  # fmt: skip
         generate = f"{r['generate_s']:.2f}" if "generate_s" in r else "-"  # TRL rows: not split
         first = f"{r['first_step_s']:.2f}" if "first_step_s" in r else "-"  # warm-up: compiles, captures
         row = [label, r["samples"], f"{r['samples_per_s']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
-               generate, f"{r['train_s']:.2f}", first, f"{r['peak_mb'] / 1024:.2f}", ratio]  # fmt: skip
+               generate, f"{r['train_s']:.2f}", first, f"{r['peak_mb'] / 1024:.2f}", *ratios]  # fmt: skip
         if suite.name == "gpu":
             rate, peak = TARGETS.get(name, (None, None))
             met = [f"≥ {rate:g}: {'met' if r['samples_per_s'] >= rate else 'missed'}"] if rate else []

@@ -18,7 +18,9 @@ backend ``auto``), both with the fused LM loss (``--fused_loss auto``); on GPU a
 ``rlhf-padded-compiled`` (fixed) and ``rlhf-packed-compiled`` (+ ``--torch_compile``),
 ``rlhf-packed-unfused`` (``--fused_loss off``) and
 ``rlhf-packed-flex`` / ``rlhf-packed-flash_attn`` (other packed-attention backends, to choose by
-measurement); ``trl-padded`` and ``trl-padding_free`` (TRL ``SFTTrainer``, completion-only loss). Where
+measurement); ``trl-padded`` and ``trl-padding_free`` (TRL ``SFTTrainer``, completion-only loss; padding-free
+on FlashAttention-2 where ``flash_attn`` is installed, else on sdpa with the dense block-diagonal mask
+transformers builds from the restarting ``position_ids``, as the attention column says). Where
 liger-kernel and Triton are installed (GPU), ``--fused_loss auto`` means liger's fused linear cross-entropy,
 and three more rows run: ``rlhf-padded-liger`` and ``trl-padded-liger`` (Trainer's ``--use_liger_kernel``:
 liger's RMSNorm, RoPE and SwiGLU kernels patched into the model) and ``rlhf-padded-torchloss`` (our chunked
@@ -143,8 +145,12 @@ def trl_trainer(name, model, tokenizer, examples, common, timer):
         callbacks=[timer],
     )  # fmt: skip
     collator = trainer.data_collator = harness.CountingCollator(trainer.data_collator)
-    liger = "liger" in row_options(name)
-    return trainer, collator, {"attention": "sdpa + liger kernels" if liger else "sdpa", "loss": "model"}
+    attention = model.config._attn_implementation
+    if padding_free and attention == "sdpa":  # transformers turns the restarting position_ids into a mask
+        attention = "sdpa, dense block mask"
+    if "liger" in row_options(name):
+        attention += " + liger kernels"
+    return trainer, collator, {"attention": attention, "loss": "model"}
 
 
 def worker(name: str, workdir: Path, workload: str) -> dict:
@@ -156,7 +162,13 @@ def worker(name: str, workdir: Path, workload: str) -> dict:
     model_dir = workdir / "model"
     examples = bench_data(model_dir, workload, workdir, None if timed is None else batch * (warmup + timed))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
+    # TRL's padding-free mode wants FlashAttention-2 (on sdpa transformers builds a dense block mask)
+    flash = gpu and name == "trl-padding_free" and importlib.util.find_spec("flash_attn") is not None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.bfloat16 if gpu else torch.float32,
+        **({"attn_implementation": "flash_attention_2"} if flash else {}),
+    )
     model.config.use_cache = False
     if gpu:
         model.to("cuda")
