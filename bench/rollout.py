@@ -355,7 +355,7 @@ def main() -> None:
             f"{r['peak_mb']:,.0f}", speedup, replay, kernels,
         ])  # fmt: skip
     table = markdown_table(
-        ["implementation", "ms / decode step", "tokens/s", "first / steady call s", "graph capture s", "peak MB",
+        ["implementation", "ms / decode step", "tokens/s", "first / steady call s", "graph capture (+ compile) s", "peak MB",
          "HF generate ms/step ÷ this", "graph replay ms", "kernels / step"], rows,
     )  # fmt: skip
     model = (
@@ -369,7 +369,7 @@ def main() -> None:
         f"linear layers active (unmerged; float32 adapter weights{AUTOCAST_NOTE if gpu else ''}). {shape['batch']} prompts of {shape['prompt']} tokens, "
         f"{shape['new_tokens']} sampled tokens each (min = max), temperature 1, all rows in the same run, each "
         "in its own process; ours-merged decodes from merged LoRA weights (--generation_lora merged), "
-        "-compiled runs the decode step through torch.compile (inductor) before graph capture, ours-tp is the "
+        "-compiled runs the decode step through torch.compile (inductor) before graph capture (its compile runs in the capture's warm-up steps, so it is in the capture column: the issue's \"capture or compile warm-up\"), ours-tp is the "
         "engine on the tensor-parallel model (TP=1, its own LoRA). ms / decode step = (time for N tokens - time for 1) / (N - 1); the first call "
         "(N tokens) includes the warm-up (cache allocation, compilation, graph capture), the steady call does not. Peak MB: CUDA max allocated on GPU, max RSS on CPU. Rows NAME@7b (GPU): NAME on the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, no grouped-query attention, random init), 32 prompts, same lengths, ratio against hf-generate@7b. On GPU, graph replay ms = the GPU time of one decode-graph replay (CUDA events, mean of 20) and kernels / step = the CUDA kernels of one decode step run outside the graph (torch.profiler); on CPU, kernels / step = the aten ops one eager decode step dispatches that do work (views and allocations left out), about one GPU kernel each (not counted for the compiled rows, whose CPU kernels inductor fuses differently)."
         + (
