@@ -46,7 +46,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from rlhf.errors import ConfigError
-from rlhf.launch_settings import accelerate_launch_flags
+from rlhf.launch_settings import accelerate_launch_flags, flag_values
 from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import DEFAULT_LORA_TARGET, LoraSpec
 
@@ -419,8 +419,7 @@ def stage_defaults(argv: list[str]) -> list[str]:
     ``--logging_steps`` under ``--eval_strategy steps`` without ``--eval_steps``, which the new default
     would have turned from every 500 steps into every 10. Either spelling of a flag counts
     (``--logging_steps``, ``--logging-steps``)."""
-    # HfArgumentParser takes each flag with hyphens too (--logging-steps): compare the underscore spelling
-    given = {"--" + arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    given = set(flag_values(argv))  # the underscore spelling: HfArgumentParser takes --logging-steps too
     if given & {"--logging_steps", "--eval_steps"}:
         return list(STAGE_DEFAULTS)
     return [*STAGE_DEFAULTS, "--eval_steps", TRAINER_LOGGING_STEPS]
