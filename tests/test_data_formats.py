@@ -346,27 +346,60 @@ def test_pretraining_text_grouped_into_blocks(repo_root, tiny_llama):
     assert tokenizer.eos_token_id in blocks["input_ids"][0] + blocks["input_ids"][1]
 
 
-def test_a_tokenizer_that_appends_eos_gives_no_eos_inside_an_example(tiny_llama, tmp_path):
-    """A Llama tokenizer saved with ``add_eos_token=True`` appends EOS to every encoding: a prompt ended in
-    one (the model learned to stop before answering), a pretraining document in two."""
+@pytest.fixture
+def eos_appending_tokenizer(tiny_llama):
+    """The tiny llama's tokenizer as a Llama tokenizer saved with ``add_eos_token=True``: every encoding
+    ends in EOS."""
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    from rlhf.sft.examples import tokenize_sft_row
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)]
+        single=f"{bos} $A {eos}",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
     )
-    assert tokenizer("hi")["input_ids"][-1] == eos_id
+    assert tokenizer("hi")["input_ids"][-1] == tokenizer.eos_token_id
+    return tokenizer
+
+
+def test_a_tokenizer_that_appends_eos_gives_no_eos_inside_an_example(eos_appending_tokenizer, tmp_path):
+    """A Llama tokenizer saved with ``add_eos_token=True`` appends EOS to every encoding: a prompt ended in
+    one (the model learned to stop before answering), a pretraining document in two."""
+    from rlhf.sft.examples import tokenize_sft_row
+
+    tokenizer = eos_appending_tokenizer
+    eos_id = tokenizer.eos_token_id
     example = tokenize_sft_row({"prompt": "Say hi", "prompt_messages": [], "response": "hi"}, tokenizer, 64)
     assert example["input_ids"].count(eos_id) == 1 and example["input_ids"][-1] == eos_id
     (tmp_path / "a.txt").write_text("hello there\ngeneral text\n" * 20)
     blocks = load_pretrain_blocks(str(tmp_path), tokenizer, block_size=8)
     flat = [token for block in blocks["input_ids"] for token in block]
     assert eos_id in flat and all(a != eos_id or b != eos_id for a, b in zip(flat, flat[1:]))
+
+
+def test_prompts_of_ppo_and_the_tp_stages_end_without_the_appended_eos(
+    eos_appending_tokenizer, gsm8k_file, tmp_path
+):
+    """``rlhf.tp.ppo_train`` tokenized its rollout prompts with the tokenizer's own EOS at the end, unlike
+    ``solver_train`` and the verifier (and the PEFT PPO stage): every rollout continued a prompt ending in
+    ``</s>``."""
+    from rlhf.ppo.data import load_prompts
+    from rlhf.tp.ppo_factory import gsm8k_prompts
+    from rlhf.tp.solver_train import solver_example
+    from rlhf.tp.verifier import verifier_ids
+
+    tokenizer = eos_appending_tokenizer
+    eos_id = tokenizer.eos_token_id
+    prompts, labels = gsm8k_prompts(str(gsm8k_file), tokenizer, 256)
+    question = json.loads(gsm8k_file.read_text().splitlines()[0])["question"]
+    solver = solver_example(question, "2+2=4\n#### 4", tokenizer, 256)
+    n_prompt = solver.labels.count(-100)
+    assert prompts.ids[0] == solver.input_ids[:n_prompt] == verifier_ids(tokenizer, question, "4")[:n_prompt]
+    assert all(eos_id not in ids for ids in prompts.ids) and labels[prompts.texts[0]] == "4"
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": question}) + "\n")
+    peft_prompts = load_prompts(str(tmp_path), tokenizer, 256, None)
+    assert all(ids[-1] != eos_id for ids in peft_prompts.ids)
 
 
 def test_pretraining_dir_without_txt_is_an_error(tmp_path, tiny_llama):

@@ -16,6 +16,7 @@ import torch
 
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
+from rlhf.data.templates import encode_prompt_text
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments
@@ -42,6 +43,17 @@ def gsm8k_reward(labels: dict[str, str]):
         return [float(answers_match(extract_prediction(r), labels[p])) for p, r in zip(prompts, responses)]
 
     return reward
+
+
+def gsm8k_prompts(train_file: str, tokenizer, max_prompt_length: int) -> tuple[PromptSet, dict[str, str]]:
+    """The rollout prompts of ``--train_file`` (GSM8K rows), tokenized as ``solver_train`` and the verifier
+    saw them (:func:`rlhf.data.templates.encode_prompt_text`: no EOS a tokenizer appends), cut to
+    ``max_prompt_length``; and each prompt text's label."""
+    rows = list(load_dataset_dir(train_file, "gsm8k"))
+    texts = [gsm8k_prompt(r["question"]) for r in rows]
+    ids = [encode_prompt_text(t, tokenizer) for t in texts]
+    ids = cut_prompts(ids, max_prompt_length, tokenizer.bos_token_id, train_file)
+    return PromptSet(ids, texts, f"--train_file {train_file}"), {t: r["label"] for t, r in zip(texts, rows)}
 
 
 def load_models(
@@ -104,19 +116,8 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     backend = TPBackend(rank, args.report_to_list, args.output_dir)
     torch.manual_seed(args.seed)  # the same on every rank: the ranks run one replica in lockstep
     tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")
-    rows = list(load_dataset_dir(tp.train_file, "gsm8k"))
-    texts = [gsm8k_prompt(r["question"]) for r in rows]
-    ids = cut_prompts(
-        [tokenizer(t)["input_ids"] for t in texts],
-        ppo.max_prompt_length,
-        tokenizer.bos_token_id,
-        tp.train_file,
-    )
-    prompts = PromptSet(ids, texts, f"--train_file {tp.train_file}")
-    count_total_steps(
-        len(prompts), ppo, args, 1
-    )  # enough prompts for one rollout: checked before any model loads
-    labels = {t: r["label"] for t, r in zip(texts, rows)}
+    prompts, labels = gsm8k_prompts(tp.train_file, tokenizer, ppo.max_prompt_length)
+    count_total_steps(len(prompts), ppo, args, 1)  # enough prompts for one rollout, before any model loads
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
         backend.prepare(model)  # records which parameters are split, for the gradient norm

@@ -44,7 +44,7 @@ def solver_example(question: str, answer: str, tokenizer: Any, max_seq_len: int)
         target = target + [tokenizer.eos_token_id]
     ids = (prompt + target)[:max_seq_len]
     labels = ([-100] * len(prompt) + target)[:max_seq_len]
-    if len(prompt) >= max_seq_len - 1:
+    if len(prompt) >= max_seq_len:  # not one answer token left to learn
         return None
     return Example(ids, labels=labels, cut=len(prompt) + len(target) > max_seq_len)
 
