@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rlhf.args import parse_args
 from rlhf.errors import ConfigError, exit_on_user_error
@@ -69,12 +70,16 @@ def main(argv: list[str] | None = None) -> str:
     if args.merge:
         if not args.ckpt_dir:
             raise ConfigError("--merge needs --ckpt_dir (the shard dir to merge)")
+        if not Path(args.ckpt_dir).is_dir():
+            raise ConfigError(f"--ckpt_dir {args.ckpt_dir}: no such directory")
         if os.environ.get("RANK", "0") != "0":  # several torchrun processes: one writer, the others idle
             return args.save_path
         merge_to_dir(args.ckpt_dir, args.save_path, args.overwrite, args.max_shard_size_gb)
         return args.save_path
     if not args.ckpt_file:
         raise ConfigError("--ckpt_file is required (or pass --merge --ckpt_dir DIR)")
+    if not Path(args.ckpt_file).exists():
+        raise ConfigError(f"--ckpt_file {args.ckpt_file}: no such file or directory")
     with process_group_scope():  # under torchrun: leave only when every process is done
         rank, world_size = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several torchrun processes share the shards

@@ -432,6 +432,66 @@ def test_damaged_hf_checkpoints_and_file_save_paths_are_one_line_errors(tiny_mod
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
 
 
+def test_missing_dirs_are_named_by_their_flag(tiny_model_factory, tmp_path, capsys, monkeypatch):
+    """A missing --ckpt_file said "/path/to/your: no config.json", a missing relative --ckpt_dir was taken for
+    a hub id ("cannot load tokenizer (We couldn't connect to 'https://huggingface.co' ...)"), and the critic's
+    shard count was checked only after the actor had loaded."""
+    from rlhf.tp import ppo_train, solver_evaluate, solver_train
+
+    monkeypatch.chdir(tmp_path)
+    gsm8k = tmp_path / "train.jsonl"
+    gsm8k.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    main = split_main()
+    line = exits_with(
+        main, ["--ckpt_file", "/path/to/your/checkpoint.bin", "--save_path", "s", "-n", "1"], capsys
+    )
+    assert line == "error: --ckpt_file /path/to/your/checkpoint.bin: no such file or directory"
+    assert exits_with(main, ["--merge", "--ckpt_dir", "runs/x", "--save_path", "s"], capsys) == (
+        "error: --ckpt_dir runs/x: no such directory"
+    )
+    argv = ["--ckpt_dir", "runs/solver", "--save_dir", "out", "--train_file", str(gsm8k)]
+    assert exits_with(solver_train.main, argv, capsys) == "error: --ckpt_dir runs/solver: no such directory"
+    argv = ["--ckpt_dir", "runs/solver", "--label_file", str(gsm8k), "--log_dir", "logs"]
+    assert (
+        exits_with(solver_evaluate.main, argv, capsys) == "error: --ckpt_dir runs/solver: no such directory"
+    )
+    model = str(tiny_model_factory("llama"))
+    base = ["--train_file", str(gsm8k), "--actor_save_dir", "a", "--reward_fn", "gsm8k"]
+    argv = base + [
+        "--actor_ckpt_dir",
+        "runs/solver",
+        "--advantage_estimator",
+        "grpo",
+        "--num_samples_per_prompt",
+        "2",
+    ]
+    assert (
+        exits_with(ppo_train.main, argv, capsys) == "error: --actor_ckpt_dir runs/solver: no such directory"
+    )
+    argv = base + ["--actor_ckpt_dir", model, "--critic_ckpt_dir", "runs/verifier", "--critic_save_dir", "c"]
+    assert (
+        exits_with(ppo_train.main, argv, capsys)
+        == "error: --critic_ckpt_dir runs/verifier: no such directory"
+    )
+
+
+def test_a_tp_trainers_adapter_dir_says_to_pass_its_parent(tmp_path):
+    """solver_train's ``<save_dir>/adapter`` holds an adapter_config.json, so it was read as a PEFT adapter:
+    "cannot read base_model_name_or_path ('base_model_name_or_path')"."""
+    from rlhf.tp.loading import check_checkpoint
+
+    adapter = tmp_path / "solver" / "adapter"
+    adapter.mkdir(parents=True)
+    config = {"r": 4, "alpha": 8, "targets": ["wq"], "base": "tiny", "head": "lm", "n_shards": 1}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint(str(adapter), 1)
+    assert "a tensor-parallel trainer (solver_train, verifier_train) writes beside its model" in str(
+        info.value
+    )
+    assert f"pass its parent dir {tmp_path / 'solver'}" in str(info.value)
+
+
 @pytest.mark.parametrize("model_type", ["mycustom", "llama"])
 def test_a_checkpoints_own_code_never_runs(model_type, tiny_model_factory, tmp_path, capsys):
     """config.json's auto_map used to reach AutoConfig without trust_remote_code: transformers asked on

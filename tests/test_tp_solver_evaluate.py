@@ -198,6 +198,14 @@ def test_bad_outputs_and_damaged_checkpoints_fail_before_generating(
         "(params.json head is not scalar)": sample + ["--verifier_ckpt_dir", str(tmp_path / "lm")],
         "a causal LM (no score head), not a verifier: pass the --save_dir of verifier_train": sample
         + ["--verifier_ckpt_dir", str(model)],
+        # greedy: the one solution per question was generated twice and its "best of 1" reported
+        "error: --verifier_ckpt_dir picks the best of several solutions per question: pass --temperature > 0 "
+        "and --num_samples 2 or more (got 1)": [
+            "--log_dir",
+            str(tmp_path / "log"),
+            "--verifier_ckpt_dir",
+            str(model),
+        ],
     }
     damaged = Path(shutil.copytree(tmp_path / "lm", tmp_path / "damaged"))
     shard = damaged / "consolidated.00.pth"

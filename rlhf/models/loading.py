@@ -94,8 +94,15 @@ def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
     """The ``base_model_name_or_path`` recorded in an adapter's config."""
     config_path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
-        base = json.loads(config_path.read_text())["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError) as exc:
+        config = json.loads(config_path.read_text())
+        base = config["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, KeyError) and {"n_shards", "targets"} <= set(config):
+            raise CheckpointError(
+                f"{config_path}: the LoRA adapter a tensor-parallel trainer (solver_train, verifier_train) "
+                f"writes beside its model, not a PEFT adapter: pass its parent dir {Path(adapter_dir).parent}, "
+                "which holds the model with this adapter merged in"
+            ) from None
         raise CheckpointError(f"{config_path}: cannot read base_model_name_or_path ({exc})") from None
     if not base:
         raise CheckpointError(f"{config_path}: base_model_name_or_path is empty")

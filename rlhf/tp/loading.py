@@ -92,12 +92,15 @@ def checkpoint_head(ckpt_dir: str) -> str:
     return source_head(TensorSource.open(ckpt_dir))
 
 
-def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
-    """Up-front check of a checkpoint a command loads later, without reading tensors: a shard dir's
-    ``params.json``, shard count and shard files (:func:`rlhf.tp.shard_dir.check_shard_dir`), an HF or
-    adapter dir's config.json. Raises a CheckpointError naming the file."""
+def check_checkpoint(ckpt_dir: str, world_size: int, flag: str = "--ckpt_dir") -> None:
+    """Up-front check of a checkpoint a command loads later, without reading tensors: a local directory
+    (``flag`` names it when there is none), a shard dir's ``params.json``, shard count and shard files
+    (:func:`rlhf.tp.shard_dir.check_shard_dir`), an HF or adapter dir's config.json. Raises a
+    CheckpointError naming the file."""
     from rlhf.models.loading import adapter_base_path
 
+    if not Path(ckpt_dir).is_dir():  # not a hub id: these commands read local dirs only
+        raise CheckpointError(f"{flag} {ckpt_dir}: no such directory")
     if is_shard_dir(ckpt_dir):
         check_shard_dir(ckpt_dir, world_size)
     else:

@@ -26,7 +26,7 @@ from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_
 from rlhf.ppo.session import SessionParts, assemble_session, count_total_steps, rollout_generator
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
-from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
+from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
 from rlhf.tp.ppo_models import TPPolicyModels
 from rlhf.tp.prompt import gsm8k_prompt
@@ -111,6 +111,9 @@ def build_scorer(tp: TPPPOArguments, models: TPPolicyModels, labels: dict[str, s
 def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
     """Flags (after :func:`rlhf.tp.ppo_train.apply_description_flags`) -> the session of ``ppo_train``."""
     rank, world_size = init_model_parallel()
+    check_checkpoint(tp.actor_ckpt_dir, world_size, "--actor_ckpt_dir")  # before any model loads
+    if tp.critic_ckpt_dir and ppo.needs_critic:
+        check_checkpoint(tp.critic_ckpt_dir, world_size, "--critic_ckpt_dir")
     if tp.reward_model_ckpt_dir:  # before any model loads: a non-verifier would score every rollout 0
         check_verifier_dir(tp.reward_model_ckpt_dir, world_size, "--reward_model_ckpt_dir")
     backend = TPBackend(rank, args.report_to_list, args.output_dir)

@@ -32,7 +32,6 @@ refused, one line naming both). Outputs: the actor and critic shard dirs (+ ``tr
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -54,6 +53,7 @@ from rlhf.ppo.config import (
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.profiling import check_profile_step
 from rlhf.ppo.resume import resume_checkpoint, start_afresh
+from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
 from rlhf.tp.ppo_models import TORCH_COMPILE_REFUSED
@@ -315,7 +315,7 @@ def run(
     metrics = Path(args.output_dir) / "metrics.jsonl"
     if backend.is_main and metrics.is_file():
         (actor_dir / "training").mkdir(exist_ok=True)
-        shutil.copy2(metrics, actor_dir / "training" / "metrics.jsonl")
+        write_text_atomic(actor_dir / "training" / "metrics.jsonl", metrics.read_text())  # whole or absent
         logger.info("actor saved to %s, critic to %s", actor_dir, critic_dir or "- (no critic)")
     backend.end()  # trackers finish; every rank waits for the others
     return session

@@ -113,6 +113,11 @@ class SolverEvaluateArguments:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.temperature <= 0:
             raise ConfigError("--num_samples > 1 needs --temperature > 0 (greedy solutions are all the same)")
+        if self.verifier_ckpt_dir and self.num_samples < 2:
+            raise ConfigError(
+                "--verifier_ckpt_dir picks the best of several solutions per question: pass --temperature > 0 "
+                f"and --num_samples 2 or more (got {self.num_samples})"
+            )
         if self.generation_engine not in ("auto", "static"):
             raise ConfigError(
                 f"--generation_engine must be auto or static (the TP model has no Hugging Face generate), "

@@ -35,7 +35,7 @@ from rlhf.ppo.resume import resume_checkpoint, start_afresh
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.examples import Example, collate, micro_batches, shuffled
-from rlhf.tp.loading import load_tp_model, resolve_tp_dtype
+from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
 from rlhf.tp.model import Transformer
 from rlhf.tp.shard_dir import collective_staging
@@ -171,6 +171,7 @@ def train_tp(
     args.validate()
     resume = resume_checkpoint(args)  # checked before any model loads
     rank, world_size = init_model_parallel()
+    check_checkpoint(args.ckpt_dir, world_size)  # a missing dir or shard fails now, not after the data
     dev = device()
     torch.manual_seed(args.seed)  # the same LoRA dropout masks on every rank
     tokenizer = load_tokenizer(args.ckpt_dir, trust_remote_code=args.trust_remote_code, padding_side="right")

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, find_number, normalize_number
 from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import CheckpointError, DataError
+from rlhf.tp.distributed import is_main
 from rlhf.tp.examples import Example, collate, micro_batches, split_rows
 from rlhf.tp.loading import checkpoint_head
 from rlhf.tp.model import Transformer
@@ -186,11 +188,13 @@ def last_token_scores(model: Transformer, batch: dict[str, torch.Tensor]) -> tor
 
 @torch.no_grad()
 def score_examples(model: Transformer, examples: list[Example], batch_size: int, pad_id: int) -> torch.Tensor:
-    """Verifier scores (N,) of ``examples``, in order, on CPU."""
+    """Verifier scores (N,) of ``examples``, in order, on CPU (a progress bar on the main rank)."""
     dev = next(model.parameters()).device
-    parts = [
-        last_token_scores(model, collate(c, pad_id, dev)).cpu() for c in micro_batches(examples, batch_size)
-    ]
+    parts = []
+    with tqdm(total=len(examples), desc="verifier", unit="solution", disable=not is_main()) as progress:
+        for chunk in micro_batches(examples, batch_size):
+            parts.append(last_token_scores(model, collate(chunk, pad_id, dev)).cpu())
+            progress.update(len(chunk))
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
