@@ -475,6 +475,17 @@ def test_missing_dirs_are_named_by_their_flag(tiny_model_factory, tmp_path, caps
     )
 
 
+def test_splitting_a_shard_dir_says_to_merge_it_first(tiny_model_factory, tmp_path, capsys):
+    """A shard dir as --ckpt_file said "no model.safetensors, pytorch_model.bin or index file"."""
+    shards = tmp_path / "shards"
+    split_to_dir(tiny_model_factory("llama"), shards, 1)
+    line = exits_with(
+        split_main(), ["--ckpt_file", str(shards), "--save_path", str(tmp_path / "s"), "-n", "2"], capsys
+    )
+    assert line.startswith(f"error: {shards}: already a shard dir (params.json, consolidated.NN.pth)")
+    assert f"checkpoint_split.py --merge --ckpt_dir {shards} --save_path HF_DIR" in line
+
+
 def test_a_tp_trainers_adapter_dir_says_to_pass_its_parent(tmp_path):
     """solver_train's ``<save_dir>/adapter`` holds an adapter_config.json, so it was read as a PEFT adapter:
     "cannot read base_model_name_or_path ('base_model_name_or_path')"."""

@@ -33,7 +33,14 @@ from rlhf.tp.key_maps import (
     sequence_classification_config,
 )
 from rlhf.tp.model import ModelArgs
-from rlhf.tp.shard_dir import collective_staging, load_all_shards, shard_name, write_metadata, write_shard
+from rlhf.tp.shard_dir import (
+    collective_staging,
+    is_shard_dir,
+    load_all_shards,
+    shard_name,
+    write_metadata,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,12 @@ def split_to_dir(
 ) -> ModelArgs:
     """Split a checkpoint file or HF dir into ``save_path``; with W processes, rank r writes shards r, r+W..."""
     ckpt = Path(ckpt)
+    if is_shard_dir(ckpt) and "n_shards" in (ckpt / "params.json").read_text():  # ours, not Meta's
+        raise CheckpointError(
+            f"{ckpt}: already a shard dir (params.json, consolidated.NN.pth): the TP commands take it as it is; "
+            f"to split it another way, merge it first (checkpoint_split.py --merge --ckpt_dir {ckpt} --save_path "
+            "HF_DIR) and split HF_DIR"
+        )
     config_dir = Path(config_dir) if config_dir else (ckpt if ckpt.is_dir() else ckpt.parent)
     check_save_path(save_path, overwrite, ckpt)
     raw, full = read_hf_config(config_dir)
