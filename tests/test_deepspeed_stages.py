@@ -248,8 +248,6 @@ def test_two_cpu_processes_under_zero3_train_save_and_resume(tiny_llama, tmp_pat
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr
     assert trained_steps(out) == [1, 2, 3, 4]
-    assert "--gradient_accumulation_steps 2, from the Accelerate DeepSpeed config" in proc.stderr
-    assert "mixed_precision: bf16 (from accelerate launch) needs a GPU" in proc.stderr
     shards = sorted(p.name for p in (out / "checkpoint-4" / "global_step4").iterdir())
     assert shards == [
         f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")
