@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the session, train, save. Returns the final training state as a dict."""
     setup_logging()
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
-    validate(model_args, ppo_args, train_args)
+    validate(model_args, ppo_args, train_args, data_args.dataset_dir)
     actor_lora_spec(model_args)  # a bad --actor_lora_* or --critic_lora_* value fails before any model loads
     if ppo_args.needs_critic:
         critic_lora_spec(model_args)

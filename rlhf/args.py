@@ -188,6 +188,23 @@ def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir")
             raise ConfigError(f"{flag} {path}: {candidate} is a file, not a directory")
 
 
+def check_output_not_input(
+    output_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], flag: str = "--output_dir"
+) -> None:
+    """Raise a ConfigError when ``output_dir`` is one of the directories the run reads (``{"--flag": path}``):
+    the final save replaces the model files there (an input model was deleted, and the adapter written in its
+    place named itself as its base), and a data dir would read the run's JSON outputs as rows next time."""
+    if not output_dir:
+        return
+    out = Path(output_dir).resolve()
+    for name, path in inputs.items():
+        if path and Path(path).is_dir() and Path(path).resolve() == out:
+            raise ConfigError(
+                f"{flag} {output_dir} is {name}: the run would write its model over what it reads; give it a "
+                "directory of its own"
+            )
+
+
 def check_positive_flags(values: Mapping[str, int | float]) -> None:
     """Raise a ConfigError naming the first flag whose value is not > 0 (``{"--flag": value}``)."""
     for flag, value in values.items():

@@ -313,6 +313,28 @@ def test_bad_sizes_and_output_dirs_fail_up_front(flags, message, tmp_path, capsy
     assert err.count("error: ") == 1 and "Traceback" not in err and "missing" not in err
 
 
+@pytest.mark.parametrize("flag", ["--sft_model_path", "--dataset_dir", "--reward_model_path"])
+def test_an_output_dir_that_is_an_input_fails_up_front(flag, tmp_path, capsys):
+    """--output_dir equal to --sft_model_path ran, and its final save deleted the SFT model's files (the
+    adapter written there then named its own dir as its base)."""
+    inputs = {
+        name: tmp_path / name.strip("-")
+        for name in ("--sft_model_path", "--dataset_dir", "--reward_model_path")
+    }
+    for path in inputs.values():
+        path.mkdir()
+        (path / "keep.json").write_text("{}")
+    argv = [arg for name, path in inputs.items() for arg in (name, str(path))]
+    argv += ["--output_dir", str(inputs[flag])]
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and f"error: --output_dir {inputs[flag]} is {flag}: the run would write" in err
+    ), err
+    assert sorted(p.name for p in inputs[flag].iterdir()) == ["keep.json"]
+
+
 ROLLOUT_KEYS = [
     "reward/score", "reward/score_std", "objective/kl", "objective/rlhf_reward", "objective/kl_coef",
     "value/explained_variance", "response/length_mean", "response/eos_frac", "time/generate_per_rollout_s",

@@ -301,3 +301,24 @@ def test_deepspeed_zero3_full_fine_tuning_saves_a_plain_model(tiny_llama, repo_r
         out
     ).state_dict()  # ZeRO-3 gathered the 16-bit weights on save
     assert all(after[k].shape == v.shape and not torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_an_output_dir_that_is_the_input_model_is_refused(
+    stage, tiny_model_factory, tmp_path, capsys, repo_root
+):
+    """--output_dir equal to --model_name_or_path trained, and the final save removed the base model's
+    config.json and weights (the LoRA adapter written there named that same dir as its base)."""
+    import run_rm_with_peft
+    import run_sft_with_peft
+
+    model = Path(shutil.copytree(tiny_model_factory("llama"), tmp_path / "model"))
+    before = sorted(p.name for p in model.iterdir())
+    main = run_sft_with_peft.main if stage == "sft" else run_rm_with_peft.main
+    data = repo_root / ("sft_data" if stage == "sft" else "rm_data")
+    with pytest.raises(SystemExit) as exc:
+        main(quick_argv(model, data, model))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert f"error: --output_dir {model} is --model_name_or_path: the run would write its model over" in err
+    assert sorted(p.name for p in model.iterdir()) == before

@@ -15,6 +15,7 @@ from rlhf.args import (
     DEFAULT_LORA_TARGET,
     DataArguments,
     check_output_dir,
+    check_output_not_input,
     check_positive_flags,
     split_comma_list,
 )
@@ -427,8 +428,11 @@ def check_reward_adapter_dir(path: str) -> None:
     raise ConfigError(f"--reward_lora_path {path} is not a LoRA adapter dir (no adapter_config.json)")
 
 
-def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments) -> None:
-    """Check flag combinations once, up front (before any model loads); messages name the flags."""
+def validate(
+    models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments, dataset_dir: str | None = None
+) -> None:
+    """Check flag combinations once, up front (before any model loads); messages name the flags.
+    ``dataset_dir``: the prompts' ``--dataset_dir``, which no output dir may be."""
     if not (models.reward_lora_path or models.reward_model_path or models.reward_fn):
         raise ConfigError("give a reward: --reward_lora_path, --reward_model_path or --reward_fn")
     if models.reward_lora_path and models.reward_model_path:
@@ -441,8 +445,13 @@ def validate(models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArg
         train.torch_compile, train.torch_compile_backend = True, train.torch_compile_backend or "inductor"
         check_compile_backend(train.torch_compile_backend)
     check_output_dir(train.output_dir, "--output_dir")
+    inputs = {"--sft_model_path": models.sft_model_path, "--reward_lora_path": models.reward_lora_path,
+              "--reward_model_path": models.reward_model_path, "--dataset_dir": dataset_dir,
+              "--pretrain_dataset_dir": models.pretrain_dataset_dir}  # fmt: skip
+    check_output_not_input(train.output_dir, inputs)
     if ppo.needs_critic:
         check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
+        check_output_not_input(critic_output_dir(models, train), inputs, "--critic_output_dir")
         if critic_output_dir(models, train).resolve() == Path(train.output_dir).resolve():
             raise ConfigError(
                 f"--critic_output_dir {models.critic_output_dir} is --output_dir: the critic's adapter would "

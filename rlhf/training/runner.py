@@ -18,6 +18,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from rlhf.args import check_output_not_input
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.training.outputs import prepare_output_dir, save_final_model
 from rlhf.training.resume_settings import (
@@ -94,6 +95,7 @@ def prepare_run(
     ``inputs`` (``{"--dataset_dir": path, ...}``, also passed to :func:`run_trainer`): the paths whose
     files a resume must find unchanged.
     """
+    check_output_not_input(args.output_dir, inputs or {})  # before anything in it is deleted or resumed
     check_eval_setup(args, has_eval_data)
     args.remove_unused_columns = False
     gather_zero3_weights_on_save(args)
