@@ -212,6 +212,22 @@ def check_positive_flags(values: Mapping[str, int | float]) -> None:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
 
 
+def drop_missing_trackers(args: TrainingArguments) -> None:
+    """Drop a ``--report_to`` tracker whose package is not installed, with one warning, as the PPO stages do:
+    the Trainer raised a traceback when it built the callback, after the stage had cleared ``--output_dir``
+    under ``--overwrite_output_dir``. ``trainer_state.json`` still records every logged value."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in args.report_to if name not in available]
+    if missing:
+        args.report_to = [name for name in args.report_to if name in available]
+        logger.warning(
+            "--report_to %s: not installed (pip install it to log there); trainer_state.json still records "
+            "the metrics", ", ".join(missing),
+        )  # fmt: skip
+
+
 def check_training_arguments(args: TrainingArguments) -> None:
     """Up-front checks of the Trainer flags the stages rely on, before any model or data is loaded.
 
@@ -229,6 +245,7 @@ def check_training_arguments(args: TrainingArguments) -> None:
     )
     check_optimizer_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
+    drop_missing_trackers(args)
     if args.batch_eval_metrics:
         raise ConfigError(
             "--batch_eval_metrics is not supported: the stages' eval loss and accuracy are computed once over "

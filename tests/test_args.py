@@ -228,3 +228,19 @@ def test_help_shows_the_stage_default_of_logging_steps(capsys, monkeypatch):
     entry = text[text.index("  --logging_steps LOGGING_STEPS") :]
     entry = entry[: entry.index("\n  --", 1)]
     assert "(default: 10)" in entry and "500" not in entry
+
+
+def test_a_tracker_that_is_not_installed_is_dropped_with_one_warning(tmp_path, caplog):
+    """--report_to tensorboard without tensorboard was a traceback from the Trainer, after the stage had
+    cleared --output_dir under --overwrite_output_dir."""
+    import logging
+    from unittest import mock
+
+    with (
+        mock.patch("transformers.integrations.get_available_reporting_integrations", return_value=["wandb"]),
+        caplog.at_level(logging.WARNING),
+    ):
+        (training,) = parse_args((TrainingArguments,), ["--output_dir", str(tmp_path), "--do_train",
+                                                        "--report_to", "tensorboard"])  # fmt: skip
+    assert training.report_to == []
+    assert "--report_to tensorboard: not installed" in caplog.text
