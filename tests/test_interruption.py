@@ -193,8 +193,16 @@ def test_sft_stop_under_best_model_tracking_keeps_its_checkpoint_and_runs_no_eva
         f"{checkpoint}." in capsys.readouterr().err
     )
     assert checkpoint.is_dir() and not (out / "adapter_model.safetensors").exists()
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    assert [row["step"] for row in history if "eval_loss" in row] == [1, 2]  # none at the stop step
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert [row["step"] for row in saved["log_history"] if "eval_loss" in row] == [
+        1,
+        2,
+    ]  # none at the stop step
+    # the best checkpoint as saved, which a resume reads: it named the staging dir (.checkpoint-N.tmp/...),
+    # and the resumed Trainer dropped it ("does not exist anymore") and ended on a model that was not the best
+    best = saved["best_model_checkpoint"]
+    assert best and ".tmp" not in best and Path(best).parent == out and Path(best).is_dir()
+    assert json.loads((Path(best) / "trainer_state.json").read_text())["best_model_checkpoint"] == best
 
     run_sft_with_peft.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8

@@ -276,14 +276,16 @@ class AtomicCheckpointMixin:
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(staging):  # the Trainer named the staged dir: the published one it is
+            self.state.best_model_checkpoint = run_dir + best[len(staging) :]
         if self.args.should_save:
             if self.resume_settings is not None:
                 write_settings(Path(staging) / name, self.resume_settings)
+            if best != self.state.best_model_checkpoint:  # and in the state it saved, which a resume reads
+                self.state.save_to_json(str(Path(staging) / name / TRAINER_STATE))
             publish_dir(Path(staging) / name, target)
             shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging):
-                self.state.best_model_checkpoint = run_dir + best[len(staging) :]
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
