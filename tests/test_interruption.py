@@ -208,6 +208,30 @@ def test_sft_stop_under_best_model_tracking_keeps_its_checkpoint_and_runs_no_eva
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
 
 
+def test_a_run_killed_after_its_last_step_saves_that_step_and_trains_no_more(tiny_llama, tmp_path, capsys):
+    """A kill during the final save or evaluation left checkpoint-N of the last step and no finished-run
+    record; the same command then resumed from it and the Trainer trained step N+1 past --max_steps (it
+    checks the limit after a step), saving another model."""
+    out = tmp_path / "last"
+    argv = quick_argv(
+        tiny_llama, REPO / "sft_data", out, "--lora_rank", "4", "--lr_scheduler_type", "constant"
+    )
+    argv[argv.index("--max_steps") + 1] = "3"
+    argv[argv.index("--save_strategy") + 1] = "steps"
+    argv += ["--save_steps", "3"]
+    run_sft_with_peft.main(argv)
+    expected = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
+    for name in ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()  # as a kill during the final save leaves it
+    capsys.readouterr()
+    run_sft_with_peft.main(argv)
+    assert "holds the run's last step (3): nothing left to train" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    final = load_file(out / "adapter_model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_llama, tmp_path):
     """torchrun, 2 processes (gloo): only rank 1 gets SIGINT; both agree on step 3, rank 0 writes the shared

@@ -10,16 +10,19 @@ before training.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from rlhf.args import check_output_not_input
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
+from rlhf.training.checkpoints import TRAINER_STATE
 from rlhf.training.outputs import prepare_output_dir, save_final_model
 from rlhf.training.resume_settings import (
     args_settings,
@@ -153,6 +156,9 @@ def run_trainer(
         trainer.resume_settings = trainer_settings(trainer, inputs)
         if resume_from is not None:
             check_resume_settings(resume_from, trainer.resume_settings)
+        done = last_step_reached(resume_from, args) if resume_from and not deepspeed_config(args) else None
+        if done is not None:
+            return _finish_from_last_checkpoint(trainer, resume_from, done)
         stop = StopOnSignal(StopSignals())
         try:
             with stop.signals:
@@ -172,6 +178,41 @@ def run_trainer(
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         save_final_model(trainer, args.output_dir)
+    return _final_evaluation(trainer, metrics)
+
+
+def last_step_reached(checkpoint: str, args: TrainingArguments) -> int | None:
+    """The step of ``checkpoint`` when it is the run's last (its ``global_step`` reaches ``--max_steps``, or
+    the step count of the same ``--num_train_epochs``), else None.
+
+    A run stopped after its last step but before its final save (a kill during the final save or evaluation)
+    left that checkpoint and no finished-run record; resumed from it, the Trainer trained one step past
+    ``--max_steps`` (it checks the limit only after a step) and saved another model."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        step, max_steps = int(state["global_step"]), int(state.get("max_steps") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if args.max_steps > 0:
+        return step if step >= args.max_steps else None
+    same_epochs = args.num_train_epochs <= float(state.get("num_train_epochs") or 0)
+    return step if 0 < max_steps <= step and same_epochs else None
+
+
+def _finish_from_last_checkpoint(trainer: Trainer, checkpoint: str, step: int) -> dict[str, Any]:
+    """Training ended at ``checkpoint`` (:func:`last_step_reached`): its weights and state become the final
+    model and ``trainer_state.json``, then the final evaluation runs; nothing is trained."""
+    logger.info("%s holds the run's last step (%d): nothing left to train; the final model is saved from it",
+                checkpoint, step)  # fmt: skip
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    save_final_model(trainer, trainer.args.output_dir)
+    return _final_evaluation(trainer, {})
+
+
+def _final_evaluation(trainer: Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate (``--do_eval``), write ``trainer_state.json`` (the finished-run record) and end."""
+    args = trainer.args
     if args.do_eval and trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
