@@ -24,3 +24,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    if rank != 0:  # transformers and datasets log through their own loggers and bars: quiet those too
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
