@@ -1,6 +1,6 @@
 """One logging format for every entry point: ``time level name: message``; rank 0 logs from INFO up, the
 other ranks errors only (every rank reads the same data and flags: their warnings were rank 0's, repeated
-once per process, 8 times on 8 GPUs)."""
+once per process, 8 times on 8 GPUs), and the stop signal a rank received."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    if rank != 0:  # transformers and datasets log through their own loggers and bars: quiet those too
+    if rank != 0:
+        # what only this rank knows: the stop signal it received (rlhf/interruption.py)
+        logging.getLogger("rlhf.interruption").setLevel(logging.WARNING)
+        # transformers and datasets log through their own loggers and bars: quiet those too
         import datasets
         import transformers
 
