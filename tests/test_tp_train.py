@@ -58,7 +58,9 @@ def test_solver_example_masks_the_prompt(tiny_llama):
     assert tokenizer.decode(example.input_ids[n_prompt:], skip_special_tokens=True) == " 1+2=3\n#### 3"
     assert solver_example("What is 1 plus 2?", "3", tokenizer, max_seq_len=n_prompt) is None  # no answer left
     one = solver_example("What is 1 plus 2?", "1+2=3", tokenizer, max_seq_len=n_prompt + 1)  # was dropped
-    assert one.cut and one.labels[n_prompt:] == one.input_ids[n_prompt:] and len(one.input_ids) == n_prompt + 1
+    assert (
+        one.cut and one.labels[n_prompt:] == one.input_ids[n_prompt:] and len(one.input_ids) == n_prompt + 1
+    )
     assert not example.cut
     cut = solver_example("What is 1 plus 2?", "1+2=3\n#### 3", tokenizer, max_seq_len=n_prompt + 3)
     assert cut.cut and len(cut.input_ids) == n_prompt + 3 and cut.input_ids[-1] != tokenizer.eos_token_id
