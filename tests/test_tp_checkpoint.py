@@ -486,6 +486,22 @@ def test_splitting_a_shard_dir_says_to_merge_it_first(tiny_model_factory, tmp_pa
     assert f"checkpoint_split.py --merge --ckpt_dir {shards} --save_path HF_DIR" in line
 
 
+def test_a_model_type_that_does_not_fit_fails_before_data_and_weights_load(
+    tiny_model_factory, tmp_path, capsys, monkeypatch
+):
+    """A --model_type preset of another size was refused only after the data was tokenized and the weights
+    loaded (load_tp_model's own check)."""
+    from rlhf.tp import solver_train, training
+
+    monkeypatch.setattr(training, "load_tp_model", lambda *a, **k: pytest.fail("loaded the weights first"))
+    gsm8k = tmp_path / "train.jsonl"
+    gsm8k.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    model = tiny_model_factory("llama")
+    argv = ["--ckpt_dir", str(model), "--save_dir", str(tmp_path / "s"), "--train_file", str(gsm8k)]
+    line = exits_with(solver_train.main, argv + ["--model_type", "llama-2-7b"], capsys)
+    assert line.startswith("error: --model_type llama-2-7b has dim 4096 and 32 layers, but ")
+
+
 def test_a_tp_trainers_adapter_dir_says_to_pass_its_parent(tmp_path):
     """solver_train's ``<save_dir>/adapter`` holds an adapter_config.json, so it was read as a PEFT adapter:
     "cannot read base_model_name_or_path ('base_model_name_or_path')"."""

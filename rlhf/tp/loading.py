@@ -18,7 +18,13 @@ from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.loading import is_adapter_dir
 from rlhf.tp.convert_weights import StateDictLookup, TensorLookup, source_head, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, read_hf_config
-from rlhf.tp.key_maps import check_divisible, check_preset, file_layout_state, model_args_from_hf
+from rlhf.tp.key_maps import (
+    check_divisible,
+    check_preset,
+    file_layout_state,
+    model_args_from_hf,
+    model_args_from_params,
+)
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
 from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard, read_params
 
@@ -92,19 +98,23 @@ def checkpoint_head(ckpt_dir: str) -> str:
     return source_head(TensorSource.open(ckpt_dir))
 
 
-def check_checkpoint(ckpt_dir: str, world_size: int, flag: str = "--ckpt_dir") -> None:
+def check_checkpoint(
+    ckpt_dir: str, world_size: int, flag: str = "--ckpt_dir", model_type: str | None = None
+) -> None:
     """Up-front check of a checkpoint a command loads later, without reading tensors: a local directory
     (``flag`` names it when there is none), a shard dir's ``params.json``, shard count and shard files
-    (:func:`rlhf.tp.shard_dir.check_shard_dir`), an HF or adapter dir's config.json. Raises a
-    CheckpointError naming the file."""
+    (:func:`rlhf.tp.shard_dir.check_shard_dir`), an HF or adapter dir's config.json, and that ``--model_type``
+    describes it. Raises a CheckpointError (a ConfigError for ``--model_type``) naming the file."""
     from rlhf.models.loading import adapter_base_path
 
     if not Path(ckpt_dir).is_dir():  # not a hub id: these commands read local dirs only
         raise CheckpointError(f"{flag} {ckpt_dir}: no such directory")
     if is_shard_dir(ckpt_dir):
-        check_shard_dir(ckpt_dir, world_size)
+        args, where = model_args_from_params(check_shard_dir(ckpt_dir, world_size)), f"{ckpt_dir}/{PARAMS}"
     else:
-        read_hf_config(adapter_base_path(ckpt_dir) if is_adapter_dir(ckpt_dir) else ckpt_dir)
+        base = adapter_base_path(ckpt_dir) if is_adapter_dir(ckpt_dir) else ckpt_dir
+        args, where = model_args_from_hf(read_hf_config(base)[1]), f"{base}/config.json"
+    check_preset(model_type, args, where)  # before the data and weights load, not after
 
 
 def build_model(

@@ -111,7 +111,9 @@ def build_scorer(tp: TPPPOArguments, models: TPPolicyModels, labels: dict[str, s
 def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingArguments) -> PPOSession:
     """Flags (after :func:`rlhf.tp.ppo_train.apply_description_flags`) -> the session of ``ppo_train``."""
     rank, world_size = init_model_parallel()
-    check_checkpoint(tp.actor_ckpt_dir, world_size, "--actor_ckpt_dir")  # before any model loads
+    check_checkpoint(
+        tp.actor_ckpt_dir, world_size, "--actor_ckpt_dir", tp.model_type
+    )  # before any model loads
     if tp.critic_ckpt_dir and ppo.needs_critic:
         check_checkpoint(tp.critic_ckpt_dir, world_size, "--critic_ckpt_dir")
     if tp.reward_model_ckpt_dir:  # before any model loads: a non-verifier would score every rollout 0

@@ -266,7 +266,7 @@ def evaluate(args: SolverEvaluateArguments) -> dict:
     args.validate()
     rows = list(load_dataset_dir(args.label_file, "gsm8k"))[: args.limit]
     rank, world_size = init_model_parallel()
-    check_checkpoint(args.ckpt_dir, world_size)  # damaged files fail now, not after the generation
+    check_checkpoint(args.ckpt_dir, world_size, model_type=args.model_type)  # now, not after a generation
     if args.verifier_ckpt_dir:
         check_verifier_dir(args.verifier_ckpt_dir, world_size)
     dev = device()

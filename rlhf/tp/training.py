@@ -171,7 +171,7 @@ def train_tp(
     args.validate()
     resume = resume_checkpoint(args)  # checked before any model loads
     rank, world_size = init_model_parallel()
-    check_checkpoint(args.ckpt_dir, world_size)  # a missing dir or shard fails now, not after the data
+    check_checkpoint(args.ckpt_dir, world_size, model_type=args.model_type)  # now, not after the data
     dev = device()
     torch.manual_seed(args.seed)  # the same LoRA dropout masks on every rank
     tokenizer = load_tokenizer(args.ckpt_dir, trust_remote_code=args.trust_remote_code, padding_side="right")
