@@ -213,17 +213,19 @@ def check_positive_flags(values: Mapping[str, int | float]) -> None:
 
 
 def drop_missing_trackers(args: TrainingArguments) -> None:
-    """Drop a ``--report_to`` tracker whose package is not installed, with one warning, as the PPO stages do:
+    """Split a comma list (``--report_to wandb,tensorboard``, as PPO takes it) and drop a tracker whose
+    package is not installed, with one warning, as the PPO stages do:
     the Trainer raised a traceback when it built the callback, after the stage had cleared ``--output_dir``
     under ``--overwrite_output_dir``. ``trainer_state.json`` still records every logged value."""
     from transformers.integrations import get_available_reporting_integrations
 
     available = set(get_available_reporting_integrations())
-    missing = [name for name in args.report_to if name not in available]
+    names = [name.strip() for entry in args.report_to for name in entry.split(",") if name.strip()]
+    args.report_to = [name for name in names if name in available]  # a comma list as in PPO: one each
+    missing = [name for name in names if name not in available]
     if missing:
-        args.report_to = [name for name in args.report_to if name in available]
         logger.warning(
-            "--report_to %s: not installed (pip install it to log there); trainer_state.json still records "
+            "--report_to %s: not an installed tracker (pip install it to log there); trainer_state.json still records "
             "the metrics", ", ".join(missing),
         )  # fmt: skip
 
