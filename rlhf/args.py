@@ -46,7 +46,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from rlhf.errors import ConfigError
-from rlhf.launch_settings import accelerate_launch_flags, flag_values
+from rlhf.launch_settings import accelerate_launch_flags, deepspeed_launched, flag_values
 from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import DEFAULT_LORA_TARGET, LoraSpec
 
@@ -332,9 +332,7 @@ def init_deepspeed_on_cpu(argv: list[str], has_gpu: bool | None = None) -> bool:
     """
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    requested = any(arg.partition("=")[0] == "--deepspeed" for arg in argv) or os.environ.get(
-        "ACCELERATE_USE_DEEPSPEED", ""
-    ).lower() in ("1", "true", "yes")
+    requested = any(arg.partition("=")[0] == "--deepspeed" for arg in argv) or deepspeed_launched()
     if has_gpu or world_size <= 1 or not requested:
         return False
     import deepspeed

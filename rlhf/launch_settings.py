@@ -46,6 +46,11 @@ def launched_precision() -> str:
     return launched if launched in ("fp16", "bf16") else "no"
 
 
+def deepspeed_launched() -> bool:
+    """Whether ``accelerate launch`` ran the script under a DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
 def flag_values(argv: list[str]) -> dict[str, str | None]:
     """``{"--flag_name": value}`` for the flags in ``argv`` (either spelling, ``--a-b`` or ``--a_b``; the value
     after ``=`` or the next word, None for a bare switch)."""
@@ -89,7 +94,7 @@ def _same_number(a: str, b: str) -> bool:
 
 
 def _deepspeed_flags(given: dict[str, str | None]) -> list[str]:
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
+    if not deepspeed_launched():
         return []
     flags: list[str] = []
     for env, (flag, key) in DEEPSPEED_ENV_FLAGS.items():

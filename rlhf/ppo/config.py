@@ -450,9 +450,10 @@ def validate(
               "--pretrain_dataset_dir": models.pretrain_dataset_dir}  # fmt: skip
     check_output_not_input(train.output_dir, inputs)
     if ppo.needs_critic:
-        check_output_dir(critic_output_dir(models, train), "--critic_output_dir")
-        check_output_not_input(critic_output_dir(models, train), inputs, "--critic_output_dir")
-        if critic_output_dir(models, train).resolve() == Path(train.output_dir).resolve():
+        critic_dir = critic_output_dir(models, train)
+        check_output_dir(critic_dir, "--critic_output_dir")
+        check_output_not_input(critic_dir, inputs, "--critic_output_dir")
+        if critic_dir.resolve() == Path(train.output_dir).resolve():
             raise ConfigError(
                 f"--critic_output_dir {models.critic_output_dir} is --output_dir: the critic's adapter would "
                 "overwrite the actor's there; give the critic a directory of its own (default <output_dir>/critic)"
