@@ -30,11 +30,18 @@ from rlhf.ppo.config import (
     PPOModelArguments,
     PPOTrainingArguments,
     critic_output_dir,
+    input_paths,
     validate,
 )
 from rlhf.ppo.loop import save_outputs, train
 from rlhf.ppo.peft_factory import actor_lora_spec, build_peft_session, critic_lora_spec
-from rlhf.ppo.resume import resume_checkpoint, start_afresh
+from rlhf.ppo.resume import (
+    check_settings_before_loading,
+    flag_settings,
+    launched_processes,
+    resume_checkpoint,
+    start_afresh,
+)
 
 ARGUMENT_GROUPS = (PPOModelArguments, PPODataArguments, PPOArguments, PPOTrainingArguments)
 
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     critic_dir = critic_output_dir(model_args, train_args) if ppo_args.needs_critic else None
     # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
     resume = resume_checkpoint(train_args)
+    inputs = input_paths(model_args, data_args.dataset_dir)
+    check_settings_before_loading(resume, flag_settings(train_args, ppo_args, inputs, launched_processes()))
 
     session = build_peft_session(data_args, model_args, ppo_args, train_args)
     if resume is None:

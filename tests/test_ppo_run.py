@@ -401,9 +401,10 @@ def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_ll
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tmp_path, capsys):
+def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
     """The checkpoint's position in the prompts and its rollout split mean something else under other batch
-    sizes: re-running with them names the flag instead of resuming silently; --max_steps may change."""
+    sizes: re-running with them names the flag instead of resuming silently, before any model loads;
+    --max_steps may change."""
     out = tmp_path / "run"
     argv = [
         "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
@@ -412,6 +413,7 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
         "--disable_tqdm", "true",
     ]  # fmt: skip
     run_ppo_with_peft.main([*argv, "--max_steps", "1"])
+    monkeypatch.setattr(run_ppo_with_peft, "build_peft_session", lambda *a: pytest.fail("models loaded first"))
     with pytest.raises(SystemExit) as exc:
         run_ppo_with_peft.main([*argv, "--max_steps", "2", "--per_device_mini_train_batch_size", "4"])
     err = capsys.readouterr().err
@@ -427,6 +429,7 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
     with pytest.raises(SystemExit) as exc:
         run_ppo_with_peft.main([*argv, "--max_steps", "2", "--use_kl_loss"])
     assert exc.value.code == 2 and "(--use_kl_loss False there, True now)" in capsys.readouterr().err
+    monkeypatch.undo()
     assert run_ppo_with_peft.main([*argv, "--max_steps", "2"])["step"] == 2  # a longer run: resumed
 
 

@@ -89,7 +89,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_bit_identically(
     assert rows_without_timing(out / metrics) == rows_without_timing(tmp_path / "full" / metrics)
 
 
-def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp_path, world_of_one, capsys):
+def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(
+    tiny_llama, tmp_path, world_of_one, capsys, monkeypatch
+):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(20))
     run_dir = tmp_path / "run"
     flags = ["--save_steps", "2", "--save_total_limit", "1", "--output_dir", str(run_dir)]
@@ -105,6 +107,8 @@ def test_save_steps_keeps_the_newest_and_overwrite_starts_afresh(tiny_llama, tmp
     err = capsys.readouterr().err
     assert "starting afresh" in err and "resuming" not in err
 
+    # a resume with other settings is refused before the model loads
+    monkeypatch.setattr(training, "build_model_for_training", lambda *a: pytest.fail("model loaded first"))
     for other, said in ((["--lora_rank", "8"], "--lora_rank 4 there, 8 now"),
                         (["--max_batch_size", "4"], "--max_batch_size 8 there, 4 now")):  # fmt: skip
         with pytest.raises(SystemExit) as failed:  # the position in the data would mean something else

@@ -428,6 +428,13 @@ def check_reward_adapter_dir(path: str) -> None:
     raise ConfigError(f"--reward_lora_path {path} is not a LoRA adapter dir (no adapter_config.json)")
 
 
+def input_paths(models: PPOModelArguments, dataset_dir: str | None) -> dict[str, str | None]:
+    """Flag -> the path the run reads (no output dir may be one; a resume needs their files unchanged)."""
+    return {"--sft_model_path": models.sft_model_path, "--reward_lora_path": models.reward_lora_path,
+            "--reward_model_path": models.reward_model_path, "--dataset_dir": dataset_dir,
+            "--pretrain_dataset_dir": models.pretrain_dataset_dir}  # fmt: skip
+
+
 def validate(
     models: PPOModelArguments, ppo: PPOArguments, train: PPOTrainingArguments, dataset_dir: str | None = None
 ) -> None:
@@ -445,9 +452,7 @@ def validate(
         train.torch_compile, train.torch_compile_backend = True, train.torch_compile_backend or "inductor"
         check_compile_backend(train.torch_compile_backend)
     check_output_dir(train.output_dir, "--output_dir")
-    inputs = {"--sft_model_path": models.sft_model_path, "--reward_lora_path": models.reward_lora_path,
-              "--reward_model_path": models.reward_model_path, "--dataset_dir": dataset_dir,
-              "--pretrain_dataset_dir": models.pretrain_dataset_dir}  # fmt: skip
+    inputs = input_paths(models, dataset_dir)
     check_output_not_input(train.output_dir, inputs)
     if ppo.needs_critic:
         critic_dir = critic_output_dir(models, train)

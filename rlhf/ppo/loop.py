@@ -29,7 +29,6 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from rlhf.backend import Backend
-from rlhf.data.files import files_signature
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator, is_eos
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
@@ -55,6 +54,7 @@ from rlhf.ppo.memory import (
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.profiling import StepProfiler
+from rlhf.ppo.resume import flag_settings
 from rlhf.ppo.rewards import Scorer
 from rlhf.ppo.stats import explained_variance, global_masked_moments, tokens_per_process
 from rlhf.publish import publish_files, staging_dir
@@ -396,32 +396,17 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
 
 
 def resume_settings(s: PPOSession) -> dict[str, Any]:
-    """What a run resumed from a checkpoint must share with the run that wrote it: what decides which
-    prompts and pretraining blocks come next and how a rollout splits into mini-batches and optimizer steps,
-    the number of processes (the samplers count global batches; each process keeps its own rollout), and
-    the files it read (models and data: :func:`rlhf.data.files.files_signature`). ``--max_steps`` and the
-    PPO coefficients may change."""
-    signatures = {f"files of {flag}": files_signature(path) for flag, path in s.inputs.items() if path}
+    """What a run resumed from a checkpoint must share with the run that wrote it: the settings its flags
+    and files decide (:func:`rlhf.ppo.resume.flag_settings`, also checked before the models load), the
+    numbers of prompts and pretraining blocks that decide what comes next, and the adapters' alphas."""
+    processes = dist.get_world_size() if dist.is_initialized() else 1
     return (
-        {
-            "number of processes": dist.get_world_size() if dist.is_initialized() else 1,
-            "per_device_train_batch_size": s.args.per_device_train_batch_size,
-            "gradient_accumulation_steps": s.args.gradient_accumulation_steps,
-            "seed": s.args.seed,
-            "num_samples_per_prompt": s.ppo.num_samples_per_prompt,
-            "per_device_mini_train_batch_size": s.ppo.per_device_mini_train_batch_size,
-            "rollout_batches": s.ppo.rollout_batches,
-            "ppo_epochs": s.ppo.ppo_epochs,
-            "pretrain_batch_size": s.ppo.pretrain_batch_size,
-            "advantage_estimator": s.ppo.advantage_estimator,
-            # a saved rollout holds rewards with or without the KL, and the reference log-probs only for
-            # the KL loss: resumed with the other setting, it would mix both or lack what the loss reads
-            "use_kl_loss": s.ppo.use_kl_loss,
+        flag_settings(s.args, s.ppo, s.inputs, processes)
+        | {
             "number of prompts": len(s.prompts),
             "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
         }
         | s.models.adapter_settings()
-        | signatures
     )
 
 

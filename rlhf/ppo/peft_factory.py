@@ -24,7 +24,7 @@ from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
 from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import LoraSpec
-from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments
+from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, input_paths
 from rlhf.ppo.data import load_pretrain, load_prompts
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.peft_models import PeftPolicyModels, build_peft_policy_models, read_reward_adapter
@@ -173,11 +173,14 @@ def build_peft_session(
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
     parts = SessionParts(
-        backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
+        backend=backend,
+        models=models,
+        scorer=scorer,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
-        inputs={"--dataset_dir": data.dataset_dir, "--pretrain_dataset_dir": margs.pretrain_dataset_dir,
-                "--sft_model_path": margs.sft_model_path, "--reward_lora_path": margs.reward_lora_path,
-                "--reward_model_path": margs.reward_model_path},
-    )  # fmt: skip
+        inputs=input_paths(margs, data.dataset_dir),
+    )
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

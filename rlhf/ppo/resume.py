@@ -8,21 +8,34 @@ afresh with ``--overwrite_output_dir``, as in the SFT and reward-model stages (:
 - with ``--overwrite_output_dir`` the run starts at step 1 and the old checkpoints and ``metrics.jsonl``
   are removed first (:func:`start_afresh`, after the models are built, so a failed start deletes nothing).
 
-The log says which.
+The log says which. A resumed run must share the checkpoint's recorded settings
+(:func:`rlhf.ppo.checkpoint.check_resume_settings`): those its flags and input files decide
+(:func:`flag_settings`) are compared here, before any model loads (:func:`check_settings_before_loading`);
+the rest (the number of prompts, the adapters' alphas) once the models and data are loaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rlhf.backend import Backend
+from rlhf.backend.state_files import read_file
 from rlhf.checkpoint_dirs import asks_for_newest
+from rlhf.data.files import files_signature
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.ppo.checkpoint import checkpoint_dirs, checkpoint_problem, newest_loadable_checkpoint
-from rlhf.ppo.config import PPOTrainingArguments
+from rlhf.ppo.checkpoint import (
+    TRAINER_STATE,
+    check_resume_settings,
+    checkpoint_dirs,
+    checkpoint_problem,
+    newest_loadable_checkpoint,
+)
+from rlhf.ppo.config import PPOArguments, PPOTrainingArguments
 
 if TYPE_CHECKING:
     from rlhf.tp.train_args import TPTrainArguments
@@ -64,6 +77,50 @@ def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | No
         )
     logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", newest)
     return str(newest)
+
+
+def flag_settings(
+    args: PPOTrainingArguments, ppo: PPOArguments, inputs: dict[str, str | None], processes: int
+) -> dict[str, Any]:
+    """The settings a resumed PPO run must share that its flags and input files decide: how a rollout
+    splits into mini-batches and optimizer steps, the seed, the estimator, the number of processes (the
+    samplers count global batches; each process keeps its own rollout) and each input path's files
+    (``inputs``: flag -> path, :func:`rlhf.data.files.files_signature`). ``--max_steps`` and the PPO
+    coefficients may change."""
+    return {
+        "number of processes": processes,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "num_samples_per_prompt": ppo.num_samples_per_prompt,
+        "per_device_mini_train_batch_size": ppo.per_device_mini_train_batch_size,
+        "rollout_batches": ppo.rollout_batches,
+        "ppo_epochs": ppo.ppo_epochs,
+        "pretrain_batch_size": ppo.pretrain_batch_size,
+        "advantage_estimator": ppo.advantage_estimator,
+        # a saved rollout holds rewards with or without the KL, and the reference log-probs only for the KL
+        # loss: resumed with the other setting, it would mix both or lack what the loss reads
+        "use_kl_loss": ppo.use_kl_loss,
+    } | {f"files of {flag}": files_signature(path) for flag, path in inputs.items() if path}
+
+
+def launched_processes() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE`` of torchrun / accelerate launch; 1 for
+    a plain ``python``), known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_settings_before_loading(resume_from: str | None, known: dict[str, Any]) -> None:
+    """Refuse, before any model or data loads, to resume from ``resume_from`` when its
+    ``trainer_state.json`` recorded other values of the ``known`` settings (those the flags and input files
+    decide): a one-line :class:`CheckpointError`, as the full check after loading gives
+    (:func:`rlhf.ppo.checkpoint.check_resume_settings`). Settings only one side has are left to that check."""
+    if resume_from is None:
+        return
+    directory = Path(resume_from)
+    saved = read_file(directory / TRAINER_STATE, lambda p: json.loads(p.read_text())).get("settings")
+    if saved is not None:
+        check_resume_settings(directory, {k: v for k, v in saved.items() if k in known}, known)
 
 
 def start_afresh(output_dir: Path, backend: Backend) -> None:

@@ -133,8 +133,6 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
         backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
         prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
-        inputs={"--train_file": tp.train_file, "--pretrain_dataset_dir": tp.pretrain_dataset_dir,
-                "--actor_ckpt_dir": tp.actor_ckpt_dir, "--critic_ckpt_dir": tp.critic_ckpt_dir,
-                "--reward_model_ckpt_dir": tp.reward_model_ckpt_dir},
+        inputs=tp.input_paths(),
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(tp), **vars(ppo), **vars(args)})

@@ -52,7 +52,13 @@ from rlhf.ppo.config import (
 )
 from rlhf.ppo.loop import PPOSession, train
 from rlhf.ppo.profiling import check_profile_step
-from rlhf.ppo.resume import resume_checkpoint, start_afresh
+from rlhf.ppo.resume import (
+    check_settings_before_loading,
+    flag_settings,
+    launched_processes,
+    resume_checkpoint,
+    start_afresh,
+)
 from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
@@ -118,6 +124,12 @@ class TPPPOArguments:
         return LoraSpec(
             self.lora_rank, self.lora_alpha, self.lora_dropout, split_comma_list(self.lora_target)
         )
+
+    def input_paths(self) -> dict[str, str | None]:
+        """Flag -> the path the run reads (a resume needs their files unchanged)."""
+        return {"--train_file": self.train_file, "--pretrain_dataset_dir": self.pretrain_dataset_dir,
+                "--actor_ckpt_dir": self.actor_ckpt_dir, "--critic_ckpt_dir": self.critic_ckpt_dir,
+                "--reward_model_ckpt_dir": self.reward_model_ckpt_dir}  # fmt: skip
 
 
 @dataclass
@@ -298,6 +310,7 @@ def run(
     apply_description_flags(tp, ppo, args, given)
     # the newest checkpoint in --output_dir unless --overwrite_output_dir, as run_ppo_with_peft.py does
     resume = resume_checkpoint(args)
+    check_settings_before_loading(resume, flag_settings(args, ppo, tp.input_paths(), launched_processes()))
     session = build_tp_session(tp, ppo, args)
     if resume is None:
         start_afresh(Path(args.output_dir), session.backend)

@@ -31,7 +31,7 @@ from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.metrics import MetricsFile, MetricsWindow
 from rlhf.models.loading import load_tokenizer
 from rlhf.optimizer import build_adamw
-from rlhf.ppo.resume import resume_checkpoint, start_afresh
+from rlhf.ppo.resume import check_settings_before_loading, resume_checkpoint, start_afresh
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.examples import Example, collate, micro_batches, shuffled
@@ -169,7 +169,8 @@ def train_tp(
     """Load, train, evaluate and save. ``make_examples(tokenizer)`` returns (train, held-out) examples.
     Returns the results written to ``training/results.json``."""
     args.validate()
-    resume = resume_checkpoint(args)  # checked before any model loads
+    resume = resume_checkpoint(args)  # checked before any model loads, and so are its settings
+    check_settings_before_loading(resume, args.resume_settings())
     rank, world_size = init_model_parallel()
     check_checkpoint(args.ckpt_dir, world_size, model_type=args.model_type)  # now, not after the data
     dev = device()
