@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SITE := $(CURDIR)/.whl/site
 
-.PHONY: install test test-gpu demo lint format bench clean
+.PHONY: install test test-real-data test-gpu demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the tests that read the real GSM8K / Anthropic HH files in ../shared/data (skipped where it is absent)
+test-real-data: $(STAMP)
+	$(BIN)/python -m pytest -q -m real_data tests
 
 test-gpu:
 	@export PYTHONPATH="$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}"; \
