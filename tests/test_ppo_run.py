@@ -413,7 +413,9 @@ def test_resuming_with_other_batch_sizes_is_refused_with_one_line(tiny_llama, tm
         "--disable_tqdm", "true",
     ]  # fmt: skip
     run_ppo_with_peft.main([*argv, "--max_steps", "1"])
-    monkeypatch.setattr(run_ppo_with_peft, "build_peft_session", lambda *a: pytest.fail("models loaded first"))
+    monkeypatch.setattr(
+        run_ppo_with_peft, "build_peft_session", lambda *a: pytest.fail("models loaded first")
+    )
     with pytest.raises(SystemExit) as exc:
         run_ppo_with_peft.main([*argv, "--max_steps", "2", "--per_device_mini_train_batch_size", "4"])
     err = capsys.readouterr().err

@@ -55,7 +55,7 @@ from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.profiling import StepProfiler
 from rlhf.ppo.resume import flag_settings
-from rlhf.ppo.rewards import Scorer
+from rlhf.ppo.rewards import Scorer, shaped_scores
 from rlhf.ppo.stats import explained_variance, global_masked_moments, tokens_per_process
 from rlhf.publish import publish_files, staging_dir
 
@@ -158,10 +158,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     with s.backend.autocast():
         raw_scores = score_in_chunks(s.scorer, batch, prompt_texts, responses, forward_rows).to(device)
     check_finite({"reward/score": raw_scores.sum()}, state.step + 1, state.last_checkpoint)
-    scores = raw_scores.clone()
-    if ppo.missing_eos_penalty is not None:
-        scores[~ended] -= ppo.missing_eos_penalty
-    scores = scores.clamp(-ppo.reward_score_clip, ppo.reward_score_clip)
+    scores = shaped_scores(raw_scores, ended, ppo.missing_eos_penalty, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
     #    --old_logprobs allows it, else an eval-mode forward; none here when the update is on-policy and

@@ -26,6 +26,18 @@ logger = logging.getLogger(__name__)
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
+def shaped_scores(
+    scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None, clip: float
+) -> torch.Tensor:
+    """The scores the rewards are built from: ``missing_eos_penalty`` subtracted from each response that
+    did not end with EOS within the length limit (``--missing_eos_penalty``, as TRL's), then clipped to
+    [-clip, clip] (``--reward_score_clip``). scores [N] float, ended [N] bool -> [N]; a new tensor."""
+    shaped = scores.clone()
+    if missing_eos_penalty is not None:
+        shaped[~ended] -= missing_eos_penalty
+    return shaped.clamp(-clip, clip)
+
+
 class Scorer(Protocol):
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """One score per sequence: [B] float32 on the batch's device."""
