@@ -8,7 +8,12 @@ from unittest.mock import patch
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import rlhf.generation.attention as attention_module
 from rlhf.generation import SamplingConfig
@@ -60,6 +65,30 @@ def test_sample_next_logprobs_are_before_top_k_at_the_temperature():
     assert (tokens[:, None] == logits.topk(2, -1).indices).any(-1).all()
     expected = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(logprobs, expected)
+
+
+def test_sample_next_draws_from_hf_generates_distribution():
+    """EOS suppressed before min_new_tokens, then temperature, top-k and top-p, in HF generate's order:
+    the tokens drawn over many rows have exactly the support of HF's processor chain and its frequencies
+    (a filter applied before the temperature, or a nucleus cut too short, shows)."""
+    logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(4)) * 3
+    eos = int(logits.argmax())  # the likeliest token is the suppressed one
+    sampling = SamplingConfig(
+        max_new_tokens=8, min_new_tokens=2, temperature=1.7, top_k=9, top_p=0.8, eos_token_id=eos
+    )
+    prompt = torch.zeros(1, 3, dtype=torch.long)  # HF counts new tokens from the prompt length
+    expected = logits.clone()
+    for process in (
+        MinNewTokensLengthLogitsProcessor(3, 2, eos), TemperatureLogitsWarper(1.7), TopKLogitsWarper(9),
+        TopPLogitsWarper(0.8),
+    ):  # fmt: skip
+        expected = process(prompt, expected)
+    expected = expected.softmax(-1)[0]
+    rows = 40000
+    tokens, _ = sample_next(logits.expand(rows, -1).clone(), 0, sampling, torch.Generator().manual_seed(5))
+    freq = torch.bincount(tokens, minlength=24).float() / rows
+    assert torch.equal(freq > 0, expected > 0) and 2 < int((expected > 0).sum()) < 9  # both filters cut
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
 def bias_reference(key_pos, query_pos, query_slots, window, n_rep):

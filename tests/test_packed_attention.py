@@ -216,6 +216,7 @@ def test_packed_reward_pairs_equal_padded_pairs(tiny_llama, backend):
     use_packed_attention(model, backend)
     packed = _on_device(PackedPairCollator()(pairs))
     assert packed["input_ids"].shape == (1, 27) and packed["cu_seq_lens_q"].tolist() == [0, 8, 11, 16, 27]
+    assert packed["position_ids"][0].tolist() == [*range(8), *range(3), *range(5), *range(11)]  # per side
     got = loss_and_grads(packed_sequence_rewards(model, packed), packed["margin"])
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,6 +263,13 @@ def test_entropy_explained_variance_and_pretrain_weight(gen):
     assert explained_variance(targets, targets, mask).item() == pytest.approx(1.0)
     mean_pred = torch.full_like(targets, masked_mean(targets, mask).item())
     assert explained_variance(mean_pred, targets, mask).item() == pytest.approx(0.0, abs=1e-5)
+    # random predictions against numpy's residual variance over the masked entries; an offset costs nothing
+    preds, keep = torch.randn(3, 4, generator=gen), mask.bool().numpy()
+    t, p = targets.numpy()[keep], preds.numpy()[keep]
+    assert explained_variance(preds, targets, mask).item() == pytest.approx(
+        1 - np.var(t - p) / np.var(t), rel=1e-5
+    )
+    assert explained_variance(targets + 0.7, targets, mask).item() == pytest.approx(1.0, abs=1e-6)
     assert [pretrain_weight(s, 0.1, 500) for s in (0, 250, 500, 900)] == pytest.approx([0, 0.05, 0.1, 0.1])
     assert pretrain_weight(0, 0.1, 0) == 0.1
 

@@ -35,6 +35,8 @@ def test_pairwise_loss_matches_a_loop_reference():
     assert pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 1.0])) == pytest.approx(
         2 / 3
     )
+    # a tie is not a win: a reward model scoring everything alike has accuracy 0, not 1
+    assert pairwise_accuracy(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])) == pytest.approx(0.5)
 
 
 def test_last_token_index_for_right_and_left_padding():
