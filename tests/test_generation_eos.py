@@ -24,6 +24,7 @@ def test_eos_helpers_take_one_id_or_several():
     assert eos_ids(None) == () and eos_ids(2) == (2,) and eos_ids([2, 7, 2]) == (2, 7)
     tokens = torch.tensor([[5, 7, 3, 2], [2, 5, 5, 5], [5, 5, 5, 5]])
     assert is_eos(tokens, (2, 7)).tolist()[0] == [False, True, False, True]
+    assert is_eos(tokens, 5).tolist()[1] == [False, True, True, True] and not is_eos(tokens, None).any()
     assert response_mask_after_eos(tokens, (2, 7)).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert response_mask_after_eos(tokens, 2).tolist()[0] == [1, 1, 1, 1]
     scores = suppress_token(torch.zeros(2, 9), (2, 7))

@@ -6,6 +6,8 @@ here each coefficient is set to a distinct non-default value, so a dropped or sw
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from rlhf.ppo.rewards import RuleScorer, shaped_scores
 from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
 from rlhf.ppo.stats import tokens_per_process
 
+REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = ["Tell me how you feel about cats.", "Hi", "What is two plus two?", "Name a colour."]
 
@@ -81,7 +84,7 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
     recorded: list[torch.Tensor] = []
     s.backend.backward = lambda loss: (recorded.append(loss.detach().clone()), backward(loss))[1]
 
-    out = ppo_mini_batch_step(s, buffer, state)
+    out = {k: float(v) for k, v in ppo_mini_batch_step(s, buffer, state).items()}
 
     batch, old = buffer.mini_batch(0)
     mask = batch.response_mask
@@ -107,3 +110,34 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
     assert out["loss/policy"] == pytest.approx(float(policy.loss), rel=1e-5)
     assert out["loss/value"] == pytest.approx(float(values.loss), rel=1e-5)
     assert out["loss/kl"] == pytest.approx(float(kl), rel=1e-5, abs=1e-7)
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_optimizer_step(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The losses are read on the host once per optimizer step (no wait for the device after each
+    mini-batch), and before that step: a NaN policy loss in the second mini-batch is one line naming it and
+    the step, and no weight took it."""
+    import dataclasses
+
+    import run_ppo_with_peft
+    from rlhf.backend.accelerate import AccelerateBackend
+    from rlhf.ppo import loop
+
+    calls, real = [], loop.policy_loss
+
+    def nan_in_the_second(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return dataclasses.replace(loss, loss=loss.loss * float("nan")) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "policy_loss", nan_in_the_second)
+    monkeypatch.setattr(AccelerateBackend, "step", lambda *a, **k: pytest.fail("an optimizer step was taken"))
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main([
+            "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+            "--per_device_train_batch_size", "4", "--per_device_mini_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--max_response_length", "4", "--disable_tqdm", "true",
+        ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "non-finite {'loss/policy': nan} at step 1; stopped" in err, err
+    assert len(calls) == 2

@@ -105,7 +105,7 @@ def one_step(session):
     torch.manual_seed(0)
     buffer = collect_rollout(session, state, metrics)
     session.models.train(True)
-    losses = ppo_mini_batch_step(session, buffer, state)
+    losses = {k: float(v) for k, v in ppo_mini_batch_step(session, buffer, state).items()}
     norms = session.backend.step(
         session.optimizers, session.schedulers, session.models.parameter_groups(), session.args.max_grad_norm
     )

@@ -68,10 +68,15 @@ def eos_ids(eos_token_id: int | tuple[int, ...] | list[int] | None) -> tuple[int
 
 def is_eos(tokens: torch.Tensor, eos_token_id: int | tuple[int, ...] | None) -> torch.Tensor:
     """Bool tensor of ``tokens``' shape: True where a token is one of the EOS ids (none: all False)."""
+    # one comparison per id, with the ids as kernel arguments: a tensor of them (for torch.isin) would be a
+    # host-to-device copy, which on a GPU waits for the device, at every decode step of a multi-EOS model
     ids = eos_ids(eos_token_id)
-    if len(ids) == 1:
-        return tokens == ids[0]
-    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+    if not ids:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    ended = tokens == ids[0]
+    for token_id in ids[1:]:
+        ended |= tokens == token_id
+    return ended
 
 
 def response_mask_after_eos(

@@ -237,8 +237,15 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     return buffer
 
 
-def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState) -> dict[str, float]:
-    """Step 6 for one mini-batch: losses and their gradients (accumulated, not yet applied)."""
+LOSS_KEYS = ("loss/policy", "loss/pretrain", "loss/kl", "loss/value")  # checked finite before a step
+
+
+def ppo_mini_batch_step(
+    s: PPOSession, buffer: RolloutBuffer, state: TrainState
+) -> dict[str, torch.Tensor | float]:
+    """Step 6 for one mini-batch: losses and their gradients (accumulated, not yet applied). Its metrics are
+    0-dim device tensors (and floats), read on the host with the other mini-batches' before the optimizer
+    step (:func:`settle_mini_batches`): no wait for the device between the forward and its backward."""
     ppo, models, backend = s.ppo, s.models, s.backend
     batch, old = buffer.mini_batch(buffer.cursor)
     mask = batch.response_mask
@@ -268,36 +275,71 @@ def ppo_mini_batch_step(s: PPOSession, buffer: RolloutBuffer, state: TrainState)
         if ppo.use_kl_loss:  # the KL in the loss instead of the reward (--use_kl_loss)
             kl = kl_loss(logprobs, old["ref_logprobs"], mask, tokens)
             actor_loss = actor_loss + s.kl_controller.value * kl
-    check_finite(
-        {"loss/policy": policy.loss, "loss/pretrain": pretrain, "loss/kl": kl},
-        state.step + 1,
-        state.last_checkpoint,
-    )
     backend.backward(actor_loss / accumulation)
-    out = {
-        "loss/policy": policy.loss.item(),
-        "loss/pretrain": pretrain.item(),
+    out: dict[str, torch.Tensor | float] = {
+        "loss/policy": policy.loss.detach(),
+        "loss/pretrain": pretrain.detach(),
         "loss/pretrain_weight": w_pt,
-        "policy/clipfrac": float(policy.clipfrac),
-        "policy/approxkl": float(policy.approxkl),
-        "policy/entropy": entropy_mean.item(),
+        "policy/clipfrac": policy.clipfrac,
+        "policy/approxkl": policy.approxkl.detach(),
+        "policy/entropy": entropy_mean.detach(),
     }
     if ppo.use_kl_loss:
-        out["loss/kl"] = kl.item()
+        out["loss/kl"] = kl.detach()
     if on_policy:  # the rollout statistics the rollout could not compute without the old log-probs
         kl_rows = masked_kl_estimate(old_logprobs, old["ref_logprobs"], mask, ppo.kl_penalty).sum(1)
-        out["objective/kl"] = float(kl_rows.mean())
-        out["objective/rlhf_reward"] = float((old["scores"] - s.kl_controller.value * kl_rows).mean())
+        out["objective/kl"] = kl_rows.mean()
+        out["objective/rlhf_reward"] = (old["scores"] - s.kl_controller.value * kl_rows).mean()
     if models.has_critic:
         with backend.autocast():
             value = value_loss(
                 models.values(batch).float(), old["old_values"], old["returns"], mask, ppo.value_clip, tokens
             )
-        check_finite({"loss/value": value.loss}, state.step + 1, state.last_checkpoint)
         backend.backward(ppo.critic_loss_weight * value.loss / accumulation)
-        out |= {"loss/value": value.loss.item(), "value/clipfrac": float(value.clipfrac)}
+        out |= {"loss/value": value.loss.detach(), "value/clipfrac": value.clipfrac}
     buffer.cursor += 1
     return out
+
+
+def settle_mini_batches(
+    pending: list[dict[str, torch.Tensor | float]],
+    s: PPOSession,
+    state: TrainState,
+    metrics: MetricsAccumulator,
+) -> None:
+    """Read the metrics of the mini-batches trained since the last call in one device-to-host copy, refuse
+    non-finite losses (in every process when any has one, before the optimizer step: no weight takes them),
+    and add them to ``metrics``; ``pending`` is emptied. Called before each optimizer step and before a new
+    rollout (whose statistics the mini-batches after it count)."""
+    if not pending:
+        return
+    keys = [
+        (row, key) for row, out in enumerate(pending) for key, v in out.items() if isinstance(v, torch.Tensor)
+    ]
+    if keys:
+        values = torch.stack([pending[row][key].detach().float().reshape(()) for row, key in keys]).tolist()
+        for (row, key), value in zip(keys, values):
+            pending[row][key] = value
+    bad = [out for out in pending if not all(math.isfinite(v) for k, v in out.items() if k in LOSS_KEYS)]
+    anywhere = bool(bad)
+    if (
+        s.backend.world_size > 1
+    ):  # all processes stop together, or the others would wait in the next all-reduce
+        anywhere = (
+            float(s.backend.reduce_sum(torch.tensor([float(anywhere)], device=s.backend.device))[0]) > 0
+        )
+    if anywhere:
+        for out in bad:
+            check_finite(
+                {k: v for k, v in out.items() if k in LOSS_KEYS}, state.step + 1, state.last_checkpoint
+            )
+        raise NonFiniteError(
+            f"non-finite loss in another process at step {state.step + 1}; stopped. Last good checkpoint: "
+            f"{state.last_checkpoint or 'none (no checkpoint saved yet)'}"
+        )
+    for out in pending:
+        metrics.add_mini_batch(out)
+    pending.clear()
 
 
 def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
@@ -346,10 +388,12 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
     profiler = StepProfiler(
         args.profile_step, output_dir, backend.device, backend.is_main, first_step, s.total_steps
     )
+    pending: list[dict[str, torch.Tensor | float]] = []  # the metrics of mini-batches not yet read
     with StopSignals() as stop, progress:
         while state.step < s.total_steps:
             profiler.before(state.step + 1)
             if buffer is None or buffer.exhausted:
+                settle_mini_batches(pending, s, state, metrics)
                 progress.set_postfix_str(f"rollout {state.rollouts + 1}", refresh=True)  # a long first step
                 with record_function("ppo/rollout"):  # a label in --profile_step's trace
                     buffer = collect_rollout(s, state, metrics)  # steps 1-5
@@ -359,11 +403,12 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             s.models.train(True)
             start = time.perf_counter()
             with record_function("ppo/mini_batch"):
-                metrics.add_mini_batch(ppo_mini_batch_step(s, buffer, state))
+                pending.append(ppo_mini_batch_step(s, buffer, state))
             state.micro_steps += 1
             if state.micro_steps < args.gradient_accumulation_steps:
                 metrics.add({"time/train_s": time.perf_counter() - start})
                 continue
+            settle_mini_batches(pending, s, state, metrics)
             with record_function("ppo/optimizer_step"):
                 norms = backend.step(
                     s.optimizers, s.schedulers, s.models.parameter_groups(), args.max_grad_norm

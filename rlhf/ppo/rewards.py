@@ -31,11 +31,11 @@ def shaped_scores(
 ) -> torch.Tensor:
     """The scores the rewards are built from: ``missing_eos_penalty`` subtracted from each response that
     did not end with EOS within the length limit (``--missing_eos_penalty``, as TRL's), then clipped to
-    [-clip, clip] (``--reward_score_clip``). scores [N] float, ended [N] bool -> [N]; a new tensor."""
-    shaped = scores.clone()
+    [-clip, clip] (``--reward_score_clip``). scores [N] float, ended [N] bool -> [N]; a new tensor (no
+    boolean-mask indexing, which waits for a GPU)."""
     if missing_eos_penalty is not None:
-        shaped[~ended] -= missing_eos_penalty
-    return shaped.clamp(-clip, clip)
+        scores = torch.where(ended, scores, scores - missing_eos_penalty)
+    return scores.clamp(-clip, clip)
 
 
 class Scorer(Protocol):
