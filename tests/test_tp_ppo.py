@@ -358,7 +358,7 @@ def sft_tiny_tp_model(base: Path, rows: list[dict], out: Path, steps: int = 150)
 def test_tp_ppo_learns_a_rule_reward(tiny_llama, tmp_path, world_of_one):
     """rlhf.tp.ppo_train at TP=1, critic-free (grpo, 4 responses per prompt), a fully trained actor, on the
     toy task's questions: 12 rollouts raise the positivity score clearly, as the PEFT backend's do
-    (tests/test_ppo_estimator_runs.py): 0.94 -> 1.80 here; with --actor_lr 0, 0.81 -> 1.14.
+    (tests/test_ppo_estimator_runs.py): 0.94 -> 1.80 here; with --actor_lr 0, 0.81 -> 1.14."""
     from rlhf.tp import ppo_train
 
     alpaca = json.loads((REPO_ROOT / "sft_data" / "feelings_alpaca.json").read_text())
