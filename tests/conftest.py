@@ -19,6 +19,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def same_random_state():
+    """Every test starts from the same global random state, whatever ran before it: a test that draws
+    unseeded inputs gets the same ones alone, in the suite, or in another order."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Forget Accelerate's process-wide state before and after a test that sets a mixed precision

@@ -16,6 +16,7 @@ from launch import script_env, torchrun
 from safetensors.torch import load_file
 from test_ppo_run import one_thread, sft_tiny_model  # noqa: F401 (one_thread: autouse fixture)
 
+import rlhf.ppo.batch as batch_module
 import run_ppo_with_peft
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments
@@ -73,8 +74,13 @@ def tp_argv(model: Path, reward: str, train_file: Path, out: Path, *extra: str) 
     ]  # fmt: skip
 
 
-def test_gae_reproduces_the_metrics_recorded_before_the_estimators_peft(tiny_llama, length_reward, tmp_path):
-    """The same command as the one recorded in tests/ppo_gae_reference.json, default --advantage_estimator."""
+def test_gae_reproduces_the_metrics_recorded_before_the_estimators_peft(
+    tiny_llama, length_reward, tmp_path, monkeypatch
+):
+    """The same command as the one recorded in tests/ppo_gae_reference.json, default --advantage_estimator,
+    at the rollout's full width as then (fitted mini-batches draw other LoRA dropout masks: another random
+    stream from the second rollout on; tests/test_ppo_fitted_batches.py compares fitted and full runs)."""
+    monkeypatch.setattr(batch_module, "WIDTH_MULTIPLE", 10**9)
     out = tmp_path / "gae"
     run_ppo_with_peft.main(peft_argv(tiny_llama, length_reward, out, *hf_generate()))
     assert_rows_match(read_metrics(out / "metrics.jsonl"), REFERENCE["peft"])

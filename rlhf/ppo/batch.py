@@ -6,12 +6,14 @@ Layout of one sequence (``P`` prompt columns, ``R`` response columns, ``T = P + 
      left-padded prompt | right-padded response
 
 ``attention_mask`` is 1 on real tokens. Positions are counted from the first real token, so a sequence
-gets the same position ids whatever its padding.
+gets the same position ids whatever its padding, and a forward over a few rows can drop the columns that are
+padding in all of them (:meth:`SequenceBatch.fitted`): the rollout's forwards and the update's
+mini-batches run over the widths their own rows need, not over the longest response of the rollout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +28,16 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+WIDTH_MULTIPLE = 16  # fitted widths are rounded up to it: few distinct shapes for kernels and torch.compile
+
+
+def fitted_width(longest: int, limit: int, multiple: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (default :data:`WIDTH_MULTIPLE`), at least 1 and
+    at most ``limit``."""
+    multiple = multiple or WIDTH_MULTIPLE
+    return min(limit, max(1, -(-longest // multiple) * multiple))
 
 
 def pad_columns(x: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:
@@ -70,6 +82,21 @@ class SequenceBatch:
     def select(self, rows: torch.Tensor) -> SequenceBatch:
         return SequenceBatch(self.input_ids[rows], self.attention_mask[rows], self.prompt_len)
 
+    def fitted(self, longest_prompt: int, longest_response: int) -> SequenceBatch:
+        """This batch without the prompt columns left of, and the response columns right of, the
+        :func:`fitted_width` of its longest prompt and response (host-side numbers: no device sync). Only
+        padding goes when those are its rows' longest: the same sequences and positions, and outputs over
+        the response columns equal the first columns of the full batch's."""
+        prompt = fitted_width(longest_prompt, self.prompt_len)
+        response = fitted_width(longest_response, self.input_ids.shape[1] - self.prompt_len)
+        columns = slice(self.prompt_len - prompt, self.prompt_len + response)
+        return SequenceBatch(self.input_ids[:, columns], self.attention_mask[:, columns], prompt)
+
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt lengths, response lengths) of every row, on the host (one device sync)."""
+        prompt = self.attention_mask[:, : self.prompt_len].sum(1)
+        return tuple(torch.stack([prompt, self.attention_mask[:, self.prompt_len :].sum(1)]).tolist())
+
     @staticmethod
     def concat(batches: list[SequenceBatch], pad_id: int) -> SequenceBatch:
         """Stack batches with different prompt and response widths (re-padding both sides with ``pad_id``)."""
@@ -108,6 +135,8 @@ class RolloutBuffer:
     ref_logprobs: torch.Tensor | None = None  # [N, R]
     scores: torch.Tensor | None = None  # [N], with --old_logprobs update (its KL statistics)
     cursor: int = 0
+    # the order and each row's prompt and response lengths on the host, read once (mini_batch)
+    _host: tuple[list[int], list[int], list[int]] | None = field(default=None, repr=False, compare=False)
 
     PER_ROW = ("old_logprobs", "old_values", "advantages", "returns", "ref_logprobs", "scores")
 
@@ -121,11 +150,19 @@ class RolloutBuffer:
 
     def mini_batch(self, index: int) -> tuple[SequenceBatch, dict[str, torch.Tensor]]:
         """The ``index``-th mini-batch over all epochs: (sequences, {old_logprobs, advantages, ...}) with
-        the per-token tensors this buffer holds."""
-        flat = self.order.reshape(-1)
-        rows = flat[index * self.mini_batch_size : (index + 1) * self.mini_batch_size]
+        the per-row tensors this buffer holds, fitted to the mini-batch's own longest prompt and response
+        (:meth:`SequenceBatch.fitted`; the per-token tensors cut to its response columns)."""
+        if self._host is None:  # one device sync per rollout
+            self._host = (self.order.reshape(-1).tolist(), *self.sequences.lengths())
+        order, prompt_lengths, response_lengths = self._host
+        span = slice(index * self.mini_batch_size, (index + 1) * self.mini_batch_size)
+        rows, host_rows = self.order.reshape(-1)[span], order[span]
+        batch = self.sequences.select(rows).fitted(
+            max(prompt_lengths[r] for r in host_rows), max(response_lengths[r] for r in host_rows)
+        )
+        width = batch.input_ids.shape[1] - batch.prompt_len
         tensors = {k: getattr(self, k)[rows] for k in self.PER_ROW if getattr(self, k) is not None}
-        return self.sequences.select(rows), tensors
+        return batch, {k: v[:, :width] if v.dim() == 2 else v for k, v in tensors.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything as named tensors (for a checkpoint); absent optional tensors are left out."""

@@ -48,7 +48,6 @@ from rlhf.ppo.memory import (
     forward_batch_size,
     log_peak_memory,
     peak_memory_metrics,
-    row_chunks,
     score_in_chunks,
 )
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
@@ -125,10 +124,11 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
 
     # 1. Generate: each prompt K times in a row (one group), left-padded -> sampled responses
     #    (right-padded after the first EOS).
-    parts, prompt_texts, sampled_logprobs = [], [], []
+    parts, prompt_texts, sampled_logprobs, prompt_lengths = [], [], [], []
     for _ in range(ppo.rollout_batches):
         rows = [i for i in s.prompt_sampler.next() for _ in range(k)]
         prompt_ids, prompt_mask = left_pad([s.prompts.ids[i] for i in rows], s.pad_token_id)
+        prompt_lengths += [len(s.prompts.ids[i]) for i in rows]
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         with s.backend.autocast():
             out = s.generator.generate(prompt_ids, prompt_mask)
@@ -144,8 +144,9 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     first_group = (state.rollouts * s.backend.world_size + s.backend.replica_rank) * (n // k)
     group_ids = first_group + torch.arange(n // k, device=device).repeat_interleave(k)  # [N]
     lengths = mask.sum(1).long()
+    response_lengths = lengths.tolist()
     responses = s.decode(  # two device->host copies in all, not two per row
-        [r[:length] for r, length in zip(batch.response_ids.tolist(), lengths.tolist())],
+        [r[:length] for r, length in zip(batch.response_ids.tolist(), response_lengths)],
         skip_special_tokens=True,
     )
     ended = torch.zeros_like(lengths, dtype=torch.bool)
@@ -163,21 +164,26 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
     #    --old_logprobs allows it, else an eval-mode forward; none here when the update is on-policy and
     #    takes its own, --old_logprobs update), reference log-probs and, with a critic, values, in chunks
-    #    of --per_device_forward_batch_size rows.
+    #    of --per_device_forward_batch_size rows, each over the columns its own rows need.
     source = s.old_logprobs
     if source == "generator" and any(lp is None for lp in sampled_logprobs):
         source = "forward"
     old_logprobs, ref_logprobs, values = [], [], []
     if source == "generator":
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
-    for rows in row_chunks(n, forward_rows):
-        chunk = batch.select(rows.to(device))
+    for start in range(0, n, forward_rows):
+        rows = slice(start, start + forward_rows)
+        chunk = batch.select(rows).fitted(max(prompt_lengths[rows]), max(response_lengths[rows]))
+
+        def full_width(x: torch.Tensor) -> torch.Tensor:  # [rows, fitted R] -> [rows, R]
+            return pad_columns(x.float(), mask.shape[1], 0.0, left=False)
+
         with s.backend.autocast():
             if source == "forward":
-                old_logprobs.append(models.policy_logprobs(chunk, ppo.temperature)[0].float())
-            ref_logprobs.append(models.reference_logprobs(chunk, ppo.temperature).float())
+                old_logprobs.append(full_width(models.policy_logprobs(chunk, ppo.temperature)[0]))
+            ref_logprobs.append(full_width(models.reference_logprobs(chunk, ppo.temperature)))
             if models.has_critic:
-                values.append(models.values(chunk).float())
+                values.append(full_width(models.values(chunk)))
     ref_logprobs = torch.cat(ref_logprobs) * mask
     old_logprobs = torch.cat(old_logprobs) * mask if old_logprobs else None
     values = torch.cat(values) * mask if values else None
