@@ -207,7 +207,11 @@ def main() -> None:
         f"{SAMPLES // GROUP} prompts x K={GROUP}, --use_kl_loss), mini-batch {MINI_BATCH}, accumulation "
         f"{SAMPLES // MINI_BATCH}, one epoch.\n\n"
         + markdown_table(header, rows)
-        + "\n\nWhere this checkout's waits are (the second optimizer step):\n\n"
+        + "\n\nWhat a wait costs on a GPU is not measured here: about the time the host then needs to queue the "
+        "next kernels (tens of microseconds to a few milliseconds), so these counts are worth a few ms per step "
+        "at most. Each forward over the base costs one or two in transformers' mask code "
+        "(`bool` of the padding mask in `create_causal_mask`, seen at `rlhf/ppo/peft_models.py`'s `_hidden`)."
+        "\n\nWhere this checkout's waits are (the second optimizer step):\n\n"
         + "\n".join(f"- {line}" for line in details)
         + "\n",
     )
