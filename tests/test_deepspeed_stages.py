@@ -216,6 +216,47 @@ def test_each_rank_needs_its_own_deepspeed_files(tmp_path, stage):
         )
 
 
+def test_a_deepspeed_file_naming_anything_but_deepspeeds_state_classes_is_refused(tmp_path):
+    """DeepSpeed unpickles its global_step*/*.pt files with weights_only=False: one holding an object whose
+    loading runs code was resumed from (and the code ran). Its own state classes pass; anything else is one
+    phrase naming it, read from the pickle's opcodes without loading it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from test_model_loading import RunsCode
+
+    layout = CheckpointLayout(deepspeed=True, zero_stage=2, processes=1)
+    ckpt = zero_checkpoint(tmp_path, 1, 2)
+    optim = ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = {"loss_scaler": LossScaler(1.0), "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "w": torch.ones(4)}  # fmt: skip
+    torch.save(state, optim)
+    assert checkpoint_problem(ckpt, layout) is None
+    marker = tmp_path / "code_ran"
+    torch.save(
+        {"module": {"w": torch.ones(2)}, "x": RunsCode(marker)},
+        ckpt / "global_step2" / "mp_rank_00_model_states.pt",
+    )
+    assert checkpoint_problem(ckpt, layout) == (
+        "mp_rank_00_model_states.pt is refused: it holds io.open, which DeepSpeed's loader would import (a pickle "
+        "that could run code; only DeepSpeed's own state classes are let through)"
+    )
+    assert not marker.exists()
+
+
+def test_a_state_file_refused_by_weights_only_says_so(tmp_path):
+    """optimizer.pt holding a pickle that runs code was reported as "truncated or corrupt"."""
+    from test_model_loading import RunsCode
+
+    ckpt = zero_checkpoint(tmp_path, 1, 2)
+    torch.save({"state": RunsCode(tmp_path / "code_ran")}, ckpt / "scheduler.pt")
+    problem = checkpoint_problem(ckpt, CheckpointLayout(deepspeed=True, zero_stage=2, processes=1))
+    assert problem.startswith("scheduler.pt is refused: it holds io.open, which loading would import"), (
+        problem
+    )
+    assert not (tmp_path / "code_ran").exists()
+
+
 def test_rank_files_follow_the_checkpoints_record_else_this_run(tmp_path):
     """The ranks and stage a checkpoint recorded decide its files (another count is the settings check's one
     line, not a missing file); one that recorded none is checked against this run's."""

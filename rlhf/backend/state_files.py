@@ -16,6 +16,8 @@ middle is a one-line error naming it rather than silently wrong optimizer moment
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -78,6 +80,18 @@ def _zip_extent_problem(path: Path) -> str | None:
     return None
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why a file did not load, as a phrase: refused by ``torch.load(weights_only=True)`` (it holds an object
+    loading would import: a pickle that could run code), or damaged."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = found.group(1) if found else "an object other than tensors and plain data"
+        return f"refused: it holds {what}, which loading would import (a pickle that could run code)"
+    detail = next(iter(text.strip().splitlines()), "") or type(exc).__name__
+    return f"unreadable, truncated or corrupt ({detail})"
+
+
 def read_file(path: Path, reader) -> Any:
     """``reader(path)``, with a missing or unreadable file reported as one line naming it."""
     if not path.is_file():
@@ -87,8 +101,7 @@ def read_file(path: Path, reader) -> Any:
     except CheckpointError:
         raise  # the reader's own one-line error names the file already
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({detail})") from None
+        raise CheckpointError(f"{path}: {load_failure(exc)}") from None
 
 
 def check_file(path: Path) -> str | None:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from rlhf.backend.state_files import load_failure
 from rlhf.checkpoint_dirs import newest_loadable
 from rlhf.training.resume_settings import PROCESSES, ZERO_STAGE, deepspeed_config, read_settings, zero_stage
 
@@ -54,6 +55,9 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def _damaged(path: Path, exc: BaseException) -> str:
+    reason = load_failure(exc)
+    if reason.startswith("refused"):  # a pickle torch.load(weights_only=True) will not load
+        return f"{path.name} is {reason}"
     first_line = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
     return f"{path.name} is truncated or corrupt ({first_line})"
 
@@ -83,6 +87,38 @@ def _zip_problem(path: Path) -> str | None:
             archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         return _damaged(path, exc)
+    return None
+
+
+# What a DeepSpeed checkpoint's global_step*/*.pt files may hold besides tensors and plain data (ZeRO-2 and
+# ZeRO-3, fp32, bf16 and fp16 loss scaling): DeepSpeed unpickles them itself, with weights_only=False.
+DEEPSPEED_STATE_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})  # fmt: skip
+
+
+def _deepspeed_file_problem(path: Path) -> str | None:
+    """A DeepSpeed state file that is damaged, or that names any class but DeepSpeed's own state classes:
+    DeepSpeed loads it with a full unpickler, which would import (and could run) whatever it names. Read
+    statically (the pickle's opcodes), no tensor is loaded."""
+    problem = _zip_problem(path)
+    if problem is not None:
+        return problem
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if scan is None:
+        return None
+    try:
+        unknown = sorted(set(scan(str(path))) - DEEPSPEED_STATE_CLASSES)
+    except Exception as exc:  # noqa: BLE001 - an unreadable pickle is a damaged file
+        return _damaged(path, exc)
+    if unknown:
+        return (
+            f"{path.name} is refused: it holds {', '.join(unknown[:3])}, which DeepSpeed's loader would import "
+            "(a pickle that could run code; only DeepSpeed's own state classes are let through)"
+        )
     return None
 
 
@@ -262,7 +298,7 @@ def checkpoint_problem(checkpoint: str | Path, layout: CheckpointLayout = ANY_LA
     checks += [(checkpoint / name, _torch_file_problem) for name in TORCH_STATE_FILES]
     checks += [(path, _torch_file_problem) for glob in TORCH_WEIGHT_GLOBS for path in checkpoint.glob(glob)]
     checks += [(path, _zip_problem) for path in sorted(checkpoint.glob("rng_state*.pth"))]
-    checks += [(path, _zip_problem) for path in sorted(checkpoint.glob("global_step*/*.pt"))]
+    checks += [(path, _deepspeed_file_problem) for path in sorted(checkpoint.glob("global_step*/*.pt"))]
     checks.append((checkpoint / TRAINER_STATE, _json_problem))
     for path, check in checks:
         if path.is_file():
