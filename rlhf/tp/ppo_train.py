@@ -63,6 +63,7 @@ from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import process_group_scope
 from rlhf.tp.ppo_factory import build_tp_session
 from rlhf.tp.ppo_models import TORCH_COMPILE_REFUSED
+from rlhf.tp.shard_dir import check_save_dir
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,19 @@ def apply_description_flags(
     args.output_dir = args.output_dir or str(
         Path(tp.actor_save_dir).with_name(Path(tp.actor_save_dir).name + "_run")
     )
+    check_save_dirs(tp, args.output_dir, ppo.needs_critic)
+
+
+def check_save_dirs(tp: TPPPOArguments, output_dir: str, needs_critic: bool) -> None:
+    """The actor's and the critic's save dirs are replaced as a whole at the end: each a directory of its
+    own (:func:`rlhf.tp.shard_dir.check_save_dir`), neither holding the other nor ``--output_dir`` (whose
+    checkpoints would go with it)."""
+    saves = {"--actor_save_dir": tp.actor_save_dir}
+    if needs_critic and tp.critic_save_dir:
+        saves["--critic_save_dir"] = tp.critic_save_dir
+    for flag, save_dir in saves.items():
+        others = {name: path for name, path in saves.items() if name != flag}
+        check_save_dir(save_dir, flag, tp.input_paths() | others | {"--output_dir": output_dir})
 
 
 def run(

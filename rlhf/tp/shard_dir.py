@@ -20,13 +20,14 @@ import logging
 import os
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from rlhf.errors import CheckpointError
+from rlhf.args import check_output_dir
+from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.loading import adapter_base_path, is_adapter_dir
 from rlhf.publish import publish_dir, staging_dir, staging_path
 from rlhf.tp.distributed import barrier, is_main
@@ -56,6 +57,33 @@ def shard_name(rank: int) -> str:
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / PARAMS).is_file()
+
+
+def check_save_dir(save_dir: str | os.PathLike, flag: str, inputs: Mapping[str, str | None]) -> None:
+    """A TP trainer replaces ``save_dir`` as a whole when it publishes its model, so it must be a new or
+    empty directory or a model saved there before (``params.json``: a re-run replaces it), and neither the
+    working directory, a filesystem root, nor one of the run's ``inputs`` (``{"--flag": path}``) or a
+    directory holding one. Raises a one-line ConfigError naming ``flag``."""
+    check_output_dir(save_dir, flag)
+    path = Path(save_dir).resolve()
+    if path == Path.cwd().resolve() or path == path.parent:
+        raise ConfigError(
+            f"{flag} {save_dir}: name a directory of its own (it is replaced as a whole at the end)"
+        )
+    for name, source in inputs.items():
+        if source and (path == Path(source).resolve() or path in Path(source).resolve().parents):
+            raise ConfigError(
+                f"{flag} {save_dir} is or holds {name} {source}, and it is replaced as a whole at the end: give "
+                "it a directory of its own"
+            )
+    if path.is_dir() and not is_shard_dir(path):
+        others = sorted(p.name for p in path.iterdir())
+        if others:
+            raise ConfigError(
+                f"{flag} {save_dir} holds files that are no saved model ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}), and it is replaced as a whole at the end: give a new or "
+                "empty directory"
+            )
 
 
 def read_params(shard_dir: str | os.PathLike) -> dict:

@@ -18,6 +18,7 @@ from rlhf.data.files import files_signature
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoraSpec
 from rlhf.tp.lora import ALL_TARGETS
+from rlhf.tp.shard_dir import check_save_dir
 
 
 @dataclass
@@ -97,12 +98,10 @@ class TPTrainArguments:
             raise ConfigError("--epochs must be > 0 (or pass --max_steps)")
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}")
-        check_output_dir(self.save_dir, "--save_dir")
+        check_save_dir(
+            self.save_dir, "--save_dir", {"--ckpt_dir": self.ckpt_dir, "--train_file": self.train_file}
+        )
         save_dir = Path(self.save_dir).resolve()
-        if save_dir == Path.cwd() or save_dir == save_dir.parent:
-            raise ConfigError(
-                f"--save_dir {self.save_dir}: name a directory of its own (it is replaced as a whole at the end)"
-            )
         if self.output_dir is None:
             self.output_dir = str(save_dir.with_name(save_dir.name + "_run"))
         check_output_dir(self.output_dir, "--output_dir")
