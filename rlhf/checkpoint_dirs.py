@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,26 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
     return [path for _, path in sorted((n, p) for n, p in found if p.is_dir())[::-1]]
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None, best: str | Path | None = None) -> None:
+    """Delete the oldest ``checkpoint-N`` dirs of ``output_dir`` until ``limit`` (``--save_total_limit``)
+    are left, keeping the newest and ``best`` (the best model's checkpoint) whatever the limit, as
+    transformers' ``rotate_checkpoints`` does; but only dirs named exactly ``checkpoint-N`` are counted or
+    deleted (its glob also took a user's ``checkpoint-best/`` or ``checkpoint-7-backup/``)."""
+    if not limit or limit <= 0:
+        return
+    oldest_first = list_checkpoints(output_dir)[::-1]
+    protected = {oldest_first[-1].resolve()} if oldest_first else set()
+    if best:
+        protected.add(Path(best).resolve())
+    remaining = len(oldest_first)
+    for checkpoint in oldest_first:
+        if remaining <= max(limit, len(protected)):
+            break
+        if checkpoint.resolve() not in protected:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            remaining -= 1
 
 
 def newest_loadable(

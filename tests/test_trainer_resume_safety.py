@@ -56,7 +56,10 @@ def sft_argv(model: Path, out: Path, max_steps: int, **flags: str) -> list[str]:
 
 
 def checkpoints(out: Path) -> list[str]:
-    return sorted((p.name for p in out.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    """The checkpoint-N dir names of ``out``, oldest first."""
+    from rlhf.checkpoint_dirs import list_checkpoints
+
+    return [p.name for p in list_checkpoints(out)[::-1]]
 
 
 # --- 1. incomplete checkpoints --------------------------------------------------------------------
@@ -413,3 +416,40 @@ def test_overwrite_output_dir_trains_a_finished_run_again(tiny_llama, tmp_path):
     run_sft_with_peft.main(argv)
     run_sft_with_peft.main([*argv, "--overwrite_output_dir"])
     assert trained_steps(out) == [1, 2] and checkpoints(out) == ["checkpoint-2"]
+
+
+# --- 5. only checkpoint-N dirs are ours to delete ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "best"), [(2, None), (1, None), (2, "checkpoint-1"), (1, "checkpoint-2"), (9, None)]
+)
+def test_rotation_keeps_what_transformers_keeps_and_never_touches_other_dirs(tmp_path, limit, best):
+    """transformers' rotate_checkpoints is the reference on checkpoint-N dirs; its glob also deleted a user's
+    checkpoint-best/ and checkpoint-1-backup/ (and so did --overwrite_output_dir), which ours leaves."""
+    from transformers.trainer_utils import rotate_checkpoints as transformers_rotation
+
+    from rlhf.checkpoint_dirs import rotate_checkpoints
+
+    def make(root: Path, extra: bool) -> Path:
+        for n in (1, 2, 3, 4):
+            (root / f"checkpoint-{n}").mkdir(parents=True)
+        for name in ("checkpoint-best", "checkpoint-1-backup") if extra else ():
+            (root / name).mkdir()
+        return root
+
+    reference, ours = make(tmp_path / "reference", False), make(tmp_path / "ours", True)
+    transformers_rotation(str(reference), limit, best and str(reference / best))
+    rotate_checkpoints(ours, limit, best and ours / best)
+    kept = sorted(p.name for p in ours.iterdir())
+    assert kept == sorted([p.name for p in reference.iterdir()] + ["checkpoint-best", "checkpoint-1-backup"])
+
+
+def test_overwrite_output_dir_removes_only_checkpoint_n_dirs(tiny_llama, tmp_path):
+    out = tmp_path / "sft"
+    run_sft_with_peft.main(sft_argv(tiny_llama, out, 2))
+    (out / "checkpoint-best").mkdir()
+    (out / "checkpoint-7-backup").mkdir()
+    run_sft_with_peft.main([*sft_argv(tiny_llama, out, 2), "--overwrite_output_dir"])
+    assert (out / "checkpoint-best").is_dir() and (out / "checkpoint-7-backup").is_dir()
+    assert checkpoints(out) == ["checkpoint-2"]

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rlhf.args import check_output_dir
-from rlhf.checkpoint_dirs import asks_for_newest, list_checkpoints
+from rlhf.checkpoint_dirs import asks_for_newest, list_checkpoints, rotate_checkpoints
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.publish import publish_dir, publish_model_files, staging_dir, staging_path
 from rlhf.training.checkpoints import (
@@ -137,7 +137,7 @@ def prepare_output_dir(
         return resume
     if args.process_index == 0:
         if has_checkpoints:
-            for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            for stale in list_checkpoints(out):  # checkpoint-N only: not a user's checkpoint-best/
                 shutil.rmtree(stale, ignore_errors=True)
             logger.info("--overwrite_output_dir: removed the old checkpoints in %s", out)
         if args.do_train:
@@ -286,10 +286,5 @@ class AtomicCheckpointMixin:
                 self.state.save_to_json(str(Path(staging) / name / TRAINER_STATE))
             publish_dir(Path(staging) / name, target)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
