@@ -39,3 +39,38 @@ def test_ppo_on_an_sft_adapter_shares_the_reward_adapter_trained_on_it(
     err = capsys.readouterr().err
     assert "loaded as a separate frozen model" in err
     assert "--critic_init reward: the critic starts from the SFT model instead" in err
+
+
+def test_a_new_base_unnames_the_adapter_saved_on_the_old_one(tiny_llama, repo_root, tmp_path, capsys):
+    """A run on a changed SFT adapter writes another <output_dir>/base_model at its start; stopped before its
+    final save, it left the earlier run's adapter naming the new base, which then loaded (with plain peft,
+    no error) as a model never trained. Now that adapter loses its config (it loads as no model); a re-run
+    on the same source keeps it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models.adapter_base import write_adapter_base
+
+    sft = write_sft_adapter(tiny_llama, tmp_path / "sft_adapter")
+    rm = tmp_path / "rm"
+    run_rm(quick_argv(sft, repo_root / "rm_data", rm, "--lora_rank", "8", "--max_steps", "1"))
+    assert json.loads((rm / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        rm / "base_model"
+    )
+
+    def rewrite_base(source) -> None:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), source)
+        write_adapter_base(model, rm, lambda path: None, True, merged_from=source)
+
+    rewrite_base(sft)  # the same source, as a re-run or a resume writes it: the saved adapter stays valid
+    assert (rm / "adapter_config.json").is_file()
+    with torch.no_grad():  # the SFT adapter changed since (retrained into the same dir)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), sft)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+        model.save_pretrained(sft)
+    rewrite_base(sft)
+    assert not (rm / "adapter_config.json").exists() and (rm / "adapter_model.safetensors").is_file()
+    assert "its adapter_config.json is removed" in capsys.readouterr().err

@@ -38,6 +38,8 @@ from rlhf.publish import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_CONFIG = "adapter_config.json"
+
 BASE_MODEL_DIR = "base_model"
 MERGED_FROM = "merged_from.json"
 
@@ -88,10 +90,32 @@ def write_adapter_base(
         save_tokenizer(staging)
         if merged_from is not None:
             (staging / MERGED_FROM).write_text(json.dumps(adapter_provenance(merged_from), indent=1))
+        if target.exists() and not (merged_from is not None and merged_from_adapter(target, merged_from)):
+            _unname_old_adapters(Path(output_dir), target)
         publish_dir(staging, target)
         logger.info("the merged base the new adapters were trained on (and name) is in %s", target)
     _name_as_base(model, target)
     return target
+
+
+def _unname_old_adapters(output_dir: Path, base_dir: Path) -> None:
+    """Another base is about to replace ``base_dir``: the adapters saved in ``output_dir`` before (the final
+    model, and a PPO critic in a subdir) name it as their base and would load on the new one as a model that
+    never existed, without an error. Their ``adapter_config.json`` goes first, so they load as no model."""
+    for config in sorted([output_dir / ADAPTER_CONFIG, *output_dir.glob(f"*/{ADAPTER_CONFIG}")]):
+        if config.parent.name.startswith("checkpoint-") or not config.is_file():
+            continue  # a checkpoint is resumed only with the adapter it was trained on, which rewrites the base
+        try:
+            named = json.loads(config.read_text()).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if named and Path(named).resolve() == base_dir.resolve():
+            config.unlink()
+            logger.warning(
+                "%s: another base goes to %s, and the adapter saved there named the old one: its %s is removed "
+                "(it would have loaded on the new base as a model that was never trained)",
+                config.parent, base_dir, ADAPTER_CONFIG,
+            )  # fmt: skip
 
 
 def _name_as_base(model: torch.nn.Module, base_dir: Path) -> None:
