@@ -172,6 +172,28 @@ def test_saved_actor_loads_with_plain_peft(models, batch, tiny_llama, tmp_path):
     assert not torch.allclose(ours, models.reference_logprobs(batch, 1.0))
 
 
+def test_saved_critic_gives_the_same_values_with_plain_peft(models, batch, tiny_llama, tmp_path):
+    """The critic dir (a causal-LM adapter and value_head.safetensors) read with plain peft: the value of
+    each token is the value head on the adapter model's last hidden state, as the bundle computes it."""
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for p in models.parameter_groups()["critic"]:
+            p.add_(0.01 * torch.randn_like(p))
+    models.save_critic(tmp_path / "critic")
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "critic"
+    ).eval()
+    head = load_file(tmp_path / "critic" / "value_head.safetensors")["weight"]  # [1, hidden]
+    with torch.no_grad():
+        ours = models.critic_token_values(batch)  # [B, T]
+        for i, (ids, _) in enumerate(unpadded_rows(batch)):
+            hidden = plain(input_ids=ids[None], output_hidden_states=True).hidden_states[-1][0]
+            expected = (hidden.float() @ head.float().t()).squeeze(-1)
+            real = batch.attention_mask[i].bool()
+            torch.testing.assert_close(ours[i][real], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_full_parameter_actor_and_sft_critic(tiny_llama, batch):
     m = build_peft_policy_models(
         str(tiny_llama), actor=LoraSpec(-1, 0, 0, []), critic=LoraSpec(4, 8, 0.0, ["q_proj"]),
