@@ -32,17 +32,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted((n, p) for n, p in found if p.is_dir())[::-1]]
 
 
-def rotate_checkpoints(output_dir: str | Path, limit: int | None, best: str | Path | None = None) -> None:
+def rotate_checkpoints(
+    output_dir: str | Path, limit: int | None, saved: str | Path, best: str | Path | None = None
+) -> None:
     """Delete the oldest ``checkpoint-N`` dirs of ``output_dir`` until ``limit`` (``--save_total_limit``)
-    are left, keeping the newest and ``best`` (the best model's checkpoint) whatever the limit, as
-    transformers' ``rotate_checkpoints`` does; but only dirs named exactly ``checkpoint-N`` are counted or
-    deleted (its glob also took a user's ``checkpoint-best/`` or ``checkpoint-7-backup/``)."""
+    are left, never ``saved`` (the checkpoint just written) nor ``best`` (the best model's), as transformers'
+    ``rotate_checkpoints`` keeps the newest and the best; but only dirs named exactly ``checkpoint-N`` are
+    counted or deleted (its glob also took a user's ``checkpoint-best/`` or ``checkpoint-7-backup/``), and a
+    higher-numbered one an earlier run left (a resume from an older checkpoint) goes before ``saved``."""
     if not limit or limit <= 0:
         return
+    protected = {Path(saved).resolve(), *([Path(best).resolve()] if best else [])}
     oldest_first = list_checkpoints(output_dir)[::-1]
-    protected = {oldest_first[-1].resolve()} if oldest_first else set()
-    if best:
-        protected.add(Path(best).resolve())
     remaining = len(oldest_first)
     for checkpoint in oldest_first:
         if remaining <= max(limit, len(protected)):

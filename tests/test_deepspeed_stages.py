@@ -242,6 +242,20 @@ def test_a_deepspeed_file_naming_anything_but_deepspeeds_state_classes_is_refuse
         "that could run code; only DeepSpeed's own state classes are let through)"
     )
     assert not marker.exists()
+    # DeepSpeed loads the dir `latest` names: any dir of the checkpoint is scanned, a path out of it refused
+    torch.save({}, ckpt / "global_step2" / "mp_rank_00_model_states.pt")
+    (ckpt / "other").mkdir()
+    torch.save({"x": RunsCode(marker)}, ckpt / "other" / "mp_rank_00_model_states.pt")
+    torch.save(state, ckpt / "other" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (ckpt / "latest").write_text("other")
+    assert checkpoint_problem(ckpt, layout).startswith(
+        "mp_rank_00_model_states.pt is refused: it holds io.open"
+    )
+    for elsewhere in ("global_step2/sub", str(tmp_path / "elsewhere"), ".."):
+        (ckpt / "latest").write_text(elsewhere)
+        assert checkpoint_problem(ckpt, layout) == (
+            "incomplete: a global_step*/ dir of this checkpoint that latest names is missing"
+        ), elsewhere
 
 
 def test_a_state_file_refused_by_weights_only_says_so(tmp_path):

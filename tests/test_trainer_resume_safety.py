@@ -440,9 +440,23 @@ def test_rotation_keeps_what_transformers_keeps_and_never_touches_other_dirs(tmp
 
     reference, ours = make(tmp_path / "reference", False), make(tmp_path / "ours", True)
     transformers_rotation(str(reference), limit, best and str(reference / best))
-    rotate_checkpoints(ours, limit, best and ours / best)
+    rotate_checkpoints(ours, limit, ours / "checkpoint-4", best and ours / best)  # 4 just written
     kept = sorted(p.name for p in ours.iterdir())
     assert kept == sorted([p.name for p in reference.iterdir()] + ["checkpoint-best", "checkpoint-1-backup"])
+
+
+@pytest.mark.parametrize("best", [None, "checkpoint-5"])
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, best):
+    """A run resumed from checkpoint-5 (a damaged checkpoint-10 of an earlier run skipped) writes
+    checkpoint-6: keeping the highest N deleted it, and every later one."""
+    from rlhf.checkpoint_dirs import rotate_checkpoints
+
+    for n in (5, 6, 10):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    rotate_checkpoints(
+        tmp_path, 1 if best is None else 2, tmp_path / "checkpoint-6", best and tmp_path / best
+    )
+    assert checkpoints(tmp_path) == (["checkpoint-6"] if best is None else ["checkpoint-5", "checkpoint-6"])
 
 
 def test_overwrite_output_dir_removes_only_checkpoint_n_dirs(tiny_llama, tmp_path):

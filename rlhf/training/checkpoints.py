@@ -249,12 +249,9 @@ def _deepspeed_missing(checkpoint: Path, layout: CheckpointLayout) -> list[str]:
     tag_file = checkpoint / DEEPSPEED_TAG_FILE
     if not tag_file.is_file():
         return [f"{DEEPSPEED_TAG_FILE} (DeepSpeed's pointer to its global_step*/)"]
-    try:
-        tag = tag_file.read_text().strip()
-    except OSError:
-        tag = ""
-    if not tag or not (checkpoint / tag).is_dir():
-        return [f"{tag or '?'}/ (the DeepSpeed state that {DEEPSPEED_TAG_FILE} names)"]
+    tag = deepspeed_tag(checkpoint)
+    if tag is None:
+        return [f"a global_step*/ dir of this checkpoint that {DEEPSPEED_TAG_FILE} names"]
     missing = [] if any((checkpoint / tag).glob("*model_states.pt")) else [f"{tag}/*model_states.pt"]
     if layout.zero_optimizer and not any((checkpoint / tag).glob("*optim_states.pt")):
         missing.append(f"{tag}/*optim_states.pt")
@@ -263,6 +260,28 @@ def _deepspeed_missing(checkpoint: Path, layout: CheckpointLayout) -> list[str]:
     if layout.scheduler_file and not (checkpoint / "scheduler.pt").is_file():
         missing.append("scheduler.pt")
     return missing
+
+
+def deepspeed_tag(checkpoint: Path) -> str | None:
+    """The dir DeepSpeed resumes from, as ``latest`` names it, when that is a dir directly inside
+    ``checkpoint`` (a plain name: DeepSpeed would follow a path anywhere, past the checks here); else None."""
+    try:
+        tag = (checkpoint / DEEPSPEED_TAG_FILE).read_text().strip()
+    except OSError:
+        return None
+    if not tag or Path(tag).name != tag or tag in (".", "..") or not (checkpoint / tag).is_dir():
+        return None
+    return tag
+
+
+def deepspeed_state_files(checkpoint: Path) -> list[Path]:
+    """The pickles DeepSpeed may load from ``checkpoint``: every ``global_step*/*.pt`` and everything
+    under the dir ``latest`` names."""
+    files = set(checkpoint.glob("global_step*/*.pt"))
+    tag = deepspeed_tag(checkpoint)
+    if tag is not None:
+        files |= set((checkpoint / tag).rglob("*.pt"))
+    return sorted(files)
 
 
 def missing_files(checkpoint: str | Path, layout: CheckpointLayout = ANY_LAYOUT) -> list[str]:
@@ -298,7 +317,7 @@ def checkpoint_problem(checkpoint: str | Path, layout: CheckpointLayout = ANY_LA
     checks += [(checkpoint / name, _torch_file_problem) for name in TORCH_STATE_FILES]
     checks += [(path, _torch_file_problem) for glob in TORCH_WEIGHT_GLOBS for path in checkpoint.glob(glob)]
     checks += [(path, _zip_problem) for path in sorted(checkpoint.glob("rng_state*.pth"))]
-    checks += [(path, _deepspeed_file_problem) for path in sorted(checkpoint.glob("global_step*/*.pt"))]
+    checks += [(path, _deepspeed_file_problem) for path in deepspeed_state_files(checkpoint)]
     checks.append((checkpoint / TRAINER_STATE, _json_problem))
     for path, check in checks:
         if path.is_file():

@@ -286,5 +286,5 @@ class AtomicCheckpointMixin:
                 self.state.save_to_json(str(Path(staging) / name / TRAINER_STATE))
             publish_dir(Path(staging) / name, target)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, target, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
