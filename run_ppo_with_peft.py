@@ -38,7 +38,6 @@ from rlhf.ppo.peft_factory import actor_lora_spec, build_peft_session, critic_lo
 from rlhf.ppo.resume import (
     check_settings_before_loading,
     flag_settings,
-    launched_processes,
     resume_checkpoint,
     start_afresh,
 )
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     # an earlier run's newest checkpoint in --output_dir, unless --overwrite_output_dir (checked up front)
     resume = resume_checkpoint(train_args)
     inputs = input_paths(model_args, data_args.dataset_dir)
-    check_settings_before_loading(resume, flag_settings(train_args, ppo_args, inputs, launched_processes()))
+    check_settings_before_loading(resume, flag_settings(train_args, ppo_args, inputs))
 
     session = build_peft_session(data_args, model_args, ppo_args, train_args)
     if resume is None:

@@ -104,13 +104,28 @@ def test_a_buffers_mini_batches_are_fitted_with_their_per_token_tensors(monkeypa
     assert batch.prompt_len == 6 and old["old_logprobs"].shape == (1, 5)
 
 
+def eos_prone(base: Path, out: Path, scale: float) -> Path:
+    """``base`` with its EOS row of the output layer scaled: responses end early, at different lengths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[model.config.eos_token_id] *= scale
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_a_ppo_run_with_fitted_batches_logs_what_one_without_does(
     tiny_llama, tmp_path, monkeypatch, estimator
 ):
-    """Prompts of different lengths (the toy questions), mini-batches of 2: each mini-batch and forward chunk
-    drops the prompt columns its rows do not need; every logged metric (timings aside) is as without."""
+    """Prompts of different lengths (the toy questions) and responses that end early (an EOS-prone model),
+    mini-batches of 2: each mini-batch and forward chunk drops the prompt and response columns its rows do
+    not need; every logged metric (timings aside) is as without."""
     import run_ppo_with_peft
+
+    model = eos_prone(tiny_llama, tmp_path / "model", 40.0)
 
     def run(multiple: int, out: Path) -> list[dict]:
         monkeypatch.setattr(batch_module, "WIDTH_MULTIPLE", multiple)
@@ -118,11 +133,11 @@ def test_a_ppo_run_with_fitted_batches_logs_what_one_without_does(
             ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2"] if estimator == "grpo" else []
         )
         run_ppo_with_peft.main([
-            "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--sft_model_path", str(model), "--reward_fn", "rlhf.toy_task:positivity_reward",
             "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--max_steps", "2",
             "--per_device_train_batch_size", "4", "--per_device_mini_train_batch_size", "2",
-            "--per_device_forward_batch_size", "2", "--max_response_length", "6", "--logging_steps", "1",
-            "--seed", "3", "--disable_tqdm", "true", *group,
+            "--per_device_forward_batch_size", "2", "--max_response_length", "8", "--min_response_length", "1",
+            "--logging_steps", "1", "--seed", "3", "--disable_tqdm", "true", *group,
         ])  # fmt: skip
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -130,14 +145,17 @@ def test_a_ppo_run_with_fitted_batches_logs_what_one_without_does(
 
     def recorded(self, longest_prompt, longest_response):
         out = fit(self, longest_prompt, longest_response)
-        widths.append((self.input_ids.shape[1], out.input_ids.shape[1]))
+        widths.append((self.prompt_len, out.prompt_len, self.input_ids.shape[1] - self.prompt_len,
+                       out.input_ids.shape[1] - out.prompt_len))  # fmt: skip
         return out
 
     monkeypatch.setattr(SequenceBatch, "fitted", recorded)
     fitted = run(1, tmp_path / "fitted")
-    assert any(after < before for before, after in widths)  # columns were dropped
+    assert any(after < before for before, after, _, _ in widths)  # prompt columns were dropped
+    assert any(after < before for _, _, before, after in widths)  # and response columns
     full = run(10_000, tmp_path / "full")
     assert len(fitted) == len(full) == 2
+    assert 1 < fitted[0]["response/length_mean"] < 8
     for got, expected in zip(fitted, full):
         for key, value in expected.items():
             if not key.startswith("time/") and key != "samples_per_s":

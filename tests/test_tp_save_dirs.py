@@ -87,3 +87,16 @@ def test_ppo_train_refuses_save_dirs_that_hold_its_checkpoints_or_each_other(tmp
             ppo_train.main(base + extra)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and f"error: {message.format(t=tmp_path)}" in err, (extra, err)
+
+
+def test_ppo_train_refuses_the_working_directory_as_a_save_dir(tmp_path, monkeypatch, capsys):
+    """``--actor_save_dir .`` was a traceback (no name to append ``_run`` to)."""
+    from rlhf.tp import ppo_train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo_train, "build_tp_session", lambda *a, **k: pytest.fail("built a session first"))
+    with pytest.raises(SystemExit) as exc:
+        ppo_train.main(["--actor_ckpt_dir", "in", "--actor_save_dir", ".", "--train_file", "in", "--reward_fn",
+                        "gsm8k", "--advantage_estimator", "grpo", "--num_samples_per_prompt", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: --actor_save_dir .: name a directory of its own" in err, err

@@ -158,7 +158,11 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     forward_rows = forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)
     with s.backend.autocast():
         raw_scores = score_in_chunks(s.scorer, batch, prompt_texts, responses, forward_rows).to(device)
-    check_finite({"reward/score": raw_scores.sum()}, state.step + 1, state.last_checkpoint)
+    # summed over processes: non-finite in every process when it is in any, so all stop together
+    total = raw_scores.sum()
+    if s.backend.world_size > 1:
+        total = s.backend.reduce_sum(total[None])[0]
+    check_finite({"reward/score": total}, state.step + 1, state.last_checkpoint)
     scores = shaped_scores(raw_scores, ended, ppo.missing_eos_penalty, ppo.reward_score_clip)
 
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and

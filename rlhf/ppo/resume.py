@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,34 +79,33 @@ def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | No
 
 
 def flag_settings(
-    args: PPOTrainingArguments, ppo: PPOArguments, inputs: dict[str, str | None], processes: int
+    args: PPOTrainingArguments, ppo: PPOArguments, inputs: dict[str, str | None], processes: int | None = None
 ) -> dict[str, Any]:
     """The settings a resumed PPO run must share that its flags and input files decide: how a rollout
     splits into mini-batches and optimizer steps, the seed, the estimator, the number of processes (the
     samplers count global batches; each process keeps its own rollout) and each input path's files
     (``inputs``: flag -> path, :func:`rlhf.data.files.files_signature`). ``--max_steps`` and the PPO
-    coefficients may change."""
-    return {
-        "number of processes": processes,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "seed": args.seed,
-        "num_samples_per_prompt": ppo.num_samples_per_prompt,
-        "per_device_mini_train_batch_size": ppo.per_device_mini_train_batch_size,
-        "rollout_batches": ppo.rollout_batches,
-        "ppo_epochs": ppo.ppo_epochs,
-        "pretrain_batch_size": ppo.pretrain_batch_size,
-        "advantage_estimator": ppo.advantage_estimator,
-        # a saved rollout holds rewards with or without the KL, and the reference log-probs only for the KL
-        # loss: resumed with the other setting, it would mix both or lack what the loss reads
-        "use_kl_loss": ppo.use_kl_loss,
-    } | {f"files of {flag}": files_signature(path) for flag, path in inputs.items() if path}
-
-
-def launched_processes() -> int:
-    """The number of processes the launcher started (``WORLD_SIZE`` of torchrun / accelerate launch; 1 for
-    a plain ``python``), known before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    coefficients may change. ``processes`` None: not known yet (before the process group exists; some
+    launchers set ``WORLD_SIZE`` only then), left to the check after loading."""
+    known = {} if processes is None else {"number of processes": processes}
+    return (
+        known
+        | {
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "seed": args.seed,
+            "num_samples_per_prompt": ppo.num_samples_per_prompt,
+            "per_device_mini_train_batch_size": ppo.per_device_mini_train_batch_size,
+            "rollout_batches": ppo.rollout_batches,
+            "ppo_epochs": ppo.ppo_epochs,
+            "pretrain_batch_size": ppo.pretrain_batch_size,
+            "advantage_estimator": ppo.advantage_estimator,
+            # a saved rollout holds rewards with or without the KL, and the reference log-probs only for the KL
+            # loss: resumed with the other setting, it would mix both or lack what the loss reads
+            "use_kl_loss": ppo.use_kl_loss,
+        }
+        | {f"files of {flag}": files_signature(path) for flag, path in inputs.items() if path}
+    )
 
 
 def check_settings_before_loading(resume_from: str | None, known: dict[str, Any]) -> None:

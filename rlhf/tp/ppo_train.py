@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rlhf.args import CONFIG_SUFFIXES, check_positive_flags, config_file_argv, parse_args, split_comma_list
+from rlhf.checkpoint_dirs import asks_for_newest
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
@@ -55,7 +56,6 @@ from rlhf.ppo.profiling import check_profile_step
 from rlhf.ppo.resume import (
     check_settings_before_loading,
     flag_settings,
-    launched_processes,
     resume_checkpoint,
     start_afresh,
 )
@@ -297,13 +297,12 @@ def apply_description_flags(
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     check_loop_flags(ppo, args)
     check_positive_flags({"--block_size": tp.block_size})
-    args.output_dir = args.output_dir or str(
-        Path(tp.actor_save_dir).with_name(Path(tp.actor_save_dir).name + "_run")
-    )
-    check_save_dirs(tp, args.output_dir, ppo.needs_critic)
+    actor_save_dir = Path(tp.actor_save_dir).resolve()  # "." has no name to append to
+    args.output_dir = args.output_dir or str(actor_save_dir.with_name(actor_save_dir.name + "_run"))
+    check_save_dirs(tp, args, ppo.needs_critic)
 
 
-def check_save_dirs(tp: TPPPOArguments, output_dir: str, needs_critic: bool) -> None:
+def check_save_dirs(tp: TPPPOArguments, args: TPPPOTrainingArguments, needs_critic: bool) -> None:
     """The actor's and the critic's save dirs are replaced as a whole at the end: each a directory of its
     own (:func:`rlhf.tp.shard_dir.check_save_dir`), neither holding the other nor ``--output_dir`` (whose
     checkpoints would go with it)."""
@@ -312,7 +311,9 @@ def check_save_dirs(tp: TPPPOArguments, output_dir: str, needs_critic: bool) -> 
         saves["--critic_save_dir"] = tp.critic_save_dir
     for flag, save_dir in saves.items():
         others = {name: path for name, path in saves.items() if name != flag}
-        check_save_dir(save_dir, flag, tp.input_paths() | others | {"--output_dir": output_dir})
+        resumed = None if asks_for_newest(args.resume_from_checkpoint) else args.resume_from_checkpoint
+        runs = {"--output_dir": args.output_dir, "--resume_from_checkpoint": resumed}
+        check_save_dir(save_dir, flag, tp.input_paths() | others | runs)
 
 
 def run(
@@ -324,7 +325,7 @@ def run(
     apply_description_flags(tp, ppo, args, given)
     # the newest checkpoint in --output_dir unless --overwrite_output_dir, as run_ppo_with_peft.py does
     resume = resume_checkpoint(args)
-    check_settings_before_loading(resume, flag_settings(args, ppo, tp.input_paths(), launched_processes()))
+    check_settings_before_loading(resume, flag_settings(args, ppo, tp.input_paths()))
     session = build_tp_session(tp, ppo, args)
     if resume is None:
         start_afresh(Path(args.output_dir), session.backend)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.args import LoraArguments, check_output_dir
+from rlhf.checkpoint_dirs import asks_for_newest
 from rlhf.data.files import files_signature
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoraSpec
@@ -98,9 +99,13 @@ class TPTrainArguments:
             raise ConfigError("--epochs must be > 0 (or pass --max_steps)")
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}")
-        check_save_dir(
-            self.save_dir, "--save_dir", {"--ckpt_dir": self.ckpt_dir, "--train_file": self.train_file}
-        )
+        resumed = None if asks_for_newest(self.resume_from_checkpoint) else self.resume_from_checkpoint
+        inputs = {
+            "--ckpt_dir": self.ckpt_dir,
+            "--train_file": self.train_file,
+            "--resume_from_checkpoint": resumed,
+        }
+        check_save_dir(self.save_dir, "--save_dir", inputs)
         save_dir = Path(self.save_dir).resolve()
         if self.output_dir is None:
             self.output_dir = str(save_dir.with_name(save_dir.name + "_run"))
