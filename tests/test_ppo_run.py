@@ -105,6 +105,12 @@ def sft_tiny_model(base: Path, out: Path, steps: int = 150) -> Path:
             tokenizer.eos_token_id
         ]
         examples.append((prompt + response, [-100] * len(prompt) + response))
+    return full_fine_tune(base, examples, out, steps)
+
+
+def full_fine_tune(base: Path, examples: list[tuple[list[int], list[int]]], out: Path, steps: int) -> Path:
+    """``steps`` AdamW steps (lr 3e-3) of the whole model ``base`` on batches of 32 random ``examples``
+    ((input ids, labels with -100 on the prompt)); saves the model and ``base``'s tokenizer to ``out``."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -118,7 +124,7 @@ def sft_tiny_model(base: Path, out: Path, steps: int = 150) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    load_tokenizer(str(base)).save_pretrained(out)
     return out
 
 

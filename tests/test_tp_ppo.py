@@ -325,33 +325,17 @@ def test_the_descriptions_ppo_command_runs_as_written(tiny_llama, verifier_dir, 
     assert (tmp_path / "actor" / "params.json").is_file() and (tmp_path / "critic" / "params.json").is_file()
 
 
-def sft_tiny_tp_model(base: Path, rows: list[dict], out: Path, steps: int = 150) -> Path:
-    """A short full-parameter SFT pass (plain torch loop) on the toy task's answers in the GSM8K prompt the
-    TP trainers use (:func:`rlhf.tp.solver_train.solver_example`), so the random tiny model writes
-    sentences after it."""
-    from transformers import AutoModelForCausalLM
+def sft_tiny_tp_model(base: Path, rows: list[dict], out: Path) -> Path:
+    """A short full-parameter SFT pass on the toy task's answers in the GSM8K prompt the TP trainers use
+    (:func:`rlhf.tp.solver_train.solver_example`), so the random tiny model writes sentences after it."""
+    from test_ppo_run import full_fine_tune
 
     from rlhf.models import load_tokenizer
-    from rlhf.tp.examples import collate
     from rlhf.tp.solver_train import solver_example
 
     tokenizer = load_tokenizer(str(base))
     examples = [solver_example(r["question"], r["answer"], tokenizer, max_seq_len=256) for r in rows]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = collate(
-            [examples[i] for i in torch.randint(len(examples), (32,)).tolist()], 0, torch.device("cpu")
-        )
-        model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return full_fine_tune(base, [(e.input_ids, e.labels) for e in examples], out, steps=150)
 
 
 @pytest.mark.slow

@@ -173,14 +173,9 @@ def build_peft_session(
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
     parts = SessionParts(
-        backend=backend,
-        models=models,
-        scorer=scorer,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        pretrain=pretrain,
+        backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
         inputs=input_paths(margs, data.dataset_dir),
-    )
+    )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})
