@@ -59,12 +59,23 @@ def test_a_new_base_unnames_the_adapter_saved_on_the_old_one(tiny_llama, repo_ro
         rm / "base_model"
     )
 
+    elsewhere = tmp_path / "critic_elsewhere"  # a PPO --critic_output_dir outside the output dir
+    elsewhere.mkdir()
+    (elsewhere / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(rm / "base_model")})
+    )
+    unrelated = tmp_path / "unrelated"  # names another base: not ours to touch
+    unrelated.mkdir()
+    (unrelated / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_llama)}))
+
     def rewrite_base(source) -> None:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), source)
-        write_adapter_base(model, rm, lambda path: None, True, merged_from=source)
+        write_adapter_base(
+            model, rm, lambda path: None, True, merged_from=source, also_named_in=[elsewhere, unrelated]
+        )
 
-    rewrite_base(sft)  # the same source, as a re-run or a resume writes it: the saved adapter stays valid
-    assert (rm / "adapter_config.json").is_file()
+    rewrite_base(sft)  # the same source, as a re-run or a resume writes it: the saved adapters stay valid
+    assert (rm / "adapter_config.json").is_file() and (elsewhere / "adapter_config.json").is_file()
     with torch.no_grad():  # the SFT adapter changed since (retrained into the same dir)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), sft)
         for name, param in model.named_parameters():
@@ -73,4 +84,5 @@ def test_a_new_base_unnames_the_adapter_saved_on_the_old_one(tiny_llama, repo_ro
         model.save_pretrained(sft)
     rewrite_base(sft)
     assert not (rm / "adapter_config.json").exists() and (rm / "adapter_model.safetensors").is_file()
+    assert not (elsewhere / "adapter_config.json").exists() and (unrelated / "adapter_config.json").is_file()
     assert "its adapter_config.json is removed" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,12 @@ def write_adapter_base(
     save_tokenizer: Callable[[Path], None],
     is_main: bool,
     merged_from: str | Path | None = None,
+    also_named_in: Sequence[str | Path] = (),
 ) -> Path:
     """Write ``model``'s base (its adapters left out) to ``<output_dir>/base_model`` on the main process and
     name it as the base in every adapter config of ``model`` (a ``PeftModel``); returns the directory.
-    ``merged_from``: the adapter dir merged into that base, recorded in ``merged_from.json``."""
+    ``merged_from``: the adapter dir merged into that base, recorded in ``merged_from.json``;
+    ``also_named_in``: dirs outside ``output_dir`` where the run saves adapters naming it (a PPO critic)."""
     target = Path(output_dir) / BASE_MODEL_DIR
     if is_main:
         staging = staging_dir(target)
@@ -91,18 +93,20 @@ def write_adapter_base(
         if merged_from is not None:
             (staging / MERGED_FROM).write_text(json.dumps(adapter_provenance(merged_from), indent=1))
         if target.exists() and not (merged_from is not None and merged_from_adapter(target, merged_from)):
-            _unname_old_adapters(Path(output_dir), target)
+            _unname_old_adapters(Path(output_dir), target, [Path(d) for d in also_named_in])
         publish_dir(staging, target)
         logger.info("the merged base the new adapters were trained on (and name) is in %s", target)
     _name_as_base(model, target)
     return target
 
 
-def _unname_old_adapters(output_dir: Path, base_dir: Path) -> None:
+def _unname_old_adapters(output_dir: Path, base_dir: Path, others: list[Path]) -> None:
     """Another base is about to replace ``base_dir``: the adapters saved in ``output_dir`` before (the final
-    model, and a PPO critic in a subdir) name it as their base and would load on the new one as a model that
-    never existed, without an error. Their ``adapter_config.json`` goes first, so they load as no model."""
-    for config in sorted([output_dir / ADAPTER_CONFIG, *output_dir.glob(f"*/{ADAPTER_CONFIG}")]):
+    model, and a PPO critic in a subdir or in one of ``others``) name it as their base and would load on the
+    new one as a model that never existed, without an error. Their ``adapter_config.json`` goes first, so
+    they load as no model."""
+    candidates = [output_dir / ADAPTER_CONFIG, *output_dir.glob(f"*/{ADAPTER_CONFIG}")]
+    for config in sorted({*candidates, *(d / ADAPTER_CONFIG for d in others)}):
         if config.parent.name.startswith("checkpoint-") or not config.is_file():
             continue  # a checkpoint is resumed only with the adapter it was trained on, which rewrites the base
         try:
@@ -178,7 +182,12 @@ def merged_source_under_zero3(
 
 
 def write_base_if_adapter_source(
-    model: torch.nn.Module, source: str, output_dir: str | Path, tokenizer: Any, is_main: bool
+    model: torch.nn.Module,
+    source: str,
+    output_dir: str | Path,
+    tokenizer: Any,
+    is_main: bool,
+    also_named_in: Sequence[str | Path] = (),
 ) -> Path | None:
     """:func:`write_adapter_base` for a stage whose model (``source``: ``--model_name_or_path``,
     ``--sft_model_path``) is an adapter dir and which trains adapters (``model`` a ``PeftModel``); returns
@@ -197,4 +206,5 @@ def write_base_if_adapter_source(
         lambda path: tokenizer.save_pretrained(str(path)),
         is_main,
         merged_from=source,
+        also_named_in=also_named_in,
     )

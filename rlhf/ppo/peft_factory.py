@@ -24,7 +24,13 @@ from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
 from rlhf.models.loading import warn_precision_fallback
 from rlhf.models.lora import LoraSpec
-from rlhf.ppo.config import PPOArguments, PPOModelArguments, PPOTrainingArguments, input_paths
+from rlhf.ppo.config import (
+    PPOArguments,
+    PPOModelArguments,
+    PPOTrainingArguments,
+    critic_output_dir,
+    input_paths,
+)
 from rlhf.ppo.data import load_pretrain, load_prompts
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.peft_models import PeftPolicyModels, build_peft_policy_models, read_reward_adapter
@@ -163,8 +169,14 @@ def build_peft_session(
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
     if models.has_adapters:  # an adapter dir as --sft_model_path: the base the saved adapters name, on disk
+        critic_dir = [critic_output_dir(margs, args)] if ppo.needs_critic else []  # its adapter names it too
         base = write_base_if_adapter_source(
-            models.lm, margs.sft_model_path, args.output_dir, tokenizer, backend.is_main
+            models.lm,
+            margs.sft_model_path,
+            args.output_dir,
+            tokenizer,
+            backend.is_main,
+            also_named_in=critic_dir,
         )
         if base is not None:
             models.base_model_path = str(base)
