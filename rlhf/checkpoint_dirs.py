@@ -32,6 +32,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted((n, p) for n, p in found if p.is_dir())[::-1]]
 
 
+def named_checkpoint(resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint dir ``--resume_from_checkpoint`` names, or None (unset, or asking for the newest)."""
+    return None if asks_for_newest(resume_from_checkpoint) else resume_from_checkpoint
+
+
 def rotate_checkpoints(
     output_dir: str | Path, limit: int | None, saved: str | Path, best: str | Path | None = None
 ) -> None:

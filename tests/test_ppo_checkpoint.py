@@ -163,7 +163,7 @@ def test_newest_loadable_checkpoint_skips_damaged_ones(backend, tmp_path, caplog
 def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
     """A run resumed from checkpoint-2 (past a damaged checkpoint-4 of an earlier run) saves checkpoint-3:
     --save_total_limit 1 keeps checkpoint-3, not the higher-numbered checkpoint-4."""
-    from rlhf.ppo.checkpoint import prune_checkpoints
+    from rlhf.checkpoint_dirs import rotate_checkpoints as prune_checkpoints
 
     for n in (2, 4, 3):
         (tmp_path / f"checkpoint-{n}").mkdir()

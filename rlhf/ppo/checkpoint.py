@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,14 +252,3 @@ def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
     """The newest ``checkpoint-N`` of ``output_dir`` whose files are whole, or ``None``; each newer one that
     is damaged is skipped with a warning naming the bad file."""
     return newest_loadable(output_dir, checkpoint_problem)[0]
-
-
-def prune_checkpoints(output_dir: Path, keep: int | None, saved: Path) -> None:
-    """Keep ``saved`` (the checkpoint just written) and the ``keep - 1`` highest-numbered others; delete the
-    rest. ``saved`` is never deleted, even when an earlier run left higher-numbered ones (a run resumed
-    from an older checkpoint, or past a damaged newer one)."""
-    if not keep or keep <= 0:
-        return
-    others = [d for d in checkpoint_dirs(output_dir) if d.name != Path(saved).name]
-    for old in others[: max(len(others) - (keep - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)

@@ -29,11 +29,12 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from rlhf.backend import Backend
+from rlhf.checkpoint_dirs import rotate_checkpoints
 from rlhf.errors import UserError
 from rlhf.generation.base import Generator, is_eos
 from rlhf.interruption import StopSignals, TrainingInterrupted, rerun_resumes
 from rlhf.ppo.batch import RolloutBuffer, SequenceBatch, left_pad, pad_columns
-from rlhf.ppo.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from rlhf.ppo.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, rollout_size
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.estimators import (
@@ -175,13 +176,13 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     old_logprobs, ref_logprobs, values = [], [], []
     if source == "generator":
         old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
+
+    def full_width(x: torch.Tensor) -> torch.Tensor:  # [rows, fitted R] -> [rows, R]
+        return pad_columns(x.float(), mask.shape[1], 0.0, left=False)
+
     for start in range(0, n, forward_rows):
         rows = slice(start, start + forward_rows)
         chunk = batch.select(rows).fitted(max(prompt_lengths[rows]), max(response_lengths[rows]))
-
-        def full_width(x: torch.Tensor) -> torch.Tensor:  # [rows, fitted R] -> [rows, R]
-            return pad_columns(x.float(), mask.shape[1], 0.0, left=False)
-
         with s.backend.autocast():
             if source == "forward":
                 old_logprobs.append(full_width(models.policy_logprobs(chunk, ppo.temperature)[0]))
@@ -332,9 +333,7 @@ def settle_mini_batches(
             pending[row][key] = value
     bad = [out for out in pending if not all(math.isfinite(v) for k, v in out.items() if k in LOSS_KEYS)]
     anywhere = bool(bad)
-    if (
-        s.backend.world_size > 1
-    ):  # all processes stop together, or the others would wait in the next all-reduce
+    if s.backend.world_size > 1:  # all stop together, or the others would wait in the next all-reduce
         anywhere = (
             float(s.backend.reduce_sum(torch.tensor([float(anywhere)], device=s.backend.device))[0]) > 0
         )
@@ -484,7 +483,7 @@ def save_step_checkpoint(
         buffer=None if buffer.exhausted else buffer, extra_files=s.save_extra,
     )  # fmt: skip
     if backend.is_main:
-        prune_checkpoints(Path(args.output_dir), args.save_total_limit, name)
+        rotate_checkpoints(Path(args.output_dir), args.save_total_limit, name)
 
 
 def write_log(

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rlhf.args import CONFIG_SUFFIXES, check_positive_flags, config_file_argv, parse_args, split_comma_list
-from rlhf.checkpoint_dirs import asks_for_newest
+from rlhf.checkpoint_dirs import named_checkpoint
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.models.lora import LoraSpec
@@ -309,10 +309,12 @@ def check_save_dirs(tp: TPPPOArguments, args: TPPPOTrainingArguments, needs_crit
     saves = {"--actor_save_dir": tp.actor_save_dir}
     if needs_critic and tp.critic_save_dir:
         saves["--critic_save_dir"] = tp.critic_save_dir
+    runs = {
+        "--output_dir": args.output_dir,
+        "--resume_from_checkpoint": named_checkpoint(args.resume_from_checkpoint),
+    }
     for flag, save_dir in saves.items():
         others = {name: path for name, path in saves.items() if name != flag}
-        resumed = None if asks_for_newest(args.resume_from_checkpoint) else args.resume_from_checkpoint
-        runs = {"--output_dir": args.output_dir, "--resume_from_checkpoint": resumed}
         check_save_dir(save_dir, flag, tp.input_paths() | others | runs)
 
 

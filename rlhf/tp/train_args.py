@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.args import LoraArguments, check_output_dir
-from rlhf.checkpoint_dirs import asks_for_newest
+from rlhf.checkpoint_dirs import named_checkpoint
 from rlhf.data.files import files_signature
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoraSpec
@@ -99,11 +99,10 @@ class TPTrainArguments:
             raise ConfigError("--epochs must be > 0 (or pass --max_steps)")
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}")
-        resumed = None if asks_for_newest(self.resume_from_checkpoint) else self.resume_from_checkpoint
         inputs = {
             "--ckpt_dir": self.ckpt_dir,
             "--train_file": self.train_file,
-            "--resume_from_checkpoint": resumed,
+            "--resume_from_checkpoint": named_checkpoint(self.resume_from_checkpoint),
         }
         check_save_dir(self.save_dir, "--save_dir", inputs)
         save_dir = Path(self.save_dir).resolve()

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from rlhf.backend.state_files import load_torch_file_checked, rank_dir, read_file
+from rlhf.checkpoint_dirs import rotate_checkpoints
 from rlhf.errors import CheckpointError
 from rlhf.ppo.checkpoint import (
     TRAINER_STATE,
     check_resume_settings,
     optimizer_states,
-    prune_checkpoints,
     restore_rng,
     staged_checkpoint,
 )
@@ -71,7 +71,7 @@ def save_fit_checkpoint(
         if backend.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
     if backend.is_main:
-        prune_checkpoints(directory.parent, save_total_limit, directory)
+        rotate_checkpoints(directory.parent, save_total_limit, directory)
 
 
 def load_fit_checkpoint(
