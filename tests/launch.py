@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +54,35 @@ def torchrun(nproc: int) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
     ]  # fmt: skip
+
+
+def two_nodes(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> list[str]:
+    """Run ``args`` (a script and its flags) as a job of two nodes of one process each, both on this
+    machine (``--nnodes 2``, a launcher per ``--node_rank``, one rendezvous): node 1 holds global rank 1
+    with LOCAL_RANK 0, as on a second machine that shares the file system. Each node's stderr, node 0's
+    first; AssertionError with both when either launcher fails."""
+    port = str(free_port())
+
+    def launcher(node_rank: int) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *args,
+        ]  # fmt: skip
+
+    nodes = [
+        subprocess.Popen(
+            launcher(rank), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for rank in (1, 0)
+    ][::-1]
+    try:
+        stderrs = [node.communicate(timeout=timeout)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    failed = [rank for rank, node in enumerate(nodes) if node.returncode != 0]
+    assert not failed, "\n".join(f"node {rank}:\n{err[-3000:]}" for rank, err in enumerate(stderrs))
+    return stderrs
 
 
 GLOO_THREADS_AFTER = Path(__file__).with_name("gloo_threads_after.py")
