@@ -265,7 +265,10 @@ def ppo_mini_batch_step(
     # so every token of the global mini-batch weighs the same (docs/ppo.md, --loss_agg_mode)
     tokens = tokens_per_process(mask, backend.reduce_sum, backend.world_size)
     with backend.autocast():
-        logprobs, entropy = models.policy_logprobs(batch, ppo.temperature, with_entropy=True)
+        # at --entropy_coef 0 (the default) the entropy is a metric only: no backward through it
+        logprobs, entropy = models.policy_logprobs(
+            batch, ppo.temperature, with_entropy=True, entropy_grad=ppo.entropy_coef != 0
+        )
         # --old_logprobs update: the weights that sampled are these (one epoch, no optimizer step inside a
         # rollout), so the old log-probs are this forward's, detached: the ratio is 1, its gradient the
         # policy gradient's

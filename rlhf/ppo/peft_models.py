@@ -224,26 +224,33 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
         return self._hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
 
     def _response_logprobs(
-        self, model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_entropy: bool
+        self,
+        model: torch.nn.Module,
+        batch: SequenceBatch,
+        temperature: float,
+        with_entropy: bool,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log π of each response token [B, R] (and its entropy [B, R]) under ``model`` as it is set."""
         head = self._plain_head(model)
         if head is None:
             logits = self._response_logits(model, batch)
-            entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = entropy_from_logits(logits, temperature) if with_entropy else None
             return logprobs_from_logits(logits, batch.response_ids, temperature), entropy
         hidden = self._batch_hidden(model, batch)[:, batch.prompt_len - 1 : -1]  # [B, R, H]
         chunk = positions_per_chunk(hidden.shape[0], model.config.vocab_size, self.logits_chunk_bytes)
         return chunked_token_logprobs(
-            head, hidden, batch.response_ids, temperature, chunk, with_entropy, self._recompute_context
-        )
+            head, hidden, batch.response_ids, temperature, chunk, with_entropy, self._recompute_context,
+            entropy_grad,
+        )  # fmt: skip
 
     def policy_logprobs(
-        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         model, active = self._actor()
         with active:
-            return self._response_logprobs(model, batch, temperature, with_entropy)
+            return self._response_logprobs(model, batch, temperature, with_entropy, entropy_grad)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:

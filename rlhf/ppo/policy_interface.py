@@ -32,10 +32,11 @@ class PolicyModels(Protocol):
         """Dropout on (``True``, for PPO updates) or off (rollouts, old and reference log-probs)."""
 
     def policy_logprobs(
-        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Actor log π(r_t | prefix) of each response token under logits / temperature: [B, R]; with
-        ``with_entropy`` also the entropy of each token distribution [B, R]. Differentiable."""
+        ``with_entropy`` also the entropy of each token distribution [B, R]. Differentiable; the entropy
+        only with ``entropy_grad`` (else a metric, computed without a graph)."""
 
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
         """Frozen reference policy's log-probs of the response tokens [B, R] (no grad)."""

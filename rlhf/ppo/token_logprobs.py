@@ -27,13 +27,19 @@ def positions_per_chunk(batch_size: int, vocab_size: int, budget_bytes: int = CH
 
 
 def _chunk(
-    head: Head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool
+    head: Head,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, C, V], one chunk only
     logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logprobs, torch.zeros_like(logprobs)
-    return logprobs, -(logp.exp() * logp).sum(-1)  # the same operations as the unchunked functions
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logprobs, -(logp.exp() * logp).sum(-1)  # the same operations as the unchunked functions
 
 
 def chunked_token_logprobs(
@@ -44,6 +50,7 @@ def chunked_token_logprobs(
     chunk_size: int = 128,
     with_entropy: bool = False,
     context_fn: Callable[[], tuple[Any, Any]] | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(head(hidden) / T) at ``tokens``, and optionally the entropy, chunked over positions.
 
@@ -52,6 +59,8 @@ def chunked_token_logprobs(
     ``None``). Differentiable with respect to ``hidden`` and the head's parameters; with gradients enabled each
     chunk is checkpointed so its logits are recomputed in the backward instead of kept, under
     ``context_fn``'s recompute context when given (a head with adapters: the one active in the forward).
+    ``entropy_grad=False``: the entropy is a metric only (a loss with entropy coefficient 0), computed
+    without a graph: no backward through a second ``[B, C, V]`` chain, nothing of it recomputed.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -61,7 +70,9 @@ def chunked_token_logprobs(
         piece = (head, hidden[:, start : start + chunk_size], tokens[:, start : start + chunk_size])
         if needs_grad:
             extra = {} if context_fn is None else {"context_fn": context_fn}
-            lp, ent = checkpoint(_chunk, *piece, temperature, with_entropy, use_reentrant=False, **extra)
+            lp, ent = checkpoint(
+                _chunk, *piece, temperature, with_entropy, entropy_grad, use_reentrant=False, **extra
+            )
         else:
             lp, ent = _chunk(*piece, temperature, with_entropy)
         logprobs.append(lp)

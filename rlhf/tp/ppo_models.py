@@ -112,20 +112,26 @@ class TPPolicyModels(TrainableGroups):
 
     # -- forward passes ------------------------------------------------------------------------------
     def _response_logprobs(
-        self, model: Transformer, batch: SequenceBatch, temperature: float, with_entropy: bool
+        self,
+        model: Transformer,
+        batch: SequenceBatch,
+        temperature: float,
+        with_entropy: bool,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log π of each response token [B, R] (and its entropy): the output layer (``model.logits``) runs
         on a few response positions at a time (:mod:`rlhf.ppo.token_logprobs`), no [B, R, V] float32 logits."""
         hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
         chunk = positions_per_chunk(hidden.shape[0], model.vocab_size, self.logits_chunk_bytes)
         return chunked_token_logprobs(
-            model.logits, hidden, batch.response_ids, temperature, chunk, with_entropy
-        )
+            model.logits, hidden, batch.response_ids, temperature, chunk, with_entropy,
+            entropy_grad=entropy_grad,
+        )  # fmt: skip
 
     def policy_logprobs(
-        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool = False, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._response_logprobs(self.actor, batch, temperature, with_entropy)
+        return self._response_logprobs(self.actor, batch, temperature, with_entropy, entropy_grad)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
