@@ -121,7 +121,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     ppo, models, device = s.ppo, s.models, s.backend.device
     k = ppo.num_samples_per_prompt
     models.train(False)  # no dropout for sampling and for old/reference log-probs
-    start = time.perf_counter()
+    started = time.perf_counter()
 
     # 1. Generate: each prompt K times in a row (one group), left-padded -> sampled responses
     #    (right-padded after the first EOS).
@@ -137,7 +137,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         parts.append(SequenceBatch(ids, torch.cat([prompt_mask, out.response_mask], 1), prompt_ids.shape[1]))
         prompt_texts += [s.prompts.texts[i] for i in rows]
         sampled_logprobs.append(out.logprobs)
-    generate_seconds = time.perf_counter() - start  # the generators end on a host sync (response lengths)
+    generate_seconds = time.perf_counter() - started  # the generators end on a host sync (response lengths)
     batch = SequenceBatch.concat(parts, s.pad_token_id)
     mask = batch.response_mask  # [N, R]
     n = mask.shape[0]
@@ -244,7 +244,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     if k > 1:
         stats["reward/score_group_std"] = float(mean_group_std(scores, group_ids))
         stats["reward/frac_zero_std"] = float(zero_std_group_fraction(scores, group_ids))
-    metrics.start_rollout(stats, seconds=time.perf_counter() - start, mini_batches=buffer.num_mini_batches)
+    metrics.start_rollout(stats, seconds=time.perf_counter() - started, mini_batches=buffer.num_mini_batches)
     return buffer
 
 
