@@ -28,6 +28,14 @@ CASES = [
     (["--warmup_steps", "-5"], "--warmup_steps must be >= 0, got -5.0"),
     (["--num_train_epochs", "0"], "nothing to train: --max_steps -1, --num_train_epochs 0"),
     (["--max_steps", "0", "--num_train_epochs", "-1"], "nothing to train: --max_steps 0"),
+    (["--critic_loss_weight", "-2"], "--critic_loss_weight must be >= 0.0, got -2.0"),
+    (["--actor_loss_weight", "-1"], "--actor_loss_weight must be >= 0.0, got -1.0"),
+    (["--entropy_coef", "-0.01"], "--entropy_coef must be >= 0.0, got -0.01"),
+    (["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be >= 0.0, got -1.0"),
+    (
+        ["--kl_penalty_beta", "0", "--target_kl", "0.1"],
+        "--target_kl adapts --kl_penalty_beta by multiplying it",
+    ),
     (["--actor_lora_alpha", "0"], "--actor_lora_alpha must be > 0 with --actor_lora_rank 8"),
     (["--critic_lora_dropout", "1.5"], "--critic_lora_dropout must be in [0, 1), got 1.5"),
 ]
@@ -88,4 +96,48 @@ def test_a_missing_eos_penalty_without_any_eos_token_is_refused(tiny_llama, tmp_
     err = capsys.readouterr().err
     assert (
         exc.value.code == 2 and "--missing_eos_penalty 1.0: the tokenizer and the model name no EOS" in err
+    ), err
+
+
+def test_sequences_beyond_the_model_context_warn_and_a_sign_flipping_kl_horizon_is_refused(
+    tiny_llama, tmp_path, capsys
+):
+    """The tiny llama has 512 positions: responses of up to 600 tokens and 600-token pretraining blocks each
+    get the warning SFT and the reward model give; then (the session's last check, after the models load)
+    --kl_horizon 0.1 at 2 samples per rollout would turn β negative: a one-line error."""
+    argv = ["--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--dataset_dir", str(REPO / "sft_data"), "--pretrain_dataset_dir", str(REPO / "pt_data"),
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "2",
+            "--max_response_length", "600", "--block_size", "600", "--target_kl", "0.1", "--kl_horizon", "0.1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: --kl_horizon 0.1: the adaptive KL controller" in err, err
+    assert "Give --kl_horizon > 0.4 (default 10000)" in err
+    assert (
+        "(--max_prompt_length + --max_response_length 856), more than the model's max_position_embeddings 512"
+        in err
+    )
+    assert "is 600 tokens (--block_size 600), more than the model's max_position_embeddings 512" in err
+
+
+@pytest.mark.parametrize("flag", ["--dataset_dir", "--pretrain_dataset_dir"])
+def test_missing_data_is_named_by_its_flag_before_any_model_loads(
+    flag, tiny_llama, tmp_path, capsys, monkeypatch
+):
+    from rlhf.ppo import peft_factory
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before the data")
+
+    monkeypatch.setattr(peft_factory, "build_models_and_scorer", no_models)
+    paths = {"--dataset_dir": str(REPO / "sft_data"), "--pretrain_dataset_dir": str(REPO / "pt_data")}
+    paths[flag] = str(tmp_path / "nowhere")
+    argv = ["--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+            "--output_dir", str(tmp_path / "out"), *(x for item in paths.items() for x in item)]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_ppo_with_peft.main(argv)
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and f"error: {flag}: {tmp_path / 'nowhere'}: no such file or directory" in err
     ), err

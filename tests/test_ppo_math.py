@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf.errors import ConfigError
 from rlhf.ppo.advantages import gae_advantages
 from rlhf.ppo.kl import AdaptiveKLController, kl_estimate, kl_shaped_rewards
 from rlhf.ppo.losses import aggregate_tokens, entropy_bonus, policy_loss, pretrain_weight, value_loss
@@ -281,6 +282,23 @@ def test_adaptive_kl_controller_by_hand():
     ctl2 = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
     ctl2.update(5.4, 100)  # error -0.1
     assert ctl2.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
+
+
+def test_a_kl_horizon_that_could_flip_the_sign_of_beta_is_refused():
+    """At n / horizon >= 5 a low KL multiplies β by 1 - 0.2·n/horizon <= 0: the penalty would become a bonus."""
+    from rlhf.ppo.config import PPOArguments
+    from rlhf.ppo.session import build_kl_controller
+
+    ppo = PPOArguments(kl_penalty_beta=0.1, target_kl=6.0, kl_horizon=0.1)
+    with pytest.raises(ConfigError, match=r"--kl_horizon 0.1: .* n = 64 samples.* Give --kl_horizon > 12.8"):
+        build_kl_controller(ppo, samples_per_rollout=64)
+    ppo.kl_horizon = 12.9  # just above: β stays positive however low the KL
+    ctl = build_kl_controller(ppo, samples_per_rollout=64)
+    for _ in range(50):
+        ctl.update(0.0, 64)
+    assert 0 < ctl.value < 0.1
+    fixed = build_kl_controller(PPOArguments(kl_horizon=0.1), samples_per_rollout=64)  # no --target_kl
+    assert fixed.value == 0.02
 
 
 def test_metrics_file_resume_drops_later_rows_and_a_row_cut_short(tmp_path, caplog):

@@ -111,7 +111,11 @@ class PPOArguments:
         metadata={"help": "Longer prompts keep their BOS and last tokens (N in all; counted in the log)."},
     )
     max_response_length: int = field(default=256, metadata={"help": "Most new tokens per response."})
-    min_response_length: int = field(default=1, metadata={"help": "Fewest new tokens (EOS suppressed)."})
+    min_response_length: int = field(
+        default=1,
+        metadata={"help": "Fewest new tokens (EOS suppressed); equal to --max_response_length, every response "
+                  "runs to that length without EOS (a warning says so; benchmarks use it)."},
+    )  # fmt: skip
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
@@ -358,6 +362,18 @@ def check_sampling_flags(ppo: PPOArguments, response_flag: str = "--max_response
     if ppo.target_kl is not None and ppo.target_kl <= 0:
         raise ConfigError("--target_kl must be > 0")
     check_ranges(ppo)
+    if ppo.target_kl is not None and ppo.kl_penalty_beta == 0:
+        raise ConfigError(
+            "--target_kl adapts --kl_penalty_beta by multiplying it after each rollout, so from "
+            "--kl_penalty_beta 0 it never moves: give a starting --kl_penalty_beta > 0 (e.g. 0.02), or no --target_kl"
+        )
+    if ppo.min_response_length >= ppo.max_response_length:
+        logger.warning(
+            "--min_response_length %d >= %s %d: EOS is suppressed at every step, so every response is %d tokens "
+            "and none ends with EOS%s",
+            ppo.min_response_length, response_flag, ppo.max_response_length, ppo.max_response_length,
+            " (each gets --missing_eos_penalty)" if ppo.missing_eos_penalty is not None else "",
+        )  # fmt: skip
     truncating = [f for f, on in (("--top_k", ppo.top_k > 0), ("--top_p", ppo.top_p < 1.0)) if on]
     if truncating:
         logger.warning(
@@ -370,7 +386,8 @@ def check_sampling_flags(ppo: PPOArguments, response_flag: str = "--max_response
 
 # (flag, low, high, whether the low end is allowed): the PPO flags whose value outside a range would run
 # without complaint and silently mean something else (a clip of 0 zeroes every score, top-p 0 is greedy,
-# 1.5 turns it off; a γ or λ above 1 grows the returns with the distance to the end)
+# 1.5 turns it off; a γ or λ above 1 grows the returns with the distance to the end; a negative loss weight
+# or entropy coefficient ascends the loss; a negative --missing_eos_penalty rewards running out of tokens)
 RANGES = (
     ("top_p", 0.0, 1.0, False),
     ("top_k", 0, None, True),
@@ -383,6 +400,10 @@ RANGES = (
     ("kl_penalty_beta", 0.0, None, True),
     ("kl_horizon", 0.0, None, False),
     ("pretrain_loss_weight", 0.0, None, True),
+    ("actor_loss_weight", 0.0, None, True),
+    ("critic_loss_weight", 0.0, None, True),
+    ("entropy_coef", 0.0, None, True),
+    ("missing_eos_penalty", 0.0, None, True),
     ("pretrain_warmup_steps", 0, None, True),
     ("actor_lr", 0.0, None, True),
     ("critic_lr", 0.0, None, True),
@@ -406,6 +427,8 @@ def check_ranges(ppo: PPOArguments) -> None:
     """One-line errors for the flags of :data:`RANGES` outside their range."""
     for name, low, high, low_ok in RANGES:
         value = getattr(ppo, name)
+        if value is None:  # an optional flag not given
+            continue
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             if high is None:
                 expected = f"{'>=' if low_ok else '>'} {low}"

@@ -92,14 +92,17 @@ def cut_prompts(
 def load_prompts(
     dataset_dir: str, tokenizer: Any, max_prompt_length: int, cache_dir: str | None
 ) -> PromptSet:
-    """Prompts of any SFT or ``{"prompt"}`` record in ``dataset_dir``."""
-    rows = load_dataset_dir(dataset_dir, "prompt", cache_dir)
+    """Prompts of any SFT or ``{"prompt"}`` record in ``dataset_dir`` (an error names ``--dataset_dir``)."""
+    try:
+        rows = load_dataset_dir(dataset_dir, "prompt", cache_dir)
+    except DataError as exc:
+        raise DataError(f"--dataset_dir: {exc}") from exc
     ids, texts = [], []
     for row in rows:
         ids.append(tokenize_prompt(row, tokenizer))
         texts.append(render_prompt(row, tokenizer))
     if not ids:
-        raise DataError(f"{dataset_dir}: no prompts")
+        raise DataError(f"--dataset_dir {dataset_dir}: no prompts")
     ids = cut_prompts(ids, max_prompt_length, tokenizer.bos_token_id, dataset_dir)
     return PromptSet(ids, texts, f"--dataset_dir {dataset_dir}")
 

@@ -83,6 +83,8 @@ class AdaptiveKLController:
     sequences; the coefficient rises when the policy drifts past the target and falls below it.
     """
 
+    MAX_ERROR = 0.2  # the clip of e
+
     def __init__(self, beta: float, target: float, horizon: float) -> None:
         self.value = beta
         self.target = target
@@ -91,5 +93,5 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_samples: int) -> None:
         if not math.isfinite(current_kl):
             return
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        error = min(max(current_kl / self.target - 1.0, -self.MAX_ERROR), self.MAX_ERROR)
         self.value *= 1.0 + error * n_samples / self.horizon

@@ -19,6 +19,7 @@ from transformers import set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
+from rlhf.data.sequences import warn_beyond_context
 from rlhf.launch_settings import launched_precision
 from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
@@ -167,6 +168,11 @@ def build_peft_session(
     backend = build_backend(args)
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
+    # the data before the models: an error in it comes before minutes of loading
+    prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
+    pretrain = None
+    if margs.pretrain_dataset_dir:
+        pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
     models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
     if models.has_adapters:  # an adapter dir as --sft_model_path: the base the saved adapters name, on disk
         critic_dir = [critic_output_dir(margs, args)] if ppo.needs_critic else []  # its adapter names it too
@@ -180,10 +186,12 @@ def build_peft_session(
         )
         if base is not None:
             models.base_model_path = str(base)
-    prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
-    pretrain = None
-    if margs.pretrain_dataset_dir:
-        pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
+    context = getattr(models.lm.config, "max_position_embeddings", None)
+    longest = max(map(len, prompts.ids), default=0) + ppo.max_response_length
+    budget = ppo.max_prompt_length + ppo.max_response_length
+    warn_beyond_context(longest, context, "--max_prompt_length + --max_response_length", budget)
+    if pretrain is not None:
+        warn_beyond_context(data.block_size, context, "--block_size", data.block_size)
     parts = SessionParts(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),

@@ -93,11 +93,22 @@ def build_optimizers(
     return optimizers, schedulers
 
 
-def build_kl_controller(ppo: PPOArguments) -> FixedKLController | AdaptiveKLController:
-    """β fixed at ``--kl_penalty_beta``, or adaptive towards ``--target_kl`` when it is set."""
-    if ppo.target_kl is not None:
-        return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
-    return FixedKLController(ppo.kl_penalty_beta)
+def build_kl_controller(
+    ppo: PPOArguments, samples_per_rollout: int
+) -> FixedKLController | AdaptiveKLController:
+    """β fixed at ``--kl_penalty_beta``, or adaptive towards ``--target_kl`` when it is set.
+    ``samples_per_rollout``: over all processes, the ``n`` of the controller's update."""
+    if ppo.target_kl is None:
+        return FixedKLController(ppo.kl_penalty_beta)
+    smallest_factor = 1 - AdaptiveKLController.MAX_ERROR * samples_per_rollout / ppo.kl_horizon
+    if smallest_factor <= 0:
+        raise ConfigError(
+            f"--kl_horizon {ppo.kl_horizon:g}: the adaptive KL controller multiplies β by 1 + e·n/horizon after "
+            f"each rollout (e within ±{AdaptiveKLController.MAX_ERROR}, n = {samples_per_rollout} samples), so "
+            f"a KL below --target_kl would turn β into {smallest_factor:.3g}·β: zero or negative, a KL bonus. "
+            f"Give --kl_horizon > {AdaptiveKLController.MAX_ERROR * samples_per_rollout:g} (default 10000)"
+        )
+    return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
 
 
 def sampling_config(ppo: PPOArguments, tokenizer: Any, model_eos: Any = None) -> SamplingConfig:
@@ -234,7 +245,7 @@ def assemble_session(
         models=parts.models, generator=parts.generator, scorer=parts.scorer, backend=backend,
         decode=tokenizer.batch_decode, prompts=parts.prompts, prompt_sampler=prompt_sampler,
         pretrain=parts.pretrain, pretrain_sampler=pretrain_sampler, optimizers=optimizers,
-        schedulers=schedulers, kl_controller=build_kl_controller(ppo), ppo=ppo, args=args,
+        schedulers=schedulers, kl_controller=build_kl_controller(ppo, rollout_size(ppo, args) * world), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=parts.generator.sampling.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
         old_logprobs=old_logprobs, inputs=parts.inputs,
