@@ -114,3 +114,30 @@ def test_lora_sft_on_an_adapter_dir_names_the_merged_base_it_trained_on(tiny_lla
     trained = PeftModel.from_pretrained(load_causal_lm(str(first), merge_adapter=True), second).eval()
     for reloaded in (AutoPeftModelForCausalLM.from_pretrained(second), load_causal_lm(str(second))):
         torch.testing.assert_close(logits(reloaded.eval()), logits(trained))
+
+
+def test_adapters_trained_on_relative_paths_load_with_plain_peft_from_any_directory(
+    tiny_llama, repo_root, tmp_path, monkeypatch
+):
+    """Every command of the docs passes relative paths: the saved adapter names its base by an absolute path
+    (PEFT would record ``base`` as given), on a plain base and on the ``base_model/`` an adapter dir is
+    merged into."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_llama, work / "base")
+    monkeypatch.chdir(work)
+    first = quick_argv(Path("base"), repo_root / "sft_data", Path("sft_lora"), "--lora_rank", "4")
+    main(first)
+    main(with_flags(first, model_name_or_path="sft_lora", output_dir="sft_on_adapter"))
+    monkeypatch.chdir(elsewhere)
+    for out, base in (
+        ("sft_lora", work / "base"),
+        ("sft_on_adapter", work / "sft_on_adapter" / "base_model"),
+    ):
+        model = AutoPeftModelForCausalLM.from_pretrained(work / out)
+        assert model.peft_config["default"].base_model_name_or_path == str(base.resolve())
+        assert torch.equal(logits(model), logits(load_causal_lm(str(work / out))))

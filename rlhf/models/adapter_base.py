@@ -124,7 +124,7 @@ def _unname_old_adapters(output_dir: Path, base_dir: Path, others: list[Path]) -
 
 def _name_as_base(model: torch.nn.Module, base_dir: Path) -> None:
     for config in getattr(model, "peft_config", {}).values():
-        config.base_model_name_or_path = str(base_dir)
+        config.base_model_name_or_path = str(base_dir.resolve())  # loads from any working directory
 
 
 def _loaded_from(model: torch.nn.Module) -> Path | None:

@@ -85,6 +85,15 @@ def resolve_dtype(name: str | None, config: PretrainedConfig | None = None) -> t
     return dtype
 
 
+def recorded_base_path(path: str | None) -> str | None:
+    """What a saved adapter's ``base_model_name_or_path`` records for its base ``path``: a local dir as its
+    absolute path, so the adapter loads with plain ``peft`` from any working directory (PEFT records the
+    path as given, relative to where training ran); anything else (a hub id, None) unchanged."""
+    if not path or not Path(path).is_dir():
+        return path
+    return str(Path(path).resolve())
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a PEFT adapter directory."""
     return (Path(path) / ADAPTER_CONFIG).is_file()

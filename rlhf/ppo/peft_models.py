@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from rlhf.errors import CheckpointError
 from rlhf.models import load_causal_lm
 from rlhf.models.fused_rms_norm import use_fused_rms_norm
+from rlhf.models.loading import recorded_base_path
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
 from rlhf.models.regional_compile import compile_decoder_layers
@@ -362,7 +363,7 @@ class PeftPolicyModels(TrainableGroups, torch.nn.Module):
     # -- saving (parameter groups and trainable state: TrainableGroups) ---------------------------------
     def _save_adapter(self, name: str, directory: Path) -> None:
         config = copy.deepcopy(self.lm.peft_config[name])
-        config.base_model_name_or_path = self.base_model_path
+        config.base_model_name_or_path = recorded_base_path(self.base_model_path)
         config.inference_mode = True
         config.save_pretrained(str(directory))
         state = get_peft_model_state_dict(self.lm, adapter_name=name)

@@ -16,7 +16,7 @@ from peft import PeftModel, TaskType, get_peft_model
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models import is_adapter_dir
 from rlhf.models.fused_rms_norm import use_fused_rms_norm
-from rlhf.models.loading import adapter_task_type, check_adapter_weights
+from rlhf.models.loading import adapter_task_type, check_adapter_weights, recorded_base_path
 from rlhf.models.lora import LoraSpec, build_lora_config
 from rlhf.models.lora_forward import use_fast_lora_forward
 
@@ -88,6 +88,8 @@ def make_trainable(
             task_type=task_type,
         )
         model = get_peft_model(model, config)
+        for adapter in model.peft_config.values():  # the base as an absolute path: loads from any directory
+            adapter.base_model_name_or_path = recorded_base_path(adapter.base_model_name_or_path)
     if isinstance(model, PeftModel):
         use_fast_lora_forward(model)  # no float32 round trip of the input under autocast, one addmm
     if fp16:
