@@ -587,3 +587,24 @@ def test_merge_runs_on_rank_0_only(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     split_main()(["--merge", "--ckpt_dir", str(tmp_path / "s"), "--save_path", str(tmp_path / "m")])
     assert_same_weights(source, tmp_path / "m")
+
+
+def test_the_source_runs_records_stay_behind(tiny_model_factory, tmp_path):
+    """A trained model dir holds its run's records (the Trainer's trainer_state.json and *_results.json, our
+    merged_from.json): the shards and the dir merged back take the model's files only, so no later run's
+    plot or reader mistakes them for its own."""
+    import shutil
+
+    source = tmp_path / "sft"
+    shutil.copytree(tiny_model_factory("llama"), source)
+    records = ["trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+               "merged_from.json"]  # fmt: skip
+    for name in records:
+        (source / name).write_text("{}")
+    main = split_main()
+    main(["--ckpt_file", str(source), "--save_path", str(tmp_path / "shards"), "--n", "2"])
+    main(["--merge", "--ckpt_dir", str(tmp_path / "shards"), "--save_path", str(tmp_path / "merged")])
+    for out in (tmp_path / "shards", tmp_path / "merged"):
+        names = {p.name for p in out.iterdir()}
+        assert "tokenizer.json" in names and "generation_config.json" in names, names
+        assert not names & set(records), names
