@@ -197,13 +197,22 @@ def ours(
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     step = samples / per_step([r["samples_per_s"] for r in rows])  # end to end, logging included
     profiled = sorted((out / "profile").glob("step_*.txt")) if (out / "profile").is_dir() else []
+    rollout, train = (
+        per_step([r["time/rollout_s"] for r in rows]),
+        per_step([r["time/train_s"] for r in rows]),
+    )
+    if rollout + train > 1.1 * step:  # the parts of a step within the step: else a timer is broken
+        raise RuntimeError(
+            f"the loop's timings do not fit its step: rollout {rollout:.3f} s + train {train:.3f} s > step "
+            f"{step:.3f} s (from samples_per_s); a broken timer, not a measurement"
+        )
     return {
         # --profile_step's device time by kind of kernel (its file's first lines), into this row's JSON line
         **({"profile": profiled[0].read_text().splitlines()[:4]} if profiled else {}),
-        "rollout_s": per_step([r["time/rollout_s"] for r in rows]),
+        "rollout_s": rollout,
         "generate_s": per_step([r["time/generate_per_rollout_s"] for r in rows]),
         "loop_peak_gb": rows[-1].get("memory/peak_gb"),  # the loop's own metric (GPU only)
-        "train_s": per_step([r["time/train_s"] for r in rows]),
+        "train_s": train,
         "step_s": step,
         "first_step_s": samples / rows[0]["samples_per_s"],  # the warm-up step: compiles, graph captures
         "samples": samples,
