@@ -399,6 +399,28 @@ def test_too_few_prompts_for_one_rollout_names_the_flags():
         count_total_steps(16, ppo, args, 1)
 
 
+def test_epochs_shorter_than_one_optimizer_step_warn(caplog):
+    """3 prompts, 2 per rollout, 1 epoch: one rollout of one mini-batch, but a step accumulates 4: the run
+    trains its one step on 4 rollouts (as the Trainer's convention has it), and says so."""
+    from rlhf.ppo.session import count_total_steps
+
+    ppo = SimpleNamespace(
+        rollout_batches=1, ppo_epochs=1, num_samples_per_prompt=1, per_device_mini_train_batch_size=2
+    )
+    args = SimpleNamespace(
+        max_steps=0, per_device_train_batch_size=2, num_train_epochs=1.0, gradient_accumulation_steps=4
+    )
+    with caplog.at_level("WARNING", logger="rlhf.ppo.session"):
+        assert count_total_steps(3, ppo, args, 1) == 1
+    assert "makes 1 rollout(s), 1 mini-batch(es) in all, fewer than one optimizer step's" in caplog.text
+    assert "the run trains 1 step, on 4 rollouts" in caplog.text
+    caplog.clear()
+    args.gradient_accumulation_steps = 1
+    with caplog.at_level("WARNING", logger="rlhf.ppo.session"):
+        assert count_total_steps(3, ppo, args, 1) == 1
+    assert not caplog.text
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

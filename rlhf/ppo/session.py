@@ -59,8 +59,11 @@ class SessionParts:
     inputs: dict[str, str | None] = field(default_factory=dict)  # flag -> the path it read (resume checks)
 
 
-def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArguments, world: int) -> int:
-    """Optimizer steps of the run: ``--max_steps``, else ``--num_train_epochs`` over the prompts."""
+def count_total_steps(
+    num_prompts: int, ppo: PPOArguments, args: PPOTrainingArguments, world: int, quiet: bool = False
+) -> int:
+    """Optimizer steps of the run: ``--max_steps``, else ``--num_train_epochs`` over the prompts (``quiet``:
+    an early check, the count's warning left to the session's own call)."""
     if args.max_steps > 0:
         return args.max_steps
     generation_batches = num_prompts // (args.per_device_train_batch_size * world)
@@ -73,6 +76,16 @@ def count_total_steps(num_prompts: int, ppo: PPOArguments, args: PPOTrainingArgu
         )
     per_rollout = ppo.ppo_epochs * rollout_size(ppo, args)
     mini_batches = rollouts * per_rollout // ppo.per_device_mini_train_batch_size
+    if mini_batches < args.gradient_accumulation_steps and not quiet:  # one step needs more rollouts
+        needed = math.ceil(
+            args.gradient_accumulation_steps * ppo.per_device_mini_train_batch_size / per_rollout
+        )
+        logger.warning(
+            "--num_train_epochs %g makes %d rollout(s), %d mini-batch(es) in all, fewer than one optimizer step's "
+            "--gradient_accumulation_steps %d: the run trains 1 step, on %d rollouts (more passes over the "
+            "prompts than asked); lower --gradient_accumulation_steps or give --max_steps",
+            args.num_train_epochs, rollouts, mini_batches, args.gradient_accumulation_steps, needed,
+        )  # fmt: skip
     return max(1, mini_batches // args.gradient_accumulation_steps)
 
 

@@ -122,7 +122,9 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     torch.manual_seed(args.seed)  # the same on every rank: the ranks run one replica in lockstep
     tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")
     prompts, labels = gsm8k_prompts(tp.train_file, tokenizer, ppo.max_prompt_length)
-    count_total_steps(len(prompts), ppo, args, 1)  # enough prompts for one rollout, before any model loads
+    count_total_steps(
+        len(prompts), ppo, args, 1, quiet=True
+    )  # enough prompts for one rollout, before any model loads
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
         backend.prepare(model)  # records which parameters are split, for the gradient norm
