@@ -486,6 +486,18 @@ def test_splitting_a_shard_dir_says_to_merge_it_first(tiny_model_factory, tmp_pa
     assert f"checkpoint_split.py --merge --ckpt_dir {shards} --save_path HF_DIR" in line
 
 
+def test_splitting_an_adapter_dir_says_to_merge_it_first(tiny_model_factory, tmp_path, capsys):
+    """An adapter dir as --ckpt_file said "no config.json", while the TP commands take it as it is."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    line = exits_with(
+        split_main(), ["--ckpt_file", str(adapter), "--save_path", str(tmp_path / "s"), "-n", "2"], capsys
+    )
+    assert line.startswith(f"error: {adapter}: a PEFT adapter dir, not a model: the TP commands take it")
+    assert "merge it into its base first (peft's merge_and_unload, then save_pretrained)" in line
+
+
 def test_a_model_type_that_does_not_fit_fails_before_data_and_weights_load(
     tiny_model_factory, tmp_path, capsys, monkeypatch
 ):

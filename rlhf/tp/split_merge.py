@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rlhf.args import check_output_dir
 from rlhf.errors import CheckpointError
+from rlhf.models.loading import is_adapter_dir
 from rlhf.publish import publish_dir, staging_dir
 from rlhf.tp.convert_weights import merge_shards, source_head, split_state
 from rlhf.tp.hf_checkpoint import TensorSource, aux_files, read_hf_config, write_safetensors
@@ -76,6 +77,12 @@ def split_to_dir(
             f"{ckpt}: already a shard dir (params.json, consolidated.NN.pth): the TP commands take it as it is; "
             f"to split it another way, merge it first (checkpoint_split.py --merge --ckpt_dir {ckpt} --save_path "
             "HF_DIR) and split HF_DIR"
+        )
+    if is_adapter_dir(ckpt):
+        raise CheckpointError(
+            f"{ckpt}: a PEFT adapter dir, not a model: the TP commands take it as --ckpt_dir as it is (merged "
+            "onto its base in memory); to split it, merge it into its base first (peft's merge_and_unload, then "
+            "save_pretrained) and split that dir"
         )
     config_dir = Path(config_dir) if config_dir else (ckpt if ckpt.is_dir() else ckpt.parent)
     check_save_path(save_path, overwrite, ckpt)
