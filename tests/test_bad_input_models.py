@@ -174,3 +174,21 @@ def test_an_evaluation_only_reward_run_needs_a_stored_score_head(tiny_llama, rm_
     trained = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
     trained.save_pretrained(tmp_path / "rm_full")
     check_head_for_evaluation(str(tmp_path / "rm_full"))
+
+
+def test_modules_to_save_on_tied_embeddings_warns_that_it_unties_them(tiny_model_factory, caplog):
+    """A trained copy of the tied lm_head (or embed_tokens) no longer shares its weight with the other: the
+    run says so, once per such name; an untied model, or another module, says nothing."""
+    from rlhf.training.trainable import check_modules_to_save
+
+    tied = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama", tie_word_embeddings=True))
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    with caplog.at_level("WARNING", logger="rlhf.training.trainable"):
+        check_modules_to_save(tied, ["lm_head", "embed_tokens", "norm"])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("unties the pair" in w for w in warnings), warnings
+    assert warnings[0].startswith("--modules_to_save lm_head: the model ties its output layer")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf.training.trainable"):
+        check_modules_to_save(untied, ["lm_head", "embed_tokens"])
+    assert not caplog.records

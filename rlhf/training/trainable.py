@@ -139,6 +139,16 @@ def check_modules_to_save(model: torch.nn.Module, names: list[str]) -> None:
             raise ConfigError(
                 f"--modules_to_save {name} matches no module of this model (available: {', '.join(available)})"
             )
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if tied and output is not None and output.weight is embeddings.weight:
+        named = {key.rsplit(".", 1)[-1] for key, m in model.named_modules() if m in (output, embeddings)}
+        for name in names:
+            if name in named:
+                logger.warning(
+                    "--modules_to_save %s: the model ties its output layer to its input embeddings, and a trained "
+                    "copy of one of them unties the pair: the adapter's model no longer shares them", name,
+                )  # fmt: skip
 
 
 def upcast_float16_trainable(model: torch.nn.Module) -> int:
