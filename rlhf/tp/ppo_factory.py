@@ -16,6 +16,7 @@ import torch
 
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
+from rlhf.data.sequences import warn_beyond_context
 from rlhf.data.templates import encode_prompt_text
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import LoraSpec
@@ -125,12 +126,18 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     count_total_steps(
         len(prompts), ppo, args, 1, quiet=True
     )  # enough prompts for one rollout, before any model loads
+    pretrain = None
+    if tp.pretrain_dataset_dir:  # before the models too: an error in it comes before the loading
+        pretrain = load_pretrain(tp.pretrain_dataset_dir, tokenizer, tp.block_size, None)
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
         backend.prepare(model)  # records which parameters are split, for the gradient norm
-    pretrain = None
-    if tp.pretrain_dataset_dir:
-        pretrain = load_pretrain(tp.pretrain_dataset_dir, tokenizer, tp.block_size, None)
+    context = models.actor.args.max_seq_len  # the checkpoint's max_position_embeddings
+    longest = max(map(len, prompts.ids), default=0) + ppo.max_response_length
+    flag = "--max_prompt_length + --max_gen_len"
+    warn_beyond_context(longest, context, flag, ppo.max_prompt_length + ppo.max_response_length)
+    if pretrain is not None:
+        warn_beyond_context(tp.block_size, context, "--block_size", tp.block_size)
     parts = SessionParts(
         backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
         prompts=prompts, pretrain=pretrain,
