@@ -139,9 +139,10 @@ def check_modules_to_save(model: torch.nn.Module, names: list[str]) -> None:
             raise ConfigError(
                 f"--modules_to_save {name} matches no module of this model (available: {', '.join(available)})"
             )
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if not names or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
     output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if tied and output is not None and output.weight is embeddings.weight:
+    if output is not None and output.weight is embeddings.weight:
         named = {key.rsplit(".", 1)[-1] for key, m in model.named_modules() if m in (output, embeddings)}
         for name in names:
             if name in named:
