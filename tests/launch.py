@@ -10,9 +10,12 @@ fixed port or ``--standalone`` (whose rendezvous raced under load).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +62,9 @@ def torchrun(nproc: int) -> list[str]:
 def two_nodes(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> list[str]:
     """Run ``args`` (a script and its flags) as a job of two nodes of one process each, both on this
     machine (``--nnodes 2``, a launcher per ``--node_rank``, one rendezvous): node 1 holds global rank 1
-    with LOCAL_RANK 0, as on a second machine that shares the file system. Each node's stderr, node 0's
-    first; AssertionError with both when either launcher fails."""
+    with LOCAL_RANK 0, as on a second machine that shares the file system. Returns each node's stderr,
+    node 0's first; AssertionError with both when either launcher fails or the job outlives ``timeout``
+    seconds (then each launcher is stopped as Ctrl-C would, its workers with it)."""
     port = str(free_port())
 
     def launcher(node_rank: int) -> list[str]:
@@ -69,19 +73,41 @@ def two_nodes(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *args,
         ]  # fmt: skip
 
-    nodes = [
-        subprocess.Popen(
-            launcher(rank), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        for rank in (1, 0)
-    ][::-1]
-    try:
-        stderrs = [node.communicate(timeout=timeout)[1] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [Path(logs) / f"node{rank}.err" for rank in (0, 1)]
+        nodes: list[subprocess.Popen] = []
+        for rank in (0, 1):
+            with open(paths[rank], "w") as err:  # a file, not a pipe: no node blocks on a full pipe
+                nodes.append(
+                    subprocess.Popen(
+                        launcher(rank),
+                        env=env,
+                        cwd=cwd,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )  # fmt: skip
+                )
+        deadline, timed_out = time.monotonic() + timeout, False
+        try:
+            for node in nodes:
+                node.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:  # SIGTERM: torchrun stops its workers (in sessions of their own) before it exits
+            for node in nodes:
+                if node.poll() is None:
+                    node.send_signal(signal.SIGTERM)
+            for node in nodes:
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+                    node.wait()
+        stderrs = [path.read_text() for path in paths]
     failed = [rank for rank, node in enumerate(nodes) if node.returncode != 0]
-    assert not failed, "\n".join(f"node {rank}:\n{err[-3000:]}" for rank, err in enumerate(stderrs))
+    assert not failed, f"timed out after {timeout} s\n" * timed_out + "\n".join(
+        f"node {rank} (exit {nodes[rank].returncode}):\n{err[-3000:]}" for rank, err in enumerate(stderrs)
+    )
     return stderrs
 
 
