@@ -21,7 +21,7 @@ from rlhf.args import (
 )
 from rlhf.errors import ConfigError
 from rlhf.ppo.estimators import ESTIMATORS, NEEDS_CRITIC, NEEDS_GROUPS, EstimatorSettings
-from rlhf.ppo.kl import KL_ESTIMATORS
+from rlhf.ppo.kl import KL_ESTIMATORS, AdaptiveKLController
 from rlhf.ppo.losses import LOSS_AGG_MODES
 from rlhf.ppo.memory import forward_batch_size
 from rlhf.ppo.profiling import check_profile_step
@@ -410,6 +410,23 @@ RANGES = (
 )
 
 
+def check_kl_horizon(ppo: PPOArguments, samples_per_rollout: int) -> None:
+    """With ``--target_kl``, β is multiplied by 1 + e·n/horizon after each rollout (e within
+    ±:data:`~rlhf.ppo.kl.AdaptiveKLController.MAX_ERROR`, n = ``samples_per_rollout`` over all processes): a
+    one-line error when a KL below the target would make that factor zero or negative (a KL bonus). Up front
+    with one process's samples (a lower bound of n), and again once the processes are known."""
+    if ppo.target_kl is None:
+        return
+    bound = AdaptiveKLController.MAX_ERROR * samples_per_rollout
+    if bound >= ppo.kl_horizon:
+        raise ConfigError(
+            f"--kl_horizon {ppo.kl_horizon:g}: the adaptive KL controller multiplies β by 1 + e·n/horizon after "
+            f"each rollout (e within ±{AdaptiveKLController.MAX_ERROR}, n = {samples_per_rollout} samples), so "
+            f"a KL below --target_kl would turn β into {1 - bound / ppo.kl_horizon:.3g}·β: zero or negative, a "
+            f"KL bonus. Give --kl_horizon > {bound:g} (default 10000)"
+        )
+
+
 def check_training_ranges(train: PPOTrainingArguments) -> None:
     """The loop's schedule flags: a run must have steps to train, and warm-up, weight decay and gradient
     clipping take no negative values."""
@@ -506,6 +523,7 @@ def validate(
             f"{rollout}"
         )
     check_sampling_flags(ppo)
+    check_kl_horizon(ppo, rollout)
     if ppo.pretrain_batch_size <= 0:
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     forward_batch_size(ppo.per_device_forward_batch_size, ppo.per_device_mini_train_batch_size)  # checks it

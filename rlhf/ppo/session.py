@@ -27,7 +27,13 @@ from rlhf.generation.base import Generator, SamplingConfig, eos_ids
 from rlhf.generation.build import build_generator
 from rlhf.models.rope import HOST_ROPE, rope_type
 from rlhf.optimizer import build_adamw
-from rlhf.ppo.config import PPOArguments, PPOTrainingArguments, off_policy_reason, rollout_size
+from rlhf.ppo.config import (
+    PPOArguments,
+    PPOTrainingArguments,
+    check_kl_horizon,
+    off_policy_reason,
+    rollout_size,
+)
 from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession
@@ -113,14 +119,7 @@ def build_kl_controller(
     ``samples_per_rollout``: over all processes, the ``n`` of the controller's update."""
     if ppo.target_kl is None:
         return FixedKLController(ppo.kl_penalty_beta)
-    smallest_factor = 1 - AdaptiveKLController.MAX_ERROR * samples_per_rollout / ppo.kl_horizon
-    if smallest_factor <= 0:
-        raise ConfigError(
-            f"--kl_horizon {ppo.kl_horizon:g}: the adaptive KL controller multiplies β by 1 + e·n/horizon after "
-            f"each rollout (e within ±{AdaptiveKLController.MAX_ERROR}, n = {samples_per_rollout} samples), so "
-            f"a KL below --target_kl would turn β into {smallest_factor:.3g}·β: zero or negative, a KL bonus. "
-            f"Give --kl_horizon > {AdaptiveKLController.MAX_ERROR * samples_per_rollout:g} (default 10000)"
-        )
+    check_kl_horizon(ppo, samples_per_rollout)
     return AdaptiveKLController(ppo.kl_penalty_beta, ppo.target_kl, ppo.kl_horizon)
 
 

@@ -45,6 +45,7 @@ from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import (
     PPOArguments,
     PPOTrainingArguments,
+    check_kl_horizon,
     check_old_logprobs,
     check_sampling_flags,
     check_training_ranges,
@@ -157,6 +158,7 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
         }
     )
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
+    check_kl_horizon(ppo, rollout_size(ppo, args))
     check_old_logprobs(ppo, args)
     check_training_ranges(args)
 
