@@ -141,3 +141,24 @@ def test_adapters_trained_on_relative_paths_load_with_plain_peft_from_any_direct
         model = AutoPeftModelForCausalLM.from_pretrained(work / out)
         assert model.peft_config["default"].base_model_name_or_path == str(base.resolve())
         assert torch.equal(logits(model), logits(load_causal_lm(str(work / out))))
+
+
+def test_ppo_adapters_trained_on_a_relative_sft_path_name_it_absolutely(
+    tiny_llama, repo_root, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    import run_ppo_with_peft
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama, work / "sft")
+    monkeypatch.chdir(work)
+    run_ppo_with_peft.main([
+        "--sft_model_path", "sft", "--reward_fn", "rlhf.toy_task:positivity_reward", "--dataset_dir",
+        str(repo_root / "sft_data"), "--output_dir", "actor", "--max_steps", "1", "--per_device_train_batch_size",
+        "2", "--max_response_length", "4", "--disable_tqdm", "true", "--report_to", "none",
+    ])  # fmt: skip
+    for adapter in (work / "actor", work / "actor" / "critic"):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((work / "sft").resolve()), adapter

@@ -39,10 +39,12 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [len(r) / 10 for r in responses]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize(("accumulation", "entropy_coef"), [(1, 0.25), (2, 0.25), (1, 0.0)])
 def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
-    tiny_llama, world_of_one, tmp_path, accumulation
+    tiny_llama, world_of_one, tmp_path, accumulation, entropy_coef
 ):
+    """Each term at its weight, over the accumulation; at --entropy_coef 0 the entropy is still reported
+    but asked for as a metric only (no backward through it)."""
     from rlhf.backend.accelerate import AccelerateBackend
     from rlhf.models import load_tokenizer
     from rlhf.ppo.peft_models import build_peft_policy_models
@@ -55,7 +57,7 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
     )
     ppo = PPOArguments(
         max_response_length=5, per_device_mini_train_batch_size=4, use_kl_loss=True, kl_penalty_beta=0.3,
-        ratio_clip=0.05, value_clip=0.4, entropy_coef=0.25, actor_loss_weight=0.7, critic_loss_weight=1.3,
+        ratio_clip=0.05, value_clip=0.4, entropy_coef=entropy_coef, actor_loss_weight=0.7, critic_loss_weight=1.3,
         pretrain_loss_weight=0.5, pretrain_warmup_steps=10, pretrain_batch_size=2, old_logprobs="forward",
     )  # fmt: skip
     args = PPOTrainingArguments(
@@ -83,8 +85,15 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
     backward = s.backend.backward
     recorded: list[torch.Tensor] = []
     s.backend.backward = lambda loss: (recorded.append(loss.detach().clone()), backward(loss))[1]
+    entropy_grads, policy_logprobs = [], models.policy_logprobs
+    models.policy_logprobs = lambda *a, **k: (
+        entropy_grads.append(k.get("entropy_grad")),
+        policy_logprobs(*a, **k),
+    )[1]
 
     out = {k: float(v) for k, v in ppo_mini_batch_step(s, buffer, state).items()}
+    del models.policy_logprobs
+    assert entropy_grads == [entropy_coef != 0]
 
     batch, old = buffer.mini_batch(0)
     mask = batch.response_mask
@@ -101,7 +110,9 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
         kl = kl_loss(logprobs, old["ref_logprobs"], mask, tokens)
         pretrain_loss = models.pretrain_loss(pretrain[blocks])
     assert 0 < float(policy.clipfrac) < 1 and 0 < float(values.clipfrac) < 1  # both clips are active
-    expected_actor = 0.7 * policy.loss - 0.25 * entropy_bonus(entropy, mask, tokens) + 0.15 * pretrain_loss
+    expected_actor = (
+        0.7 * policy.loss - entropy_coef * entropy_bonus(entropy, mask, tokens) + 0.15 * pretrain_loss
+    )
     expected_actor = expected_actor + 0.3 * kl
     assert len(recorded) == 2  # the actor's loss, then the critic's
     torch.testing.assert_close(recorded[0], expected_actor / accumulation, rtol=1e-5, atol=1e-6)
@@ -110,6 +121,7 @@ def test_mini_batch_losses_weigh_each_term_and_divide_by_the_accumulation(
     assert out["loss/policy"] == pytest.approx(float(policy.loss), rel=1e-5)
     assert out["loss/value"] == pytest.approx(float(values.loss), rel=1e-5)
     assert out["loss/kl"] == pytest.approx(float(kl), rel=1e-5, abs=1e-7)
+    assert out["policy/entropy"] == pytest.approx(float(entropy_bonus(entropy, mask, tokens)), rel=1e-5)
 
 
 def test_a_non_finite_loss_stops_the_run_before_its_optimizer_step(tiny_llama, tmp_path, capsys, monkeypatch):
