@@ -118,19 +118,19 @@ def read_hf_config(config_dir: str | os.PathLike) -> tuple[dict, dict]:
 
 # The records of the run that wrote a model dir (the Trainer's, PPO's, ours), not part of the model: a
 # converted or trained copy would pass them off as its own (``rlhf.plot`` would draw the old run's curves).
-RUN_RECORDS = frozenset({"trainer_state.json", "metrics.jsonl", "results.json", "merged_from.json"})
+SOURCE_RUN_FILES = frozenset({"trainer_state.json", "metrics.jsonl", "results.json", "merged_from.json"})
 
 
 def aux_files(model_dir: Path) -> list[Path]:
     """Tokenizer, generation config, remote code...: every top-level file that holds no weights and is no
-    record of the run that wrote the dir (:data:`RUN_RECORDS`, ``*_results.json``)."""
+    record of the run that wrote the dir (:data:`SOURCE_RUN_FILES`, ``*_results.json``)."""
     not_aux = {"config.json", "params.json"}
     return [
         p
         for p in sorted(Path(model_dir).iterdir())
         if p.is_file()
         and p.name not in not_aux
-        and p.name not in RUN_RECORDS
+        and p.name not in SOURCE_RUN_FILES
         and not p.name.endswith("_results.json")  # all_, train_, eval_results.json
         and not p.name.endswith(WEIGHT_SUFFIXES)
         and not p.name.endswith(".index.json")
