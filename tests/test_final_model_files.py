@@ -162,3 +162,32 @@ def test_ppo_adapters_trained_on_a_relative_sft_path_name_it_absolutely(
     for adapter in (work / "actor", work / "actor" / "critic"):
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str((work / "sft").resolve()), adapter
+
+
+def test_a_continued_adapter_names_the_base_this_run_loaded(tiny_llama, tmp_path, monkeypatch):
+    """--peft_path keeps training an adapter whose config may name its base relative to another directory:
+    the continued adapter names the base this run loaded, by its absolute path."""
+    import json
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.models.lora import LoraSpec
+    from rlhf.training import make_trainable
+
+    shutil.copytree(tiny_llama, tmp_path / "base")
+    old = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    old.save_pretrained(tmp_path / "old_adapter")
+    config_path = tmp_path / "old_adapter" / "adapter_config.json"
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "../x/base"})
+    )
+    monkeypatch.chdir(tmp_path)
+    model = make_trainable(
+        AutoModelForCausalLM.from_pretrained("base"),
+        LoraSpec(rank=-1),
+        peft_path=str(tmp_path / "old_adapter"),
+    )
+    assert model.peft_config["default"].base_model_name_or_path == str((tmp_path / "base").resolve())

@@ -74,6 +74,11 @@ def make_trainable(
         check_adapter_task(peft_path, task_type)
         check_adapter_weights(peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
+        base = getattr(
+            model.get_base_model(), "name_or_path", None
+        )  # what this run loaded, not the old run's
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = recorded_base_path(base or adapter.base_model_name_or_path)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
         check_modules_to_save(model, modules_to_save or [])
