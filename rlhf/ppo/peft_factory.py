@@ -19,7 +19,6 @@ from transformers import set_seed
 
 from rlhf.args import DataArguments, split_comma_list
 from rlhf.backend.accelerate import AccelerateBackend
-from rlhf.data.sequences import warn_beyond_context
 from rlhf.launch_settings import launched_precision
 from rlhf.models import adapter_base_path, load_tokenizer
 from rlhf.models.adapter_base import merged_from_adapter, write_base_if_adapter_source
@@ -43,7 +42,7 @@ from rlhf.ppo.rewards import (
     SumScorer,
     load_reward_fn,
 )
-from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator
+from rlhf.ppo.session import SessionParts, assemble_session, rollout_generator, warn_beyond_context
 from rlhf.reward.model import load_reward_model
 
 logger = logging.getLogger(__name__)
@@ -186,12 +185,7 @@ def build_peft_session(
         )
         if base is not None:
             models.base_model_path = str(base)
-    context = getattr(models.lm.config, "max_position_embeddings", None)
-    longest = max(map(len, prompts.ids), default=0) + ppo.max_response_length
-    budget = ppo.max_prompt_length + ppo.max_response_length
-    warn_beyond_context(longest, context, "--max_prompt_length + --max_response_length", budget)
-    if pretrain is not None:
-        warn_beyond_context(data.block_size, context, "--block_size", data.block_size)
+    warn_beyond_context(getattr(models.lm.config, "max_position_embeddings", None), prompts, pretrain, ppo)
     parts = SessionParts(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from rlhf.backend import Backend
+from rlhf.data.sequences import warn_beyond_context as warn_sequence_beyond_context
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation.base import Generator, SamplingConfig, eos_ids
 from rlhf.generation.build import build_generator
@@ -93,6 +94,23 @@ def count_total_steps(
             args.num_train_epochs, rollouts, mini_batches, args.gradient_accumulation_steps, needed,
         )  # fmt: skip
     return max(1, mini_batches // args.gradient_accumulation_steps)
+
+
+def warn_beyond_context(
+    context: int | None,
+    prompts: PromptSet,
+    pretrain: torch.Tensor | None,
+    ppo: PPOArguments,
+    response_flag: str = "--max_response_length",
+) -> None:
+    """SFT's warning line (:func:`rlhf.data.sequences.warn_beyond_context`) when the longest prompt plus
+    ``--max_response_length`` new tokens, or a pretraining block, is longer than the model's ``context``
+    positions (``response_flag``: the stage's name for the response budget)."""
+    longest = max(map(len, prompts.ids), default=0) + ppo.max_response_length
+    budget = ppo.max_prompt_length + ppo.max_response_length
+    warn_sequence_beyond_context(longest, context, f"--max_prompt_length + {response_flag}", budget)
+    if pretrain is not None:
+        warn_sequence_beyond_context(pretrain.shape[1], context, "--block_size", pretrain.shape[1])
 
 
 def build_optimizers(

@@ -16,7 +16,6 @@ import torch
 
 from rlhf.data import load_dataset_dir
 from rlhf.data.gsm8k import answers_match, extract_prediction
-from rlhf.data.sequences import warn_beyond_context
 from rlhf.data.templates import encode_prompt_text
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import LoraSpec
@@ -24,7 +23,13 @@ from rlhf.ppo.config import PPOArguments
 from rlhf.ppo.data import PromptSet, cut_prompts, load_pretrain
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
-from rlhf.ppo.session import SessionParts, assemble_session, count_total_steps, rollout_generator
+from rlhf.ppo.session import (
+    SessionParts,
+    assemble_session,
+    count_total_steps,
+    rollout_generator,
+    warn_beyond_context,
+)
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
 from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
@@ -132,12 +137,8 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     models = load_models(tp, tp.lora_spec(), rank, world_size, device(), with_critic=ppo.needs_critic)
     for model in (models.actor, models.critic) if models.has_critic else (models.actor,):
         backend.prepare(model)  # records which parameters are split, for the gradient norm
-    context = models.actor.args.max_seq_len  # the checkpoint's max_position_embeddings
-    longest = max(map(len, prompts.ids), default=0) + ppo.max_response_length
-    flag = "--max_prompt_length + --max_gen_len"
-    warn_beyond_context(longest, context, flag, ppo.max_prompt_length + ppo.max_response_length)
-    if pretrain is not None:
-        warn_beyond_context(tp.block_size, context, "--block_size", tp.block_size)
+    # max_seq_len: the checkpoint's max_position_embeddings
+    warn_beyond_context(models.actor.args.max_seq_len, prompts, pretrain, ppo, "--max_gen_len")
     parts = SessionParts(
         backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
         prompts=prompts, pretrain=pretrain,

@@ -74,11 +74,6 @@ def make_trainable(
         check_adapter_task(peft_path, task_type)
         check_adapter_weights(peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, peft_path, is_trainable=True)
-        base = getattr(
-            model.get_base_model(), "name_or_path", None
-        )  # what this run loaded, not the old run's
-        for adapter in model.peft_config.values():
-            adapter.base_model_name_or_path = recorded_base_path(base or adapter.base_model_name_or_path)
         logger.info("continuing adapter %s", peft_path)
     elif lora.use_lora:
         check_modules_to_save(model, modules_to_save or [])
@@ -93,9 +88,11 @@ def make_trainable(
             task_type=task_type,
         )
         model = get_peft_model(model, config)
-        for adapter in model.peft_config.values():  # the base as an absolute path: loads from any directory
-            adapter.base_model_name_or_path = recorded_base_path(adapter.base_model_name_or_path)
     if isinstance(model, PeftModel):
+        # the base this run loaded (not a continued adapter's old record), absolute: loads from any directory
+        base = getattr(model.get_base_model(), "name_or_path", None)
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = recorded_base_path(base or adapter.base_model_name_or_path)
         use_fast_lora_forward(model)  # no float32 round trip of the input under autocast, one addmm
     if fp16:
         upcast_float16_trainable(model)
