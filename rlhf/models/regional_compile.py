@@ -107,7 +107,9 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     (a forward of each instance's own, in place of the class's)."""
     layers = decoder_layers(model)
     dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    # torch < 2.7 calls the limit cache_size_limit
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
     for layer in layers:
         layer.forward = functools.partial(
             _run_layer, layer, _compiled_forward(_plain_forward(layer), backend)

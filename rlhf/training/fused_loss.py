@@ -189,7 +189,12 @@ def install_hidden_state_hooks(model: torch.nn.Module) -> None:
     except ImportError:  # other transformers versions record hidden states without hooks
         return
 
-    recording = [m for m in model.modules() if "hidden_states" in _CAN_RECORD_REGISTRY.get(m)]
+    def records_hidden_states(module: torch.nn.Module) -> bool:
+        # older transformers (5.20 has it) key a plain dict by the class's name; later ones take the module
+        key = str(module.__class__) if type(_CAN_RECORD_REGISTRY) is dict else module
+        return "hidden_states" in (_CAN_RECORD_REGISTRY.get(key) or {})
+
+    recording = [m for m in model.modules() if records_hidden_states(m)]
     for module in recording:
         below = {id(m) for m in module.modules() if m is not module}
         if not any(id(other) in below for other in recording):
