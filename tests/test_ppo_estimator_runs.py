@@ -29,6 +29,12 @@ VALUE_KEYS = {"loss/value", "value/clipfrac", "value/explained_variance", "lr/cr
 # (test_ppo_run's autouse one_thread): the reference rows were recorded so, and a matmul's sums depend on it.
 TIMINGS = {"time/rollout_s", "time/train_s", "time/generate_per_rollout_s", "samples_per_s"}
 GAE_KEYS = set(REFERENCE["peft"][0]) | TIMINGS
+# The rows were recorded on torch 2.13 and come out the same on 2.11 and 2.14; torch 2.6 draws other
+# mini-batch shuffles and dropout masks from the same seed (the first update's policy loss has the other sign).
+SAME_RANDOM_STREAM = pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 11),
+    reason="the recorded rows' random stream is torch >= 2.11's",
+)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -74,6 +80,7 @@ def tp_argv(model: Path, reward: str, train_file: Path, out: Path, *extra: str) 
     ]  # fmt: skip
 
 
+@SAME_RANDOM_STREAM
 def test_gae_reproduces_the_metrics_recorded_before_the_estimators_peft(
     tiny_llama, length_reward, tmp_path, monkeypatch
 ):
@@ -87,6 +94,7 @@ def test_gae_reproduces_the_metrics_recorded_before_the_estimators_peft(
     assert (out / "critic" / "value_head.safetensors").is_file()
 
 
+@SAME_RANDOM_STREAM
 def test_gae_reproduces_the_metrics_recorded_before_the_estimators_tp(
     tiny_llama, length_reward, gsm8k_file, tmp_path, world_of_one
 ):
