@@ -15,6 +15,8 @@ GPU_SITE := $(CURDIR)/.whl/site
 .PHONY: install test test-real-data test-gpu demo lint format bench clean
 
 $(STAMP): pyproject.toml
+	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "rlhf needs Python >= 3.11: make $(MAKECMDGOALS) PYTHON=python3.11 (after make clean if .venv is older)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
