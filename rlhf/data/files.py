@@ -11,7 +11,7 @@ but whitespace (a second list or object there is an error, not silently ignored)
 Python's ``json`` accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity`` (and turns
 ``1e999`` into infinity); a record holding such a number anywhere is rejected at its ``file:line``, so a
 ``"margin": NaN`` cannot turn a whole training run into NaN weights. So is a string holding an unpaired
-surrogate escape such as ``"\ud800"``: valid JSON syntax, but no text, which no tokenizer or Arrow file can
+surrogate escape such as ``"\\ud800"``: valid JSON syntax, but no text, which no tokenizer or Arrow file can
 encode.
 """
 
