@@ -11,6 +11,7 @@ accelerator, one process under torchrun or accelerate launch), and the checkpoin
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from rlhf.training.checkpoints import CheckpointLayout, checkpoint_problem, layo
 from rlhf.training.resume_settings import PROCESSES, ZERO_STAGE, args_settings, write_settings, zero_stage
 
 REPO = Path(__file__).resolve().parents[1]
+# what a pickle of test_model_loading.RunsCode names: io.open on Python 3.11, _io.open from 3.12 on
+PICKLED_OPEN = f"{io.open.__module__}.open"
 ZERO2, ZERO3 = REPO / "configs" / "ds_zero2.json", REPO / "configs" / "ds_zero3.json"
 SCRIPTS = {"sft": REPO / "run_sft_with_peft.py", "rm": REPO / "run_rm_with_peft.py"}
 DATA = {"sft": REPO / "sft_data", "rm": REPO / "rm_data"}
@@ -238,8 +241,8 @@ def test_a_deepspeed_file_naming_anything_but_deepspeeds_state_classes_is_refuse
         ckpt / "global_step2" / "mp_rank_00_model_states.pt",
     )
     assert checkpoint_problem(ckpt, layout) == (
-        "mp_rank_00_model_states.pt is refused: it holds io.open, which DeepSpeed's loader would import (a pickle "
-        "that could run code; only DeepSpeed's own state classes are let through)"
+        f"mp_rank_00_model_states.pt is refused: it holds {PICKLED_OPEN}, which DeepSpeed's loader would import "
+        "(a pickle that could run code; only DeepSpeed's own state classes are let through)"
     )
     assert not marker.exists()
     # DeepSpeed loads the dir `latest` names: any dir of the checkpoint is scanned, a path out of it refused
@@ -249,7 +252,7 @@ def test_a_deepspeed_file_naming_anything_but_deepspeeds_state_classes_is_refuse
     torch.save(state, ckpt / "other" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     (ckpt / "latest").write_text("other")
     assert checkpoint_problem(ckpt, layout).startswith(
-        "mp_rank_00_model_states.pt is refused: it holds io.open"
+        f"mp_rank_00_model_states.pt is refused: it holds {PICKLED_OPEN}"
     )
     for elsewhere in ("global_step2/sub", str(tmp_path / "elsewhere"), ".."):
         (ckpt / "latest").write_text(elsewhere)
@@ -265,9 +268,9 @@ def test_a_state_file_refused_by_weights_only_says_so(tmp_path):
     ckpt = zero_checkpoint(tmp_path, 1, 2)
     torch.save({"state": RunsCode(tmp_path / "code_ran")}, ckpt / "scheduler.pt")
     problem = checkpoint_problem(ckpt, CheckpointLayout(deepspeed=True, zero_stage=2, processes=1))
-    assert problem.startswith("scheduler.pt is refused: it holds io.open, which loading would import"), (
-        problem
-    )
+    assert problem.startswith(
+        f"scheduler.pt is refused: it holds {PICKLED_OPEN}, which loading would import"
+    ), problem
     assert not (tmp_path / "code_ran").exists()
 
 
