@@ -29,6 +29,7 @@ from rlhf.ppo.config import (
     PPODataArguments,
     PPOModelArguments,
     PPOTrainingArguments,
+    check_eval_split,
     critic_output_dir,
     input_paths,
     validate,
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     model_args, data_args, ppo_args, train_args = parse_args(ARGUMENT_GROUPS, argv)
     validate(model_args, ppo_args, train_args, data_args.dataset_dir)
+    if train_args.do_eval:
+        check_eval_split(data_args.split_ratio)
     actor_lora_spec(model_args)  # a bad --actor_lora_* or --critic_lora_* value fails before any model loads
     if ppo_args.needs_critic:
         critic_lora_spec(model_args)

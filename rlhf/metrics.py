@@ -66,7 +66,19 @@ class MetricsFile:
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, metrics: dict[str, float]) -> None:
+        self.append_rows([metrics])
+
+    def append_rows(self, rows: list[dict]) -> None:
+        """Append rows (each with a ``step``); values are numbers, or strings and booleans (a sample's text)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        clean = {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in metrics.items()}
+        lines = [
+            json.dumps(
+                {
+                    k: v if v is None or isinstance(v, (int, str)) or math.isfinite(v) else None
+                    for k, v in row.items()
+                }
+            )
+            for row in rows
+        ]
         with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write("".join(line + "\n" for line in lines))

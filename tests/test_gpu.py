@@ -127,6 +127,19 @@ def test_ppo_seed_command_under_accelerate_launch(tiny_llama, rm_adapter, tmp_pa
     ).is_file()
 
 
+def test_ppo_do_eval_on_the_gpu_engine(tiny_llama, rm_adapter, tmp_path):
+    """--do_eval under bf16: greedy evaluations through the CUDA-graph engine, scored by the reward adapter."""
+    argv = reference_command(tiny_llama, rm_adapter, tmp_path)
+    argv = with_flags(argv, max_steps="2", logging_steps="1", save_steps="2", max_response_length="48")
+    argv = [*reporting(in_precision(argv, "bf16")), "--do_eval", "--split_ratio", "0.1"]
+    run([*ACCELERATE, "run_ppo_with_peft.py", *argv], REPO_ROOT)
+    actor = tmp_path / "actor"
+    evals = [m for m in read_metrics(actor / "metrics.jsonl") if "eval/score" in m]
+    assert [m["step"] for m in evals] == [0, 1, 2] and all(math.isfinite(m["eval/score"]) for m in evals)
+    samples = read_metrics(actor / "eval_samples.jsonl")
+    assert len(samples) == 3 * evals[0]["eval/prompts"] and all(math.isfinite(s["score"]) for s in samples)
+
+
 def test_ppo_save_and_resume_continues_the_step_count(tiny_llama, rm_adapter, tmp_path):
     out = tmp_path / "ppo"
     argv = in_precision(resume_argv(tiny_llama, rm_adapter, out), "fp16")

@@ -15,7 +15,8 @@ import pytest
 import torch
 from launch import GLOO_THREADS_AFTER, freed_process_groups, script_env, torchrun
 
-from rlhf.tp.examples import Example, collate, split_rows
+from rlhf.data import split_rows
+from rlhf.tp.examples import Example, collate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

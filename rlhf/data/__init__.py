@@ -1,6 +1,6 @@
 """Data: file discovery, record formats, templates and loading through ``datasets``."""
 
-from rlhf.data.loading import load_dataset_dir, load_text_dir, split_dataset
+from rlhf.data.loading import load_dataset_dir, load_text_dir, split_dataset, split_rows
 from rlhf.data.pretrain import group_into_blocks, load_pretrain_blocks
 from rlhf.data.templates import render_prompt, tokenize_prompt
 
@@ -11,5 +11,6 @@ __all__ = [
     "load_text_dir",
     "render_prompt",
     "split_dataset",
+    "split_rows",
     "tokenize_prompt",
 ]

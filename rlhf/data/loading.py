@@ -15,8 +15,10 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
+import torch
 
 from rlhf.args import check_output_dir
 from rlhf.data.code_version import data_code_version
@@ -92,6 +94,16 @@ def load_text_dir(dataset_dir: str | os.PathLike, cache_dir: str | None = None) 
     features = datasets.Features({"text": datasets.Value("string")})
     stamps = {"stamps": _file_stamps(files), "code": data_code_version()}
     return _from_generator(_generate_text, stamps, features, cache_dir)
+
+
+def split_rows(rows: list[Any], ratio: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) rows: a seeded random ``ratio`` share is held out (at least one row when > 0)."""
+    if ratio <= 0 or len(rows) < 2:
+        return list(rows), []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(len(rows) - 1, max(1, round(ratio * len(rows))))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def split_dataset(

@@ -54,8 +54,11 @@ class Generator(Protocol):
         """Allocate what generation needs up front (the engine's static KV cache) and log its size; called
         once before the first rollout, under the backend's autocast. A no-op for HF ``generate``."""
 
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
-        """Sample one response per prompt. prompt_ids, prompt_mask: [B, P], left-padded."""
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig | None = None
+    ) -> Generation:
+        """Sample one response per prompt. prompt_ids, prompt_mask: [B, P], left-padded; ``sampling``: other
+        settings than :attr:`sampling` for this call (greedy, for an evaluation)."""
 
 
 def eos_ids(eos_token_id: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:

@@ -376,10 +376,16 @@ class EngineGenerator:
             self.engine_for(model).reserve()
 
     def generate(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stop: StopFn | None = None
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        stop: StopFn | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> Generation:
+        """``sampling``: other settings than the generator's for this call (e.g. greedy for an evaluation;
+        the same engine, KV cache and graphs)."""
         with self.model_context() as model:
             engine = self.engine_for(model)
             return engine.generate(
-                prompt_ids, prompt_mask, self.sampling, generator=self.generator, stop=stop
+                prompt_ids, prompt_mask, sampling or self.sampling, generator=self.generator, stop=stop
             )

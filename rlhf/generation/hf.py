@@ -19,6 +19,25 @@ NOT_SAMPLING_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "transf
                          "use_cache", "cache_implementation"}  # fmt: skip
 
 
+def generation_config(sampling: SamplingConfig) -> GenerationConfig:
+    """Hugging Face's ``GenerationConfig`` for ``sampling`` (greedy when ``temperature <= 0``)."""
+    sample = sampling.temperature > 0
+    return GenerationConfig(
+        do_sample=sample,
+        num_beams=sampling.num_beams,
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens,
+        temperature=sampling.temperature if sample else None,
+        top_k=sampling.top_k if sample else None,  # 0 = off; None would mean generate's default, 50
+        top_p=sampling.top_p if sample else None,
+        eos_token_id=list(eos_ids(sampling.eos_token_id)) or None,
+        pad_token_id=sampling.pad_token_id,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
 class HFGenerator:
     """Samples with ``model.generate`` (KV cache, multinomial sampling with temperature/top-k/top-p).
 
@@ -36,40 +55,29 @@ class HFGenerator:
     ) -> None:
         self.model_context = model_context
         self.sampling = sampling
-        sample = sampling.temperature > 0
-        self.config = GenerationConfig(
-            do_sample=sample,
-            num_beams=sampling.num_beams,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens,
-            temperature=sampling.temperature if sample else None,
-            top_k=sampling.top_k if sample else None,  # 0 = off; None would mean generate's default, 50
-            top_p=sampling.top_p if sample else None,
-            eos_token_id=list(eos_ids(sampling.eos_token_id)) or None,
-            pad_token_id=sampling.pad_token_id,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        self.config = generation_config(sampling)
         self._reported = False
 
     def prepare(self) -> None:
         """Nothing to allocate: ``generate`` grows its own cache at every call."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig | None = None
+    ) -> Generation:
+        """``sampling``: other settings than the generator's for this call (e.g. greedy for an evaluation)."""
+        sampling = sampling or self.sampling
+        config = self.config if sampling == self.sampling else generation_config(sampling)
         with self.model_context() as model, self._without_model_defaults(model):
-            out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.config
-            )
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         response = out.sequences[:, prompt_ids.shape[1] :]
-        mask = response_mask_after_eos(response, self.sampling.eos_token_id)
-        response = response.masked_fill(mask == 0, self.sampling.pad_token_id)
-        if self.sampling.num_beams > 1:
+        mask = response_mask_after_eos(response, sampling.eos_token_id)
+        response = response.masked_fill(mask == 0, sampling.pad_token_id)
+        if sampling.num_beams > 1:
             return Generation(response, mask)
         # the unprocessed logits of each step [B, V], one step at a time: stacked, then in float32 and
         # log-softmaxed whole, they would be several [B, R, V] float32 tensors at once
-        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         logprobs = torch.stack(
             [
                 torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, token[:, None]).squeeze(-1)

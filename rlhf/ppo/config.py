@@ -38,7 +38,11 @@ class PPODataArguments(DataArguments):
                   "record's prompt, or {\"prompt\"})."}
     )  # fmt: skip
     split_ratio: float = field(
-        default=0.01, metadata={"help": "Accepted for the shared scripts; PPO uses every prompt."}
+        default=0.01,
+        metadata={
+            "help": "With --do_eval: the share of the prompts held out for evaluation (never trained on); "
+            "without it PPO trains on every prompt."
+        },
     )
     block_size: int = field(
         default=512, metadata={"help": "Tokens per block of --pretrain_dataset_dir text."}
@@ -246,6 +250,16 @@ class PPOTrainingArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping per model; 0 = off."})
     logging_steps: int = field(default=10, metadata={"help": "Write metrics every N optimizer steps."})
     logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step."})
+    do_eval: bool = field(
+        default=False,
+        metadata={"help": "Evaluate the policy on the --split_ratio share of the prompts, held out from training: "
+                  "greedy responses scored by the reward, before the first step, every --eval_steps steps and at "
+                  "the end (eval/* rows in metrics.jsonl, the responses in eval_samples.jsonl)."},
+    )  # fmt: skip
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "With --do_eval: evaluate every N optimizer steps (default: --logging_steps)."},
+    )
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the last N checkpoints."})
     resume_from_checkpoint: str | None = field(
@@ -286,6 +300,11 @@ class PPOTrainingArguments:
     @property
     def report_to_list(self) -> list[str]:
         return split_comma_list(self.report_to)
+
+    @property
+    def eval_every(self) -> int:
+        """``--eval_steps``, by default ``--logging_steps``."""
+        return self.eval_steps if self.eval_steps is not None else self.logging_steps
 
 
 def critic_output_dir(models: PPOModelArguments, train: PPOTrainingArguments) -> Path:
@@ -438,6 +457,16 @@ def check_training_ranges(train: PPOTrainingArguments) -> None:
     for flag in ("warmup_steps", "weight_decay", "max_grad_norm"):
         if getattr(train, flag) < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {getattr(train, flag)}")
+    if train.eval_steps is not None and train.eval_steps <= 0:
+        raise ConfigError(f"--eval_steps must be > 0, got {train.eval_steps}")
+
+
+def check_eval_split(split_ratio: float) -> None:
+    """``--do_eval`` holds out ``--split_ratio`` of the prompts: a share in (0, 1)."""
+    if not 0 < split_ratio < 1:
+        raise ConfigError(
+            f"--do_eval holds out --split_ratio of the prompts: it must be in (0, 1), got {split_ratio:g}"
+        )
 
 
 def check_ranges(ppo: PPOArguments) -> None:

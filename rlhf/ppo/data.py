@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from rlhf.data import load_dataset_dir, load_pretrain_blocks, render_prompt, tokenize_prompt
+from rlhf.data import load_dataset_dir, load_pretrain_blocks, render_prompt, split_rows, tokenize_prompt
 from rlhf.data.sequences import fit_to_length
 from rlhf.errors import DataError
+from rlhf.ppo.config import check_eval_split
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,24 @@ def load_prompts(
         raise DataError(f"--dataset_dir {dataset_dir}: no prompts")
     ids = cut_prompts(ids, max_prompt_length, tokenizer.bos_token_id, dataset_dir)
     return PromptSet(ids, texts, f"--dataset_dir {dataset_dir}")
+
+
+def hold_out_prompts(prompts: PromptSet, split_ratio: float, seed: int) -> tuple[PromptSet, PromptSet]:
+    """(training, held-out) prompts for ``--do_eval``: a ``--split_ratio`` share seeded by ``--seed`` (at least
+    one prompt, at most all but one), as the SFT and reward-model stages hold out their rows."""
+    check_eval_split(split_ratio)
+    if len(prompts) < 2:
+        raise DataError(
+            f"{prompts.source}: --do_eval needs at least 2 prompts (one to train on), found {len(prompts)}"
+        )
+    train, held = split_rows(list(range(len(prompts))), split_ratio, seed)
+
+    def subset(rows: list[int], what: str) -> PromptSet:
+        return PromptSet(
+            [prompts.ids[i] for i in rows], [prompts.texts[i] for i in rows], f"{prompts.source} ({what})"
+        )
+
+    return subset(train, "training share"), subset(held, "held out by --split_ratio")
 
 
 def load_pretrain(dataset_dir: str, tokenizer: Any, block_size: int, cache_dir: str | None) -> torch.Tensor:

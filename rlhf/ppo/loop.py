@@ -43,6 +43,7 @@ from rlhf.ppo.estimators import (
     mean_group_std,
     zero_std_group_fraction,
 )
+from rlhf.ppo.evaluation import run_evaluation
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl_estimate
 from rlhf.ppo.losses import entropy_bonus, kl_loss, policy_loss, pretrain_weight, value_loss
 from rlhf.ppo.memory import (
@@ -54,7 +55,7 @@ from rlhf.ppo.memory import (
 from rlhf.ppo.metrics import MetricsAccumulator, MetricsFile
 from rlhf.ppo.policy_interface import PolicyModels
 from rlhf.ppo.profiling import StepProfiler
-from rlhf.ppo.resume import flag_settings
+from rlhf.ppo.resume import EVAL_SAMPLES_FILE, flag_settings
 from rlhf.ppo.rewards import Scorer, shaped_scores
 from rlhf.ppo.stats import explained_variance, global_masked_moments, tokens_per_process
 from rlhf.publish import publish_files, staging_dir
@@ -75,7 +76,7 @@ class PPOSession:
     scorer: Scorer
     backend: Backend
     decode: Any  # token id lists -> texts (tokenizer.batch_decode)
-    prompts: PromptSet
+    prompts: PromptSet  # the training prompts
     prompt_sampler: EpochSampler
     pretrain: torch.Tensor | None  # [N, block_size]
     pretrain_sampler: EpochSampler | None
@@ -95,6 +96,7 @@ class PPOSession:
     inputs: dict[str, str | None] = field(
         default_factory=dict
     )  # flag -> path read: a resume needs them unchanged
+    eval_prompts: PromptSet | None = None  # --do_eval: the held-out prompts (rlhf/ppo/evaluation.py)
 
 
 @dataclass
@@ -360,6 +362,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
     output_dir = Path(args.output_dir)
     state, metrics, buffer = TrainState(), MetricsAccumulator(), None
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    samples_file = MetricsFile(output_dir / EVAL_SAMPLES_FILE)  # --do_eval's responses
     if resume_from:
         shared, rank_state, buffer = load_checkpoint(
             Path(resume_from),
@@ -377,6 +380,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         metrics.load_state(rank_state["metrics"])
     if backend.is_main:
         metrics_file.truncate_after(state.step if resume_from else -1)
+        samples_file.truncate_after(state.step if resume_from else -1)
     per_rollout = s.ppo.ppo_epochs * rollout_size(s.ppo, args) // s.ppo.per_device_mini_train_batch_size
     logger.info(
         "each rollout: %d samples per process x %d processes -> %d mini-batches (%d epochs) -> %.2f "
@@ -402,6 +406,9 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
     )
     pending: list[dict[str, torch.Tensor | float]] = []  # the metrics of mini-batches not yet read
     with StopSignals() as stop, progress:
+        if s.eval_prompts is not None and state.step == 0 < s.total_steps:  # the policy before training
+            progress.set_postfix_str("eval", refresh=True)
+            timer["since"] += run_evaluation(s, state.step, metrics_file, samples_file)
         while state.step < s.total_steps:
             profiler.before(state.step + 1)
             if buffer is None or buffer.exhausted:
@@ -440,6 +447,9 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             last = state.step == s.total_steps
             if state.step % args.logging_steps == 0 or last or (args.logging_first_step and state.step == 1):
                 write_log(s, state, metrics, metrics_file, timer)
+            if s.eval_prompts is not None and (state.step % args.eval_every == 0 or last):
+                progress.set_postfix_str("eval", refresh=True)  # its time is left out of samples_per_s
+                timer["since"] += run_evaluation(s, state.step, metrics_file, samples_file)
             stop_signal = 0 if last else stop.agreed(backend.device)
             if state.step % args.save_steps == 0 or last or stop_signal:
                 save_step_checkpoint(s, state, metrics, buffer)
@@ -458,6 +468,7 @@ def resume_settings(s: PPOSession) -> dict[str, Any]:
         flag_settings(s.args, s.ppo, s.inputs, processes)
         | {
             "number of prompts": len(s.prompts),
+            "number of prompts held out by --do_eval": 0 if s.eval_prompts is None else len(s.eval_prompts),
             "number of pretraining blocks": 0 if s.pretrain is None else int(s.pretrain.shape[0]),
         }
         | s.models.adapter_settings()

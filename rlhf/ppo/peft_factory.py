@@ -31,7 +31,7 @@ from rlhf.ppo.config import (
     critic_output_dir,
     input_paths,
 )
-from rlhf.ppo.data import load_pretrain, load_prompts
+from rlhf.ppo.data import hold_out_prompts, load_pretrain, load_prompts
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.peft_models import PeftPolicyModels, build_peft_policy_models, read_reward_adapter
 from rlhf.ppo.rewards import (
@@ -169,6 +169,13 @@ def build_peft_session(
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     # the data before the models: an error in it comes before minutes of loading
     prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
+    eval_prompts = None
+    if args.do_eval:
+        prompts, eval_prompts = hold_out_prompts(prompts, data.split_ratio, args.seed)
+        logger.info(
+            "--do_eval: %d of the prompts held out for evaluation (--split_ratio %g), %d to train on",
+            len(eval_prompts), data.split_ratio, len(prompts),
+        )  # fmt: skip
     pretrain = None
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
@@ -190,6 +197,6 @@ def build_peft_session(
         backend=backend, models=models, scorer=scorer, tokenizer=tokenizer, prompts=prompts, pretrain=pretrain,
         generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
         save_extra={"tokenizer": lambda path: tokenizer.save_pretrained(str(path))},
-        inputs=input_paths(margs, data.dataset_dir),
+        inputs=input_paths(margs, data.dataset_dir), eval_prompts=eval_prompts,
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(margs), **vars(ppo), **vars(args)})

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"  # --do_eval's responses (rlhf/ppo/evaluation.py)
 
 
 def resume_checkpoint(args: PPOTrainingArguments | TPTrainArguments) -> str | None:
@@ -122,13 +123,20 @@ def check_settings_before_loading(resume_from: str | None, known: dict[str, Any]
 
 
 def start_afresh(output_dir: Path, backend: Backend) -> None:
-    """Remove the ``checkpoint-N`` dirs and ``metrics.jsonl`` of an earlier run (main process; all wait)."""
+    """Remove the ``checkpoint-N`` dirs, ``metrics.jsonl`` and ``eval_samples.jsonl`` of an earlier run (main
+    process; all wait)."""
     if backend.is_main:
         old = checkpoint_dirs(output_dir)
         for directory in old:
             shutil.rmtree(directory, ignore_errors=True)
-        metrics = output_dir / METRICS_FILE
-        if old or metrics.exists():
-            logger.info("removed %d old checkpoint(s) and %s from %s", len(old), METRICS_FILE, output_dir)
-        metrics.unlink(missing_ok=True)
+        records = [
+            output_dir / name for name in (METRICS_FILE, EVAL_SAMPLES_FILE) if (output_dir / name).exists()
+        ]
+        if old or records:
+            logger.info(
+                "removed %d old checkpoint(s)%s from %s",
+                len(old), "".join(f" and {path.name}" for path in records), output_dir,
+            )  # fmt: skip
+        for path in records:
+            path.unlink()
     backend.barrier()

@@ -64,6 +64,7 @@ class SessionParts:
     pretrain: torch.Tensor | None = None
     save_extra: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str | None] = field(default_factory=dict)  # flag -> the path it read (resume checks)
+    eval_prompts: PromptSet | None = None  # --do_eval: prompts held out from ``prompts``
 
 
 def count_total_steps(
@@ -278,5 +279,5 @@ def assemble_session(
         schedulers=schedulers, kl_controller=build_kl_controller(ppo, rollout_size(ppo, args) * world), ppo=ppo, args=args,
         total_steps=total_steps, pad_token_id=tokenizer.pad_token_id, eos_token_id=parts.generator.sampling.eos_token_id,
         estimator=ppo.estimator_settings(), save_extra=parts.save_extra,
-        old_logprobs=old_logprobs, inputs=parts.inputs,
+        old_logprobs=old_logprobs, inputs=parts.inputs, eval_prompts=parts.eval_prompts,
     )  # fmt: skip

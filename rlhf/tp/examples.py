@@ -1,4 +1,4 @@
-"""Training sequences of the TP supervised stages: one example, right-padded micro-batches, a held-out split.
+"""Training sequences of the TP supervised stages: one example and right-padded micro-batches.
 
 A solver example carries per-token ``labels`` (-100 = no loss, e.g. on the prompt); a verifier example a
 sequence ``target`` (1.0 correct, 0.0 incorrect) read at its last token.
@@ -7,7 +7,6 @@ sequence ``target`` (1.0 correct, 0.0 incorrect) read at its last token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -21,16 +20,6 @@ class Example:
     labels: list[int] | None = None
     target: float | None = None
     cut: bool = False
-
-
-def split_rows(rows: list[Any], ratio: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, held-out) rows: a seeded random ``ratio`` share is held out (at least one row when > 0)."""
-    if ratio <= 0 or len(rows) < 2:
-        return list(rows), []
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = min(len(rows) - 1, max(1, round(ratio * len(rows))))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def collate(examples: list[Example], pad_id: int, dev: torch.device) -> dict[str, torch.Tensor]:

@@ -157,6 +157,11 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
             "--max_prompt_length": ppo.max_prompt_length,
         }
     )
+    if args.do_eval:
+        raise ConfigError(
+            "--do_eval: held-out evaluation during PPO is run_ppo_with_peft.py's; on the tensor-parallel backend "
+            "evaluate the saved actor with python -m rlhf.tp.solver_evaluate"
+        )
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
     check_kl_horizon(ppo, rollout_size(ppo, args))
     check_old_logprobs(ppo, args)

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.args import parse_args
-from rlhf.data import load_dataset_dir
+from rlhf.data import load_dataset_dir, split_rows
 from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import exit_on_user_error
 from rlhf.logging_setup import setup_logging
 from rlhf.tp.distributed import process_group_scope
-from rlhf.tp.examples import Example, collate, micro_batches, split_rows
+from rlhf.tp.examples import Example, collate, micro_batches
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
 from rlhf.tp.train_args import TPTrainArguments

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.data import split_rows
 from rlhf.data.files import find_data_files, iter_json_records
 from rlhf.data.gsm8k import extract_gsm8k_label, find_number, normalize_number
 from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import CheckpointError, DataError
 from rlhf.tp.distributed import is_main
-from rlhf.tp.examples import Example, collate, micro_batches, split_rows
+from rlhf.tp.examples import Example, collate, micro_batches
 from rlhf.tp.loading import checkpoint_head
 from rlhf.tp.model import Transformer
 from rlhf.tp.prompt import gsm8k_prompt, gsm8k_target
