@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Not curves: the x axis, counters, and the one-off summary a Trainer logs at the end of training.
 NOT_CURVES = frozenset((
-    "step", "epoch", "rollouts", "total_flos", "train_runtime", "train_samples_per_second",
+    "step", "epoch", "rollouts", "eval/prompts", "total_flos", "train_runtime", "train_samples_per_second",
     "train_steps_per_second", "train_loss",
 ))  # fmt: skip
 METRICS_FILES = ("metrics.jsonl", "training/metrics.jsonl")
