@@ -382,6 +382,30 @@ def test_a_reward_model_with_its_own_tokenizer_gets_an_eos_only_where_the_respon
     assert last[0] == tokenizer.eos_token_id and last[1] != tokenizer.eos_token_id
 
 
+def test_a_reward_model_with_its_own_tokenizer_gets_one_bos_when_the_template_wrote_it(tiny_llama):
+    """A chat template that writes the BOS into the prompt text (Llama-3's, Llama-2's [INST]): re-tokenized
+    for a reward model of another vocabulary, the prompt used to get a second BOS from the tokenizer, which
+    the reward stage never trained on."""
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.rewards import SequenceClassifierScorer
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    scorer = SequenceClassifierScorer(model, torch.device("cpu"), tokenizer)
+    prompt_ids, prompt_mask = left_pad([[1, 10], [1, 11]], 0)
+    response_ids = torch.tensor([[20, 21], [22, 23]])
+    batch = SequenceBatch(torch.cat([prompt_ids, response_ids], 1), torch.ones(2, 4, dtype=torch.long), 2)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    bos = tokenizer.bos_token
+    scorer.score(batch, [f"{bos}user: a b", "user: a b"], ["c", "c"])
+    rows = [row[row != tokenizer.pad_token_id].tolist() for row in seen[0]]
+    assert [row.count(tokenizer.bos_token_id) for row in rows] == [1, 1]
+    assert rows[0] == rows[1]  # the BOS in the text and the one the tokenizer adds are the same token
+
+
 def test_too_few_prompts_for_one_rollout_names_the_flags():
     from rlhf.errors import DataError
     from rlhf.ppo.session import count_total_steps

@@ -69,12 +69,16 @@ def tokenize_prompt(row: dict[str, Any], tokenizer: Any) -> list[int]:
     Chat templates of real checkpoints often write the BOS token into the text themselves; encoding such
     text with special tokens would put a second BOS in front.
     """
-    text = render_prompt(row, tokenizer)
+    return encode_rendered_prompt(render_prompt(row, tokenizer), tokenizer)
+
+
+def encode_rendered_prompt(text: str, tokenizer: Any) -> list[int]:
+    """A rendered prompt's ids with ``tokenizer``'s BOS exactly once: none added when the text already starts
+    with it (a chat template that writes it), else as :func:`encode_prompt_text` adds it."""
     bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    if add_special:
-        return encode_prompt_text(text, tokenizer)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if bos and text.startswith(bos):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt_text(text, tokenizer)
 
 
 def encode_prompt_text(text: str, tokenizer: Any) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf.data.templates import encode_prompt_text
+from rlhf.data.templates import encode_rendered_prompt
 from rlhf.errors import ConfigError
 from rlhf.generation.base import is_eos
 from rlhf.ppo.batch import SequenceBatch, left_pad
@@ -83,7 +83,7 @@ class SequenceClassifierScorer:
         else:
             eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
             rows = [
-                encode_prompt_text(p, self.tokenizer)
+                encode_rendered_prompt(p, self.tokenizer)  # the policy's template may hold the BOS
                 + self.tokenizer(r, add_special_tokens=False)["input_ids"]
                 + (eos if ended else [])
                 for p, r, ended in zip(prompts, responses, self._ended(batch))
