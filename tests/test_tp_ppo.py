@@ -138,6 +138,33 @@ def test_rollout_generator_is_the_engine_on_the_tp_actor(tiny_llama, world_of_on
     )
 
 
+def test_ppo_train_rollouts_end_at_the_generation_config_eos_ids(
+    tiny_llama, length_reward, gsm8k_file, tmp_path, world_of_one, monkeypatch
+):
+    """The actor dir's generation_config.json EOS ids (a chat model's end of turn) end a rollout, as they do
+    in run_ppo_with_peft.py; the TP model keeps no generation_config of its own, so they were not read."""
+    import shutil
+
+    from test_ppo_estimator_runs import tp_argv
+
+    from rlhf.tp import ppo_factory, ppo_train
+
+    actor = tmp_path / "actor"
+    shutil.copytree(tiny_llama, actor)
+    config = json.loads((actor / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 7]
+    (actor / "generation_config.json").write_text(json.dumps(config))
+    built = []
+    original = ppo_factory.rollout_generator
+    monkeypatch.setattr(
+        ppo_factory, "rollout_generator", lambda *a, **k: built.append(original(*a, **k)) or built[-1]
+    )
+    argv = tp_argv(actor, length_reward, gsm8k_file, tmp_path, "--advantage_estimator", "grpo",
+                   "--num_samples_per_prompt", "2", "--max_steps", "1")  # fmt: skip
+    ppo_train.main(argv)
+    assert built[0].sampling.eos_token_id == (config["eos_token_id"][0], 7)
+
+
 @pytest.mark.parametrize("lora_rank", [4, -1])
 def test_critic_starts_as_the_verifier(tiny_llama, verifier_dir, world_of_one, lora_rank):
     """At step 0 the critic's score at the last token equals the reward; after a critic update the reward

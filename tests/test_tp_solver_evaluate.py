@@ -127,6 +127,49 @@ def test_hf_dir_with_adapter_and_sampling(tiny_model_factory, tmp_path, world_of
     assert len({p["output"] for p in predictions}) > 1
 
 
+def test_generation_config_eos_ids_end_a_solution_as_in_transformers(
+    tiny_model_factory, tmp_path, world_of_one
+):
+    """A chat model's end-of-turn id in generation_config.json (Llama-3's <|eot_id|>, Qwen2-Instruct's
+    <|im_end|>) ends a solution, as Hugging Face generate ends it; the tokenizer's EOS alone used to."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.tp.loading import generation_eos_ids
+    from rlhf.tp.solver_evaluate import main
+
+    model_dir = tmp_path / "chat"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(gsm8k_prompt(ROWS[0]["question"]), return_tensors="pt")["input_ids"]
+    greedy = AutoModelForCausalLM.from_pretrained(model_dir).generate(
+        input_ids=ids, max_new_tokens=12, do_sample=False
+    )
+    end_of_turn = int(greedy[0, ids.shape[1] + 3])  # a token the greedy solution reaches: now an EOS id
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, end_of_turn]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    assert generation_eos_ids(str(model_dir)) == [tokenizer.eos_token_id, end_of_turn]
+    log = tmp_path / "log"
+    main(["--task", "GSM8K", "--label_file", str(write_rows(tmp_path / "t.jsonl")), "--max_gen_len", "12",
+          "--max_batch_size", "2", "--ckpt_dir", str(model_dir), "--log_dir", str(log)])  # fmt: skip
+    outputs = [p["output"] for p in read_outputs(log)[0]]
+    assert outputs == hf_greedy(model_dir, ROWS, 12)
+    plain = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    assert len(outputs[0]) < len(plain) and plain.startswith(outputs[0])
+
+
+def test_a_damaged_generation_config_is_one_line_naming_it(tmp_path):
+    from rlhf.errors import CheckpointError
+    from rlhf.tp.loading import generation_eos_ids
+
+    assert generation_eos_ids(str(tmp_path)) is None
+    (tmp_path / "generation_config.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="generation_config.json: not a generation config JSON object"):
+        generation_eos_ids(str(tmp_path))
+
+
 def test_user_errors_exit_2(tiny_model_factory, tmp_path, world_of_one, capsys):
     from rlhf.tp.solver_evaluate import main
 

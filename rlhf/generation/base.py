@@ -69,6 +69,13 @@ def eos_ids(eos_token_id: int | tuple[int, ...] | list[int] | None) -> tuple[int
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+def stop_ids(*sources: int | tuple[int, ...] | list[int] | None) -> int | tuple[int, ...] | None:
+    """The EOS ids of every source (the tokenizer's EOS, a ``generation_config.json``'s ``eos_token_id``) in
+    order, repeats dropped, as :attr:`SamplingConfig.eos_token_id` takes them: one id, several, or ``None``."""
+    ids = eos_ids([i for source in sources for i in eos_ids(source)])
+    return (ids[0] if len(ids) == 1 else ids) if ids else None
+
+
 def is_eos(tokens: torch.Tensor, eos_token_id: int | tuple[int, ...] | None) -> torch.Tensor:
     """Bool tensor of ``tokens``' shape: True where a token is one of the EOS ids (none: all False)."""
     # one comparison per id, with the ids as kernel arguments: a tensor of them (for torch.isin) would be a

@@ -24,7 +24,7 @@ import torch
 from rlhf.backend import Backend
 from rlhf.data.sequences import warn_beyond_context as warn_sequence_beyond_context
 from rlhf.errors import ConfigError, DataError
-from rlhf.generation.base import Generator, SamplingConfig, eos_ids
+from rlhf.generation.base import Generator, SamplingConfig, eos_ids, stop_ids
 from rlhf.generation.build import build_generator
 from rlhf.models.rope import HOST_ROPE, rope_type
 from rlhf.optimizer import build_adamw
@@ -146,16 +146,19 @@ def sampling_config(ppo: PPOArguments, tokenizer: Any, model_eos: Any = None) ->
     """The rollout's sampling settings from the PPO flags and the tokenizer's EOS / pad ids. ``model_eos``:
     the model's ``generation_config.eos_token_id`` (one id or a list: a chat model's end-of-turn tokens),
     whose ids also end a response, as they do in HF ``generate`` with the model's defaults."""
-    eos = eos_ids(eos_ids(tokenizer.eos_token_id) + eos_ids(model_eos))  # in order, repeats dropped
     return SamplingConfig(
         max_new_tokens=ppo.max_response_length, min_new_tokens=ppo.min_response_length,
         temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_ids(tokenizer.eos_token_id, model_eos), pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
 
 def rollout_generator(
-    ppo: PPOArguments, args: PPOTrainingArguments, generation_model: Any, tokenizer: Any
+    ppo: PPOArguments,
+    args: PPOTrainingArguments,
+    generation_model: Any,
+    tokenizer: Any,
+    model_eos: Any = None,
 ) -> Generator:
     """The rollout generator for ``--generation_engine`` (:func:`rlhf.generation.build.build_generator`).
 
@@ -163,10 +166,13 @@ def rollout_generator(
     of its weights, :mod:`rlhf.generation.merged_decoder`). The static engine's KV cache holds one
     generation batch (``--per_device_train_batch_size`` x ``--num_samples_per_prompt`` rows) of
     ``--max_prompt_length`` + ``--max_response_length`` tokens; it samples from the global torch RNG, as HF
-    ``generate`` does, so a checkpoint's RNG state resumes the sampling exactly.
+    ``generate`` does, so a checkpoint's RNG state resumes the sampling exactly. ``model_eos``: the
+    ``generation_config.json`` EOS ids of a model that keeps none of its own (the tensor-parallel one); by
+    default an HF model's ``generation_config``'s.
     """
-    with generation_model() as model:  # an HF model's generation_config may list more EOS ids
-        model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if model_eos is None:
+        with generation_model() as model:  # an HF model's generation_config may list more EOS ids
+            model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     sampling = sampling_config(ppo, tokenizer, model_eos)
     if len(eos_ids(sampling.eos_token_id)) > 1:
         logger.info("a response ends at any of the EOS ids %s (tokenizer + generation_config.json)",

@@ -9,6 +9,7 @@ label (a verifier merged by ``checkpoint_split.py --merge``) loads as a scalar-h
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def build_model(
             f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.to(device=device)  # parameters already hold their dtype; the RoPE table stays float32
+
+
+def generation_eos_ids(ckpt_dir: str) -> int | list[int] | None:
+    """The ``eos_token_id`` of ``ckpt_dir``'s ``generation_config.json`` (which a split carries over): a chat
+    model's end-of-turn ids beside the tokenizer's EOS, where Hugging Face ``generate`` also stops. ``None``
+    without the file or the key."""
+    path = Path(ckpt_dir) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a generation config JSON object ({exc})") from None
 
 
 def load_tp_model(

@@ -32,7 +32,7 @@ from rlhf.ppo.session import (
 )
 from rlhf.tp.backend import TPBackend
 from rlhf.tp.distributed import device, init_model_parallel
-from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
+from rlhf.tp.loading import check_checkpoint, generation_eos_ids, load_tp_model, resolve_tp_dtype
 from rlhf.tp.lora import apply_lora
 from rlhf.tp.ppo_models import TPPolicyModels
 from rlhf.tp.prompt import gsm8k_prompt
@@ -142,7 +142,9 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     parts = SessionParts(
         backend=backend, models=models, scorer=build_scorer(tp, models, labels), tokenizer=tokenizer,
         prompts=prompts, pretrain=pretrain,
-        generator=rollout_generator(ppo, args, models.generation_model, tokenizer),
+        generator=rollout_generator(
+            ppo, args, models.generation_model, tokenizer, generation_eos_ids(tp.actor_ckpt_dir)
+        ),
         inputs=tp.input_paths(),
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(tp), **vars(ppo), **vars(args)})

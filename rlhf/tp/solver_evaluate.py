@@ -37,12 +37,13 @@ from rlhf.data.gsm8k import answers_match, extract_prediction
 from rlhf.data.templates import encode_prompt_text
 from rlhf.errors import ConfigError, exit_on_user_error
 from rlhf.generation import SamplingConfig, build_generator
+from rlhf.generation.base import stop_ids
 from rlhf.logging_setup import setup_logging
 from rlhf.models.loading import load_tokenizer
 from rlhf.ppo.batch import left_pad
 from rlhf.publish import write_text_atomic
 from rlhf.tp.distributed import barrier, device, init_model_parallel, is_main, process_group_scope
-from rlhf.tp.loading import check_checkpoint, load_tp_model, resolve_tp_dtype
+from rlhf.tp.loading import check_checkpoint, generation_eos_ids, load_tp_model, resolve_tp_dtype
 from rlhf.tp.prompt import gsm8k_prompt
 from rlhf.tp.solution_log import SolutionLog, seeded
 from rlhf.tp.verifier import check_verifier_dir
@@ -153,7 +154,8 @@ def solve(
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
     sampling = SamplingConfig(
         max_new_tokens=args.max_gen_len, min_new_tokens=0, temperature=args.temperature, top_p=args.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_ids(tokenizer.eos_token_id, generation_eos_ids(args.ckpt_dir)),
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     rng = torch.Generator(dev)
     generator = build_generator(
