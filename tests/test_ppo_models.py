@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from rlhf.ppo.batch import SequenceBatch, left_pad
 from rlhf.ppo.peft_models import build_peft_policy_models, read_reward_adapter
 from rlhf.ppo.stats import logprobs_from_logits
 
+REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
 
@@ -404,6 +406,54 @@ def test_a_reward_model_with_its_own_tokenizer_gets_one_bos_when_the_template_wr
     rows = [row[row != tokenizer.pad_token_id].tolist() for row in seen[0]]
     assert [row.count(tokenizer.bos_token_id) for row in rows] == [1, 1]
     assert rows[0] == rows[1]  # the BOS in the text and the one the tokenizer adds are the same token
+
+
+def test_a_response_ending_on_another_eos_id_is_scored_at_the_eos_the_reward_model_trained_on():
+    """Llama-3: the rollout ends at <|eot_id|> (generation_config.json) or <|end_of_text|> (the tokenizer's,
+    the one the reward stage appends): the reward model reads its score at the EOS it was trained on."""
+    from rlhf.ppo.rewards import ending_as_trained
+
+    eos, eot, pad = 2, 7, 0
+    prompt_ids, prompt_mask = left_pad([[1, 10], [1, 11], [1, 7], [1, 12]], pad)
+    response_ids = torch.tensor([[20, eot, pad], [21, eos, pad], [22, 23, 24], [pad, pad, pad]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    batch = SequenceBatch(
+        torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1), 2
+    )
+    out = ending_as_trained(batch, (eos, eot), eos)
+    assert out.response_ids.tolist() == [[20, eos, pad], [21, eos, pad], [22, 23, 24], [pad, pad, pad]]
+    assert out.input_ids[3, :2].tolist() == [1, 12] and torch.equal(out.attention_mask, batch.attention_mask)
+    assert ending_as_trained(batch, (eos,), eos) is batch  # one EOS id: nothing to map
+    assert torch.equal(
+        ending_as_trained(batch, (eos, eot), eot).response_ids[1], torch.tensor([21, eot, pad])
+    )
+
+
+def test_the_session_tells_the_reward_scorer_the_rollouts_eos_ids(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    import run_ppo_with_peft
+    from rlhf.ppo.rewards import AdapterScorer
+
+    model = tmp_path / "chat"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 7]
+    (model / "generation_config.json").write_text(json.dumps(config))
+    rm = build_rm_adapter(model, tmp_path / "rm")
+    seen = []
+    original = AdapterScorer.score
+    monkeypatch.setattr(
+        AdapterScorer,
+        "score",
+        lambda self, *a: seen.append((self.policy_eos, self.reward_eos)) or original(self, *a),
+    )
+    run_ppo_with_peft.main([
+        "--sft_model_path", str(model), "--reward_lora_path", str(rm), "--dataset_dir", str(REPO / "sft_data"),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_response_length", "4",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    assert seen and seen[0] == ((config["eos_token_id"][0], 7), config["eos_token_id"][0])
 
 
 def test_too_few_prompts_for_one_rollout_names_the_flags():

@@ -154,7 +154,14 @@ def build_models_and_scorer(
         rm_tokenizer = load_tokenizer(separate_path, margs.trust_remote_code)
         same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
         model = _separate_reward_model(separate_path, margs)
-        scorers.append(SequenceClassifierScorer(model, backend.device, None if same_vocab else rm_tokenizer))
+        scorers.append(
+            SequenceClassifierScorer(
+                model,
+                backend.device,
+                None if same_vocab else rm_tokenizer,
+                reward_eos=rm_tokenizer.eos_token_id,
+            )
+        )
     if margs.reward_fn:
         scorers.append(RuleScorer(load_reward_fn(margs.reward_fn), margs.reward_fn))
     return models, scorers[0] if len(scorers) == 1 else SumScorer(scorers)

@@ -38,19 +38,42 @@ def shaped_scores(
     return scores.clamp(-clip, clip)
 
 
+def ending_as_trained(
+    batch: SequenceBatch, policy_eos: tuple[int, ...], reward_eos: int | None
+) -> SequenceBatch:
+    """``batch`` with each response that ended on another of the rollout's EOS ids (``policy_eos``: the
+    tokenizer's and ``generation_config.json``'s, e.g. Llama-3's ``<|eot_id|>`` beside ``<|end_of_text|>``)
+    ending on ``reward_eos`` instead: the token the reward stage appended to every side it trained on, and
+    where it reads the score. No change when the rollout has no other EOS id (no host sync either way)."""
+    others = tuple(i for i in policy_eos if i != reward_eos)
+    if reward_eos is None or not others:
+        return batch
+    last = batch.last_token_positions[:, None]  # [B, 1]
+    tokens = batch.input_ids.gather(1, last)
+    swap = is_eos(tokens, others) & (
+        batch.response_mask.sum(1, keepdim=True) > 0
+    )  # not a prompt's last token
+    ids = batch.input_ids.scatter(1, last, torch.where(swap, torch.full_like(tokens, reward_eos), tokens))
+    return SequenceBatch(ids, batch.attention_mask, batch.prompt_len)
+
+
 class Scorer(Protocol):
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """One score per sequence: [B] float32 on the batch's device."""
 
 
 class AdapterScorer:
-    """The reward adapter and score head living on the shared base (``PolicyModels.reward_scores``)."""
+    """The reward adapter and score head living on the shared base (``PolicyModels.reward_scores``), read at
+    the response's last token, an EOS of the rollout's mapped to the one it was trained on
+    (:func:`ending_as_trained`; ``policy_eos`` and ``reward_eos`` set by the session)."""
 
     def __init__(self, models: PolicyModels) -> None:
         self.models = models
+        self.policy_eos: tuple[int, ...] = ()
+        self.reward_eos: int | None = None  # None: the session's tokenizer's EOS
 
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return self.models.reward_scores(batch).float()
+        return self.models.reward_scores(ending_as_trained(batch, self.policy_eos, self.reward_eos)).float()
 
 
 class SequenceClassifierScorer:
@@ -60,13 +83,21 @@ class SequenceClassifierScorer:
     also the pad token). With its own tokenizer (``tokenizer`` given) the prompt and response text is
     re-tokenized, and its EOS appended by id where the response ended on one of ``policy_eos`` (the
     rollout's EOS ids, set by the session): a response cut at ``--max_response_length`` is read at its last
-    token, as the reward model sharing the policy's vocabulary reads it."""
+    token, as the reward model sharing the policy's vocabulary reads it. Sharing it, a response that ended on
+    another of the rollout's EOS ids ends on ``reward_eos`` (its tokenizer's) instead (:func:`ending_as_trained`)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        tokenizer: Any = None,
+        reward_eos: int | None = None,
+    ) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = device
         self.policy_eos: tuple[int, ...] = ()  # empty: every response is taken as ended
+        self.reward_eos = reward_eos
 
     def _ended(self, batch: SequenceBatch) -> list[bool]:
         """Per row: whether the response ends on one of ``policy_eos``."""
@@ -79,6 +110,7 @@ class SequenceClassifierScorer:
     @torch.no_grad()
     def score(self, batch: SequenceBatch, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
+            batch = ending_as_trained(batch, self.policy_eos, self.reward_eos)
             ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
         else:
             eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]

@@ -39,7 +39,7 @@ from rlhf.ppo.data import EpochSampler, PromptSet
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.policy_interface import PolicyModels
-from rlhf.ppo.rewards import Scorer, SequenceClassifierScorer
+from rlhf.ppo.rewards import AdapterScorer, Scorer, SequenceClassifierScorer
 
 TRACKER_PROJECT = "rlhf-ppo"
 
@@ -272,8 +272,10 @@ def assemble_session(
             "no response could end and every one would be penalised"
         )
     for scorer in getattr(parts.scorer, "scorers", [parts.scorer]):
-        if isinstance(scorer, SequenceClassifierScorer):  # re-tokenizes: appends its EOS where one ended
+        if isinstance(scorer, (SequenceClassifierScorer, AdapterScorer)):  # an ended response ends on its EOS
             scorer.policy_eos = policy_eos
+            if scorer.reward_eos is None:
+                scorer.reward_eos = parts.tokenizer.eos_token_id
     old_logprobs = old_logprobs_source(ppo, args, parts.models, backend)
     backend.init_trackers(TRACKER_PROJECT, flags | {"run_name": args.run_name})
     torch.manual_seed(args.seed + replica)
