@@ -223,16 +223,28 @@ def test_eval_flags_fail_up_front(flags, message, tmp_path, capsys):
     assert_fails_up_front(flags, message, tmp_path, capsys)
 
 
-def test_tensor_parallel_ppo_refuses_do_eval(tmp_path, capsys):
-    from rlhf.tp import ppo_train
+def test_tensor_parallel_ppo_evaluates_held_out_questions_as_solver_evaluate_answers_them(
+    tiny_llama, gsm8k_file, tmp_path, world_of_one
+):
+    """rlhf.tp.ppo_train --do_eval: a held-out GSM8K question answered greedily by the TP engine, scored by the
+    gsm8k rule; the last answer is the one solver_evaluate gives with the saved actor."""
+    from test_ppo_estimator_runs import tp_argv
 
-    argv = ["--actor_ckpt_dir", str(tmp_path / "missing"), "--actor_save_dir", str(tmp_path / "a"),
-            "--train_file", str(tmp_path / "missing.jsonl"), "--reward_fn", "gsm8k", "--advantage_estimator", "grpo",
-            "--num_samples_per_prompt", "2", "--do_eval"]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        ppo_train.main(argv)
-    err = capsys.readouterr().err
-    assert (
-        exc.value.code == 2
-        and "error: --do_eval: held-out evaluation during PPO is run_ppo_with_peft.py's" in err
-    )
+    from rlhf.tp import ppo_train, solver_evaluate
+
+    argv = tp_argv(tiny_llama, "gsm8k", gsm8k_file, tmp_path, "--advantage_estimator", "grpo",
+                   "--num_samples_per_prompt", "2", "--max_steps", "2", "--do_eval", "--split_ratio", "0.25")  # fmt: skip
+    ppo_train.main(argv)
+    run = tmp_path / "a_run"
+    evals = split_rows_by_kind(read_rows(run / "metrics.jsonl"))[1]
+    assert [r["step"] for r in evals] == [0, 1, 2] and all(r["eval/prompts"] == 1 for r in evals)
+    samples = read_rows(run / "eval_samples.jsonl")
+    assert len(samples) == 3 and all(s["score"] in (0.0, 1.0) for s in samples)
+    rows = [json.loads(line) for line in gsm8k_file.read_text().splitlines()]
+    held = [r for r in rows if samples[0]["prompt"].find(r["question"]) >= 0]
+    assert len(held) == 1
+    (tmp_path / "held.jsonl").write_text(json.dumps(held[0]) + "\n")
+    solver_evaluate.main(["--task", "GSM8K", "--label_file", str(tmp_path / "held.jsonl"), "--max_gen_len", "6",
+                          "--ckpt_dir", str(tmp_path / "a"), "--log_dir", str(tmp_path / "eval")])  # fmt: skip
+    answer = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])["output"]
+    assert answer.strip() and samples[-1]["response"] == answer

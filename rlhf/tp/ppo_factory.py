@@ -9,6 +9,7 @@ Nothing here touches PEFT, Accelerate or Hugging Face ``generate``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from rlhf.data.templates import encode_prompt_text
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import PPOArguments
-from rlhf.ppo.data import PromptSet, cut_prompts, load_pretrain
+from rlhf.ppo.data import PromptSet, cut_prompts, hold_out_prompts, load_pretrain
 from rlhf.ppo.loop import PPOSession
 from rlhf.ppo.rewards import AdapterScorer, RuleScorer, Scorer, SumScorer, load_reward_fn
 from rlhf.ppo.session import (
@@ -40,6 +41,8 @@ from rlhf.tp.verifier import check_verifier_dir
 
 if TYPE_CHECKING:
     from rlhf.tp.ppo_train import TPPPOArguments, TPPPOTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 def gsm8k_reward(labels: dict[str, str]):
@@ -128,6 +131,14 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     torch.manual_seed(args.seed)  # the same on every rank: the ranks run one replica in lockstep
     tokenizer = load_tokenizer(tp.actor_ckpt_dir, trust_remote_code=tp.trust_remote_code, padding_side="left")
     prompts, labels = gsm8k_prompts(tp.train_file, tokenizer, ppo.max_prompt_length)
+    eval_prompts = None
+    if args.do_eval:  # the gsm8k rule's labels cover them too
+        prompts, eval_prompts = hold_out_prompts(prompts, tp.split_ratio, args.seed)
+        if rank == 0:
+            logger.info(
+                "--do_eval: %d of the questions held out for evaluation (--split_ratio %g), %d to train on",
+                len(eval_prompts), tp.split_ratio, len(prompts),
+            )  # fmt: skip
     count_total_steps(
         len(prompts), ppo, args, 1, quiet=True
     )  # enough prompts for one rollout, before any model loads
@@ -145,6 +156,6 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
         generator=rollout_generator(
             ppo, args, models.generation_model, tokenizer, generation_eos_ids(tp.actor_ckpt_dir)
         ),
-        inputs=tp.input_paths(),
+        inputs=tp.input_paths(), eval_prompts=eval_prompts,
     )  # fmt: skip
     return assemble_session(parts, ppo, args, {**vars(tp), **vars(ppo), **vars(args)})

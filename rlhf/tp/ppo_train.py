@@ -45,6 +45,7 @@ from rlhf.models.lora import LoraSpec
 from rlhf.ppo.config import (
     PPOArguments,
     PPOTrainingArguments,
+    check_eval_split,
     check_kl_horizon,
     check_old_logprobs,
     check_sampling_flags,
@@ -116,6 +117,11 @@ class TPPPOArguments:
         default=None, metadata={"help": "*.txt pretraining text for the PPO-ptx loss (off when unset)"}
     )
     block_size: int = field(default=512, metadata={"help": "tokens per pretraining block"})
+    split_ratio: float = field(
+        default=0.01,
+        metadata={"help": "with --do_eval: the share of --train_file's questions held out for evaluation (never "
+                  "trained on), as run_ppo_with_peft.py's"},
+    )  # fmt: skip
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
     )
@@ -157,11 +163,6 @@ def check_loop_flags(ppo: PPOArguments, args: TPPPOTrainingArguments) -> None:
             "--max_prompt_length": ppo.max_prompt_length,
         }
     )
-    if args.do_eval:
-        raise ConfigError(
-            "--do_eval: held-out evaluation during PPO is run_ppo_with_peft.py's; on the tensor-parallel backend "
-            "evaluate the saved actor with python -m rlhf.tp.solver_evaluate"
-        )
     check_sampling_flags(ppo, "--max_gen_len (--max_response_length)")
     check_kl_horizon(ppo, rollout_size(ppo, args))
     check_old_logprobs(ppo, args)
@@ -304,6 +305,8 @@ def apply_description_flags(
         ppo.pretrain_batch_size = ppo.per_device_mini_train_batch_size
     check_loop_flags(ppo, args)
     check_positive_flags({"--block_size": tp.block_size})
+    if args.do_eval:
+        check_eval_split(tp.split_ratio)
     actor_save_dir = Path(tp.actor_save_dir).resolve()  # "." has no name to append to
     args.output_dir = args.output_dir or str(actor_save_dir.with_name(actor_save_dir.name + "_run"))
     check_save_dirs(tp, args, ppo.needs_critic)
