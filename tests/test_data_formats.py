@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.data import load_dataset_dir, load_pretrain_blocks, split_dataset
 from rlhf.data.files import find_data_files, iter_json_records
@@ -342,8 +343,34 @@ def test_pretraining_text_grouped_into_blocks(repo_root, tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     blocks = load_pretrain_blocks(str(repo_root / "pt_data"), tokenizer, block_size=64)
-    assert len(blocks) > 50 and all(len(ids) == 64 for ids in blocks["input_ids"][:10])
-    assert tokenizer.eos_token_id in blocks["input_ids"][0] + blocks["input_ids"][1]
+    assert blocks.dtype == torch.long and blocks.shape[0] > 50 and blocks.shape[1] == 64
+    assert tokenizer.eos_token_id in blocks[:2].flatten().tolist()
+
+
+def test_pretraining_text_read_in_rows_gives_the_blocks_of_the_whole_stream(
+    tmp_path, tiny_llama, monkeypatch
+):
+    """Large files are read in rows of whole lines and tokenized a few rows at a time (memory); the blocks
+    are those of every document of every file concatenated in order and cut, the remainder dropped."""
+    from transformers import AutoTokenizer
+
+    import rlhf.data.loading as loading
+    from rlhf.data.templates import without_appended_eos
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    lines = [f"line {i} " + "word " * (i % 7) for i in range(400)]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:250]) + "\n\n")
+    (tmp_path / "b.txt").write_text("x" * 700 + "\n" + "\n".join(lines[250:]))  # a line longer than a row
+    monkeypatch.setattr(loading, "TEXT_ROW_CHARS", 300)
+    rows = [r["text"] for r in loading.load_text_dir(str(tmp_path), str(tmp_path / "cache"))]
+    assert len(rows) > 20 and all(r.endswith("\n") for r in rows[:-1])
+    assert "".join(rows) == (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text()
+    blocks = load_pretrain_blocks(str(tmp_path), tokenizer, 16, str(tmp_path / "cache"))
+    docs = lines[:250] + ["x" * 700] + lines[250:]
+    stream = [t for seq, doc in zip(tokenizer(docs)["input_ids"], docs)
+              for t in without_appended_eos(seq, doc, tokenizer) + [tokenizer.eos_token_id]]  # fmt: skip
+    usable = len(stream) - len(stream) % 16
+    assert blocks.tolist() == [stream[i : i + 16] for i in range(0, usable, 16)]
 
 
 @pytest.fixture
@@ -374,7 +401,7 @@ def test_a_tokenizer_that_appends_eos_gives_no_eos_inside_an_example(eos_appendi
     assert example["input_ids"].count(eos_id) == 1 and example["input_ids"][-1] == eos_id
     (tmp_path / "a.txt").write_text("hello there\ngeneral text\n" * 20)
     blocks = load_pretrain_blocks(str(tmp_path), tokenizer, block_size=8)
-    flat = [token for block in blocks["input_ids"] for token in block]
+    flat = blocks.flatten().tolist()
     assert eos_id in flat and all(a != eos_id or b != eos_id for a, b in zip(flat, flat[1:]))
 
 

@@ -41,12 +41,22 @@ def _generate_rows(kind: str, stamps: list[tuple[str, int, int]], code: str = ""
             yield {**parse(record, where), "where": where}
 
 
+TEXT_ROW_CHARS = 1 << 18  # a text file's rows: whole lines, about this many characters each
+
+
 def _generate_text(stamps: list[tuple[str, int, int]], code: str = "") -> Iterator[dict]:
+    """Each file's text in rows of whole lines (about :data:`TEXT_ROW_CHARS` each), so that tokenizing a
+    row holds a bounded share of a large file in Python objects at a time."""
     for path, _, _ in stamps:
         text = read_text(Path(path))
         if not text.strip():
             raise DataError(f"{path}: empty file")
-        yield {"text": text}
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start + TEXT_ROW_CHARS)
+            end = len(text) if end < 0 else end + 1
+            yield {"text": text[start:end]}
+            start = end
 
 
 def _from_generator(generator, gen_kwargs: dict, features: datasets.Features, cache_dir: str | None):
@@ -89,7 +99,8 @@ def load_dataset_dir(
 
 
 def load_text_dir(dataset_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
-    """Every ``*.txt`` in ``dataset_dir`` as one ``{"text"}`` row per file (pretraining data)."""
+    """Every ``*.txt`` in ``dataset_dir`` as ``{"text"}`` rows of whole lines, in file order (pretraining
+    data; a line is a document)."""
     files = find_data_files(dataset_dir, TEXT_EXTENSIONS)
     features = datasets.Features({"text": datasets.Value("string")})
     stamps = {"stamps": _file_stamps(files), "code": data_code_version()}

@@ -130,7 +130,6 @@ def load_pretrain(dataset_dir: str, tokenizer: Any, block_size: int, cache_dir: 
     """Pretraining blocks as one [N, block_size] tensor (an error names ``--pretrain_dataset_dir``: a PPO
     run reads several paths)."""
     try:
-        blocks = load_pretrain_blocks(dataset_dir, tokenizer, block_size, cache_dir)
+        return load_pretrain_blocks(dataset_dir, tokenizer, block_size, cache_dir)
     except DataError as exc:
         raise DataError(f"--pretrain_dataset_dir: {exc}") from exc
-    return torch.tensor(blocks["input_ids"], dtype=torch.long)
