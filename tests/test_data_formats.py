@@ -144,7 +144,7 @@ def test_prompt_from_sft_records():
 
 
 def test_prompt_record_without_prompt_is_an_error():
-    with pytest.raises(DataError, match=r'^f:1: missing field "instruction" or "prompt"'):
+    with pytest.raises(DataError, match=r'^f:1: missing field "instruction", "messages" or "prompt"'):
         parse_prompt({"question": "x"}, "f:1")
 
 

@@ -228,6 +228,8 @@ def parse_prompt(record: Record, where: str) -> Record:
         if not messages:
             raise DataError(f'{where}: "messages" holds no prompt before the assistant turn')
         return {"prompt": "", "prompt_messages": messages}
+    if "instruction" not in record and "prompt" not in record:
+        raise DataError(f'{where}: missing field "instruction", "messages" or "prompt"')
     prompt, messages = _prompt_of(record, where)
     return {"prompt": prompt, "prompt_messages": messages}
 
