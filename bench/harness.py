@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -155,7 +154,9 @@ def _build_bench_model(out: Path) -> Path:
 def peak_memory_mb() -> float:
     if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from rlhf.ppo.memory import peak_rss_gb
+
+    return peak_rss_gb() * 1024
 
 
 def run_worker(

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -108,12 +107,6 @@ def seconds_needed(suite: Suite, name: str) -> float:
     if suite.name != "gpu":
         return CPU_ROW_SECONDS
     return GPU_ROW_SECONDS.get(name, GPU_ROW_SECONDS_DEFAULT)
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_in_worker(name: str, suite: Suite, workdir: Path) -> dict:
@@ -343,7 +336,7 @@ def main() -> None:
         result = run_in_worker(args.worker, suite, Path(args.workdir))
         if "step_s" in result:
             result["samples_per_s"] = result["samples"] / result["step_s"]
-            result["peak_mb"] = peak_memory_mb()
+            result["peak_mb"] = harness.peak_memory_mb()
         print(json.dumps(result))
         return
 

@@ -394,6 +394,21 @@ def ppo_argv(model_dir: Path, rm: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_process_started_by_a_large_one_reports_its_own_peak():
+    """``ru_maxrss`` keeps the parent's peak across fork and exec: a PPO run (or a benchmark worker) started
+    from a large process reported at least that process's memory as its own peak."""
+    ballast = bytearray(1 << 30)
+    ballast[:: 1 << 12] = b"\x01" * len(ballast[:: 1 << 12])  # touched: resident
+    code = "from rlhf.ppo.memory import peak_rss_gb; print(peak_rss_gb())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=script_env(), check=True
+    )
+    child = float(out.stdout.split()[-1])
+    assert 0.01 < child < 0.9, child  # torch imported (a few hundred MB), not the parent's gigabyte
+    del ballast
+
+
 def test_flags_leave_the_run_unchanged_and_the_peak_is_logged(tiny_llama, tmp_path, capsys):
     """--gradient_checkpointing (LoRA dropout on: the recompute replays its masks) and
     --per_device_forward_batch_size 1 (reward adapter, reference and critic forwards one row at a time) give the

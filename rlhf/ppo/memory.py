@@ -67,13 +67,28 @@ def score_in_chunks(
     return torch.cat(scores)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process so far in GB (2**30 bytes): CUDA max allocated on a GPU, else the peak
-    resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GB (2**30 bytes). On Linux ``VmHWM`` of
+    ``/proc/self/status``: ``ru_maxrss`` keeps the parent's peak across fork and exec, so a process started
+    by a large one (a test runner, a benchmark's driver) would report at least the parent's. Elsewhere
+    ``ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far in GB (2**30 bytes): CUDA max allocated on a GPU, else the peak
+    resident set size (:func:`peak_rss_gb`)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gb()
 
 
 def peak_memory_metrics(device: torch.device) -> dict[str, float]:
