@@ -6,7 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["sft.py", "rm.py", "ppo.py", "rollout.py", "decode_kernels.py", "lora_traffic.py", "host_syncs.py"]
+BENCHES = [
+    "sft.py",
+    "rm.py",
+    "ppo.py",
+    "rollout.py",
+    "decode_kernels.py",
+    "lora_traffic.py",
+    "host_syncs.py",
+    "pretrain_memory.py",
+]
 
 
 def main() -> int:
