@@ -58,8 +58,18 @@ def test_hold_out_prompts_is_a_seeded_disjoint_split():
     for ratio in (0.0, 1.0, -0.5):
         with pytest.raises(ConfigError, match="--split_ratio of the prompts: it must be in \\(0, 1\\)"):
             hold_out_prompts(prompts, ratio, seed=0)
-    with pytest.raises(DataError, match="--do_eval needs at least 2 prompts"):
-        hold_out_prompts(PromptSet([[1]], ["p"]), 0.5, seed=0)
+    with pytest.raises(DataError, match="--do_eval needs at least 2 distinct prompts"):
+        hold_out_prompts(PromptSet([[1], [1]], ["p", "p"]), 0.5, seed=0)
+
+
+def test_a_repeated_prompt_is_held_out_whole_and_evaluated_once():
+    """SFT data often repeats an instruction: split by row, a held-out prompt was also trained on."""
+    texts = [f"p{i % 10}" for i in range(40)]  # 10 distinct prompts, 4 rows each
+    prompts = PromptSet([[int(t[1:])] for t in texts], texts, "--dataset_dir d")
+    train, held = hold_out_prompts(prompts, 0.2, seed=1)
+    assert len(held) == 2 and len(set(held.texts)) == 2  # 20 % of the distinct prompts, once each
+    assert not set(held.texts) & set(train.texts) and len(train) == 32
+    assert [ids[0] for ids in held.ids] == [int(t[1:]) for t in held.texts]
 
 
 def test_samples_file_keeps_text_and_writes_non_finite_numbers_as_null(tmp_path):
@@ -93,10 +103,8 @@ def test_eval_rows_samples_and_training_unchanged_by_evaluating(tiny_llama, leng
         without_timings(r) for r in eval_rarely
     ]
     held = eval_often[0]["eval/prompts"]
-    n_prompts = len(
-        load_prompts(str(REPO / "sft_data"), AutoTokenizer.from_pretrained(tiny_llama), 256, None)
-    )
-    assert held == round(0.1 * n_prompts)
+    prompts = load_prompts(str(REPO / "sft_data"), AutoTokenizer.from_pretrained(tiny_llama), 256, None)
+    assert held == round(0.1 * len(set(prompts.texts)))  # of the distinct prompts
     samples = read_rows(often / "eval_samples.jsonl")
     assert len(samples) == 4 * held and [s["step"] for s in samples[::held]] == [0, 1, 2, 3]
     first = samples[:held]
@@ -177,13 +185,14 @@ def test_resumed_run_evaluates_as_the_uninterrupted_one(tiny_llama, length_rewar
 
 
 def test_two_processes_split_the_prompts_and_gather_every_sample(tiny_llama, length_reward, tmp_path):
-    """torchrun, 2 processes (gloo): 9 held-out prompts, 5 and 4 per process (2 and 1 generation batches);
+    """torchrun, 2 processes (gloo): 9 held-out prompts (of 173 distinct), 5 and 4 per process (2 and 1
+    generation batches);
     the samples of both, in held-out order, and at step 0 (the SFT policy, before any update) the same
     responses and scores as one process gives."""
 
     def argv(out: Path) -> list[str]:
         args = eval_argv(tiny_llama, length_reward, out, "--eval_steps", "100")
-        args[args.index("--split_ratio") + 1] = str(9 / 320)
+        args[args.index("--split_ratio") + 1] = str(9 / 173)
         args[args.index("--max_steps") + 1] = "1"
         return args
 
@@ -200,6 +209,57 @@ def test_two_processes_split_the_prompts_and_gather_every_sample(tiny_llama, len
     ]
     evals = split_rows_by_kind(read_rows(tmp_path / "two" / "metrics.jsonl"))[1]
     assert [r["eval/prompts"] for r in evals] == [9, 9]
+
+
+def test_a_stop_at_an_evaluation_step_saves_at_once_and_the_resumed_run_evaluates(
+    tiny_llama, length_reward, tmp_path, monkeypatch
+):
+    """SIGTERM agreed at step 2, an evaluation step: the checkpoint is saved without evaluating first (the
+    grace period covers the rest of a step and the save, not an evaluation); the re-run makes the
+    evaluation up, and the files read as the uninterrupted run's."""
+    import signal
+
+    from rlhf.interruption import StopSignals
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+
+    def argv(out: Path) -> list[str]:
+        args = eval_argv(tiny_llama, length_reward, out, "--eval_steps", "2")
+        args[args.index("--max_steps") + 1] = "4"
+        return args
+
+    run_ppo_with_peft.main(argv(full))
+    calls = []  # agreed() after the step-0 evaluation, after step 1, after step 2
+
+    def agreed(self, device) -> int:
+        calls.append(device)
+        return int(signal.SIGTERM) if len(calls) == 3 else 0
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopSignals, "agreed", agreed)
+        with pytest.raises(SystemExit) as exc:
+            run_ppo_with_peft.main(argv(stopped))
+    assert exc.value.code == 128 + signal.SIGTERM and (stopped / "checkpoint-2").is_dir()
+    assert [r["step"] for r in split_rows_by_kind(read_rows(stopped / "metrics.jsonl"))[1]] == [0]
+    run_ppo_with_peft.main(argv(stopped))  # resumes from checkpoint-2, evaluates step 2 first
+    for name in ("metrics.jsonl", "eval_samples.jsonl"):
+        rows_full, rows_stopped = read_rows(full / name), read_rows(stopped / name)
+        assert [without_timings(r) for r in rows_full] == [without_timings(r) for r in rows_stopped], name
+
+
+def test_a_resume_with_nothing_left_to_train_still_evaluates_at_the_end(tiny_llama, length_reward, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    args = eval_argv(tiny_llama, length_reward, first, "--eval_steps", "3")
+    args[args.index("--max_steps") + 1], args[args.index("--save_steps") + 1] = "4", "2"
+    run_ppo_with_peft.main(args)
+    assert [r["step"] for r in split_rows_by_kind(read_rows(first / "metrics.jsonl"))[1]] == [0, 3, 4]
+    again.mkdir()
+    shutil.copytree(first / "checkpoint-2", again / "checkpoint-2")
+    for name in ("metrics.jsonl", "eval_samples.jsonl"):
+        shutil.copy(first / name, again / name)
+    args[args.index("--output_dir") + 1], args[args.index("--max_steps") + 1] = str(again), "2"
+    run_ppo_with_peft.main(args)  # step 2 reached: nothing to train, the final model saved and evaluated
+    assert [r["step"] for r in split_rows_by_kind(read_rows(again / "metrics.jsonl"))[1]] == [0, 2]
 
 
 def test_a_resume_that_adds_do_eval_is_refused(tiny_llama, length_reward, tmp_path, capsys):

@@ -429,6 +429,35 @@ def test_a_response_ending_on_another_eos_id_is_scored_at_the_eos_the_reward_mod
     )
 
 
+def test_both_reward_scorers_read_a_response_ended_on_another_eos_id_at_the_trained_eos(tiny_llama):
+    from rlhf.ppo.rewards import AdapterScorer, SequenceClassifierScorer
+
+    eos, eot, pad = 2, 7, 0
+    prompt_ids, prompt_mask = left_pad([[1, 10], [1, 11]], pad)
+    response_ids = torch.tensor([[20, eot, pad], [21, 22, 23]])  # row 0 ended on the other id, row 1 was cut
+    batch = SequenceBatch(
+        torch.cat([prompt_ids, response_ids], 1),
+        torch.cat([prompt_mask, torch.tensor([[1, 1, 0], [1, 1, 1]])], 1),
+        2,
+    )
+    seen = []
+    models = SimpleNamespace(reward_scores=lambda b: seen.append(b.input_ids) or torch.zeros(2))
+    adapter = AdapterScorer(models)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    separate = SequenceClassifierScorer(model, torch.device("cpu"), None, reward_eos=eos)
+    for scorer in (adapter, separate):
+        scorer.policy_eos, scorer.reward_eos = (eos, eot), eos
+        scorer.score(batch, [], [])
+    for ids in seen:
+        assert (
+            ids[0, 3].item() == eos and ids[1, 4].item() == 23
+        )  # the ended row at EOS, the cut one as it was
+        assert torch.equal(ids[:, :3], batch.input_ids[:, :3])
+
+
 def test_the_session_tells_the_reward_scorer_the_rollouts_eos_ids(tiny_llama, tmp_path, monkeypatch):
     import shutil
 

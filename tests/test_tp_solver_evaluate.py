@@ -160,6 +160,33 @@ def test_generation_config_eos_ids_end_a_solution_as_in_transformers(
     assert len(outputs[0]) < len(plain) and plain.startswith(outputs[0])
 
 
+def test_an_adapter_dirs_eos_ids_are_its_bases(tiny_model_factory, tmp_path):
+    """An SFT adapter dir as --ckpt_dir / --actor_ckpt_dir has no generation_config.json of its own: its base's
+    EOS ids apply, as PEFT's model (run_ppo_with_peft.py) and the dirs saved from it have them."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tp.loading import generation_eos_ids
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_factory("llama"), base)
+    config = json.loads((base / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 7]
+    (base / "generation_config.json").write_text(json.dumps(config))
+    adapter = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "generation_config.json").exists()
+    assert (
+        generation_eos_ids(str(tmp_path / "adapter"))
+        == generation_eos_ids(str(base))
+        == config["eos_token_id"]
+    )
+
+
 def test_a_damaged_generation_config_is_one_line_naming_it(tmp_path):
     from rlhf.errors import CheckpointError
     from rlhf.tp.loading import generation_eos_ids

@@ -40,7 +40,7 @@ class PPODataArguments(DataArguments):
     split_ratio: float = field(
         default=0.01,
         metadata={
-            "help": "With --do_eval: the share of the prompts held out for evaluation (never trained on); "
+            "help": "With --do_eval: the share of the distinct prompts held out for evaluation (never trained on); "
             "without it PPO trains on every prompt."
         },
     )
@@ -252,7 +252,7 @@ class PPOTrainingArguments:
     logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step."})
     do_eval: bool = field(
         default=False,
-        metadata={"help": "Evaluate the policy on the --split_ratio share of the prompts, held out from training: "
+        metadata={"help": "Evaluate the policy on the --split_ratio share of the distinct prompts, held out from training: "
                   "greedy responses scored by the reward, before the first step, every --eval_steps steps and at "
                   "the end (eval/* rows in metrics.jsonl, the responses in eval_samples.jsonl)."},
     )  # fmt: skip

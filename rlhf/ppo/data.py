@@ -109,21 +109,31 @@ def load_prompts(
 
 
 def hold_out_prompts(prompts: PromptSet, split_ratio: float, seed: int) -> tuple[PromptSet, PromptSet]:
-    """(training, held-out) prompts for ``--do_eval``: a ``--split_ratio`` share seeded by ``--seed`` (at least
-    one prompt, at most all but one), as the SFT and reward-model stages hold out their rows."""
+    """(training, held-out) prompts for ``--do_eval``: a ``--split_ratio`` share of the *distinct* prompt
+    texts, seeded by ``--seed`` (at least one, at most all but one). Every row whose text is held out leaves
+    the training share, so a prompt the data repeats is never both trained on and evaluated; each held-out
+    text is evaluated once."""
     check_eval_split(split_ratio)
-    if len(prompts) < 2:
+    first_row = {}  # text -> its first row
+    for row, text in enumerate(prompts.texts):
+        first_row.setdefault(text, row)
+    if len(first_row) < 2:
         raise DataError(
-            f"{prompts.source}: --do_eval needs at least 2 prompts (one to train on), found {len(prompts)}"
+            f"{prompts.source}: --do_eval needs at least 2 distinct prompts (one to train on), found {len(first_row)}"
         )
-    train, held = split_rows(list(range(len(prompts))), split_ratio, seed)
-
-    def subset(rows: list[int], what: str) -> PromptSet:
-        return PromptSet(
-            [prompts.ids[i] for i in rows], [prompts.texts[i] for i in rows], f"{prompts.source} ({what})"
-        )
-
-    return subset(train, "training share"), subset(held, "held out by --split_ratio")
+    _, held = split_rows(list(first_row), split_ratio, seed)
+    held_texts = set(held)
+    train = [row for row, text in enumerate(prompts.texts) if text not in held_texts]
+    return (
+        PromptSet(
+            [prompts.ids[i] for i in train],
+            [prompts.texts[i] for i in train],
+            f"{prompts.source} (training share)",
+        ),
+        PromptSet(
+            [prompts.ids[first_row[t]] for t in held], held, f"{prompts.source} (held out by --split_ratio)"
+        ),
+    )
 
 
 def load_pretrain(dataset_dir: str, tokenizer: Any, block_size: int, cache_dir: str | None) -> torch.Tensor:

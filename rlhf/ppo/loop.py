@@ -106,6 +106,7 @@ class TrainState:
     rollouts: int = 0
     samples: int = 0  # responses generated, all processes
     last_checkpoint: str | None = None
+    evaluated_step: int = -1  # --do_eval: the last step evaluated (a resume makes up one a stop skipped)
 
 
 def check_finite(values: dict[str, torch.Tensor | float], step: int, last_checkpoint: str | None) -> None:
@@ -406,9 +407,17 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
     )
     pending: list[dict[str, torch.Tensor | float]] = []  # the metrics of mini-batches not yet read
     with StopSignals() as stop, progress:
-        if s.eval_prompts is not None and state.step == 0 < s.total_steps:  # the policy before training
-            progress.set_postfix_str("eval", refresh=True)
-            timer["since"] += run_evaluation(s, state.step, metrics_file, samples_file)
+        # --do_eval: the policy before training; after a resume, an evaluation the stop skipped, or the end's
+        if (
+            s.eval_prompts is not None
+            and state.evaluated_step != state.step
+            and (state.step == 0 or state.step % args.eval_every == 0 or state.step >= s.total_steps)
+        ):
+            timer["since"] += evaluate(s, state, metrics_file, samples_file, progress)
+            stop_signal = stop.agreed(backend.device) if state.step < s.total_steps else 0
+            if stop_signal:  # nothing trained since the checkpoint it resumed from (if any)
+                resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)
+                raise TrainingInterrupted(stop_signal, state.step, state.last_checkpoint, resumes)
         while state.step < s.total_steps:
             profiler.before(state.step + 1)
             if buffer is None or buffer.exhausted:
@@ -447,16 +456,27 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             last = state.step == s.total_steps
             if state.step % args.logging_steps == 0 or last or (args.logging_first_step and state.step == 1):
                 write_log(s, state, metrics, metrics_file, timer)
-            if s.eval_prompts is not None and (state.step % args.eval_every == 0 or last):
-                progress.set_postfix_str("eval", refresh=True)  # its time is left out of samples_per_s
-                timer["since"] += run_evaluation(s, state.step, metrics_file, samples_file)
             stop_signal = 0 if last else stop.agreed(backend.device)
+            # a stop saves at once: the evaluation due now is left to the resumed run
+            if s.eval_prompts is not None and not stop_signal and (state.step % args.eval_every == 0 or last):
+                timer["since"] += evaluate(s, state, metrics_file, samples_file, progress)
             if state.step % args.save_steps == 0 or last or stop_signal:
                 save_step_checkpoint(s, state, metrics, buffer)
             if stop_signal:
                 resumes = rerun_resumes(args.overwrite_output_dir, args.resume_from_checkpoint)
                 raise TrainingInterrupted(stop_signal, state.step, state.last_checkpoint, resumes)
     return state
+
+
+def evaluate(
+    s: PPOSession, state: TrainState, metrics_file: MetricsFile, samples_file: MetricsFile, progress: tqdm
+) -> float:
+    """``--do_eval`` at the current step (:func:`rlhf.ppo.evaluation.run_evaluation`); returns its seconds,
+    which the loop leaves out of ``samples_per_s``."""
+    progress.set_postfix_str("eval", refresh=True)
+    seconds = run_evaluation(s, state.step, metrics_file, samples_file)
+    state.evaluated_step = state.step
+    return seconds
 
 
 def resume_settings(s: PPOSession) -> dict[str, Any]:

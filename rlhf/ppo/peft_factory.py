@@ -180,7 +180,7 @@ def build_peft_session(
     if args.do_eval:
         prompts, eval_prompts = hold_out_prompts(prompts, data.split_ratio, args.seed)
         logger.info(
-            "--do_eval: %d of the prompts held out for evaluation (--split_ratio %g), %d to train on",
+            "--do_eval: %d distinct prompts held out for evaluation (--split_ratio %g), %d prompts (rows) to train on",
             len(eval_prompts), data.split_ratio, len(prompts),
         )  # fmt: skip
     pretrain = None

@@ -27,7 +27,7 @@ from rlhf.tp.key_maps import (
     model_args_from_params,
 )
 from rlhf.tp.model import ModelArgs, ScalarHeadTransformer, Transformer
-from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard, read_params
+from rlhf.tp.shard_dir import PARAMS, check_shard_dir, is_shard_dir, load_shard, read_params, source_aux_files
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,13 @@ def build_model(
 
 
 def generation_eos_ids(ckpt_dir: str) -> int | list[int] | None:
-    """The ``eos_token_id`` of ``ckpt_dir``'s ``generation_config.json`` (which a split carries over): a chat
-    model's end-of-turn ids beside the tokenizer's EOS, where Hugging Face ``generate`` also stops. ``None``
-    without the file or the key."""
-    path = Path(ckpt_dir) / "generation_config.json"
-    if not path.is_file():
+    """The ``eos_token_id`` of ``ckpt_dir``'s ``generation_config.json`` (which a split carries over; an adapter
+    dir's is its base model's, as the dirs saved from it get): a chat model's end-of-turn ids beside the
+    tokenizer's EOS, where Hugging Face ``generate`` also stops. ``None`` without the file or the key."""
+    found = [p for p in source_aux_files(ckpt_dir) if p.name == "generation_config.json"]
+    if not found:
         return None
+    path = found[0]
     try:
         return json.loads(path.read_text()).get("eos_token_id")
     except (ValueError, AttributeError) as exc:

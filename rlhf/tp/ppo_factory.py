@@ -136,7 +136,7 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
         prompts, eval_prompts = hold_out_prompts(prompts, tp.split_ratio, args.seed)
         if rank == 0:
             logger.info(
-                "--do_eval: %d of the questions held out for evaluation (--split_ratio %g), %d to train on",
+                "--do_eval: %d distinct questions held out for evaluation (--split_ratio %g), %d to train on",
                 len(eval_prompts), tp.split_ratio, len(prompts),
             )  # fmt: skip
     count_total_steps(
