@@ -61,31 +61,33 @@ def evaluate_policy(s: PPOSession, step: int) -> Evaluation:
     forward_rows = forward_batch_size(
         s.ppo.per_device_forward_batch_size, s.ppo.per_device_mini_train_batch_size
     )
-    samples = []
+    parts, texts, responses, lengths, ended = [], [], [], [], []
     for start in range(0, len(rows), generation_rows):
         chunk = rows[start : start + generation_rows]
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in chunk], s.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(backend.device), prompt_mask.to(backend.device)
         with backend.autocast():
             out = s.generator.generate(prompt_ids, prompt_mask, sampling=greedy)
-        batch = SequenceBatch(
+        parts.append(SequenceBatch(
             torch.cat([prompt_ids, out.response_ids], 1),
             torch.cat([prompt_mask, out.response_mask.to(prompt_mask.dtype)], 1),
             prompt_ids.shape[1],
-        )
-        lengths = out.response_mask.sum(1).long().tolist()
-        responses = s.decode(
-            [r[:n] for r, n in zip(out.response_ids.tolist(), lengths)], skip_special_tokens=True
-        )
-        texts = [prompts.texts[i] for i in chunk]
-        ended = (is_eos(out.response_ids, s.eos_token_id) & out.response_mask.bool()).any(1).tolist()
+        ))  # fmt: skip
+        n = out.response_mask.sum(1).long().tolist()
+        responses += s.decode([r[:k] for r, k in zip(out.response_ids.tolist(), n)], skip_special_tokens=True)
+        texts += [prompts.texts[i] for i in chunk]
+        lengths += n
+        ended += (is_eos(out.response_ids, s.eos_token_id) & out.response_mask.bool()).any(1).tolist()
+    scores = []
+    if parts:  # scored together, as a rollout's responses are (a --reward_fn sees them in one call)
+        batch = SequenceBatch.concat(parts, s.pad_token_id)
         with backend.autocast():
             scores = score_in_chunks(s.scorer, batch, texts, responses, forward_rows).float().tolist()
-        samples += [
-            {"step": step, "index": i, "prompt": text, "response": response, "score": score, "length": n,
-             "ended": end}
-            for i, text, response, score, n, end in zip(chunk, texts, responses, scores, lengths, ended)
-        ]  # fmt: skip
+    samples = [
+        {"step": step, "index": i, "prompt": text, "response": response, "score": score, "length": n,
+         "ended": end}
+        for i, text, response, score, n, end in zip(rows, texts, responses, scores, lengths, ended)
+    ]  # fmt: skip
     samples = gather_samples(samples, backend.world_size)
     return Evaluation(summarize(samples, time.perf_counter() - started), samples)
 
