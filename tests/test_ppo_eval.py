@@ -161,6 +161,15 @@ def test_evaluation_scored_by_the_reward_adapter(tiny_llama, length_reward, tmp_
     assert evals[0]["eval/score"] == pytest.approx(sum(first) / len(first))
 
 
+def test_a_reward_fn_gets_all_answers_of_an_evaluation_in_one_call(tiny_llama, tmp_path):
+    """As a rollout's responses: a rule that looks at its whole batch sees every held-out answer."""
+    rule = tmp_path / "batch_rule.py"
+    rule.write_text("def score(prompts, responses):\n    return [float(len(responses))] * len(responses)\n")
+    run_ppo_with_peft.main(eval_argv(tiny_llama, f"{rule}:score", tmp_path / "run", "--max_steps", "1"))
+    evals = split_rows_by_kind(read_rows(tmp_path / "run" / "metrics.jsonl"))[1]
+    assert evals[0]["eval/prompts"] > 4 and all(r["eval/score"] == r["eval/prompts"] for r in evals)
+
+
 def test_resumed_run_evaluates_as_the_uninterrupted_one(tiny_llama, length_reward, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
 
