@@ -124,6 +124,10 @@ def hold_out_prompts(prompts: PromptSet, split_ratio: float, seed: int) -> tuple
     _, held = split_rows(list(first_row), split_ratio, seed)
     held_texts = set(held)
     train = [row for row, text in enumerate(prompts.texts) if text not in held_texts]
+    logger.info(
+        "--do_eval: %d distinct prompts held out for evaluation (--split_ratio %g), %d prompts (rows) to train on",
+        len(held), split_ratio, len(train),
+    )  # fmt: skip
     return (
         PromptSet(
             [prompts.ids[i] for i in train],

@@ -411,7 +411,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
         if (
             s.eval_prompts is not None
             and state.evaluated_step != state.step
-            and (state.step == 0 or state.step % args.eval_every == 0 or state.step >= s.total_steps)
+            and (state.step % args.eval_every == 0 or state.step >= s.total_steps)  # step 0 too
         ):
             timer["since"] += evaluate(s, state, metrics_file, samples_file, progress)
             stop_signal = stop.agreed(backend.device) if state.step < s.total_steps else 0

@@ -179,10 +179,6 @@ def build_peft_session(
     eval_prompts = None
     if args.do_eval:
         prompts, eval_prompts = hold_out_prompts(prompts, data.split_ratio, args.seed)
-        logger.info(
-            "--do_eval: %d distinct prompts held out for evaluation (--split_ratio %g), %d prompts (rows) to train on",
-            len(eval_prompts), data.split_ratio, len(prompts),
-        )  # fmt: skip
     pretrain = None
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)

@@ -50,9 +50,8 @@ def ending_as_trained(
         return batch
     last = batch.last_token_positions[:, None]  # [B, 1]
     tokens = batch.input_ids.gather(1, last)
-    swap = is_eos(tokens, others) & (
-        batch.response_mask.sum(1, keepdim=True) > 0
-    )  # not a prompt's last token
+    has_response = batch.response_mask.sum(1, keepdim=True) > 0  # else the last token is the prompt's
+    swap = is_eos(tokens, others) & has_response
     ids = batch.input_ids.scatter(1, last, torch.where(swap, torch.full_like(tokens, reward_eos), tokens))
     return SequenceBatch(ids, batch.attention_mask, batch.prompt_len)
 

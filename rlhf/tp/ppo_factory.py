@@ -9,7 +9,6 @@ Nothing here touches PEFT, Accelerate or Hugging Face ``generate``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,8 +40,6 @@ from rlhf.tp.verifier import check_verifier_dir
 
 if TYPE_CHECKING:
     from rlhf.tp.ppo_train import TPPPOArguments, TPPPOTrainingArguments
-
-logger = logging.getLogger(__name__)
 
 
 def gsm8k_reward(labels: dict[str, str]):
@@ -134,11 +131,6 @@ def build_tp_session(tp: TPPPOArguments, ppo: PPOArguments, args: TPPPOTrainingA
     eval_prompts = None
     if args.do_eval:  # the gsm8k rule's labels cover them too
         prompts, eval_prompts = hold_out_prompts(prompts, tp.split_ratio, args.seed)
-        if rank == 0:
-            logger.info(
-                "--do_eval: %d distinct questions held out for evaluation (--split_ratio %g), %d to train on",
-                len(eval_prompts), tp.split_ratio, len(prompts),
-            )  # fmt: skip
     count_total_steps(
         len(prompts), ppo, args, 1, quiet=True
     )  # enough prompts for one rollout, before any model loads
