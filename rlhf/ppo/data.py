@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +67,9 @@ class PromptSet:
     ids: list[list[int]]
     texts: list[str]
     source: str = "--dataset_dir"  # the flag and path they came from, for errors
+    # rendered text -> its conversation, for the chat rows: a reward model with its own tokenizer renders
+    # them with its own chat template, as its stage trained it
+    chats: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -98,14 +101,16 @@ def load_prompts(
         rows = load_dataset_dir(dataset_dir, "prompt", cache_dir)
     except DataError as exc:
         raise DataError(f"--dataset_dir: {exc}") from exc
-    ids, texts = [], []
+    ids, texts, chats = [], [], {}
     for row in rows:
         ids.append(tokenize_prompt(row, tokenizer))
         texts.append(render_prompt(row, tokenizer))
+        if row.get("prompt_messages"):
+            chats[texts[-1]] = row["prompt_messages"]
     if not ids:
         raise DataError(f"--dataset_dir {dataset_dir}: no prompts")
     ids = cut_prompts(ids, max_prompt_length, tokenizer.bos_token_id, dataset_dir)
-    return PromptSet(ids, texts, f"--dataset_dir {dataset_dir}")
+    return PromptSet(ids, texts, f"--dataset_dir {dataset_dir}", chats)
 
 
 def hold_out_prompts(prompts: PromptSet, split_ratio: float, seed: int) -> tuple[PromptSet, PromptSet]:
@@ -133,9 +138,13 @@ def hold_out_prompts(prompts: PromptSet, split_ratio: float, seed: int) -> tuple
             [prompts.ids[i] for i in train],
             [prompts.texts[i] for i in train],
             f"{prompts.source} (training share)",
+            prompts.chats,
         ),
         PromptSet(
-            [prompts.ids[first_row[t]] for t in held], held, f"{prompts.source} (held out by --split_ratio)"
+            [prompts.ids[first_row[t]] for t in held],
+            held,
+            f"{prompts.source} (held out by --split_ratio)",
+            prompts.chats,
         ),
     )
 

@@ -116,10 +116,16 @@ def _separate_reward_model(path: str, margs: PPOModelArguments) -> torch.nn.Modu
 
 
 def build_models_and_scorer(
-    margs: PPOModelArguments, tokenizer: Any, backend: AccelerateBackend, with_critic: bool = True
+    margs: PPOModelArguments,
+    tokenizer: Any,
+    backend: AccelerateBackend,
+    with_critic: bool = True,
+    chats: dict[str, list[dict[str, str]]] | None = None,
 ) -> tuple[PeftPolicyModels, Scorer]:
     """The PEFT models bundle and the reward: shared reward adapter, separate reward model, rule, or a sum.
-    ``with_critic=False`` (a critic-free ``--advantage_estimator``) builds no critic."""
+    ``with_critic=False`` (a critic-free ``--advantage_estimator``) builds no critic. ``chats``: the
+    prompts' conversations by rendered text (:class:`rlhf.ppo.data.PromptSet`), for a separate reward
+    model with its own chat template."""
     shared_adapter, separate_path = None, None
     if margs.reward_lora_path:
         if reward_adapter_shares_base(margs.reward_lora_path, margs.sft_model_path):
@@ -152,14 +158,23 @@ def build_models_and_scorer(
         scorers.append(AdapterScorer(models))
     if separate_path:
         rm_tokenizer = load_tokenizer(separate_path, margs.trust_remote_code)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        same_text = rm_tokenizer.get_vocab() == tokenizer.get_vocab() and (
+            not chats
+            or getattr(rm_tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None)
+        )  # else its stage saw other ids or another rendering of a chat: the text is tokenized again
+        if not same_text:
+            logger.info(
+                "reward model %s: its own tokenizer%s; prompts and responses are tokenized again for it",
+                separate_path, " and chat template" if chats else "",
+            )  # fmt: skip
         model = _separate_reward_model(separate_path, margs)
         scorers.append(
             SequenceClassifierScorer(
                 model,
                 backend.device,
-                None if same_vocab else rm_tokenizer,
+                None if same_text else rm_tokenizer,
                 reward_eos=rm_tokenizer.eos_token_id,
+                chats=chats,
             )
         )
     if margs.reward_fn:
@@ -182,7 +197,9 @@ def build_peft_session(
     pretrain = None
     if margs.pretrain_dataset_dir:
         pretrain = load_pretrain(margs.pretrain_dataset_dir, tokenizer, data.block_size, data.data_cache_dir)
-    models, scorer = build_models_and_scorer(margs, tokenizer, backend, with_critic=ppo.needs_critic)
+    models, scorer = build_models_and_scorer(
+        margs, tokenizer, backend, with_critic=ppo.needs_critic, chats=prompts.chats
+    )
     if models.has_adapters:  # an adapter dir as --sft_model_path: the base the saved adapters name, on disk
         critic_dir = [critic_output_dir(margs, args)] if ppo.needs_critic else []  # its adapter names it too
         base = write_base_if_adapter_source(

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf.data.templates import encode_rendered_prompt
+from rlhf.data.templates import encode_rendered_prompt, render_chat_prompt
 from rlhf.errors import ConfigError
 from rlhf.generation.base import is_eos
 from rlhf.ppo.batch import SequenceBatch, left_pad
@@ -82,8 +82,11 @@ class SequenceClassifierScorer:
     also the pad token). With its own tokenizer (``tokenizer`` given) the prompt and response text is
     re-tokenized, and its EOS appended by id where the response ended on one of ``policy_eos`` (the
     rollout's EOS ids, set by the session): a response cut at ``--max_response_length`` is read at its last
-    token, as the reward model sharing the policy's vocabulary reads it. Sharing it, a response that ended on
-    another of the rollout's EOS ids ends on ``reward_eos`` (its tokenizer's) instead (:func:`ending_as_trained`)."""
+    token, as the reward model sharing the policy's vocabulary reads it. A chat prompt (its rendered text a
+    key of ``chats``) is rendered again with that tokenizer's own chat template, as the reward stage
+    rendered its pairs; other prompts (Alpaca, verbatim) are the same text for both. Sharing the vocabulary,
+    a response that ended on another of the rollout's EOS ids ends on ``reward_eos`` (its tokenizer's)
+    instead (:func:`ending_as_trained`)."""
 
     def __init__(
         self,
@@ -91,12 +94,21 @@ class SequenceClassifierScorer:
         device: torch.device,
         tokenizer: Any = None,
         reward_eos: int | None = None,
+        chats: dict[str, list[dict[str, str]]] | None = None,
     ) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = device
         self.policy_eos: tuple[int, ...] = ()  # empty: every response is taken as ended
         self.reward_eos = reward_eos
+        self.chats = chats or {}
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """A prompt in this reward model's tokenizer: a chat rendered with its template, else the text (the
+        BOS once: a template may write it)."""
+        if text in self.chats:
+            text = render_chat_prompt(self.chats[text], self.tokenizer)
+        return encode_rendered_prompt(text, self.tokenizer)
 
     def _ended(self, batch: SequenceBatch) -> list[bool]:
         """Per row: whether the response ends on one of ``policy_eos``."""
@@ -114,7 +126,7 @@ class SequenceClassifierScorer:
         else:
             eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
             rows = [
-                encode_rendered_prompt(p, self.tokenizer)  # the policy's template may hold the BOS
+                self._prompt_ids(p)
                 + self.tokenizer(r, add_special_tokens=False)["input_ids"]
                 + (eos if ended else [])
                 for p, r, ended in zip(prompts, responses, self._ended(batch))
