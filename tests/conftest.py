@@ -95,6 +95,23 @@ def llama3_rope_copy(tiny_model_factory) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def trainer_steps(monkeypatch) -> list[int]:
+    """The global step of each micro-batch the SFT and reward-model Trainers run in this process, in order:
+    a resumed run's first entry is its checkpoint's step (a silent restart's is 0)."""
+    from rlhf.training.guard import FiniteLossMixin
+
+    seen: list[int] = []
+    original = FiniteLossMixin.training_step
+
+    def counted(self, *args, **kwargs):
+        seen.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FiniteLossMixin, "training_step", counted)
+    return seen
+
+
+@pytest.fixture
 def world_of_one():
     """A tensor-parallel group of one process (gloo on CPU) for the test, torn down afterwards."""
     from rlhf.tp.distributed import init_model_parallel, shutdown

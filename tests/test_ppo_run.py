@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -352,14 +351,12 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
     """Two optimizer steps per rollout, a row per step: the second row of each rollout collected none,
     yet has the same keys, and both rows of one rollout report its statistics exactly."""
     out = tmp_path / "rows"
-    started = time.perf_counter()
     run_ppo_with_peft.main([
         "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
         "--dataset_dir", str(REPO / "sft_data"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
         "--per_device_mini_train_batch_size", "2", "--max_response_length", "6", "--max_steps", "4",
         "--logging_steps", "1", "--save_steps", "100", "--target_kl", "0.01", "--disable_tqdm", "true",
     ])  # fmt: skip
-    elapsed = time.perf_counter() - started
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["rollouts"] for r in rows] == [1, 1, 2, 2]
     assert all(r.keys() == rows[0].keys() for r in rows) and set(ROLLOUT_KEYS) <= rows[0].keys()
@@ -373,8 +370,6 @@ def test_every_metrics_row_has_the_rollout_keys_of_the_rollout_it_trained_on(tin
         assert r["objective/rlhf_reward"] == pytest.approx(shaped, abs=1e-5)
     assert all(r["time/rollout_s"] > 0 for r in rows)  # each step carries its share of the rollout time
     assert rows[0]["time/rollout_s"] == rows[1]["time/rollout_s"]
-    # seconds of this run: the shares add up to less than the run took (not a clock reading)
-    assert sum(r["time/rollout_s"] for r in rows) + sum(r["time/train_s"] for r in rows) < elapsed
 
 
 def test_rerun_resumes_in_the_output_dir_or_starts_afresh_with_overwrite(tiny_llama, tmp_path, capsys):

@@ -120,27 +120,40 @@ def test_lora_changes_only_adapter_weights_and_peft_path_continues(tiny_llama, r
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
-def test_checkpoints_and_resume(tiny_llama, repo_root, tmp_path):
+def test_checkpoints_and_resume(tiny_llama, repo_root, tmp_path, trainer_steps):
     out = tmp_path / "ckpt"
     argv = quick_argv(tiny_llama, repo_root / "sft_data", out, "--lora_rank", "4")
     argv[argv.index("--save_strategy") + 1] = "steps"
     main([*argv, "--save_steps", "2", "--save_total_limit", "1"])
+    trainer_steps.clear()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
     assert not list(out.glob(".*.tmp"))  # no staging folder left behind
     ckpt = out / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
     argv[argv.index("--max_steps") + 1] = "6"
     main([*argv, "--save_steps", "2", "--resume_from_checkpoint", str(ckpt)])
+    assert trainer_steps == [4, 5]  # steps 5 and 6 only: resumed, not restarted
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
-    assert [row["step"] for row in state["log_history"] if "loss" in row] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]  # not restarted
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3, 4, 5, 6]
+    # a resume from step 4 of a 6-step run ends with that run's model: weights, optimizer, schedule and
+    # data order restored
+    whole, again = tmp_path / "whole", tmp_path / "again"
+    argv6 = quick_argv(tiny_llama, repo_root / "sft_data", whole, "--lora_rank", "4", "--max_steps", "6")
+    argv6[argv6.index("--save_strategy") + 1] = "steps"
+    main([*argv6, "--save_steps", "2"])
+    shutil.copytree(whole / "checkpoint-4", again / "checkpoint-4")
+    trainer_steps.clear()
+    argv6[argv6.index("--output_dir") + 1] = str(again)
+    main([*argv6, "--save_steps", "2", "--resume_from_checkpoint", str(again / "checkpoint-4")])
+    assert trainer_steps == [4, 5]
+    resumed, uninterrupted = (
+        load_file(again / "adapter_model.safetensors"),
+        load_file(whole / "adapter_model.safetensors"),
+    )
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
 def test_full_fine_tuning_learns_the_toy_task(tiny_llama, repo_root, tmp_path):

@@ -241,7 +241,9 @@ def test_a_stop_checkpoint_does_not_make_a_finished_run_train_again(
 
 
 @pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
-def test_rerunning_a_finished_run_does_not_train_past_max_steps(tiny_llama, tmp_path, capsys, save_strategy):
+def test_rerunning_a_finished_run_does_not_train_past_max_steps(
+    tiny_llama, tmp_path, capsys, save_strategy, trainer_steps
+):
     """The Trainer, resumed from the checkpoint of the last step mid-epoch, trained one step past
     --max_steps and overwrote the final model; a larger --max_steps still goes on."""
     out = tmp_path / save_strategy
@@ -253,16 +255,18 @@ def test_rerunning_a_finished_run_does_not_train_past_max_steps(tiny_llama, tmp_
     line = error_line(run_sft_with_peft.main, [*argv, "--resume_from_checkpoint", "True"], capsys)
     assert "drop --resume_from_checkpoint True, pass --overwrite_output_dir to train again" in line
     assert trained_steps(out) == [1, 2, 3, 4, 5] and checkpoints(out)[-1] == "checkpoint-5"
+    trainer_steps.clear()
     run_sft_with_peft.main(with_flags(argv, max_steps="6"))
-    assert trained_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert trained_steps(out) == [1, 2, 3, 4, 5, 6] and trainer_steps == [5]  # one step more, not six
 
 
-def test_a_named_checkpoint_is_resumed_even_in_a_finished_run(tiny_llama, tmp_path):
+def test_a_named_checkpoint_is_resumed_even_in_a_finished_run(tiny_llama, tmp_path, trainer_steps):
     out = tmp_path / "sft"
     argv = sft_argv(tiny_llama, out, 4)
     run_sft_with_peft.main(argv)
+    trainer_steps.clear()
     run_sft_with_peft.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-2")])
-    assert trained_steps(out) == [1, 2, 3, 4]
+    assert trained_steps(out) == [1, 2, 3, 4] and trainer_steps == [2, 3]
 
 
 def test_save_only_model_checkpoints_are_named_as_such_not_resumed(tiny_llama, tmp_path, capsys):
@@ -345,7 +349,9 @@ def test_changeable_settings_resume_and_an_unrecorded_checkpoint_warns(tiny_llam
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
 
 
-def test_reward_model_resume_with_another_adapter_is_one_line(tiny_llama, tmp_path, capsys):
+def test_reward_model_resumes_and_a_resume_with_another_adapter_is_one_line(
+    tiny_llama, tmp_path, capsys, trainer_steps
+):
     out = tmp_path / "rm"
     argv = rm_quick_argv(tiny_llama, REPO / "rm_data", out, "--lora_rank", "4")
     argv = with_flags(argv, save_strategy="steps", save_steps="2", max_steps="2")
@@ -353,6 +359,9 @@ def test_reward_model_resume_with_another_adapter_is_one_line(tiny_llama, tmp_pa
     assert "score" in read_settings(out / "checkpoint-2")["modules_to_save"]
     line = error_line(run_rm_with_peft.main, with_flags(argv, max_steps="4", lora_rank="8"), capsys)
     assert "than this run's (--lora_rank: checkpoint 4, now 8):" in line
+    trainer_steps.clear()
+    run_rm_with_peft.main(with_flags(argv, max_steps="4"))
+    assert trainer_steps == [2, 3]  # the same command with more steps resumes from checkpoint-2
 
 
 def test_changed_input_files_are_named(tmp_path):
