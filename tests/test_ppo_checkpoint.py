@@ -49,17 +49,22 @@ def backend():
     return AccelerateBackend()
 
 
-def train_one_step(models: TwoLinears):
+def train_one_step(models: TwoLinears, steps: int = 1, scale: float = 1.0):
+    """AdamW and a schedule for each group, after ``steps`` steps on inputs ``scale`` x ones (the loss's
+    gradient squares make the moments depend on the weights and the inputs)."""
     params = models.parameter_groups()
     optimizers = {k: torch.optim.AdamW(v, lr=0.1) for k, v in params.items()}
     schedulers = {
         k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for k, o in optimizers.items()
     }
-    loss = models.actor(torch.ones(2, 4)).sum() + models.critic(torch.ones(2, 4)).sum()
-    loss.backward()
-    for name, optimizer in optimizers.items():
-        optimizer.step()
-        schedulers[name].step()
+    for _ in range(steps):
+        x = torch.full((2, 4), scale)
+        loss = models.actor(x).pow(2).sum() + models.critic(x).pow(2).sum()
+        loss.backward()
+        for name, optimizer in optimizers.items():
+            optimizer.step()
+            optimizer.zero_grad()
+            schedulers[name].step()
     return optimizers, schedulers
 
 
@@ -80,14 +85,26 @@ def test_round_trip_restores_weights_optimizer_and_rng(backend, tmp_path):
     expected_draw = torch.rand(3)
 
     fresh = TwoLinears(1)
-    fresh_opt, fresh_sched = train_one_step(fresh)
+    fresh_opt, fresh_sched = train_one_step(fresh, steps=2, scale=-3.0)  # other moments, steps, schedule
     shared, rank_state, buffer = load_checkpoint(
         tmp_path / "checkpoint-1", backend=backend, models=fresh, optimizers=fresh_opt, schedulers=fresh_sched
     )
     assert shared == {"step": 1} and rank_state == {"metrics": {}} and buffer is None
     before, after = models.trainable_state(), fresh.trainable_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert fresh_opt["actor"].state_dict()["state"][0]["step"] == 1
+    for name in ("actor", "critic"):
+        saved, loaded = optimizers[name].state_dict()["state"], fresh_opt[name].state_dict()["state"]
+        assert saved.keys() == loaded.keys()
+        for i in saved:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(torch.as_tensor(saved[i][key]), torch.as_tensor(loaded[i][key])), (
+                    name,
+                    key,
+                )
+        assert (
+            fresh_sched[name].state_dict()["last_epoch"] == schedulers[name].state_dict()["last_epoch"] == 1
+        )
+        assert fresh_sched[name].get_last_lr() == schedulers[name].get_last_lr()
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG is back where it was when saving
 
 

@@ -161,21 +161,39 @@ def resume_argv(sft: Path, rm: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def count_rollouts(monkeypatch) -> list[int]:
+    """The step each rollout of the PPO loop starts at, in order (a resume's first is its checkpoint's)."""
+    from rlhf.ppo import loop
+
+    started, original = [], loop.collect_rollout
+
+    def counted(s, state, metrics):
+        started.append(state.step)
+        return original(s, state, metrics)
+
+    monkeypatch.setattr(loop, "collect_rollout", counted)
+    return started
+
+
 @pytest.mark.slow
-def test_resume_is_bit_identical(tiny_llama, rm_adapter, tmp_path):
+def test_resume_is_bit_identical(tiny_llama, rm_adapter, tmp_path, monkeypatch):
     """A checkpoint taken inside a rollout (6 mini-batches per rollout, 4 per step), with dropout,
     pretraining batches, an adaptive KL coefficient and metrics pending between logs; the rollouts come
     from the static engine (eager on CPU), sampling from the checkpointed RNG state."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
+    rollouts = count_rollouts(monkeypatch)
     run_ppo_with_peft.main(resume_argv(tiny_llama, rm_adapter, full))
+    assert rollouts == [0, 1, 3]  # 16 mini-batches in 4 steps, 6 per rollout
     assert (full / "checkpoint-2" / "rank_0" / "buffer.safetensors").is_file()  # mid-rollout
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")  # holds step 3 too: must be dropped
+    rollouts.clear()
     run_ppo_with_peft.main(
         resume_argv(tiny_llama, rm_adapter, resumed)
         + ["--resume_from_checkpoint", str(resumed / "checkpoint-2")]
     )
+    assert rollouts == [3]  # the second rollout's rest from the checkpoint's buffer, then the third
     for name in (
         "adapter_model.safetensors",
         "critic/adapter_model.safetensors",

@@ -69,9 +69,17 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_bit_identically(
     assert (state["step"], state["micro"], state["epoch"], state["done_in_epoch"]) == (2, 4, 1, 1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    monkeypatch.setattr(training, "collate", collate)
+    resumed_batches = []
+
+    def counting_collate(*args, **kwargs):
+        resumed_batches.append(args[0])
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "collate", counting_collate)
     again = solver_train.main(argv(tiny_llama, data, out))  # the same command
     assert f"resuming from {run_dir / 'checkpoint-2'}" in capsys.readouterr().err
+    assert len(resumed_batches) == 12 - 4  # the micro-batches after step 2's four, not a restart
+    monkeypatch.setattr(training, "collate", collate)
     assert again["first_loss"] == full["first_loss"] and again["final_loss"] == full["final_loss"]
     for name in ("adapter/adapter.00.safetensors", "consolidated.00.pth"):
         load = load_file if name.endswith(".safetensors") else lambda p: torch.load(p, weights_only=True)
