@@ -58,6 +58,22 @@ def test_backend_choice():
         choose_backend("varlen", "cpu")
 
 
+def test_a_float32_run_never_gets_a_flashattention_kernel(monkeypatch):
+    """FlashAttention kernels take float16/bfloat16 only: a float32 run without --bf16/--fp16 used to be
+    logged as `varlen` while every layer quietly ran sdpa."""
+    from rlhf.training import packed_attention
+
+    monkeypatch.setattr(packed_attention, "backend_available", lambda name, device: True)
+    assert choose_backend("auto", "cuda", half_precision=True) == "varlen"
+    assert choose_backend("auto", "cuda", half_precision=False) == "flex"
+    assert choose_backend("flex", "cuda", half_precision=False) == "flex"
+    for name in ("varlen", "flash_attn"):
+        with pytest.raises(
+            ConfigError, match=f"--packed_attention {name} runs float16/bfloat16 only: add --bf16"
+        ):
+            choose_backend(name, "cuda", half_precision=False)
+
+
 def _dense_document_reference(q, k, v, cu, window):
     """Masked SDPA over the whole row with an explicit document-causal mask. q (T, Hq, D), k/v (T, Hkv, D)."""
     total, n_rep = q.shape[0], q.shape[1] // k.shape[1]

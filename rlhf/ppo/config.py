@@ -235,8 +235,8 @@ class PPOTrainingArguments:
     output_dir: str = field(metadata={"help": "Actor adapter, tokenizer, checkpoints and metrics.jsonl."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an --output_dir that holds checkpoints (they and metrics.jsonl are "
-                  "removed) instead of resuming from the newest one."},
+        metadata={"help": "Start afresh in an --output_dir that holds checkpoints (they, metrics.jsonl and "
+                  "eval_samples.jsonl are removed) instead of resuming from the newest one."},
     )  # fmt: skip
     do_train: bool = field(default=True, metadata={"help": "Accepted for Trainer compatibility."})
     seed: int = field(default=42, metadata={"help": "Seed for models, data order and sampling."})

@@ -167,7 +167,7 @@ def run_reward(
         model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
     )
     if rm_args.packing:
-        use_packed_attention(model, rm_args.packed_attention)
+        use_packed_attention(model, rm_args.packed_attention, args.bf16 or args.fp16)
         collator = PackedPairCollator()
     else:
         collator = PairCollator(tokenizer.pad_token_id, rm_args.padding_side)

@@ -198,7 +198,9 @@ def run_sft(
         model, model_args.model_name_or_path, args.output_dir, tokenizer, args.process_index == 0
     )
     if sft_args.packing:
-        collator = packed_collator(use_packed_attention(model, sft_args.packed_attention))
+        collator = packed_collator(
+            use_packed_attention(model, sft_args.packed_attention, args.bf16 or args.fp16)
+        )
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
     trainer = SFTTrainer(

@@ -239,17 +239,27 @@ def backend_available(name: str, device_type: str) -> bool:
     return False
 
 
-def choose_backend(requested: str, device_type: str) -> str:
-    """The backend to use: ``requested``, or for ``auto`` the first available of varlen, flash_attn, flex, sdpa."""
+def choose_backend(requested: str, device_type: str, half_precision: bool = True) -> str:
+    """The backend to use: ``requested``, or for ``auto`` the first available of varlen, flash_attn, flex, sdpa.
+
+    ``half_precision``: whether the attention inputs will be float16/bfloat16 (``--bf16``/``--fp16`` or a
+    half-precision model); without it ``auto`` skips the FlashAttention kernels, which cannot run float32,
+    and naming one of them is a one-line error."""
     if requested not in BACKENDS:
         raise ConfigError(f"--packed_attention must be one of {', '.join(BACKENDS)}; got {requested!r}")
     if requested == "auto":
         order = ("varlen", "flash_attn", "flex", "sdpa") if device_type == "cuda" else ("sdpa",)
+        order = tuple(n for n in order if half_precision or n not in NEEDS_HALF)
         return next(name for name in order if backend_available(name, device_type))
     if not backend_available(requested, device_type):
         raise ConfigError(
             f"--packed_attention {requested} is not available on {device_type} here "
             f"(available: {', '.join(n for n in KERNELS if backend_available(n, device_type))})"
+        )
+    if requested in NEEDS_HALF and not half_precision:
+        raise ConfigError(
+            f"--packed_attention {requested} runs float16/bfloat16 only: add --bf16 or --fp16, or choose "
+            "flex or sdpa for a float32 run"
         )
     return requested
 
@@ -346,18 +356,22 @@ def packed_attention_forward(
     return out[None], None
 
 
-def use_packed_attention(model: torch.nn.Module, requested: str = "auto") -> str:
+def use_packed_attention(
+    model: torch.nn.Module, requested: str = "auto", mixed_precision: bool = False
+) -> str:
     """Register the packed attention function for the chosen backend and set it on ``model``; return its name.
 
-    Call on the transformers model (before or after wrapping it in PEFT). The name is not saved in
-    ``config.json``; saved models load with their default attention.
+    Call on the transformers model (before or after wrapping it in PEFT). ``mixed_precision``: the run
+    trains under ``--bf16``/``--fp16`` autocast (a float16/bfloat16 model counts without it). The name is
+    not saved in ``config.json``; saved models load with their default attention.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = choose_backend(requested, device_type)
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    half = mixed_precision or any(p.dtype in HALF for p in target.parameters() if p.is_floating_point())
+    backend = choose_backend(requested, device_type, half)
     dropout = getattr(target.config, "attention_dropout", 0.0)
     if dropout:
         raise ConfigError(f"--packing: attention_dropout {dropout} is not implemented by packed attention")
@@ -365,7 +379,10 @@ def use_packed_attention(model: torch.nn.Module, requested: str = "auto") -> str
     AttentionInterface.register(name, functools.partial(packed_attention_forward, backend=backend))
     AttentionMaskInterface.register(name, padding_mask_only)
     target.set_attn_implementation(name)
-    logger.info("packed attention: %s (--packed_attention %s, %s)", backend, requested, device_type)
+    precision = "bf16/fp16" if half else "float32"
+    logger.info(
+        "packed attention: %s (--packed_attention %s, %s, %s)", backend, requested, device_type, precision
+    )
     return name
 
 
