@@ -202,3 +202,45 @@ def test_ppo_takes_mixed_precision_from_accelerate_launch(monkeypatch, caplog):
         "mixed_precision: bf16 (from accelerate launch) needs a GPU; none found, so float32 is used"
         in caplog.text
     )
+
+
+@pytest.fixture(scope="module")
+def peaked_llama(tiny_model_factory, tmp_path_factory):
+    """4 layers of width 128 with the output head scaled up: peaked next-token distributions (as a
+    fine-tuned model's), where bf16 rounding shows in the log-probs; the 2-layer tiny model's are near
+    uniform and hide it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model_factory("llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
+    out = tmp_path_factory.mktemp("peaked") / "model"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_bf16_ratio_is_one_before_the_first_update_of_a_rollout(
+    peaked_llama, tmp_path, keep_precision_flags, estimator
+):
+    """Four mini-batches of uneven prompts, all before the rollout's one optimizer step: each update sees
+    the policy that sampled, so every ratio is exactly 1 (no KL, no clipping) — in bf16 too. The rollout's
+    forwards used to run in chunks padded to other widths than the mini-batches, and bf16 matmuls round
+    differently at another width: approxkl 8e-7 here; log-ratios up to 0.09 on an 8-layer model of width 256
+    (0.24 on the TP backend, past the clip)."""
+    argv = [
+        "--sft_model_path", str(peaked_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(REPO_ROOT / "sft_data"), "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "8", "--per_device_mini_train_batch_size", "2",
+        "--gradient_accumulation_steps", "4", "--ppo_epochs", "1", "--max_steps", "1", "--logging_steps", "1",
+        "--max_response_length", "16", "--save_steps", "100", "--disable_tqdm", "true", "--seed", "3",
+        "--advantage_estimator", estimator, "--old_logprobs", "forward",
+    ]  # fmt: skip
+    if estimator == "grpo":
+        argv[argv.index("--per_device_train_batch_size") + 1] = "4"
+        argv += ["--num_samples_per_prompt", "2"]
+    run_ppo_with_peft.main(in_bf16(argv, trainer=False))
+    (row,) = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert row["policy/approxkl"] == 0.0 and row["policy/clipfrac"] == 0.0, row

@@ -172,29 +172,40 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     # 3. Old log-probs (the policy that sampled: the generator's own when it returns them and
     #    --old_logprobs allows it, else an eval-mode forward; none here when the update is on-policy and
     #    takes its own, --old_logprobs update), reference log-probs and, with a critic, values, in chunks
-    #    of --per_device_forward_batch_size rows, each over the columns its own rows need.
+    #    of --per_device_forward_batch_size rows, each over the columns its own rows need. The epochs'
+    #    sample orders are drawn first: with chunks of the mini-batch size (the default) each chunk is one
+    #    of the first epoch's mini-batches, so a sequence has the same padding in both forwards (bf16
+    #    matmuls round differently at another width: the first ratio would not be 1).
+    order = torch.stack([torch.randperm(n) for _ in range(ppo.ppo_epochs)])  # [epochs, N], host
     source = s.old_logprobs
     if source == "generator" and any(lp is None for lp in sampled_logprobs):
         source = "forward"
-    old_logprobs, ref_logprobs, values = [], [], []
+    old_logprobs = ref_logprobs = values = None
     if source == "generator":
-        old_logprobs = [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
-
-    def full_width(x: torch.Tensor) -> torch.Tensor:  # [rows, fitted R] -> [rows, R]
-        return pad_columns(x.float(), mask.shape[1], 0.0, left=False)
-
+        old_logprobs = torch.cat(
+            [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]
+        )
+    elif source == "forward":
+        old_logprobs = torch.zeros(mask.shape, device=device)
+    ref_logprobs = torch.zeros(mask.shape, device=device)
+    values = torch.zeros(mask.shape, device=device) if models.has_critic else None
+    first_epoch = order[0].tolist() if forward_rows == ppo.per_device_mini_train_batch_size else range(n)
     for start in range(0, n, forward_rows):
-        rows = slice(start, start + forward_rows)
-        chunk = batch.select(rows).fitted(max(prompt_lengths[rows]), max(response_lengths[rows]))
+        host_rows = list(first_epoch[start : start + forward_rows])
+        rows = torch.tensor(host_rows, device=device)
+        chunk = batch.select(rows).fitted(
+            max(prompt_lengths[r] for r in host_rows), max(response_lengths[r] for r in host_rows)
+        )
+        width = chunk.input_ids.shape[1] - chunk.prompt_len
         with s.backend.autocast():
             if source == "forward":
-                old_logprobs.append(full_width(models.policy_logprobs(chunk, ppo.temperature)[0]))
-            ref_logprobs.append(full_width(models.reference_logprobs(chunk, ppo.temperature)))
-            if models.has_critic:
-                values.append(full_width(models.values(chunk)))
-    ref_logprobs = torch.cat(ref_logprobs) * mask
-    old_logprobs = torch.cat(old_logprobs) * mask if old_logprobs else None
-    values = torch.cat(values) * mask if values else None
+                old_logprobs[rows, :width] = models.policy_logprobs(chunk, ppo.temperature)[0].float()
+            ref_logprobs[rows, :width] = models.reference_logprobs(chunk, ppo.temperature).float()
+            if values is not None:
+                values[rows, :width] = models.values(chunk).float()
+    ref_logprobs = ref_logprobs * mask
+    old_logprobs = old_logprobs * mask if old_logprobs is not None else None
+    values = values * mask if values is not None else None
 
     # 4–5. Per-token KL, then rewards and advantages by --advantage_estimator (rlhf/ppo/estimators.py);
     #      whitening there is over the tokens of all processes. With --old_logprobs update the reward has
@@ -210,7 +221,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
         s.estimator, scores=scores, kl=kl, mask=mask, beta=beta, group_ids=group_ids, values=values,
         reduce_sum=s.backend.reduce_sum,
     )  # fmt: skip
-    order = torch.stack([torch.randperm(n) for _ in range(ppo.ppo_epochs)]).to(device)
+    order = order.to(device)
 
     if not on_policy:  # else no --target_kl (the controller is fixed)
         mean_kl = s.backend.mean({"kl": float(kl.sum(1).mean())})["kl"]
