@@ -244,3 +244,32 @@ def test_bf16_ratio_is_one_before_the_first_update_of_a_rollout(
     run_ppo_with_peft.main(in_bf16(argv, trainer=False))
     (row,) = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert row["policy/approxkl"] == 0.0 and row["policy/clipfrac"] == 0.0, row
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_a_separate_reward_model_scores_in_float32_under_bf16(tiny_llama, weights):
+    """--reward_model_path under --bf16 autocast (float32 or bf16 weights): the score head ran in bf16 and
+    every score was a bf16 number (0.004 off at these sizes, 0.03 at a score of 4, where a group's equal
+    answers then tie). Now the head reads its hidden state in float32."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.ppo.batch import SequenceBatch, left_pad
+    from rlhf.ppo.rewards import SequenceClassifierScorer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=weights)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 3.0)  # scores of a few units, as a trained head gives
+    scorer = SequenceClassifierScorer(model, torch.device("cpu"))
+    ids, mask = left_pad([[1, 10, 11, 12, 20, 2], [1, 13, 21, 22, 2], [1, 14, 15, 23, 24, 25, 2]], 0)
+    batch = SequenceBatch(ids, mask, 0)
+    hidden = []
+    hook = model.score.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = scorer.score(batch, [], [])
+    hook.remove()
+    last = hidden[0][torch.arange(3), mask.shape[1] - 1]  # left-padded: every row ends in the last column
+    expected = last.float() @ model.score.weight.float().T
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected[:, 0], rtol=0, atol=0)
+    assert (scores != scores.bfloat16().float()).all()  # not rounded to bf16

@@ -19,7 +19,7 @@ from rlhf.errors import ConfigError
 from rlhf.generation.base import is_eos
 from rlhf.ppo.batch import SequenceBatch, left_pad
 from rlhf.ppo.policy_interface import PolicyModels
-from rlhf.reward.model import last_token_index, token_scores
+from rlhf.reward.model import float32_last_token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,12 @@ class SequenceClassifierScorer:
             ]
             seqs = SequenceBatch(*left_pad(rows, self.tokenizer.pad_token_id or 0), prompt_len=0)
             ids, mask, positions = seqs.input_ids, seqs.attention_mask, seqs.position_ids
-        mask = mask.to(self.device)
-        scores = token_scores(self.model, input_ids=ids.to(self.device), attention_mask=mask,
-                              position_ids=positions.to(self.device))  # fmt: skip
-        return scores.gather(1, last_token_index(mask)[:, None]).squeeze(1).float()
+        return float32_last_token_scores(
+            self.model,
+            mask.to(self.device),
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+        )
 
 
 class RuleScorer:

@@ -88,6 +88,30 @@ def token_scores(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
     return captured[-1].squeeze(-1)
 
 
+def float32_last_token_scores(
+    model: torch.nn.Module, attention_mask: torch.Tensor, **inputs: Any
+) -> torch.Tensor:
+    """(B,) float32 score of each sequence at its last real token, the score head applied in float32 to the
+    hidden state it receives, also under ``--bf16``/``--fp16`` autocast or with half-precision weights:
+    half precision would round each score to about 3 significant digits (at 4 the step is 0.03), enough for
+    the responses of a group to tie. A head that is no plain ``Linear`` keeps its own output."""
+    head = score_head(model)
+    if not isinstance(head, torch.nn.Linear):
+        scores = token_scores(model, attention_mask=attention_mask, **inputs)
+        return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        model(attention_mask=attention_mask, **inputs, use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured[-1]  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    bias = None if head.bias is None else head.bias.float()
+    with torch.autocast(last.device.type, enabled=False):
+        return torch.nn.functional.linear(last.float(), head.weight.float(), bias).squeeze(-1)
+
+
 def sequence_rewards(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
