@@ -273,3 +273,29 @@ def test_a_separate_reward_model_scores_in_float32_under_bf16(tiny_llama, weight
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected[:, 0], rtol=0, atol=0)
     assert (scores != scores.bfloat16().float()).all()  # not rounded to bf16
+
+
+def test_fp16_overflows_show_in_the_metrics(tiny_llama, tmp_path, keep_precision_flags, monkeypatch):
+    """--fp16 (a float16 base, float32 adapters, CPU float16 autocast) with a loss scale so large that every gradient
+    overflows: each step is skipped, the scale halves, and the rows say so (they used to show only a
+    `null` gradient norm)."""
+    import rlhf.backend.accelerate as accelerate_backend
+
+    original = accelerate_backend.torch.amp.GradScaler
+
+    def huge_scale(device, enabled=True, **kwargs):
+        return original(device, init_scale=2.0**100, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(accelerate_backend.torch.amp, "GradScaler", huge_scale)
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(REPO_ROOT / "sft_data"), "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "2", "--per_device_mini_train_batch_size", "2", "--max_steps", "2",
+        "--logging_steps", "1", "--max_response_length", "8", "--save_steps", "100", "--disable_tqdm", "true",
+        "--fp16", "--torch_dtype", "float16",
+    ]  # fmt: skip
+    run_ppo_with_peft.main(argv)
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["fp16/skipped_frac"] for r in rows] == [1.0, 1.0]
+    assert rows[0]["fp16/loss_scale"] == 2.0**99 and rows[1]["fp16/loss_scale"] == 2.0**98
+    assert rows[0]["grad_norm/actor"] is None

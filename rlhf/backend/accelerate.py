@@ -148,6 +148,9 @@ class AccelerateBackend(TrackerMethods):
         self.scaler.update()  # halve the scale after an overflow, grow it after a run of clean steps
         return norms
 
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
+
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs from the backend itself: the fp16 loss scaler ({} without fp16)."""
         return {"grad_scaler": self.scaler.state_dict()}

@@ -55,6 +55,9 @@ class Backend(Protocol):
         """Average gradients over data-parallel processes, clip each group to ``max_norm``, step
         every optimizer and scheduler, zero the gradients. Returns the pre-clip norm per group."""
 
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale the next step's backward uses; None without loss scaling (fp32, bf16)."""
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalars over processes (every process gets the result)."""
 

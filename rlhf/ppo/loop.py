@@ -456,6 +456,7 @@ def train(s: PPOSession, resume_from: str | None = None) -> TrainState:
             metrics.add(
                 {"time/train_s": time.perf_counter() - start}
                 | {f"grad_norm/{k}": v for k, v in norms.items()}
+                | fp16_metrics(backend.loss_scale(), norms)
             )
             progress.update(1)
             profiler.after(state.step)
@@ -488,6 +489,15 @@ def evaluate(
     seconds = run_evaluation(s, state.step, metrics_file, samples_file)
     state.evaluated_step = state.step
     return seconds
+
+
+def fp16_metrics(loss_scale: float | None, norms: dict[str, float]) -> dict[str, float]:
+    """Under --fp16: the loss scale after this step and whether an overflow skipped an update in it (a
+    window's mean is then the share of its steps skipped); nothing without loss scaling."""
+    if loss_scale is None:
+        return {}
+    skipped = not all(math.isfinite(v) for v in norms.values())
+    return {"fp16/loss_scale": loss_scale, "fp16/skipped_frac": float(skipped)}
 
 
 def resume_settings(s: PPOSession) -> dict[str, Any]:

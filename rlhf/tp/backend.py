@@ -143,6 +143,9 @@ class TPBackend(TrackerMethods):
             optimizer.zero_grad(set_to_none=True)
         return norms
 
+    def loss_scale(self) -> float | None:
+        return None  # no fp16 (refused): nothing to scale
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return dict(values)
 
