@@ -175,8 +175,10 @@ def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     pos = _skip_ws(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
         raise DataError(f"{path}: empty file (the JSON list has no records)")
+    line, counted_to = 1, 0  # the line of ``pos``, counted on from the last element (linear in the file)
     while True:
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
         try:
             value, pos = decoder.raw_decode(text, pos)
         except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
