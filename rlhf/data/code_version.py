@@ -31,7 +31,24 @@ def data_code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides the ids a tokenizer gives: its whole fast tokenizer (vocabulary, merges,
+    normalizer, pre-tokenizer, the post-processor that adds BOS/EOS, added tokens), chat template, special
+    token ids and add-BOS/EOS flags. Not the rest of the object (``datasets`` hashes it whole): the dir it was
+    loaded from, ``padding_side`` or ``HF_HUB_OFFLINE`` (``local_files_only``) changed the key and made an
+    identical tokenizer tokenize everything again. A tokenizer without a fast backend is hashed whole."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    special = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")]
+    flags = [getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")]
+    template = getattr(tokenizer, "chat_template", None)
+    return Hasher.hash([type(tokenizer).__name__, backend.to_str(), template, special, flags])
+
+
 def map_fingerprint(dataset: Any, step: str, **settings: Any) -> str:
-    """The fingerprint of ``dataset.map`` for the transform named ``step`` with ``settings`` (a tokenizer
-    is hashed by its vocabulary and configuration, as ``datasets`` does), under this data code."""
+    """The fingerprint of ``dataset.map`` for the transform named ``step`` with ``settings`` (a
+    ``tokenizer`` by :func:`tokenizer_fingerprint`), under this data code."""
+    if "tokenizer" in settings:
+        settings = {**settings, "tokenizer": tokenizer_fingerprint(settings["tokenizer"])}
     return Hasher.hash([dataset._fingerprint, step, settings, data_code_version()])
