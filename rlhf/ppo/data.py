@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from rlhf.data import load_dataset_dir, load_pretrain_blocks, render_prompt, split_rows, tokenize_prompt
+from rlhf.data import load_dataset_dir, load_pretrain_blocks, render_prompt, split_rows
 from rlhf.data.sequences import fit_to_length
+from rlhf.data.templates import encode_rendered_prompt
 from rlhf.errors import DataError
 from rlhf.ppo.config import check_eval_split
 
@@ -59,6 +61,9 @@ class EpochSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+PROGRESS_FROM_ROWS = 10_000  # a progress bar while tokenizing this many prompts or more (~3 s per 10k)
+
+
 @dataclass
 class PromptSet:
     """Prompt token ids (BOS once, cut to ``--max_prompt_length``) and their rendered text (uncut: what a
@@ -102,9 +107,9 @@ def load_prompts(
     except DataError as exc:
         raise DataError(f"--dataset_dir: {exc}") from exc
     ids, texts, chats = [], [], {}
-    for row in rows:
-        ids.append(tokenize_prompt(row, tokenizer))
-        texts.append(render_prompt(row, tokenizer))
+    for row in tqdm(rows, desc="tokenizing prompts", disable=len(rows) < PROGRESS_FROM_ROWS):
+        texts.append(render_prompt(row, tokenizer))  # rendered once (a chat template is slow)
+        ids.append(encode_rendered_prompt(texts[-1], tokenizer))
         if row.get("prompt_messages"):
             chats[texts[-1]] = row["prompt_messages"]
     if not ids:
