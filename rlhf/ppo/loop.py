@@ -78,7 +78,7 @@ class PPOSession:
     decode: Any  # token id lists -> texts (tokenizer.batch_decode)
     prompts: PromptSet  # the training prompts
     prompt_sampler: EpochSampler
-    pretrain: torch.Tensor | None  # [N, block_size]
+    pretrain: torch.Tensor | None  # [N, block_size] int32
     pretrain_sampler: EpochSampler | None
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, Any]
@@ -296,7 +296,7 @@ def ppo_mini_batch_step(
         pretrain = torch.zeros((), device=backend.device)
         w_pt = 0.0  # no pretraining data: no such loss, whatever --pretrain_loss_weight says
         if s.pretrain is not None:
-            pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device))
+            pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device, torch.long))
             w_pt = pretrain_weight(state.step, ppo.pretrain_loss_weight, ppo.pretrain_warmup_steps)
         actor_loss = ppo.actor_loss_weight * policy.loss - ppo.entropy_coef * entropy_mean + w_pt * pretrain
         kl = torch.zeros((), device=backend.device)
