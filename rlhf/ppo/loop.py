@@ -296,7 +296,9 @@ def ppo_mini_batch_step(
         pretrain = torch.zeros((), device=backend.device)
         w_pt = 0.0  # no pretraining data: no such loss, whatever --pretrain_loss_weight says
         if s.pretrain is not None:
-            pretrain = models.pretrain_loss(s.pretrain[s.pretrain_sampler.next()].to(backend.device, torch.long))
+            pretrain = models.pretrain_loss(
+                s.pretrain[s.pretrain_sampler.next()].to(backend.device, torch.long)
+            )
             w_pt = pretrain_weight(state.step, ppo.pretrain_loss_weight, ppo.pretrain_warmup_steps)
         actor_loss = ppo.actor_loss_weight * policy.loss - ppo.entropy_coef * entropy_mean + w_pt * pretrain
         kl = torch.zeros((), device=backend.device)
