@@ -177,6 +177,33 @@ def test_every_item_of_a_long_json_list_gets_its_own_first_line(tmp_path):
     assert wheres == [f"{path}:{2 + 4 * i}" for i in range(3000)]
 
 
+def test_json_lines_and_text_are_read_a_line_at_a_time_with_universal_newlines(tmp_path, monkeypatch):
+    """Never the whole file in memory (a 125 MB JSONL with one emoji per row held 990 MB as one string);
+    a byte-order mark, "\r\n" and a lone "\r" read as text mode reads them, lines numbered alike."""
+    import gzip
+
+    import rlhf.data.files as files
+    from rlhf.data.loading import load_text_dir
+
+    monkeypatch.setattr(files, "read_text", lambda path: pytest.fail(f"{path} read whole"))
+    body = (
+        '\ufeff{"prompt": "a", "response": "b"}\r\n\r{"prompt": "c\u2028d", "response": "e"}\r{"prompt": "f"}'
+    )
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(body.encode()))
+    records = list(iter_json_records(path))
+    assert [(where, r["prompt"]) for where, r in records] == [
+        (f"{path}:1", "a"), (f"{path}:3", "c\u2028d"), (f"{path}:4", "f")
+    ]  # fmt: skip
+    with pytest.raises(DataError, match=r'd\.jsonl\.gz:4: missing field "response"'):
+        load_dataset_dir(path, "sft")
+    text = tmp_path / "t" / "a.txt"
+    text.parent.mkdir()
+    text.write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree")
+    rows = [r["text"] for r in load_text_dir(str(text.parent), str(tmp_path / "cache"))]
+    assert "".join(rows) == "one\ntwo\nthree"
+
+
 def test_json_file_must_hold_a_list(tmp_path):
     path = tmp_path / "obj.json"
     path.write_text('{"prompt": "a"}')

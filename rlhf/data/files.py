@@ -75,18 +75,58 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
+def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each line of a UTF-8 text file (transparently gunzipped; a leading
+    byte-order mark dropped), read a line at a time: memory stays near one line, whatever the file's size
+    (:func:`read_text` holds the whole text, up to 4 bytes per character). Lines end at ``\n``, ``\r\n``
+    or a lone ``\r`` (universal newlines, as text mode reads), and each line keeps its ending as ``\n``
+    (the file's last line may have none). DataError when the file is not text."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    line_no, offset = 0, 0
+    try:
+        with opener(path, "rb") as handle:
+            for raw in handle:  # binary lines end at b"\n" only, never inside a UTF-8 character
+                start = 3 if offset == 0 and raw.startswith(b"\xef\xbb\xbf") else 0
+                try:
+                    text = raw[start:].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{line_no + 1}: cannot read as UTF-8 text "
+                        f"({exc.reason} at byte {offset + start + exc.start})"
+                    ) from None
+                offset += len(raw)
+                if "\r" not in text:
+                    line_no += 1
+                    yield line_no, text
+                    continue
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                for line in _split_keep_newline(text):
+                    line_no += 1
+                    yield line_no, line
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def _split_keep_newline(text: str) -> list[str]:
+    """``text`` cut after each ``\n`` (only: ``str.splitlines`` also cuts at U+2028 and others)."""
+    parts = text.split("\n")
+    lines = [part + "\n" for part in parts[:-1]]
+    return lines + [parts[-1]] if parts[-1] else lines
+
+
 def iter_json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, record)`` for every object in a .json/.jsonl/.jsonl.gz file.
 
     ``where`` is ``"file:line"``, the position to put in front of an error message about the record.
+    A ``.json`` list is read whole; JSON lines are read a line at a time (:func:`iter_text_lines`).
     """
-    text = read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: empty file")
     if path.name.endswith(".json"):
+        text = read_text(path)
+        if not text.strip():
+            raise DataError(f"{path}: empty file")
         items = _json_array_items(path, text)
     else:
-        items = _jsonl_items(path, text)
+        items = _jsonl_items(path)
     for line, value in items:
         where = f"{path}:{line}"
         if not isinstance(value, dict):
@@ -153,17 +193,21 @@ def _json_reason(exc: ValueError) -> str:
     return (str(exc).splitlines() or ["bad value"])[0]
 
 
-def _jsonl_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """One JSON value per line. Lines end at "\n" only (a "\r\n" ending reaches here as "\n": files are read
-    with universal newlines): ``str.splitlines`` would also split at U+2028, U+2029, U+0085 and other
-    separators that valid JSON may hold unescaped inside a string, and number the lines after them wrong."""
-    for line_no, line in enumerate(text.split("\n"), start=1):
+def _jsonl_items(path: Path) -> Iterator[tuple[int, Any]]:
+    """One JSON value per line, the lines of :func:`iter_text_lines`: they end at newlines only, where
+    ``str.splitlines`` would also split at U+2028, U+2029, U+0085 and other separators that valid JSON may
+    hold unescaped inside a string, and number the lines after them wrong. No value at all: DataError."""
+    empty = True
+    for line_no, line in iter_text_lines(path):
         if not line.strip():
             continue
+        empty = False
         try:
             yield line_no, json.loads(line)
         except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
             raise DataError(f"{path}:{line_no}: not valid JSON ({_json_reason(exc)})") from None
+    if empty:
+        raise DataError(f"{path}: empty file")
 
 
 def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:

@@ -22,7 +22,7 @@ import torch
 
 from rlhf.args import check_output_dir
 from rlhf.data.code_version import data_code_version
-from rlhf.data.files import TEXT_EXTENSIONS, find_data_files, iter_json_records, read_text
+from rlhf.data.files import TEXT_EXTENSIONS, find_data_files, iter_json_records, iter_text_lines
 from rlhf.data.records import FEATURES, PARSERS
 from rlhf.errors import ConfigError, DataError, find_user_error
 
@@ -48,15 +48,18 @@ def _generate_text(stamps: list[tuple[str, int, int]], code: str = "") -> Iterat
     """Each file's text in rows of whole lines (about :data:`TEXT_ROW_CHARS` each), so that tokenizing a
     row holds a bounded share of a large file in Python objects at a time."""
     for path, _, _ in stamps:
-        text = read_text(Path(path))
-        if not text.strip():
+        lines, size, empty = [], 0, True
+        for _, line in iter_text_lines(Path(path)):  # a line at a time: never the whole file in memory
+            empty = empty and not line.strip()
+            lines.append(line)
+            size += len(line)
+            if size >= TEXT_ROW_CHARS:
+                yield {"text": "".join(lines)}
+                lines, size = [], 0
+        if empty:
             raise DataError(f"{path}: empty file")
-        start = 0
-        while start < len(text):
-            end = text.find("\n", start + TEXT_ROW_CHARS)
-            end = len(text) if end < 0 else end + 1
-            yield {"text": text[start:end]}
-            start = end
+        if lines:
+            yield {"text": "".join(lines)}
 
 
 def _from_generator(generator, gen_kwargs: dict, features: datasets.Features, cache_dir: str | None):
