@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import torch
 
 from rlhf.data import tokenize_prompt
@@ -36,13 +37,12 @@ def _where(rows: datasets.Dataset, index: int) -> str:
 def clean_pairs(rows: datasets.Dataset) -> datasets.Dataset:
     """Drop pairs with chosen == rejected or an empty response; log the counts and the first dropped row."""
     n = len(rows)
-    same, empty = [], []
-    for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"])):
-        c, r = c.strip(), r.strip()
-        if c == r:
-            same.append(i)
-        elif not c or not r:
-            empty.append(i)
+    table = rows.with_format("arrow")  # Arrow compute: no Python string per row
+    chosen, rejected = (pc.utf8_trim_whitespace(table[side]) for side in ("chosen", "rejected"))
+    equal = pc.equal(chosen, rejected)
+    blank = pc.or_(pc.equal(pc.utf8_length(chosen), 0), pc.equal(pc.utf8_length(rejected), 0))
+    same = pc.indices_nonzero(equal).to_pylist()
+    empty = pc.indices_nonzero(pc.and_(blank, pc.invert(equal))).to_pylist()
     if not same and not empty:
         return rows
     first = _where(rows, min(same + empty))
@@ -60,7 +60,7 @@ def clean_pairs(rows: datasets.Dataset) -> datasets.Dataset:
 def tokenize_pair_row(
     row: dict[str, Any], tokenizer: Any, max_length: int, max_response: int
 ) -> dict[str, Any]:
-    """``{"chosen_ids", "rejected_ids", "margin", "truncated"}`` for one normalized preference row.
+    """``{"chosen_ids", "rejected_ids", "margin", "truncated", "same"}`` for one normalized preference row.
 
     Both sides keep the same prompt: it is cut (from the left) to the room the longer response leaves, so
     the model compares two answers to one context, not a long answer to a shorter-cut prompt.
@@ -75,6 +75,7 @@ def tokenize_pair_row(
         p, r, cut = fit_to_length(prompt, response, max_length, max_response, bos)
         out[f"{side}_ids"] = p + r
         out["truncated"] = out["truncated"] or cut
+    out["same"] = out["chosen_ids"] == out["rejected_ids"]  # the cut made the two sides one
     return out
 
 
@@ -98,11 +99,12 @@ def tokenize_pairs(
         desc="tokenizing preference pairs",
         new_fingerprint=map_fingerprint(rows, "tokenize_pair_row", **settings),
     )
-    n_cut = sum(pairs["truncated"])
+    table = pairs.with_format("arrow")
+    n_cut = pc.sum(table["truncated"]).as_py() or 0
     if n_cut:
         logger.warning("%d of %d %spairs were cut to --max_length %d / --block_size %d (prompt from the left, "
                        "response on the right)", n_cut, len(pairs), split, max_length, max_response)  # fmt: skip
-    same = [i for i, (c, r) in enumerate(zip(pairs["chosen_ids"], pairs["rejected_ids"])) if c == r]
+    same = pc.indices_nonzero(table["same"]).to_pylist()
     if same:
         first = _where(rows, same[0])
         if len(same) == len(pairs):
@@ -116,7 +118,7 @@ def tokenize_pairs(
                        len(same), len(pairs), split, max_length, max_response, first)  # fmt: skip
         dropped = set(same)
         pairs = pairs.select([i for i in range(len(pairs)) if i not in dropped])
-    return pairs.remove_columns("truncated")
+    return pairs.remove_columns(["truncated", "same"])
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import pyarrow.compute as pc
 from peft import TaskType
 from transformers import TrainingArguments, set_seed
 
@@ -101,8 +102,8 @@ def build_reward_data(
         train = tokenize(train_rows, split="training " if eval_rows is not None else "")
         held_out = None if eval_rows is None else tokenize(eval_rows, split="held-out ")
     longest = max(
-        len(ids) for pairs in (train, held_out) if pairs is not None for side in ("chosen_ids", "rejected_ids")
-        for ids in pairs[side]
+        pc.max(pc.list_value_length(pairs.with_format("arrow")[side])).as_py()
+        for pairs in (train, held_out) if pairs is not None for side in ("chosen_ids", "rejected_ids")
     )  # fmt: skip
     if context_length is None:
         context_length = model_context_length(getattr(tokenizer, "name_or_path", None))

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 
 from rlhf.data import tokenize_prompt
 from rlhf.data.code_version import map_fingerprint
@@ -40,11 +41,10 @@ def tokenize_sft_row(row: dict[str, Any], tokenizer: Any, block_size: int) -> di
     }
 
 
-def warn_special_tokens_in_responses(rows: datasets.Dataset, flags: list[bool]) -> None:
-    """One warning naming the first row whose response text spells a special token (``</s>``, ``<s>``,
-    ``<|endoftext|>``): Hugging Face tokenizers read such text as that token, as TRL and LLaMA-Factory
-    train it, so an EOS spelt inside an answer teaches the model to stop there."""
-    found = [i for i, flag in enumerate(flags) if flag]
+def warn_special_tokens_in_responses(rows: datasets.Dataset, found: list[int]) -> None:
+    """One warning naming the first row (of the indices ``found``) whose response text spells a special token
+    (``</s>``, ``<s>``, ``<|endoftext|>``): Hugging Face tokenizers read such text as that token, as TRL and
+    LLaMA-Factory train it, so an EOS spelt inside an answer teaches the model to stop there."""
     if found:
         first = rows[found[0]].get("where") or f"row {found[0]}"
         logger.warning("%d of %d SFT responses spell a special token of the tokenizer as text (the first: %s): "
@@ -55,7 +55,8 @@ def warn_special_tokens_in_responses(rows: datasets.Dataset, flags: list[bool]) 
 def drop_empty_responses(rows: datasets.Dataset) -> datasets.Dataset:
     """Drop rows whose response is empty or whitespace (nothing to learn but an EOS: a data error far more
     often than an intent), with a count in the log naming the first one; none left is an error."""
-    empty = [i for i, response in enumerate(rows["response"]) if not response.strip()]
+    responses = rows.with_format("arrow")["response"]  # Arrow compute: no Python string per row
+    empty = pc.indices_nonzero(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(responses)), 0)).to_pylist()
     if not empty:
         return rows
     first = rows[empty[0]].get("where") or f"row {empty[0]}"
@@ -91,16 +92,17 @@ def tokenize_sft_dataset(
         desc="tokenizing SFT examples",
         new_fingerprint=map_fingerprint(rows, "tokenize_sft_row", **settings),
     )
-    warn_special_tokens_in_responses(rows, examples["special_in_response"])
-    n_truncated = sum(examples["truncated"])
+    table = examples.with_format("arrow")  # the checks in Arrow compute: no Python object per row
+    warn_special_tokens_in_responses(rows, pc.indices_nonzero(table["special_in_response"]).to_pylist())
+    n_truncated = pc.sum(table["truncated"]).as_py() or 0
     if n_truncated:
         logger.warning("%d of %d examples were longer than --block_size %d and were cut",
                        n_truncated, len(examples), block_size)  # fmt: skip
-    lengths = [len(ids) for ids in examples["input_ids"]]
+    lengths = pc.list_value_length(table["input_ids"])
     if context_length is None:
         context_length = model_context_length(getattr(tokenizer, "name_or_path", None))
-    warn_beyond_context(max(lengths), context_length, "--block_size", block_size)
-    n_tokens = sum(lengths)
+    warn_beyond_context(pc.max(lengths).as_py(), context_length, "--block_size", block_size)
+    n_tokens = pc.sum(lengths).as_py()
     logger.info(
         "%d SFT examples, %d tokens (%.1f per example)", len(examples), n_tokens, n_tokens / len(examples)
     )
