@@ -165,3 +165,21 @@ def test_a_change_of_the_data_code_is_never_served_from_the_cache(tmp_path, toke
     monkeypatch.setattr(code_version, "data_code_version", lambda: "an upgraded version")
     after = tokenized()
     assert [len(ids) for ids in after] == [len(ids) + 1 for ids in before]
+
+
+def test_the_cut_and_token_counts_are_logged(tmp_path, tokenizer, caplog):
+    from rlhf.data import load_dataset_dir
+    from rlhf.sft.examples import tokenize_sft_dataset
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        '{"instruction": "Say hi", "output": "hi"}\n'
+        '{"instruction": "Tell a long story", "output": "' + "once upon a time " * 20 + '"}\n'
+    )
+    rows = load_dataset_dir(str(data), "sft", str(tmp_path / "cache")).select([1, 0])  # an indices mapping
+    with caplog.at_level("INFO"):
+        examples = tokenize_sft_dataset(rows, tokenizer, 128)
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    assert lengths[0] == 128 and lengths[1] < 128
+    assert "1 of 2 examples were longer than --block_size 128 and were cut" in caplog.text
+    assert f"2 SFT examples, {sum(lengths)} tokens ({sum(lengths) / 2:.1f} per example)" in caplog.text
