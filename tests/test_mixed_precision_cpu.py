@@ -238,12 +238,17 @@ def test_bf16_ratio_is_one_before_the_first_update_of_a_rollout(
         "--max_response_length", "16", "--save_steps", "100", "--disable_tqdm", "true", "--seed", "3",
         "--advantage_estimator", estimator, "--old_logprobs", "forward",
     ]  # fmt: skip
-    if estimator == "grpo":
+    if estimator == "grpo":  # on-policy with the KL in the loss: the update's own log-probs are the old ones
         argv[argv.index("--per_device_train_batch_size") + 1] = "4"
-        argv += ["--num_samples_per_prompt", "2"]
+        argv[argv.index("--old_logprobs") + 1] = "auto"
+        argv += ["--num_samples_per_prompt", "2", "--use_kl_loss"]
     run_ppo_with_peft.main(in_bf16(argv, trainer=False))
     (row,) = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert row["policy/approxkl"] == 0.0 and row["policy/clipfrac"] == 0.0, row
+    if estimator == "grpo":  # the actor is the reference before its first step (LoRA B = 0): no KL either,
+        assert row["loss/kl"] == 0.0, (
+            row
+        )  # as the reference's forwards ran at the updates' widths (was 1.2e-9 here, 3.5e-6 on a deeper model)
 
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
