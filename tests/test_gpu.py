@@ -140,6 +140,22 @@ def test_ppo_do_eval_on_the_gpu_engine(tiny_llama, rm_adapter, tmp_path):
     assert len(samples) == 3 * evals[0]["eval/prompts"] and all(math.isfinite(s["score"]) for s in samples)
 
 
+def test_ppo_bf16_ratios_are_one_before_a_rollouts_first_step(tiny_llama, tmp_path):
+    """Four mini-batches of uneven prompts before the rollout's one optimizer step, in bf16 on the GPU's
+    kernels: the rollout's forwards ran at the updates' widths, so no ratio moves and nothing is clipped."""
+    argv = [
+        "--sft_model_path", str(tiny_llama), "--reward_fn", "rlhf.toy_task:positivity_reward",
+        "--dataset_dir", str(REPO_ROOT / "sft_data"), "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "8", "--per_device_mini_train_batch_size", "2",
+        "--gradient_accumulation_steps", "4", "--ppo_epochs", "1", "--max_steps", "2", "--logging_steps", "1",
+        "--max_response_length", "32", "--save_steps", "100", "--disable_tqdm", "true",
+        "--old_logprobs", "forward", "--bf16", "--torch_dtype", "bfloat16", "--report_to", "none",
+    ]  # fmt: skip
+    run([*ACCELERATE, "run_ppo_with_peft.py", *argv], REPO_ROOT)
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert all(r["policy/approxkl"] == 0.0 and r["policy/clipfrac"] == 0.0 for r in rows), rows
+
+
 def test_ppo_save_and_resume_continues_the_step_count(tiny_llama, rm_adapter, tmp_path):
     out = tmp_path / "ppo"
     argv = in_precision(resume_argv(tiny_llama, rm_adapter, out), "fp16")
