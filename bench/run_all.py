@@ -15,6 +15,7 @@ BENCHES = [
     "lora_traffic.py",
     "host_syncs.py",
     "pretrain_memory.py",
+    "data_loading.py",
 ]
 
 
