@@ -61,4 +61,5 @@ def load_pretrain_blocks(
         "pretraining text: %d tokens -> %d blocks of --block_size %d (the last %d tokens dropped)",
         len(stream), usable // block_size, block_size, len(stream) - usable,
     )  # fmt: skip
-    return torch.from_numpy(stream[:usable].astype("int32", copy=False).reshape(-1, block_size))
+    # a copy: the Arrow buffer is read-only (torch warns about tensors over it)
+    return torch.from_numpy(stream[:usable].astype("int32", copy=True).reshape(-1, block_size))

@@ -99,15 +99,23 @@ def cut_prompts(
 
 
 def load_prompts(
-    dataset_dir: str, tokenizer: Any, max_prompt_length: int, cache_dir: str | None
+    dataset_dir: str,
+    tokenizer: Any,
+    max_prompt_length: int,
+    cache_dir: str | None,
+    show_progress: bool = True,
 ) -> PromptSet:
-    """Prompts of any SFT or ``{"prompt"}`` record in ``dataset_dir`` (an error names ``--dataset_dir``)."""
+    """Prompts of any SFT or ``{"prompt"}`` record in ``dataset_dir`` (an error names ``--dataset_dir``);
+    a progress bar from :data:`PROGRESS_FROM_ROWS` rows when ``show_progress`` (the main process, no
+    ``--disable_tqdm``)."""
     try:
         rows = load_dataset_dir(dataset_dir, "prompt", cache_dir)
     except DataError as exc:
         raise DataError(f"--dataset_dir: {exc}") from exc
     ids, texts, chats = [], [], {}
-    for row in tqdm(rows, desc="tokenizing prompts", disable=len(rows) < PROGRESS_FROM_ROWS):
+    for row in tqdm(
+        rows, desc="tokenizing prompts", disable=not show_progress or len(rows) < PROGRESS_FROM_ROWS
+    ):
         texts.append(render_prompt(row, tokenizer))  # rendered once (a chat template is slow)
         ids.append(encode_rendered_prompt(texts[-1], tokenizer))
         if row.get("prompt_messages"):

@@ -190,7 +190,10 @@ def build_peft_session(
     set_seed(args.seed)  # identical model initialisation on every process
     tokenizer = load_tokenizer(margs.sft_model_path, margs.trust_remote_code, padding_side="left")
     # the data before the models: an error in it comes before minutes of loading
-    prompts = load_prompts(data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir)
+    show_progress = backend.is_main and not args.disable_tqdm
+    prompts = load_prompts(
+        data.dataset_dir, tokenizer, ppo.max_prompt_length, data.data_cache_dir, show_progress
+    )
     eval_prompts = None
     if args.do_eval:
         prompts, eval_prompts = hold_out_prompts(prompts, data.split_ratio, args.seed)

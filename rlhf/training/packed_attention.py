@@ -16,8 +16,8 @@ layer gets ``cu_seqlens`` (from the collator's ``cu_seq_lens_q``/``max_length_q`
   training (PyTorch has no FlexAttention backward on CPU);
 - ``sdpa``: one causal SDPA call per document: exact, runs anywhere, and is the CPU path (tests).
 
-``auto`` takes the first available of varlen, flash_attn, flex on a GPU and ``sdpa`` on CPU; the choice
-is logged. Batches that are not packed (several rows, or one document) and padded batches with an
+``auto`` takes the first available of varlen, flash_attn, flex on a GPU (the first two in half precision
+only: their kernels take float16/bfloat16) and ``sdpa`` on CPU; the choice is logged. Batches that are not packed (several rows, or one document) and padded batches with an
 ``attention_mask`` go through ordinary SDPA with a causal (and padding / sliding-window) mask.
 """
 
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "varlen", "flash_attn", "flex", "sdpa")
 FLAG_HELP = (
-    "Attention over packed sequences (--packing): auto (GPU: varlen, flash_attn or flex; CPU: sdpa), "
+    "Attention over packed sequences (--packing): auto (GPU: varlen, flash_attn (these two in bf16/fp16 "
+    "only) or flex; CPU: sdpa), "
     "varlen (torch varlen_attn), flash_attn, flex (FlexAttention), sdpa (one call per sequence)."
 )
 PREFIX = "rlhf_packed_"
