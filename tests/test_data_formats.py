@@ -218,6 +218,28 @@ def test_json_lines_and_text_are_read_a_line_at_a_time_with_universal_newlines(t
     assert "".join(rows) == "one\ntwo\nthree"
 
 
+@pytest.mark.parametrize("read_bytes", [1, 5, 7, 64, 1 << 22])
+def test_text_lines_are_whole_across_read_blocks(tmp_path, monkeypatch, read_bytes):
+    """Blocks cut anywhere: inside a UTF-8 character, between "\r" and "\n", in a line longer than a block;
+    the lines are those of text mode's universal newlines, and a UTF-8 error names its line and byte."""
+    import rlhf.data.files as files
+
+    monkeypatch.setattr(files, "READ_BYTES", read_bytes)
+    text = "\ufeffé🙂 one\r\ntwo\rthree\n\n" + "long " * 40 + "\u2028still\r\nlast"
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode())
+    with open(path, encoding="utf-8-sig", newline=None) as handle:
+        expected = handle.read().split("\n")
+    lines = [(n, line) for n, line in files.iter_text_lines(path)]
+    assert [n for n, _ in lines] == list(range(1, len(expected) + 1))
+    assert "".join(line for _, line in lines) == "\n".join(expected)
+    path.write_bytes(b"ok\nfine\nbad \xff here\n")
+    with pytest.raises(
+        DataError, match=r"t\.txt:3: cannot read as UTF-8 text \(invalid start byte at byte 12\)"
+    ):
+        list(files.iter_text_lines(path))
+
+
 def test_json_file_must_hold_a_list(tmp_path):
     path = tmp_path / "obj.json"
     path.write_text('{"prompt": "a"}')

@@ -75,34 +75,46 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
+READ_BYTES = 1 << 22  # a text file is read and decoded this many bytes (cut at a line end) at a time
+
+
 def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` for each line of a UTF-8 text file (transparently gunzipped; a leading
-    byte-order mark dropped), read a line at a time: memory stays near one line, whatever the file's size
-    (:func:`read_text` holds the whole text, up to 4 bytes per character). Lines end at ``\n``, ``\r\n``
-    or a lone ``\r`` (universal newlines, as text mode reads), and each line keeps its ending as ``\n``
-    (the file's last line may have none). DataError when the file is not text."""
+    byte-order mark dropped), read :data:`READ_BYTES` at a time: memory stays near that, whatever the file's
+    size (:func:`read_text` holds the whole text, up to 4 bytes per character). Lines end at ``\n``,
+    ``\r\n`` or a lone ``\r`` (universal newlines, as text mode reads), and each line keeps its ending as
+    ``\n`` (the file's last line may have none). DataError when the file is not text."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    line_no, offset = 0, 0
+    line_no, offset, newlines, pending = 0, 0, 0, []
     try:
         with opener(path, "rb") as handle:
-            for raw in handle:  # binary lines end at b"\n" only, never inside a UTF-8 character
-                start = 3 if offset == 0 and raw.startswith(b"\xef\xbb\xbf") else 0
+            while True:
+                block = handle.read(READ_BYTES)
+                cut = block.rfind(b"\n") + 1 if block else len(block)
+                if block and not cut:  # no line ends here yet: a line longer than a block
+                    pending.append(block)
+                    continue
+                piece = b"".join([*pending, block[:cut]])  # whole lines: never a UTF-8 character cut
+                pending = [block[cut:]] if block[cut:] else []
+                if not piece:
+                    break
+                start = 3 if offset == 0 and piece.startswith(b"\xef\xbb\xbf") else 0
                 try:
-                    text = raw[start:].decode("utf-8")
+                    text = piece[start:].decode("utf-8")
                 except UnicodeDecodeError as exc:
+                    line = newlines + piece.count(b"\n", 0, start + exc.start) + 1
                     raise DataError(
-                        f"{path}:{line_no + 1}: cannot read as UTF-8 text "
+                        f"{path}:{line}: cannot read as UTF-8 text "
                         f"({exc.reason} at byte {offset + start + exc.start})"
                     ) from None
-                offset += len(raw)
-                if "\r" not in text:
-                    line_no += 1
-                    yield line_no, text
-                    continue
-                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                offset, newlines = offset + len(piece), newlines + piece.count(b"\n")
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
                 for line in _split_keep_newline(text):
                     line_no += 1
                     yield line_no, line
+                if not block:
+                    break
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
