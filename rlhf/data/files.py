@@ -90,7 +90,7 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
         with opener(path, "rb") as handle:
             while True:
                 block = handle.read(READ_BYTES)
-                cut = block.rfind(b"\n") + 1 if block else len(block)
+                cut = block.rfind(b"\n") + 1  # 0 at the end of the file
                 if block and not cut:  # no line ends here yet: a line longer than a block
                     pending.append(block)
                     continue

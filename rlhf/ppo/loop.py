@@ -180,7 +180,7 @@ def collect_rollout(s: PPOSession, state: TrainState, metrics: MetricsAccumulato
     source = s.old_logprobs
     if source == "generator" and any(lp is None for lp in sampled_logprobs):
         source = "forward"
-    old_logprobs = ref_logprobs = values = None
+    old_logprobs = None  # with --old_logprobs update: the update's own
     if source == "generator":
         old_logprobs = torch.cat(
             [pad_columns(lp.float(), mask.shape[1], 0.0, left=False) for lp in sampled_logprobs]

@@ -17,8 +17,9 @@ layer gets ``cu_seqlens`` (from the collator's ``cu_seq_lens_q``/``max_length_q`
 - ``sdpa``: one causal SDPA call per document: exact, runs anywhere, and is the CPU path (tests).
 
 ``auto`` takes the first available of varlen, flash_attn, flex on a GPU (the first two in half precision
-only: their kernels take float16/bfloat16) and ``sdpa`` on CPU; the choice is logged. Batches that are not packed (several rows, or one document) and padded batches with an
-``attention_mask`` go through ordinary SDPA with a causal (and padding / sliding-window) mask.
+only: their kernels take float16/bfloat16) and ``sdpa`` on CPU; the choice is logged. Batches that are
+not packed (several rows, or one document) and padded batches with an ``attention_mask`` go through
+ordinary SDPA with a causal (and padding / sliding-window) mask.
 """
 
 from __future__ import annotations
